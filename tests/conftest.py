@@ -1,0 +1,61 @@
+'''Shared fixtures and helpers for the tests.'''
+import pytest
+import torch
+
+
+def randomize_batch_norms(model, seed=0):
+    '''Give every BatchNorm of ``model`` random statistics and affine parameters (in place) and return the model in
+    eval mode. Scales are kept away from zero so deep models stay well conditioned.'''
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, 'running_mean') and module.running_mean is not None:
+                channels = module.running_mean.shape
+
+                def draw(low, high):
+                    return (torch.rand(channels, generator=generator, dtype=torch.float64) * (high - low) + low)
+
+                module.running_mean.copy_(draw(-0.5, 0.5))
+                module.running_var.copy_(draw(0.5, 2.0))
+                if getattr(module, 'weight', None) is not None:
+                    module.weight.copy_(draw(0.5, 1.5))
+                if getattr(module, 'bias', None) is not None:
+                    module.bias.copy_(draw(-0.5, 0.5))
+    return model.eval()
+
+
+class ModelSnapshot:
+    '''Everything a user owns in a model, to check it is unchanged later: state_dict keys and values, parameter and
+    buffer objects, the attributes of every module, hooks and training flags.'''
+    def __init__(self, model):
+        self.model = model
+        self.state = {key: value.detach().clone() for key, value in model.state_dict().items()}
+        self.parameter_ids = [(name, id(param)) for name, param in model.named_parameters()]
+        self.buffer_ids = [(name, id(buffer)) for name, buffer in model.named_buffers()]
+        self.modules = [(name, id(module)) for name, module in model.named_modules()]
+        self.attributes = {name: sorted(vars(module)) for name, module in model.named_modules()}
+        self.hooks = {name: self.hook_count(module) for name, module in model.named_modules()}
+        self.training = {name: module.training for name, module in model.named_modules()}
+
+    @staticmethod
+    def hook_count(module):
+        return sum(len(value) for key, value in vars(module).items() if key.endswith('hooks') and isinstance(value, dict))
+
+    def assert_unchanged(self):
+        model = self.model
+        state = model.state_dict()
+        assert list(state) == list(self.state)
+        for key, value in state.items():
+            assert value.dtype == self.state[key].dtype and torch.equal(value, self.state[key]), key
+        assert [(name, id(param)) for name, param in model.named_parameters()] == self.parameter_ids
+        assert [(name, id(buffer)) for name, buffer in model.named_buffers()] == self.buffer_ids
+        assert [(name, id(module)) for name, module in model.named_modules()] == self.modules
+        assert {name: sorted(vars(module)) for name, module in model.named_modules()} == self.attributes
+        assert {name: self.hook_count(module) for name, module in model.named_modules()} == self.hooks
+        assert {name: module.training for name, module in model.named_modules()} == self.training
+
+
+@pytest.fixture
+def snapshot():
+    '''Factory: ``snapshot(model)`` returns a :py:class:`ModelSnapshot`.'''
+    return ModelSnapshot

@@ -1,0 +1,155 @@
+'''Small float64 models for every case the fusion engine must fold, and every case it must leave alone.
+
+Each case is ``(model, input, folds, unfused)``: ``folds`` maps BN name -> (layer name, side) and ``unfused`` maps BN
+name -> a regular expression the reason must match.
+'''
+import torch
+import torch.nn.functional as F
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from conftest import randomize_batch_norms
+
+CONV = {1: torch.nn.Conv1d, 2: torch.nn.Conv2d, 3: torch.nn.Conv3d}
+CONV_TRANSPOSE = {1: torch.nn.ConvTranspose1d, 2: torch.nn.ConvTranspose2d, 3: torch.nn.ConvTranspose3d}
+BATCH_NORM = {1: torch.nn.BatchNorm1d, 2: torch.nn.BatchNorm2d, 3: torch.nn.BatchNorm3d}
+
+
+def prepared(model, *input_shape, seed=0):
+    '''``(model, input)``: the model in float64 with random BN statistics, and a random input.'''
+    torch.manual_seed(seed)
+    model = randomize_batch_norms(model.double(), seed=seed)
+    return model, torch.randn(*input_shape, dtype=torch.float64)
+
+
+def spatial(dims, size=6):
+    return (size,) * dims
+
+
+class Functional(torch.nn.Module):
+    '''BN registered before its conv, functional ops in forward: only the graph shows the pairs.'''
+    def __init__(self):
+        super().__init__()
+        self.bn_out = torch.nn.BatchNorm2d(4)
+        self.bn_in = torch.nn.BatchNorm2d(3)
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.head = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = self.bn_out(self.conv(self.bn_in(x)))
+        return self.head(F.adaptive_avg_pool2d(F.relu(x), 1).flatten(1))
+
+
+class Lambda(torch.nn.Module):
+    '''Wrap a forward function and named modules.'''
+    def __init__(self, function, **modules):
+        super().__init__()
+        self.function = function
+        for name, module in modules.items():
+            self.add_module(name, module)
+
+    def forward(self, x):
+        return self.function(self, x)
+
+
+class ScaledConv2d(torch.nn.Conv2d):
+    '''A Conv2d subclass whose forward changes the weight.'''
+    def forward(self, input):
+        return self._conv_forward(input, self.weight / self.weight.norm(), self.bias)
+
+
+def must_fuse():
+    '''Cases that must fold, as ``{case id: (model, input, folds)}``.'''
+    cases = {}
+    for dims in (1, 2, 3):
+        conv, batch_norm = CONV[dims], BATCH_NORM[dims]
+        cases[f'conv{dims}d-bn'] = (*prepared(torch.nn.Sequential(
+            conv(3, 4, 3, stride=2, padding=1), batch_norm(4)), 2, 3, *spatial(dims)), {'1': ('0', 'after')})
+        cases[f'conv{dims}d-dilated-grouped-bn'] = (*prepared(torch.nn.Sequential(
+            conv(4, 6, 3, dilation=2, groups=2, padding=2, bias=False), batch_norm(6)), 2, 4, *spatial(dims)),
+            {'1': ('0', 'after')})
+        cases[f'conv{dims}d-depthwise-bn'] = (*prepared(torch.nn.Sequential(
+            conv(4, 4, 3, groups=4, padding=1, padding_mode='reflect'), batch_norm(4)), 2, 4, *spatial(dims)),
+            {'1': ('0', 'after')})
+        cases[f'convtranspose{dims}d-grouped-bn'] = (*prepared(torch.nn.Sequential(
+            CONV_TRANSPOSE[dims](4, 6, 3, stride=2, groups=2, padding=1, output_padding=1), batch_norm(6)),
+            2, 4, *spatial(dims, 4)), {'1': ('0', 'after')})
+        cases[f'bn-conv{dims}d-zero-padding'] = (*prepared(torch.nn.Sequential(
+            batch_norm(3), conv(3, 4, 3, padding=1, stride=2)), 2, 3, *spatial(dims)), {'0': ('1', 'before')})
+        cases[f'bn-conv{dims}d-grouped-same'] = (*prepared(torch.nn.Sequential(
+            batch_norm(4), conv(4, 2, 3, padding='same', groups=2, dilation=2)), 2, 4, *spatial(dims)),
+            {'0': ('1', 'before')})
+        for mode in ('reflect', 'replicate', 'circular'):
+            cases[f'bn-conv{dims}d-{mode}'] = (*prepared(torch.nn.Sequential(
+                batch_norm(3), conv(3, 4, 3, padding=1, padding_mode=mode)), 2, 3, *spatial(dims)),
+                {'0': ('1', 'before')})
+    cases['linear-bn1d'] = (*prepared(torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.BatchNorm1d(4)), 3, 5),
+                            {'1': ('0', 'after')})
+    cases['bn1d-linear'] = (*prepared(torch.nn.Sequential(torch.nn.BatchNorm1d(5), torch.nn.Linear(5, 4)), 3, 5),
+                            {'0': ('1', 'before')})
+    cases['affine-false'] = (*prepared(torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, bias=False), torch.nn.BatchNorm2d(4, affine=False),
+        torch.nn.BatchNorm2d(4, affine=False), torch.nn.Conv2d(4, 2, 1, bias=False)), 2, 3, 6, 6),
+        {'1': ('0', 'after'), '2': ('3', 'before')})
+    cases['frozen-bn'] = (*prepared(torch.nn.Sequential(
+        FrozenBatchNorm2d(3), torch.nn.Conv2d(3, 4, 3, padding=1, bias=False), FrozenBatchNorm2d(4)), 2, 3, 5, 5),
+        {'0': ('1', 'before'), '2': ('1', 'after')})
+    cases['conv-bn-conv-folds-before'] = (*prepared(torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Conv2d(4, 2, 3)), 2, 3, 7, 7),
+        {'1': ('0', 'after')})
+    cases['functional-forward'] = (*prepared(Functional(), 2, 3, 5, 5),
+                                   {'bn_in': ('conv', 'before'), 'bn_out': ('conv', 'after')})
+    return cases
+
+
+def must_not_fuse():
+    '''Cases that must not fold, as ``{case id: (model, input, unfused)}``.'''
+    cases = {}
+    cases['bn-input-also-feeds-add'] = (*prepared(Lambda(
+        lambda self, x: (lambda y: torch.sigmoid(self.bn(y)) + y)(self.conv(x)), conv=torch.nn.Conv2d(3, 3, 3),
+        bn=torch.nn.BatchNorm2d(3)), 2, 3, 5, 5), {'bn': r'output of `conv` also feeds `\+`'})
+    cases['bn-output-also-feeds-add'] = (*prepared(Lambda(
+        lambda self, x: (lambda z: self.conv(z) + z)(self.bn(x)), conv=torch.nn.Conv2d(3, 3, 3, padding=1),
+        bn=torch.nn.BatchNorm2d(3)), 2, 3, 5, 5), {'bn': r'feeds 2 ops \(`conv` \(Conv2d\), `\+`\)'})
+    cases['relu-between-layer-and-bn'] = (*prepared(Lambda(
+        lambda self, x: self.bn(F.relu(self.conv(x))), conv=torch.nn.Conv2d(3, 3, 3), bn=torch.nn.BatchNorm2d(3)),
+        2, 3, 5, 5), {'bn': r'input comes from `F\.relu`.*feeds the model output'})
+    cases['add-between-layer-and-bn'] = (*prepared(Lambda(
+        lambda self, x: torch.tanh(self.bn(self.conv(x) + 1.)), conv=torch.nn.Conv2d(3, 3, 3),
+        bn=torch.nn.BatchNorm2d(3)), 2, 3, 5, 5), {'bn': r'input comes from `\+`.*feeds `torch\.tanh`'})
+    cases['cat-before-bn'] = (*prepared(Lambda(
+        lambda self, x: torch.sigmoid(self.bn(torch.cat([self.conv1(x), self.conv2(x)], dim=1))),
+        conv1=torch.nn.Conv2d(3, 2, 3), conv2=torch.nn.Conv2d(3, 2, 3), bn=torch.nn.BatchNorm2d(4)), 2, 3, 5, 5),
+        {'bn': r'input comes from `torch\.cat`'})
+    cases['pooling-between-bn-and-layer'] = (*prepared(torch.nn.Sequential(
+        torch.nn.MaxPool2d(2), torch.nn.BatchNorm2d(3), torch.nn.MaxPool2d(2), torch.nn.Conv2d(3, 2, 1)),
+        2, 3, 8, 8), {'1': r'input comes from `0` \(MaxPool2d\).*feeds `2` \(MaxPool2d\), not a conv/linear layer'})
+    cases['relu-then-add-between-bn-and-layer'] = (*prepared(Lambda(
+        lambda self, x: self.conv(F.relu(self.bn(x)) + 1.), conv=torch.nn.Conv2d(3, 2, 1),
+        bn=torch.nn.BatchNorm2d(3)), 2, 3, 5, 5), {'bn': r'`\+` follows, through which its scale cannot move'})
+    cases['layer-output-feeds-two-bns'] = (*prepared(Lambda(
+        lambda self, x: (lambda y: torch.relu(self.bn1(y)) + torch.relu(self.bn2(y)))(self.conv(x)),
+        conv=torch.nn.Conv2d(3, 3, 3), bn1=torch.nn.BatchNorm2d(3), bn2=torch.nn.BatchNorm2d(3)), 2, 3, 5, 5),
+        {'bn1': r'output of `conv` also feeds `bn2`', 'bn2': r'output of `conv` also feeds `bn1`'})
+    cases['no-running-statistics'] = (*prepared(torch.nn.Sequential(
+        torch.nn.Conv2d(3, 3, 3), torch.nn.BatchNorm2d(3, track_running_stats=False)), 2, 3, 5, 5),
+        {'1': r'no running statistics'})
+    cases['layer-called-twice'] = (*prepared(Lambda(
+        lambda self, x: self.bn(self.conv(self.conv(x))), conv=torch.nn.Conv2d(3, 3, 3, padding=1),
+        bn=torch.nn.BatchNorm2d(3)), 2, 3, 5, 5), {'bn': r'`conv` is called 2 times'})
+    cases['bn-called-twice'] = (*prepared(Lambda(
+        lambda self, x: self.bn(self.conv(self.bn(x))), conv=torch.nn.Conv2d(3, 3, 3, padding=1),
+        bn=torch.nn.BatchNorm2d(3)), 2, 3, 5, 5), {'bn': r'`bn` is called 2 times'})
+    cases['layer-subclass'] = (*prepared(torch.nn.Sequential(
+        ScaledConv2d(3, 3, 3), torch.nn.BatchNorm2d(3)), 2, 3, 5, 5), {'1': r'ScaledConv2d, a subclass'})
+    cases['layer-weight-read-directly'] = (*prepared(Lambda(
+        lambda self, x: self.bn(self.conv(x)) * self.conv.weight.sum(), conv=torch.nn.Conv2d(3, 3, 3),
+        bn=torch.nn.BatchNorm2d(3)), 2, 3, 5, 5), {'bn': r'parameters of `conv` are also read directly'})
+    shared = torch.nn.Conv2d(3, 3, 3)
+    cases['layer-registered-twice'] = (*prepared(Lambda(
+        lambda self, x: self.bn(self.alias(x)), conv=shared, alias=shared, bn=torch.nn.BatchNorm2d(3)),
+        2, 3, 5, 5), {'bn': r'registered under several names'})
+    cases['channel-mismatch-linear-on-last-dim'] = (*prepared(torch.nn.Sequential(
+        torch.nn.BatchNorm2d(3), torch.nn.Linear(3, 2)), 2, 3, 5, 3), {'0': r'Linear applied to the last dim'})
+    cases['bn-before-transposed-conv'] = (*prepared(torch.nn.Sequential(
+        torch.nn.BatchNorm2d(3), torch.nn.ConvTranspose2d(3, 2, 3)), 2, 3, 5, 5), {'0': r'transposed convolution'})
+    return cases

@@ -1,0 +1,124 @@
+'''Tests for the Zennit canonizer FuseBatchNorm: exact inside the context, bit-for-bit restore outside.'''
+import pytest
+import torch
+import torchvision
+from zennit.attribution import Gradient
+from zennit.canonizers import SequentialMergeBatchNorm
+from zennit.composites import EpsilonGammaBox, EpsilonPlusFlat
+from zennit.core import Composite
+from zennit.torchvision import ResNetCanonizer
+
+from conftest import randomize_batch_norms
+from fusion_cases import must_fuse, must_not_fuse
+from zennit_bnfuse import FuseBatchNorm
+from zennit_bnfuse.fold import is_batch_norm
+
+CASES = {**{key: value[:2] for key, value in must_fuse().items()},
+         **{key: value[:2] for key, value in must_not_fuse().items()}}
+
+
+@pytest.mark.parametrize('case', sorted(CASES))
+def test_context_exact_and_restored(case, snapshot):
+    model, input = CASES[case]
+    with torch.no_grad():
+        expected = model(input)
+    before = snapshot(model)
+    canonizer = FuseBatchNorm()
+    with Composite(canonizers=[canonizer]).context(model) as modified:
+        with torch.no_grad():
+            actual = modified(input)
+        fused_names = {item.bn for item in canonizer.report.fused}
+        assert not any(is_batch_norm(module) for name, module in model.named_modules() if name in fused_names)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-10)
+    before.assert_unchanged()
+
+
+def test_restored_when_body_raises(snapshot):
+    model, input = CASES['functional-forward']
+    before = snapshot(model)
+    with pytest.raises(KeyError):
+        with EpsilonPlusFlat(canonizers=[FuseBatchNorm()]).context(model):
+            assert isinstance(model.bn_in, torch.nn.Identity)
+            raise KeyError('body failed')
+    before.assert_unchanged()
+
+
+def test_bad_input_raises_before_any_change(snapshot):
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.Conv2d(2, 2, 1),
+                                torch.nn.BatchNorm2d(2)).eval()
+    model[3].train()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"'3' is in training mode"):
+        FuseBatchNorm().apply(model)
+    before.assert_unchanged()
+
+
+def test_apply_remove_directly(snapshot):
+    model, input = CASES['frozen-bn']
+    before = snapshot(model)
+    instances = FuseBatchNorm().apply(model)
+    assert len(instances) == 1 and isinstance(model[0], torch.nn.Identity)
+    for instance in instances:
+        instance.remove()
+    before.assert_unchanged()
+
+
+def test_copy_is_fresh():
+    canonizer = FuseBatchNorm()
+    copy = canonizer.copy()
+    assert type(copy) is FuseBatchNorm and copy is not canonizer and copy.report is None
+
+
+def resnet18():
+    torch.manual_seed(0)
+    return randomize_batch_norms(torchvision.models.resnet18(weights=None))
+
+
+@pytest.mark.parametrize('order', ['ours-first', 'zennit-first'])
+def test_with_zennit_resnet_canonizer(order, snapshot):
+    model = resnet18()
+    input = torch.randn(1, 3, 64, 64)
+    target = torch.eye(1000)[[3]]
+    with torch.no_grad():
+        expected = model(input)
+    before = snapshot(model)
+    canonizers = [FuseBatchNorm(), ResNetCanonizer()]
+    if order == 'zennit-first':
+        # Zennit's merge runs first and leaves BNs that still divide by sqrt(1 + eps); ours then folds those
+        # exactly, so the output is the one Zennit's canonizer alone gives
+        canonizers.reverse()
+        with Gradient(model, EpsilonPlusFlat(canonizers=[ResNetCanonizer()])) as attributor:
+            expected, _ = attributor(input, target)
+    with Gradient(model, EpsilonPlusFlat(canonizers=canonizers)) as attributor:
+        output, relevance = attributor(input, target)
+    assert relevance.shape == input.shape and torch.isfinite(relevance).all()
+    assert ((output - expected).abs().max() / expected.abs().max()) < 1e-5
+    before.assert_unchanged()
+
+
+def test_rules_land_on_fused_modules():
+    # the composite sees the fused conv1 (first-layer ZBox rule) and the Identity left for bn1 gets no rule
+    model = resnet18()
+    composite = EpsilonGammaBox(low=0., high=1., canonizers=[FuseBatchNorm()])
+    with composite.context(model):
+        hooked = [name for name, module in model.named_modules() if module._forward_pre_hooks]
+        assert 'conv1' in hooked and 'bn1' not in hooked
+
+
+def test_zennit_merge_breaks_densenet_where_ours_does_not(snapshot):
+    torch.manual_seed(0)
+    model = randomize_batch_norms(torchvision.models.densenet121(weights=None))
+    input = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(input)
+    before = snapshot(model)
+    with torch.no_grad(), EpsilonPlusFlat(canonizers=[FuseBatchNorm()]).context(model):
+        torch.testing.assert_close(model(input), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    before.assert_unchanged()
+
+    # Zennit 0.5.1's own merge raises inside __enter__ and leaves a half-merged model (biases added, weights changed)
+    with pytest.raises(RuntimeError):
+        with EpsilonPlusFlat(canonizers=[SequentialMergeBatchNorm()]).context(model):
+            pass
+    with pytest.raises(AssertionError):
+        before.assert_unchanged()

@@ -1,0 +1,166 @@
+'''Tests for fuse(): exact outputs on every fixture, hypothesis-generated layers, dtypes and torchvision models.'''
+import pytest
+import torch
+import torchvision
+from hypothesis import given, settings, strategies as st
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from conftest import randomize_batch_norms
+from fusion_cases import BATCH_NORM, CONV, CONV_TRANSPOSE, must_fuse, must_not_fuse, prepared
+from zennit_bnfuse import fuse
+from zennit_bnfuse.fold import is_batch_norm
+
+FUSE_CASES = must_fuse()
+NO_FUSE_CASES = must_not_fuse()
+
+
+def assert_fused_exactly(model, input, snapshot, atol=1e-10):
+    '''fuse(model) agrees with model on input to atol, removes the folded BNs and leaves model unchanged.'''
+    before = snapshot(model)
+    with torch.no_grad():
+        expected = model(input)
+    fused, report = fuse(model)
+    with torch.no_grad():
+        actual = fused(input)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=atol)
+    before.assert_unchanged()
+    remaining = {name for name, module in fused.named_modules() if is_batch_norm(module)}
+    assert remaining == {item.bn for item in report.unfused}
+    return fused, report
+
+
+@pytest.mark.parametrize('case', sorted(FUSE_CASES))
+def test_must_fuse_exact(case, snapshot):
+    model, input, folds = FUSE_CASES[case]
+    _, report = assert_fused_exactly(model, input, snapshot)
+    assert len(report.fused) == len(folds)
+
+
+@pytest.mark.parametrize('case', sorted(NO_FUSE_CASES))
+def test_must_not_fuse_keeps_model_exact(case, snapshot):
+    model, input, unfused = NO_FUSE_CASES[case]
+    assert_fused_exactly(model, input, snapshot)
+
+
+def test_fused_model_keeps_names_and_classes():
+    model, input, _ = FUSE_CASES['functional-forward']
+    fused, _ = fuse(model)
+    assert type(fused) is type(model)
+    assert [name for name, _ in fused.named_modules()] == [name for name, _ in model.named_modules()]
+    assert isinstance(fused.bn_in, torch.nn.Identity) and isinstance(fused.bn_out, torch.nn.Identity)
+    assert fused.head is not model.head and torch.equal(fused.head.weight, model.head.weight)
+
+
+def test_bias_map_exact_at_other_input_sizes(snapshot):
+    model, _, _ = FUSE_CASES['bn-conv2d-zero-padding']
+    fused, _ = fuse(model)
+    for size in ((5, 5), (7, 4), (2, 9)):
+        input = torch.randn(1, 3, *size, dtype=torch.float64)
+        torch.testing.assert_close(fused(input), model(input), rtol=0, atol=1e-10)
+
+
+@st.composite
+def layer_and_batch_norm(draw):
+    '''A random Conv/ConvTranspose/Linear with a BN before or after it, and an input.'''
+    kind = draw(st.sampled_from(['conv', 'transposed', 'linear']))
+    side = draw(st.sampled_from(['before', 'after'] if kind != 'transposed' else ['after']))
+    groups = draw(st.sampled_from([1, 2, 3])) if kind != 'linear' else 1
+    in_channels = groups * draw(st.integers(1, 3))
+    out_channels = groups * draw(st.integers(1, 3))
+    bias = draw(st.booleans())
+    affine = draw(st.booleans())
+    if kind == 'linear':
+        layer = torch.nn.Linear(in_channels, out_channels, bias=bias)
+        batch_norm_type, input_shape = torch.nn.BatchNorm1d, (3, in_channels)
+    else:
+        dims = draw(st.sampled_from([1, 2, 3]))
+        kernel = draw(st.integers(1, 3))
+        stride = draw(st.integers(1, 2))
+        dilation = draw(st.integers(1, 2))
+        padding = draw(st.integers(0, 2))
+        size = draw(st.integers(5, 7))
+        if kind == 'conv':
+            padding_mode = draw(st.sampled_from(['zeros', 'reflect', 'replicate', 'circular']))
+            layer = CONV[dims](in_channels, out_channels, kernel, stride=stride, padding=padding, dilation=dilation,
+                               groups=groups, bias=bias, padding_mode=padding_mode)
+        else:
+            output_padding = draw(st.integers(0, max(stride, dilation) - 1))
+            layer = CONV_TRANSPOSE[dims](in_channels, out_channels, kernel, stride=stride, padding=padding,
+                                         output_padding=output_padding, groups=groups, bias=bias, dilation=dilation)
+        batch_norm_type, input_shape = BATCH_NORM[dims], (2, in_channels, *(size,) * dims)
+        if dims == 2 and draw(st.booleans()):
+            batch_norm_type = FrozenBatchNorm2d
+    channels = in_channels if side == 'before' else out_channels
+    kwargs = {} if batch_norm_type is FrozenBatchNorm2d else {'affine': affine}
+    batch_norm = batch_norm_type(channels, **kwargs)
+    parts = (batch_norm, layer) if side == 'before' else (layer, batch_norm)
+    seed = draw(st.integers(0, 2 ** 16))
+    return prepared(torch.nn.Sequential(*parts), *input_shape, seed=seed), side
+
+
+@settings(max_examples=150, deadline=None)
+@given(layer_and_batch_norm())
+def test_generated_layers_fuse_exactly(case):
+    (model, input), side = case
+    with torch.no_grad():
+        expected = model(input)
+    fused, report = fuse(model)
+    assert [item.side for item in report.fused] == [side]
+    with torch.no_grad():
+        torch.testing.assert_close(fused(input), expected, rtol=0, atol=1e-10)
+
+
+def dtype_model():
+    torch.manual_seed(0)
+    return randomize_batch_norms(torch.nn.Sequential(
+        torch.nn.BatchNorm2d(3), torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.Linear(4 * 4 * 4, 3),
+        torch.nn.BatchNorm1d(3)))
+
+
+DEVICES = ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize('device', DEVICES)
+@pytest.mark.parametrize('dtype, tolerance', [(torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.float16, 3e-3)])
+def test_low_precision_and_device(dtype, tolerance, device):
+    model = dtype_model()
+    input = torch.rand(2, 3, 6, 6)
+    with torch.no_grad():
+        reference = model.double()(input.double())
+        low = model.to(device, dtype)
+        fused, report = fuse(low)
+        assert len(report.fused) == 4
+        assert all(param.dtype == dtype and param.device.type == device for param in fused.parameters())
+        original = low(input.to(device, dtype)).double().cpu()
+        actual = fused(input.to(device, dtype)).double().cpu()
+    scale = reference.abs().max()
+    # the fused model is at least as close to the float64 reference as the low precision original
+    assert (actual - reference).abs().max() / scale <= max(tolerance, 2 * (original - reference).abs().max() / scale)
+
+
+# torchvision models, weights=None and randomised BN statistics; BN counts the package must fold
+TORCHVISION = {
+    'vgg11_bn': 8,
+    'resnet18': 20,
+    'resnet50': 53,
+    'mobilenet_v2': 52,
+    'efficientnet_b0': 49,
+    'densenet121': 121,
+}
+
+
+@pytest.mark.parametrize('arch', sorted(TORCHVISION))
+def test_torchvision_models(arch, snapshot):
+    torch.manual_seed(0)
+    model = randomize_batch_norms(getattr(torchvision.models, arch)(weights=None))
+    total = sum(is_batch_norm(module) for module in model.modules())
+    before = snapshot(model)
+    input = torch.randn(2, 3, 64, 64)
+    fused, report = fuse(model)
+    with torch.no_grad():
+        expected, actual = model(input), fused(input)
+    assert len(report.fused) == TORCHVISION[arch] == total, str(report)
+    assert not any(is_batch_norm(module) for module in fused.modules())
+    assert ((actual - expected).abs().max() / expected.abs().max()).item() < 1e-5
+    before.assert_unchanged()

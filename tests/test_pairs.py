@@ -1,0 +1,101 @@
+'''Tests for finding fusable pairs (zennit_bnfuse.pairs) and the report (zennit_bnfuse.report).'''
+import re
+import warnings
+
+import pytest
+import torch
+
+from fusion_cases import Lambda, must_fuse, must_not_fuse, prepared
+from zennit_bnfuse import find_fusable_pairs
+
+FUSE_CASES = must_fuse()
+NO_FUSE_CASES = must_not_fuse()
+
+
+@pytest.mark.parametrize('case', sorted(FUSE_CASES))
+def test_must_fuse_pairs(case):
+    model, _, folds = FUSE_CASES[case]
+    report = find_fusable_pairs(model)
+    assert {item.bn: (item.layer, item.side) for item in report.fused} == folds
+    assert not report.unfused and report.traced
+
+
+@pytest.mark.parametrize('case', sorted(NO_FUSE_CASES))
+def test_must_not_fuse_reason(case):
+    model, _, unfused = NO_FUSE_CASES[case]
+    report = find_fusable_pairs(model)
+    reasons = {item.bn: item.reason for item in report.unfused}
+    assert set(reasons) == set(unfused)
+    for name, pattern in unfused.items():
+        assert re.search(pattern, reasons[name]), reasons[name]
+    assert not {item.bn for item in report.fused} & set(unfused)
+
+
+def test_training_mode_raises_naming_module():
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Sequential(torch.nn.BatchNorm2d(2)))
+    with pytest.raises(ValueError, match=r"'1\.0' is in training mode.*model\.eval\(\)"):
+        find_fusable_pairs(model)
+
+
+def test_non_finite_statistics_raise_naming_module():
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2)).eval()
+    model[1].running_var[0] = float('inf')
+    with pytest.raises(ValueError, match=r"'1' has non-finite values in 'running_var'"):
+        find_fusable_pairs(model)
+
+
+class Untraceable(torch.nn.Module):
+    '''Data-dependent control flow defeats torch.fx; the Sequential inside still folds.'''
+    def __init__(self):
+        super().__init__()
+        self.block = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+        self.conv = torch.nn.Conv2d(4, 4, 1)
+        self.bn = torch.nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        x = self.block(x)
+        if x.sum() > 0:
+            x = -x
+        return self.bn(self.conv(x))
+
+
+def test_untraceable_falls_back_to_sequential_with_warning():
+    model, _ = prepared(Untraceable(), 1, 3, 5, 5)
+    with pytest.warns(UserWarning, match='could not trace the forward of Untraceable'):
+        report = find_fusable_pairs(model)
+    assert not report.traced and 'TraceError' in report.trace_error
+    assert [(item.bn, item.layer, item.side) for item in report.fused] == [('block.1', 'block.0', 'after')]
+    assert [item.bn for item in report.unfused] == ['bn']
+    assert 'never called inside an nn.Sequential' in report.unfused[0].reason
+
+
+def test_traceable_model_gives_no_warning():
+    model, _, _ = FUSE_CASES['functional-forward']
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        find_fusable_pairs(model)
+
+
+def test_never_called_batch_norm_reported():
+    model, _ = prepared(Lambda(lambda self, x: self.conv(x), conv=torch.nn.Conv2d(1, 1, 1),
+                               spare=torch.nn.BatchNorm2d(1)), 1, 1, 2, 2)
+    report = find_fusable_pairs(model)
+    assert [(item.bn, item.reason) for item in report.unfused] == [('spare', 'it is never called in the traced forward')]
+
+
+def test_report_prints_table():
+    model, _, _ = FUSE_CASES['frozen-bn']
+    text = str(find_fusable_pairs(model))
+    assert text.splitlines()[0] == 'BatchNorm fusion: 2 of 2 folded'
+    assert re.search(r'^0\s+1\s+before$', text, re.MULTILINE)
+    assert re.search(r'^2\s+1\s+after$', text, re.MULTILINE)
+    model, _, _ = NO_FUSE_CASES['no-running-statistics']
+    text = str(find_fusable_pairs(model))
+    assert 'BatchNorm left in place' in text and 'no running statistics' in text
+
+
+def test_report_to_dict():
+    model, _, _ = FUSE_CASES['functional-forward']
+    report = find_fusable_pairs(model).to_dict()
+    assert report['fused'][0] == {'bn': 'bn_in', 'layer': 'conv', 'side': 'before', 'via': []}
+    assert report['unfused'] == [] and report['traced']

@@ -1,0 +1,78 @@
+'''The Zennit canonizer that fuses BatchNorms for the duration of an attribution.'''
+from zennit.canonizers import Canonizer
+
+from .fusion import replacement_modules, set_module
+from .pairs import find_fusable_pairs
+
+
+class FuseBatchNorm(Canonizer):
+    '''Canonizer that folds every BatchNorm it can into a neighbouring Linear/Conv/ConvTranspose layer.
+
+    Pairs are found in the traced forward graph (see :py:func:`zennit_bnfuse.pairs.find_fusable_pairs`), so BNs
+    before a layer, after functional ops, or in any container are found. While applied, the folded BatchNorms and
+    their layers are replaced in their parent modules by fused modules; the user's modules, parameters and buffers
+    are never written to, so removing the canonizer restores the model bit for bit.
+
+    Use it like any Zennit canonizer, alone or with others::
+
+        composite = EpsilonPlusFlat(canonizers=[FuseBatchNorm()])
+        with Gradient(model, composite) as attributor:
+            output, relevance = attributor(input, target)
+
+    Attributes
+    ----------
+    report: :py:class:`~zennit_bnfuse.report.FusionReport` or None
+        The report of the last :py:meth:`apply`.
+    '''
+    def __init__(self):
+        super().__init__()
+        self.report = None
+        self.root = None
+        self.originals = {}
+
+    def apply(self, root_module):
+        '''Fuse the BatchNorms of ``root_module`` in place, reversibly.
+
+        Parameters
+        ----------
+        root_module: :py:obj:`torch.nn.Module`
+            The model, in eval mode.
+
+        Returns
+        -------
+        list[:py:class:`FuseBatchNorm`]
+            One applied instance, whose :py:meth:`remove` restores the model.
+
+        Raises
+        ------
+        ValueError
+            If a BatchNorm is in training mode or has non-finite statistics; the model is unchanged then.
+        '''
+        self.report = find_fusable_pairs(root_module)
+        instance = self.copy()
+        instance.report = self.report
+        instance.register(root_module, replacement_modules(root_module, self.report))
+        return [instance]
+
+    def register(self, root_module, replacements):
+        '''Put ``replacements`` (module name -> module) in place in ``root_module``, remembering the originals.'''
+        self.root = root_module
+        modules = dict(root_module.named_modules())
+        try:
+            for name, module in replacements.items():
+                self.originals[name] = modules[name]
+                set_module(root_module, name, module)
+        except BaseException:
+            self.remove()
+            raise
+
+    def remove(self):
+        '''Put the original modules back.'''
+        for name, module in reversed(list(self.originals.items())):
+            set_module(self.root, name, module)
+        self.originals.clear()
+        self.root = None
+
+    def copy(self):
+        '''A new, unapplied instance.'''
+        return self.__class__()

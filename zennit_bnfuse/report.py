@@ -1,0 +1,96 @@
+'''The fusion report: which BatchNorms were folded where, and why the others were not.'''
+from dataclasses import dataclass, field
+
+
+SIDES = {
+    'after': 'into the layer before it (layer -> BN)',
+    'before': 'into the layer after it (BN -> layer)',
+    'before-relu': 'into the layer after it through a ReLU (BN -> ReLU -> layer)',
+}
+
+
+@dataclass(frozen=True)
+class FusedBatchNorm:
+    '''A BatchNorm that was folded.
+
+    Attributes
+    ----------
+    bn: str
+        Name of the BatchNorm module.
+    layer: str
+        Name of the Linear/Conv/ConvTranspose module it was folded into.
+    side: str
+        ``'after'`` (the BN followed the layer), ``'before'`` (the BN preceded the layer) or ``'before-relu'`` (BN ->
+        ReLU -> layer: the BN became a thresholded ReLU and its scale moved into the layer).
+    via: tuple[str, ...]
+        For ``'before-relu'``: the ops between the BN and the layer.
+    '''
+    bn: str
+    layer: str
+    side: str
+    via: tuple = ()
+
+
+@dataclass(frozen=True)
+class UnfusedBatchNorm:
+    '''A BatchNorm left in place, with the reason in words.'''
+    bn: str
+    reason: str
+
+
+@dataclass
+class FusionReport:
+    '''Result of finding fusable BatchNorms in a model.
+
+    Attributes
+    ----------
+    fused: list[:py:class:`FusedBatchNorm`]
+        One entry per folded BatchNorm, in forward order.
+    unfused: list[:py:class:`UnfusedBatchNorm`]
+        One entry per BatchNorm left in place.
+    traced: bool
+        Whether the model's forward was traced with torch.fx (otherwise only adjacent modules inside
+        ``nn.Sequential`` containers were considered).
+    trace_error: str or None
+        Why tracing failed, if it did.
+    '''
+    fused: list = field(default_factory=list)
+    unfused: list = field(default_factory=list)
+    traced: bool = True
+    trace_error: str = None
+
+    @property
+    def num_batch_norms(self):
+        '''Total number of BatchNorms in the model.'''
+        return len(self.fused) + len(self.unfused)
+
+    def __str__(self):
+        lines = [f'BatchNorm fusion: {len(self.fused)} of {self.num_batch_norms} folded']
+        if not self.traced:
+            lines.append(f'forward not traced ({self.trace_error}); only nn.Sequential neighbours were considered')
+        if self.fused:
+            rows = [(item.bn, item.layer, item.side + (f' via {", ".join(item.via)}' if item.via else ''))
+                    for item in self.fused]
+            lines += ['', *_table(('BatchNorm', 'folded into', 'side'), rows)]
+        if self.unfused:
+            rows = [(item.bn, item.reason) for item in self.unfused]
+            lines += ['', *_table(('BatchNorm left in place', 'reason'), rows)]
+        return '\n'.join(lines)
+
+    def to_dict(self):
+        '''The report as JSON-serialisable dict.'''
+        return {
+            'fused': [{'bn': item.bn, 'layer': item.layer, 'side': item.side, 'via': list(item.via)}
+                      for item in self.fused],
+            'unfused': [{'bn': item.bn, 'reason': item.reason} for item in self.unfused],
+            'traced': self.traced,
+            'trace_error': self.trace_error,
+        }
+
+
+def _table(header, rows):
+    '''Format rows of strings as a left-aligned text table.'''
+    widths = [max(len(str(row[col])) for row in (header, *rows)) for col in range(len(header))]
+    def line(row):
+        return '  '.join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip()
+    return [line(header), line(['-' * width for width in widths]), *(line(row) for row in rows)]
