@@ -1,16 +1,23 @@
 '''zennit_bnfuse: exact BatchNorm fusion for Layer-wise Relevance Propagation in Zennit and Captum.'''
+from .attribution import CompositeLRP, FusedLRP
 from .canonizers import FuseBatchNorm
 from .fusion import fuse
+from .handling import HANDLINGS, BatchNormHandling, bn_handling
 from .layers import ThresholdReLU
 from .pairs import find_fusable_pairs
 from .report import FusedBatchNorm, FusionReport, UnfusedBatchNorm
 
 __all__ = [
+    'BatchNormHandling',
+    'CompositeLRP',
     'FuseBatchNorm',
     'FusedBatchNorm',
+    'FusedLRP',
     'FusionReport',
+    'HANDLINGS',
     'ThresholdReLU',
     'UnfusedBatchNorm',
+    'bn_handling',
     'find_fusable_pairs',
     'fuse',
 ]

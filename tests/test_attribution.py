@@ -1,0 +1,341 @@
+'''Tests for the Captum-style classes FusedLRP and CompositeLRP, in Captum's style: tiny models, exact tensors.'''
+import matplotlib
+import pytest
+import torch
+import torchvision
+from captum.attr import LRP
+from captum.attr._utils.lrp_rules import EpsilonRule, GammaRule, IdentityRule
+from zennit.attribution import Gradient
+from zennit.composites import EpsilonAlpha2Beta1Flat, EpsilonPlusFlat
+from zennit.torchvision import ResNetCanonizer
+
+from conftest import randomize_batch_norms
+from zennit_bnfuse import CompositeLRP, FuseBatchNorm, FusedLRP
+
+matplotlib.use('Agg')
+
+DEVICES = ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
+
+
+class TinyNet(torch.nn.Module):
+    '''fc1 -> BatchNorm1d -> relu -> fc2, every number chosen by hand (see test_hand_computed_relevance).'''
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(2, 2, bias=False)
+        self.bn = torch.nn.BatchNorm1d(2, eps=0.)
+        self.relu = torch.nn.ReLU()
+        self.fc2 = torch.nn.Linear(2, 1, bias=False)
+        with torch.no_grad():
+            self.fc1.weight.copy_(torch.tensor([[1., 2.], [-1., 2.]]))
+            self.bn.running_var.fill_(.25)  # scale 2
+            self.bn.bias.fill_(3.)  # shift 3
+            self.fc2.weight.fill_(1.)
+        self.double().eval()
+
+    def forward(self, x):
+        return self.fc2(self.relu(self.bn(self.fc1(x))))
+
+
+@pytest.mark.parametrize('handling, expected', [('fused', [0., 8.]), ('unfused', [0., 8.]), ('naive', [-2., 16.])])
+def test_hand_computed_relevance(handling, expected):
+    # x = (1, 1): fc1 -> (3, 1), bn -> (9, 5), output 14.
+    # fused: fc1' = 2 * fc1 with bias 3: R = 9 * (2, 4) / 9 + 5 * (-2, 4) / 5 = (0, 8); the biases absorb 6.
+    # unfused: epsilon on the BN hands (6, 2) to fc1: 6 * (1, 2) / 3 + 2 * (-1, 2) / 1 = (0, 8).
+    # naive: (9, 5) passes the BN: 9 * (1, 2) / 3 + 5 * (-1, 2) / 1 = (-2, 16).
+    model = TinyNet()
+    input = torch.ones(1, 2, dtype=torch.float64)
+    relevance, delta = FusedLRP(model, handling=handling).attribute(input, target=0, return_convergence_delta=True)
+    torch.testing.assert_close(relevance, torch.tensor([expected], dtype=torch.float64), rtol=0, atol=1e-6)
+    torch.testing.assert_close(delta, torch.tensor([14. - sum(expected)], dtype=torch.float64), rtol=0, atol=1e-6)
+
+
+def test_captum_rejects_batchnorm1d_fused_lrp_does_not():
+    model = TinyNet()
+    input = torch.ones(1, 2, dtype=torch.float64)
+    with pytest.raises(TypeError, match='BatchNorm1d'):
+        LRP(model).attribute(input, target=0)
+    assert FusedLRP(model).attribute(input, target=0).shape == (1, 2)
+
+
+class Conv3dNet(torch.nn.Module):
+    '''Conv1d/Conv3d with BatchNorm1d/3d, none of which Captum's LRP accepts.'''
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 2, 3, padding=1)
+        self.bn = torch.nn.BatchNorm3d(2)
+        self.conv1d = torch.nn.Conv1d(2, 3, 3)
+        self.bn1d = torch.nn.BatchNorm1d(3)
+        self.fc = torch.nn.Linear(3, 2)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv(x))).mean(dim=(3, 4))
+        x = torch.relu(self.bn1d(self.conv1d(x))).mean(dim=2)
+        return self.fc(x)
+
+
+def test_captum_rejects_3d_and_1d_fused_lrp_does_not():
+    torch.manual_seed(0)
+    model = randomize_batch_norms(Conv3dNet().double())
+    input = torch.rand(2, 1, 5, 4, 4, dtype=torch.float64)
+    with pytest.raises(TypeError, match='Conv3d'):
+        LRP(model).attribute(input, target=1)
+    relevance = FusedLRP(model).attribute(input, target=1)
+    assert relevance.shape == input.shape and torch.isfinite(relevance).all()
+
+
+class PlainNet(torch.nn.Module):
+    '''conv -> [bn] -> relu -> maxpool -> conv -> [bn] -> relu -> avgpool -> linear.'''
+    def __init__(self, batch_norm=False):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.relu1 = torch.nn.ReLU()
+        self.pool = torch.nn.MaxPool2d(2)
+        self.conv2 = torch.nn.Conv2d(4, 5, 3)
+        self.relu2 = torch.nn.ReLU()
+        self.avgpool = torch.nn.AdaptiveAvgPool2d(1)
+        self.fc = torch.nn.Linear(5, 3)
+        if batch_norm:
+            self.bn1 = torch.nn.BatchNorm2d(4)
+            self.bn2 = torch.nn.BatchNorm2d(5)
+
+    def forward(self, x):
+        x = self.conv1(x)
+        x = self.pool(self.relu1(self.bn1(x) if hasattr(self, 'bn1') else x))
+        x = self.conv2(x)
+        x = self.avgpool(self.relu2(self.bn2(x) if hasattr(self, 'bn2') else x))
+        return self.fc(torch.flatten(x, 1))
+
+
+@pytest.mark.parametrize('rules', [None, {torch.nn.Conv2d: GammaRule(gamma=.5)}])
+def test_equals_captum_without_batchnorm(rules):
+    torch.manual_seed(0)
+    model = PlainNet().double().eval()
+    input = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    reference_model = PlainNet().double().eval()
+    reference_model.load_state_dict(model.state_dict())
+    for name, module in reference_model.named_modules():
+        if rules and type(module) in rules:
+            module.rule = GammaRule(gamma=.5)
+    expected = LRP(reference_model).attribute(input, target=[0, 2])
+    actual = FusedLRP(model, rules=rules).attribute(input, target=[0, 2])
+    assert torch.equal(actual, expected)
+
+
+def fused_by_hand(model):
+    '''PlainNet without BatchNorm, with the BatchNorms of ``model`` folded by the textbook formula.'''
+    fused = PlainNet().double().eval()
+    state = {key: value for key, value in model.state_dict().items() if not key.startswith('bn')}
+    fused.load_state_dict(state)
+    for conv, bn in ((fused.conv1, model.bn1), (fused.conv2, model.bn2)):
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        with torch.no_grad():
+            conv.weight.mul_(scale[:, None, None, None])
+            conv.bias.copy_((conv.bias - bn.running_mean) * scale + bn.bias)
+    return fused
+
+
+@pytest.mark.parametrize('rule', [EpsilonRule(), GammaRule(gamma=.25)])
+def test_equals_captum_on_model_fused_by_hand(rule):
+    torch.manual_seed(0)
+    model = randomize_batch_norms(PlainNet(batch_norm=True).double())
+    input = torch.rand(3, 3, 8, 8, dtype=torch.float64)
+    reference = fused_by_hand(model)
+    for module in (reference.conv1, reference.conv2):
+        module.rule = type(rule)(**({'gamma': .25} if isinstance(rule, GammaRule) else {}))
+    expected = LRP(reference).attribute(input, target=1)
+    actual = FusedLRP(model, rules={torch.nn.Conv2d: rule}).attribute(input, target=1)
+    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_conserves_relevance_without_shifts_and_biases():
+    torch.manual_seed(0)
+    model = randomize_batch_norms(PlainNet(batch_norm=True).double())
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.zero_()
+                module.bias.zero_()
+            elif getattr(module, 'bias', None) is not None:
+                module.bias.zero_()
+    # replace the max pool by an average pool: epsilon on a max pool is not conservative
+    model.pool = torch.nn.AvgPool2d(2)
+    input = torch.rand(4, 3, 8, 8, dtype=torch.float64)
+    output = model(input)[:, 2]
+    lrp = FusedLRP(model, rules={torch.nn.Conv2d: EpsilonRule(epsilon=1e-9)})
+    _, delta = lrp.attribute(input, target=2, return_convergence_delta=True)
+    assert (delta.abs() / output.abs()).max() < 1e-6
+
+
+def test_unfusable_batchnorm_gets_chosen_rule():
+    # a BN after a ReLU and before a pooling layer cannot be fused; by default it gets Captum's EpsilonRule
+    torch.manual_seed(0)
+    model = randomize_batch_norms(torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.BatchNorm2d(4), torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(), torch.nn.Linear(4, 2)).double())
+    input = torch.rand(2, 3, 6, 6, dtype=torch.float64)
+    lrp = FusedLRP(model)
+    default = lrp.attribute(input, target=0)
+    assert [item.bn for item in lrp.prepared.report.unfused] == ['2']
+    # Captum itself gives BatchNorm2d the EpsilonRule: the same relevance (Flatten is Captum-incompatible, so the
+    # reference uses the flatten-free equivalent with a 1x1 input to the Linear)
+    reference = torch.nn.Sequential(*list(model.children())[:4], torch.nn.Conv2d(4, 2, 1)).double().eval()
+    with torch.no_grad():
+        reference[4].weight.copy_(model[5].weight[:, :, None, None])
+        reference[4].bias.copy_(model[5].bias)
+    expected = LRP(reference).attribute(input, target=(0, 0, 0))
+    torch.testing.assert_close(default, expected, rtol=1e-10, atol=1e-12)
+    identity = FusedLRP(model, rules={'2': IdentityRule()}).attribute(input, target=0)
+    assert not torch.allclose(identity, default)
+
+
+def test_unsupported_layer_raises_captum_style_type_error():
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.PixelShuffle(1),
+                                torch.nn.Flatten(), torch.nn.Linear(8, 2)).eval()
+    with pytest.raises(TypeError, match=r"Module `2` of type torch\.nn\.modules\.pixelshuffle\.PixelShuffle has no "
+                                        r"rule.*rules=\{'2': EpsilonRule\(\)\}"):
+        FusedLRP(model).attribute(torch.rand(1, 1, 4, 4), target=0)
+    relevance = FusedLRP(model, rules={torch.nn.PixelShuffle: None}).attribute(torch.rand(1, 1, 4, 4), target=0)
+    assert relevance.shape == (1, 1, 4, 4)
+
+
+def test_bad_rules_argument():
+    with pytest.raises(TypeError, match='PropagationRule'):
+        FusedLRP(TinyNet(), rules={'fc1': 'epsilon'})
+    with pytest.raises(TypeError, match='module names or module types'):
+        FusedLRP(TinyNet(), rules={1: EpsilonRule()})
+    with pytest.raises(ValueError, match="unknown BatchNorm handling 'merged'"):
+        FusedLRP(TinyNet(), handling='merged')
+
+
+def test_users_captum_rule_attribute_is_honoured_and_kept():
+    model = TinyNet()
+    model.fc1.rule = GammaRule(gamma=1.)
+    input = torch.ones(1, 2, dtype=torch.float64)
+    lrp = FusedLRP(model)
+    first, second = lrp.attribute(input, target=0), lrp.attribute(input, target=0)
+    plain = FusedLRP(TinyNet()).attribute(input, target=0)
+    assert torch.equal(first, second) and not torch.allclose(first, plain)
+    assert isinstance(model.fc1.rule, GammaRule)
+
+
+def test_prepared_copy_cached_and_rebuilt_on_change():
+    model = TinyNet()
+    input = torch.ones(1, 2, dtype=torch.float64)
+    lrp = FusedLRP(model)
+    lrp.attribute(input, target=0)
+    lrp.attribute(input, target=0)
+    assert lrp.prepared.builds == 1
+    optimizer = torch.optim.SGD(model.parameters(), lr=.1)
+    model(input).sum().backward()
+    optimizer.step()
+    changed = lrp.attribute(input, target=0)
+    assert lrp.prepared.builds == 2
+    assert torch.allclose(changed, FusedLRP(model).attribute(input, target=0))
+    model.load_state_dict(TinyNet().state_dict())
+    torch.testing.assert_close(lrp.attribute(input, target=0), torch.tensor([[0., 8.]], dtype=torch.float64))
+    assert lrp.prepared.builds == 3
+
+
+class TwoInputs(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 3, 3)
+        self.bn = torch.nn.BatchNorm2d(3)
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, image, vector, scale=1.):
+        return scale * (torch.flatten(self.bn(self.conv(image)).mean(dim=(2, 3)), 1) + self.fc(vector))
+
+
+@pytest.mark.parametrize('device', DEVICES)
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+@pytest.mark.parametrize('batch', [1, 3])
+@pytest.mark.parametrize('cls', ['fused', 'composite'])
+def test_tuple_inputs_devices_dtypes_batches(device, dtype, batch, cls):
+    torch.manual_seed(0)
+    model = randomize_batch_norms(TwoInputs()).to(device, dtype)
+    inputs = (torch.rand(batch, 2, 5, 5, device=device, dtype=dtype),
+              torch.rand(batch, 4, device=device, dtype=dtype))
+    lrp = FusedLRP(model) if cls == 'fused' else CompositeLRP(model, EpsilonPlusFlat())
+    relevance = lrp.attribute(inputs, target=1, additional_forward_args=(2.,))
+    assert isinstance(relevance, tuple) and len(relevance) == 2
+    for actual, input in zip(relevance, inputs):
+        assert actual.shape == input.shape and actual.dtype == dtype and actual.device.type == device
+        assert torch.isfinite(actual).all()
+
+
+def test_composite_equals_zennit_by_hand():
+    torch.manual_seed(0)
+    model = randomize_batch_norms(PlainNet(batch_norm=True).double())
+    input = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    target = torch.tensor([1, 2])
+    actual = CompositeLRP(model, EpsilonAlpha2Beta1Flat()).attribute(input, target=target)
+    with Gradient(model, EpsilonAlpha2Beta1Flat(canonizers=[FuseBatchNorm()])) as attributor:
+        _, expected = attributor(input, lambda output: torch.eye(3, dtype=output.dtype)[target] * output)
+    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
+
+
+def resnet18():
+    torch.manual_seed(0)
+    return randomize_batch_norms(torchvision.models.resnet18(weights=None))
+
+
+def test_composite_residual_sums_equal_zennit_resnet_canonizer():
+    # our Sum modules come from the traced graph; Zennit's ResNetCanonizer writes them by hand for ResNets only
+    model = resnet18()
+    input = torch.rand(1, 3, 64, 64)
+    actual = CompositeLRP(model, EpsilonPlusFlat()).attribute(input, target=7)
+    with Gradient(model, EpsilonPlusFlat(canonizers=[FuseBatchNorm(), ResNetCanonizer()])) as attributor:
+        _, expected = attributor(input, lambda output: torch.eye(1000)[[7]] * output)
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-6 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize('arch', ['resnet18', 'vgg11_bn'])
+@pytest.mark.parametrize('cls', ['fused', 'composite'])
+def test_torchvision_models_run_and_stay_unchanged(arch, cls, snapshot):
+    torch.manual_seed(0)
+    model = randomize_batch_norms(getattr(torchvision.models, arch)(weights=None))
+    before = snapshot(model)
+    input = torch.rand(2, 3, 64, 64)
+    lrp = FusedLRP(model) if cls == 'fused' else CompositeLRP(model, EpsilonPlusFlat())
+    relevance, delta = lrp.attribute(input, target=[1, 2], return_convergence_delta=True)
+    assert relevance.shape == input.shape and torch.isfinite(relevance).all()
+    with torch.no_grad():
+        output = model(input)[[0, 1], [1, 2]]
+    # relevance is on the logit's scale (Captum's own LRP on resnet18 is off by orders of magnitude, see below)
+    assert (relevance.sum(dim=(1, 2, 3)).abs() < 100 * output.abs().max()).all()
+    before.assert_unchanged()
+
+
+def test_captum_miscounts_resnet18_residuals():
+    model = resnet18()
+    input = torch.rand(1, 3, 64, 64)
+    output = model(input)[0, 4].item()
+    captum_total = LRP(model).attribute(input, target=4).sum().item()
+    ours_total = FusedLRP(model).attribute(input, target=4).sum().item()
+    assert abs(captum_total) > 1e6 * abs(output)
+    assert abs(ours_total) < 10 * abs(output)
+
+
+def test_reused_relu_gets_one_copy_per_use():
+    lrp = FusedLRP(resnet18())
+    lrp.attribute(torch.rand(1, 3, 32, 32), target=0)
+    assert lrp.prepared.copies['layer1.0.relu_1'] == 'layer1.0.relu'
+    names = dict(lrp.prepared.get().named_modules())
+    assert type(names['layer1.0.residual_add']).__name__ == 'Addition_Module'
+
+
+def test_visualize_image_attr_accepts_result():
+    from captum.attr import visualization
+    model = resnet18()
+    input = torch.rand(1, 3, 32, 32)
+    relevance = FusedLRP(model).attribute(input, target=0)
+    figure, axis = visualization.visualize_image_attr(
+        relevance[0].permute(1, 2, 0).detach().numpy(), input[0].permute(1, 2, 0).numpy(), method='blended_heat_map',
+        sign='all', show_colorbar=True, use_pyplot=False)
+    assert figure is not None and axis is not None
+
+
+def test_pass_through_on_shape_changing_module_raises():
+    with pytest.raises(TypeError, match=r'Module `fc2` \(Linear\) changes the shape.*give it a rule'):
+        FusedLRP(TinyNet(), rules={'fc2': None}).attribute(torch.ones(1, 2, dtype=torch.float64), target=0)

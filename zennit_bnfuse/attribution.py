@@ -1,0 +1,293 @@
+'''Captum-style attribution classes that run LRP on an LRP-ready copy of the model (BatchNorm fused by default).
+
+- :py:class:`FusedLRP` runs Captum's own LRP rules.
+- :py:class:`CompositeLRP` runs a Zennit composite behind Captum's ``attribute()`` signature.
+'''
+import copy
+from collections import defaultdict
+
+import torch
+from captum._utils.common import (
+    _format_output, _format_tensor_into_tuples, _is_tuple, _register_backward_hook, _run_forward,
+)
+from captum.attr import LRP
+from captum.attr._utils.attribution import GradientAttribution
+from captum.attr._utils.common import _sum_rows
+from captum.attr._utils.custom_modules import Addition_Module
+from captum.attr._utils.lrp_rules import EpsilonRule, PropagationRule
+from zennit.composites import LayerMapComposite, MixedComposite
+from zennit.rules import Epsilon, Pass
+from zennit.types import Activation
+
+from .fold import BATCH_NORM_TYPES, is_batch_norm
+from .layers import BiasMapConvMixin
+from .prepared import PreparedModel
+
+# leaves that get Captum's EpsilonRule by default: every affine map
+EPSILON_RULE_TYPES = (
+    torch.nn.Linear, torch.nn.modules.conv._ConvNd, torch.nn.modules.pooling._AvgPoolNd,
+    torch.nn.modules.pooling._MaxPoolNd, torch.nn.modules.pooling._AdaptiveAvgPoolNd,
+    torch.nn.modules.pooling._AdaptiveMaxPoolNd, Addition_Module,
+)
+# leaves relevance passes unchanged: elementwise activations, dropout, identity and reshapes
+RESHAPE_TYPES = (torch.nn.Flatten, torch.nn.Unflatten)
+PASS_THROUGH_TYPES = (torch.nn.Identity, torch.nn.modules.dropout._DropoutNd, *RESHAPE_TYPES)
+
+
+def is_pass_through(module):
+    '''Whether LRP passes relevance through ``module`` unchanged by default.'''
+    if isinstance(module, torch.nn.MultiheadAttention):
+        return False
+    return isinstance(module, (Activation, *PASS_THROUGH_TYPES))
+
+
+def convergence_delta(attributions, output):
+    '''LRP's completeness gap per example: ``output - sum(attributions)``.
+
+    Parameters
+    ----------
+    attributions: :py:obj:`torch.Tensor` or tuple[:py:obj:`torch.Tensor`, ...]
+        Relevance of the inputs, dim 0 is the batch.
+    output: :py:obj:`torch.Tensor`
+        The explained output value per example, shape ``(N,)`` or ``(N, 1)``.
+
+    Returns
+    -------
+    :py:obj:`torch.Tensor`
+        Shape ``(N,)``.
+    '''
+    attributions = _format_tensor_into_tuples(attributions)
+    return output.flatten() - sum(_sum_rows(attribution) for attribution in attributions).flatten()
+
+
+class _RuleLRP(LRP):
+    '''Captum's LRP with rules chosen by a function of the module's name, and pass-through for any module whose
+    rule is None (Captum only allows ReLU, Dropout and Tanh there; reshapes are left to autograd).'''
+    def __init__(self, model, choose_rule):
+        self.choose_rule = choose_rule
+        super().__init__(model)
+
+    def _get_layers(self, model):
+        self.named_layers = [(name, module) for name, module in model.named_modules() if not list(module.children())]
+        self.layers = [module for _, module in self.named_layers]
+
+    def _check_and_attach_rules(self):
+        for name, layer in self.named_layers:
+            layer.rule = self.choose_rule(name, layer)
+            if layer.rule is not None:
+                layer.activations = {}
+                layer.rule.relevance_input = defaultdict(list)
+                layer.rule.relevance_output = {}
+
+    def _register_forward_hooks(self):
+        for name, layer in self.named_layers:
+            if isinstance(layer, RESHAPE_TYPES) and layer.rule is None:
+                continue  # plain autograd reshapes the relevance
+            if layer.rule is None:
+                self.backward_handles.extend(_register_backward_hook(layer, self.pass_through_hook(name), self))
+            else:
+                self.forward_handles.append(layer.register_forward_hook(layer.rule.forward_hook))
+                if self.verbose:
+                    print(f'Applied {layer.rule} on layer {layer}')
+
+    @staticmethod
+    def pass_through_hook(name):
+        """Captum's activation hook, refusing modules that change the shape (relevance cannot pass those)."""
+        def hook(module, grad_input, grad_output):
+            if any(inner is not None and outer is not None and inner.shape != outer.shape
+                   for inner, outer in zip(grad_input, grad_output)):
+                raise TypeError(
+                    f'Module `{name}` ({type(module).__name__}) changes the shape of its input, so relevance cannot '
+                    'pass through it unchanged; give it a rule instead of None.')
+            return PropagationRule.backward_hook_activation(module, grad_input, grad_output)
+        return hook
+
+
+class FusedLRP(LRP):
+    '''Captum's LRP, run on a copy of ``model`` whose BatchNorms are fused into their neighbouring layers.
+
+    The copy is also rewritten so that LRP counts relevance right on ordinary models: residual ``a + b`` in
+    ``forward`` becomes Captum's ``Addition_Module`` (EpsilonRule), and a module used twice (torchvision's BasicBlock
+    reuses ``relu``) gets one copy per use. The copy is built on the first call and reused until the model's
+    parameters, buffers or structure change. ``model`` itself is never changed.
+
+    Parameters
+    ----------
+    model: :py:obj:`torch.nn.Module`
+        The model, in eval mode.
+    rules: dict, optional
+        Maps a module name (the user's own names; copies of a reused module share its name) or a module type to a
+        Captum rule instance (or None: pass relevance through). Names win over a ``rule`` attribute set on the
+        module (Captum's way), which wins over types, which win over the defaults: EpsilonRule for Linear, Conv,
+        ConvTranspose, pooling, additions and BatchNorms that could not be fused; pass-through for activations,
+        dropout, identity and flatten.
+    handling: str, optional
+        ``'fused'`` (default), ``'unfused'`` (BatchNorm as an affine layer under EpsilonRule, Captum's default) or
+        ``'naive'`` (relevance passes BatchNorm); see :py:func:`zennit_bnfuse.bn_handling`.
+
+    Examples
+    --------
+    >>> lrp = FusedLRP(model)
+    >>> attribution, delta = lrp.attribute(images, target=3, return_convergence_delta=True)
+    '''
+    def __init__(self, model, rules=None, handling='fused'):
+        super().__init__(model)
+        self.rules = dict(rules or {})
+        for key, rule in self.rules.items():
+            if not isinstance(key, (str, type)):
+                raise TypeError(f'rules keys must be module names or module types, not {key!r}')
+            if rule is not None and not isinstance(rule, PropagationRule):
+                raise TypeError(
+                    f'the rule for {key!r} must be a Captum PropagationRule instance (e.g. EpsilonRule()) or None, '
+                    f'not {rule!r}')
+        self.prepared = PreparedModel(model, handling, residual='captum')
+        self.own_rules = {}
+        self._rules_build = None
+        self._has_bias_maps = False
+
+    def _prepared_model(self):
+        '''The prepared copy; on a new build, take the ``rule`` attributes the user set (Captum removes them).'''
+        prepared = self.prepared.get()
+        if self._rules_build != self.prepared.builds:
+            self.own_rules = {name: vars(module).pop('rule') for name, module in prepared.named_modules()
+                              if 'rule' in vars(module)}
+            self._has_bias_maps = any(isinstance(module, BiasMapConvMixin) for module in prepared.modules())
+            self._rules_build = self.prepared.builds
+        return prepared
+
+    def choose_rule(self, name, module):
+        '''The rule for the prepared model's module ``name``: a fresh Captum rule, or None to pass relevance.
+
+        Raises
+        ------
+        TypeError
+            If no rule is given for the module and its type has no default.
+        '''
+        original = self.prepared.original_name(name)
+        for rules in (self.rules, self.own_rules):
+            if original in rules:
+                return copy.deepcopy(rules[original])
+        by_type = [key for key in self.rules if isinstance(key, type) and isinstance(module, key)]
+        if by_type:
+            exact = [key for key in by_type if type(module) is key]
+            return copy.deepcopy(self.rules[(exact or by_type)[0]])
+        if is_batch_norm(module):
+            return EpsilonRule() if self.prepared.handling.batch_norm_rule == 'epsilon' else None
+        if is_pass_through(module):
+            return None
+        if isinstance(module, EPSILON_RULE_TYPES):
+            return EpsilonRule()
+        kind = f'{type(module).__module__}.{type(module).__name__}'
+        raise TypeError(
+            f'Module `{original}` of type {kind} has no rule defined and no default rule exists for this module '
+            f'type. Set a rule for it explicitly, for example FusedLRP(model, rules={{\'{original}\': EpsilonRule()}}) '
+            f'or for its type, rules={{{kind}: EpsilonRule()}}, and make sure the rule fits the layer.'
+        )
+
+    def attribute(self, inputs, target=None, additional_forward_args=None, return_convergence_delta=False,
+                  verbose=False):
+        '''LRP relevance of ``inputs`` for ``target``, with Captum's semantics (see :py:meth:`captum.attr.LRP.attribute`).
+
+        Parameters
+        ----------
+        inputs: :py:obj:`torch.Tensor` or tuple[:py:obj:`torch.Tensor`, ...]
+            Inputs, dim 0 the batch.
+        target: int, tuple, :py:obj:`torch.Tensor` or list, optional
+            Output indices to explain, as in Captum.
+        additional_forward_args: object, optional
+            Further forward arguments that are not attributed.
+        return_convergence_delta: bool, optional
+            Also return ``output - sum(relevance)`` per example.
+        verbose: bool, optional
+            Print which rule each layer gets.
+
+        Returns
+        -------
+        :py:obj:`torch.Tensor` or tuple, and optionally the delta
+            Relevance of the same shape(s) as ``inputs``; it sums to about the target output per example.
+        '''
+        prepared = self._prepared_model()
+        if self._has_bias_maps:
+            # build the position-dependent biases for this input size before Captum snapshots the state_dict
+            with torch.no_grad():
+                _run_forward(prepared, _format_tensor_into_tuples(inputs), None, additional_forward_args)
+        return _RuleLRP(prepared, self.choose_rule).attribute(
+            inputs, target=target, additional_forward_args=additional_forward_args,
+            return_convergence_delta=return_convergence_delta, verbose=verbose,
+        )
+
+    def compute_convergence_delta(self, attributions, output):
+        '''``output - sum(attributions)`` per example (LRP's completeness gap).'''
+        return convergence_delta(attributions, output)
+
+
+class CompositeLRP(GradientAttribution):
+    '''LRP from a Zennit composite, behind Captum's ``attribute()`` signature.
+
+    The composite runs on a prepared copy of ``model``: BatchNorms fused first (as if
+    :py:class:`~zennit_bnfuse.FuseBatchNorm` stood in front of the composite's canonizers), every residual ``a + b``
+    in the traced forward turned into Zennit's ``Sum`` over the stacked operands (which Zennit's composites give the
+    ``Norm`` rule) for any traceable model, and one module per use of a reused module. ``model`` is never changed.
+
+    Parameters
+    ----------
+    model: :py:obj:`torch.nn.Module`
+        The model, in eval mode.
+    composite: :py:obj:`zennit.core.Composite`
+        For example ``EpsilonPlusFlat()``. Its canonizers run on the prepared copy.
+    handling: str, optional
+        ``'fused'`` (default), ``'unfused'`` (BatchNorm under Zennit's Epsilon rule) or ``'naive'`` (``Pass``);
+        BatchNorms still in the model get the handling's rule ahead of the composite's own mapping.
+
+    Examples
+    --------
+    >>> lrp = CompositeLRP(model, EpsilonPlusFlat())
+    >>> attribution = lrp.attribute(images, target=[3, 5])
+    '''
+    def __init__(self, model, composite, handling='fused'):
+        super().__init__(model)
+        self.model = model
+        self.prepared = PreparedModel(model, handling, residual='zennit')
+        batch_norm_rule = Epsilon() if self.prepared.handling.batch_norm_rule == 'epsilon' else Pass()
+        self.composite = MixedComposite([LayerMapComposite([(BATCH_NORM_TYPES, batch_norm_rule)]), composite])
+
+    @property
+    def multiplies_by_inputs(self):
+        return True
+
+    def has_convergence_delta(self):
+        return True
+
+    def compute_convergence_delta(self, attributions, output):
+        '''``output - sum(attributions)`` per example (LRP's completeness gap).'''
+        return convergence_delta(attributions, output)
+
+    def attribute(self, inputs, target=None, additional_forward_args=None, return_convergence_delta=False):
+        '''Relevance of ``inputs`` for ``target`` from the composite, scaled so it sums to about the target output.
+
+        Parameters
+        ----------
+        inputs: :py:obj:`torch.Tensor` or tuple[:py:obj:`torch.Tensor`, ...]
+            Inputs, dim 0 the batch.
+        target: int, tuple, :py:obj:`torch.Tensor` or list, optional
+            Output indices to explain, as in Captum.
+        additional_forward_args: object, optional
+            Further forward arguments that are not attributed.
+        return_convergence_delta: bool, optional
+            Also return ``output - sum(relevance)`` per example.
+
+        Returns
+        -------
+        :py:obj:`torch.Tensor` or tuple, and optionally the delta
+            Relevance of the same shape(s) as ``inputs``.
+        '''
+        is_tuple = _is_tuple(inputs)
+        inputs = tuple(input.detach().requires_grad_(True) for input in _format_tensor_into_tuples(inputs))
+        prepared = self.prepared.get()
+        with self.composite.context(prepared), torch.enable_grad():
+            output = _run_forward(prepared, inputs, target, additional_forward_args)
+            relevance = torch.autograd.grad(output, inputs, grad_outputs=output.detach())
+        relevance = _format_output(is_tuple, relevance)
+        if return_convergence_delta:
+            return relevance, self.compute_convergence_delta(relevance, output.detach())
+        return relevance

@@ -1,0 +1,72 @@
+'''A cached LRP-ready copy of a user's model, rebuilt only when the model changes.'''
+from .handling import bn_handling
+
+
+def model_fingerprint(model):
+    '''A cheap value that changes whenever ``model``'s tensors, structure or modes change.
+
+    Every in-place update (an optimizer step, ``load_state_dict``, a BatchNorm updating its running statistics)
+    bumps a tensor's version counter; replacing a tensor or module changes its identity; ``.to()`` changes the data
+    pointer, device or dtype. Writes through ``tensor.data`` are not tracked by PyTorch and are not seen.
+
+    Parameters
+    ----------
+    model: :py:obj:`torch.nn.Module`
+
+    Returns
+    -------
+    tuple
+        Hashable; equal fingerprints mean the model is unchanged.
+    '''
+    tensors = tuple(
+        (name, id(tensor), tensor._version, tensor.data_ptr(), tensor.dtype, tensor.device, tuple(tensor.shape))
+        for name, tensor in (*model.named_parameters(), *model.named_buffers())
+    )
+    modules = tuple((name, id(module), module.training) for name, module in model.named_modules())
+    return tensors, modules
+
+
+class PreparedModel:
+    '''The LRP-ready copy of ``model`` under a BatchNorm handling, built on first use and reused until ``model``
+    changes (see :py:func:`model_fingerprint`).
+
+    Parameters
+    ----------
+    model: :py:obj:`torch.nn.Module`
+        The user's model; never changed.
+    handling: str or :py:class:`~zennit_bnfuse.handling.BatchNormHandling`
+        ``'fused'``, ``'unfused'`` or ``'naive'``.
+    residual: str
+        ``'captum'`` or ``'zennit'``, see :py:func:`zennit_bnfuse.graph.lrp_graph`.
+
+    Attributes
+    ----------
+    builds: int
+        How many times the copy was built.
+    report: FusionReport or None
+        The fusion report of the last build (None unless the handling fuses).
+    copies: dict[str, str]
+        For each copy of a reused module in the prepared model, the name of the original.
+    '''
+    def __init__(self, model, handling='fused', residual='captum'):
+        self.model = model
+        self.handling = bn_handling(handling)
+        self.residual = residual
+        self.builds = 0
+        self.report = None
+        self.copies = {}
+        self._prepared = None
+        self._fingerprint = None
+
+    def get(self):
+        '''The prepared model, rebuilt if the user's model changed since the last call.'''
+        fingerprint = model_fingerprint(self.model)
+        if self._prepared is None or fingerprint != self._fingerprint:
+            self._prepared, self.copies, self.report = self.handling.prepare(self.model, self.residual)
+            self._fingerprint = fingerprint
+            self.builds += 1
+        return self._prepared
+
+    def original_name(self, name):
+        '''The user's name for a module of the prepared model (copies of reused modules map to the original).'''
+        return self.copies.get(name, name)
