@@ -1,0 +1,176 @@
+'''Train the study's models from a seed and ship their weights.
+
+Writes ``zennit_bnfuse/weights/<name>.pt`` (the state_dict of the shipped architecture, input normalisation folded
+into the first layer) and records the measured test accuracy in ``benchmarks/results/models.md`` (and
+``models.json``), with the command, machine and date.
+
+Examples::
+
+    python benchmarks/train.py --model all --data-root ../shared/data
+    python benchmarks/train.py --model cifar10-vgg-bn --epochs 30 --device cuda
+'''
+import argparse
+import json
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from zennit_bnfuse.data import default_data_root, load_tensors
+from zennit_bnfuse.models import MODELS, build, dataset_of, fold_normalization, weights_path
+
+RESULTS = Path(__file__).parent / 'results'
+# epochs and peak learning rate per model family (SGD, Nesterov momentum, one-cycle schedule)
+RECIPES = {
+    ('mnist', 'cnn'): {'epochs': 6, 'lr': 0.05},
+    ('mnist', 'mlp'): {'epochs': 12, 'lr': 0.05},
+    ('cifar10', 'vgg'): {'epochs': 25, 'lr': 0.05},
+}
+
+
+def augment(images, generator):
+    '''CIFAR-10 augmentation on a batch: random crop with 4 pixels of reflect padding and random horizontal flip.'''
+    count, _, height, width = images.shape
+    padded = F.pad(images, (4, 4, 4, 4), mode='reflect')
+    rows = torch.randint(0, 9, (count,), generator=generator)
+    cols = torch.randint(0, 9, (count,), generator=generator)
+    grid_rows = rows[:, None] + torch.arange(height)[None]
+    grid_cols = cols[:, None] + torch.arange(width)[None]
+    batch = torch.arange(count)[:, None, None, None]
+    channel = torch.arange(images.shape[1])[None, :, None, None]
+    cropped = padded[batch, channel, grid_rows[:, None, :, None], grid_cols[:, None, None, :]]
+    flip = torch.rand(count, generator=generator) < .5
+    cropped[flip] = cropped[flip].flip(-1)
+    return cropped
+
+
+def accuracy(model, images, labels, batch_size=1000, device='cpu'):
+    '''Top-1 accuracy of ``model`` on the given tensors.'''
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            output = model(images[start:start + batch_size].to(device))
+            correct += (output.argmax(1).cpu() == labels[start:start + batch_size]).sum().item()
+    return correct / len(images)
+
+
+def train(name, data_root, epochs=None, lr=None, batch_size=128, seed=0, device='cpu', download=False):
+    '''Train model ``name`` from ``seed``; return the shipped (normalisation-folded) model and its measurements.'''
+    dataset = dataset_of(name)
+    recipe = RECIPES[(dataset, MODELS[name][1])]
+    epochs = epochs or recipe['epochs']
+    lr = lr or recipe['lr']
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    images, labels = load_tensors(dataset, data_root, train=True, download=download)
+    test_images, test_labels = load_tensors(dataset, data_root, train=False, download=download)
+
+    model = build(name, normalize=True).to(device).train()
+    decay = [param for param in model.parameters() if param.ndim > 1]
+    no_decay = [param for param in model.parameters() if param.ndim <= 1]
+    optimizer = torch.optim.SGD([{'params': decay, 'weight_decay': 5e-4}, {'params': no_decay, 'weight_decay': 0}],
+                                lr=lr, momentum=.9, nesterov=True)
+    steps = epochs * ((len(images) + batch_size - 1) // batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
+    start = time.time()
+    with tqdm(total=steps, desc=f'training {name}') as progress:
+        for epoch in range(epochs):
+            order = torch.randperm(len(images), generator=generator)
+            for batch in order.split(batch_size):
+                input = images[batch]
+                if dataset == 'cifar10':
+                    input = augment(input, generator)
+                loss = F.cross_entropy(model(input.to(device)), labels[batch].to(device))
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                progress.update()
+                if progress.n % 50 == 0:
+                    progress.set_postfix(epoch=epoch + 1, loss=f'{loss.item():.3f}')
+    seconds = time.time() - start
+    shipped = fold_normalization(model.cpu().eval(), name)
+    return shipped, {
+        'model': name,
+        'test_accuracy': accuracy(shipped, test_images, test_labels),
+        'test_images': len(test_images),
+        'epochs': epochs,
+        'peak_lr': lr,
+        'batch_size': batch_size,
+        'seed': seed,
+        'train_seconds': round(seconds),
+        'parameters': sum(param.numel() for param in shipped.parameters()),
+    }
+
+
+def write_results(records, command, device):
+    '''Merge ``records`` into models.json and rewrite models.md from it.'''
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    store = RESULTS / 'models.json'
+    entries = json.loads(store.read_text()) if store.is_file() else {}
+    machine = f'{platform.node() or "unknown host"}, {platform.processor() or platform.machine()}, ' \
+              f'{torch.get_num_threads()} threads, device {device}, torch {torch.__version__}'
+    date = datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')
+    for record in records:
+        entries[record['model']] = {**record, 'command': command, 'machine': machine, 'date': date}
+    store.write_text(json.dumps(entries, indent=2) + '\n')
+    lines = [
+        '# Shipped models: measured test accuracy',
+        '',
+        'Written by `benchmarks/train.py`; each row is one training run from the given seed, evaluated on the full '
+        'test split of `../shared/data` (MNIST test set; the JPEG copy of the CIFAR-10 test set) with the shipped '
+        'weights (input normalisation folded into the first layer).',
+        '',
+        '| model | test accuracy | epochs | seed | parameters | weight file | train time | date |',
+        '| --- | --- | --- | --- | --- | --- | --- | --- |',
+    ]
+    for name in MODELS:
+        if name in entries:
+            entry = entries[name]
+            size = weights_path(name).stat().st_size / 1e6 if weights_path(name).is_file() else float('nan')
+            lines.append(f'| {name} | {100 * entry["test_accuracy"]:.2f}% | {entry["epochs"]} | {entry["seed"]} | '
+                         f'{entry["parameters"]:,} | {size:.2f} MB | {entry["train_seconds"]} s | {entry["date"]} |')
+    lines += ['', 'Commands and machines:', '']
+    for name in MODELS:
+        if name in entries:
+            lines.append(f'- {name}: `{entries[name]["command"]}` on {entries[name]["machine"]}')
+    (RESULTS / 'models.md').write_text('\n'.join(lines) + '\n')
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--model', default='all', help=f'one of {", ".join(MODELS)}, or all')
+    parser.add_argument('--data-root', default=str(default_data_root()))
+    parser.add_argument('--download', action='store_true', help='let torchvision download missing data')
+    parser.add_argument('--epochs', type=int, help='override the recipe\'s epochs')
+    parser.add_argument('--lr', type=float, help='override the recipe\'s peak learning rate')
+    parser.add_argument('--batch-size', type=int, default=128)
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--threads', type=int, help='torch CPU threads')
+    parser.add_argument('--device', default='cpu')
+    parser.add_argument('--out', type=Path, help='weights folder (default: the package\'s zennit_bnfuse/weights)')
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = list(MODELS) if args.model == 'all' else args.model.split(',')
+    for name in names:
+        dataset_of(name)
+    command = 'python ' + ' '.join([str(Path(sys.argv[0]).as_posix()), *(argv if argv is not None else sys.argv[1:])])
+    for name in names:
+        model, record = train(name, args.data_root, args.epochs, args.lr, args.batch_size, args.seed, args.device,
+                              args.download)
+        path = (args.out / f'{name}.pt') if args.out else Path(str(weights_path(name)))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), path)
+        print(f'{name}: test accuracy {100 * record["test_accuracy"]:.2f}% -> {path}')
+        if args.out is None:
+            write_results([record], command, args.device)
+
+
+if __name__ == '__main__':
+    main()
