@@ -122,3 +122,20 @@ def test_zennit_merge_breaks_densenet_where_ours_does_not(snapshot):
             pass
     with pytest.raises(AssertionError):
         before.assert_unchanged()
+
+
+def test_reapplying_reuses_fused_modules_until_the_model_changes():
+    model, input, _ = must_fuse()['functional-forward']
+    canonizer = FuseBatchNorm()
+    composite = Composite(canonizers=[canonizer])
+    with composite.context(model):
+        first = model.conv
+    with composite.context(model):
+        assert model.conv is first
+    with torch.no_grad():
+        model.conv.weight.mul_(2.)
+    with torch.no_grad():
+        expected = model(input)
+    with composite.context(model), torch.no_grad():
+        assert model.conv is not first
+        torch.testing.assert_close(model(input), expected, rtol=0, atol=1e-10)

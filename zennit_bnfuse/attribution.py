@@ -238,17 +238,21 @@ class CompositeLRP(GradientAttribution):
     handling: str, optional
         ``'fused'`` (default), ``'unfused'`` (BatchNorm under Zennit's Epsilon rule) or ``'naive'`` (``Pass``);
         BatchNorms still in the model get the handling's rule ahead of the composite's own mapping.
+    batch_norm_rule: :py:obj:`zennit.core.Hook`, optional
+        The rule for BatchNorms still in the model instead of the handling's (``Epsilon()`` for ``'fused'`` and
+        ``'unfused'``, ``Pass()`` for ``'naive'``).
 
     Examples
     --------
     >>> lrp = CompositeLRP(model, EpsilonPlusFlat())
     >>> attribution = lrp.attribute(images, target=[3, 5])
     '''
-    def __init__(self, model, composite, handling='fused'):
+    def __init__(self, model, composite, handling='fused', batch_norm_rule=None):
         super().__init__(model)
         self.model = model
         self.prepared = PreparedModel(model, handling, residual='zennit')
-        batch_norm_rule = Epsilon() if self.prepared.handling.batch_norm_rule == 'epsilon' else Pass()
+        if batch_norm_rule is None:
+            batch_norm_rule = Epsilon() if self.prepared.handling.batch_norm_rule == 'epsilon' else Pass()
         self.composite = MixedComposite([LayerMapComposite([(BATCH_NORM_TYPES, batch_norm_rule)]), composite])
 
     @property

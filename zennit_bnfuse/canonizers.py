@@ -1,8 +1,11 @@
 '''The Zennit canonizer that fuses BatchNorms for the duration of an attribution.'''
+import weakref
+
 from zennit.canonizers import Canonizer
 
 from .fusion import replacement_modules, set_module
 from .pairs import find_fusable_pairs
+from .prepared import model_fingerprint
 
 
 class FuseBatchNorm(Canonizer):
@@ -19,6 +22,9 @@ class FuseBatchNorm(Canonizer):
         with Gradient(model, composite) as attributor:
             output, relevance = attributor(input, target)
 
+    The pairs and fused modules are found once per model and reused by later applications (a composite applies
+    its canonizers on every ``context``) until the model's parameters, buffers or structure change.
+
     Attributes
     ----------
     report: :py:class:`~zennit_bnfuse.report.FusionReport` or None
@@ -29,6 +35,7 @@ class FuseBatchNorm(Canonizer):
         self.report = None
         self.root = None
         self.originals = {}
+        self._cache = weakref.WeakKeyDictionary()
 
     def apply(self, root_module):
         '''Fuse the BatchNorms of ``root_module`` in place, reversibly.
@@ -48,10 +55,16 @@ class FuseBatchNorm(Canonizer):
         ValueError
             If a BatchNorm is in training mode or has non-finite statistics; the model is unchanged then.
         '''
-        self.report = find_fusable_pairs(root_module)
+        fingerprint = model_fingerprint(root_module)
+        cached = self._cache.get(root_module)
+        if cached is None or cached[0] != fingerprint:
+            report = find_fusable_pairs(root_module)
+            cached = (fingerprint, report, replacement_modules(root_module, report))
+            self._cache[root_module] = cached
+        _, self.report, replacements = cached
         instance = self.copy()
         instance.report = self.report
-        instance.register(root_module, replacement_modules(root_module, self.report))
+        instance.register(root_module, replacements)
         return [instance]
 
     def register(self, root_module, replacements):

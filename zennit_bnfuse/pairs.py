@@ -102,10 +102,11 @@ def find_fusable_pairs(model):
     for prefix, graph in graphs:
         _GraphAnalysis(graph, prefix, modules, aliases).decide(decided)
 
-    where = 'in the traced forward' if report.traced else 'inside an nn.Sequential'
+    where = 'in the traced (eval-mode) forward' if report.traced else 'inside an nn.Sequential'
     for name in batch_norms:
         if name not in decided:
-            decided[name] = UnfusedBatchNorm(name, f'it is never called {where}')
+            decided[name] = UnfusedBatchNorm(
+                name, f'it is never called {where}, so it affects neither the output nor the relevance')
     for entry in decided.values():
         (report.fused if isinstance(entry, FusedBatchNorm) else report.unfused).append(entry)
     return report

@@ -1,0 +1,322 @@
+'''The BatchNorm-handling study: are LRP heatmaps more faithful when BatchNorm is fused?
+
+For each model x composite x BatchNorm handling (fused, unfused, naive), plus a random attribution and gradient x input
+per model, this explains the predicted class of the first N test images, perturbs them region by region (most and
+least relevant first), and reports AOPC and the area between the LeRF and MoRF curves with 95% confidence intervals,
+and the paired differences fused - unfused and fused - naive on the same images. It writes
+``<out>/faithfulness.md`` and ``.json`` (tables, command, machine, date) and figures.
+
+One process::
+
+    python benchmarks/faithfulness.py --images 1000
+
+Several processes (images are sharded; the tables are the same)::
+
+    torchrun --nproc_per_node=2 benchmarks/faithfulness.py --images 1000
+'''
+import argparse
+import json
+import os
+import platform
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from zennit_bnfuse import CompositeLRP, HANDLINGS
+from zennit_bnfuse.composites import COMPOSITES, DISPLAY_NAMES, make_composite
+from zennit_bnfuse.data import default_data_root, load_tensors
+from zennit_bnfuse.figures import curves_figure, handling_relevance, heatmap_grid
+from zennit_bnfuse.metrics import conservation_error, mean_ci, region_perturbation
+from zennit_bnfuse.models import CIFAR10_CLASSES, MNIST_CLASSES, MODELS, dataset_of, pretrained
+
+RESULTS = Path(__file__).parent / 'results'
+BASELINE_METHODS = ('random', 'gradient-x-input')
+
+
+def method_key(composite, handling):
+    '''The key of one attribution method in the results.'''
+    return f'{composite}/{handling}'
+
+
+def attribute(model, method, images, targets, image_ids, batch_size, lrp_cache):
+    '''Relevance ``(N, C, H, W)`` of ``images`` for ``targets`` under ``method``.'''
+    if method == 'random':
+        return torch.stack([
+            torch.rand(images.shape[1:], generator=torch.Generator().manual_seed(10 ** 6 + int(index))) * 2 - 1
+            for index in image_ids]).to(images.device)
+    relevance = []
+    for start in range(0, len(images), batch_size):
+        batch, target = images[start:start + batch_size], targets[start:start + batch_size]
+        if method == 'gradient-x-input':
+            batch = batch.clone().requires_grad_(True)
+            output = model(batch).gather(1, target[:, None]).sum()
+            relevance.append((torch.autograd.grad(output, batch)[0] * batch).detach())
+        else:
+            relevance.append(lrp_cache[method].attribute(batch, target=target).detach())
+    return torch.cat(relevance)
+
+
+def evaluate_model(name, images, labels, image_ids, args, progress):
+    '''Per-image metrics of every method on one model: ``{method: {metric: list}}``.'''
+    device = images.device
+    model = pretrained(name, device=device)
+    with torch.no_grad():
+        logits = torch.cat([model(images[start:start + args.batch_size])
+                            for start in range(0, len(images), args.batch_size)])
+    targets = logits.argmax(dim=1)
+    explained = logits.gather(1, targets[:, None])[:, 0]
+    methods = [method_key(composite, handling) for composite in args.composites for handling in args.handlings]
+    lrp_cache = {
+        method_key(composite, handling): CompositeLRP(model, make_composite(composite), handling=handling)
+        for composite in args.composites for handling in args.handlings
+    }
+    results = {'image': image_ids.tolist(), 'correct': (targets.cpu() == labels).tolist(), 'methods': {}}
+    for method in (*BASELINE_METHODS, *methods):
+        relevance = attribute(model, method, images, targets, image_ids, args.batch_size, lrp_cache)
+        curves = region_perturbation(
+            model, images, relevance, targets, patch_size=args.patch_size, patches_per_step=args.patches_per_step,
+            baseline=args.baseline if args.baseline == 'noise' else float(args.baseline),
+            seeds=image_ids.tolist(), batch_size=args.eval_batch_size)
+        results['methods'][method] = {
+            'aopc_morf': curves.aopc_morf.tolist(),
+            'aopc_lerf': curves.aopc_lerf.tolist(),
+            'abpc': curves.abpc.tolist(),
+            'conservation': conservation_error(relevance, explained).tolist(),
+            'morf_curve': curves.morf.tolist(),
+            'lerf_curve': curves.lerf.tolist(),
+        }
+        progress.update()
+    return results
+
+
+def merge(shards):
+    '''Concatenate per-rank results of one model in global image order.'''
+    order = sorted(range(sum(len(shard['image']) for shard in shards)),
+                   key=[image for shard in shards for image in shard['image']].__getitem__)
+
+    def joined(values):
+        flat = [value for shard_values in values for value in shard_values]
+        return [flat[index] for index in order]
+
+    merged = {key: joined([shard[key] for shard in shards]) for key in ('image', 'correct')}
+    merged['methods'] = {
+        method: {metric: joined([shard['methods'][method][metric] for shard in shards])
+                 for metric in shards[0]['methods'][method]}
+        for method in shards[0]['methods']
+    }
+    return merged
+
+
+def summarise(results):
+    '''Means with 95% intervals per method, and paired differences, from merged per-image results.'''
+    summary = {}
+    for name, model_results in results.items():
+        methods = model_results['methods']
+        rows = {method: {metric: mean_ci(torch.tensor(values[metric]))
+                         for metric in ('aopc_morf', 'aopc_lerf', 'abpc', 'conservation')}
+                for method, values in methods.items()}
+        differences = {}
+        for method in methods:
+            composite, _, handling = method.partition('/')
+            if handling != 'fused':
+                continue
+            for other in ('unfused', 'naive'):
+                other_method = method_key(composite, other)
+                if other_method in methods:
+                    differences[f'{composite}: fused - {other}'] = {
+                        metric: mean_ci(torch.tensor(methods[method][metric]) -
+                                        torch.tensor(methods[other_method][metric]))
+                        for metric in ('aopc_morf', 'abpc')}
+        summary[name] = {
+            'images': len(model_results['image']),
+            'accuracy_on_images': sum(model_results['correct']) / len(model_results['correct']),
+            'methods': rows,
+            'differences': differences,
+        }
+    return summary
+
+
+def format_ci(value):
+    mean, half = value
+    return f'{mean:.3f} ± {half:.3f}'
+
+
+def claims(summary):
+    '''Plain-words reading of the paired differences for the paper's two claims.'''
+    def verdicts(names):
+        lines = []
+        for name in names:
+            if name not in summary:
+                continue
+            for key, metrics in summary[name]['differences'].items():
+                mean, half = metrics['aopc_morf']
+                sign = 'higher' if mean - half > 0 else 'lower' if mean + half < 0 else 'not different'
+                lines.append((name, key, sign, mean, half))
+        return lines
+
+    text = ['## What the numbers say about the paper\'s claims', '']
+    for claim, names in (
+            ('Claim 1: fusing BatchNorm into convolutional layers gives more faithful LRP heatmaps.',
+             ('mnist-cnn-bn', 'cifar10-vgg-bn')),
+            ('Claim 2: fully-connected + BatchNorm combinations stay a problem.', ('mnist-mlp-bn', 'cifar10-vgg-bn-fc'))):
+        lines = verdicts(names)
+        if not lines:
+            continue
+        counts = {sign: sum(line[2] == sign for line in lines) for sign in ('higher', 'lower', 'not different')}
+        text += [f'**{claim}**', '',
+                 f'Across {len(lines)} paired comparisons (composite x other handling) on {", ".join(names)}, '
+                 f'the fused AOPC (MoRF) is higher in {counts["higher"]}, lower in {counts["lower"]} and not '
+                 f'different (95% interval includes 0) in {counts["not different"]}.', '']
+        text += [f'- {name}, {key}: {mean:+.3f} ± {half:.3f} ({sign})' for name, key, sign, mean, half in lines]
+        text.append('')
+    return text
+
+
+def write_report(summary, args, command, out):
+    '''Write faithfulness.md and faithfulness.json.'''
+    machine = f'{platform.node() or "unknown host"}, {platform.machine()}, {torch.get_num_threads()} threads, ' \
+              f'device {args.device}, {args.world_size} process(es), torch {torch.__version__}'
+    date = datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')
+    lines = [
+        '# Faithfulness of LRP under three BatchNorm handlings',
+        '',
+        f'- command: `{command}`',
+        f'- machine: {machine}',
+        f'- date: {date}',
+        f'- images: the first {args.images} test images per dataset (CIFAR-10: evenly spread over the classes), '
+        'explaining the predicted class',
+        f'- perturbation: {args.patch_size}x{args.patch_size} patches, {args.patches_per_step} per step, replaced by '
+        f'{args.baseline}; target logit after each step',
+        '- AOPC (MoRF): mean logit drop with the most relevant patches removed first (higher = more faithful); '
+        'AOPC (LeRF): the same, least relevant first (lower = better); ABPC: mean of LeRF - MoRF curves (higher = '
+        'better); conservation: (sum of relevance - logit) / |logit|. Means ± 95% confidence half-width.',
+        '- handlings: ' + '; '.join(f'`{name}`: {HANDLINGS[name].description}' for name in args.handlings),
+        '',
+    ]
+    lines += claims(summary)
+    for name, model_summary in summary.items():
+        lines += [f'## {name}', '',
+                  f'{model_summary["images"]} images, accuracy on them {100 * model_summary["accuracy_on_images"]:.1f}%',
+                  '', '| method | handling | AOPC (MoRF) | AOPC (LeRF) | ABPC | conservation |',
+                  '| --- | --- | --- | --- | --- | --- |']
+        for method, row in model_summary['methods'].items():
+            composite, _, handling = method.partition('/')
+            label = DISPLAY_NAMES.get(composite, composite)
+            lines.append(f'| {label} | {handling or "-"} | {format_ci(row["aopc_morf"])} | '
+                         f'{format_ci(row["aopc_lerf"])} | {format_ci(row["abpc"])} | '
+                         f'{format_ci(row["conservation"])} |')
+        if model_summary['differences']:
+            lines += ['', '| paired difference | AOPC (MoRF) | ABPC |', '| --- | --- | --- |']
+            for key, metrics in model_summary['differences'].items():
+                composite, _, rest = key.partition(': ')
+                lines.append(f'| {DISPLAY_NAMES.get(composite, composite)}: {rest} | '
+                             f'{format_ci(metrics["aopc_morf"])} | {format_ci(metrics["abpc"])} |')
+        lines.append('')
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f'{args.tag}.md').write_text('\n'.join(lines))
+    (out / f'{args.tag}.json').write_text(json.dumps(
+        {'command': command, 'machine': machine, 'date': date, 'summary': summary}, indent=1) + '\n')
+
+
+def write_figures(results, data, args, composite='epsilon-plus-flat', rows=4):
+    '''The mean MoRF curves of every model, and per dataset a heatmap grid of its BatchNorm conv model.'''
+    curves = {}
+    for name, model_results in results.items():
+        methods = model_results['methods']
+        curves[name] = {label: methods[method]['morf_curve'] for label, method in (
+            *((handling, method_key(composite, handling)) for handling in args.handlings),
+            *((method, method) for method in BASELINE_METHODS)) if method in methods}
+    curves_figure(curves, args.out / f'{args.tag}-curves.png',
+                  title=f'Mean MoRF perturbation curves ({DISPLAY_NAMES[composite]} for the handlings)')
+    for dataset, name in (('mnist', 'mnist-cnn-bn'), ('cifar10', 'cifar10-vgg-bn')):
+        if name not in args.models:
+            continue
+        model = pretrained(name, device=args.device)
+        images = data[dataset][0][:rows].to(args.device)
+        targets, relevance = handling_relevance(model, images, composite, ('naive', 'unfused', 'fused'))
+        classes = CIFAR10_CLASSES if dataset == 'cifar10' else MNIST_CLASSES
+        heatmap_grid(images, relevance, args.out / f'{args.tag}-heatmaps-{dataset}.png',
+                     row_labels=[classes[target] for target in targets.tolist()],
+                     title=f'{name}, {DISPLAY_NAMES[composite]}')
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--models', default=','.join(MODELS), help='comma-separated model names')
+    parser.add_argument('--composites', default=','.join(COMPOSITES), help='comma-separated composite names')
+    parser.add_argument('--handlings', default=','.join(HANDLINGS), help='comma-separated BatchNorm handlings')
+    parser.add_argument('--images', type=int, default=1000, help='test images per dataset')
+    parser.add_argument('--data-root', default=str(default_data_root()))
+    parser.add_argument('--patch-size', type=int, default=4)
+    parser.add_argument('--patches-per-step', type=int, default=4)
+    parser.add_argument('--baseline', default='0', help='a number, or noise (uniform in [0, 1], fixed per image)')
+    parser.add_argument('--batch-size', type=int, default=100, help='images per attribution batch')
+    parser.add_argument('--eval-batch-size', type=int, default=1000, help='perturbed images per forward pass')
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--out', type=Path, default=RESULTS)
+    parser.add_argument('--tag', default='faithfulness', help='file name of the tables (without extension)')
+    parser.add_argument('--no-figures', action='store_true')
+    args = parser.parse_args(argv)
+    args.models = args.models.split(',')
+    args.composites = args.composites.split(',')
+    args.handlings = args.handlings.split(',')
+    for name in args.models:
+        dataset_of(name)
+    for composite in args.composites:
+        make_composite(composite)
+    for handling in args.handlings:
+        if handling not in HANDLINGS:
+            parser.error(f'unknown handling {handling!r}; choose from {", ".join(HANDLINGS)}')
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    distributed = int(os.environ.get('WORLD_SIZE', '1')) > 1
+    rank, args.world_size = 0, 1
+    if distributed:
+        backend = 'nccl' if args.device.startswith('cuda') else 'gloo'
+        dist.init_process_group(backend)
+        rank, args.world_size = dist.get_rank(), dist.get_world_size()
+        if backend == 'nccl':
+            args.device = f'cuda:{int(os.environ.get("LOCAL_RANK", rank))}'
+            torch.cuda.set_device(args.device)
+
+    data = {}
+    results = {}
+    with tqdm(total=len(args.models) * (len(BASELINE_METHODS) + len(args.composites) * len(args.handlings)),
+              desc='faithfulness', disable=rank != 0) as progress:
+        for name in args.models:
+            dataset = dataset_of(name)
+            if dataset not in data:
+                data[dataset] = load_tensors(dataset, args.data_root, train=False, limit=args.images, progress=rank == 0)
+            images, labels = data[dataset]
+            image_ids = torch.arange(len(images))[rank::args.world_size]
+            shard = evaluate_model(name, images[image_ids].to(args.device), labels[image_ids], image_ids, args,
+                                   progress)
+            if distributed:
+                shards = [None] * args.world_size
+                dist.all_gather_object(shards, shard)
+            else:
+                shards = [shard]
+            results[name] = merge(shards)
+
+    if rank == 0:
+        command = 'python ' + ' '.join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])])
+        if distributed:
+            command = f'torchrun --nproc_per_node={args.world_size} ' + command[len('python '):]
+        summary = summarise(results)
+        write_report(summary, args, command, args.out)
+        if not args.no_figures:
+            write_figures(results, data, args)
+        print(f'wrote {args.out / (args.tag + ".md")}')
+    if distributed:
+        dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,84 @@
+'''Tests for the three BatchNorm handlings: they differ where they should and agree where they should.'''
+import pytest
+import torch
+from zennit.attribution import Gradient
+from zennit.composites import EpsilonPlusFlat, LayerMapComposite, MixedComposite
+from zennit.rules import Epsilon as ZennitEpsilon
+from zennit.types import BatchNorm
+
+from conftest import randomize_batch_norms
+from zennit_bnfuse import HANDLINGS, CompositeLRP, FusedLRP, bn_handling
+from zennit_bnfuse.composites import COMPOSITES, make_composite
+
+
+def conv_net(batch_norm):
+    torch.manual_seed(0)
+    layers = [torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.Conv2d(4, 6, 3, padding=1),
+              torch.nn.BatchNorm2d(6), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+              torch.nn.Linear(6, 3)]
+    if not batch_norm:
+        layers = [layer for layer in layers if not isinstance(layer, torch.nn.BatchNorm2d)]
+    return randomize_batch_norms(torch.nn.Sequential(*layers).double())
+
+
+def attribute(cls, model, handling, composite='epsilon-plus-flat'):
+    images = torch.rand(3, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    if cls == 'composite':
+        return CompositeLRP(model, make_composite(composite), handling=handling).attribute(images, target=[0, 1, 2])
+    return FusedLRP(model, handling=handling).attribute(images, target=[0, 1, 2]).detach()
+
+
+def test_bn_handling_lookup():
+    assert bn_handling('fused').fuses and not bn_handling('naive').fuses
+    assert bn_handling(HANDLINGS['unfused']) is HANDLINGS['unfused']
+    assert bn_handling('naive').batch_norm_rule == 'pass'
+    with pytest.raises(ValueError, match="unknown BatchNorm handling 'pass'; choose one of 'fused', 'unfused'"):
+        bn_handling('pass')
+
+
+@pytest.mark.parametrize('cls', ['composite', 'captum'])
+@pytest.mark.parametrize('composite', sorted(COMPOSITES))
+def test_all_handlings_agree_without_batchnorm(cls, composite):
+    model = conv_net(batch_norm=False)
+    fused, unfused, naive = (attribute(cls, model, handling, composite) for handling in ('fused', 'unfused', 'naive'))
+    assert torch.equal(fused, unfused) and torch.equal(fused, naive)
+
+
+@pytest.mark.parametrize('cls', ['composite', 'captum'])
+def test_handlings_differ_with_batchnorm(cls):
+    model = conv_net(batch_norm=True)
+    fused, unfused, naive = (attribute(cls, model, handling) for handling in ('fused', 'unfused', 'naive'))
+    assert not torch.allclose(fused, naive, rtol=1e-3, atol=1e-6)
+    if cls == 'composite':
+        # ZPlus on the fused conv sees the BN's scale in its weights; unfused it does not
+        assert not torch.allclose(fused, unfused, rtol=1e-3, atol=1e-6)
+
+
+def test_epsilon_fused_equals_unfused_for_conv_then_bn():
+    # under LRP-epsilon the BN's ratio z_bn / z_conv cancels: conv -> BN gives the same relevance fused or not, up
+    # to the stabiliser (here 1e-12; also on the BN when unfused)
+    model = conv_net(batch_norm=True)
+    images = torch.rand(3, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def relevance(handling):
+        composite = LayerMapComposite([((torch.nn.Conv2d, torch.nn.Linear), ZennitEpsilon(1e-12))])
+        lrp = CompositeLRP(model, composite, handling=handling, batch_norm_rule=ZennitEpsilon(1e-12))
+        return lrp.attribute(images, target=[0, 1, 2])
+
+    torch.testing.assert_close(relevance('fused'), relevance('unfused'), rtol=1e-8, atol=1e-12)
+
+
+def test_naive_and_unfused_equal_zennit_by_hand():
+    model = conv_net(batch_norm=True)
+    images = torch.rand(3, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    target = torch.tensor([0, 1, 2])
+
+    def by_hand(composite):
+        with Gradient(model, composite) as attributor:
+            return attributor(images, lambda output: torch.eye(3, dtype=output.dtype)[target] * output)[1]
+
+    naive = CompositeLRP(model, EpsilonPlusFlat(), handling='naive').attribute(images, target=target)
+    torch.testing.assert_close(naive, by_hand(EpsilonPlusFlat()), rtol=1e-10, atol=1e-12)
+    unfused = CompositeLRP(model, EpsilonPlusFlat(), handling='unfused').attribute(images, target=target)
+    epsilon_on_bn = MixedComposite([LayerMapComposite([(BatchNorm, ZennitEpsilon())]), EpsilonPlusFlat()])
+    torch.testing.assert_close(unfused, by_hand(epsilon_on_bn), rtol=1e-10, atol=1e-12)
