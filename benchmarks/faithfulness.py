@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 from zennit_bnfuse import CompositeLRP, HANDLINGS
 from zennit_bnfuse.composites import COMPOSITES, DISPLAY_NAMES, make_composite
 from zennit_bnfuse.data import default_data_root, load_tensors
-from zennit_bnfuse.figures import curves_figure, handling_relevance, heatmap_grid
+from zennit_bnfuse.explain import predicted_classes, relevance_by_handling
+from zennit_bnfuse.figures import curves_figure, heatmap_grid
 from zennit_bnfuse.metrics import conservation_error, mean_ci, region_perturbation
 from zennit_bnfuse.models import CIFAR10_CLASSES, MNIST_CLASSES, MODELS, dataset_of, pretrained
 
@@ -237,7 +238,9 @@ def write_figures(results, data, args, composite='epsilon-plus-flat', rows=4):
             continue
         model = pretrained(name, device=args.device)
         images = data[dataset][0][:rows].to(args.device)
-        targets, relevance = handling_relevance(model, images, composite, ('naive', 'unfused', 'fused'))
+        targets = predicted_classes(model, images)
+        relevance = relevance_by_handling(model, images, targets, lambda: make_composite(composite),
+                                          ('naive', 'unfused', 'fused'), progress=False)
         classes = CIFAR10_CLASSES if dataset == 'cifar10' else MNIST_CLASSES
         heatmap_grid(images, relevance, args.out / f'{args.tag}-heatmaps-{dataset}.png',
                      row_labels=[classes[target] for target in targets.tolist()],

@@ -12,12 +12,12 @@ def epsilon():
     return LayerMapComposite(layer_map=layer_map_base() + [(Convolution, Epsilon()), (torch.nn.Linear, Epsilon())])
 
 
+# factories of (low, high): the bounds of the input, used by the first layer's ZBox rule where a composite has one
 COMPOSITES = {
-    'epsilon': epsilon,
-    'epsilon-plus-flat': EpsilonPlusFlat,
-    'epsilon-alpha2-beta1-flat': EpsilonAlpha2Beta1Flat,
-    # the study's models take inputs in [0, 1], so the first layer's box is [0, 1]
-    'epsilon-gamma-box': lambda: EpsilonGammaBox(low=0., high=1.),
+    'epsilon': lambda low, high: epsilon(),
+    'epsilon-plus-flat': lambda low, high: EpsilonPlusFlat(),
+    'epsilon-alpha2-beta1-flat': lambda low, high: EpsilonAlpha2Beta1Flat(),
+    'epsilon-gamma-box': lambda low, high: EpsilonGammaBox(low=low, high=high),
 }
 DISPLAY_NAMES = {
     'epsilon': 'Epsilon',
@@ -27,8 +27,15 @@ DISPLAY_NAMES = {
 }
 
 
-def make_composite(name):
+def make_composite(name, low=0., high=1.):
     '''A new instance of the composite ``name`` (see :py:data:`COMPOSITES`).
+
+    Parameters
+    ----------
+    name: str
+    low, high: float or :py:obj:`torch.Tensor`
+        Bounds of the model's input for a first-layer ZBox rule: 0 and 1 for the study's models, which take images
+        in [0, 1]; per-channel tensors ``(1, C, 1, 1)`` for normalised inputs.
 
     Raises
     ------
@@ -36,6 +43,6 @@ def make_composite(name):
         If ``name`` is unknown.
     '''
     try:
-        return COMPOSITES[name]()
+        return COMPOSITES[name](low, high)
     except KeyError:
         raise ValueError(f'unknown composite {name!r}; choose one of {", ".join(COMPOSITES)}') from None

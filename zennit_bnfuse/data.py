@@ -1,9 +1,13 @@
-'''Loading MNIST and CIFAR-10 as torchvision datasets, from a local copy or by download.'''
+'''Loading MNIST and CIFAR-10 as torchvision datasets, from a local copy or by download, and the shipped demo
+images.'''
+from importlib import resources
 from pathlib import Path
 
 import torch
 import torchvision
+from PIL import Image
 from torchvision.transforms import ToTensor
+from torchvision.transforms.functional import to_tensor
 from tqdm.auto import tqdm
 
 DATASETS = ('mnist', 'cifar10')
@@ -56,8 +60,8 @@ def load_dataset(dataset, root=None, train=False, download=False):
             return torchvision.datasets.CIFAR10(root, train=train, transform=ToTensor(), download=download)
     except RuntimeError as error:  # torchvision's "Dataset not found" errors
         raise FileNotFoundError(
-            f'{dataset} ({split}) not found under {root}: {error} Pass --data-root with the folder that holds it, '
-            'or allow downloading it.') from None
+            f'{dataset} ({split}) not found under {root} ({str(error).rstrip(".")}); pass --data-root with the '
+            'folder that holds it, or --download to fetch it') from None
     raise ValueError(f'unknown dataset {dataset!r}; choose one of {", ".join(DATASETS)}')
 
 
@@ -97,3 +101,21 @@ def load_tensors(dataset, root=None, train=False, download=False, limit=None, pr
         images.append(image)
         labels.append(label)
     return torch.stack(images), torch.tensor(labels)
+
+
+def demo_images(dataset):
+    """The few test images shipped in the package for ``dataset``, ``(N, C, H, W)`` in [0, 1].
+
+    Parameters
+    ----------
+    dataset: str
+        ``'mnist'`` or ``'cifar10'``.
+    """
+    folder = resources.files('zennit_bnfuse') / 'demo'
+    files = sorted((entry for entry in folder.iterdir() if entry.name.startswith(f'{dataset}-')),
+                   key=lambda entry: int(entry.name.split('-')[1]))
+    images = []
+    for entry in files:
+        with entry.open('rb') as file, Image.open(file) as image:
+            images.append(to_tensor(image))
+    return torch.stack(images)

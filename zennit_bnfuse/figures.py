@@ -5,35 +5,6 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 import torch  # noqa: E402
 
-from .attribution import CompositeLRP  # noqa: E402
-from .composites import make_composite  # noqa: E402
-from .handling import HANDLINGS  # noqa: E402
-
-
-def handling_relevance(model, images, composite='epsilon-plus-flat', handlings=tuple(HANDLINGS)):
-    '''Relevance of each image's predicted class under each BatchNorm handling.
-
-    Parameters
-    ----------
-    model: :py:obj:`torch.nn.Module`
-        The classifier, in eval mode.
-    images: :py:obj:`torch.Tensor`
-        ``(N, C, H, W)``.
-    composite: str
-        A name from :py:data:`zennit_bnfuse.composites.COMPOSITES`.
-    handlings: sequence of str
-
-    Returns
-    -------
-    tuple[:py:obj:`torch.Tensor`, dict[str, :py:obj:`torch.Tensor`]]
-        The predicted classes ``(N,)`` and, per handling, relevance ``(N, C, H, W)``.
-    '''
-    with torch.no_grad():
-        targets = model(images).argmax(dim=1)
-    return targets, {
-        handling: CompositeLRP(model, make_composite(composite), handling=handling).attribute(images, target=targets)
-        for handling in handlings
-    }
 
 
 def heatmap_grid(images, relevance, path, row_labels=None, title=None):

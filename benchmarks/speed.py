@@ -1,0 +1,247 @@
+'''Speed and memory of LRP with BatchNorm handled by fusion, against the plain gradient, Zennit and Captum.
+
+For each model and batch size this times (median of ``--repeats`` calls after one warm-up): the plain forward, the
+plain input gradient (the floor: LRP is a modified gradient) on the original and on the fused model, LRP with
+EpsilonPlusFlat under each BatchNorm handling (Zennit attributor; fused = FuseBatchNorm canonizer), CompositeLRP,
+FusedLRP, Zennit's own canonizers and Captum's LRP where they run; the one-off cost of ``fuse()`` and of the
+canonizer's apply+remove (a new canonizer, and one that applied before); and the peak memory of each. All ratios are
+to the plain gradient measured in the same run. Writes ``benchmarks/results/speed.md`` and ``speed.json``.
+
+    python benchmarks/speed.py
+'''
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torchvision
+from captum.attr import LRP
+from tqdm.auto import tqdm
+from zennit.attribution import Gradient
+from zennit.canonizers import SequentialMergeBatchNorm
+from zennit.composites import EpsilonPlusFlat, LayerMapComposite, MixedComposite
+from zennit.core import Composite
+from zennit.rules import Epsilon
+from zennit.torchvision import ResNetCanonizer
+
+from zennit_bnfuse import CompositeLRP, FuseBatchNorm, FusedLRP, fuse
+from zennit_bnfuse.fold import BATCH_NORM_TYPES
+
+from zoo import randomized
+
+RESULTS = Path(__file__).parent / 'results'
+MODELS = ('resnet50', 'vgg16_bn', 'densenet121', 'mobilenet_v2', 'efficientnet_b0')
+
+
+def synchronize(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_start(device):
+    '''Reset the peak-memory counter; returns the baseline to subtract.'''
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    try:
+        Path('/proc/self/clear_refs').write_text('5')  # resets VmHWM, the peak resident set size
+        return resident_kib('VmRSS') * 1024
+    except OSError:
+        return None
+
+
+def resident_kib(key):
+    for line in Path('/proc/self/status').read_text().splitlines():
+        if line.startswith(key + ':'):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+def peak_memory_end(device, baseline):
+    '''Peak memory above the baseline since :py:func:`peak_memory_start`, in MB (None where unknown).'''
+    if baseline is None:
+        return None
+    if device.type == 'cuda':
+        return (torch.cuda.max_memory_allocated(device) - baseline) / 1e6
+    return (resident_kib('VmHWM') * 1024 - baseline) / 1e6
+
+
+def timed(function, device, repeats):
+    '''Median seconds of ``repeats`` calls after one warm-up call, and the peak memory of those calls.'''
+    function()
+    synchronize(device)
+    baseline = peak_memory_start(device)
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        synchronize(device)
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds), peak_memory_end(device, baseline)
+
+
+def input_gradient(model, input, target):
+    def run():
+        batch = input.clone().requires_grad_(True)
+        output = model(batch)
+        return torch.autograd.grad(output.gather(1, target[:, None]).sum(), batch)[0]
+    return run
+
+
+def zennit_call(attributor, input, target, classes):
+    def run():
+        return attributor(input, torch.eye(classes, device=input.device)[target])[1]
+    return run
+
+
+def measure(arch, batch, device, repeats, input_size):
+    '''Rows (method -> seconds, memory, note) for one model and batch size.'''
+    model = randomized(arch).to(device)
+    generator = torch.Generator().manual_seed(0)
+    input = torch.rand(batch, 3, input_size, input_size, generator=generator).to(device)
+    target = torch.randint(0, 1000, (batch,), generator=generator).to(device)
+    fused, _ = fuse(model)
+    rows = {}
+
+    def record(name, function, note=''):
+        try:
+            seconds, memory = timed(function, device, repeats)
+            rows[name] = {'seconds': seconds, 'memory_mb': memory, 'note': note}
+        except Exception as error:  # a tool that does not run on this model is a result, not a crash
+            rows[name] = {'seconds': None, 'memory_mb': None,
+                          'note': f'fails: {type(error).__name__}: {str(error).splitlines()[0][:70]}'}
+
+    def forward():
+        with torch.no_grad():
+            return model(input)
+
+    record('forward', forward)
+    record('gradient', input_gradient(model, input, target))
+    record('gradient (fused model)', input_gradient(fused, input, target))
+
+    composites = {
+        'LRP fused (FuseBatchNorm canonizer)': EpsilonPlusFlat(canonizers=[FuseBatchNorm()]),
+        'LRP unfused (BN under Epsilon)': MixedComposite([
+            LayerMapComposite([(BATCH_NORM_TYPES, Epsilon())]), EpsilonPlusFlat()]),
+        'LRP naive (BN under Pass)': EpsilonPlusFlat(),
+    }
+    zennit_own = ResNetCanonizer() if arch.startswith('resnet') else SequentialMergeBatchNorm()
+    composites[f'LRP, Zennit {type(zennit_own).__name__}'] = EpsilonPlusFlat(canonizers=[zennit_own])
+    for name, composite in composites.items():
+        try:
+            with Gradient(model, composite) as attributor:
+                record(name, zennit_call(attributor, input, target, 1000))
+        except Exception as error:  # Zennit's own canonizer raises on some models
+            rows[name] = {'seconds': None, 'memory_mb': None,
+                          'note': f'fails: {type(error).__name__}: {str(error).splitlines()[0][:70]}'}
+            model = randomized(arch).to(device)  # Zennit leaves a half-merged model behind
+
+    composite_lrp = CompositeLRP(model, EpsilonPlusFlat())
+    record('CompositeLRP (EpsilonPlusFlat)', lambda: composite_lrp.attribute(input, target=target))
+    fused_lrp = FusedLRP(model)
+    record('FusedLRP (Captum rules)', lambda: fused_lrp.attribute(input, target=target))
+    record('Captum LRP', lambda: LRP(model).attribute(input, target=target))
+
+    record('one-off: fuse() (trace + fold + copy)', lambda: fuse(model))
+
+    def apply_remove(canonizer):
+        def run():
+            for instance in canonizer.apply(model):
+                instance.remove()
+        return run
+
+    record('one-off: canonizer apply+remove, new canonizer', lambda: apply_remove(FuseBatchNorm())())
+    warm = FuseBatchNorm()
+    record('one-off: canonizer apply+remove, applied before', apply_remove(warm))
+    return rows
+
+
+def ratio(rows, name, reference='gradient'):
+    if rows[name]['seconds'] is None or rows[reference]['seconds'] is None:
+        return None
+    return rows[name]['seconds'] / rows[reference]['seconds']
+
+
+def write_report(results, command, args):
+    machine = f'{platform.node() or "unknown host"}, {platform.machine()}, {torch.get_num_threads()} CPU threads, ' \
+              f'{torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"}, torch {torch.__version__}'
+    date = datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')
+    lines = [
+        '# Speed and memory of BatchNorm handling for LRP',
+        '',
+        f'- command: `{command}`',
+        f'- machine: {machine}',
+        f'- date: {date}',
+        f'- input {args.input_size}x{args.input_size}, median of {args.repeats} calls after one warm-up; ratios are '
+        'to the plain input gradient of the same model, batch and device, measured in the same run',
+        '- LRP rows use Zennit\'s EpsilonPlusFlat; "fused" is the FuseBatchNorm canonizer inside one Zennit '
+        'attributor context; memory is the peak resident memory above the level before the timed calls (CPU) or '
+        'the peak allocated CUDA memory above it (GPU)',
+        '',
+    ]
+    checks = []
+    for (arch, batch, device), rows in results.items():
+        lines += [f'## {arch}, batch {batch}, {device}', '',
+                  '| method | median time | × gradient | peak memory | note |', '| --- | --- | --- | --- | --- |']
+        for name, row in rows.items():
+            seconds = '-' if row['seconds'] is None else f'{1000 * row["seconds"]:.1f} ms'
+            factor = ratio(rows, name)
+            memory = '-' if row['memory_mb'] is None else f'{row["memory_mb"]:.0f} MB'
+            lines.append(f'| {name} | {seconds} | {"-" if factor is None else f"{factor:.2f}"} | {memory} | '
+                         f'{row["note"]} |')
+        fused = 'LRP fused (FuseBatchNorm canonizer)'
+        checks.append((arch, batch, device, ratio(rows, fused, 'gradient (fused model)'),
+                       ratio(rows, fused, 'LRP unfused (BN under Epsilon)'),
+                       ratio(rows, 'one-off: canonizer apply+remove, new canonizer', fused),
+                       ratio(rows, 'one-off: canonizer apply+remove, applied before', fused)))
+        lines.append('')
+    lines += ['## Targets', '',
+              '| model | batch | device | fused LRP / gradient on fused model (target ≤ 1.5) | fused LRP / unfused '
+              'LRP (target ≤ 1) | apply+remove / fused LRP call, new canonizer | same, applied before |',
+              '| --- | --- | --- | --- | --- | --- | --- |']
+
+    def cell(value, percent=False):
+        if value is None:
+            return '-'
+        return f'{100 * value:.1f}%' if percent else f'{value:.2f}'
+
+    for arch, batch, device, floor, unfused, cold, warm in checks:
+        lines.append(f'| {arch} | {batch} | {device} | {cell(floor)} | {cell(unfused)} | {cell(cold, True)} | '
+                     f'{cell(warm, True)} |')
+    lines.append('')
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / 'speed.md').write_text('\n'.join(lines))
+    (RESULTS / 'speed.json').write_text(json.dumps(
+        {'command': command, 'machine': machine, 'date': date,
+         'results': [{'model': arch, 'batch': batch, 'device': device, 'rows': rows}
+                     for (arch, batch, device), rows in results.items()]}, indent=1) + '\n')
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--models', default=','.join(MODELS))
+    parser.add_argument('--batches', default='1,16')
+    parser.add_argument('--extra', default='resnet50:8', help='more model:batch pairs (the canonizer target)')
+    parser.add_argument('--devices', default='cpu,cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--repeats', type=int, default=3)
+    parser.add_argument('--input-size', type=int, default=224)
+    args = parser.parse_args(argv)
+    configs = [(arch, int(batch)) for arch in args.models.split(',') for batch in args.batches.split(',')]
+    configs += [(pair.split(':')[0], int(pair.split(':')[1])) for pair in args.extra.split(',') if pair]
+    results = {}
+    for device in args.devices.split(','):
+        for arch, batch in tqdm(configs, desc=f'speed ({device})'):
+            results[(arch, batch, device)] = measure(arch, batch, torch.device(device), args.repeats,
+                                                     args.input_size)
+    command = 'python ' + ' '.join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])])
+    write_report(results, command, args)
+    print((RESULTS / 'speed.md').read_text())
+
+
+if __name__ == '__main__':
+    main()
