@@ -339,3 +339,10 @@ def test_visualize_image_attr_accepts_result():
 def test_pass_through_on_shape_changing_module_raises():
     with pytest.raises(TypeError, match=r'Module `fc2` \(Linear\) changes the shape.*give it a rule'):
         FusedLRP(TinyNet(), rules={'fc2': None}).attribute(torch.ones(1, 2, dtype=torch.float64), target=0)
+
+
+def test_prepared_model_has_no_identity_left_by_fusion():
+    lrp = FusedLRP(resnet18())
+    prepared = lrp.prepared.get()
+    assert not any(isinstance(module, torch.nn.Identity) for module in prepared.modules())
+    assert lrp.prepared.report.num_batch_norms == 20

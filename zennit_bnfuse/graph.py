@@ -68,6 +68,8 @@ def register(root, name, module):
 def lrp_graph(model, residual='captum'):
     '''An fx GraphModule of ``model`` where every tensor addition is a module and every module call its own module.
 
+    ``torch.nn.Identity`` calls (what fusion leaves of a folded BatchNorm) are removed.
+
     ``model`` must be one the caller owns (a copy): its modules are shared with the result, and new modules are
     registered in it.
 
@@ -100,7 +102,11 @@ def lrp_graph(model, residual='captum'):
     copies = {}
     uses = Counter()
     for node in list(graph.nodes):
-        if node.op == 'call_module':
+        if node.op == 'call_module' and type(model.get_submodule(node.target)) is torch.nn.Identity:
+            # what is left of a folded BatchNorm: no rule, no hook, no call
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+        elif node.op == 'call_module':
             uses[node.target] += 1
             if uses[node.target] > 1:
                 scope, _, base = node.target.rpartition('.')
