@@ -17,9 +17,6 @@ Several processes (images are sharded; the tables are the same)::
 import argparse
 import json
 import os
-import platform
-import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -33,6 +30,8 @@ from zennit_bnfuse.explain import predicted_classes, relevance_by_handling
 from zennit_bnfuse.figures import curves_figure, heatmap_grid
 from zennit_bnfuse.metrics import conservation_error, mean_ci, region_perturbation
 from zennit_bnfuse.models import CIFAR10_CLASSES, MNIST_CLASSES, MODELS, dataset_of, pretrained
+
+from provenance import command_line, header, machine, today
 
 RESULTS = Path(__file__).parent / 'results'
 BASELINE_METHODS = ('random', 'gradient-x-input')
@@ -163,7 +162,8 @@ def claims(summary):
     for claim, names in (
             ('Claim 1: fusing BatchNorm into convolutional layers gives more faithful LRP heatmaps.',
              ('mnist-cnn-bn', 'cifar10-vgg-bn')),
-            ('Claim 2: fully-connected + BatchNorm combinations stay a problem.', ('mnist-mlp-bn', 'cifar10-vgg-bn-fc'))):
+            ('Claim 2: fully-connected + BatchNorm combinations stay a problem.',
+             ('mnist-mlp-bn', 'cifar10-vgg-bn-fc'))):
         lines = verdicts(names)
         if not lines:
             continue
@@ -179,15 +179,9 @@ def claims(summary):
 
 def write_report(summary, args, command, out):
     '''Write faithfulness.md and faithfulness.json.'''
-    machine = f'{platform.node() or "unknown host"}, {platform.machine()}, {torch.get_num_threads()} threads, ' \
-              f'device {args.device}, {args.world_size} process(es), torch {torch.__version__}'
-    date = datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')
-    lines = [
-        '# Faithfulness of LRP under three BatchNorm handlings',
-        '',
-        f'- command: `{command}`',
-        f'- machine: {machine}',
-        f'- date: {date}',
+    host = machine(f'device {args.device}', f'{args.world_size} process(es)')
+    date = today()
+    lines = header('Faithfulness of LRP under three BatchNorm handlings', command, host, date) + [
         f'- images: the first {args.images} test images per dataset (CIFAR-10: evenly spread over the classes), '
         'explaining the predicted class',
         f'- perturbation: {args.patch_size}x{args.patch_size} patches, {args.patches_per_step} per step, replaced by '
@@ -201,7 +195,8 @@ def write_report(summary, args, command, out):
     lines += claims(summary)
     for name, model_summary in summary.items():
         lines += [f'## {name}', '',
-                  f'{model_summary["images"]} images, accuracy on them {100 * model_summary["accuracy_on_images"]:.1f}%',
+                  f'{model_summary["images"]} images, accuracy on them '
+                  f'{100 * model_summary["accuracy_on_images"]:.1f}%',
                   '', '| method | handling | AOPC (MoRF) | AOPC (LeRF) | ABPC | conservation |',
                   '| --- | --- | --- | --- | --- | --- |']
         for method, row in model_summary['methods'].items():
@@ -220,7 +215,7 @@ def write_report(summary, args, command, out):
     out.mkdir(parents=True, exist_ok=True)
     (out / f'{args.tag}.md').write_text('\n'.join(lines))
     (out / f'{args.tag}.json').write_text(json.dumps(
-        {'command': command, 'machine': machine, 'date': date, 'summary': summary}, indent=1) + '\n')
+        {'command': command, 'machine': host, 'date': date, 'summary': summary}, indent=1) + '\n')
 
 
 def write_figures(results, data, args, composite='epsilon-plus-flat', rows=4):
@@ -296,7 +291,8 @@ def main(argv=None):
         for name in args.models:
             dataset = dataset_of(name)
             if dataset not in data:
-                data[dataset] = load_tensors(dataset, args.data_root, train=False, limit=args.images, progress=rank == 0)
+                data[dataset] = load_tensors(dataset, args.data_root, train=False, limit=args.images,
+                                             progress=rank == 0)
             images, labels = data[dataset]
             image_ids = torch.arange(len(images))[rank::args.world_size]
             shard = evaluate_model(name, images[image_ids].to(args.device), labels[image_ids], image_ids, args,
@@ -309,9 +305,8 @@ def main(argv=None):
             results[name] = merge(shards)
 
     if rank == 0:
-        command = 'python ' + ' '.join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])])
-        if distributed:
-            command = f'torchrun --nproc_per_node={args.world_size} ' + command[len('python '):]
+        launcher = f'torchrun --nproc_per_node={args.world_size}' if distributed else 'python'
+        command = command_line(argv, launcher)
         summary = summarise(results)
         write_report(summary, args, command, args.out)
         if not args.no_figures:

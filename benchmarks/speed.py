@@ -11,27 +11,23 @@ to the plain gradient measured in the same run. Writes ``benchmarks/results/spee
 '''
 import argparse
 import json
-import platform
 import statistics
-import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-import torchvision
 from captum.attr import LRP
 from tqdm.auto import tqdm
 from zennit.attribution import Gradient
 from zennit.canonizers import SequentialMergeBatchNorm
 from zennit.composites import EpsilonPlusFlat, LayerMapComposite, MixedComposite
-from zennit.core import Composite
 from zennit.rules import Epsilon
 from zennit.torchvision import ResNetCanonizer
 
 from zennit_bnfuse import CompositeLRP, FuseBatchNorm, FusedLRP, fuse
 from zennit_bnfuse.fold import BATCH_NORM_TYPES
 
+from provenance import command_line, header, machine, today
 from zoo import randomized
 
 RESULTS = Path(__file__).parent / 'results'
@@ -168,15 +164,9 @@ def ratio(rows, name, reference='gradient'):
 
 
 def write_report(results, command, args):
-    machine = f'{platform.node() or "unknown host"}, {platform.machine()}, {torch.get_num_threads()} CPU threads, ' \
-              f'{torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"}, torch {torch.__version__}'
-    date = datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')
-    lines = [
-        '# Speed and memory of BatchNorm handling for LRP',
-        '',
-        f'- command: `{command}`',
-        f'- machine: {machine}',
-        f'- date: {date}',
+    host = machine(torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')
+    date = today()
+    lines = header('Speed and memory of BatchNorm handling for LRP', command, host, date) + [
         f'- input {args.input_size}x{args.input_size}, median of {args.repeats} calls after one warm-up; ratios are '
         'to the plain input gradient of the same model, batch and device, measured in the same run',
         '- LRP rows use Zennit\'s EpsilonPlusFlat; "fused" is the FuseBatchNorm canonizer inside one Zennit '
@@ -217,7 +207,7 @@ def write_report(results, command, args):
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / 'speed.md').write_text('\n'.join(lines))
     (RESULTS / 'speed.json').write_text(json.dumps(
-        {'command': command, 'machine': machine, 'date': date,
+        {'command': command, 'machine': host, 'date': date,
          'results': [{'model': arch, 'batch': batch, 'device': device, 'rows': rows}
                      for (arch, batch, device), rows in results.items()]}, indent=1) + '\n')
 
@@ -238,8 +228,7 @@ def main(argv=None):
         for arch, batch in tqdm(configs, desc=f'speed ({device})'):
             results[(arch, batch, device)] = measure(arch, batch, torch.device(device), args.repeats,
                                                      args.input_size)
-    command = 'python ' + ' '.join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])])
-    write_report(results, command, args)
+    write_report(results, command_line(argv), args)
     print((RESULTS / 'speed.md').read_text())
 
 

@@ -11,10 +11,7 @@ Examples::
 '''
 import argparse
 import json
-import platform
-import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -23,6 +20,8 @@ from tqdm.auto import tqdm
 
 from zennit_bnfuse.data import default_data_root, load_tensors
 from zennit_bnfuse.models import MODELS, build, dataset_of, fold_normalization, weights_path
+
+from provenance import command_line, machine, today
 
 RESULTS = Path(__file__).parent / 'results'
 # epochs and peak learning rate per model family (SGD, Nesterov momentum, one-cycle schedule)
@@ -113,11 +112,9 @@ def write_results(records, command, device):
     RESULTS.mkdir(parents=True, exist_ok=True)
     store = RESULTS / 'models.json'
     entries = json.loads(store.read_text()) if store.is_file() else {}
-    machine = f'{platform.node() or "unknown host"}, {platform.processor() or platform.machine()}, ' \
-              f'{torch.get_num_threads()} threads, device {device}, torch {torch.__version__}'
-    date = datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')
+    host, date = machine(f'device {device}'), today()
     for record in records:
-        entries[record['model']] = {**record, 'command': command, 'machine': machine, 'date': date}
+        entries[record['model']] = {**record, 'command': command, 'machine': host, 'date': date}
     store.write_text(json.dumps(entries, indent=2) + '\n')
     lines = [
         '# Shipped models: measured test accuracy',
@@ -160,7 +157,7 @@ def main(argv=None):
     names = list(MODELS) if args.model == 'all' else args.model.split(',')
     for name in names:
         dataset_of(name)
-    command = 'python ' + ' '.join([str(Path(sys.argv[0]).as_posix()), *(argv if argv is not None else sys.argv[1:])])
+    command = command_line(argv)
     for name in names:
         model, record = train(name, args.data_root, args.epochs, args.lr, args.batch_size, args.seed, args.device,
                               args.download)

@@ -9,9 +9,6 @@ relative logit error of each, and whether Zennit's merge changed the outputs or 
 '''
 import argparse
 import json
-import platform
-import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -23,6 +20,8 @@ from zennit.core import Composite
 
 from zennit_bnfuse import fuse
 from zennit_bnfuse.fold import is_batch_norm
+
+from provenance import command_line, header, machine, today
 
 RESULTS = Path(__file__).parent / 'results'
 MODELS = ('vgg11_bn', 'vgg16_bn', 'resnet18', 'resnet50', 'resnext50_32x4d', 'wide_resnet50_2', 'densenet121',
@@ -112,15 +111,9 @@ def format_error(value):
 
 
 def write_report(rows, command, input_size):
-    machine = f'{platform.node() or "unknown host"}, {platform.machine()}, {torch.get_num_threads()} threads, ' \
-              f'torch {torch.__version__}, torchvision {torchvision.__version__}'
-    date = datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')
-    lines = [
-        '# BatchNorm coverage and exactness across torchvision',
-        '',
-        f'- command: `{command}`',
-        f'- machine: {machine}',
-        f'- date: {date}',
+    host = machine(f'torchvision {torchvision.__version__}')
+    date = today()
+    lines = header('BatchNorm coverage and exactness across torchvision', command, host, date) + [
         f'- models: weights=None, BatchNorm statistics and affine parameters randomised (seed 0), float32, '
         f'input 2x3x{input_size}x{input_size} (inception_v3: 299x299)',
         '- error: max |fused - original| / max |original| over the logits; for Zennit, measured inside its '
@@ -153,7 +146,7 @@ def write_report(rows, command, input_size):
     lines += ['', f'Largest zennit_bnfuse error over all models: {worst:.1e} (goal: below 1e-5).', '']
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / 'zoo.md').write_text('\n'.join(lines))
-    (RESULTS / 'zoo.json').write_text(json.dumps({'command': command, 'machine': machine, 'date': date,
+    (RESULTS / 'zoo.json').write_text(json.dumps({'command': command, 'machine': host, 'date': date,
                                                   'rows': rows}, indent=1) + '\n')
 
 
@@ -163,8 +156,7 @@ def main(argv=None):
     parser.add_argument('--input-size', type=int, default=224)
     args = parser.parse_args(argv)
     rows = [measure(arch, args.input_size) for arch in tqdm(args.models.split(','), desc='zoo')]
-    command = 'python ' + ' '.join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])])
-    write_report(rows, command, args.input_size)
+    write_report(rows, command_line(argv), args.input_size)
     print((RESULTS / 'zoo.md').read_text())
 
 

@@ -39,7 +39,8 @@ class ModelSnapshot:
 
     @staticmethod
     def hook_count(module):
-        return sum(len(value) for key, value in vars(module).items() if key.endswith('hooks') and isinstance(value, dict))
+        return sum(len(value) for key, value in vars(module).items()
+                   if key.endswith('hooks') and isinstance(value, dict))
 
     def assert_unchanged(self):
         model = self.model

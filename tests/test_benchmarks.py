@@ -23,7 +23,8 @@ def table_rows(path):
 
 def test_faithfulness_smoke(tmp_path):
     import faithfulness
-    faithfulness.main(['--models', 'mnist-cnn-bn,mnist-mlp', '--images', '6', '--composites', 'epsilon,epsilon-plus-flat',
+    faithfulness.main(['--models', 'mnist-cnn-bn,mnist-mlp', '--images', '6',
+                       '--composites', 'epsilon,epsilon-plus-flat',
                        '--out', str(tmp_path), '--tag', 'smoke', '--device', 'cpu'])
     text = (tmp_path / 'smoke.md').read_text()
     assert '## mnist-cnn-bn' in text and '| EpsilonPlusFlat: fused - naive |' in text

@@ -186,7 +186,7 @@ class FusedLRP(LRP):
 
     def attribute(self, inputs, target=None, additional_forward_args=None, return_convergence_delta=False,
                   verbose=False):
-        '''LRP relevance of ``inputs`` for ``target``, with Captum's semantics (see :py:meth:`captum.attr.LRP.attribute`).
+        '''LRP relevance of ``inputs`` for ``target`` with Captum's semantics (:py:meth:`captum.attr.LRP.attribute`).
 
         Parameters
         ----------
@@ -269,21 +269,7 @@ class CompositeLRP(GradientAttribution):
     def attribute(self, inputs, target=None, additional_forward_args=None, return_convergence_delta=False):
         '''Relevance of ``inputs`` for ``target`` from the composite, scaled so it sums to about the target output.
 
-        Parameters
-        ----------
-        inputs: :py:obj:`torch.Tensor` or tuple[:py:obj:`torch.Tensor`, ...]
-            Inputs, dim 0 the batch.
-        target: int, tuple, :py:obj:`torch.Tensor` or list, optional
-            Output indices to explain, as in Captum.
-        additional_forward_args: object, optional
-            Further forward arguments that are not attributed.
-        return_convergence_delta: bool, optional
-            Also return ``output - sum(relevance)`` per example.
-
-        Returns
-        -------
-        :py:obj:`torch.Tensor` or tuple, and optionally the delta
-            Relevance of the same shape(s) as ``inputs``.
+        The parameters and the return value are those of :py:meth:`FusedLRP.attribute` (without ``verbose``).
         '''
         is_tuple = _is_tuple(inputs)
         inputs = tuple(input.detach().requires_grad_(True) for input in _format_tensor_into_tuples(inputs))

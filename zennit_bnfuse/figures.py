@@ -6,7 +6,6 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 import torch  # noqa: E402
 
 
-
 def heatmap_grid(images, relevance, path, row_labels=None, title=None):
     '''Save a grid with one row per image: the input, then the relevance of each handling.
 
@@ -69,7 +68,8 @@ def curves_figure(curves, path, title='Mean perturbation curves (MoRF)'):
     for axis, (name, methods) in zip(axes.flat, curves.items()):
         for label, values in methods.items():
             values = torch.as_tensor(values, dtype=torch.float64)
-            axis.plot(values.mean(dim=0), label=label, linestyle='--' if label in ('random', 'gradient-x-input') else '-')
+            style = '--' if label in ('random', 'gradient-x-input') else '-'
+            axis.plot(values.mean(dim=0), label=label, linestyle=style)
         axis.set_title(name)
         axis.set_xlabel('perturbation step')
         axis.set_ylabel('target logit')

@@ -91,6 +91,7 @@ class FusionReport:
 def _table(header, rows):
     '''Format rows of strings as a left-aligned text table.'''
     widths = [max(len(str(row[col])) for row in (header, *rows)) for col in range(len(header))]
+
     def line(row):
         return '  '.join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip()
     return [line(header), line(['-' * width for width in widths]), *(line(row) for row in rows)]
