@@ -57,6 +57,24 @@ class ScaledConv2d(torch.nn.Conv2d):
         return self._conv_forward(input, self.weight / self.weight.norm(), self.bias)
 
 
+def with_scales(model, index, scales):
+    '''Set the affine weight of BatchNorm ``model[index]`` (negative and zero scales included).'''
+    with torch.no_grad():
+        model[index].weight.copy_(torch.tensor(scales, dtype=torch.float64))
+    return model
+
+
+class FunctionalRelu(torch.nn.Module):
+    '''BN -> F.relu -> max pool -> conv, written in forward.'''
+    def __init__(self):
+        super().__init__()
+        self.bn = torch.nn.BatchNorm2d(3)
+        self.conv = torch.nn.Conv2d(3, 2, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.max_pool2d(F.relu(self.bn(x)), 2))
+
+
 def must_fuse():
     '''Cases that must fold, as ``{case id: (model, input, folds)}``.'''
     cases = {}
@@ -98,6 +116,21 @@ def must_fuse():
         {'1': ('0', 'after')})
     cases['functional-forward'] = (*prepared(Functional(), 2, 3, 5, 5),
                                    {'bn_in': ('conv', 'before'), 'bn_out': ('conv', 'after')})
+    # BN -> ReLU -> layer: negative and zero scales, zero padding, ops the scale moves through
+    model, input = prepared(torch.nn.Sequential(
+        torch.nn.BatchNorm2d(4), torch.nn.ReLU(inplace=True), torch.nn.Conv2d(4, 3, 3, padding=1)), 2, 4, 6, 6)
+    cases['bn-relu-conv-negative-zero-scales'] = (with_scales(model, 0, [1.5, -.7, 0., -2.]), input,
+                                                  {'0': ('2', 'before-relu')})
+    model, input = prepared(torch.nn.Sequential(
+        torch.nn.BatchNorm2d(3), torch.nn.ReLU(), torch.nn.AvgPool2d(2), torch.nn.Dropout(), torch.nn.Flatten(),
+        torch.nn.Linear(3 * 3 * 3, 2)), 2, 3, 6, 6)
+    cases['bn-relu-pool-flatten-linear'] = (with_scales(model, 0, [-1., 0., .5]), input,
+                                            {'0': ('5', 'before-relu')})
+    model, input = prepared(torch.nn.Sequential(
+        torch.nn.BatchNorm1d(5), torch.nn.ReLU(), torch.nn.Linear(5, 2)), 4, 5)
+    cases['bn1d-relu-linear'] = (with_scales(model, 0, [1., -1., 0., 2., -.5]), input, {'0': ('2', 'before-relu')})
+    cases['bn-functional-relu-maxpool-conv'] = (*prepared(FunctionalRelu(), 2, 3, 6, 6),
+                                                {'bn': ('conv', 'before-relu')})
     return cases
 
 
