@@ -51,6 +51,12 @@ class Lambda(torch.nn.Module):
         return self.function(self, x)
 
 
+class BatchNormRelu2d(torch.nn.BatchNorm2d):
+    '''A BatchNorm2d subclass that also applies a ReLU (like timm's BatchNormAct2d).'''
+    def forward(self, input):
+        return torch.relu(super().forward(input))
+
+
 class ScaledConv2d(torch.nn.Conv2d):
     '''A Conv2d subclass whose forward changes the weight.'''
     def forward(self, input):
@@ -181,6 +187,18 @@ def must_not_fuse():
     cases['layer-registered-twice'] = (*prepared(Lambda(
         lambda self, x: self.bn(self.alias(x)), conv=shared, alias=shared, bn=torch.nn.BatchNorm2d(3)),
         2, 3, 5, 5), {'bn': r'registered under several names'})
+    cases['batch-norm-subclass'] = (*prepared(torch.nn.Sequential(
+        torch.nn.Conv2d(3, 3, 3), BatchNormRelu2d(3), torch.nn.Conv2d(3, 2, 1)), 2, 3, 5, 5),
+        {'1': r'it is a BatchNormRelu2d, a BatchNorm subclass'})
+    model, input = prepared(torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3), torch.nn.BatchNorm2d(3)), 2, 3, 5, 5)
+    torch.nn.utils.weight_norm(model[0])
+    cases['weight-norm-layer'] = (model, input, {'1': r'`0` has forward or backward hooks \(weight_norm'})
+    model, input = prepared(torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3), torch.nn.BatchNorm2d(3)), 2, 3, 5, 5)
+    model[1].register_forward_hook(lambda module, args, output: output * 2)
+    cases['batch-norm-with-hook'] = (model, input, {'1': r'`1` has forward or backward hooks'})
+    cases['linear-then-batchnorm2d'] = (*prepared(torch.nn.Sequential(
+        torch.nn.Linear(4, 3), torch.nn.BatchNorm2d(3)), 2, 3, 5, 4),
+        {'1': r'`0` is a Linear, whose features are on the last dim'})
     cases['channel-mismatch-linear-on-last-dim'] = (*prepared(torch.nn.Sequential(
         torch.nn.BatchNorm2d(3), torch.nn.Linear(3, 2)), 2, 3, 5, 3), {'0': r'Linear applied to the last dim'})
     cases['bn-before-transposed-conv'] = (*prepared(torch.nn.Sequential(

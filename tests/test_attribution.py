@@ -346,3 +346,85 @@ def test_prepared_model_has_no_identity_left_by_fusion():
     prepared = lrp.prepared.get()
     assert not any(isinstance(module, torch.nn.Identity) for module in prepared.modules())
     assert lrp.prepared.report.num_batch_norms == 20
+
+
+def test_rule_set_after_first_call_is_used():
+    model = TinyNet()
+    input = torch.ones(1, 2, dtype=torch.float64)
+    lrp = FusedLRP(model)
+    plain = lrp.attribute(input, target=0)
+    model.fc1.rule = GammaRule(gamma=1.)
+    assert not torch.allclose(lrp.attribute(input, target=0), plain)
+    del model.fc1.rule
+    assert torch.equal(lrp.attribute(input, target=0), plain)
+
+
+class PoolThenBatchNorm(torch.nn.Module):
+    '''conv -> maxpool -> BN -> ReLU -> zero-padded conv -> ReLU -> pool -> linear: the BN folds through the ReLU.'''
+    def __init__(self):
+        super().__init__()
+        self.conv0 = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.pool = torch.nn.MaxPool2d(2)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.relu = torch.nn.ReLU()
+        self.conv1 = torch.nn.Conv2d(4, 5, 3, padding=1)
+        self.relu1 = torch.nn.ReLU()
+        self.fc = torch.nn.Linear(5, 3)
+
+    def forward(self, x):
+        x = self.relu1(self.conv1(self.relu(self.bn(self.pool(self.conv0(x))))))
+        return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def pool_then_batch_norm():
+    torch.manual_seed(0)
+    model = randomize_batch_norms(PoolThenBatchNorm().double())
+    with torch.no_grad():
+        model.bn.weight.copy_(torch.tensor([1.5, -.7, .3, -2.], dtype=torch.float64))
+    return model
+
+
+def test_threshold_relu_fold_gives_naive_relevance():
+    # BN -> ReLU -> conv folded: the conv sees |s| W and relu(sign x + t / |s|), the same products as W and
+    # relu(s x + t); the thresholded ReLU passes relevance like ReLU and BN do under Pass: fused equals naive
+    model = pool_then_batch_norm()
+    input = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    fused = CompositeLRP(model, EpsilonPlusFlat(), handling='fused')
+    relevance = fused.attribute(input, target=[0, 2])
+    assert [item.side for item in fused.prepared.report.fused] == ['before-relu']
+    naive = CompositeLRP(model, EpsilonPlusFlat(), handling='naive').attribute(input, target=[0, 2])
+    torch.testing.assert_close(relevance, naive, rtol=1e-8, atol=1e-12)
+    captum = FusedLRP(model).attribute(input, target=[0, 2])
+    torch.testing.assert_close(captum, FusedLRP(model, handling='naive').attribute(input, target=[0, 2]),
+                               rtol=1e-8, atol=1e-12)
+
+
+def test_bias_map_conv_under_both_classes():
+    # BN before a zero-padded conv: CompositeLRP (cached fused copy) equals Zennit with the canonizer (in place),
+    # and Captum's rules run through the bias map at two input sizes (the map is rebuilt before Captum's snapshot)
+    from fusion_cases import must_fuse
+    model, input, _ = must_fuse()['bn-conv2d-zero-padding']
+    model = torch.nn.Sequential(model, torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(4, 2)).double().eval()
+    composite = CompositeLRP(model, EpsilonAlpha2Beta1Flat())
+    actual = composite.attribute(input, target=1)
+    with Gradient(model, EpsilonAlpha2Beta1Flat(canonizers=[FuseBatchNorm()])) as attributor:
+        _, expected = attributor(input, lambda output: torch.eye(2, dtype=output.dtype)[[1, 1]] * output)
+    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
+    lrp = FusedLRP(model)
+    for size in (6, 9):
+        images = torch.rand(2, 3, size, size, dtype=torch.float64)
+        relevance, delta = lrp.attribute(images, target=0, return_convergence_delta=True)
+        assert relevance.shape == images.shape and torch.isfinite(relevance).all() and torch.isfinite(delta).all()
+
+
+def test_densenet_under_both_classes(snapshot):
+    torch.manual_seed(0)
+    model = randomize_batch_norms(torchvision.models.densenet121(weights=None))
+    before = snapshot(model)
+    input = torch.rand(1, 3, 32, 32)
+    for lrp in (FusedLRP(model), CompositeLRP(model, EpsilonPlusFlat())):
+        relevance = lrp.attribute(input, target=5)
+        assert relevance.shape == input.shape and torch.isfinite(relevance).all()
+        assert len(lrp.prepared.report.fused) == 121
+    before.assert_unchanged()

@@ -1,4 +1,6 @@
 '''Tests for the Zennit canonizer FuseBatchNorm: exact inside the context, bit-for-bit restore outside.'''
+from importlib.metadata import version
+
 import pytest
 import torch
 import torchvision
@@ -6,6 +8,7 @@ from zennit.attribution import Gradient
 from zennit.canonizers import SequentialMergeBatchNorm
 from zennit.composites import EpsilonGammaBox, EpsilonPlusFlat
 from zennit.core import Composite
+from zennit.rules import ZBox
 from zennit.torchvision import ResNetCanonizer
 
 from conftest import randomize_batch_norms
@@ -103,6 +106,8 @@ def test_rules_land_on_fused_modules():
     with composite.context(model):
         hooked = [name for name, module in model.named_modules() if module._forward_pre_hooks]
         assert 'conv1' in hooked and 'bn1' not in hooked
+        hooks = {type(hook.__self__) for hook in model.conv1._forward_pre_hooks.values()}
+        assert hooks == {ZBox}
 
 
 def test_zennit_merge_breaks_densenet_where_ours_does_not(snapshot):
@@ -117,6 +122,8 @@ def test_zennit_merge_breaks_densenet_where_ours_does_not(snapshot):
     before.assert_unchanged()
 
     # Zennit 0.5.1's own merge raises inside __enter__ and leaves a half-merged model (biases added, weights changed)
+    if version('zennit') != '0.5.1':
+        pytest.skip('the failure shown here is that of Zennit 0.5.1')
     with pytest.raises(RuntimeError):
         with EpsilonPlusFlat(canonizers=[SequentialMergeBatchNorm()]).context(model):
             pass

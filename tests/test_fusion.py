@@ -7,7 +7,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from conftest import randomize_batch_norms
 from fusion_cases import BATCH_NORM, CONV, CONV_TRANSPOSE, must_fuse, must_not_fuse, prepared
-from zennit_bnfuse import fuse
+from zennit_bnfuse import find_fusable_pairs, fuse
 from zennit_bnfuse.fold import is_batch_norm
 
 FUSE_CASES = must_fuse()
@@ -111,11 +111,12 @@ def test_generated_layers_fuse_exactly(case):
 
 
 def dtype_model():
+    '''Every kind of fold: before a zero-padded conv, after a conv, through a ReLU and a flatten, after a Linear.'''
     torch.manual_seed(0)
     return randomize_batch_norms(torch.nn.Sequential(
         torch.nn.BatchNorm2d(3), torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
-        torch.nn.Conv2d(8, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.Linear(4 * 4 * 4, 3),
-        torch.nn.BatchNorm1d(3)))
+        torch.nn.Conv2d(8, 4, 3), torch.nn.ReLU(), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.Flatten(),
+        torch.nn.Linear(4 * 4 * 4, 3), torch.nn.BatchNorm1d(3)))
 
 
 DEVICES = ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
@@ -130,7 +131,7 @@ def test_low_precision_and_device(dtype, tolerance, device):
         reference = model.double()(input.double())
         low = model.to(device, dtype)
         fused, report = fuse(low)
-        assert len(report.fused) == 4
+        assert sorted(item.side for item in report.fused) == ['after', 'after', 'before', 'before-relu']
         assert all(param.dtype == dtype and param.device.type == device for param in fused.parameters())
         original = low(input.to(device, dtype)).double().cpu()
         actual = fused(input.to(device, dtype)).double().cpu()
@@ -164,3 +165,25 @@ def test_torchvision_models(arch, snapshot):
     assert not any(is_batch_norm(module) for module in fused.modules())
     assert ((actual - expected).abs().max() / expected.abs().max()).item() < 1e-5
     before.assert_unchanged()
+
+
+def test_tiny_scale_in_float16_stays_unfused():
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(2), torch.nn.ReLU(), torch.nn.Conv2d(2, 2, 1)).eval()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([1e-6, 1.]))
+        model[0].bias.fill_(1.)
+    report = find_fusable_pairs(model.half())
+    assert report.unfused[0].reason.endswith("its scale is too small for torch.float16: the thresholded ReLU's "
+                                             "threshold would overflow)")
+    assert not find_fusable_pairs(model.float()).unfused
+
+
+def test_fused_densenet_backpropagates_through_inplace_relu():
+    # densenet's F.relu(inplace=True) follows the thresholded ReLU that norm5 becomes
+    torch.manual_seed(0)
+    model = randomize_batch_norms(torchvision.models.densenet121(weights=None))
+    fused, _ = fuse(model)
+    input = torch.rand(1, 3, 32, 32, requires_grad=True)
+    gradient, = torch.autograd.grad(fused(input)[0, 3], input)
+    expected, = torch.autograd.grad(model(input)[0, 3], input)
+    torch.testing.assert_close(gradient, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())

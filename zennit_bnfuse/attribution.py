@@ -7,6 +7,7 @@ import copy
 from collections import defaultdict
 
 import torch
+import torch.fx
 from captum._utils.common import (
     _format_output, _format_tensor_into_tuples, _is_tuple, _register_backward_hook, _run_forward,
 )
@@ -68,7 +69,14 @@ class _RuleLRP(LRP):
         super().__init__(model)
 
     def _get_layers(self, model):
-        self.named_layers = [(name, module) for name, module in model.named_modules() if not list(module.children())]
+        if isinstance(model, torch.fx.GraphModule):
+            # the modules the forward calls (a GraphModule also holds parameter-only placeholders of inlined modules)
+            modules = dict(model.named_modules())
+            names = dict.fromkeys(node.target for node in model.graph.nodes if node.op == 'call_module')
+            self.named_layers = [(name, modules[name]) for name in names]
+        else:
+            self.named_layers = [(name, module) for name, module in model.named_modules()
+                                 if not list(module.children())]
         self.layers = [module for _, module in self.named_layers]
 
     def _check_and_attach_rules(self):
@@ -94,8 +102,9 @@ class _RuleLRP(LRP):
     def pass_through_hook(name):
         """Captum's activation hook, refusing modules that change the shape (relevance cannot pass those)."""
         def hook(module, grad_input, grad_output):
-            if any(inner is not None and outer is not None and inner.shape != outer.shape
-                   for inner, outer in zip(grad_input, grad_output)):
+            inner, outer = _format_tensor_into_tuples(grad_input), _format_tensor_into_tuples(grad_output)
+            if any(first is not None and second is not None and first.shape != second.shape
+                   for first, second in zip(inner, outer)):
                 raise TypeError(
                     f'Module `{name}` ({type(module).__name__}) changes the shape of its input, so relevance cannot '
                     'pass through it unchanged; give it a rule instead of None.')
@@ -142,17 +151,20 @@ class FusedLRP(LRP):
                     f'not {rule!r}')
         self.prepared = PreparedModel(model, handling, residual='captum')
         self.own_rules = {}
-        self._rules_build = None
+        self._build = None
         self._has_bias_maps = False
 
     def _prepared_model(self):
-        '''The prepared copy; on a new build, take the ``rule`` attributes the user set (Captum removes them).'''
+        '''The prepared copy, and the ``rule`` attributes the user set on their modules now (Captum's way).'''
         prepared = self.prepared.get()
-        if self._rules_build != self.prepared.builds:
-            self.own_rules = {name: vars(module).pop('rule') for name, module in prepared.named_modules()
-                              if 'rule' in vars(module)}
+        if self._build != self.prepared.builds:
+            # the copy carries copies of the user's rule attributes; the user's modules are read on every call
+            for module in prepared.modules():
+                vars(module).pop('rule', None)
             self._has_bias_maps = any(isinstance(module, BiasMapConvMixin) for module in prepared.modules())
-            self._rules_build = self.prepared.builds
+            self._build = self.prepared.builds
+        self.own_rules = {name: module.rule for name, module in self.model.named_modules()
+                          if getattr(module, 'rule', None) is not None}
         return prepared
 
     def choose_rule(self, name, module):

@@ -10,11 +10,16 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 
 BATCH_NORM_TYPES = (torch.nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d)
+# the types whose forward is exactly the affine map below; subclasses (e.g. timm's BatchNormAct2d, which also applies
+# an activation) are BatchNorms but are not folded
+FOLDABLE_BATCH_NORM_TYPES = (
+    torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm, FrozenBatchNorm2d,
+)
 
 
 def is_batch_norm(module):
-    '''Whether ``module`` is a BatchNorm of any dimension (including SyncBatchNorm and torchvision's
-    FrozenBatchNorm2d).'''
+    '''Whether ``module`` is a BatchNorm of any dimension (including SyncBatchNorm, torchvision's
+    FrozenBatchNorm2d and subclasses).'''
     return isinstance(module, BATCH_NORM_TYPES)
 
 

@@ -16,6 +16,7 @@ import torch.fx
 from captum.attr._utils.custom_modules import Addition_Module
 from zennit.layer import Sum
 
+from .fusion import set_module
 from .pairs import LeafTracer
 
 ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
@@ -42,11 +43,21 @@ def is_shape_value(node):
     return False
 
 
-def is_tensor_addition(node):
-    """Whether ``node`` adds two computed tensors (not a constant, not shape arithmetic)."""
+def input_dependent_nodes(graph):
+    """The nodes whose value depends on the model's inputs (not only on parameters, buffers or constants)."""
+    dependent = set()
+    for node in graph.nodes:
+        if node.op == 'placeholder' or any(arg in dependent for arg in node.all_input_nodes):
+            dependent.add(node)
+    return dependent
+
+
+def is_tensor_addition(node, dependent):
+    """Whether ``node`` adds two tensors that both depend on the inputs (a residual), not a constant, a buffer or
+    shape arithmetic."""
     if node.op != 'call_function' or node.target not in ADD_FUNCTIONS or len(node.args) != 2 or node.kwargs:
         return False
-    return not any(is_shape_value(arg) for arg in node.args)
+    return all(arg in dependent and not is_shape_value(arg) for arg in node.args)
 
 
 def free_name(root, scope, base):
@@ -57,12 +68,6 @@ def free_name(root, scope, base):
         index += 1
         name = f'{base}_{index}'
     return f'{scope}.{name}' if scope else name
-
-
-def register(root, name, module):
-    '''Register ``module`` under the dotted ``name`` of ``root``.'''
-    scope, _, child = name.rpartition('.')
-    root.get_submodule(scope).add_module(child, module)
 
 
 def lrp_graph(model, residual='captum'):
@@ -101,6 +106,7 @@ def lrp_graph(model, residual='captum'):
 
     copies = {}
     uses = Counter()
+    dependent = input_dependent_nodes(graph)
     for node in list(graph.nodes):
         if node.op == 'call_module' and type(model.get_submodule(node.target)) is torch.nn.Identity:
             # what is left of a folded BatchNorm: no rule, no hook, no call
@@ -111,20 +117,25 @@ def lrp_graph(model, residual='captum'):
             if uses[node.target] > 1:
                 scope, _, base = node.target.rpartition('.')
                 name = free_name(model, scope, base)
-                register(model, name, copy.deepcopy(model.get_submodule(node.target)))
+                set_module(model, name, copy.deepcopy(model.get_submodule(node.target)))
                 copies[name] = node.target
                 node.target = name
-        elif is_tensor_addition(node):
+        elif is_tensor_addition(node, dependent):
+            # the innermost module the addition is written in; fx labels a second call of a module 'path@1', the
+            # entry's first item is its real path
             stack = node.meta.get('nn_module_stack') or {}
-            scope = next(reversed(stack), '') if stack else ''
+            scope = stack[next(reversed(stack))][0] if stack else ''
             name = free_name(model, scope, 'residual_add')
             with graph.inserting_before(node):
                 if residual == 'captum':
-                    register(model, name, Addition_Module())
+                    set_module(model, name, Addition_Module())
                     replacement = graph.call_module(name, tuple(node.args))
                 else:
-                    register(model, name, Sum())
-                    stacked = graph.call_function(torch.stack, (list(node.args),), {'dim': -1})
+                    set_module(model, name, Sum())
+                    # operands may broadcast against each other; their relevance is summed back over the
+                    # broadcast dims by autograd
+                    operands = graph.call_function(torch.broadcast_tensors, tuple(node.args))
+                    stacked = graph.call_function(torch.stack, (operands,), {'dim': -1})
                     replacement = graph.call_module(name, (stacked,))
             node.replace_all_uses_with(replacement)
             graph.erase_node(node)

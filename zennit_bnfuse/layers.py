@@ -93,7 +93,9 @@ class ThresholdReLU(torch.nn.ReLU):
     def forward(self, input):
         '''Apply ``relu(sign * input + threshold)`` per channel (dim 1).'''
         shape = (1, -1) + (1,) * (input.ndim - 2)
-        return torch.relu(input * self.sign.reshape(shape) + self.threshold.reshape(shape))
+        # clamp saves its input for backward, not its output, so an in-place ReLU after this one (DenseNet's
+        # F.relu(inplace=True)) keeps autograd intact
+        return (input * self.sign.reshape(shape) + self.threshold.reshape(shape)).clamp(min=0)
 
     def extra_repr(self):
         return f'{self.sign.numel()}'

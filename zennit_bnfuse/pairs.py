@@ -11,7 +11,8 @@ from collections import Counter
 import torch
 import torch.fx
 
-from .fold import check_batch_norm, has_running_stats, is_batch_norm
+from .fold import FOLDABLE_BATCH_NORM_TYPES, batch_norm_affine, check_batch_norm, has_running_stats, is_batch_norm, \
+    relu_fold
 from .layers import FOLDABLE_LAYER_TYPES, ThresholdReLU
 from .report import FusedBatchNorm, FusionReport, UnfusedBatchNorm
 
@@ -106,10 +107,28 @@ def find_fusable_pairs(model):
     for name in batch_norms:
         if name not in decided:
             decided[name] = UnfusedBatchNorm(
-                name, f'it is never called {where}, so it affects neither the output nor the relevance')
+                name, f'it is never called as a module {where} (e.g. a branch used only in training, or one called '
+                'inside another leaf module), so there is no layer to pair it with')
     for entry in decided.values():
         (report.fused if isinstance(entry, FusedBatchNorm) else report.unfused).append(entry)
     return report
+
+
+def has_hooks(module):
+    '''Whether ``module`` has forward, forward-pre or backward hooks of its own.'''
+    return any(getattr(module, key, None) for key in (
+        '_forward_hooks', '_forward_pre_hooks', '_backward_hooks', '_backward_pre_hooks'))
+
+
+def relu_fold_problem(batch_norm):
+    '''Why ``batch_norm -> ReLU`` cannot become a thresholded ReLU in the BatchNorm's dtype, or None: the threshold
+    ``shift / |scale|`` must be finite there (a tiny scale overflows float16).'''
+    _, threshold, next_scale = relu_fold(*batch_norm_affine(batch_norm))
+    dtype = batch_norm.running_mean.dtype
+    limit = torch.finfo(dtype).max
+    if threshold.abs().max() > limit or next_scale.max() > limit:
+        return f'its scale is too small for {dtype}: the thresholded ReLU\'s threshold would overflow'
+    return None
 
 
 def describe(node, modules):
@@ -185,8 +204,11 @@ class _GraphAnalysis:
             return f'`{name}` is called {self.calls[name]} times in forward'
         if name in self.read_directly:
             return f'the parameters of `{name}` are also read directly in forward'
-        if self.aliases[id(self.modules[name])] > 1:
+        module = self.modules[name]
+        if self.aliases[id(module)] > 1:
             return f'`{name}` is registered under several names'
+        if has_hooks(module):
+            return f'`{name}` has forward or backward hooks (weight_norm or your own), which fusion would bypass'
         return None
 
     def layer_problem(self, node, channels, input_node=None, flatten=False):
@@ -232,6 +254,10 @@ class _GraphAnalysis:
 
     def decide_one(self, node, name, batch_norm, claimed_inputs):
         '''How the BatchNorm called by ``node`` folds, as FusedBatchNorm or UnfusedBatchNorm.'''
+        if type(batch_norm) not in FOLDABLE_BATCH_NORM_TYPES:
+            return UnfusedBatchNorm(
+                name, f'it is a {type(batch_norm).__name__}, a BatchNorm subclass whose forward may do more than '
+                'normalise (e.g. apply an activation)')
         if not has_running_stats(batch_norm):
             return UnfusedBatchNorm(
                 name, 'it has no running statistics (track_running_stats=False), so it normalises every batch by '
@@ -247,7 +273,9 @@ class _GraphAnalysis:
             return FusedBatchNorm(name, self.name(source), 'after')
 
         fold, after_reason = self.next_fold(node, name, channels, claimed_inputs)
-        if fold is not None:
+        if fold is not None and fold.side == 'before-relu':
+            after_reason = relu_fold_problem(batch_norm)
+        if fold is not None and after_reason is None:
             return fold
         return UnfusedBatchNorm(
             name, f'cannot fold into the layer before ({before_reason}) nor the layer after ({after_reason})')
@@ -259,6 +287,8 @@ class _GraphAnalysis:
         problem = self.layer_problem(source, channels)
         if problem:
             return problem
+        if isinstance(self.module(source), torch.nn.Linear) and not isinstance(self.module(node), torch.nn.BatchNorm1d):
+            return f'`{self.name(source)}` is a Linear, whose features are on the last dim, not the BN\'s channel dim'
         if len(source.users) > 1:
             return f'the output of `{self.name(source)}` also feeds {self.describe_users(source, exclude=node)}'
         return None

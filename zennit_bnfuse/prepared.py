@@ -7,7 +7,8 @@ def model_fingerprint(model):
 
     Every in-place update (an optimizer step, ``load_state_dict``, a BatchNorm updating its running statistics)
     bumps a tensor's version counter; replacing a tensor or module changes its identity; ``.to()`` changes the data
-    pointer, device or dtype. Writes through ``tensor.data`` are not tracked by PyTorch and are not seen.
+    pointer, device or dtype; a module's settings (``eps``, ``padding``, ...) show in its ``extra_repr()``. Writes
+    through ``tensor.data`` are not tracked by PyTorch and are not seen.
 
     Parameters
     ----------
@@ -22,7 +23,7 @@ def model_fingerprint(model):
         (name, id(tensor), tensor._version, tensor.data_ptr(), tensor.dtype, tensor.device, tuple(tensor.shape))
         for name, tensor in (*model.named_parameters(), *model.named_buffers())
     )
-    modules = tuple((name, id(module), module.training) for name, module in model.named_modules())
+    modules = tuple((name, id(module), module.training, module.extra_repr()) for name, module in model.named_modules())
     return tensors, modules
 
 
