@@ -145,34 +145,79 @@ def format_ci(value):
     return f'{mean:.3f} ± {half:.3f}'
 
 
+def classify(metrics, rows, method, other_method):
+    """One paired comparison in words: 'better', 'worse', 'mixed' or 'no difference' for fused, from AOPC (MoRF)
+    and ABPC; 'identical' where the two handlings gave the same numbers on every image, and 'uniform' where both
+    heatmaps are uniform (MoRF and LeRF curves coincide on every image), which makes the comparison uninformative."""
+    if all(rows[name]['abpc'] == (0., 0.) for name in (method, other_method)):
+        return 'uniform'
+    if all(metrics[key] == (0., 0.) for key in ('aopc_morf', 'abpc')):
+        return 'identical'
+    signs = []
+    for key in ('aopc_morf', 'abpc'):
+        mean, half = metrics[key]
+        signs.append(1 if mean - half > 0 else -1 if mean + half < 0 else 0)
+    if 1 in signs and -1 in signs:
+        return 'mixed'
+    return 'better' if 1 in signs else 'worse' if -1 in signs else 'no difference'
+
+
 def claims(summary):
-    '''Plain-words reading of the paired differences for the paper's two claims.'''
-    def verdicts(names):
-        lines = []
+    """Plain-words reading of the paired differences for the paper's two claims, derived from the numbers."""
+    def comparisons(names):
+        found = []
         for name in names:
             if name not in summary:
                 continue
+            rows = summary[name]['methods']
             for key, metrics in summary[name]['differences'].items():
-                mean, half = metrics['aopc_morf']
-                sign = 'higher' if mean - half > 0 else 'lower' if mean + half < 0 else 'not different'
-                lines.append((name, key, sign, mean, half))
-        return lines
+                composite, _, rest = key.partition(': ')
+                other = rest.rpartition(' - ')[2]
+                verdict = classify(metrics, rows, method_key(composite, 'fused'), method_key(composite, other))
+                found.append((name, composite, other, verdict, metrics))
+        return found
 
-    text = ['## What the numbers say about the paper\'s claims', '']
-    for claim, names in (
-            ('Claim 1: fusing BatchNorm into convolutional layers gives more faithful LRP heatmaps.',
-             ('mnist-cnn-bn', 'cifar10-vgg-bn')),
-            ('Claim 2: fully-connected + BatchNorm combinations stay a problem.',
-             ('mnist-mlp-bn', 'cifar10-vgg-bn-fc'))):
-        lines = verdicts(names)
-        if not lines:
-            continue
-        counts = {sign: sum(line[2] == sign for line in lines) for sign in ('higher', 'lower', 'not different')}
-        text += [f'**{claim}**', '',
-                 f'Across {len(lines)} paired comparisons (composite x other handling) on {", ".join(names)}, '
-                 f'the fused AOPC (MoRF) is higher in {counts["higher"]}, lower in {counts["lower"]} and not '
-                 f'different (95% interval includes 0) in {counts["not different"]}.', '']
-        text += [f'- {name}, {key}: {mean:+.3f} ± {half:.3f} ({sign})' for name, key, sign, mean, half in lines]
+    def tally(found, other=None):
+        """(better, worse or mixed, informative) over the comparisons with ``other`` (all if None)."""
+        kinds = [item[3] for item in found if other in (None, item[2]) and item[3] != 'uniform']
+        return (sum(kind == 'better' for kind in kinds), sum(kind in ('worse', 'mixed') for kind in kinds),
+                len(kinds))
+
+    def reading(better, worse):
+        if better and not worse:
+            return 'support it'
+        return 'do not support it' if worse >= better else 'support it in part'
+
+    text = ['## What the numbers say about the paper\'s claims', '',
+            'Each line compares fused with another handling on the same images, by AOPC (MoRF) and ABPC: '
+            '*better*/*worse* where at least one differs beyond its 95% interval and the other does not go the '
+            'other way, *mixed* where they disagree, *identical* where both handlings gave the same numbers on every '
+            'image, *uniform* where both heatmaps are uniform (a Flat rule on a fully-connected first layer spreads '
+            'relevance evenly over all pixels), which says nothing about BatchNorm and is left out of the counts.', '']
+    groups = {1: ('mnist-cnn-bn', 'cifar10-vgg-bn'), 2: ('mnist-mlp-bn', 'cifar10-vgg-bn-fc')}
+    found = {number: comparisons(names) for number, names in groups.items()}
+    if found[1]:
+        parts = []
+        for other in ('unfused', 'naive'):
+            better, worse, total = tally(found[1], other)
+            parts.append(f'against {other} they {reading(better, worse)} (fused better in {better}, worse or mixed '
+                         f'in {worse} of {total} comparisons)')
+        text += [f'**Claim 1: fusing BatchNorm into convolutional layers gives more faithful LRP heatmaps.** On '
+                 f'{", ".join(groups[1])}, {"; ".join(parts)}.', '']
+    if found[1] and found[2]:
+        _, conv_worse, conv_total = tally(found[1])
+        fc_better, fc_worse, fc_total = tally(found[2])
+        supported = fc_worse / max(fc_total, 1) > conv_worse / max(conv_total, 1)
+        text += [f'**Claim 2: fully-connected + BatchNorm combinations stay a problem.** On {", ".join(groups[2])}, '
+                 f'fused is better in {fc_better} and worse or mixed in {fc_worse} of {fc_total} informative '
+                 f'comparisons, against {conv_worse} of {conv_total} on the convolutional models: the numbers '
+                 f'{"support it" if supported else "do not support it"} (fusion is '
+                 f'{"more" if supported else "not more"} of a problem with fully-connected BatchNorm here).', '']
+    for number in groups:
+        for name, composite, other, kind, metrics in found[number]:
+            cells = '; '.join(f'{label} {metrics[key][0]:+.3f} ± {metrics[key][1]:.3f}'
+                              for key, label in (('aopc_morf', 'AOPC'), ('abpc', 'ABPC')))
+            text.append(f'- {name}, {DISPLAY_NAMES.get(composite, composite)}, fused - {other}: {cells} ({kind})')
         text.append('')
     return text
 
