@@ -30,6 +30,12 @@ class CommandError(Exception):
     '''A problem the user can fix; ``bnfuse`` prints it without a traceback and exits with status 1.'''
 
 
+def imagenet_statistics(device):
+    '''ImageNet's per-channel mean and standard deviation, each ``(1, 3, 1, 1)``.'''
+    return (torch.tensor(IMAGENET_MEAN, device=device).reshape(1, 3, 1, 1),
+            torch.tensor(IMAGENET_STD, device=device).reshape(1, 3, 1, 1))
+
+
 class LoadedModel:
     '''A model ready to explain, with how to prepare its input.
 
@@ -52,16 +58,14 @@ class LoadedModel:
         '''Images in [0, 1] as the model takes them.'''
         if not self.normalize:
             return images
-        mean = torch.tensor(IMAGENET_MEAN, device=images.device).reshape(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=images.device).reshape(1, 3, 1, 1)
+        mean, std = imagenet_statistics(images.device)
         return (images - mean) / std
 
     def box(self, device):
         '''``(low, high)`` of the prepared input, for a first-layer ZBox rule.'''
         if not self.normalize:
             return 0., 1.
-        mean = torch.tensor(IMAGENET_MEAN, device=device).reshape(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=device).reshape(1, 3, 1, 1)
+        mean, std = imagenet_statistics(device)
         return -mean / std, (1 - mean) / std
 
     def class_name(self, index):
@@ -204,7 +208,7 @@ def explain_to_outputs(loaded, images, composite, handlings, target, device, pat
     return targets, relevance, summary
 
 
-def write_outputs(out, name, loaded, images, targets, relevance, summary, composite):
+def write_outputs(out, name, loaded, images, targets, relevance, composite):
     '''Heatmap grid, relevance tensors and the metrics of one model in ``out``.'''
     from .figures import heatmap_grid
     out.mkdir(parents=True, exist_ok=True)
@@ -213,7 +217,6 @@ def write_outputs(out, name, loaded, images, targets, relevance, summary, compos
                  out / f'heatmaps-{name}.png', [loaded.class_name(target) for target in targets[rows].tolist()],
                  f'{loaded.name}, {composite}')
     torch.save({handling: values.cpu() for handling, values in relevance.items()}, out / f'relevance-{name}.pt')
-    return summary
 
 
 def write_metrics(out, summaries, settings):
@@ -265,10 +268,10 @@ def command_demo(args):
         images = demo_images(dataset)
         targets, relevance, summary = explain_to_outputs(
             loaded, images, 'epsilon-plus-flat', tuple(HANDLINGS)[::-1], None, device, patch_size=4)
-        results.append((dataset, loaded, images, targets, relevance, summary))
+        results.append((dataset, loaded, images, targets, relevance))
         summaries[name] = summary
-    for dataset, loaded, images, targets, relevance, summary in results:
-        write_outputs(out, dataset, loaded, images.to(device), targets, relevance, summary, 'EpsilonPlusFlat')
+    for dataset, loaded, images, targets, relevance in results:
+        write_outputs(out, dataset, loaded, images.to(device), targets, relevance, 'EpsilonPlusFlat')
     write_metrics(out, summaries, {'composite': 'epsilon-plus-flat', 'patch size': 4,
                                    'images': 'the shipped demo images (6 MNIST, 6 CIFAR-10)'})
     print(f'wrote {", ".join(sorted(path.name for path in out.iterdir()))} to {out}')
@@ -291,7 +294,7 @@ def command_explain(args):
     targets, relevance, summary = explain_to_outputs(loaded, images, composite, handlings, args.target, device,
                                                      patch_size)
     name = args.model.replace(':', '-')
-    write_outputs(out, name, loaded, images.to(device), targets, relevance, summary, composite)
+    write_outputs(out, name, loaded, images.to(device), targets, relevance, composite)
     write_metrics(out, {args.model: summary}, {'model': args.model, 'composite': composite,
                                                'patch size': patch_size, 'images': len(images)})
     (out / f'report-{name}.txt').write_text(str(find_fusable_pairs(loaded.model)) + '\n')
