@@ -2,10 +2,13 @@
 
 For each model and batch size this times (median of ``--repeats`` calls after one warm-up): the plain forward, the
 plain input gradient (the floor: LRP is a modified gradient) on the original and on the fused model, LRP with
-EpsilonPlusFlat under each BatchNorm handling (Zennit attributor; fused = FuseBatchNorm canonizer), CompositeLRP,
-FusedLRP, Zennit's own canonizers and Captum's LRP where they run; the one-off cost of ``fuse()`` and of the
-canonizer's apply+remove (a new canonizer, and one that applied before); and the peak memory of each. All ratios are
-to the plain gradient measured in the same run. Writes ``benchmarks/results/speed.md`` and ``speed.json``.
+EpsilonPlusFlat under each BatchNorm handling (Zennit attributor; fused = FuseBatchNorm canonizer), the fused
+composite computed by :py:class:`~zennit_bnfuse.SinglePass` (EpsilonPlusFlat, and LRP-epsilon everywhere), the
+plain gradient plus one more forward pass (the least an exact z+ rule can cost: it needs the layers' outputs under
+positive weights besides their own), CompositeLRP, FusedLRP, Zennit's own canonizers and Captum's LRP where they
+run; the one-off cost of ``fuse()`` and of the canonizer's apply+remove (a new canonizer, and one that applied
+before); and the peak memory of each. All ratios are to the plain gradient measured in the same run. Writes
+``benchmarks/results/speed.md`` and ``speed.json``.
 
     python benchmarks/speed.py
 '''
@@ -24,7 +27,8 @@ from zennit.composites import EpsilonPlusFlat, LayerMapComposite, MixedComposite
 from zennit.rules import Epsilon
 from zennit.torchvision import ResNetCanonizer
 
-from zennit_bnfuse import CompositeLRP, FuseBatchNorm, FusedLRP, fuse
+from zennit_bnfuse import CompositeLRP, FuseBatchNorm, FusedLRP, SinglePass, fuse
+from zennit_bnfuse.composites import epsilon
 from zennit_bnfuse.fold import BATCH_NORM_TYPES
 
 from provenance import command_line, header, machine, today
@@ -32,6 +36,9 @@ from zoo import randomized
 
 RESULTS = Path(__file__).parent / 'results'
 RULES_ALONE = 'LRP on the fuse()d copy, no canonizer (cost of the rules alone)'
+FUSED = 'LRP fused (FuseBatchNorm canonizer)'
+SINGLE_PASS = 'LRP fused, SinglePass'
+ZPLUS_FLOOR = 'gradient + one more forward (fused model): the least exact z+ can cost'
 MODELS = ('resnet50', 'vgg16_bn', 'densenet121', 'mobilenet_v2', 'efficientnet_b0')
 
 
@@ -120,9 +127,18 @@ def measure(arch, batch, device, repeats, input_size):
     record('forward', forward)
     record('gradient', input_gradient(model, input, target))
     record('gradient (fused model)', input_gradient(fused, input, target))
+    fused_gradient = input_gradient(fused, input, target)
+
+    def gradient_and_forward():
+        with torch.no_grad():
+            fused(input)
+        return fused_gradient()
+    record(ZPLUS_FLOOR, gradient_and_forward)
 
     composites = {
-        'LRP fused (FuseBatchNorm canonizer)': EpsilonPlusFlat(canonizers=[FuseBatchNorm()]),
+        FUSED: EpsilonPlusFlat(canonizers=[FuseBatchNorm()]),
+        SINGLE_PASS: SinglePass(EpsilonPlusFlat(canonizers=[FuseBatchNorm()])),
+        'LRP-epsilon fused, SinglePass': SinglePass(epsilon(canonizers=[FuseBatchNorm()])),
         'LRP unfused (BN under Epsilon)': MixedComposite([
             LayerMapComposite([(BATCH_NORM_TYPES, Epsilon())]), EpsilonPlusFlat()]),
         'LRP naive (BN under Pass)': EpsilonPlusFlat(),
@@ -143,6 +159,8 @@ def measure(arch, batch, device, repeats, input_size):
 
     composite_lrp = CompositeLRP(model, EpsilonPlusFlat())
     record('CompositeLRP (EpsilonPlusFlat)', lambda: composite_lrp.attribute(input, target=target))
+    single_pass_lrp = CompositeLRP(model, EpsilonPlusFlat(), single_pass=True)
+    record('CompositeLRP (EpsilonPlusFlat), single_pass=True', lambda: single_pass_lrp.attribute(input, target=target))
     fused_lrp = FusedLRP(model)
     record('FusedLRP (Captum rules)', lambda: fused_lrp.attribute(input, target=target))
     record('Captum LRP', lambda: LRP(model).attribute(input, target=target))
@@ -173,8 +191,9 @@ def write_report(results, command, args):
     lines = header('Speed and memory of BatchNorm handling for LRP', command, host, date) + [
         f'- input {args.input_size}x{args.input_size}, median of {args.repeats} calls after one warm-up; ratios are '
         'to the plain input gradient of the same model, batch and device, measured in the same run',
-        '- LRP rows use Zennit\'s EpsilonPlusFlat; "fused" is the FuseBatchNorm canonizer inside one Zennit '
-        'attributor context; memory is the peak allocated CUDA memory above the level before the timed calls '
+        '- LRP rows use Zennit\'s EpsilonPlusFlat unless they say LRP-epsilon; "fused" is the FuseBatchNorm '
+        'canonizer inside one Zennit attributor context; SinglePass rows compute the same composite with '
+        'zennit_bnfuse.SinglePass; memory is the peak allocated CUDA memory above the level before the timed calls '
         '(GPU, exact) or the growth of the peak resident set (CPU: a lower bound, 0 MB where the allocator reused '
         'pages freed earlier in the run)',
         '',
@@ -189,27 +208,33 @@ def write_report(results, command, args):
             memory = '-' if row['memory_mb'] is None else f'{row["memory_mb"]:.0f} MB'
             lines.append(f'| {name} | {seconds} | {"-" if factor is None else f"{factor:.2f}"} | {memory} | '
                          f'{row["note"]} |')
-        fused = 'LRP fused (FuseBatchNorm canonizer)'
-        checks.append((arch, batch, device, ratio(rows, fused, 'gradient (fused model)'),
-                       ratio(rows, RULES_ALONE, 'gradient (fused model)'),
-                       ratio(rows, fused, 'LRP unfused (BN under Epsilon)'),
-                       ratio(rows, 'one-off: canonizer apply+remove, new canonizer', fused),
-                       ratio(rows, 'one-off: canonizer apply+remove, applied before', fused)))
+        checks.append((arch, batch, device, ratio(rows, FUSED, 'gradient (fused model)'),
+                       ratio(rows, SINGLE_PASS, 'gradient (fused model)'),
+                       ratio(rows, ZPLUS_FLOOR, 'gradient (fused model)'),
+                       ratio(rows, 'LRP-epsilon fused, SinglePass', 'gradient (fused model)'),
+                       ratio(rows, FUSED, 'LRP unfused (BN under Epsilon)'),
+                       ratio(rows, 'one-off: canonizer apply+remove, new canonizer', SINGLE_PASS),
+                       ratio(rows, 'one-off: canonizer apply+remove, applied before', SINGLE_PASS)))
         lines.append('')
     lines += ['## Targets', '',
-              '| model | batch | device | fused LRP / gradient on fused model (target ≤ 1.5) | the rules alone / '
-              'gradient on fused model | fused LRP / unfused LRP (target ≤ 1) | apply+remove / fused LRP call, new '
-              'canonizer | same, applied before (target < 5%) |',
-              '| --- | --- | --- | --- | --- | --- | --- | --- |']
+              'Ratios to the plain input gradient of the fused model. "Zennit\'s hooks" is EpsilonPlusFlat with the '
+              'FuseBatchNorm canonizer as Zennit computes it; "SinglePass" is the same composite and the same '
+              'relevance (tests/test_singlepass.py) computed by zennit_bnfuse.SinglePass; "floor" is the gradient '
+              'plus one more forward pass, which any exact z+ rule needs (EpsilonPlusFlat puts z+ on every conv); '
+              'LRP-epsilon needs no extra pass. Canonizer costs are shares of one SinglePass call.', '',
+              '| model | batch | device | fused LRP, Zennit\'s hooks | fused LRP, SinglePass (target ≤ 1.5) | '
+              'floor of exact z+ | LRP-epsilon, SinglePass | fused / unfused LRP, Zennit\'s hooks (target ≤ 1) | '
+              'apply+remove, new canonizer | same, applied before (target < 5%) |',
+              '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
 
     def cell(value, percent=False):
         if value is None:
             return '-'
         return f'{100 * value:.1f}%' if percent else f'{value:.2f}'
 
-    for arch, batch, device, floor, rules, unfused, cold, warm in checks:
-        lines.append(f'| {arch} | {batch} | {device} | {cell(floor)} | {cell(rules)} | {cell(unfused)} | '
-                     f'{cell(cold, True)} | {cell(warm, True)} |')
+    for arch, batch, device, *values in checks:
+        cells = [cell(value) for value in values[:5]] + [cell(value, True) for value in values[5:]]
+        lines.append(f'| {arch} | {batch} | {device} | ' + ' | '.join(cells) + ' |')
     lines.append('')
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f'{args.tag}.md').write_text('\n'.join(lines))

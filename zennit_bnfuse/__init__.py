@@ -6,6 +6,7 @@ from .handling import HANDLINGS, BatchNormHandling, bn_handling
 from .layers import ThresholdReLU
 from .pairs import find_fusable_pairs
 from .report import FusedBatchNorm, FusionReport, UnfusedBatchNorm
+from .singlepass import SinglePass
 
 __all__ = [
     'BatchNormHandling',
@@ -15,6 +16,7 @@ __all__ = [
     'FusedLRP',
     'FusionReport',
     'HANDLINGS',
+    'SinglePass',
     'ThresholdReLU',
     'UnfusedBatchNorm',
     'bn_handling',

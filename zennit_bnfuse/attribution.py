@@ -23,6 +23,7 @@ from zennit.types import Activation
 from .fold import BATCH_NORM_TYPES, is_batch_norm
 from .layers import BiasMapConvMixin
 from .prepared import PreparedModel
+from .singlepass import SinglePass
 
 # leaves that get Captum's EpsilonRule by default: every affine map
 EPSILON_RULE_TYPES = (
@@ -253,19 +254,24 @@ class CompositeLRP(GradientAttribution):
     batch_norm_rule: :py:obj:`zennit.core.Hook`, optional
         The rule for BatchNorms still in the model instead of the handling's (``Epsilon()`` for ``'fused'`` and
         ``'unfused'``, ``Pass()`` for ``'naive'``).
+    single_pass: bool, optional
+        Compute the rules with :py:class:`~zennit_bnfuse.singlepass.SinglePass` (the same relevance, faster);
+        False by default.
 
     Examples
     --------
     >>> lrp = CompositeLRP(model, EpsilonPlusFlat())
     >>> attribution = lrp.attribute(images, target=[3, 5])
     '''
-    def __init__(self, model, composite, handling='fused', batch_norm_rule=None):
+    def __init__(self, model, composite, handling='fused', batch_norm_rule=None, single_pass=False):
         super().__init__(model)
         self.model = model
         self.prepared = PreparedModel(model, handling, residual='zennit')
         if batch_norm_rule is None:
             batch_norm_rule = Epsilon() if self.prepared.handling.batch_norm_rule == 'epsilon' else Pass()
         self.composite = MixedComposite([LayerMapComposite([(BATCH_NORM_TYPES, batch_norm_rule)]), composite])
+        if single_pass:
+            self.composite = SinglePass(self.composite)
 
     @property
     def multiplies_by_inputs(self):

@@ -7,9 +7,11 @@ from zennit.rules import Epsilon
 from zennit.types import Convolution
 
 
-def epsilon():
-    '''LRP-epsilon on every conv and linear layer (the rest as in Zennit's built-in composites).'''
-    return LayerMapComposite(layer_map=layer_map_base() + [(Convolution, Epsilon()), (torch.nn.Linear, Epsilon())])
+def epsilon(canonizers=None):
+    '''LRP-epsilon on every conv and linear layer (the rest as in Zennit's built-in composites), with
+    ``canonizers`` (a list of Zennit canonizers, optional).'''
+    return LayerMapComposite(layer_map=layer_map_base() + [(Convolution, Epsilon()), (torch.nn.Linear, Epsilon())],
+                             canonizers=canonizers)
 
 
 # factories of (low, high): the bounds of the input, used by the first layer's ZBox rule where a composite has one

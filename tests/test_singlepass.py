@@ -1,0 +1,218 @@
+'''Tests for SinglePass: Zennit's rules computed in one backward step per layer give Zennit's relevance exactly.'''
+import pytest
+import torch
+import torchvision
+from zennit.attribution import Gradient
+from zennit.composites import EpsilonAlpha2Beta1Flat, EpsilonGammaBox, EpsilonPlusFlat, LayerMapComposite
+from zennit.core import Composite
+from zennit.rules import AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, WSquare, ZBox, ZPlus
+
+import zennit_bnfuse.singlepass as singlepass
+from conftest import randomize_batch_norms
+from zennit_bnfuse import CompositeLRP, FuseBatchNorm
+from zennit_bnfuse.singlepass import SinglePass, SinglePassHook, normalizer, single_pass_rule
+
+LAYERS = (torch.nn.Conv2d, torch.nn.Linear)
+
+
+def relevance(model, composite, input, target):
+    '''Relevance of ``input`` for the one-hot ``target`` (one class per example) under ``composite``.'''
+    with Gradient(model, composite) as attributor:
+        output = model(input)
+        return attributor(input, torch.eye(output.shape[1], dtype=input.dtype)[target])[1]
+
+
+def both(model, make_composite, input, target):
+    '''Relevance from Zennit's own hooks and from SinglePass, each with a new composite.'''
+    return (relevance(model, make_composite(), input, target),
+            relevance(model, SinglePass(make_composite()), input, target))
+
+
+def rule_composite(rule):
+    '''``rule`` on every conv and linear layer, Pass on activations, Norm on pooling (Zennit's base map).'''
+    return lambda: LayerMapComposite([(torch.nn.ReLU, Pass()), (torch.nn.AdaptiveAvgPool2d, Norm()), (LAYERS, rule)])
+
+
+def small_net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(2, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 5, 3), torch.nn.ReLU(inplace=True),
+        torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(), torch.nn.Linear(20, 3),
+    ).double().eval()
+
+
+def linear(weight):
+    layer = torch.nn.Linear(2, 1, bias=False).double()
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([weight], dtype=torch.float64))
+    return layer
+
+
+@pytest.mark.parametrize('rule, weight, input, expected', [
+    # z+ = 1 * 1 (the negative weight drops out): relevance (1, 0)
+    (ZPlus(stabilizer=1e-12), [1., -2.], [1., 2.], [1., 0.]),
+    # a negative input: z+ = 2 * 2 from the positive half, 0 from the negative half: (0, 1)
+    (ZPlus(stabilizer=1e-12), [1., 2.], [-1., 2.], [0., 1.]),
+    # z = 1 - 4 = -3: relevance (1, -4) / -3
+    (Epsilon(epsilon=1e-12), [1., -2.], [1., 2.], [-1. / 3., 4. / 3.]),
+])
+def test_hand_computed_linear(rule, weight, input, expected):
+    model = linear(weight)
+    input = torch.tensor([input], dtype=torch.float64)
+    zennit, single = both(model, lambda: LayerMapComposite([(torch.nn.Linear, rule)]), input, [0])
+    assert torch.equal(single, zennit)
+    torch.testing.assert_close(single, torch.tensor([expected], dtype=torch.float64), rtol=1e-10, atol=1e-10)
+
+
+RULES = {
+    'epsilon': Epsilon(),
+    'epsilon-large': Epsilon(epsilon=0.25),
+    'epsilon-zero-bias': Epsilon(zero_params='bias'),
+    'epsilon-callable-stabilizer': Epsilon(epsilon=lambda output: output + 1e-3 * (output >= 0) - 1e-3 * (output < 0)),
+    'zplus': ZPlus(),
+    'zplus-zero-bias': ZPlus(zero_params='bias'),
+    'flat': Flat(),
+    'wsquare': WSquare(),
+    'alpha2-beta1': AlphaBeta(alpha=2., beta=1.),
+    'gamma': Gamma(gamma=0.25),
+    'zbox': ZBox(low=-1., high=1.),
+    'norm': Norm(),
+}
+
+
+@pytest.mark.parametrize('sign', ['non-negative', 'signed'])
+@pytest.mark.parametrize('name', sorted(RULES))
+def test_every_rule_equals_zennit(name, sign):
+    input = torch.rand(3, 2, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    if sign == 'signed':
+        input = 2 * input - 1
+    zennit, single = both(small_net(), rule_composite(RULES[name]), input, [0, 1, 2])
+    assert zennit.abs().sum() > 0
+    assert torch.equal(single, zennit)
+
+
+def test_zplus_runs_one_half_on_non_negative_input(monkeypatch):
+    general = []
+
+    def counting(rule, module, input, grad_output):
+        general.append(type(module).__name__)
+        return original(rule, module, input, grad_output)
+
+    original = singlepass.rule_relevance
+    monkeypatch.setattr(singlepass, 'rule_relevance', counting)
+    model = small_net()
+    images = torch.rand(2, 2, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    # the first conv sees the non-negative image, the second a ReLU output, the linear layer an average of those
+    relevance(model, SinglePass(rule_composite(ZPlus())()), images, [0, 1])
+    assert general == []
+    # a signed image sends the first conv through both halves; the later layers still run one
+    relevance(model, SinglePass(rule_composite(ZPlus())()), 2 * images - 1, [0, 1])
+    assert general == ['Conv2d']
+
+
+def test_normalizer_only_for_known_rules_and_stabilizers():
+    output = torch.tensor([-2., -0., 0., 3.], dtype=torch.float64)
+    grad = torch.ones(4, dtype=torch.float64)
+    for rule in (Epsilon(epsilon=0.5), Norm(stabilizer=0.5), ZPlus(stabilizer=0.5)):
+        assert torch.equal(normalizer(rule)(grad, output), 1 / torch.tensor([-2.5, 0.5, 0.5, 3.5],
+                                                                            dtype=torch.float64))
+    assert normalizer(Flat()) is None and normalizer(AlphaBeta()) is None
+    assert normalizer(Epsilon(epsilon=lambda output: output + 1.)) is None
+
+
+COMPOSITES = {
+    'epsilon-plus-flat': lambda: EpsilonPlusFlat(canonizers=[FuseBatchNorm()]),
+    'epsilon-gamma-box': lambda: EpsilonGammaBox(low=0., high=1., canonizers=[FuseBatchNorm()]),
+    'epsilon-alpha2-beta1-flat': lambda: EpsilonAlpha2Beta1Flat(canonizers=[FuseBatchNorm()]),
+    'epsilon-plus-flat-unfused': lambda: EpsilonPlusFlat(),
+}
+
+
+@pytest.mark.parametrize('composite', sorted(COMPOSITES))
+@pytest.mark.parametrize('arch', ['resnet18', 'densenet121', 'mobilenet_v2'])
+def test_torchvision_equals_zennit(arch, composite):
+    # resnet18 calls one in-place ReLU twice per block, densenet121 applies in-place ReLUs to concatenations,
+    # mobilenet_v2's blocks take signed inputs (ZPlus on both halves) and end in ReLU6
+    model = randomize_batch_norms(getattr(torchvision.models, arch)(weights=None).double())
+    images = torch.rand(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    zennit, single = both(model, COMPOSITES[composite], images, [3, 7])
+    assert torch.isfinite(zennit).all() and zennit.abs().sum() > 0
+    assert torch.equal(single, zennit)
+
+
+def test_model_unchanged_and_hooks_removed(snapshot):
+    model = randomize_batch_norms(torchvision.models.resnet18(weights=None).double())
+    before = snapshot(model)
+    images = torch.rand(1, 3, 32, 32, dtype=torch.float64)
+    composite = SinglePass(EpsilonPlusFlat(canonizers=[FuseBatchNorm()]))
+    relevance(model, composite, images, [0])
+    before.assert_unchanged()
+    with torch.no_grad():
+        assert torch.equal(model(images), model.eval()(images))
+
+
+def test_composite_left_as_it_was():
+    composite = EpsilonPlusFlat(canonizers=[FuseBatchNorm()])
+    layer_map = list(composite.layer_map)
+    wrapped = SinglePass(composite)
+    relevance(small_net(), wrapped, torch.rand(1, 2, 6, 6, dtype=torch.float64), [0])
+    assert composite.layer_map == layer_map and wrapped.composite is composite
+    assert not composite.hook_refs and not wrapped.hook_refs  # the Gradient context removed every hook
+
+
+def test_inactive_gives_the_plain_gradient():
+    model = small_net()
+    images = torch.rand(2, 2, 6, 6, dtype=torch.float64, requires_grad=True)
+    plain, = torch.autograd.grad(model(images)[:, 0].sum(), images)
+    composite = SinglePass(rule_composite(ZPlus())())
+    with composite.context(model), composite.inactive():
+        inactive, = torch.autograd.grad(model(images)[:, 0].sum(), images)
+    assert torch.equal(inactive, plain)
+
+
+def test_rules_without_gradient_pass_through():
+    # other hooks (and no rule) are kept as the composite gives them
+    assert single_pass_rule(None) is None
+    assert isinstance(single_pass_rule(Epsilon()), SinglePassHook)
+    assert isinstance(single_pass_rule(Pass()), SinglePassHook)
+
+
+class TwoInputs(torch.nn.Module):
+    def forward(self, left, right):
+        return left + right
+
+
+class Summing(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.add = TwoInputs()
+
+    def forward(self, input):
+        return self.add(input, input)
+
+
+def test_module_with_two_inputs_raises():
+    composite = SinglePass(Composite(module_map=lambda ctx, name, module: Norm() if name == 'add' else None))
+    input = torch.rand(1, 3, requires_grad=True)
+    with composite.context(Summing()) as model:
+        with pytest.raises(TypeError, match='SinglePass supports modules called with one tensor; TwoInputs got 2 '
+                                            'input'):
+            model(input)
+
+
+def test_pass_on_shape_changing_module_raises():
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    composite = SinglePass(LayerMapComposite([(torch.nn.Flatten, Pass())]))
+    with composite.context(model):
+        with pytest.raises(TypeError, match=r'the Pass rule needs an output shaped like the input; Flatten maps '
+                                            r'\(1, 2, 2\) to \(1, 4\)'):
+            model(torch.rand(1, 2, 2, requires_grad=True))
+
+
+def test_composite_lrp_single_pass_equals_zennit_hooks():
+    model = randomize_batch_norms(torchvision.models.resnet18(weights=None).double())
+    images = torch.rand(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    hooks = CompositeLRP(model, EpsilonPlusFlat()).attribute(images, target=[1, 2])
+    single = CompositeLRP(model, EpsilonPlusFlat(), single_pass=True).attribute(images, target=[1, 2])
+    assert isinstance(CompositeLRP(model, EpsilonPlusFlat(), single_pass=True).composite, SinglePass)
+    assert torch.equal(single, hooks)

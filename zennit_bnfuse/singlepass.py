@@ -1,0 +1,284 @@
+'''Zennit's rules computed in one backward step per layer, without the work Zennit's own hooks throw away.
+
+Zennit runs a rule (a :py:class:`zennit.core.BasicHook`) by letting autograd compute the layer's ordinary input
+gradient, discarding it, re-running the layer's forward once per modifier and backpropagating through those copies.
+:py:class:`SinglePass` wraps any composite so that each rule's relevance is computed by one custom autograd node
+instead:
+
+- the layer's ordinary gradient is never computed (its graph is dropped right after the forward pass);
+- rules whose modifiers are all the identity (``Epsilon`` and ``Norm`` unless ``zero_params`` is set) reuse the
+  forward pass's own output instead of re-running the layer;
+- ``ZPlus`` on a Linear/Conv/ConvTranspose layer whose input has no negative entry (the usual case after a ReLU)
+  runs only its positive half: the negative half's input is zero, so its output and its share of the relevance are
+  exactly zero;
+- ``Pass`` hands the relevance through without the activation's own backward.
+
+The relevance is that of the wrapped composite: each rule's own modifiers, gradient mapper and reducer do the
+arithmetic, so custom rules and parameters are honoured. Double backward (``create_graph=True``) through the rules
+is not supported.
+'''
+import functools
+import inspect
+
+import torch
+from torch.autograd.function import once_differentiable
+from zennit.core import BasicHook, Composite, Hook, ParamMod, RemovableHandle, RemovableHandleList, Stabilizer
+from zennit.rules import Epsilon, NoMod, Norm, Pass, ZPlus
+
+
+class _RelevanceNode(torch.autograd.Function):
+    '''Return the tensor in ``output_box`` (a 1-tuple, so autograd does not take it for an input and make a view of
+    it) as the node's output; in the backward pass, map its relevance to the input's with
+    ``relevance_fn(input, grad_output)``.'''
+    @staticmethod
+    def forward(ctx, relevance_fn, input, output_box, save_input):
+        ctx.relevance_fn = relevance_fn
+        ctx.save_for_backward(input if save_input else None)
+        return output_box[0]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        input, = ctx.saved_tensors
+        return None, ctx.relevance_fn(input, grad_output), None, None
+
+
+def has_identity_params(param_modifier):
+    '''Whether a Zennit parameter modifier leaves every parameter as it is (``NoMod`` without ``zero_params``, or a
+    modifier that touches no parameter).'''
+    modifier = ParamMod.ensure(param_modifier)
+    return modifier.param_keys == [] or (type(modifier) is NoMod and not modifier.zero_params)
+
+
+def normalizer(rule):
+    '''For Zennit's ``Epsilon``, ``Norm`` and ``ZPlus``, whose gradient mapper divides the output relevance by the
+    stabilised sum of the outputs, a function ``(grad_output, output) -> grad_output / stabilised output`` computing
+    the same numbers in fewer passes; None for other rules or stabilisers.
+
+    Zennit's default stabiliser adds ``epsilon`` with the sign of each entry (``+epsilon`` for zeros); here that is
+    three passes (compare, select, add) instead of six.
+    '''
+    if type(rule) not in (Epsilon, Norm, ZPlus):
+        return None
+    stabilizer = inspect.getclosurevars(rule.gradient_mapper).nonlocals.get('stabilizer_fn')
+    if type(stabilizer) is not Stabilizer or stabilizer.clip or stabilizer.norm_scale:
+        return None
+    epsilon = stabilizer.epsilon
+
+    def normalize(grad_output, output):
+        shift = torch.where(output < 0, output.new_full((), -epsilon), output.new_full((), epsilon))
+        return grad_output / (output + shift)
+    return normalize
+
+
+def is_affine_layer(module):
+    '''Whether ``module`` maps a zero input to zero once its bias is zero (Linear, Conv and ConvTranspose layers,
+    including this package's bias-map convolutions).'''
+    parameters = {name for name, _ in module.named_parameters(recurse=False)}
+    return (isinstance(module, (torch.nn.Linear, torch.nn.modules.conv._ConvNd))
+            and parameters <= {'weight', 'bias'})
+
+
+def rule_relevance(rule, module, input, grad_output):
+    '''Relevance of ``module``'s input under the Zennit rule ``rule`` (a :py:class:`zennit.core.BasicHook`), computed
+    as :py:meth:`zennit.core.BasicHook.backward` does, one forward and backward pass per modifier.
+
+    Parameters
+    ----------
+    rule: :py:class:`zennit.core.BasicHook`
+    module: :py:obj:`torch.nn.Module`
+    input: :py:obj:`torch.Tensor`
+        The module's input (any shape the module takes; no gradient needed).
+    grad_output: :py:obj:`torch.Tensor`
+        The relevance of the module's output.
+
+    Returns
+    -------
+    :py:obj:`torch.Tensor`
+        The relevance of ``input``, same shape.
+    '''
+    inputs, outputs = [], []
+    for input_modifier, param_modifier, output_modifier in zip(
+            rule.input_modifiers, rule.param_modifiers, rule.output_modifiers):
+        modified_input = input_modifier(input.detach()).requires_grad_()
+        with ParamMod.ensure(param_modifier)(module) as modified, torch.enable_grad():
+            outputs.append(output_modifier(modified.forward(modified_input)))
+        inputs.append(modified_input)
+    gradients = torch.autograd.grad(outputs, inputs, grad_outputs=rule.gradient_mapper(grad_output, outputs))
+    return rule.reducer(inputs, gradients)
+
+
+def positive_zplus_relevance(rule, module, input, grad_output, normalize=None):
+    ''':py:func:`rule_relevance` for Zennit's ``ZPlus`` on an affine layer whose ``input`` has no negative entry.
+
+    ZPlus sums a positive half (input clamped at 0 from below, weights and bias likewise) and a negative half (input
+    clamped from above, weights too, bias zero). With no negative input entry the negative half's input is zero, so
+    its output and its term of the relevance are exactly zero, and the positive half's input is the input itself:
+    one forward and one backward pass of the layer remain. ``normalize`` is the rule's :py:func:`normalizer`, if it
+    has one. Returns None where ``input`` has a negative (or NaN) entry.
+    '''
+    if input.numel() == 0 or not input.min() >= 0:
+        return None
+    positive_input = input.detach().requires_grad_()
+    with ParamMod.ensure(rule.param_modifiers[0])(module) as modified, torch.enable_grad():
+        positive_output = modified.forward(positive_input)
+    # ZPlus normalises by the sum of both halves' outputs; the negative half's is zero
+    if normalize is None:
+        normalised, _ = rule.gradient_mapper(grad_output, [positive_output])
+    else:
+        normalised = normalize(grad_output, positive_output.detach())
+    gradient, = torch.autograd.grad(positive_output, positive_input, grad_outputs=normalised)
+    return positive_input.detach() * gradient
+
+
+class SinglePassHook(Hook):
+    '''Hook that computes the relevance of a Zennit rule in one custom autograd node per module call.
+
+    The module runs on a detached input (a copy, for in-place modules), so autograd records nothing inside it; the
+    node that replaces its output connects the module's original input to the output and maps relevance with the
+    rule. Only rules that reuse the forward pass (see :py:meth:`reuses_forward`) keep the module's graph.
+
+    Parameters
+    ----------
+    rule: :py:class:`zennit.core.BasicHook` or :py:class:`zennit.rules.Pass`
+        The rule whose relevance to compute; only its modifiers, gradient mapper and reducer are used.
+    '''
+    def __init__(self, rule):
+        super().__init__()
+        self.rule = rule
+        self.normalize = normalizer(rule)
+        self.calls = []  # (original input, whether the module's graph is kept), one per call in progress
+
+    def copy(self):
+        '''A hook for another module with the same rule (rules keep no per-module state here).'''
+        return SinglePassHook(self.rule)
+
+    def register(self, module):
+        '''Register the forward pre-hook and forward hook on ``module``; returns the handles that remove them.'''
+        return RemovableHandleList([
+            RemovableHandle(self),
+            module.register_forward_pre_hook(self.pre_forward),
+            module.register_forward_hook(self.forward),
+        ])
+
+    def remove(self):
+        '''Forget the inputs of calls that never finished, and remove the hooks.'''
+        self.calls.clear()
+        super().remove()
+
+    def pre_forward(self, module, input):
+        '''Keep the original input and hand the module a detached one (or leave it where the graph is reused).
+
+        Raises
+        ------
+        TypeError
+            If the module is called with other than one tensor.
+        '''
+        if not self.active:
+            return None
+        if len(input) != 1 or not isinstance(input[0], torch.Tensor):
+            raise TypeError(f'SinglePass supports modules called with one tensor; {type(module).__name__} got '
+                            f'{len(input)} input(s). Use the composite without SinglePass for this model.')
+        original, = input
+        if not original.requires_grad:
+            self.calls.append(None)
+            return None
+        in_place = getattr(module, 'inplace', False)
+        keeps_graph = not in_place and self.reuses_forward(original)
+        self.calls.append((original, keeps_graph))
+        if keeps_graph:
+            return None
+        # Pass never reads the input, so an in-place module may overwrite it, as it would without the hook
+        needs_copy = in_place and not isinstance(self.rule, Pass)
+        return (original.detach().clone() if needs_copy else original.detach(),)
+
+    def forward(self, module, input, output):
+        '''Replace ``output`` by a copy whose backward pass computes the rule's relevance.
+
+        Raises
+        ------
+        TypeError
+            If the module returns other than one tensor, or the rule is Pass and the shapes differ.
+        '''
+        call = self.calls.pop() if self.calls else None
+        if call is None:
+            return None
+        original, keeps_graph = call
+        if not isinstance(output, torch.Tensor):
+            raise TypeError(f'SinglePass supports modules that return one tensor; {type(module).__name__} returned '
+                            f'{type(output).__name__}. Use the composite without SinglePass for this model.')
+        relevance_fn = self.relevance_function(module, original, output, keeps_graph)
+        # where the rule reads ``output`` later, pass on a copy, so in-place operations after the module (such as
+        # ReLU(inplace=True)) leave it as it was
+        passed_on = output.detach().clone() if keeps_graph else output.detach()
+        return _RelevanceNode.apply(relevance_fn, original, (passed_on,), not isinstance(self.rule, Pass))
+
+    def relevance_function(self, module, input, output, keeps_graph):
+        '''The function ``(input, grad_output) -> relevance`` of the backward node: the cheapest exact way for this
+        rule, module and call.'''
+        rule = self.rule
+        if isinstance(rule, Pass):
+            if input.shape != output.shape:
+                raise TypeError(f'the Pass rule needs an output shaped like the input; {type(module).__name__} maps '
+                                f'{tuple(input.shape)} to {tuple(output.shape)}')
+            return lambda input, grad_output: grad_output
+        if keeps_graph and rule.output_modifiers[0](output) is output:
+            # the rule's forward is the forward itself: take its output and differentiate the graph it left
+            normalize = self.normalize
+
+            def reused(detached_input, grad_output):
+                if normalize is None:
+                    normalised = rule.gradient_mapper(grad_output, [output])
+                else:
+                    normalised = normalize(grad_output, output.detach())
+                gradient, = torch.autograd.grad(output, input, grad_outputs=normalised)
+                return rule.reducer([detached_input], [gradient])
+            return reused
+        if type(rule) is ZPlus and is_affine_layer(module):
+            def zplus(detached_input, grad_output):
+                relevance = positive_zplus_relevance(rule, module, detached_input, grad_output, self.normalize)
+                if relevance is None:
+                    relevance = rule_relevance(rule, module, detached_input, grad_output)
+                return relevance
+            return zplus
+        return functools.partial(rule_relevance, rule, module)
+
+    def reuses_forward(self, input):
+        '''Whether the rule's single set of input and parameter modifiers is the identity, so the module's own
+        forward pass and graph serve as the rule's.'''
+        rule = self.rule
+        return (isinstance(rule, BasicHook) and len(rule.input_modifiers) == 1
+                and has_identity_params(rule.param_modifiers[0]) and rule.input_modifiers[0](input) is input)
+
+
+def single_pass_rule(rule):
+    '''The hook computing ``rule`` in a single pass, or ``rule`` itself where it is not a
+    :py:class:`zennit.core.BasicHook` or :py:class:`zennit.rules.Pass` (None stays None).'''
+    if isinstance(rule, (BasicHook, Pass)):
+        return SinglePassHook(rule)
+    return rule
+
+
+class SinglePass(Composite):
+    '''A composite with the rules and canonizers of ``composite``, each rule computed in a single pass.
+
+    The relevance equals that of ``composite`` (see the module docstring for what is skipped); use it wherever the
+    composite would go::
+
+        composite = SinglePass(EpsilonPlusFlat(canonizers=[FuseBatchNorm()]))
+        with Gradient(model, composite) as attributor:
+            output, relevance = attributor(input, target)
+
+    Parameters
+    ----------
+    composite: :py:class:`zennit.core.Composite`
+        The composite whose rule for each module (its ``module_map``) and canonizers are used; it is not changed,
+        but its canonizer objects are shared, so do not register both at once.
+    '''
+    def __init__(self, composite):
+        self.composite = composite
+
+        def module_map(ctx, name, module):
+            return single_pass_rule(composite.module_map(ctx, name, module))
+
+        super().__init__(module_map=module_map, canonizers=composite.canonizers)
