@@ -1,4 +1,5 @@
-'''Smoke tests of the benchmark scripts: faithfulness (one process and torchrun with 2 processes) and training.'''
+'''Smoke tests of the benchmark scripts: faithfulness (one process and torchrun with 2 processes), training and
+speed.'''
 import json
 import os
 import subprocess
@@ -13,7 +14,7 @@ from zennit_bnfuse.data import default_data_root
 ROOT = Path(__file__).parent.parent
 sys.path.insert(0, str(ROOT / 'benchmarks'))
 HAS_DATA = (default_data_root() / 'MNIST').is_dir()
-pytestmark = pytest.mark.skipif(not HAS_DATA, reason='needs ../shared/data/MNIST')
+needs_data = pytest.mark.skipif(not HAS_DATA, reason='needs ../shared/data/MNIST')
 
 
 def table_rows(path):
@@ -21,6 +22,7 @@ def table_rows(path):
     return [line for line in path.read_text().splitlines() if line.startswith('|')]
 
 
+@needs_data
 def test_faithfulness_smoke(tmp_path):
     import faithfulness
     faithfulness.main(['--models', 'mnist-cnn-bn,mnist-mlp', '--images', '6',
@@ -41,6 +43,7 @@ def test_faithfulness_smoke(tmp_path):
         assert (tmp_path / name).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
+@needs_data
 def test_torchrun_two_processes_give_the_same_tables(tmp_path):
     common = ['benchmarks/faithfulness.py', '--models', 'mnist-cnn-bn', '--images', '8', '--composites',
               'epsilon-plus-flat', '--no-figures', '--device', 'cpu', '--out', str(tmp_path)]
@@ -54,9 +57,23 @@ def test_torchrun_two_processes_give_the_same_tables(tmp_path):
     assert 'torchrun --nproc_per_node=2' in (tmp_path / 'sharded.md').read_text()
 
 
+@needs_data
 def test_train_smoke(tmp_path):
     import train
     torch.manual_seed(0)
     train.main(['--model', 'mnist-mlp', '--epochs', '1', '--out', str(tmp_path)])
     state = torch.load(tmp_path / 'mnist-mlp.pt', weights_only=True)
     assert 'fc1.weight' in state and 'normalize.mean' not in state
+
+
+def test_speed_smoke(tmp_path):
+    import speed
+    speed.main(['--models', 'resnet18', '--batches', '1', '--extra', '', '--devices', 'cpu', '--repeats', '1',
+                '--input-size', '32', '--out', str(tmp_path), '--tag', 'smoke'])
+    text = (tmp_path / 'smoke.md').read_text()
+    assert '## resnet18, batch 1, cpu' in text and '| LRP fused, SinglePass |' in text
+    rows = json.loads((tmp_path / 'smoke.json').read_text())['results'][0]['rows']
+    timed = [name for name, row in rows.items() if row['seconds'] is not None]
+    assert {'gradient', speed.SINGLE_PASS, speed.ZPLUS_FLOOR, speed.FUSED} <= set(timed)
+    targets = [line for line in table_rows(tmp_path / 'smoke.md') if line.startswith('| resnet18 | 1 | cpu |')]
+    assert len(targets) == 1 and len(targets[0].split('|')) == 12  # 10 columns

@@ -5,7 +5,7 @@ import torchvision
 from zennit.attribution import Gradient
 from zennit.composites import EpsilonAlpha2Beta1Flat, EpsilonGammaBox, EpsilonPlusFlat, LayerMapComposite
 from zennit.core import Composite
-from zennit.rules import AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, WSquare, ZBox, ZPlus
+from zennit.rules import AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, ReLUGuidedBackprop, WSquare, ZBox, ZPlus
 
 import zennit_bnfuse.singlepass as singlepass
 from conftest import randomize_batch_norms
@@ -19,7 +19,7 @@ def relevance(model, composite, input, target):
     '''Relevance of ``input`` for the one-hot ``target`` (one class per example) under ``composite``.'''
     with Gradient(model, composite) as attributor:
         output = model(input)
-        return attributor(input, torch.eye(output.shape[1], dtype=input.dtype)[target])[1]
+        return attributor(input, torch.eye(output.shape[1], dtype=input.dtype, device=input.device)[target])[1]
 
 
 def both(model, make_composite, input, target):
@@ -170,11 +170,18 @@ def test_inactive_gives_the_plain_gradient():
     assert torch.equal(inactive, plain)
 
 
-def test_rules_without_gradient_pass_through():
-    # other hooks (and no rule) are kept as the composite gives them
+class OwnBackward(Epsilon):
+    def backward(self, module, grad_input, grad_output):
+        return grad_output
+
+
+def test_only_rules_that_compute_as_zennit_basic_hooks_are_replaced():
     assert single_pass_rule(None) is None
     assert isinstance(single_pass_rule(Epsilon()), SinglePassHook)
     assert isinstance(single_pass_rule(Pass()), SinglePassHook)
+    # a rule with its own backward, and Zennit's ReLU rules, stay Zennit's
+    for rule in (OwnBackward(), ReLUGuidedBackprop()):
+        assert single_pass_rule(rule) is rule
 
 
 class TwoInputs(torch.nn.Module):
@@ -216,3 +223,14 @@ def test_composite_lrp_single_pass_equals_zennit_hooks():
     single = CompositeLRP(model, EpsilonPlusFlat(), single_pass=True).attribute(images, target=[1, 2])
     assert isinstance(CompositeLRP(model, EpsilonPlusFlat(), single_pass=True).composite, SinglePass)
     assert torch.equal(single, hooks)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_cuda_equals_zennit(dtype):
+    # cuDNN may pick different algorithms for the two runs, so float32 compares to a tolerance
+    model = randomize_batch_norms(torchvision.models.resnet18(weights=None)).to('cuda', dtype)
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(5)).to('cuda', dtype)
+    zennit, single = both(model, COMPOSITES['epsilon-plus-flat'], images, torch.tensor([3, 7], device='cuda'))
+    assert single.device.type == 'cuda' and torch.isfinite(single).all()
+    torch.testing.assert_close(single, zennit, rtol=1e-4 if dtype == torch.float32 else 1e-10, atol=1e-7)

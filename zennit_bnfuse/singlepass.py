@@ -251,10 +251,19 @@ class SinglePassHook(Hook):
                 and has_identity_params(rule.param_modifiers[0]) and rule.input_modifiers[0](input) is input)
 
 
+HOOK_METHODS = ('pre_forward', 'post_forward', 'forward', 'pre_backward', 'backward')
+
+
+def computes_as(rule, base):
+    '''Whether ``rule`` is a ``base`` (BasicHook or Pass) that computes as ``base`` does: it may bring its own
+    modifiers, gradient mapper and reducer, but no hook method of its own.'''
+    return isinstance(rule, base) and all(getattr(type(rule), name) is getattr(base, name) for name in HOOK_METHODS)
+
+
 def single_pass_rule(rule):
-    '''The hook computing ``rule`` in a single pass, or ``rule`` itself where it is not a
-    :py:class:`zennit.core.BasicHook` or :py:class:`zennit.rules.Pass` (None stays None).'''
-    if isinstance(rule, (BasicHook, Pass)):
+    '''The hook computing ``rule`` in a single pass, or ``rule`` itself (None stays None) where it is not a
+    :py:class:`zennit.core.BasicHook` or :py:class:`zennit.rules.Pass`, or overrides how they compute.'''
+    if computes_as(rule, BasicHook) or computes_as(rule, Pass):
         return SinglePassHook(rule)
     return rule
 
