@@ -7,7 +7,6 @@ from zennit.composites import EpsilonAlpha2Beta1Flat, EpsilonGammaBox, EpsilonPl
 from zennit.core import Composite
 from zennit.rules import AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, ReLUGuidedBackprop, WSquare, ZBox, ZPlus
 
-import zennit_bnfuse.singlepass as singlepass
 from conftest import randomize_batch_norms
 from zennit_bnfuse import CompositeLRP, FuseBatchNorm
 from zennit_bnfuse.singlepass import SinglePass, SinglePassHook, normalizer, single_pass_rule
@@ -91,23 +90,25 @@ def test_every_rule_equals_zennit(name, sign):
     assert torch.equal(single, zennit)
 
 
-def test_zplus_runs_one_half_on_non_negative_input(monkeypatch):
-    general = []
+def test_zplus_runs_one_half_on_non_negative_input():
+    rule = ZPlus()
+    clamped = []
 
-    def counting(rule, module, input, grad_output):
-        general.append(type(module).__name__)
-        return original(rule, module, input, grad_output)
-
-    original = singlepass.rule_relevance
-    monkeypatch.setattr(singlepass, 'rule_relevance', counting)
+    def counting(modifier):
+        return lambda input: clamped.append(input.shape) or modifier(input)
+    rule.input_modifiers = [counting(modifier) for modifier in rule.input_modifiers]
     model = small_net()
     images = torch.rand(2, 2, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    # the first conv sees the non-negative image, the second a ReLU output, the linear layer an average of those
-    relevance(model, SinglePass(rule_composite(ZPlus())()), images, [0, 1])
-    assert general == []
+    # the first conv sees the non-negative image, the second a ReLU output, the linear layer an average of those:
+    # no layer needs the clamped halves
+    zennit, single = both(model, rule_composite(rule), images, [0, 1])
+    assert torch.equal(single, zennit)
+    clamped.clear()
+    relevance(model, SinglePass(rule_composite(rule)()), images, [0, 1])
+    assert clamped == []
     # a signed image sends the first conv through both halves; the later layers still run one
-    relevance(model, SinglePass(rule_composite(ZPlus())()), 2 * images - 1, [0, 1])
-    assert general == ['Conv2d']
+    relevance(model, SinglePass(rule_composite(rule)()), 2 * images - 1, [0, 1])
+    assert clamped == [(2, 2, 6, 6)] * 2
 
 
 def test_normalizer_only_for_known_rules_and_stabilizers():

@@ -108,27 +108,36 @@ def rule_relevance(rule, module, input, grad_output):
     return rule.reducer(inputs, gradients)
 
 
-def positive_zplus_relevance(rule, module, input, grad_output, normalize=None):
-    ''':py:func:`rule_relevance` for Zennit's ``ZPlus`` on an affine layer whose ``input`` has no negative entry.
+def zplus_relevance(rule, module, input, grad_output, normalize=None):
+    ''':py:func:`rule_relevance` for Zennit's ``ZPlus`` on an affine layer (see :py:func:`is_affine_layer`).
 
     ZPlus sums a positive half (input clamped at 0 from below, weights and bias likewise) and a negative half (input
-    clamped from above, weights too, bias zero). With no negative input entry the negative half's input is zero, so
-    its output and its term of the relevance are exactly zero, and the positive half's input is the input itself:
-    one forward and one backward pass of the layer remain. ``normalize`` is the rule's :py:func:`normalizer`, if it
-    has one. Returns None where ``input`` has a negative (or NaN) entry.
+    clamped from above, weights too, bias zero). Where ``input`` has no negative entry the negative half's input is
+    zero, so its output and its term of the relevance are exactly zero, and the positive half's input is the input
+    itself: one forward and one backward pass of the layer remain. ``normalize`` is the rule's
+    :py:func:`normalizer`, if it has one; without it, inputs with negative entries go to :py:func:`rule_relevance`.
     '''
-    if input.numel() == 0 or not input.min() >= 0:
-        return None
-    positive_input = input.detach().requires_grad_()
-    with ParamMod.ensure(rule.param_modifiers[0])(module) as modified, torch.enable_grad():
-        positive_output = modified.forward(positive_input)
-    # ZPlus normalises by the sum of both halves' outputs; the negative half's is zero
-    if normalize is None:
-        normalised, _ = rule.gradient_mapper(grad_output, [positive_output])
+    signed = input.numel() > 0 and not input.min() >= 0  # NaN counts as signed
+    if signed and normalize is None:
+        return rule_relevance(rule, module, input, grad_output)
+    if signed:
+        inputs = [modifier(input.detach()).requires_grad_() for modifier in rule.input_modifiers]
     else:
-        normalised = normalize(grad_output, positive_output.detach())
-    gradient, = torch.autograd.grad(positive_output, positive_input, grad_outputs=normalised)
-    return positive_input.detach() * gradient
+        inputs = [input.detach().requires_grad_()]
+    outputs = []
+    for modified_input, param_modifier in zip(inputs, rule.param_modifiers):
+        with ParamMod.ensure(param_modifier)(module) as modified, torch.enable_grad():
+            outputs.append(modified.forward(modified_input))
+    if normalize is None:
+        normalised, _ = rule.gradient_mapper(grad_output, outputs)
+    else:
+        total = outputs[0].detach() + outputs[1].detach() if signed else outputs[0].detach()
+        normalised = normalize(grad_output, total)
+    gradients = torch.autograd.grad(outputs, inputs, grad_outputs=[normalised] * len(outputs))
+    relevance = inputs[0].detach() * gradients[0]
+    if signed:
+        relevance = relevance + inputs[1].detach() * gradients[1]
+    return relevance
 
 
 class SinglePassHook(Hook):
@@ -235,12 +244,7 @@ class SinglePassHook(Hook):
                 return rule.reducer([detached_input], [gradient])
             return reused
         if type(rule) is ZPlus and is_affine_layer(module):
-            def zplus(detached_input, grad_output):
-                relevance = positive_zplus_relevance(rule, module, detached_input, grad_output, self.normalize)
-                if relevance is None:
-                    relevance = rule_relevance(rule, module, detached_input, grad_output)
-                return relevance
-            return zplus
+            return functools.partial(zplus_relevance, rule, module, normalize=self.normalize)
         return functools.partial(rule_relevance, rule, module)
 
     def reuses_forward(self, input):
