@@ -77,3 +77,15 @@ def test_speed_smoke(tmp_path):
     assert {'gradient', speed.SINGLE_PASS, speed.ZPLUS_FLOOR, speed.FUSED} <= set(timed)
     targets = [line for line in table_rows(tmp_path / 'smoke.md') if line.startswith('| resnet18 | 1 | cpu |')]
     assert len(targets) == 1 and len(targets[0].split('|')) == 12  # 10 columns
+
+
+def test_speed_interleaved_smoke(tmp_path):
+    import speed_interleaved
+    speed_interleaved.main(['--models', 'resnet18', '--batches', '1', '--extra', '', '--devices', 'cpu',
+                            '--repeats', '2', '--input-size', '32', '--out', str(tmp_path), '--tag', 'smoke'])
+    rows = json.loads((tmp_path / 'smoke.json').read_text())['results'][0]['rows']
+    assert set(rows) == {'gradient (fused model)', *speed_interleaved.METHODS}
+    assert all(len(row['seconds']) == 2 and row['median_ratio'] > 0 for row in rows.values())
+    assert rows['gradient (fused model)']['median_ratio'] == 1
+    table = [line for line in table_rows(tmp_path / 'smoke.md') if line.startswith('| resnet18 | 1 | cpu |')]
+    assert len(table) == 1
