@@ -103,13 +103,30 @@ def zennit_call(attributor, input, target, classes):
     return run
 
 
-def measure(arch, batch, device, repeats, input_size):
-    '''Rows (method -> seconds, memory, note) for one model and batch size.'''
+def setup(arch, batch, device, input_size):
+    '''The randomised model ``arch``, its fused copy, a batch of random images and random targets (seed 0).'''
     model = randomized(arch).to(device)
     generator = torch.Generator().manual_seed(0)
     input = torch.rand(batch, 3, input_size, input_size, generator=generator).to(device)
     target = torch.randint(0, 1000, (batch,), generator=generator).to(device)
     fused, _ = fuse(model)
+    return model, fused, input, target
+
+
+def gradient_and_forward(fused, input, target):
+    '''The plain input gradient of ``fused`` plus one more forward pass: the least an exact z+ rule can cost.'''
+    gradient = input_gradient(fused, input, target)
+
+    def run():
+        with torch.no_grad():
+            fused(input)
+        return gradient()
+    return run
+
+
+def measure(arch, batch, device, repeats, input_size):
+    '''Rows (method -> seconds, memory, note) for one model and batch size.'''
+    model, fused, input, target = setup(arch, batch, device, input_size)
     rows = {}
 
     def record(name, function, note=''):
@@ -127,13 +144,7 @@ def measure(arch, batch, device, repeats, input_size):
     record('forward', forward)
     record('gradient', input_gradient(model, input, target))
     record('gradient (fused model)', input_gradient(fused, input, target))
-    fused_gradient = input_gradient(fused, input, target)
-
-    def gradient_and_forward():
-        with torch.no_grad():
-            fused(input)
-        return fused_gradient()
-    record(ZPLUS_FLOOR, gradient_and_forward)
+    record(ZPLUS_FLOOR, gradient_and_forward(fused, input, target))
 
     composites = {
         FUSED: EpsilonPlusFlat(canonizers=[FuseBatchNorm()]),
@@ -236,6 +247,11 @@ def write_report(results, command, args):
         cells = [cell(value) for value in values[:5]] + [cell(value, True) for value in values[5:]]
         lines.append(f'| {arch} | {batch} | {device} | ' + ' | '.join(cells) + ' |')
     lines.append('')
+    write_tables(lines, results, command, host, date, args)
+
+
+def write_tables(lines, results, command, host, date, args):
+    '''Write the Markdown ``lines`` and the raw ``results`` as ``<tag>.md`` and ``<tag>.json`` in ``args.out``.'''
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f'{args.tag}.md').write_text('\n'.join(lines))
     (args.out / f'{args.tag}.json').write_text(json.dumps(
@@ -244,25 +260,36 @@ def write_report(results, command, args):
                      for (arch, batch, device), rows in results.items()]}, indent=1) + '\n')
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_arguments(argv, repeats, tag, doc):
+    '''The options shared by the speed benchmarks, with their defaults for ``repeats`` and ``tag``.'''
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--models', default=','.join(MODELS))
     parser.add_argument('--batches', default='1,16')
     parser.add_argument('--extra', default='resnet50:8', help='more model:batch pairs (the canonizer target)')
     parser.add_argument('--devices', default='cpu,cuda' if torch.cuda.is_available() else 'cpu')
-    parser.add_argument('--repeats', type=int, default=3)
+    parser.add_argument('--repeats', type=int, default=repeats)
     parser.add_argument('--input-size', type=int, default=224)
     parser.add_argument('--out', type=Path, default=RESULTS, help='folder for the tables')
-    parser.add_argument('--tag', default='speed', help='file name of the tables (without extension)')
-    args = parser.parse_args(argv)
+    parser.add_argument('--tag', default=tag, help='file name of the tables (without extension)')
+    return parser.parse_args(argv)
+
+
+def run_configurations(args, measure_one):
+    '''``measure_one(arch, batch, device, repeats, input_size)`` for every model, batch and device of ``args``, with a
+    progress bar; returns ``{(arch, batch, device): result}``.'''
     configs = [(arch, int(batch)) for arch in args.models.split(',') for batch in args.batches.split(',')]
     configs += [(pair.split(':')[0], int(pair.split(':')[1])) for pair in args.extra.split(',') if pair]
     results = {}
     for device in args.devices.split(','):
-        for arch, batch in tqdm(configs, desc=f'speed ({device})'):
-            results[(arch, batch, device)] = measure(arch, batch, torch.device(device), args.repeats,
-                                                     args.input_size)
-    write_report(results, command_line(argv), args)
+        for arch, batch in tqdm(configs, desc=f'{args.tag} ({device})'):
+            results[(arch, batch, device)] = measure_one(arch, batch, torch.device(device), args.repeats,
+                                                         args.input_size)
+    return results
+
+
+def main(argv=None):
+    args = parse_arguments(argv, repeats=3, tag='speed', doc=__doc__)
+    write_report(run_configurations(args, measure), command_line(argv), args)
     print((args.out / f'{args.tag}.md').read_text())
 
 

@@ -8,25 +8,21 @@ Writes ``benchmarks/results/speed-interleaved.md`` and ``.json``.
 
     python benchmarks/speed_interleaved.py
 '''
-import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 from zennit.attribution import Gradient
 from zennit.composites import EpsilonPlusFlat
 
-from zennit_bnfuse import FuseBatchNorm, SinglePass, fuse
+from zennit_bnfuse import FuseBatchNorm, SinglePass
 from zennit_bnfuse.composites import epsilon
 
 from provenance import command_line, header, machine, today
-from speed import MODELS, input_gradient, synchronize
-from zoo import randomized
+from speed import (
+    gradient_and_forward, input_gradient, parse_arguments, run_configurations, setup, synchronize, write_tables,
+)
 
-RESULTS = Path(__file__).parent / 'results'
 METHODS = {
     'gradient + one more forward (the least exact z+ can cost)': None,
     'EpsilonPlusFlat, fused, Zennit\'s hooks': lambda: EpsilonPlusFlat(canonizers=[FuseBatchNorm()]),
@@ -45,21 +41,11 @@ def lrp_call(model, composite, input, target):
 
 def measure(arch, batch, device, repeats, input_size):
     '''Per-repeat ratios to the plain gradient of the fused model, for each method.'''
-    model = randomized(arch).to(device)
-    generator = torch.Generator().manual_seed(0)
-    input = torch.rand(batch, 3, input_size, input_size, generator=generator).to(device)
-    target = torch.randint(0, 1000, (batch,), generator=generator).to(device)
-    fused, _ = fuse(model)
+    model, fused, input, target = setup(arch, batch, device, input_size)
     gradient = input_gradient(fused, input, target)
-
-    def gradient_and_forward():
-        with torch.no_grad():
-            fused(input)
-        return gradient()
-
     functions = {'gradient (fused model)': gradient}
     for name, make_composite in METHODS.items():
-        functions[name] = gradient_and_forward if make_composite is None else lrp_call(
+        functions[name] = gradient_and_forward(fused, input, target) if make_composite is None else lrp_call(
             model, make_composite(), input, target)
     seconds = {name: [] for name in functions}
     for function in functions.values():  # warm-up
@@ -97,33 +83,12 @@ def write_report(results, command, args):
                      + ' | '.join(f'{rows[name]["median_ratio"]:.2f}' for name in names)
                      + f' | {1000 * gradient:.1f} ms |')
     lines.append('')
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f'{args.tag}.md').write_text('\n'.join(lines))
-    (args.out / f'{args.tag}.json').write_text(json.dumps(
-        {'command': command, 'machine': host, 'date': date,
-         'results': [{'model': arch, 'batch': batch, 'device': device, 'rows': rows}
-                     for (arch, batch, device), rows in results.items()]}, indent=1) + '\n')
+    write_tables(lines, results, command, host, date, args)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--models', default=','.join(MODELS))
-    parser.add_argument('--batches', default='1,16')
-    parser.add_argument('--extra', default='resnet50:8', help='more model:batch pairs')
-    parser.add_argument('--devices', default='cpu,cuda' if torch.cuda.is_available() else 'cpu')
-    parser.add_argument('--repeats', type=int, default=5)
-    parser.add_argument('--input-size', type=int, default=224)
-    parser.add_argument('--out', type=Path, default=RESULTS, help='folder for the tables')
-    parser.add_argument('--tag', default='speed-interleaved', help='file name of the tables (without extension)')
-    args = parser.parse_args(argv)
-    configs = [(arch, int(batch)) for arch in args.models.split(',') for batch in args.batches.split(',')]
-    configs += [(pair.split(':')[0], int(pair.split(':')[1])) for pair in args.extra.split(',') if pair]
-    results = {}
-    for device in args.devices.split(','):
-        for arch, batch in tqdm(configs, desc=f'speed, round-robin ({device})'):
-            results[(arch, batch, device)] = measure(arch, batch, torch.device(device), args.repeats,
-                                                     args.input_size)
-    write_report(results, command_line(argv), args)
+    args = parse_arguments(argv, repeats=5, tag='speed-interleaved', doc=__doc__)
+    write_report(run_configurations(args, measure), command_line(argv), args)
     print((args.out / f'{args.tag}.md').read_text())
 
 
