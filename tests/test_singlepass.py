@@ -1,4 +1,6 @@
 '''Tests for SinglePass: Zennit's rules computed in one backward step per layer give Zennit's relevance exactly.'''
+import copy
+
 import pytest
 import torch
 import torchvision
@@ -235,3 +237,68 @@ def test_cuda_equals_zennit(dtype):
     zennit, single = both(model, COMPOSITES['epsilon-plus-flat'], images, torch.tensor([3, 7], device='cuda'))
     assert single.device.type == 'cuda' and torch.isfinite(single).all()
     torch.testing.assert_close(single, zennit, rtol=1e-4 if dtype == torch.float32 else 1e-10, atol=1e-7)
+
+
+def test_several_backward_passes_from_one_forward():
+    # relevance for several classes from one forward pass, as with Zennit's hooks (retain_graph=True)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3)).double()
+    input = torch.randn(2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(6), requires_grad=True)
+    results = []
+    for composite in (EpsilonPlusFlat(), SinglePass(EpsilonPlusFlat())):
+        with composite.context(model):
+            output = model(input)
+            results.append([torch.autograd.grad(output[:, c].sum(), input, retain_graph=True)[0] for c in range(3)])
+    for zennit, single in zip(*results):
+        assert torch.equal(single, zennit)
+
+
+def test_differentiating_the_relevance_raises():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3)).double()
+    input = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match=r'SinglePass does not support differentiating the relevance '
+                                           r'\(create_graph=True\)'):
+        with Gradient(model, SinglePass(EpsilonPlusFlat()), create_graph=True) as attributor:
+            attributor(input, torch.eye(3, dtype=torch.float64)[[0, 1]])
+
+
+class Shortcut(torch.nn.Module):
+    '''A frozen layer whose output feeds an in-place ReLU and, unchanged, a second layer.'''
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.first, self.shortcut, self.last = torch.nn.Linear(4, 4), torch.nn.Linear(4, 2), torch.nn.Linear(4, 2)
+        self.relu = torch.nn.ReLU(inplace=True)
+
+    def forward(self, input):
+        hidden = self.first(input)
+        return self.shortcut(hidden) + self.last(self.relu(hidden))
+
+
+def test_in_place_activation_on_a_shared_tensor_of_a_frozen_model():
+    model = Shortcut().double().requires_grad_(False)
+    input = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    composite = rule_composite(Epsilon())
+    zennit, single = both(model, composite, input, [0, 1, 0])
+    assert torch.equal(single, zennit)
+
+
+class Repeated(torch.nn.Module):
+    '''One linear layer called twice.'''
+    def __init__(self, unrolled=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer, self.head = torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)
+        self.second = copy.deepcopy(self.layer) if unrolled else self.layer
+
+    def forward(self, input):
+        return self.head(torch.relu(self.second(torch.relu(self.layer(input)))))
+
+
+def test_module_called_twice_gets_the_relevance_of_each_call():
+    # Zennit's BasicHook keeps only the last call's input; SinglePass gives what Zennit gives on an unrolled copy
+    input = torch.randn(2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    composite = rule_composite(Epsilon())
+    single = relevance(Repeated().double(), SinglePass(composite()), input, [0, 1])
+    unrolled = relevance(Repeated(unrolled=True).double(), composite(), input, [0, 1])
+    assert torch.equal(single, unrolled)
+    assert not torch.equal(relevance(Repeated().double(), composite(), input, [0, 1]), unrolled)

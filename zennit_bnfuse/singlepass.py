@@ -14,33 +14,34 @@ instead:
 - ``Pass`` hands the relevance through without the activation's own backward.
 
 The relevance is that of the wrapped composite: each rule's own modifiers, gradient mapper and reducer do the
-arithmetic, so custom rules and parameters are honoured. Double backward (``create_graph=True``) through the rules
-is not supported.
+arithmetic, so custom rules and parameters are honoured. One difference: for a module called several times, Zennit's
+hooks use the input of the last call for every call, SinglePass each call's own (as Zennit does for a copy of the
+module per call). Differentiating the relevance (``create_graph=True``) raises a RuntimeError.
 '''
-import functools
 import inspect
 
 import torch
-from torch.autograd.function import once_differentiable
 from zennit.core import BasicHook, Composite, Hook, ParamMod, RemovableHandle, RemovableHandleList, Stabilizer
 from zennit.rules import Epsilon, NoMod, Norm, Pass, ZPlus
 
 
 class _RelevanceNode(torch.autograd.Function):
-    '''Return the tensor in ``output_box`` (a 1-tuple, so autograd does not take it for an input and make a view of
-    it) as the node's output; in the backward pass, map its relevance to the input's with
-    ``relevance_fn(input, grad_output)``.'''
+    '''Return the first tensor of ``boxed`` as the node's output; in the backward pass, map its relevance to the
+    input's with ``relevance_fn(grad_output, *saved)``, ``saved`` being the other tensors of ``boxed`` (a tuple, so
+    autograd takes none of them for an input: the output is not made a view, and the saved tensors keep their own
+    graphs, which autograd frees with the node's unless the graph is retained).'''
     @staticmethod
-    def forward(ctx, relevance_fn, input, output_box, save_input):
+    def forward(ctx, relevance_fn, input, boxed):
         ctx.relevance_fn = relevance_fn
-        ctx.save_for_backward(input if save_input else None)
-        return output_box[0]
+        ctx.save_for_backward(*boxed[1:])
+        return boxed[0]
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_output):
-        input, = ctx.saved_tensors
-        return None, ctx.relevance_fn(input, grad_output), None, None
+        if torch.is_grad_enabled():
+            raise RuntimeError('SinglePass does not support differentiating the relevance (create_graph=True); use '
+                               'the composite without SinglePass for that.')
+        return None, ctx.relevance_fn(grad_output, *ctx.saved_tensors), None
 
 
 def has_identity_params(param_modifier):
@@ -197,9 +198,8 @@ class SinglePassHook(Hook):
         self.calls.append((original, keeps_graph))
         if keeps_graph:
             return None
-        # Pass never reads the input, so an in-place module may overwrite it, as it would without the hook
-        needs_copy = in_place and not isinstance(self.rule, Pass)
-        return (original.detach().clone() if needs_copy else original.detach(),)
+        # an in-place module writes to a copy, as under Zennit's own hooks, so the original input stays as it was
+        return (original.detach().clone() if in_place else original.detach(),)
 
     def forward(self, module, input, output):
         '''Replace ``output`` by a copy whose backward pass computes the rule's relevance.
@@ -216,36 +216,36 @@ class SinglePassHook(Hook):
         if not isinstance(output, torch.Tensor):
             raise TypeError(f'SinglePass supports modules that return one tensor; {type(module).__name__} returned '
                             f'{type(output).__name__}. Use the composite without SinglePass for this model.')
-        relevance_fn = self.relevance_function(module, original, output, keeps_graph)
+        relevance_fn, saved = self.relevance_function(module, original, output, keeps_graph)
         # where the rule reads ``output`` later, pass on a copy, so in-place operations after the module (such as
         # ReLU(inplace=True)) leave it as it was
         passed_on = output.detach().clone() if keeps_graph else output.detach()
-        return _RelevanceNode.apply(relevance_fn, original, (passed_on,), not isinstance(self.rule, Pass))
+        return _RelevanceNode.apply(relevance_fn, original, (passed_on, *saved))
 
     def relevance_function(self, module, input, output, keeps_graph):
-        '''The function ``(input, grad_output) -> relevance`` of the backward node: the cheapest exact way for this
-        rule, module and call.'''
+        '''The function ``(grad_output, *saved) -> relevance`` of the backward node, the cheapest exact way for this
+        rule, module and call, and the tensors ``saved`` it needs.'''
         rule = self.rule
         if isinstance(rule, Pass):
             if input.shape != output.shape:
                 raise TypeError(f'the Pass rule needs an output shaped like the input; {type(module).__name__} maps '
                                 f'{tuple(input.shape)} to {tuple(output.shape)}')
-            return lambda input, grad_output: grad_output
+            return (lambda grad_output: grad_output), ()
+        normalize = self.normalize
         if keeps_graph and rule.output_modifiers[0](output) is output:
-            # the rule's forward is the forward itself: take its output and differentiate the graph it left
-            normalize = self.normalize
-
-            def reused(detached_input, grad_output):
+            # the rule's forward is the forward itself: take its output and differentiate the graph it left (kept
+            # for as long as autograd keeps this node's saved tensors, so retain_graph=True works as usual)
+            def reused(grad_output, input, output):
                 if normalize is None:
                     normalised = rule.gradient_mapper(grad_output, [output])
                 else:
                     normalised = normalize(grad_output, output.detach())
-                gradient, = torch.autograd.grad(output, input, grad_outputs=normalised)
-                return rule.reducer([detached_input], [gradient])
-            return reused
+                gradient, = torch.autograd.grad(output, input, grad_outputs=normalised, retain_graph=True)
+                return rule.reducer([input.detach()], [gradient])
+            return reused, (input, output)
         if type(rule) is ZPlus and is_affine_layer(module):
-            return functools.partial(zplus_relevance, rule, module, normalize=self.normalize)
-        return functools.partial(rule_relevance, rule, module)
+            return (lambda grad_output, input: zplus_relevance(rule, module, input, grad_output, normalize)), (input,)
+        return (lambda grad_output, input: rule_relevance(rule, module, input, grad_output)), (input,)
 
     def reuses_forward(self, input):
         '''Whether the rule's single set of input and parameter modifiers is the identity, so the module's own
@@ -275,8 +275,9 @@ def single_pass_rule(rule):
 class SinglePass(Composite):
     '''A composite with the rules and canonizers of ``composite``, each rule computed in a single pass.
 
-    The relevance equals that of ``composite`` (see the module docstring for what is skipped); use it wherever the
-    composite would go::
+    The relevance equals that of ``composite`` (see the module docstring for what is skipped, and the one
+    difference, for modules called several times); use it wherever the composite would go, except where the relevance
+    itself is differentiated (``create_graph=True``)::
 
         composite = SinglePass(EpsilonPlusFlat(canonizers=[FuseBatchNorm()]))
         with Gradient(model, composite) as attributor:
