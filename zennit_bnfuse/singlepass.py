@@ -80,6 +80,13 @@ def is_affine_layer(module):
             and parameters <= {'weight', 'bias'})
 
 
+def modified_forward(module, param_modifier, input):
+    '''``module.forward(input)`` (hooks skipped) with the parameters a Zennit parameter modifier gives, recording the
+    graph.'''
+    with ParamMod.ensure(param_modifier)(module) as modified, torch.enable_grad():
+        return modified.forward(input)
+
+
 def rule_relevance(rule, module, input, grad_output):
     '''Relevance of ``module``'s input under the Zennit rule ``rule`` (a :py:class:`zennit.core.BasicHook`), computed
     as :py:meth:`zennit.core.BasicHook.backward` does, one forward and backward pass per modifier.
@@ -102,8 +109,7 @@ def rule_relevance(rule, module, input, grad_output):
     for input_modifier, param_modifier, output_modifier in zip(
             rule.input_modifiers, rule.param_modifiers, rule.output_modifiers):
         modified_input = input_modifier(input.detach()).requires_grad_()
-        with ParamMod.ensure(param_modifier)(module) as modified, torch.enable_grad():
-            outputs.append(output_modifier(modified.forward(modified_input)))
+        outputs.append(output_modifier(modified_forward(module, param_modifier, modified_input)))
         inputs.append(modified_input)
     gradients = torch.autograd.grad(outputs, inputs, grad_outputs=rule.gradient_mapper(grad_output, outputs))
     return rule.reducer(inputs, gradients)
@@ -125,10 +131,8 @@ def zplus_relevance(rule, module, input, grad_output, normalize=None):
         inputs = [modifier(input.detach()).requires_grad_() for modifier in rule.input_modifiers]
     else:
         inputs = [input.detach().requires_grad_()]
-    outputs = []
-    for modified_input, param_modifier in zip(inputs, rule.param_modifiers):
-        with ParamMod.ensure(param_modifier)(module) as modified, torch.enable_grad():
-            outputs.append(modified.forward(modified_input))
+    outputs = [modified_forward(module, param_modifier, modified_input)
+               for modified_input, param_modifier in zip(inputs, rule.param_modifiers)]
     if normalize is None:
         normalised, _ = rule.gradient_mapper(grad_output, outputs)
     else:
@@ -153,15 +157,16 @@ class SinglePassHook(Hook):
     rule: :py:class:`zennit.core.BasicHook` or :py:class:`zennit.rules.Pass`
         The rule whose relevance to compute; only its modifiers, gradient mapper and reducer are used.
     '''
-    def __init__(self, rule):
+    def __init__(self, rule, normalize=None):
         super().__init__()
         self.rule = rule
-        self.normalize = normalizer(rule)
+        # the rule's normalizer; copies for further modules take it over instead of reading the rule again
+        self.normalize = normalizer(rule) if normalize is None else normalize
         self.calls = []  # (original input, whether the module's graph is kept), one per call in progress
 
     def copy(self):
         '''A hook for another module with the same rule (rules keep no per-module state here).'''
-        return SinglePassHook(self.rule)
+        return SinglePassHook(self.rule, self.normalize)
 
     def register(self, module):
         '''Register the forward pre-hook and forward hook on ``module``; returns the handles that remove them.'''
