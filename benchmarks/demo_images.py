@@ -1,5 +1,5 @@
 '''Write the demo images shipped in the package: the first 6 MNIST test images and one CIFAR-10 test image of each
-of 6 classes, as PNG files ``zennit_bnfuse/demo/<dataset>-<index>-<label>.png`` (a few KB in all).
+of 6 classes, as PNG files ``zennit_bnfuse/evaluation/demo/<dataset>-<index>-<label>.png`` (a few KB in all).
 
     python benchmarks/demo_images.py --data-root ../shared/data
 '''
@@ -8,9 +8,9 @@ from pathlib import Path
 
 from torchvision.transforms.functional import to_pil_image
 
-from zennit_bnfuse.data import default_data_root, load_tensors
+from zennit_bnfuse.evaluation.data import default_data_root, load_tensors
 
-DEMO = Path(__file__).parent.parent / 'zennit_bnfuse' / 'demo'
+DEMO = Path(__file__).parent.parent / 'zennit_bnfuse' / 'evaluation' / 'demo'
 
 
 def main(argv=None):

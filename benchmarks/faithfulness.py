@@ -24,12 +24,12 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from zennit_bnfuse import CompositeLRP, HANDLINGS
-from zennit_bnfuse.composites import COMPOSITES, DISPLAY_NAMES, make_composite
-from zennit_bnfuse.data import default_data_root, load_tensors
-from zennit_bnfuse.explain import predicted_classes, relevance_by_handling
-from zennit_bnfuse.figures import curves_figure, heatmap_grid
-from zennit_bnfuse.metrics import conservation_error, mean_ci, region_perturbation
-from zennit_bnfuse.models import CIFAR10_CLASSES, MNIST_CLASSES, MODELS, dataset_of, pretrained
+from zennit_bnfuse.evaluation.composites import COMPOSITES, DISPLAY_NAMES, make_composite
+from zennit_bnfuse.evaluation.data import default_data_root, load_tensors
+from zennit_bnfuse.evaluation.explain import predicted_classes, relevance_by_handling
+from zennit_bnfuse.evaluation.figures import curves_figure, heatmap_grid
+from zennit_bnfuse.evaluation.metrics import conservation_error, mean_ci, region_perturbation
+from zennit_bnfuse.evaluation.models import CIFAR10_CLASSES, MNIST_CLASSES, MODELS, dataset_of, pretrained
 
 from provenance import command_line, header, machine, today
 

@@ -28,7 +28,7 @@ from zennit.rules import Epsilon
 from zennit.torchvision import ResNetCanonizer
 
 from zennit_bnfuse import CompositeLRP, FuseBatchNorm, FusedLRP, SinglePass, fuse
-from zennit_bnfuse.composites import epsilon
+from zennit_bnfuse.evaluation.composites import epsilon
 from zennit_bnfuse.fold import BATCH_NORM_TYPES
 
 from provenance import command_line, header, machine, today

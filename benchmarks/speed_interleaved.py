@@ -16,7 +16,7 @@ from zennit.attribution import Gradient
 from zennit.composites import EpsilonPlusFlat
 
 from zennit_bnfuse import FuseBatchNorm, SinglePass
-from zennit_bnfuse.composites import epsilon
+from zennit_bnfuse.evaluation.composites import epsilon
 
 from provenance import command_line, header, machine, today
 from speed import (

@@ -1,6 +1,6 @@
 '''Train the study's models from a seed and ship their weights.
 
-Writes ``zennit_bnfuse/weights/<name>.pt`` (the state_dict of the shipped architecture, input normalisation folded
+Writes ``zennit_bnfuse/evaluation/weights/<name>.pt`` (the state_dict of the shipped architecture, input normalisation folded
 into the first layer) and records the measured test accuracy in ``benchmarks/results/models.md`` (and
 ``models.json``), with the command, machine and date.
 
@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from zennit_bnfuse.data import default_data_root, load_tensors
-from zennit_bnfuse.models import MODELS, build, dataset_of, fold_normalization, weights_path
+from zennit_bnfuse.evaluation.data import default_data_root, load_tensors
+from zennit_bnfuse.evaluation.models import MODELS, build, dataset_of, fold_normalization, weights_path
 
 from provenance import command_line, machine, today
 

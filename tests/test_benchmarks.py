@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from zennit_bnfuse.data import default_data_root
+from zennit_bnfuse.evaluation.data import default_data_root
 
 ROOT = Path(__file__).parent.parent
 sys.path.insert(0, str(ROOT / 'benchmarks'))

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from zennit_bnfuse.data import default_data_root
+from zennit_bnfuse.evaluation.data import default_data_root
 
 ROOT = Path(__file__).parent.parent
-DEMO = ROOT / 'zennit_bnfuse' / 'demo'
+DEMO = ROOT / 'zennit_bnfuse' / 'evaluation' / 'demo'
 PNG = b'\x89PNG\r\n\x1a\n'
 
 
@@ -118,7 +118,7 @@ ERRORS = {
     'not weights': (lambda tmp: ('report', '--model', 'mnist-cnn-bn', '--weights', not_weights(tmp)),
                     r'cannot read weights from .*weights\.pt.*torch\.save\(model\.state_dict\(\), FILE\)'),
     'weights do not fit': (lambda tmp: ('report', '--model', 'mnist-cnn-bn', '--weights',
-                                        ROOT / 'zennit_bnfuse' / 'weights' / 'mnist-cnn.pt'),
+                                        ROOT / 'zennit_bnfuse' / 'evaluation' / 'weights' / 'mnist-cnn.pt'),
                            r'the weights in .*mnist-cnn\.pt do not fit mnist-cnn-bn: 10 missing \(bn1\.weight, .*\)\. '
                            r'Pass weights saved'),
     'torchvision without weights': (lambda tmp: ('report', '--model', 'torchvision:resnet18'),

@@ -8,7 +8,7 @@ from zennit.types import BatchNorm
 
 from conftest import randomize_batch_norms
 from zennit_bnfuse import HANDLINGS, CompositeLRP, FusedLRP, bn_handling
-from zennit_bnfuse.composites import COMPOSITES, make_composite
+from zennit_bnfuse.evaluation.composites import COMPOSITES, make_composite
 
 
 def conv_net(batch_norm):

@@ -1,10 +1,10 @@
-'''Tests for zennit_bnfuse.metrics on hand-made cases with known curves, and against Quantus.'''
+'''Tests for zennit_bnfuse.evaluation.metrics on hand-made cases with known curves, and against Quantus.'''
 import numpy as np
 import pytest
 import quantus
 import torch
 
-from zennit_bnfuse.metrics import (
+from zennit_bnfuse.evaluation.metrics import (
     PerturbationResult, aopc, conservation_error, mean_ci, patch_relevance, perturbation_baseline,
     perturbation_curve, perturbation_masks, region_perturbation,
 )

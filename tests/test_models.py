@@ -1,9 +1,9 @@
-'''Tests for the shipped models (zennit_bnfuse.models) and data loading (zennit_bnfuse.data).'''
+'''Tests for the shipped models (zennit_bnfuse.evaluation.models) and data loading (zennit_bnfuse.evaluation.data).'''
 import pytest
 import torch
 
-from zennit_bnfuse.data import default_data_root, load_dataset, load_tensors
-from zennit_bnfuse.models import INPUT_SHAPES, MODELS, build, dataset_of, fold_normalization, pretrained, weights_path
+from zennit_bnfuse.evaluation.data import default_data_root, load_dataset, load_tensors
+from zennit_bnfuse.evaluation.models import INPUT_SHAPES, MODELS, build, dataset_of, fold_normalization, pretrained, weights_path
 
 from conftest import randomize_batch_norms
 

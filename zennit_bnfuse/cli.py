@@ -14,11 +14,11 @@ import torchvision
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms.functional import pil_to_tensor, resize
 
-from .composites import COMPOSITES, make_composite
-from .data import DATASETS, default_data_root, demo_images, load_tensors
-from .explain import faithfulness_summary, predicted_classes, relevance_by_handling, summary_markdown
+from .evaluation.composites import COMPOSITES, make_composite
+from .evaluation.data import DATASETS, default_data_root, demo_images, load_tensors
+from .evaluation.explain import faithfulness_summary, predicted_classes, relevance_by_handling, summary_markdown
 from .handling import HANDLINGS
-from .models import CIFAR10_CLASSES, INPUT_SHAPES, MNIST_CLASSES, MODELS, dataset_of, pretrained
+from .evaluation.models import CIFAR10_CLASSES, INPUT_SHAPES, MNIST_CLASSES, MODELS, dataset_of, pretrained
 from .pairs import find_fusable_pairs
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -210,7 +210,7 @@ def explain_to_outputs(loaded, images, composite, handlings, target, device, pat
 
 def write_outputs(out, name, loaded, images, targets, relevance, composite):
     '''Heatmap grid, relevance tensors and the metrics of one model in ``out``.'''
-    from .figures import heatmap_grid
+    from .evaluation.figures import heatmap_grid
     out.mkdir(parents=True, exist_ok=True)
     rows = slice(0, GRID_ROWS)
     heatmap_grid(images[rows], {handling: values[rows] for handling, values in relevance.items()},

@@ -111,7 +111,7 @@ def demo_images(dataset):
     dataset: str
         ``'mnist'`` or ``'cifar10'``.
     """
-    folder = resources.files('zennit_bnfuse') / 'demo'
+    folder = resources.files('zennit_bnfuse.evaluation') / 'demo'
     files = sorted((entry for entry in folder.iterdir() if entry.name.startswith(f'{dataset}-')),
                    key=lambda entry: int(entry.name.split('-')[1]))
     images = []

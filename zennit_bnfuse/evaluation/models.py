@@ -9,7 +9,7 @@ from importlib import resources
 
 import torch
 
-from .fold import fold_into_next
+from ..fold import fold_into_next
 
 DATASET_STATS = {
     'mnist': ((0.1307,), (0.3081,)),
@@ -149,7 +149,7 @@ def fold_normalization(model, name):
 
 def weights_path(name):
     '''Where the shipped state_dict of model ``name`` lies inside the package.'''
-    return resources.files('zennit_bnfuse') / 'weights' / f'{name}.pt'
+    return resources.files('zennit_bnfuse.evaluation') / 'weights' / f'{name}.pt'
 
 
 def pretrained(name, device='cpu'):

@@ -2,8 +2,8 @@
 import torch
 from tqdm.auto import tqdm
 
-from .attribution import CompositeLRP
-from .handling import HANDLINGS
+from ..attribution import CompositeLRP
+from ..handling import HANDLINGS
 from .metrics import mean_ci, region_perturbation
 
 
