@@ -27,8 +27,13 @@ MODELS = {
     'cifar10-vgg-bn': ('cifar10', 'vgg', True, False),
     'cifar10-vgg': ('cifar10', 'vgg', False, False),
     'cifar10-vgg-bn-fc': ('cifar10', 'vgg', True, True),
+    'cifar10-preact-resnet': ('cifar10', 'preact', True, False),
 }
 VGG_CHANNELS = (32, 64, 128)
+# pre-activation ResNet-20: (width, stride of the first block) per stage, three blocks each
+PREACT_STAGES = ((16, 1), (32, 2), (64, 2))
+PREACT_BLOCKS = 3
+SEEDS = (0, 1, 2)
 
 
 class Normalize(torch.nn.Module):
@@ -41,6 +46,66 @@ class Normalize(torch.nn.Module):
     def forward(self, input):
         shape = (1, -1) + (1,) * (input.ndim - 2)
         return (input - self.mean.reshape(shape)) / self.std.reshape(shape)
+
+
+class PreActBlock(torch.nn.Module):
+    '''Pre-activation basic block (He et al. 2016, *Identity Mappings in Deep Residual Networks*):
+    ``conv2(relu(bn2(conv1(relu(bn1(x)))))) + shortcut``.
+
+    Where the block changes width or stride, the shortcut is a 1x1 convolution of the pre-activated input
+    ``relu(bn1(x))``, shared with ``conv1`` as in the paper's code; otherwise it is ``x`` itself.
+    '''
+    def __init__(self, in_channels, out_channels, stride):
+        super().__init__()
+        self.bn1 = torch.nn.BatchNorm2d(in_channels)
+        self.relu1 = torch.nn.ReLU()
+        self.conv1 = torch.nn.Conv2d(in_channels, out_channels, 3, stride, padding=1, bias=False)
+        self.bn2 = torch.nn.BatchNorm2d(out_channels)
+        self.relu2 = torch.nn.ReLU()
+        self.conv2 = torch.nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.shortcut = None
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = torch.nn.Conv2d(in_channels, out_channels, 1, stride, bias=False)
+
+    def forward(self, input):
+        activated = self.relu1(self.bn1(input))
+        shortcut = input if self.shortcut is None else self.shortcut(activated)
+        return self.conv2(self.relu2(self.bn2(self.conv1(activated)))) + shortcut
+
+
+class PreActResNet(torch.nn.Module):
+    '''Pre-activation ResNet-20 for CIFAR-10: every BatchNorm but the ones after ``conv1`` of a block sits in front
+    of a ReLU and a convolution (BN -> ReLU -> conv), after a residual addition.
+
+    The stem convolution has no padding (32 -> 30 pixels), so the input normalisation folds into it exactly.
+
+    Parameters
+    ----------
+    normalize: bool
+        Put a :py:class:`Normalize` first (for training).
+    '''
+    def __init__(self, normalize=False):
+        super().__init__()
+        if normalize:
+            self.normalize = Normalize(*DATASET_STATS['cifar10'])
+        self.stem = torch.nn.Conv2d(3, PREACT_STAGES[0][0], 3, padding=0)
+        blocks, channels = [], PREACT_STAGES[0][0]
+        for width, stride in PREACT_STAGES:
+            for index in range(PREACT_BLOCKS):
+                blocks.append(PreActBlock(channels, width, stride if index == 0 else 1))
+                channels = width
+        self.blocks = torch.nn.Sequential(*blocks)
+        self.bn = torch.nn.BatchNorm2d(channels)
+        self.relu = torch.nn.ReLU()
+        self.pool = torch.nn.AdaptiveAvgPool2d(1)
+        self.flatten = torch.nn.Flatten()
+        self.fc = torch.nn.Linear(channels, 10)
+
+    def forward(self, input):
+        if hasattr(self, 'normalize'):
+            input = self.normalize(input)
+        features = self.relu(self.bn(self.blocks(self.stem(input))))
+        return self.fc(self.flatten(self.pool(features)))
 
 
 def dataset_of(name):
@@ -69,11 +134,14 @@ def build(name, normalize=False):
 
     Returns
     -------
-    :py:obj:`torch.nn.Sequential`
-        With readable module names (``conv1``, ``bn1``, ``relu1``, ...).
+    :py:obj:`torch.nn.Module`
+        A :py:obj:`torch.nn.Sequential` with readable module names (``conv1``, ``bn1``, ``relu1``, ...), or a
+        :py:class:`PreActResNet`.
     '''
     dataset = dataset_of(name)
     _, kind, batch_norm, fc_head = MODELS[name]
+    if kind == 'preact':
+        return PreActResNet(normalize).eval()
     channels = INPUT_SHAPES[dataset][0]
     layers = OrderedDict()
     if normalize:
@@ -147,25 +215,29 @@ def fold_normalization(model, name):
     return shipped.eval()
 
 
-def weights_path(name):
-    '''Where the shipped state_dict of model ``name`` lies inside the package.'''
-    return resources.files('zennit_bnfuse.evaluation') / 'weights' / f'{name}.pt'
+def weights_path(name, seed=0):
+    '''Where the shipped state_dict of model ``name`` trained from ``seed`` lies inside the package
+    (``weights/<name>.pt`` for seed 0, ``weights/<name>-seed<seed>.pt`` otherwise).'''
+    suffix = '' if seed == 0 else f'-seed{seed}'
+    return resources.files('zennit_bnfuse.evaluation') / 'weights' / f'{name}{suffix}.pt'
 
 
-def pretrained(name, device='cpu'):
+def pretrained(name, device='cpu', seed=0):
     '''Model ``name`` with its shipped weights, in eval mode.
 
     Parameters
     ----------
     name: str
-        One of ``mnist-cnn-bn``, ``mnist-cnn``, ``mnist-mlp-bn``, ``mnist-mlp``, ``cifar10-vgg-bn``, ``cifar10-vgg``,
-        ``cifar10-vgg-bn-fc``.
+        A key of :py:data:`MODELS`: ``mnist-cnn-bn``, ``mnist-cnn``, ``mnist-mlp-bn``, ``mnist-mlp``,
+        ``cifar10-vgg-bn``, ``cifar10-vgg``, ``cifar10-vgg-bn-fc``, ``cifar10-preact-resnet``.
     device: str or :py:obj:`torch.device`
         Where to put it.
+    seed: int
+        Which training run (one of :py:data:`SEEDS`); seed 0 is the default model.
 
     Returns
     -------
-    :py:obj:`torch.nn.Sequential`
+    :py:obj:`torch.nn.Module`
         Takes ``N x 1 x 28 x 28`` (MNIST) or ``N x 3 x 32 x 32`` (CIFAR-10) images in [0, 1] and returns 10 logits.
 
     Raises
@@ -176,9 +248,10 @@ def pretrained(name, device='cpu'):
         If the weights are not shipped (run ``benchmarks/train.py``).
     '''
     model = build(name)
-    path = weights_path(name)
+    path = weights_path(name, seed)
     if not path.is_file():
-        raise FileNotFoundError(f'no shipped weights for {name!r} at {path}; train them with benchmarks/train.py')
+        raise FileNotFoundError(f'no shipped weights for {name!r} (seed {seed}) at {path}; train them with '
+                                f'benchmarks/train.py --model {name} --seed {seed}')
     with resources.as_file(path) as file:
         model.load_state_dict(torch.load(file, map_location='cpu', weights_only=True))
     return model.to(device).eval()
