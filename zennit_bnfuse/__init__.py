@@ -5,6 +5,7 @@ from .fusion import fuse
 from .handling import HANDLINGS, BatchNormHandling, bn_handling
 from .layers import ThresholdReLU
 from .pairs import find_fusable_pairs
+from .quantus_interop import explain_func
 from .report import FusedBatchNorm, FusionReport, UnfusedBatchNorm
 from .singlepass import SinglePass
 
@@ -20,6 +21,7 @@ __all__ = [
     'ThresholdReLU',
     'UnfusedBatchNorm',
     'bn_handling',
+    'explain_func',
     'find_fusable_pairs',
     'fuse',
 ]

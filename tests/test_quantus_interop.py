@@ -1,0 +1,80 @@
+'''Tests of zennit_bnfuse.explain_func, the explain_func for Quantus metrics.'''
+import numpy as np
+import pytest
+import quantus
+import torch
+from zennit.composites import EpsilonPlusFlat
+
+from zennit_bnfuse import CompositeLRP, FusedLRP, explain_func
+from zennit_bnfuse.evaluation.data import demo_images
+from zennit_bnfuse.evaluation.models import pretrained
+
+
+@pytest.fixture(scope='module')
+def shipped():
+    '''The shipped mnist-cnn-bn, four demo digits and their predicted classes.'''
+    model = pretrained('mnist-cnn-bn')
+    images = demo_images('mnist')[:4]
+    with torch.no_grad():
+        targets = model(images).argmax(dim=1)
+    return model, images, targets
+
+
+def test_numpy_in_numpy_out_equals_composite_lrp(shipped):
+    model, images, targets = shipped
+    result = explain_func(model=model, inputs=images.numpy(), targets=targets.numpy(), composite=EpsilonPlusFlat())
+    expected = CompositeLRP(model, EpsilonPlusFlat()).attribute(images, target=targets).sum(dim=1, keepdim=True)
+    assert isinstance(result, np.ndarray) and result.dtype == np.float32 and result.shape == (4, 1, 28, 28)
+    np.testing.assert_allclose(result, expected.numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_names_handlings_captum_rules_and_all_axes(shipped):
+    model, images, targets = shipped
+    inputs, labels = images.numpy(), targets.numpy()
+    full = explain_func(model=model, inputs=inputs, targets=labels, composite='captum', reduce_axes=None)
+    np.testing.assert_allclose(full, FusedLRP(model).attribute(images, target=targets).detach().numpy(), rtol=1e-5, atol=1e-7)
+    fused = explain_func(model=model, inputs=inputs, targets=labels, composite='epsilon-plus-flat')
+    naive = explain_func(model=model, inputs=inputs, targets=labels, composite='epsilon-plus-flat', handling='naive')
+    assert fused.shape == naive.shape == (4, 1, 28, 28) and not np.allclose(fused, naive)
+    one_target = explain_func(model=model, inputs=inputs[:2], targets=3, composite='epsilon-plus-flat')
+    assert one_target.shape == (2, 1, 28, 28)
+
+
+def test_errors(shipped):
+    model, images, targets = shipped
+    with pytest.raises(TypeError, match='composite must be a Zennit Composite'):
+        explain_func(model=model, inputs=images.numpy(), targets=targets.numpy(), composite=object())
+    with pytest.raises(ValueError, match='batch axis 0'):
+        explain_func(model=model, inputs=images.numpy(), targets=targets.numpy(), reduce_axes=(0, 1))
+    with pytest.raises(TypeError, match='torch.nn.Module'):
+        explain_func(model='model', inputs=images.numpy(), targets=targets.numpy())
+
+
+def test_quantus_faithfulness_metric_through_explain_func(shipped, snapshot):
+    '''Quantus' RegionPerturbation gives the same scores through explain_func as on relevance computed beforehand.'''
+    model, images, targets = shipped
+    before = snapshot(model)
+    kwargs = {'composite': 'epsilon-plus-flat', 'handling': 'fused'}
+    metric = quantus.RegionPerturbation(patch_size=7, regions_evaluation=4, disable_warnings=True,
+                                        display_progressbar=False)
+    through = metric(model=model, x_batch=images.numpy(), y_batch=targets.numpy(), a_batch=None,
+                     explain_func=explain_func, explain_func_kwargs=kwargs, device='cpu')
+    relevance = explain_func(model=model, inputs=images.numpy(), targets=targets.numpy(), **kwargs)
+    given = metric(model=model, x_batch=images.numpy(), y_batch=targets.numpy(), a_batch=relevance, device='cpu')
+    assert np.isfinite(np.asarray(through)).all()
+    np.testing.assert_allclose(np.asarray(through), np.asarray(given), rtol=1e-6)
+    before.assert_unchanged()
+
+
+def test_quantus_randomisation_metric_through_explain_func(shipped, snapshot):
+    '''Quantus' MPRT randomises copies of the model layer by layer and explains each through explain_func; fused LRP
+    heatmaps change once the weights are random (correlation with the original below 1), and the model itself is
+    left unchanged.'''
+    model, images, targets = shipped
+    before = snapshot(model)
+    metric = quantus.MPRT(seed=0, return_last_correlation=True, disable_warnings=True, display_progressbar=False)
+    scores = metric(model=model, x_batch=images.numpy(), y_batch=targets.numpy(), a_batch=None,
+                    explain_func=explain_func, explain_func_kwargs={'composite': 'epsilon-plus-flat'}, device='cpu')
+    scores = np.asarray(scores, dtype=float)
+    assert scores.shape == (4,) and np.isfinite(scores).all() and (scores < .9).all()
+    before.assert_unchanged()

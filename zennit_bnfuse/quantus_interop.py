@@ -1,0 +1,111 @@
+'''An ``explain_func`` for Quantus metrics: LRP relevance with BatchNorm fused, numpy in and numpy out.
+
+Quantus metrics call ``explain_func(model=..., inputs=..., targets=..., **explain_func_kwargs)`` with numpy arrays and
+expect a numpy array of attributions back::
+
+    import quantus
+    from zennit_bnfuse import explain_func
+
+    metric = quantus.RegionPerturbation(patch_size=4, regions_evaluation=10)
+    scores = metric(model=model, x_batch=images, y_batch=labels, explain_func=explain_func,
+                    explain_func_kwargs={'composite': 'epsilon-plus-flat', 'handling': 'fused'})
+'''
+import numpy as np
+import torch
+from zennit.core import Composite
+
+from .attribution import CompositeLRP, FusedLRP
+
+# the attribution object of the last call, reused while the model and settings stay the same, so that the LRP-ready
+# copy of a model is built once per model (it is rebuilt anyway when the model's tensors change); only one model is
+# kept alive by it
+_LAST = {}
+
+
+def _attribution(model, composite, handling, rules, low, high):
+    '''The :py:class:`~zennit_bnfuse.CompositeLRP` or :py:class:`~zennit_bnfuse.FusedLRP` for these settings,
+    reused from the last call where possible.'''
+    key = (id(model), composite if isinstance(composite, str) else id(composite), handling, id(rules), low, high)
+    if _LAST.get('key') == key and _LAST['model'] is model:
+        return _LAST['attribution']
+    if composite == 'captum':
+        attribution = FusedLRP(model, rules=rules, handling=handling)
+    else:
+        if isinstance(composite, str):
+            from .evaluation.composites import make_composite
+            composite = make_composite(composite, low, high)
+        elif not isinstance(composite, Composite):
+            raise TypeError(f'composite must be a Zennit Composite (e.g. EpsilonPlusFlat()), the name of one in '
+                            f'zennit_bnfuse.evaluation.composites, or \'captum\'; not {composite!r}')
+        attribution = CompositeLRP(model, composite, handling=handling)
+    _LAST.update(key=key, model=model, rules=rules, attribution=attribution)
+    return attribution
+
+
+def explain_func(model, inputs, targets, composite='epsilon-plus-flat', handling='fused', rules=None, low=0.,
+                 high=1., device=None, reduce_axes=(1,), keepdims=True, **kwargs):
+    '''LRP relevance of ``inputs`` for ``targets``, as Quantus metrics call an ``explain_func``.
+
+    Parameters
+    ----------
+    model: :py:obj:`torch.nn.Module`
+        The classifier, in eval mode. It is not changed.
+    inputs: :py:obj:`numpy.ndarray` or :py:obj:`torch.Tensor`
+        ``(N, C, ...)``, channels first.
+    targets: :py:obj:`numpy.ndarray`, :py:obj:`torch.Tensor`, int or sequence of int
+        The class to explain per example, ``(N,)``, or one class for all.
+    composite: str or :py:obj:`zennit.core.Composite`
+        A Zennit composite, the name of one in :py:data:`zennit_bnfuse.evaluation.composites.COMPOSITES` (default
+        ``'epsilon-plus-flat'``), or ``'captum'`` for Captum's rules through :py:class:`~zennit_bnfuse.FusedLRP`.
+    handling: str
+        The BatchNorm handling: ``'fused'`` (default), ``'unfused'`` or ``'naive'`` (see
+        :py:func:`zennit_bnfuse.bn_handling`).
+    rules: dict, optional
+        Captum rules by module name or type, with ``composite='captum'`` (see :py:class:`~zennit_bnfuse.FusedLRP`).
+    low, high: float
+        Input bounds for a named composite's first-layer ZBox rule.
+    device: str or :py:obj:`torch.device`, optional
+        Where to compute; default: where the model's parameters are.
+    reduce_axes: tuple[int, ...] or None
+        Axes of the relevance to sum, as in Quantus' own ``explain`` (default ``(1,)``: over channels; ``None`` or
+        ``()`` keeps every axis). Axis 0, the batch, cannot be summed.
+    keepdims: bool
+        Keep the summed axes with size 1 (Quantus' default).
+    **kwargs:
+        Other keywords Quantus passes (ignored).
+
+    Returns
+    -------
+    :py:obj:`numpy.ndarray`
+        The relevance, ``inputs``' shape with ``reduce_axes`` summed, float32, scaled so that each example's relevance
+        sums to about its target logit (Captum's convention).
+
+    Raises
+    ------
+    TypeError
+        If ``model`` is not a :py:obj:`torch.nn.Module` or ``composite`` is neither a Composite nor a known name.
+    ValueError
+        If ``reduce_axes`` contains the batch axis 0, ``handling`` or a composite name is unknown, or the targets do
+        not fit the model's outputs.
+    '''
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f'model must be a torch.nn.Module, not {type(model).__name__}')
+    reduce_axes = tuple(reduce_axes or ())
+    if any(axis % np.ndim(inputs) == 0 for axis in reduce_axes):
+        raise ValueError('reduce_axes must not contain the batch axis 0')
+    if device is None:
+        device = next(model.parameters(), torch.empty(0)).device
+    inputs = torch.as_tensor(np.asarray(inputs) if not isinstance(inputs, torch.Tensor) else inputs)
+    inputs = inputs.to(device=device, dtype=torch.get_default_dtype() if not inputs.is_floating_point() else None)
+    parameter = next(model.parameters(), None)
+    if parameter is not None and parameter.is_floating_point():
+        inputs = inputs.to(parameter.dtype)
+    targets = torch.as_tensor(np.asarray(targets) if not isinstance(targets, torch.Tensor) else targets)
+    targets = targets.to(device=device, dtype=torch.long).reshape(-1)
+    if targets.numel() == 1 and len(inputs) != 1:
+        targets = targets.expand(len(inputs))
+    relevance = _attribution(model, composite, handling, rules, low, high).attribute(inputs, target=targets)
+    relevance = relevance.detach()
+    if reduce_axes:
+        relevance = relevance.sum(dim=reduce_axes, keepdim=keepdims)
+    return relevance.float().cpu().numpy()
