@@ -128,3 +128,18 @@ def test_relu_fold_exact_including_negative_and_zero_scale():
     expected = torch.relu(input * scale + shift)
     actual = next_scale * torch.relu(input * sign + threshold)
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize('variance, eps', [(-1., 0.5), (0., 0.), (-1e-5, 1e-5)])
+def test_check_rejects_non_positive_variance_plus_eps(variance, eps):
+    batch_norm = torch.nn.BatchNorm2d(3, eps=eps).eval()
+    batch_norm.running_var[2] = variance
+    with pytest.raises(ValueError, match=r"'block\.bn' has running_var \+ eps <= 0 in channel\(s\) \[2\].*reload"):
+        check_batch_norm('block.bn', batch_norm)
+
+
+def test_check_rejects_non_positive_variance_in_frozen_batch_norm():
+    batch_norm = FrozenBatchNorm2d(2, eps=0.)
+    batch_norm.running_var[0] = 0.
+    with pytest.raises(ValueError, match=r"'f' has running_var \+ eps <= 0 in channel\(s\) \[0\]"):
+        check_batch_norm('f', batch_norm)

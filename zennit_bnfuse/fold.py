@@ -43,8 +43,9 @@ def check_batch_norm(name, batch_norm):
     Raises
     ------
     ValueError
-        If the module is in training mode (it normalises by batch statistics) or its running statistics or affine
-        parameters are not finite.
+        If the module is in training mode (it normalises by batch statistics), its running statistics or affine
+        parameters are not finite, or ``running_var + eps`` is not positive in some channel (its normalisation
+        ``1 / sqrt(running_var + eps)`` is then infinite or not a number).
     '''
     if batch_norm.training and not isinstance(batch_norm, FrozenBatchNorm2d):
         raise ValueError(
@@ -60,6 +61,15 @@ def check_batch_norm(name, batch_norm):
                 f'BatchNorm \'{name}\' has non-finite values in \'{key}\'; fix or reload its '
                 'statistics (for example by re-running a calibration pass) before fusing.'
             )
+    # in the module's own dtype (what its forward computes) and in float64 (what the fold computes)
+    variance, eps = batch_norm.running_var, batch_norm.eps
+    channels = ((variance + eps <= 0) | (variance.double() + eps <= 0)).nonzero().flatten().tolist()
+    if channels:
+        raise ValueError(
+            f'BatchNorm \'{name}\' has running_var + eps <= 0 in channel(s) {channels}, where it divides by the '
+            'square root of a non-positive number; fix or reload its statistics (variances are never negative) '
+            'before fusing.'
+        )
 
 
 def batch_norm_affine(batch_norm):
