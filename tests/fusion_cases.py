@@ -204,3 +204,73 @@ def must_not_fuse():
     cases['bn-before-transposed-conv'] = (*prepared(torch.nn.Sequential(
         torch.nn.BatchNorm2d(3), torch.nn.ConvTranspose2d(3, 2, 3)), 2, 3, 5, 5), {'0': r'transposed convolution'})
     return cases
+
+
+class Untraceable(torch.nn.Module):
+    '''Data-dependent control flow defeats torch.fx; the Sequential's fold (conv -> BN) is right, `bn` has none.'''
+    def __init__(self):
+        super().__init__()
+        self.block = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+        self.conv = torch.nn.Conv2d(4, 4, 1)
+        self.bn = torch.nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        x = self.block(x)
+        if x.sum() > 0:
+            x = -x
+        return torch.tanh(self.bn(self.conv(x)))
+
+
+class Sliced(torch.nn.Module):
+    '''Calls its Sequential in two slices with tanh between conv `0` and BN `1` (the issue's first wrong fold); BN
+    `4` does follow conv `3`. Untraceable (data-dependent control flow).'''
+    def __init__(self):
+        super().__init__()
+        self.features = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                            torch.nn.Conv2d(4, 4, 1), torch.nn.BatchNorm2d(4))
+
+    def forward(self, x):
+        a = self.features[:1](x)
+        if a.sum() > 0:
+            a = a * 2.
+        return self.features[1:](torch.tanh(a))
+
+
+class Reordered(torch.nn.Module):
+    '''Calls its Sequential's children in another order than listed: each BN runs before the conv listed before it
+    (the issue's second wrong fold). Untraceable (data-dependent control flow).'''
+    def __init__(self):
+        super().__init__()
+        self.features = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.BatchNorm2d(4),
+                                            torch.nn.Conv2d(4, 4, 1), torch.nn.BatchNorm2d(4))
+
+    def forward(self, x):
+        x = self.features[0](self.features[1](x))
+        if x.sum() > 0:
+            x = x * 2.
+        return self.features[2](self.features[3](x))
+
+
+def untraceable_cases():
+    '''Untraceable models, as ``{case id: (model, input, folds)}``: ``folds`` are the Sequential neighbours that
+    give the model's output (BN name -> (layer name, side)).'''
+    return {
+        'sequential-folds-right': (*prepared(Untraceable(), 2, 3, 5, 5), {'block.1': ('block.0', 'after')}),
+        'sliced-sequential': (*prepared(Sliced(), 2, 3, 5, 5), {'features.4': ('features.3', 'after')}),
+        'reordered-children': (*prepared(Reordered(), 2, 4, 5, 5), {}),
+    }
+
+
+def rank_dependent_cases():
+    '''Folds that are exact only for inputs of one rank, with an input of another rank on which the BatchNorm
+    runs, as ``{case id: (model, input, (bn, layer))}`` (the issue's three cases and an unbatched Conv1d).'''
+    return {
+        'linear-bn1d-on-nlc': (*prepared(torch.nn.Sequential(
+            torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3)), 2, 3, 3), ('1', '0')),
+        'bn1d-linear-on-ncl': (*prepared(torch.nn.Sequential(
+            torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 2)), 2, 3, 3), ('0', '1')),
+        'bn1d-relu-linear-on-ncl': (*prepared(torch.nn.Sequential(
+            torch.nn.BatchNorm1d(3), torch.nn.ReLU(), torch.nn.Linear(3, 2)), 2, 3, 3), ('0', '2')),
+        'conv1d-bn1d-unbatched': (*prepared(torch.nn.Sequential(
+            torch.nn.Conv1d(3, 3, 1), torch.nn.BatchNorm1d(3)), 3, 3), ('1', '0')),
+    }

@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 
-from fusion_cases import Lambda, must_fuse, must_not_fuse, prepared
+from fusion_cases import Lambda, Untraceable, must_fuse, must_not_fuse, prepared
 from zennit_bnfuse import find_fusable_pairs
 
 FUSE_CASES = must_fuse()
@@ -44,29 +44,29 @@ def test_non_finite_statistics_raise_naming_module():
         find_fusable_pairs(model)
 
 
-class Untraceable(torch.nn.Module):
-    '''Data-dependent control flow defeats torch.fx; the Sequential inside still folds.'''
-    def __init__(self):
-        super().__init__()
-        self.block = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
-        self.conv = torch.nn.Conv2d(4, 4, 1)
-        self.bn = torch.nn.BatchNorm2d(4)
-
-    def forward(self, x):
-        x = self.block(x)
-        if x.sum() > 0:
-            x = -x
-        return self.bn(self.conv(x))
-
-
-def test_untraceable_falls_back_to_sequential_with_warning():
+def test_untraceable_without_example_inputs_folds_nothing_and_says_why():
     model, _ = prepared(Untraceable(), 1, 3, 5, 5)
-    with pytest.warns(UserWarning, match='could not trace the forward of Untraceable'):
+    with pytest.warns(UserWarning, match=r'could not trace the forward of Untraceable with torch\.fx \(TraceError.*'
+                      r'folded none of its 2 BatchNorms; pass example_inputs'):
         report = find_fusable_pairs(model)
-    assert not report.traced and 'TraceError' in report.trace_error
+    assert not report.traced and 'TraceError' in report.trace_error and report.checked_on is None
+    assert not report.fused
+    reasons = {item.bn: item.reason for item in report.unfused}
+    assert set(reasons) == {'block.1', 'bn'}
+    assert all(reason.startswith(f'the forward could not be traced ({report.trace_error})') for reason in reasons.values())
+    assert re.search(r'next to `block\.0` inside an nn\.Sequential.*pass example_inputs', reasons['block.1'])
+    assert 'never called as a module inside an nn.Sequential' in reasons['bn']
+    assert 'none was folded: pass example_inputs' in str(report)
+
+
+def test_untraceable_with_example_inputs_folds_what_they_confirm():
+    model, input = prepared(Untraceable(), 2, 3, 5, 5)
+    with pytest.warns(UserWarning, match=r'folded 1 of its 2 BatchNorms.*gave the model\'s output on example_inputs'):
+        report = find_fusable_pairs(model, example_inputs=input)
     assert [(item.bn, item.layer, item.side) for item in report.fused] == [('block.1', 'block.0', 'after')]
     assert [item.bn for item in report.unfused] == ['bn']
-    assert 'never called as a module inside an nn.Sequential' in report.unfused[0].reason
+    assert report.checked_on == 'example_inputs (2, 3, 5, 5) torch.float64, computed in torch.float64'
+    assert 'a fold was kept only where it gave the model\'s output on example_inputs (2, 3, 5, 5)' in str(report)
 
 
 def test_traceable_model_gives_no_warning():
@@ -99,4 +99,4 @@ def test_report_to_dict():
     model, _, _ = FUSE_CASES['functional-forward']
     report = find_fusable_pairs(model).to_dict()
     assert report['fused'][0] == {'bn': 'bn_in', 'layer': 'conv', 'side': 'before', 'via': []}
-    assert report['unfused'] == [] and report['traced']
+    assert report['unfused'] == [] and report['traced'] and report['checked_on'] is None

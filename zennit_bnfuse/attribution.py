@@ -4,6 +4,7 @@
 - :py:class:`CompositeLRP` runs a Zennit composite behind Captum's ``attribute()`` signature.
 '''
 import copy
+import math
 from collections import defaultdict
 
 import torch
@@ -13,15 +14,15 @@ from captum._utils.common import (
 )
 from captum.attr import LRP
 from captum.attr._utils.attribution import GradientAttribution
-from captum.attr._utils.common import _sum_rows
 from captum.attr._utils.custom_modules import Addition_Module
 from captum.attr._utils.lrp_rules import EpsilonRule, PropagationRule
 from zennit.composites import LayerMapComposite, MixedComposite
+from zennit.core import Hook
 from zennit.rules import Epsilon, Pass
 from zennit.types import Activation
 
+from .checks import check_composite, check_inputs, check_model, checked_forward
 from .fold import BATCH_NORM_TYPES, is_batch_norm
-from .layers import BiasMapConvMixin
 from .prepared import PreparedModel
 from .singlepass import SinglePass
 
@@ -59,7 +60,24 @@ def convergence_delta(attributions, output):
         Shape ``(N,)``.
     '''
     attributions = _format_tensor_into_tuples(attributions)
-    return output.flatten() - sum(_sum_rows(attribution) for attribution in attributions).flatten()
+    # per-example sums, also for an empty batch (where Captum's _sum_rows cannot reshape)
+    sums = (attribution.reshape(len(attribution), math.prod(attribution.shape[1:])).sum(dim=1)
+            for attribution in attributions)
+    return output.flatten() - sum(sums).flatten()
+
+
+def empty_batch_attribution(model, inputs, target, additional_forward_args):
+    '''What LRP gives for an empty batch: zero relevance of each input's shape and an empty output, after a forward
+    pass that checks the inputs' shapes and ``target`` (see :py:func:`zennit_bnfuse.checks.checked_forward`).
+
+    Returns
+    -------
+    tuple[tuple[:py:obj:`torch.Tensor`, ...], :py:obj:`torch.Tensor`]
+        The relevance per input and the explained output of shape ``(0,)``.
+    '''
+    with torch.no_grad(), checked_forward(model, inputs, target):
+        output = _run_forward(model, inputs, None, additional_forward_args)
+    return tuple(torch.zeros_like(input) for input in inputs), output.new_zeros(0)
 
 
 class _RuleLRP(LRP):
@@ -134,13 +152,24 @@ class FusedLRP(LRP):
     handling: str, optional
         ``'fused'`` (default), ``'unfused'`` (BatchNorm as an affine layer under EpsilonRule, Captum's default) or
         ``'naive'`` (relevance passes BatchNorm); see :py:func:`zennit_bnfuse.bn_handling`.
+    example_inputs: :py:obj:`torch.Tensor` or tuple, optional
+        Forward arguments to check the folds on (see :py:func:`zennit_bnfuse.fuse`); needed to fold anything where
+        the forward cannot be traced with torch.fx.
+
+    Raises
+    ------
+    TypeError
+        If ``model`` is not a torch.nn.Module or holds a TorchScript module, or a rule is not a Captum rule.
+    ValueError
+        If ``handling`` is unknown.
 
     Examples
     --------
     >>> lrp = FusedLRP(model)
     >>> attribution, delta = lrp.attribute(images, target=3, return_convergence_delta=True)
     '''
-    def __init__(self, model, rules=None, handling='fused'):
+    def __init__(self, model, rules=None, handling='fused', example_inputs=None):
+        check_model(model, 'FusedLRP')
         super().__init__(model)
         self.rules = dict(rules or {})
         for key, rule in self.rules.items():
@@ -150,10 +179,9 @@ class FusedLRP(LRP):
                 raise TypeError(
                     f'the rule for {key!r} must be a Captum PropagationRule instance (e.g. EpsilonRule()) or None, '
                     f'not {rule!r}')
-        self.prepared = PreparedModel(model, handling, residual='captum')
+        self.prepared = PreparedModel(model, handling, residual='captum', example_inputs=example_inputs)
         self.own_rules = {}
         self._build = None
-        self._has_bias_maps = False
 
     def _prepared_model(self):
         '''The prepared copy, and the ``rule`` attributes the user set on their modules now (Captum's way).'''
@@ -162,7 +190,6 @@ class FusedLRP(LRP):
             # the copy carries copies of the user's rule attributes; the user's modules are read on every call
             for module in prepared.modules():
                 vars(module).pop('rule', None)
-            self._has_bias_maps = any(isinstance(module, BiasMapConvMixin) for module in prepared.modules())
             self._build = self.prepared.builds
         self.own_rules = {name: module.rule for name, module in self.model.named_modules()
                           if getattr(module, 'rule', None) is not None}
@@ -182,8 +209,9 @@ class FusedLRP(LRP):
                 return copy.deepcopy(rules[original])
         by_type = [key for key in self.rules if isinstance(key, type) and isinstance(module, key)]
         if by_type:
-            exact = [key for key in by_type if type(module) is key]
-            return copy.deepcopy(self.rules[(exact or by_type)[0]])
+            # the most specific type: fused layers are subclasses of the torch layer types users give
+            mro = type(module).__mro__
+            return copy.deepcopy(self.rules[min(by_type, key=lambda key: mro.index(key) if key in mro else len(mro))])
         if is_batch_norm(module):
             return EpsilonRule() if self.prepared.handling.batch_norm_rule == 'epsilon' else None
         if is_pass_through(module):
@@ -217,17 +245,29 @@ class FusedLRP(LRP):
         Returns
         -------
         :py:obj:`torch.Tensor` or tuple, and optionally the delta
-            Relevance of the same shape(s) as ``inputs``; it sums to about the target output per example.
+            Relevance of the same shape(s) as ``inputs``; it sums to about the target output per example. For an
+            empty batch, zeros of the inputs' shapes (and an empty delta).
+
+        Raises
+        ------
+        TypeError
+            If an input is not a floating-point tensor, or ``target`` has a type Captum does not take.
+        ValueError
+            If ``target`` selects no output entry (a negative or too large index: the message gives the valid range),
+            or the model cannot run on the inputs (the message names their shapes; the model's error is the cause).
         '''
+        check_inputs(inputs)
         prepared = self._prepared_model()
-        if self._has_bias_maps:
-            # build the position-dependent biases for this input size before Captum snapshots the state_dict
-            with torch.no_grad():
-                _run_forward(prepared, _format_tensor_into_tuples(inputs), None, additional_forward_args)
-        return _RuleLRP(prepared, self.choose_rule).attribute(
-            inputs, target=target, additional_forward_args=additional_forward_args,
-            return_convergence_delta=return_convergence_delta, verbose=verbose,
-        )
+        input_tuple = _format_tensor_into_tuples(inputs)
+        if len(input_tuple[0]) == 0:
+            relevance, output = empty_batch_attribution(prepared, input_tuple, target, additional_forward_args)
+            relevance = _format_output(_is_tuple(inputs), relevance)
+            return (relevance, output) if return_convergence_delta else relevance
+        with checked_forward(prepared, input_tuple, target):
+            return _RuleLRP(prepared, self.choose_rule).attribute(
+                inputs, target=target, additional_forward_args=additional_forward_args,
+                return_convergence_delta=return_convergence_delta, verbose=verbose,
+            )
 
     def compute_convergence_delta(self, attributions, output):
         '''``output - sum(attributions)`` per example (LRP's completeness gap).'''
@@ -257,16 +297,33 @@ class CompositeLRP(GradientAttribution):
     single_pass: bool, optional
         Compute the rules with :py:class:`~zennit_bnfuse.singlepass.SinglePass` (the same relevance, faster);
         False by default.
+    example_inputs: :py:obj:`torch.Tensor` or tuple, optional
+        Forward arguments to check the folds on (see :py:func:`zennit_bnfuse.fuse`); needed to fold anything where
+        the forward cannot be traced with torch.fx.
+
+    Raises
+    ------
+    TypeError
+        If ``model`` is not a torch.nn.Module or holds a TorchScript module, ``composite`` is not a Zennit composite
+        or ``batch_norm_rule`` not a Zennit rule.
+    ValueError
+        If ``handling`` is unknown.
 
     Examples
     --------
     >>> lrp = CompositeLRP(model, EpsilonPlusFlat())
     >>> attribution = lrp.attribute(images, target=[3, 5])
     '''
-    def __init__(self, model, composite, handling='fused', batch_norm_rule=None, single_pass=False):
+    def __init__(self, model, composite, handling='fused', batch_norm_rule=None, single_pass=False,
+                 example_inputs=None):
+        check_model(model, 'CompositeLRP')
+        check_composite(composite, 'CompositeLRP')
+        if batch_norm_rule is not None and not isinstance(batch_norm_rule, Hook):
+            raise TypeError(f'batch_norm_rule must be a Zennit rule (a zennit.core.Hook, for example '
+                            f'zennit.rules.Epsilon()) or None, not {type(batch_norm_rule).__name__}.')
         super().__init__(model)
         self.model = model
-        self.prepared = PreparedModel(model, handling, residual='zennit')
+        self.prepared = PreparedModel(model, handling, residual='zennit', example_inputs=example_inputs)
         if batch_norm_rule is None:
             batch_norm_rule = Epsilon() if self.prepared.handling.batch_norm_rule == 'epsilon' else Pass()
         self.composite = MixedComposite([LayerMapComposite([(BATCH_NORM_TYPES, batch_norm_rule)]), composite])
@@ -287,14 +344,18 @@ class CompositeLRP(GradientAttribution):
     def attribute(self, inputs, target=None, additional_forward_args=None, return_convergence_delta=False):
         '''Relevance of ``inputs`` for ``target`` from the composite, scaled so it sums to about the target output.
 
-        The parameters and the return value are those of :py:meth:`FusedLRP.attribute` (without ``verbose``).
+        The parameters, return value and errors are those of :py:meth:`FusedLRP.attribute` (without ``verbose``).
         '''
+        check_inputs(inputs)
         is_tuple = _is_tuple(inputs)
         inputs = tuple(input.detach().requires_grad_(True) for input in _format_tensor_into_tuples(inputs))
         prepared = self.prepared.get()
-        with self.composite.context(prepared), torch.enable_grad():
-            output = _run_forward(prepared, inputs, target, additional_forward_args)
-            relevance = torch.autograd.grad(output, inputs, grad_outputs=output.detach())
+        if len(inputs[0]) == 0:
+            relevance, output = empty_batch_attribution(prepared, inputs, target, additional_forward_args)
+        else:
+            with checked_forward(prepared, inputs, target), self.composite.context(prepared), torch.enable_grad():
+                output = _run_forward(prepared, inputs, target, additional_forward_args)
+                relevance = torch.autograd.grad(output, inputs, grad_outputs=output.detach())
         relevance = _format_output(is_tuple, relevance)
         if return_convergence_delta:
             return relevance, self.compute_convergence_delta(relevance, output.detach())

@@ -3,9 +3,10 @@ import weakref
 
 from zennit.canonizers import Canonizer
 
-from .fusion import replacement_modules, set_module
+from .checks import check_model
 from .pairs import find_fusable_pairs
 from .prepared import model_fingerprint
+from .replacements import replacement_modules, set_module
 
 
 class FuseBatchNorm(Canonizer):
@@ -25,13 +26,21 @@ class FuseBatchNorm(Canonizer):
     The pairs and fused modules are found once per model and reused by later applications (a composite applies
     its canonizers on every ``context``) until the model's parameters, buffers or structure change.
 
+    Parameters
+    ----------
+    example_inputs: :py:obj:`torch.Tensor` or tuple, optional
+        Positional arguments of the model's forward to check the folds on (see
+        :py:func:`~zennit_bnfuse.pairs.find_fusable_pairs`); needed to fold anything where the forward cannot be
+        traced with torch.fx.
+
     Attributes
     ----------
     report: :py:class:`~zennit_bnfuse.report.FusionReport` or None
         The report of the last :py:meth:`apply`.
     '''
-    def __init__(self):
+    def __init__(self, example_inputs=None):
         super().__init__()
+        self.example_inputs = example_inputs
         self.report = None
         self.root = None
         self.originals = {}
@@ -52,13 +61,17 @@ class FuseBatchNorm(Canonizer):
 
         Raises
         ------
+        TypeError
+            If ``root_module`` is not a torch.nn.Module or holds a TorchScript module (pass the original module).
         ValueError
-            If a BatchNorm is in training mode or has non-finite statistics; the model is unchanged then.
+            If a BatchNorm is in training mode or has invalid statistics, or the model raises on the example inputs;
+            the model is unchanged then.
         '''
+        check_model(root_module, 'FuseBatchNorm')
         fingerprint = model_fingerprint(root_module)
         cached = self._cache.get(root_module)
         if cached is None or cached[0] != fingerprint:
-            report = find_fusable_pairs(root_module)
+            report = find_fusable_pairs(root_module, self.example_inputs)
             cached = (fingerprint, report, replacement_modules(root_module, report))
             self._cache[root_module] = cached
         _, self.report, replacements = cached
@@ -87,5 +100,5 @@ class FuseBatchNorm(Canonizer):
         self.root = None
 
     def copy(self):
-        '''A new, unapplied instance.'''
-        return self.__class__()
+        '''A new, unapplied instance with the same example inputs.'''
+        return self.__class__(self.example_inputs)

@@ -33,7 +33,7 @@ class BatchNormHandling:
         '''Whether BatchNorms are folded before LRP runs.'''
         return self.name == 'fused'
 
-    def prepare(self, model, residual):
+    def prepare(self, model, residual, example_inputs=None):
         '''The LRP-ready copy of ``model`` for this handling; ``model`` is not changed.
 
         Parameters
@@ -43,6 +43,8 @@ class BatchNormHandling:
         residual: str
             ``'captum'`` or ``'zennit'``: which module residual additions become (see
             :py:func:`zennit_bnfuse.graph.lrp_graph`).
+        example_inputs: :py:obj:`torch.Tensor` or tuple, optional
+            For the ``fused`` handling: forward arguments to check the folds on, see :py:func:`zennit_bnfuse.fuse`.
 
         Returns
         -------
@@ -52,7 +54,7 @@ class BatchNormHandling:
         '''
         report = None
         if self.fuses:
-            owned, report = fuse(model)
+            owned, report = fuse(model, example_inputs)
         else:
             owned = copy.deepcopy(model)
         prepared, copies = lrp_graph(owned, residual=residual)

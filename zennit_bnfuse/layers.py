@@ -13,6 +13,77 @@ FOLDABLE_LAYER_TYPES = (
 )
 
 
+class FoldedInputError(ValueError):
+    '''A layer with BatchNorms folded into it was called with an input on which the folds are not exact.
+
+    Attributes
+    ----------
+    layer: str
+        The layer's name in its model.
+    shape: tuple[int, ...]
+        The shape of the input it got.
+    '''
+    def __init__(self, message, layer='', shape=()):
+        super().__init__(message)
+        self.layer = layer
+        self.shape = shape
+
+
+class FoldedLayerMixin:
+    '''A Linear/Conv/ConvTranspose layer with BatchNorms folded into it, which checks on every call that its input
+    is laid out as the folds assume.
+
+    A BatchNorm acts on dim 1 of its input. Folded into a layer, its per-channel map acts on the layer's features
+    instead: the last dim of a Linear's input, dim 1 of a batched convolution input, dim 0 of an unbatched one. These
+    are the same dim exactly when the input has a batch dim and the features on dim 1, i.e. ``input.ndim ==
+    weight.ndim``: ``(N, features)`` for a Linear, ``(N, C, *spatial)`` for a convolution. On any other input the
+    fused layer computes something else than the BatchNorm and the layer did (a Linear on ``(N, L, C)``: the
+    BatchNorm normalised the L positions, the fold scales the C features; a Conv1d on an unbatched ``(C, L)``: a
+    BatchNorm1d took it as a batch of C rows of L features), so it raises instead. This is why the conv folds are
+    checked too: convolutions take unbatched input and BatchNorm1d, SyncBatchNorm and FrozenBatchNorm2d accept
+    inputs of more than one rank.
+
+    The classes are subclasses of the torch layers, so Zennit's rules (which match types with ``isinstance``) and
+    this package's Captum rules treat them as those layers; Captum's own :py:class:`captum.attr.LRP`, which looks
+    rules up by exact type, needs a ``rule`` set on them.
+
+    Attributes
+    ----------
+    folded_layer_name: str
+        The layer's name in its model (empty if not known).
+    folded_batch_norms: tuple[str, ...]
+        Names of the BatchNorms folded into the layer.
+    '''
+    folded_layer_name = ''
+    folded_batch_norms = ()
+
+    def forward(self, input):
+        '''Run the layer on ``input`` after checking its rank (see the class docstring).
+
+        Raises
+        ------
+        FoldedInputError
+            If ``input.ndim`` is not ``weight.ndim``; the message names the layer, its BatchNorms and what to do.
+        '''
+        if input.ndim != self.weight.ndim:
+            raise FoldedInputError(self.input_problem(input), self.folded_layer_name, tuple(input.shape))
+        return super().forward(input)
+
+    def input_problem(self, input):
+        '''Why the folds are not exact on ``input``, and what to do, in words.'''
+        base = next(kind for kind in FOLDABLE_LAYER_TYPES if isinstance(self, kind)).__name__
+        layout = '(N, features)' if isinstance(self, torch.nn.Linear) else '(N, C, *spatial)'
+        names = ', '.join(f'`{name}`' for name in self.folded_batch_norms) or 'a'
+        return (
+            f'`{self.folded_layer_name or base}` ({base}) has BatchNorm {names} folded into it, which is exact only for '
+            f'{self.weight.ndim}-D inputs {layout} with the batch on dim 0 and the features on dim 1; it was called '
+            f'with an input of shape {tuple(input.shape)}, on which the BatchNorm acted on another dim than the '
+            'layer. Explain this model without fusing (handling=\'unfused\', or without FuseBatchNorm), or pass '
+            'example_inputs of this shape to fuse()/FuseBatchNorm/FusedLRP/CompositeLRP, which then leave such '
+            'folds unfused.'
+        )
+
+
 class BiasMapConvMixin:
     '''Convolution whose bias depends on the output position: ``conv(x, weight) + bias[c, *position]``.
 
@@ -21,6 +92,11 @@ class BiasMapConvMixin:
     ``base_bias + conv(ones, border_kernel)`` with this layer's stride, padding, dilation and groups. It is computed
     once per input size and held as the Parameter ``bias`` of shape ``(C_out, *output_size)``, so every LRP rule
     (Zennit's parameter modifiers, Captum's rules) treats it like an ordinary bias.
+
+    The bias map is derived state: it is left out of the ``state_dict`` (whose keys are therefore the same before
+    and after the first forward), and loading a ``state_dict`` drops it, so the next forward rebuilds it from the
+    loaded buffers (this also undoes a rule that changed it in place and then restored the model with
+    ``load_state_dict``, as Captum's LRP does). ``bias`` is None until the first forward and after a load.
 
     Attributes
     ----------
@@ -51,19 +127,71 @@ class BiasMapConvMixin:
         self.bias = torch.nn.Parameter(bias_map.to(self.weight.dtype))
         self.bias_map_input_size = tuple(input_size)
 
+    def drop_bias_map(self):
+        '''Forget the bias map; the next forward builds it again.'''
+        self.bias = None
+        self.bias_map_input_size = None
 
-class BiasMapConv1d(BiasMapConvMixin, torch.nn.Conv1d):
-    '''Conv1d with a position-dependent bias; see :py:class:`BiasMapConvMixin`.'''
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination.pop(prefix + 'bias', None)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self.drop_bias_map()
+        # a ``bias`` entry (saved before the map was kept out of the state_dict) is derived state too
+        state_dict.pop(prefix + 'bias', None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-class BiasMapConv2d(BiasMapConvMixin, torch.nn.Conv2d):
-    '''Conv2d with a position-dependent bias; see :py:class:`BiasMapConvMixin`.'''
+class FoldedLinear(FoldedLayerMixin, torch.nn.Linear):
+    '''Linear with BatchNorms folded into it; see :py:class:`FoldedLayerMixin`.'''
 
 
-class BiasMapConv3d(BiasMapConvMixin, torch.nn.Conv3d):
-    '''Conv3d with a position-dependent bias; see :py:class:`BiasMapConvMixin`.'''
+class FoldedConv1d(FoldedLayerMixin, torch.nn.Conv1d):
+    '''Conv1d with BatchNorms folded into it; see :py:class:`FoldedLayerMixin`.'''
 
 
+class FoldedConv2d(FoldedLayerMixin, torch.nn.Conv2d):
+    '''Conv2d with BatchNorms folded into it; see :py:class:`FoldedLayerMixin`.'''
+
+
+class FoldedConv3d(FoldedLayerMixin, torch.nn.Conv3d):
+    '''Conv3d with BatchNorms folded into it; see :py:class:`FoldedLayerMixin`.'''
+
+
+class FoldedConvTranspose1d(FoldedLayerMixin, torch.nn.ConvTranspose1d):
+    '''ConvTranspose1d with BatchNorms folded into it; see :py:class:`FoldedLayerMixin`.'''
+
+
+class FoldedConvTranspose2d(FoldedLayerMixin, torch.nn.ConvTranspose2d):
+    '''ConvTranspose2d with BatchNorms folded into it; see :py:class:`FoldedLayerMixin`.'''
+
+
+class FoldedConvTranspose3d(FoldedLayerMixin, torch.nn.ConvTranspose3d):
+    '''ConvTranspose3d with BatchNorms folded into it; see :py:class:`FoldedLayerMixin`.'''
+
+
+class BiasMapConv1d(FoldedLayerMixin, BiasMapConvMixin, torch.nn.Conv1d):
+    '''Conv1d with a position-dependent bias; see :py:class:`BiasMapConvMixin` and :py:class:`FoldedLayerMixin`.'''
+
+
+class BiasMapConv2d(FoldedLayerMixin, BiasMapConvMixin, torch.nn.Conv2d):
+    '''Conv2d with a position-dependent bias; see :py:class:`BiasMapConvMixin` and :py:class:`FoldedLayerMixin`.'''
+
+
+class BiasMapConv3d(FoldedLayerMixin, BiasMapConvMixin, torch.nn.Conv3d):
+    '''Conv3d with a position-dependent bias; see :py:class:`BiasMapConvMixin` and :py:class:`FoldedLayerMixin`.'''
+
+
+FOLDED_TYPES = {
+    torch.nn.Linear: FoldedLinear,
+    torch.nn.Conv1d: FoldedConv1d,
+    torch.nn.Conv2d: FoldedConv2d,
+    torch.nn.Conv3d: FoldedConv3d,
+    torch.nn.ConvTranspose1d: FoldedConvTranspose1d,
+    torch.nn.ConvTranspose2d: FoldedConvTranspose2d,
+    torch.nn.ConvTranspose3d: FoldedConvTranspose3d,
+}
 BIAS_MAP_TYPES = {
     torch.nn.Conv1d: BiasMapConv1d,
     torch.nn.Conv2d: BiasMapConv2d,
@@ -131,7 +259,7 @@ def detached_copy(module):
     return new
 
 
-def folded_layer(layer, before=None, after=None):
+def folded_layer(layer, before=None, after=None, name='', batch_norms=()):
     '''Build the fused replacement of ``layer`` with BatchNorms or scales folded into its input and output.
 
     The fold is computed in float64 and cast to the layer's dtype and device; ``layer`` is not changed.
@@ -144,12 +272,16 @@ def folded_layer(layer, before=None, after=None):
         ``(scale, shift)`` per input feature of ``layer`` (float64) applied before it, or None.
     after: :py:obj:`torch.nn.Module` or None
         A BatchNorm applied to the output of ``layer``, or None.
+    name: str, optional
+        The layer's name in its model, for error messages.
+    batch_norms: tuple[str, ...], optional
+        The names of the BatchNorms folded into it, for error messages.
 
     Returns
     -------
     :py:obj:`torch.nn.Module`
-        The fused layer: the same type as ``layer``, or a :py:class:`BiasMapConvMixin` subclass where a shift meets
-        zero padding.
+        The fused layer, a :py:class:`FoldedLayerMixin` subclass of the type of ``layer`` (a
+        :py:class:`BiasMapConvMixin` one where a shift meets zero padding).
 
     Raises
     ------
@@ -175,10 +307,13 @@ def folded_layer(layer, before=None, after=None):
             border_kernel = None
 
     new = detached_copy(layer)
+    new.folded_layer_name = name
+    new.folded_batch_norms = tuple(batch_norms)
     dtype = layer.weight.dtype
     requires_grad = layer.weight.requires_grad
     new.weight = torch.nn.Parameter(weight.to(dtype), requires_grad)
     if border_kernel is None:
+        new.__class__ = FOLDED_TYPES[type(layer)]
         new.bias = None if bias is None else torch.nn.Parameter(bias.to(dtype), requires_grad)
         return new
 

@@ -2,7 +2,7 @@
 
 The forward is traced with :py:mod:`torch.fx`, so functional ops in ``forward`` (``torch.cat``, ``+``, ``F.relu``) are
 seen. Where tracing fails, each ``nn.Sequential`` container is traced on its own with its children as leaves, so
-only modules that are neighbours inside a Sequential are paired.
+only modules that are neighbours inside a Sequential are paired, and only folded where example inputs confirm them.
 '''
 import operator
 import warnings
@@ -13,8 +13,10 @@ import torch.fx
 
 from .fold import FOLDABLE_BATCH_NORM_TYPES, batch_norm_affine, check_batch_norm, has_running_stats, is_batch_norm, \
     relu_fold
+from .checks import check_model
 from .layers import FOLDABLE_LAYER_TYPES, ThresholdReLU
 from .report import FusedBatchNorm, FusionReport, UnfusedBatchNorm
+from .verification import check_folds, refuse_unproven
 
 
 TRANSPOSED_TYPES = (torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
@@ -56,13 +58,20 @@ class LeafTracer(torch.fx.Tracer):
         return super().is_leaf_module(module, module_qualified_name)
 
 
-def find_fusable_pairs(model):
+def find_fusable_pairs(model, example_inputs=None):
     '''Find every BatchNorm of ``model`` that can be folded exactly, and say why the others cannot.
+
+    Where the forward cannot be traced, the BatchNorms next to a conv/linear layer inside an ``nn.Sequential`` are
+    folded only if ``example_inputs`` are given and the model with each fold gives the model's output on them (see
+    :py:mod:`zennit_bnfuse.verification`); without them, none is folded.
 
     Parameters
     ----------
     model: :py:obj:`torch.nn.Module`
         The model in eval mode. It is not changed.
+    example_inputs: :py:obj:`torch.Tensor` or tuple, optional
+        Positional arguments of the model's forward. Where given, the folds are checked on them: each folded layer
+        must get an input of the rank its fold assumes, and, for an untraced forward, the outputs must agree.
 
     Returns
     -------
@@ -71,9 +80,13 @@ def find_fusable_pairs(model):
 
     Raises
     ------
+    TypeError
+        If ``model`` is not a torch.nn.Module or holds a TorchScript module, or ``example_inputs`` is not a tensor or
+        tuple.
     ValueError
-        If a BatchNorm is in training mode or has non-finite statistics.
+        If a BatchNorm is in training mode or has invalid statistics, or the model raises on ``example_inputs``.
     '''
+    check_model(model, 'find_fusable_pairs()')
     modules = dict(model.named_modules())
     batch_norms = {name: module for name, module in modules.items() if is_batch_norm(module)}
     for name, module in batch_norms.items():
@@ -87,12 +100,6 @@ def find_fusable_pairs(model):
     except Exception as error:  # fx raises many kinds of errors for untraceable code
         report.traced = False
         report.trace_error = f'{type(error).__name__}: {error}'.splitlines()[0]
-        warnings.warn(
-            f'zennit_bnfuse: could not trace the forward of {type(model).__name__} with torch.fx '
-            f'({report.trace_error}); falling back to BatchNorms next to a conv/linear layer inside nn.Sequential '
-            'containers, assuming each such container is called once as a whole.',
-            stacklevel=2,
-        )
         graphs = [
             (name, LeafTracer(leaf_parent=module).trace(module))
             for name, module in modules.items() if isinstance(module, torch.nn.Sequential)
@@ -110,7 +117,25 @@ def find_fusable_pairs(model):
                 name, f'it is never called as a module {where} (e.g. a branch used only in training, or one called '
                 'inside another leaf module), so there is no layer to pair it with')
     for entry in decided.values():
-        (report.fused if isinstance(entry, FusedBatchNorm) else report.unfused).append(entry)
+        if isinstance(entry, FusedBatchNorm):
+            report.fused.append(entry)
+        elif report.traced:
+            report.unfused.append(entry)
+        else:
+            report.unfused.append(UnfusedBatchNorm(
+                entry.bn, f'the forward could not be traced ({report.trace_error}); {entry.reason}'))
+    if example_inputs is not None:
+        check_folds(model, report, example_inputs)
+    elif not report.traced:
+        refuse_unproven(report)
+    if not report.traced:
+        done = (f'folded {len(report.fused)} of its {report.num_batch_norms} BatchNorms, those next to a conv/linear '
+                'layer inside an nn.Sequential whose fold gave the model\'s output on example_inputs'
+                if example_inputs is not None else
+                f'folded none of its {report.num_batch_norms} BatchNorms; pass example_inputs to fold those next to '
+                'a conv/linear layer inside an nn.Sequential whose fold gives the model\'s output on them')
+        warnings.warn(f'zennit_bnfuse: could not trace the forward of {type(model).__name__} with torch.fx '
+                      f'({report.trace_error}); {done} (see the report).', stacklevel=2)
     return report
 
 

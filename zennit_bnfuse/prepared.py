@@ -39,6 +39,8 @@ class PreparedModel:
         ``'fused'``, ``'unfused'`` or ``'naive'``.
     residual: str
         ``'captum'`` or ``'zennit'``, see :py:func:`zennit_bnfuse.graph.lrp_graph`.
+    example_inputs: :py:obj:`torch.Tensor` or tuple, optional
+        Forward arguments to check the folds on, see :py:func:`zennit_bnfuse.fuse`.
 
     Attributes
     ----------
@@ -49,10 +51,11 @@ class PreparedModel:
     copies: dict[str, str]
         For each copy of a reused module in the prepared model, the name of the original.
     '''
-    def __init__(self, model, handling='fused', residual='captum'):
+    def __init__(self, model, handling='fused', residual='captum', example_inputs=None):
         self.model = model
         self.handling = bn_handling(handling)
         self.residual = residual
+        self.example_inputs = example_inputs
         self.builds = 0
         self.report = None
         self.copies = {}
@@ -63,7 +66,7 @@ class PreparedModel:
         '''The prepared model, rebuilt if the user's model changed since the last call.'''
         fingerprint = model_fingerprint(self.model)
         if self._prepared is None or fingerprint != self._fingerprint:
-            self._prepared, self.copies, self.report = self.handling.prepare(self.model, self.residual)
+            self._prepared, self.copies, self.report = self.handling.prepare(self.model, self.residual, self.example_inputs)
             self._fingerprint = fingerprint
             self.builds += 1
         return self._prepared

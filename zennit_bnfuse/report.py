@@ -49,15 +49,19 @@ class FusionReport:
     unfused: list[:py:class:`UnfusedBatchNorm`]
         One entry per BatchNorm left in place.
     traced: bool
-        Whether the model's forward was traced with torch.fx (otherwise only adjacent modules inside
-        ``nn.Sequential`` containers were considered).
+        Whether the model's forward was traced with torch.fx. Otherwise only adjacent modules inside
+        ``nn.Sequential`` containers were considered, and folded only where example inputs were given and the model
+        with the fold gave the model's output on them.
     trace_error: str or None
         Why tracing failed, if it did.
+    checked_on: str or None
+        The example inputs the folds were checked on (shapes, dtypes and the dtype of the comparison), if any.
     '''
     fused: list = field(default_factory=list)
     unfused: list = field(default_factory=list)
     traced: bool = True
     trace_error: str = None
+    checked_on: str = None
 
     @property
     def num_batch_norms(self):
@@ -68,6 +72,12 @@ class FusionReport:
         lines = [f'BatchNorm fusion: {len(self.fused)} of {self.num_batch_norms} folded']
         if not self.traced:
             lines.append(f'forward not traced ({self.trace_error}); only nn.Sequential neighbours were considered')
+            if self.checked_on:
+                lines.append(f'a fold was kept only where it gave the model\'s output on {self.checked_on}')
+            else:
+                lines.append('none was folded: pass example_inputs to fold those that give the model\'s output on them')
+        elif self.checked_on:
+            lines.append(f'the folded layers\' input ranks were checked on {self.checked_on}')
         if self.fused:
             rows = [(item.bn, item.layer, item.side + (f' via {", ".join(item.via)}' if item.via else ''))
                     for item in self.fused]
@@ -85,6 +95,7 @@ class FusionReport:
             'unfused': [{'bn': item.bn, 'reason': item.reason} for item in self.unfused],
             'traced': self.traced,
             'trace_error': self.trace_error,
+            'checked_on': self.checked_on,
         }
 
 

@@ -24,6 +24,8 @@ import torch
 from zennit.core import BasicHook, Composite, Hook, ParamMod, RemovableHandle, RemovableHandleList, Stabilizer
 from zennit.rules import Epsilon, NoMod, Norm, Pass, ZPlus
 
+from .checks import check_model
+
 
 class _RelevanceNode(torch.autograd.Function):
     '''Return the first tensor of ``boxed`` as the node's output; in the backward pass, map its relevance to the
@@ -301,3 +303,16 @@ class SinglePass(Composite):
             return single_pass_rule(composite.module_map(ctx, name, module))
 
         super().__init__(module_map=module_map, canonizers=composite.canonizers)
+
+    def register(self, module):
+        '''Apply the canonizers and register the single-pass hooks on ``module``, as
+        :py:meth:`zennit.core.Composite.register` does.
+
+        Raises
+        ------
+        TypeError
+            If ``module`` is not a torch.nn.Module or holds a TorchScript module, whose compiled forward runs no hooks
+            (pass the original module).
+        '''
+        check_model(module, 'SinglePass')
+        super().register(module)

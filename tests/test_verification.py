@@ -1,0 +1,184 @@
+'''Tests for checking folds on example inputs (zennit_bnfuse.verification), through fuse() and the canonizer.'''
+import re
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fusion_cases import prepared, rank_dependent_cases, untraceable_cases
+from zennit_bnfuse import FuseBatchNorm, fuse
+from zennit_bnfuse.replacements import replaced_copy, replacement_modules
+from zennit_bnfuse.report import FusedBatchNorm, FusionReport
+from zennit_bnfuse.verification import output_error
+
+UNTRACEABLE = untraceable_cases()
+RANK_CASES = rank_dependent_cases()
+# the folds torch.fx-less pairing finds between Sequential neighbours, right or wrong
+SEQUENTIAL_NEIGHBOURS = {
+    'sequential-folds-right': [('block.1', 'block.0')],
+    'sliced-sequential': [('features.1', 'features.0'), ('features.4', 'features.3')],
+    'reordered-children': [('features.1', 'features.0'), ('features.3', 'features.2')],
+}
+
+
+def relative_error(actual, expected):
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+def fused_unchecked(model, folds):
+    '''``model`` with ``folds`` (BN name, layer name, side 'after') done, checked by nothing.'''
+    report = FusionReport(fused=[FusedBatchNorm(bn, layer, 'after') for bn, layer in folds])
+    return replaced_copy(model, replacement_modules(model, report))
+
+
+@pytest.mark.parametrize('case', sorted(UNTRACEABLE))
+def test_untraceable_folds_only_what_example_inputs_confirm(case, snapshot):
+    model, input, folds = UNTRACEABLE[case]
+    before = snapshot(model)
+    with torch.no_grad():
+        expected = model(input)
+        # the Sequential neighbours that are not folds of this forward would change the output (issue: 1.03, 2.21)
+        for fold in SEQUENTIAL_NEIGHBOURS[case]:
+            if fold[0] not in folds:
+                assert relative_error(fused_unchecked(model, [fold])(input), expected) > .1
+    with pytest.warns(UserWarning, match='could not trace'):
+        fused, report = fuse(model, example_inputs=input)
+    assert {item.bn: (item.layer, item.side) for item in report.fused} == folds
+    with torch.no_grad():
+        torch.testing.assert_close(fused(input), expected, rtol=0, atol=1e-10)
+        # and on inputs the folds were not checked on
+        other = torch.randn(3, *input.shape[1:], dtype=torch.float64)
+        torch.testing.assert_close(fused(other), model(other), rtol=0, atol=1e-10)
+    refused = {item.bn: item.reason for item in report.unfused}
+    for bn, layer in SEQUENTIAL_NEIGHBOURS[case]:
+        if bn not in folds:
+            assert re.fullmatch(rf'the forward could not be traced \(.+\); with it folded into `{layer}` \(its '
+                                r'nn\.Sequential neighbour\), on example_inputs \(\(\d, \d, 5, 5\) torch\.float64\) '
+                                r'the model output differs by [\d.e+-]+ relative to its largest value '
+                                r'\(torch\.float64, allowed 1e-08\)', refused[bn]), refused[bn]
+    before.assert_unchanged()
+
+
+@pytest.mark.parametrize('case', sorted(UNTRACEABLE))
+def test_untraceable_without_example_inputs_folds_nothing(case, snapshot):
+    model, input, _ = UNTRACEABLE[case]
+    before = snapshot(model)
+    with pytest.warns(UserWarning, match='folded none of its'):
+        fused, report = fuse(model)
+    assert not report.fused and len(report.unfused) == report.num_batch_norms
+    for bn, layer in SEQUENTIAL_NEIGHBOURS[case]:
+        reason = next(item.reason for item in report.unfused if item.bn == bn)
+        assert reason.startswith(f'the forward could not be traced ({report.trace_error})')
+        assert f'next to `{layer}`' in reason
+        assert 'pass example_inputs' in reason
+    with torch.no_grad():
+        assert torch.equal(fused(input), model(input))
+    before.assert_unchanged()
+
+
+@pytest.mark.parametrize('case', sorted(UNTRACEABLE))
+def test_canonizer_with_example_inputs_is_exact(case, snapshot):
+    model, input, folds = UNTRACEABLE[case]
+    before = snapshot(model)
+    with torch.no_grad():
+        expected = model(input)
+    canonizer = FuseBatchNorm(example_inputs=input)
+    with pytest.warns(UserWarning, match='could not trace'):
+        handles = canonizer.apply(model)
+    try:
+        assert {item.bn for item in handles[0].report.fused} == set(folds)
+        with torch.no_grad():
+            torch.testing.assert_close(model(input), expected, rtol=0, atol=1e-10)
+    finally:
+        for handle in handles:
+            handle.remove()
+    before.assert_unchanged()
+
+
+@pytest.mark.parametrize('case', sorted(RANK_CASES))
+def test_example_inputs_leave_rank_dependent_folds_unfused(case, snapshot):
+    model, input, (bn, layer) = RANK_CASES[case]
+    before = snapshot(model)
+    fused, report = fuse(model, example_inputs=input)
+    assert not report.fused and [item.bn for item in report.unfused] == [bn]
+    shape = re.escape(str(tuple(input.shape)))
+    assert re.fullmatch(rf'with it folded into `{layer}`, on example_inputs \({shape} torch\.float64\) `{layer}` gets '
+                        rf'an input of shape {shape}, on which the fold is not exact \(the BatchNorm acts on dim 1, '
+                        r'the layer on its features\)', report.unfused[0].reason)
+    assert report.checked_on == f'example_inputs {tuple(input.shape)} torch.float64, computed in torch.float64'
+    assert 'input ranks were checked on example_inputs' in str(report)
+    with torch.no_grad():
+        assert torch.equal(fused(input), model(input))
+    before.assert_unchanged()
+
+
+def test_one_rank_dependent_fold_does_not_discard_the_others():
+    model, input = prepared(torch.nn.Sequential(
+        torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3), torch.nn.Conv1d(3, 2, 1), torch.nn.BatchNorm1d(2)), 2, 3, 3)
+    fused, report = fuse(model, example_inputs=input)
+    assert [(item.bn, item.layer) for item in report.fused] == [('3', '2')]
+    assert [item.bn for item in report.unfused] == ['1']
+    torch.testing.assert_close(fused(input), model(input), rtol=0, atol=1e-12)
+
+
+def test_example_inputs_of_the_right_rank_keep_the_folds():
+    model, _, _ = RANK_CASES['linear-bn1d-on-nlc']
+    input = torch.randn(4, 3, dtype=torch.float64)
+    fused, report = fuse(model, example_inputs=(input,))
+    assert [item.bn for item in report.fused] == ['1'] and not report.unfused
+    torch.testing.assert_close(fused(input), model(input), rtol=0, atol=1e-12)
+
+
+class Float32Only(torch.nn.Module):
+    '''Its forward makes a float32 weight, so it cannot run in float64; untraceable.'''
+    def __init__(self):
+        super().__init__()
+        self.block = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+
+    def forward(self, x):
+        x = self.block(x).mean(dim=(2, 3))
+        if x.sum() > 0:
+            x = -x
+        return F.linear(x, torch.ones(2, 4))
+
+
+def test_model_that_cannot_run_in_float64_is_checked_in_its_own_dtype():
+    torch.manual_seed(0)
+    model = Float32Only().eval()
+    input = torch.randn(2, 3, 5, 5)
+    with pytest.warns(UserWarning, match='folded 1 of its 1'):
+        fused, report = fuse(model, example_inputs=input)
+    assert report.checked_on == 'example_inputs (2, 3, 5, 5) torch.float32, computed in torch.float32'
+    torch.testing.assert_close(fused(input), model(input))
+
+
+def test_example_inputs_the_model_rejects_raise(snapshot):
+    model, input, _ = UNTRACEABLE['sequential-folds-right']
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r'Untraceable raised RuntimeError on example_inputs \(\(2, 5, 5, 5\) '
+                       r'torch\.float64\):.*Pass example inputs the model takes') as error:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            fuse(model, example_inputs=torch.randn(2, 5, 5, 5, dtype=torch.float64))
+    assert isinstance(error.value.__cause__, RuntimeError)
+    before.assert_unchanged()
+
+
+@pytest.mark.parametrize('example_inputs', ['images', (), 3])
+def test_example_inputs_of_wrong_type_raise(example_inputs):
+    model, _, _ = UNTRACEABLE['sequential-folds-right']
+    with pytest.raises(TypeError, match=r'example_inputs must be a tensor, or a tuple of the forward\'s positional '
+                       'arguments'):
+        fuse(model, example_inputs=example_inputs)
+
+
+def test_output_error_compares_structures_and_non_finite_entries():
+    one = torch.tensor([1., 2., float('nan')], dtype=torch.float64)
+    assert output_error({'a': one, 'b': (one,)}, {'b': (one,), 'a': one}) == 0.
+    assert output_error(one + torch.tensor([0., .5, 0.], dtype=torch.float64), one) == .25
+    assert output_error(one, torch.tensor([1., 2., 3.], dtype=torch.float64)) == float('inf')
+    assert output_error(one, torch.tensor([1., 2., float('inf')], dtype=torch.float64)) == float('inf')
+    assert output_error((one, one), (one,)) == float('inf')
+    assert output_error(one[:2], one) == float('inf')
+

@@ -1,0 +1,202 @@
+'''Checks of what users pass to the public API, each raising an error that names the argument and the fix.'''
+import numbers
+from contextlib import contextmanager
+
+import torch
+from zennit.core import Composite
+
+
+def check_model(model, caller):
+    '''Raise unless ``model`` is a :py:obj:`torch.nn.Module` with no TorchScript module in it.
+
+    A TorchScript module (``torch.jit.script`` or ``torch.jit.trace``) runs compiled code: torch.fx cannot trace it,
+    replacing its submodules does not change what it computes and hooks on them do not run, so its BatchNorms would
+    stay unfused and LRP rules would not apply, without an error.
+
+    Parameters
+    ----------
+    model: object
+        What the user passed as the model.
+    caller: str
+        The function or class it was passed to, for the message (e.g. ``'fuse()'``).
+
+    Raises
+    ------
+    TypeError
+        If ``model`` is not a module, or it or one of its submodules is a :py:obj:`torch.jit.ScriptModule`.
+    '''
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f'{caller} expects the model as a torch.nn.Module, not {type(model).__name__}.')
+    scripted = next(((name, module) for name, module in model.named_modules()
+                     if isinstance(module, torch.jit.ScriptModule)), None)
+    if scripted is not None:
+        name, module = scripted
+        where = 'the model is' if not name else f'its submodule `{name}` is'
+        raise TypeError(
+            f'{caller} got a TorchScript module: {where} a {type(module).__name__} (from torch.jit.script or '
+            'torch.jit.trace), whose compiled forward cannot be traced, have its BatchNorms replaced or run LRP '
+            'hooks. Pass the original torch.nn.Module, before torch.jit.script/torch.jit.trace.')
+
+
+def check_composite(composite, caller):
+    '''Raise a TypeError unless ``composite`` is a :py:class:`zennit.core.Composite`.'''
+    if not isinstance(composite, Composite):
+        raise TypeError(
+            f'{caller} expects a Zennit composite (a zennit.core.Composite, for example '
+            f'zennit.composites.EpsilonPlusFlat()), not {type(composite).__name__}.')
+
+
+def check_inputs(inputs):
+    '''Raise unless ``inputs`` is a floating-point tensor, or a non-empty tuple of them, with one batch size.
+
+    Parameters
+    ----------
+    inputs: object
+        What the user passed as ``inputs`` to ``attribute()``.
+
+    Raises
+    ------
+    TypeError
+        If an input is not a tensor or not floating point (relevance is a derivative by the inputs).
+    ValueError
+        If there is no input, an input has no batch dim, or the batch sizes differ.
+    '''
+    tensors = inputs if isinstance(inputs, tuple) else (inputs,)
+    if not tensors:
+        raise ValueError('inputs is an empty tuple; pass a tensor, or a tuple of tensors, with the batch on dim 0.')
+    for index, tensor in enumerate(tensors):
+        what = 'inputs' if not isinstance(inputs, tuple) else f'inputs[{index}]'
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f'{what} must be a torch.Tensor (or inputs a tuple of tensors), not '
+                            f'{type(tensor).__name__}; pass further non-tensor arguments as additional_forward_args.')
+        if not tensor.is_floating_point():
+            raise TypeError(f'{what} has dtype {tensor.dtype}; relevance is computed from the derivative by the '
+                            'inputs, which needs floating-point inputs (for example inputs.float()).')
+        if tensor.ndim == 0:
+            raise ValueError(f'{what} is a 0-dim tensor; inputs need the batch on dim 0 (for one example, '
+                             'inputs[None]).')
+    sizes = {len(tensor) for tensor in tensors}
+    if len(sizes) > 1:
+        raise ValueError(f'the inputs have different batch sizes {sorted(sizes)} on dim 0; they must agree.')
+
+
+def is_index(value):
+    '''Whether ``value`` is an integer index (a Python or NumPy int, not a bool).'''
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def target_indices(target, batch):
+    '''The output indices ``target`` selects, one tuple per selection, as Captum reads ``target``.
+
+    Raises
+    ------
+    TypeError, ValueError
+        If ``target`` has a type or form Captum does not take.
+    '''
+    if isinstance(target, torch.Tensor):
+        if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+            raise TypeError(f'a target tensor must hold integer class indices, not {target.dtype}.')
+        if target.ndim > 1 or (target.ndim == 1 and len(target) != batch):
+            raise ValueError(f'a target tensor must be 0-dim or hold one index per example ({batch}), not of shape '
+                             f'{tuple(target.shape)}.')
+        return [(index,) for index in target.reshape(-1).tolist()]
+    if is_index(target):
+        return [(target,)]
+    if isinstance(target, tuple) and target and all(is_index(index) for index in target):
+        return [target]
+    if isinstance(target, list):
+        if len(target) != batch:
+            raise ValueError(f'a target list needs one entry per example: it has {len(target)} for a batch of '
+                             f'{batch}.')
+        if all(is_index(index) for index in target):
+            return [(index,) for index in target]
+        if all(isinstance(index, tuple) and index and all(is_index(item) for item in index) for index in target):
+            return target
+    raise TypeError(
+        f'target must be an int class index, a tuple of ints (one index per output dim), a list of either (one per '
+        f'example) or an integer tensor, not {target!r}.')
+
+
+def check_target(target, output):
+    '''Raise unless ``target`` selects entries that exist in ``output`` (Captum's forms of ``target``), counting
+    indices from 0: a negative index, which Python would count from the end, is almost always a mistake.
+
+    Parameters
+    ----------
+    target: None, int, tuple, list or :py:obj:`torch.Tensor`
+        As in Captum's ``attribute()``.
+    output: :py:obj:`torch.Tensor`
+        The model's output, dim 0 the batch.
+
+    Raises
+    ------
+    TypeError
+        If ``target`` has a type Captum does not take.
+    ValueError
+        If an index is negative or too large (the message gives the valid range), the number of per-example
+        targets is not the batch size, or ``target`` is None where the model gives more than one value per example.
+    '''
+    shape = tuple(output.shape)
+    if target is None:
+        if output.ndim > 1 and output[0].numel() != 1:
+            raise ValueError(f'target is None, but the model output has shape {shape}, more than one value per '
+                             f'example; pass the class to explain, for example target=0 (0 to {shape[1] - 1}).')
+        return
+    for index in target_indices(target, shape[0] if shape else 0):
+        if len(index) > len(shape) - 1:
+            raise ValueError(f'target {index if len(index) > 1 else index[0]!r} has {len(index)} indices, but the '
+                             f'model output of shape {shape} has {len(shape) - 1} dim(s) after the batch.')
+        for dim, value in enumerate(index, start=1):
+            if not 0 <= value < shape[dim]:
+                raise ValueError(
+                    f'target {value} is out of range for the model output of shape {shape}: valid indices for '
+                    f'dim {dim} are 0 to {shape[dim] - 1}.')
+
+
+@contextmanager
+def checked_forward(model, inputs, target):
+    '''Check ``target`` against the output of every forward pass of ``model`` in this context, and turn a
+    RuntimeError raised inside the forward pass (a shape or dtype mismatch) into a ValueError that names the model
+    and the inputs' shapes, with the original error as its cause.
+
+    ``model`` must be one the caller owns: a forward pre-hook and a forward hook are registered on it for the
+    duration of the context.
+
+    Parameters
+    ----------
+    model: :py:obj:`torch.nn.Module`
+        The model whose forward passes to check.
+    inputs: tuple[:py:obj:`torch.Tensor`, ...]
+        The inputs, for the message.
+    target: object
+        The target, checked with :py:func:`check_target` against each output that is a tensor.
+
+    Raises
+    ------
+    ValueError, TypeError
+        See :py:func:`check_target`; ValueError for a RuntimeError in the forward pass.
+    '''
+    running = []
+
+    def pre_hook(module, args):
+        running.append(True)
+
+    def hook(module, args, output):
+        running.pop()
+        if isinstance(output, torch.Tensor):
+            check_target(target, output)
+
+    handles = [model.register_forward_pre_hook(pre_hook), model.register_forward_hook(hook)]
+    try:
+        yield
+    except RuntimeError as error:
+        if not running or isinstance(error, torch.OutOfMemoryError):
+            raise
+        shapes = ', '.join(f'{tuple(input.shape)} {input.dtype}' for input in inputs)
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f'{type(model).__name__} could not compute its output for inputs of shape {shapes}: {message}. Pass '
+            'inputs of the shape and dtype the model takes, with the batch on dim 0.') from error
+    finally:
+        for handle in handles:
+            handle.remove()

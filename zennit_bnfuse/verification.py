@@ -1,0 +1,209 @@
+'''Checking folds on example inputs the user passes.
+
+A fold found in the traced forward graph is exact by construction, except that a fold into a Linear, and into a
+convolution called on an unbatched input, is exact only for some input ranks (see
+:py:class:`~zennit_bnfuse.layers.FoldedLayerMixin`); on example inputs, the folds whose layer gets another rank are
+found and left unfused. Where the forward cannot be traced, the folds found between neighbours inside an
+``nn.Sequential`` are only candidates: the forward may slice the Sequential or call its children in another order.
+Each candidate is kept only if the model with it folded gives the model's own output on the example inputs.
+'''
+import copy
+
+import torch
+
+from .layers import FoldedInputError
+from .replacements import replaced_copy, replacement_modules
+from .report import FusionReport, UnfusedBatchNorm
+
+
+def as_input_tuple(example_inputs):
+    '''``example_inputs`` as the tuple of positional arguments of the model's forward.
+
+    Raises
+    ------
+    TypeError
+        If it is neither a tensor nor a tuple or list of forward arguments.
+    '''
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)) and example_inputs:
+        return tuple(example_inputs)
+    raise TypeError(f'example_inputs must be a tensor, or a tuple of the forward\'s positional arguments, not '
+                    f'{example_inputs!r}.')
+
+
+def describe_inputs(inputs):
+    '''The shapes and dtypes of the tensors in ``inputs``, in words.'''
+    return ', '.join(f'{tuple(value.shape)} {value.dtype}' if isinstance(value, torch.Tensor) else type(value).__name__
+                     for value in inputs)
+
+
+def output_tensors(output):
+    '''The tensors in a model output (a tensor, or tuples, lists and dicts of them), in a fixed order.'''
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, dict):
+        output = [output[key] for key in sorted(output, key=str)]
+    if isinstance(output, (tuple, list)):
+        return [tensor for item in output for tensor in output_tensors(item)]
+    return []
+
+
+def output_error(actual, expected):
+    '''Largest absolute difference between two model outputs relative to the largest absolute expected value;
+    infinite where their structure, shapes or non-finite entries differ.'''
+    actual, expected = output_tensors(actual), output_tensors(expected)
+    if len(actual) != len(expected) or any(a.shape != e.shape for a, e in zip(actual, expected)):
+        return float('inf')
+    error, scale = 0., 0.
+    for a, e in zip(actual, expected):
+        a, e = a.double(), e.double()
+        finite = torch.isfinite(e)
+        if not torch.equal(finite, torch.isfinite(a)) or not torch.allclose(a[~finite], e[~finite], equal_nan=True):
+            return float('inf')
+        if finite.any():
+            error = max(error, (a - e)[finite].abs().max().item())
+            scale = max(scale, e[finite].abs().max().item())
+    return error / scale if scale else error
+
+
+class FoldCheck:
+    '''Run copies of ``model`` with some folds done on ``example_inputs`` and compare them with the model.
+
+    The model and inputs are converted to float64 where the model runs in float64, so the comparison sees the
+    folds' exactness, not the model dtype's rounding; otherwise they run in their own dtype. ``model`` is never run
+    or changed, only copies of it.
+
+    Parameters
+    ----------
+    model: :py:obj:`torch.nn.Module`
+        The user's model.
+    example_inputs: :py:obj:`torch.Tensor` or tuple
+        Positional arguments of its forward.
+
+    Raises
+    ------
+    TypeError
+        If ``example_inputs`` is not a tensor or tuple.
+    ValueError
+        If the model raises on ``example_inputs``.
+    '''
+    def __init__(self, model, example_inputs):
+        inputs = as_input_tuple(example_inputs)
+        self.description = describe_inputs(inputs)
+        try:
+            self.model = copy.deepcopy(model).double()
+            self.inputs = tuple(value.double() if torch.is_tensor(value) and value.is_floating_point() else value
+                                for value in inputs)
+            self.expected = self.run(self.model)
+            self.dtype = torch.float64
+        except Exception:  # the forward may not run in float64 (a constant of another dtype in forward)
+            self.model, self.inputs = copy.deepcopy(model), inputs
+            try:
+                self.expected = self.run(self.model)
+            except Exception as error:
+                raise ValueError(
+                    f'{type(model).__name__} raised {type(error).__name__} on example_inputs ({self.description}): '
+                    f'{error}. Pass example inputs the model takes.') from error
+            floating = [tensor.dtype for tensor in output_tensors(self.expected) if tensor.is_floating_point()]
+            self.dtype = floating[0] if floating else torch.float32
+        self.tolerance = torch.finfo(self.dtype).eps ** .5
+
+    def run(self, model):
+        '''The output of ``model`` on the example inputs, without gradients.'''
+        with torch.no_grad():
+            return model(*self.inputs)
+
+    def problem(self, folds, compare):
+        '''Why the model with ``folds`` done is not the model on the example inputs, or None.
+
+        Parameters
+        ----------
+        folds: list[:py:class:`~zennit_bnfuse.report.FusedBatchNorm`]
+            The folds to do.
+        compare: bool
+            Whether to compare the outputs; otherwise only errors (such as a fused layer's rank check) count.
+
+        Returns
+        -------
+        None, :py:class:`~zennit_bnfuse.layers.FoldedInputError` or str
+        '''
+        fused = replaced_copy(self.model, replacement_modules(self.model, FusionReport(fused=list(folds))))
+        try:
+            actual = self.run(fused)
+        except FoldedInputError as error:
+            return error
+        except Exception as error:  # any error the fused copy raises where the model did not
+            return f'the model raises {type(error).__name__}: {error}'
+        if compare:
+            error = output_error(actual, self.expected)
+            if not error <= self.tolerance:
+                return (f'the model output differs by {error:.3g} relative to its largest value ({self.dtype}, '
+                        f'allowed {self.tolerance:.1g})')
+        return None
+
+
+def check_folds(model, report, example_inputs):
+    '''Keep only the folds of ``report`` that hold on ``example_inputs``; move the others to ``report.unfused``.
+
+    Folds from a traced graph are checked for their layers' input ranks only (the graph proves the rest); folds of
+    an untraced model (``report.traced`` False) are also checked by comparing outputs. All folds are tried at once
+    first; where that fails, those of a layer whose rank check failed are dropped, and then the rest are tried one
+    by one, each on top of the folds kept so far, so that one bad fold does not discard the good ones.
+
+    Parameters
+    ----------
+    model: :py:obj:`torch.nn.Module`
+        The model the report was made for; not changed.
+    report: :py:class:`~zennit_bnfuse.report.FusionReport`
+        Changed in place; ``report.checked_on`` says on what the folds were checked.
+    example_inputs: :py:obj:`torch.Tensor` or tuple
+        Positional arguments of the model's forward.
+
+    Raises
+    ------
+    TypeError, ValueError
+        See :py:class:`FoldCheck`.
+    '''
+    check = FoldCheck(model, example_inputs)
+    compare = not report.traced
+    report.checked_on = f'example_inputs {check.description}, computed in {check.dtype}'
+
+    def refusal(fold, problem):
+        if isinstance(problem, FoldedInputError):
+            problem = (f'`{problem.layer}` gets an input of shape {problem.shape}, on which the fold is not exact '
+                       '(the BatchNorm acts on dim 1, the layer on its features)')
+        untraced = '' if report.traced else f'the forward could not be traced ({report.trace_error}); '
+        neighbour = '' if report.traced else ' (its nn.Sequential neighbour)'
+        return UnfusedBatchNorm(fold.bn, f'{untraced}with it folded into `{fold.layer}`{neighbour}, on example_inputs '
+                                f'({check.description}) {problem}')
+
+    pending, refused = list(report.fused), []
+    problem = check.problem(pending, compare) if pending else None
+    while isinstance(problem, FoldedInputError):
+        refused += [refusal(fold, problem) for fold in pending if fold.layer == problem.layer]
+        pending = [fold for fold in pending if fold.layer != problem.layer]
+        problem = check.problem(pending, compare) if pending else None
+    if problem is not None:
+        kept = []
+        for fold in pending:
+            problem = check.problem(kept + [fold], compare)
+            if problem is None:
+                kept.append(fold)
+            else:
+                refused.append(refusal(fold, problem))
+        pending = kept
+    report.fused = pending
+    report.unfused += refused
+
+
+def refuse_unproven(report):
+    '''Move every fold of an untraced model's ``report`` to ``report.unfused``: without example inputs nothing proves
+    them.'''
+    for fold in report.fused:
+        report.unfused.append(UnfusedBatchNorm(
+            fold.bn, f'the forward could not be traced ({report.trace_error}), so no fold is proven; it is next to '
+            f'`{fold.layer}` inside an nn.Sequential, which the forward may call in parts or in another order: pass '
+            'example_inputs (to fuse(), FuseBatchNorm, FusedLRP or CompositeLRP) to fold it if it gives the '
+            'model\'s output on them'))
+    report.fused = []
