@@ -261,6 +261,13 @@ def untraceable_cases():
     }
 
 
+def rank_dependent_relu():
+    '''BN1d -> ReLU -> Linear on ``(N, C, L)``, scales far apart so that mixing up C and L shows.'''
+    model, input = prepared(torch.nn.Sequential(
+        torch.nn.BatchNorm1d(3), torch.nn.ReLU(), torch.nn.Linear(3, 2)), 2, 3, 3)
+    return with_scales(model, 0, [3., .2, -1.]), input
+
+
 def rank_dependent_cases():
     '''Folds that are exact only for inputs of one rank, with an input of another rank on which the BatchNorm
     runs, as ``{case id: (model, input, (bn, layer))}`` (the issue's three cases and an unbatched Conv1d).'''
@@ -269,8 +276,7 @@ def rank_dependent_cases():
             torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3)), 2, 3, 3), ('1', '0')),
         'bn1d-linear-on-ncl': (*prepared(torch.nn.Sequential(
             torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 2)), 2, 3, 3), ('0', '1')),
-        'bn1d-relu-linear-on-ncl': (*prepared(torch.nn.Sequential(
-            torch.nn.BatchNorm1d(3), torch.nn.ReLU(), torch.nn.Linear(3, 2)), 2, 3, 3), ('0', '2')),
+        'bn1d-relu-linear-on-ncl': (*rank_dependent_relu(), ('0', '2')),
         'conv1d-bn1d-unbatched': (*prepared(torch.nn.Sequential(
             torch.nn.Conv1d(3, 3, 1), torch.nn.BatchNorm1d(3)), 3, 3), ('1', '0')),
     }

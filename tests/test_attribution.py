@@ -428,3 +428,113 @@ def test_densenet_under_both_classes(snapshot):
         assert relevance.shape == input.shape and torch.isfinite(relevance).all()
         assert len(lrp.prepared.report.fused) == 121
     before.assert_unchanged()
+
+
+def tiny_lrp(cls):
+    return FusedLRP(TinyNet()) if cls == 'fused' else CompositeLRP(TinyNet(), EpsilonPlusFlat())
+
+
+@pytest.mark.parametrize('cls', ['fused', 'composite'])
+@pytest.mark.parametrize('target, value', [(-1, -1), (1, 1), ([0, -2], -2), (torch.tensor([0, 7]), 7), ((4,), 4)])
+def test_target_out_of_range_names_the_valid_range(cls, target, value, snapshot):
+    lrp = tiny_lrp(cls)
+    before = snapshot(lrp.model)
+    with pytest.raises(ValueError, match=rf'^target {value} is out of range for the model output of shape \(2, 1\): '
+                       r'valid indices for dim 1 are 0 to 0\.$'):
+        lrp.attribute(torch.ones(2, 2, dtype=torch.float64), target=target)
+    before.assert_unchanged()
+    # the next call runs as usual (hooks and rules were removed)
+    relevance = lrp.attribute(torch.ones(2, 2, dtype=torch.float64), target=0)
+    assert torch.equal(relevance, tiny_lrp(cls).attribute(torch.ones(2, 2, dtype=torch.float64), target=0))
+
+
+@pytest.mark.parametrize('cls', ['fused', 'composite'])
+def test_wrong_input_shape_names_the_model_and_the_shape(cls, snapshot):
+    lrp = tiny_lrp(cls)
+    before = snapshot(lrp.model)
+    with pytest.raises(ValueError, match=r'^TinyNet could not compute its output for inputs of shape \(2, 3\) '
+                       r'torch\.float64: mat1 and mat2 shapes cannot be multiplied') as error:
+        lrp.attribute(torch.ones(2, 3, dtype=torch.float64), target=0)
+    assert isinstance(error.value.__cause__, RuntimeError)
+    with pytest.raises(ValueError, match=r'^TinyNet could not compute its output for inputs of shape \(2, 2\) '
+                       r'torch\.float32: mat1 and mat2 must have the same dtype'):
+        lrp.attribute(torch.ones(2, 2), target=0)
+    before.assert_unchanged()
+
+
+@pytest.mark.parametrize('cls', ['fused', 'composite'])
+@pytest.mark.parametrize('inputs', ['tensor', 'tuple'])
+def test_empty_batch_gives_empty_relevance_and_delta(cls, inputs):
+    model = TwoInputs().double().eval()
+    empty = (torch.rand(0, 2, 5, 5, dtype=torch.float64), torch.rand(0, 4, dtype=torch.float64))
+    lrp = FusedLRP(model) if cls == 'fused' else CompositeLRP(model, EpsilonPlusFlat())
+    if inputs == 'tensor':
+        model, empty = TinyNet(), torch.rand(0, 2, dtype=torch.float64)
+        lrp = tiny_lrp(cls)
+    relevance, delta = lrp.attribute(empty, target=0, return_convergence_delta=True,
+                                     additional_forward_args=(2.,) if inputs == 'tuple' else None)
+    pairs = zip(relevance, empty) if inputs == 'tuple' else [(relevance, empty)]
+    for actual, input in pairs:
+        assert torch.equal(actual, torch.zeros_like(input))
+    assert delta.shape == (0,) and delta.dtype == torch.float64
+    # the forward still checks shapes and targets
+    with pytest.raises(ValueError, match='target 5 is out of range'):
+        lrp.attribute(empty, target=5, additional_forward_args=(2.,) if inputs == 'tuple' else None)
+
+
+def test_type_rules_reach_fused_layers_most_specific_first():
+    # fc1 takes the BN's fold and is a subclass of Linear; a Linear rule wins over a Module rule for it as for fc2
+    input = torch.rand(3, 2, dtype=torch.float64)
+    by_type = FusedLRP(TinyNet(), rules={torch.nn.Module: None, torch.nn.Linear: GammaRule()})
+    by_name = FusedLRP(TinyNet(), rules={'fc1': GammaRule(), 'fc2': GammaRule()})
+    expected = by_name.attribute(input, target=0)
+    assert not torch.allclose(expected, FusedLRP(TinyNet()).attribute(input, target=0))
+    torch.testing.assert_close(by_type.attribute(input, target=0), expected, rtol=0, atol=0)
+
+
+def bias_map_model():
+    '''BN -> zero-padded conv -> pool -> linear: the conv becomes a bias-map conv.'''
+    torch.manual_seed(0)
+    return randomize_batch_norms(torch.nn.Sequential(
+        torch.nn.BatchNorm2d(2), torch.nn.Conv2d(2, 3, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 2)).double())
+
+
+class RecordingRule(EpsilonRule):
+    '''EpsilonRule that records the bias each layer has when Captum's rule changes its weights.'''
+    seen = []
+
+    def _manipulate_weights(self, module, inputs, outputs):
+        self.seen.append(None if module.bias is None else tuple(module.bias.shape))
+
+
+def test_captum_rules_see_the_bias_map_and_the_model_is_restored():
+    model = bias_map_model()
+    input = torch.rand(2, 2, 5, 5, dtype=torch.float64)
+    RecordingRule.seen.clear()
+    FusedLRP(model, rules={'1': RecordingRule()}).attribute(input, target=0)
+    assert RecordingRule.seen == [(3, 5, 5)]
+    lrp = FusedLRP(model)
+    expected = lrp.attribute(input, target=0)
+    zeroed = FusedLRP(model, rules={'1': GammaRule(set_bias_to_zero=True)})
+    with_bias = FusedLRP(model, rules={'1': GammaRule()}).attribute(input, target=0)
+    assert not torch.allclose(zeroed.attribute(input, target=0), with_bias)
+    # Captum's load_state_dict restore rebuilds the zeroed bias map: the same copy gives the usual relevance again
+    zeroed.rules = {}
+    torch.testing.assert_close(zeroed.attribute(input, target=0), expected, rtol=0, atol=0)
+    conv = zeroed.prepared.get().get_submodule('1')
+    assert list(conv.state_dict()) == ['weight', 'border_kernel', 'base_bias']
+
+
+@pytest.mark.parametrize('cls', [FusedLRP, CompositeLRP])
+def test_example_inputs_reach_the_fusion(cls):
+    from fusion_cases import untraceable_cases
+    sliced, input, folds = untraceable_cases()['sliced-sequential']
+    model = torch.nn.Sequential(sliced, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
+    folds = {f'0.{name}' for name in folds}
+    args = (EpsilonPlusFlat(),) if cls is CompositeLRP else ()
+    lrp = cls(model, *args, example_inputs=input)
+    with pytest.warns(UserWarning):
+        relevance = lrp.attribute(input, target=0)
+    assert {item.bn for item in lrp.prepared.report.fused} == set(folds)
+    assert relevance.shape == input.shape and torch.isfinite(relevance).all()

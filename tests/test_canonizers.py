@@ -12,9 +12,10 @@ from zennit.rules import ZBox
 from zennit.torchvision import ResNetCanonizer
 
 from conftest import randomize_batch_norms
-from fusion_cases import must_fuse, must_not_fuse
+from fusion_cases import must_fuse, must_not_fuse, rank_dependent_cases
 from zennit_bnfuse import FuseBatchNorm
 from zennit_bnfuse.fold import is_batch_norm
+from zennit_bnfuse.layers import FoldedInputError
 
 CASES = {**{key: value[:2] for key, value in must_fuse().items()},
          **{key: value[:2] for key, value in must_not_fuse().items()}}
@@ -67,9 +68,33 @@ def test_apply_remove_directly(snapshot):
 
 
 def test_copy_is_fresh():
-    canonizer = FuseBatchNorm()
+    example = torch.ones(1, 2)
+    canonizer = FuseBatchNorm(example_inputs=example)
     copy = canonizer.copy()
     assert type(copy) is FuseBatchNorm and copy is not canonizer and copy.report is None
+    assert copy.example_inputs is example
+
+
+RANK_CASES = rank_dependent_cases()
+
+
+@pytest.mark.parametrize('case', sorted(RANK_CASES))
+def test_rank_dependent_fold_inside_gradient_raises_or_is_left_out(case, snapshot):
+    model, input, (bn, layer) = RANK_CASES[case]
+    before = snapshot(model)
+    with pytest.raises(FoldedInputError, match=rf'`{layer}` .* has BatchNorm `{bn}` folded into it'):
+        with Gradient(model, EpsilonPlusFlat(canonizers=[FuseBatchNorm()])) as attributor:
+            attributor(input, torch.ones_like(model(input)))
+    before.assert_unchanged()
+    # with the input as example, the fold is left out: the relevance is the composite's without the canonizer
+    canonizer = FuseBatchNorm(example_inputs=input)
+    with Gradient(model, EpsilonPlusFlat(canonizers=[canonizer])) as attributor:
+        output, relevance = attributor(input, torch.ones_like(model(input)))
+    with Gradient(model, EpsilonPlusFlat()) as attributor:
+        expected_output, expected = attributor(input, torch.ones_like(model(input)))
+    assert [item.bn for item in canonizer.report.unfused] == [bn] and not canonizer.report.fused
+    assert torch.equal(output, expected_output) and torch.equal(relevance, expected)
+    before.assert_unchanged()
 
 
 def resnet18():

@@ -1,4 +1,6 @@
 '''Tests for fuse(): exact outputs on every fixture, hypothesis-generated layers, dtypes and torchvision models.'''
+import copy
+
 import pytest
 import torch
 import torchvision
@@ -6,12 +8,14 @@ from hypothesis import given, settings, strategies as st
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from conftest import randomize_batch_norms
-from fusion_cases import BATCH_NORM, CONV, CONV_TRANSPOSE, must_fuse, must_not_fuse, prepared
+from fusion_cases import BATCH_NORM, CONV, CONV_TRANSPOSE, must_fuse, must_not_fuse, prepared, rank_dependent_cases
 from zennit_bnfuse import find_fusable_pairs, fuse
 from zennit_bnfuse.fold import is_batch_norm
+from zennit_bnfuse.layers import FOLDABLE_LAYER_TYPES, FoldedInputError
 
 FUSE_CASES = must_fuse()
 NO_FUSE_CASES = must_not_fuse()
+RANK_CASES = rank_dependent_cases()
 
 
 def assert_fused_exactly(model, input, snapshot, atol=1e-10):
@@ -187,3 +191,26 @@ def test_fused_densenet_backpropagates_through_inplace_relu():
     gradient, = torch.autograd.grad(fused(input)[0, 3], input)
     expected, = torch.autograd.grad(model(input)[0, 3], input)
     torch.testing.assert_close(gradient, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize('case', sorted(RANK_CASES))
+def test_rank_dependent_fold_raises_where_it_would_be_wrong(case, snapshot):
+    model, input, (bn, layer) = RANK_CASES[case]
+    before = snapshot(model)
+    fused, report = fuse(model)
+    assert [(item.bn, item.layer) for item in report.fused] == [(bn, layer)]
+    with torch.no_grad():
+        expected = model(input)
+        # the fold computed anyway (the torch layer's own forward) is wrong on this input: the issue's 0.46-1.86
+        folded = fused.get_submodule(layer)
+        base = next(kind for kind in FOLDABLE_LAYER_TYPES if isinstance(folded, kind))
+        unchecked = copy.deepcopy(fused)
+        unchecked.get_submodule(layer).forward = lambda input: base.forward(unchecked.get_submodule(layer), input)
+        assert ((unchecked(input) - expected).abs().max() / expected.abs().max()) > .1
+        with pytest.raises(FoldedInputError, match=rf'`{layer}` \({base.__name__}\) has BatchNorm `{bn}` folded into '
+                           rf'it.*an input of shape \({input.shape[0]}, 3(, 3)?\)'):
+            fused(input)
+        # on the rank the fold assumes, it is exact
+        batched = torch.randn(4, 3, *(() if base is torch.nn.Linear else (5,)), dtype=torch.float64)
+        torch.testing.assert_close(fused(batched), model(batched), rtol=0, atol=1e-12)
+    before.assert_unchanged()

@@ -82,3 +82,13 @@ def test_naive_and_unfused_equal_zennit_by_hand():
     unfused = CompositeLRP(model, EpsilonPlusFlat(), handling='unfused').attribute(images, target=target)
     epsilon_on_bn = MixedComposite([LayerMapComposite([(BatchNorm, ZennitEpsilon())]), EpsilonPlusFlat()])
     torch.testing.assert_close(unfused, by_hand(epsilon_on_bn), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize('handling', sorted(HANDLINGS))
+def test_every_handling_refuses_invalid_batch_norm_statistics(handling, snapshot):
+    model = conv_net(batch_norm=True)
+    model[4].running_var[1] = -1.
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"BatchNorm '4' has running_var \+ eps <= 0 in channel\(s\) \[1\]"):
+        bn_handling(handling).prepare(model, 'captum')
+    before.assert_unchanged()

@@ -53,7 +53,8 @@ def test_untraceable_without_example_inputs_folds_nothing_and_says_why():
     assert not report.fused
     reasons = {item.bn: item.reason for item in report.unfused}
     assert set(reasons) == {'block.1', 'bn'}
-    assert all(reason.startswith(f'the forward could not be traced ({report.trace_error})') for reason in reasons.values())
+    prefix = f'the forward could not be traced ({report.trace_error})'
+    assert all(reason.startswith(prefix) for reason in reasons.values())
     assert re.search(r'next to `block\.0` inside an nn\.Sequential.*pass example_inputs', reasons['block.1'])
     assert 'never called as a module inside an nn.Sequential' in reasons['bn']
     assert 'none was folded: pass example_inputs' in str(report)

@@ -5,6 +5,8 @@ from contextlib import contextmanager
 import torch
 from zennit.core import Composite
 
+from .layers import FoldedInputError
+
 
 def check_model(model, caller):
     '''Raise unless ``model`` is a :py:obj:`torch.nn.Module` with no TorchScript module in it.
@@ -156,8 +158,9 @@ def check_target(target, output):
 @contextmanager
 def checked_forward(model, inputs, target):
     '''Check ``target`` against the output of every forward pass of ``model`` in this context, and turn a
-    RuntimeError raised inside the forward pass (a shape or dtype mismatch) into a ValueError that names the model
-    and the inputs' shapes, with the original error as its cause.
+    RuntimeError or ValueError raised inside the forward pass (a shape or dtype mismatch) into a ValueError that names
+    the model and the inputs' shapes, with the original error as its cause (a fused layer's
+    :py:class:`~zennit_bnfuse.layers.FoldedInputError` already says what to do, and passes unchanged).
 
     ``model`` must be one the caller owns: a forward pre-hook and a forward hook are registered on it for the
     duration of the context.
@@ -174,7 +177,7 @@ def checked_forward(model, inputs, target):
     Raises
     ------
     ValueError, TypeError
-        See :py:func:`check_target`; ValueError for a RuntimeError in the forward pass.
+        See :py:func:`check_target`; ValueError for a RuntimeError or ValueError in the forward pass.
     '''
     running = []
 
@@ -189,8 +192,8 @@ def checked_forward(model, inputs, target):
     handles = [model.register_forward_pre_hook(pre_hook), model.register_forward_hook(hook)]
     try:
         yield
-    except RuntimeError as error:
-        if not running or isinstance(error, torch.OutOfMemoryError):
+    except (RuntimeError, ValueError) as error:
+        if not running or isinstance(error, (torch.OutOfMemoryError, FoldedInputError)):
             raise
         shapes = ', '.join(f'{tuple(input.shape)} {input.dtype}' for input in inputs)
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

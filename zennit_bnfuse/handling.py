@@ -7,6 +7,7 @@
 import copy
 from dataclasses import dataclass
 
+from .fold import check_batch_norm, is_batch_norm
 from .fusion import fuse
 from .graph import lrp_graph
 
@@ -51,11 +52,20 @@ class BatchNormHandling:
         tuple[:py:obj:`torch.nn.Module`, dict[str, str], FusionReport or None]
             The prepared model, the names of copies of reused modules (copy -> original) and the fusion report
             (None unless this handling fuses).
+
+        Raises
+        ------
+        ValueError
+            Under every handling, if a BatchNorm is in training mode or has invalid statistics (see
+            :py:func:`zennit_bnfuse.fold.check_batch_norm`); see :py:func:`zennit_bnfuse.fuse` for the others.
         '''
         report = None
         if self.fuses:
             owned, report = fuse(model, example_inputs)
         else:
+            for name, module in model.named_modules():
+                if is_batch_norm(module):
+                    check_batch_norm(name, module)
             owned = copy.deepcopy(model)
         prepared, copies = lrp_graph(owned, residual=residual)
         return prepared, copies, report

@@ -75,8 +75,8 @@ class FoldedLayerMixin:
         layout = '(N, features)' if isinstance(self, torch.nn.Linear) else '(N, C, *spatial)'
         names = ', '.join(f'`{name}`' for name in self.folded_batch_norms) or 'a'
         return (
-            f'`{self.folded_layer_name or base}` ({base}) has BatchNorm {names} folded into it, which is exact only for '
-            f'{self.weight.ndim}-D inputs {layout} with the batch on dim 0 and the features on dim 1; it was called '
+            f'`{self.folded_layer_name or base}` ({base}) has BatchNorm {names} folded into it, which is exact only '
+            f'for {self.weight.ndim}-D inputs {layout} with the batch on dim 0 and the features on dim 1; it was called '
             f'with an input of shape {tuple(input.shape)}, on which the BatchNorm acted on another dim than the '
             'layer. Explain this model without fusing (handling=\'unfused\', or without FuseBatchNorm), or pass '
             'example_inputs of this shape to fuse()/FuseBatchNorm/FusedLRP/CompositeLRP, which then leave such '

@@ -66,7 +66,8 @@ class PreparedModel:
         '''The prepared model, rebuilt if the user's model changed since the last call.'''
         fingerprint = model_fingerprint(self.model)
         if self._prepared is None or fingerprint != self._fingerprint:
-            self._prepared, self.copies, self.report = self.handling.prepare(self.model, self.residual, self.example_inputs)
+            self._prepared, self.copies, self.report = self.handling.prepare(
+                self.model, self.residual, self.example_inputs)
             self._fingerprint = fingerprint
             self.builds += 1
         return self._prepared
