@@ -462,24 +462,30 @@ def test_wrong_input_shape_names_the_model_and_the_shape(cls, snapshot):
     before.assert_unchanged()
 
 
+EMPTY_BATCHES = {
+    # model, inputs, additional_forward_args
+    'tensor': (TinyNet, torch.rand(0, 2, dtype=torch.float64), None),
+    'tuple': (lambda: TwoInputs().double().eval(),
+              (torch.rand(0, 2, 5, 5, dtype=torch.float64), torch.rand(0, 4, dtype=torch.float64)), (2.,)),
+}
+
+
 @pytest.mark.parametrize('cls', ['fused', 'composite'])
-@pytest.mark.parametrize('inputs', ['tensor', 'tuple'])
-def test_empty_batch_gives_empty_relevance_and_delta(cls, inputs):
-    model = TwoInputs().double().eval()
-    empty = (torch.rand(0, 2, 5, 5, dtype=torch.float64), torch.rand(0, 4, dtype=torch.float64))
+@pytest.mark.parametrize('case', sorted(EMPTY_BATCHES))
+def test_empty_batch_gives_empty_relevance_and_delta(cls, case):
+    make_model, empty, args = EMPTY_BATCHES[case]
+    model = make_model()
     lrp = FusedLRP(model) if cls == 'fused' else CompositeLRP(model, EpsilonPlusFlat())
-    if inputs == 'tensor':
-        model, empty = TinyNet(), torch.rand(0, 2, dtype=torch.float64)
-        lrp = tiny_lrp(cls)
-    relevance, delta = lrp.attribute(empty, target=0, return_convergence_delta=True,
-                                     additional_forward_args=(2.,) if inputs == 'tuple' else None)
-    pairs = zip(relevance, empty) if inputs == 'tuple' else [(relevance, empty)]
-    for actual, input in pairs:
-        assert torch.equal(actual, torch.zeros_like(input))
+    relevance, delta = lrp.attribute(empty, target=0, return_convergence_delta=True, additional_forward_args=args)
+    if case == 'tuple':
+        assert isinstance(relevance, tuple) and len(relevance) == 2
+        assert all(torch.equal(actual, torch.zeros_like(input)) for actual, input in zip(relevance, empty))
+    else:
+        assert torch.equal(relevance, torch.zeros_like(empty))
     assert delta.shape == (0,) and delta.dtype == torch.float64
     # the forward still checks shapes and targets
     with pytest.raises(ValueError, match='target 5 is out of range'):
-        lrp.attribute(empty, target=5, additional_forward_args=(2.,) if inputs == 'tuple' else None)
+        lrp.attribute(empty, target=5, additional_forward_args=args)
 
 
 def test_type_rules_reach_fused_layers_most_specific_first():

@@ -167,3 +167,12 @@ def test_zennit_rules_treat_the_bias_map_as_bias(rule):
     torch.testing.assert_close(relevance_under(rule(zero_params='bias'), fused, input), expected, rtol=1e-12, atol=0)
     assert not torch.allclose(relevance_under(rule(), fused, input), expected)
     assert list(fused.state_dict()) == ['weight', 'border_kernel', 'base_bias']
+
+
+def test_rank_check_stays_in_a_torch_fx_graph_of_the_fused_layer():
+    fused = folded_layer(torch.nn.Linear(3, 2).double(), before=shift_only(3, 1.), name='fc', batch_norms=('bn',))
+    traced = torch.fx.symbolic_trace(torch.nn.Sequential(fused))
+    input = torch.rand(4, 3, dtype=torch.float64)
+    assert torch.equal(traced(input), fused(input))
+    with pytest.raises(FoldedInputError, match=r'`fc` \(Linear\) has BatchNorm `bn` folded into it'):
+        traced(torch.rand(4, 3, 3, dtype=torch.float64))

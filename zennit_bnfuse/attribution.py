@@ -298,8 +298,7 @@ class CompositeLRP(GradientAttribution):
         Compute the rules with :py:class:`~zennit_bnfuse.singlepass.SinglePass` (the same relevance, faster);
         False by default.
     example_inputs: :py:obj:`torch.Tensor` or tuple, optional
-        Forward arguments to check the folds on (see :py:func:`zennit_bnfuse.fuse`); needed to fold anything where
-        the forward cannot be traced with torch.fx.
+        As in :py:class:`FusedLRP`.
 
     Raises
     ------

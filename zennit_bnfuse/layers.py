@@ -2,6 +2,7 @@
 import copy
 
 import torch
+import torch.fx
 
 from .fold import batch_norm_affine, fold_into_next, fold_into_previous, relu_fold
 
@@ -57,6 +58,10 @@ class FoldedLayerMixin:
     folded_layer_name = ''
     folded_batch_norms = ()
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.base_name = next(kind for kind in FOLDABLE_LAYER_TYPES if issubclass(cls, kind)).__name__
+
     def forward(self, input):
         '''Run the layer on ``input`` after checking its rank (see the class docstring).
 
@@ -65,23 +70,48 @@ class FoldedLayerMixin:
         FoldedInputError
             If ``input.ndim`` is not ``weight.ndim``; the message names the layer, its BatchNorms and what to do.
         '''
-        if input.ndim != self.weight.ndim:
-            raise FoldedInputError(self.input_problem(input), self.folded_layer_name, tuple(input.shape))
+        check_folded_input(input, self.weight.ndim, self.base_name, self.folded_layer_name, self.folded_batch_norms)
         return super().forward(input)
 
-    def input_problem(self, input):
-        '''Why the folds are not exact on ``input``, and what to do, in words.'''
-        base = next(kind for kind in FOLDABLE_LAYER_TYPES if isinstance(self, kind)).__name__
-        layout = '(N, features)' if isinstance(self, torch.nn.Linear) else '(N, C, *spatial)'
-        names = ', '.join(f'`{name}`' for name in self.folded_batch_norms) or 'a'
-        return (
-            f'`{self.folded_layer_name or base}` ({base}) has BatchNorm {names} folded into it, which is exact only '
-            f'for {self.weight.ndim}-D inputs {layout} with the batch on dim 0 and the features on dim 1; it was called '
-            f'with an input of shape {tuple(input.shape)}, on which the BatchNorm acted on another dim than the '
-            'layer. Explain this model without fusing (handling=\'unfused\', or without FuseBatchNorm), or pass '
-            'example_inputs of this shape to fuse()/FuseBatchNorm/FusedLRP/CompositeLRP, which then leave such '
-            'folds unfused.'
-        )
+
+def check_folded_input(input, rank, kind, layer, batch_norms):
+    '''Raise unless ``input`` has the rank a layer with folded BatchNorms needs (see :py:class:`FoldedLayerMixin`).
+
+    torch.fx keeps this call in the graph of a traced fused model (it is wrapped with :py:func:`torch.fx.wrap`), so
+    the check also runs there.
+
+    Parameters
+    ----------
+    input: :py:obj:`torch.Tensor`
+        The layer's input.
+    rank: int
+        The rank it must have, the layer weight's.
+    kind: str
+        The layer's torch type name (``'Linear'``, ``'Conv2d'``, ...).
+    layer: str
+        The layer's name in its model.
+    batch_norms: tuple[str, ...]
+        The BatchNorms folded into it.
+
+    Raises
+    ------
+    FoldedInputError
+        If ``input.ndim != rank``; the message names the layer and its BatchNorms and says what to do.
+    '''
+    if input.ndim == rank:
+        return
+    layout = '(N, features)' if kind == 'Linear' else '(N, C, *spatial)'
+    names = ', '.join(f'`{name}`' for name in batch_norms) or 'a'
+    raise FoldedInputError(
+        f'`{layer or kind}` ({kind}) has BatchNorm {names} folded into it, which is exact only for {rank}-D inputs '
+        f'{layout} with the batch on dim 0 and the features on dim 1; it was called with an input of shape '
+        f'{tuple(input.shape)}, on which the BatchNorm acted on another dim than the layer. Explain this model '
+        'without fusing (handling=\'unfused\', or without FuseBatchNorm), or pass example_inputs of this shape to '
+        'fuse()/FuseBatchNorm/FusedLRP/CompositeLRP, which then leave such folds unfused.',
+        layer, tuple(input.shape))
+
+
+torch.fx.wrap('check_folded_input')
 
 
 class BiasMapConvMixin:
