@@ -214,3 +214,30 @@ def test_rank_dependent_fold_raises_where_it_would_be_wrong(case, snapshot):
         batched = torch.randn(4, 3, *(() if base is torch.nn.Linear else (5,)), dtype=torch.float64)
         torch.testing.assert_close(fused(batched), model(batched), rtol=0, atol=1e-12)
     before.assert_unchanged()
+
+
+def include_model():
+    '''conv -> BN2d -> ReLU -> flatten -> linear -> BN1d, float64, random statistics.'''
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.BatchNorm2d(3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(12, 4), torch.nn.BatchNorm1d(4))
+    return randomize_batch_norms(model.double())
+
+
+@pytest.mark.parametrize('include', [lambda name, module: isinstance(module, torch.nn.BatchNorm2d), ['1'], {'1'}])
+def test_include_folds_only_the_selected_batch_norms(include):
+    model = include_model()
+    fused, report = fuse(model, include=include)
+    assert [entry.bn for entry in report.fused] == ['1']
+    assert [(entry.bn, entry.reason) for entry in report.unfused] == [('5', 'not selected by `include`')]
+    assert isinstance(fused[1], torch.nn.Identity) and isinstance(fused[5], torch.nn.BatchNorm1d)
+    input = torch.rand(3, 2, 4, 4, dtype=torch.float64)
+    assert torch.allclose(fused(input), model(input), rtol=1e-12, atol=1e-12)
+
+
+def test_include_errors_name_the_problem():
+    model = include_model()
+    with pytest.raises(ValueError, match=r"include names '4', which is not a BatchNorm of the model"):
+        fuse(model, include=['1', '4'])
+    with pytest.raises(TypeError, match='include must be a function'):
+        fuse(model, include='1')

@@ -1,10 +1,13 @@
 '''``fuse(model)``, which returns a fused copy of a model and the report of what was folded.'''
+from dataclasses import replace
+
 from .checks import check_model
 from .pairs import find_fusable_pairs
+from .report import UnfusedBatchNorm
 from .replacements import replaced_copy, replacement_modules, set_module  # noqa: F401 (set_module: graph.py)
 
 
-def fuse(model, example_inputs=None):
+def fuse(model, example_inputs=None, include=None):
     '''Return a copy of ``model`` with every BatchNorm that can be folded exactly folded into a neighbouring layer.
 
     Parameters
@@ -15,6 +18,9 @@ def fuse(model, example_inputs=None):
         Positional arguments of the model's forward to check the folds on (see
         :py:func:`~zennit_bnfuse.pairs.find_fusable_pairs`); needed to fold anything where the forward cannot be
         traced with torch.fx.
+    include: callable or collection of str, optional
+        Which BatchNorms to fold: ``include(name, module) -> bool``, or their names; the others stay in place with
+        the reason ``not selected``. Default: every BatchNorm that can be folded.
 
     Returns
     -------
@@ -34,4 +40,33 @@ def fuse(model, example_inputs=None):
     '''
     check_model(model, 'fuse()')
     report = find_fusable_pairs(model, example_inputs)
+    if include is not None:
+        report = selected(model, report, include)
     return replaced_copy(model, replacement_modules(model, report)), report
+
+
+def selected(model, report, include):
+    '''``report`` with only the folds of the BatchNorms ``include`` selects (see :py:func:`fuse`).
+
+    Raises
+    ------
+    TypeError
+        If ``include`` is neither callable nor a collection of names.
+    ValueError
+        If ``include`` names a module that is not a BatchNorm of ``model``.
+    '''
+    if not callable(include):
+        if isinstance(include, str) or not hasattr(include, '__iter__'):
+            raise TypeError(f'include must be a function (name, module) -> bool or a collection of BatchNorm names, '
+                            f'not {include!r}')
+        names = set(include)
+        known = {entry.bn for entry in (*report.fused, *report.unfused)}
+        unknown = sorted(names - known)
+        if unknown:
+            raise ValueError(f'include names {", ".join(map(repr, unknown))}, which '
+                             f'{"is not a BatchNorm" if len(unknown) == 1 else "are not BatchNorms"} of the model')
+        include = lambda name, module: name in names  # noqa: E731
+    modules = dict(model.named_modules())
+    chosen = [entry for entry in report.fused if include(entry.bn, modules[entry.bn])]
+    left = [UnfusedBatchNorm(entry.bn, 'not selected by `include`') for entry in report.fused if entry not in chosen]
+    return replace(report, fused=chosen, unfused=[*report.unfused, *left])
