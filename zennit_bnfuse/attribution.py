@@ -23,14 +23,15 @@ from zennit.types import Activation
 
 from .checks import check_composite, check_inputs, check_model, checked_forward
 from .fold import BATCH_NORM_TYPES, is_batch_norm
+from .graph_layers import SumReduction
 from .prepared import PreparedModel
 from .singlepass import SinglePass
 
-# leaves that get Captum's EpsilonRule by default: every affine map
+# leaves that get Captum's EpsilonRule by default: every affine map (reductions: zennit_bnfuse.graph_layers)
 EPSILON_RULE_TYPES = (
     torch.nn.Linear, torch.nn.modules.conv._ConvNd, torch.nn.modules.pooling._AvgPoolNd,
     torch.nn.modules.pooling._MaxPoolNd, torch.nn.modules.pooling._AdaptiveAvgPoolNd,
-    torch.nn.modules.pooling._AdaptiveMaxPoolNd, Addition_Module,
+    torch.nn.modules.pooling._AdaptiveMaxPoolNd, Addition_Module, SumReduction,
 )
 # leaves relevance passes unchanged: elementwise activations, dropout, identity and reshapes
 RESHAPE_TYPES = (torch.nn.Flatten, torch.nn.Unflatten)

@@ -1,63 +1,207 @@
 '''Rewriting a model's traced forward so that LRP sees every operation as its own module.
 
-LRP implementations attach rules to modules. Two things in ordinary models escape them: a residual ``a + b`` written
-in ``forward`` (relevance is then double-counted), and a module called more than once (one module, one stored input,
-several uses: torchvision's BasicBlock reuses ``self.relu``). :py:func:`lrp_graph` turns every tensor addition into
-a module with a rule (Captum's ``Addition_Module``, or Zennit's ``Sum`` over a stacked tensor) and gives each extra
-use of a module its own copy.
+LRP implementations attach rules to modules; every other op passes relevance by its plain gradient. That is right for
+ops that only move, copy or select values (``torch.cat``, ``chunk``, indexing, ``view``, ``permute``, ...), but not
+for ops that combine values, and a module called more than once (torchvision's BasicBlock reuses ``self.relu``) has
+one stored input for several uses. :py:func:`lrp_graph` rewrites the traced forward:
+
+- a residual ``a + b`` of two input-dependent tensors becomes a module with a rule (Captum's ``Addition_Module``, or
+  Zennit's ``Sum`` over the stacked operands);
+- ``x.mean(dims)``, ``x.sum(dims)``, ``torch.mean`` and ``torch.sum`` become
+  :py:class:`~zennit_bnfuse.graph_layers.MeanReduction`/:py:class:`~zennit_bnfuse.graph_layers.SumReduction`
+  (subclasses of Zennit's ``Sum``);
+- ``F.avg_pool*``, ``F.max_pool*``, ``F.adaptive_avg_pool*`` and ``F.adaptive_max_pool*`` become the torch.nn
+  pooling modules, and functional activations (``F.relu``, ``torch.sigmoid``, ...) the torch.nn activations;
+- a product with a constant (``x * 0.5``, ``x * self.gamma``, ``x / 6``) or with a gate (``x * sigmoid(...)``, as in
+  squeeze-and-excitation blocks) becomes
+  :py:func:`~zennit_bnfuse.graph_layers.scale_passing_relevance`: the relevance passes to ``x`` unchanged and none
+  to the factor;
+- timm's BatchNorm + activation modules are split into a plain BatchNorm and their drop and activation modules;
+- every extra use of a module gets its own copy, and ``torch.nn.Identity`` calls are removed;
+- for Captum, a module call whose input tensor other ops read too gets a clone of it (Captum's rules hook tensors,
+  not calls).
+
+Ops that still pass relevance by their gradient although it is not a relevance (a product of two signals, a
+functional convolution, ``layer_norm``, in-place ops whose input is read again, ...) are listed in a warning.
 '''
 import copy
 import operator
 import warnings
 from collections import Counter
+from dataclasses import dataclass
 
 import torch
 import torch.fx
+import torch.nn.functional as F
+import torchvision
 from captum.attr._utils.custom_modules import Addition_Module
 from zennit.layer import Sum
 
 from .fusion import set_module
+from .graph_layers import MeanReduction, SumReduction, is_norm_act, scale_passing_relevance, split_norm_act
 from .pairs import LeafTracer
 
 ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+INPLACE_OPERATORS = {operator.iadd, operator.imul, operator.itruediv}
 SHAPE_OPS = {'size', 'dim', 'numel'}
+SHAPE_ATTRIBUTES = {'shape', 'ndim', 'dtype', 'device', 'layout', 'is_cuda'}
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    '''How a functional op becomes a module.
+
+    Attributes
+    ----------
+    name: str
+        The base of the new module's name.
+    module_type: type
+        Called with the op's arguments after the input, by name.
+    arguments: tuple[str, ...]
+        The names of the op's arguments after the input, in order.
+    '''
+    name: str
+    module_type: type
+    arguments: tuple = ()
+
+
+def pooling_specs():
+    '''Functional pooling (torch.nn.functional and its torch aliases) -> :py:class:`ModuleSpec`.'''
+    arguments = {
+        'avg_pool1d': ('kernel_size', 'stride', 'padding', 'ceil_mode', 'count_include_pad'),
+        'avg_pool2d': ('kernel_size', 'stride', 'padding', 'ceil_mode', 'count_include_pad', 'divisor_override'),
+        'avg_pool3d': ('kernel_size', 'stride', 'padding', 'ceil_mode', 'count_include_pad', 'divisor_override'),
+        **{f'max_pool{dims}d': ('kernel_size', 'stride', 'padding', 'dilation', 'ceil_mode', 'return_indices')
+           for dims in (1, 2, 3)},
+        **{f'adaptive_avg_pool{dims}d': ('output_size',) for dims in (1, 2, 3)},
+        **{f'adaptive_max_pool{dims}d': ('output_size', 'return_indices') for dims in (1, 2, 3)},
+    }
+    specs = {}
+    for name, names in arguments.items():
+        spec = ModuleSpec(name, getattr(torch.nn, ''.join(part.capitalize() for part in name.split('_'))), names)
+        specs[getattr(F, name)] = spec
+    # torch's own pooling functions with the same arguments and a tensor result (torch.adaptive_max_pool1d returns
+    # the indices too)
+    for name in ('avg_pool1d', 'max_pool1d', 'max_pool2d', 'max_pool3d', 'adaptive_avg_pool1d'):
+        specs[getattr(torch, name)] = specs[getattr(F, name)]
+    return specs
+
+
+def activation_specs():
+    '''Functional activations (torch.nn.functional, torch and tensor methods, in-place variants included) ->
+    :py:class:`ModuleSpec`; methods are keyed by their name.'''
+    modules = {
+        'relu': (torch.nn.ReLU, ('inplace',)), 'relu6': (torch.nn.ReLU6, ('inplace',)),
+        'leaky_relu': (torch.nn.LeakyReLU, ('negative_slope', 'inplace')), 'elu': (torch.nn.ELU, ('alpha', 'inplace')),
+        'gelu': (torch.nn.GELU, ('approximate',)), 'silu': (torch.nn.SiLU, ('inplace',)),
+        'mish': (torch.nn.Mish, ('inplace',)), 'hardsigmoid': (torch.nn.Hardsigmoid, ('inplace',)),
+        'hardswish': (torch.nn.Hardswish, ('inplace',)),
+        'hardtanh': (torch.nn.Hardtanh, ('min_val', 'max_val', 'inplace')),
+        'sigmoid': (torch.nn.Sigmoid, ()), 'tanh': (torch.nn.Tanh, ()),
+        'softplus': (torch.nn.Softplus, ('beta', 'threshold')),
+    }
+    specs = {}
+    for name, (module_type, names) in modules.items():
+        for suffix in ('', '_'):
+            spec = ModuleSpec(name, module_type, tuple(key for key in names if not suffix or key != 'inplace'))
+            for namespace in (F, torch):
+                if hasattr(namespace, name + suffix):
+                    specs.setdefault(getattr(namespace, name + suffix), spec)
+            if hasattr(torch.Tensor, name + suffix):
+                specs[name + suffix] = spec
+    return specs
+
+
+REDUCTION_SPECS = {
+    **{key: ModuleSpec('mean', MeanReduction, ('dim', 'keepdim', 'dtype')) for key in (torch.mean, 'mean')},
+    **{key: ModuleSpec('sum', SumReduction, ('dim', 'keepdim', 'dtype')) for key in (torch.sum, 'sum')},
+}
+MODULE_SPECS = {**pooling_specs(), **activation_specs(), **REDUCTION_SPECS}
+
+# products: function or method -> whether it divides
+PRODUCTS = {operator.mul: False, operator.imul: False, torch.mul: False, operator.truediv: True,
+            operator.itruediv: True, torch.div: True, torch.true_divide: True,
+            'mul': False, 'mul_': False, 'div': True, 'div_': True, 'true_divide': True}
+# ops through which a gate keeps being a gate
+RESHAPE_FUNCTIONS = {torch.reshape, torch.flatten, torch.unsqueeze, torch.squeeze, torch.permute, torch.transpose}
+RESHAPE_METHODS = {'view', 'view_as', 'reshape', 'reshape_as', 'expand', 'expand_as', 'flatten', 'unsqueeze',
+                   'squeeze', 'permute', 'transpose', 'contiguous'}
+GATE_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid, torch.softmax, F.softmax}
+GATE_METHODS = {'sigmoid', 'softmax'}
+# ops whose gradient hands each input its relevance exactly: they move, copy or select values
+EXACT_FUNCTIONS = {
+    *RESHAPE_FUNCTIONS, torch.cat, torch.concat, torch.concatenate, torch.stack, torch.chunk, torch.split,
+    torch.tensor_split, torch.narrow, torch.flip, torch.roll, torch.clone, torch.broadcast_tensors, operator.getitem,
+    F.pad, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.channel_shuffle, F.pixel_shuffle,
+    F.pixel_unshuffle, torchvision.ops.stochastic_depth, scale_passing_relevance,
+    # max pooling's gradient hands each window's relevance to its maximum, as LRP-epsilon does
+    *(getattr(F, f'{kind}max_pool{dims}d_with_indices') for kind in ('', 'adaptive_') for dims in (1, 2, 3)),
+}
+EXACT_METHODS = {*RESHAPE_METHODS, 'unflatten', 'repeat', 'chunk', 'split', 'narrow', 'flip', 'roll', 'clone', 'to',
+                 'type', 'type_as', 'float', 'double', 'half', 'bfloat16', 'cpu', 'cuda'}
 
 
 class LRPTracer(LeafTracer):
-    ''':py:class:`~zennit_bnfuse.pairs.LeafTracer` that also keeps Zennit's ``Sum`` and Captum's
-    ``Addition_Module`` as leaves.'''
+    ''':py:class:`~zennit_bnfuse.pairs.LeafTracer` that also keeps Zennit's ``Sum``, Captum's ``Addition_Module``
+    and timm's norm-act modules as leaves.'''
     def is_leaf_module(self, module, module_qualified_name):
-        if isinstance(module, (Sum, Addition_Module)):
+        if isinstance(module, (Sum, Addition_Module)) or is_norm_act(module):
             return True
         return super().is_leaf_module(module, module_qualified_name)
 
 
-def is_shape_value(node):
-    """Whether ``node`` computes a shape, size or count rather than a tensor."""
-    if not isinstance(node, torch.fx.Node):
-        return True
-    if node.op == 'call_method' and node.target in SHAPE_OPS:
-        return True
-    if node.op == 'call_function' and node.target in (getattr, len, operator.getitem):
-        return is_shape_value(node.args[0]) or node.target is getattr
-    return False
+def is_number_argument(node):
+    """Whether ``node`` is a forward argument whose default value is a number (a setting such as ``scale=1.``,
+    not a tensor)."""
+    return node.op == 'placeholder' and bool(node.args) and isinstance(node.args[0], (bool, int, float))
 
 
-def input_dependent_nodes(graph):
-    """The nodes whose value depends on the model's inputs (not only on parameters, buffers or constants)."""
-    dependent = set()
+def shape_nodes(graph):
+    """The nodes that compute a shape, size, count, dtype or device, or values from those alone, rather than a
+    tensor the relevance flows through."""
+    shapes = set()
     for node in graph.nodes:
-        if node.op == 'placeholder' or any(arg in dependent for arg in node.all_input_nodes):
-            dependent.add(node)
-    return dependent
+        if node.op not in ('call_function', 'call_method'):
+            continue
+        if ((node.op == 'call_method' and node.target in SHAPE_OPS)
+                or (node.target is getattr and node.args[1] in SHAPE_ATTRIBUTES)
+                or (node.all_input_nodes and all(arg in shapes for arg in node.all_input_nodes))):
+            shapes.add(node)
+    return shapes
 
 
-def is_tensor_addition(node, dependent):
-    """Whether ``node`` adds two tensors that both depend on the inputs (a residual), not a constant, a buffer or
-    shape arithmetic."""
-    if node.op != 'call_function' or node.target not in ADD_FUNCTIONS or len(node.args) != 2 or node.kwargs:
-        return False
-    return all(arg in dependent and not is_shape_value(arg) for arg in node.args)
+def signal_nodes(graph):
+    """The nodes whose value depends on the model's tensor inputs through tensors: not only on parameters,
+    buffers, constants, shapes or forward arguments whose default is a number. Relevance flows through these."""
+    shapes = shape_nodes(graph)
+    signals = set()
+    for node in graph.nodes:
+        if node in shapes:
+            continue
+        if (node.op == 'placeholder' and not is_number_argument(node)) or any(
+                arg in signals for arg in node.all_input_nodes):
+            signals.add(node)
+    return signals
+
+
+def op_key(node):
+    '''The function of a ``call_function`` node or the name of a ``call_method`` node (None for other nodes).'''
+    return node.target if node.op in ('call_function', 'call_method') else None
+
+
+def op_name(node):
+    '''A readable name of a node's op.'''
+    key = op_key(node)
+    if isinstance(key, str):
+        return f'Tensor.{key}'
+    return getattr(key, '__name__', str(key))
+
+
+def writes_in_place(node):
+    '''Whether ``node`` writes its result into its first input (``+=``, ``relu_``, ``inplace=True``, ...).'''
+    key = op_key(node)
+    name = key if isinstance(key, str) else getattr(key, '__name__', '')
+    return key in INPLACE_OPERATORS or name.endswith('_') or node.kwargs.get('inplace') is True
 
 
 def free_name(root, scope, base):
@@ -70,10 +214,204 @@ def free_name(root, scope, base):
     return f'{scope}.{name}' if scope else name
 
 
-def lrp_graph(model, residual='captum'):
-    '''An fx GraphModule of ``model`` where every tensor addition is a module and every module call its own module.
+def scope_of(node):
+    '''The innermost module the traced ``node`` is written in ('' for the root); fx labels a second call of a
+    module 'path@1', the entry's first item is its real path.'''
+    stack = node.meta.get('nn_module_stack') or {}
+    return stack[next(reversed(stack))][0] if stack else ''
 
-    ``torch.nn.Identity`` calls (what fusion leaves of a folded BatchNorm) are removed.
+
+def bind_arguments(node, names):
+    '''The arguments of a call after its input, by name, or None where one is not in ``names`` or is computed in
+    the graph (a module needs them fixed).'''
+    if len(node.args) - 1 > len(names) or any(key not in names for key in node.kwargs):
+        return None
+    arguments = {**dict(zip(names, node.args[1:])), **node.kwargs}
+    computed = []
+    torch.fx.node.map_arg(tuple(arguments.values()), computed.append)
+    return None if computed else arguments
+
+
+def is_gate(node, model):
+    '''Whether ``node`` is a gate: the output of a sigmoid or softmax, possibly reshaped or expanded.'''
+    while op_key(node) in RESHAPE_FUNCTIONS | RESHAPE_METHODS:
+        node = node.args[0]
+    if node.op == 'call_module':
+        name = type(model.get_submodule(node.target)).__name__.lower()
+        return 'sigmoid' in name or 'softmax' in name
+    return op_key(node) in GATE_FUNCTIONS | GATE_METHODS
+
+
+def ops_passed_by_gradient(graph_module):
+    '''The functional ops of a rewritten forward through which LRP passes relevance by their plain gradient although
+    that gradient is not a relevance.
+
+    Ops that only move, copy or select values are left out (their gradient hands each input its relevance), as are
+    ops whose result reaches the output only through a gate or a constant factor of
+    :py:func:`~zennit_bnfuse.graph_layers.scale_passing_relevance` (they receive no relevance).
+
+    Parameters
+    ----------
+    graph_module: :py:obj:`torch.fx.GraphModule`
+        A forward rewritten by :py:func:`lrp_graph`.
+
+    Returns
+    -------
+    list[:py:obj:`torch.fx.Node`]
+        In graph order.
+    '''
+    graph = graph_module.graph
+    signals = signal_nodes(graph)
+    receiving = set()
+    pending = [node for node in graph.nodes if node.op == 'output']
+    while pending:
+        node = pending.pop()
+        if node in receiving:
+            continue
+        receiving.add(node)
+        pending.extend(node.args[:1] if node.target is scale_passing_relevance else node.all_input_nodes)
+    return [node for node in graph.nodes
+            if node.op in ('call_function', 'call_method') and node in receiving and node in signals
+            and op_key(node) not in EXACT_FUNCTIONS | EXACT_METHODS]
+
+
+class GraphRewrite:
+    '''The rewrite of one traced ``graph`` of ``model`` (see :py:func:`lrp_graph`); ``model`` receives the new
+    modules.'''
+    def __init__(self, model, graph, residual):
+        self.model = model
+        self.graph = graph
+        self.residual = residual
+        self.copies = {}
+
+    def split_norm_acts(self):
+        '''Remove ``Identity`` calls and call timm's norm-act modules as a plain BatchNorm, then drop and act.'''
+        parts = {}
+        for node in list(self.graph.nodes):
+            if node.op != 'call_module':
+                continue
+            module = self.model.get_submodule(node.target)
+            if type(module) is torch.nn.Identity:
+                # what is left of a folded BatchNorm: no rule, no hook, no call
+                node.replace_all_uses_with(node.args[0])
+                self.graph.erase_node(node)
+                continue
+            if node.target not in parts and is_norm_act(module):
+                norm, names = split_norm_act(module)
+                set_module(self.model, node.target, norm)
+                parts[node.target] = names
+            if node.target not in parts:
+                continue
+            users, last = list(node.users), node
+            for name in parts[node.target]:
+                with self.graph.inserting_after(last):
+                    last = self.graph.call_module(f'{node.target}.{name}', (last,))
+            for user in users:
+                user.replace_input_with(node, last)
+
+    def rewrite(self):
+        '''Turn functional ops into modules (or relevance-passing products) and give each module call its own
+        module.'''
+        signals = signal_nodes(self.graph)
+        uses = Counter()
+        for node in list(self.graph.nodes):
+            key = op_key(node)
+            if node.op == 'call_module':
+                uses[node.target] += 1
+                if uses[node.target] > 1:
+                    scope, _, base = node.target.rpartition('.')
+                    name = free_name(self.model, scope, base)
+                    set_module(self.model, name, copy.deepcopy(self.model.get_submodule(node.target)))
+                    self.copies[name] = node.target
+                    node.target = name
+                continue
+            if node not in signals or (writes_in_place(node) and len(node.args[0].users) > 1):
+                # an op that writes into a tensor read elsewhere cannot become an op with a new output
+                continue
+            if (key in ADD_FUNCTIONS and len(node.args) == 2 and not node.kwargs
+                    and all(arg in signals for arg in node.args)):
+                replacement = self.residual_add(node)
+            elif key in MODULE_SPECS:
+                replacement = self.functional_module(node, MODULE_SPECS[key])
+            elif key in PRODUCTS:
+                replacement = self.product(node, PRODUCTS[key], signals)
+            else:
+                replacement = None
+            if replacement is not None:
+                signals.add(replacement)
+                node.replace_all_uses_with(replacement)
+                self.graph.erase_node(node)
+
+    def add_module(self, node, base, module):
+        '''Register ``module`` under a free name starting with ``base`` in the module ``node`` is written in.'''
+        name = free_name(self.model, scope_of(node), base)
+        set_module(self.model, name, module)
+        return name
+
+    def residual_add(self, node):
+        '''``a + b`` as Captum's ``Addition_Module()(a, b)`` or Zennit's ``Sum()(torch.stack([a, b], dim=-1))``.'''
+        with self.graph.inserting_before(node):
+            if self.residual == 'captum':
+                return self.graph.call_module(self.add_module(node, 'residual_add', Addition_Module()), node.args)
+            name = self.add_module(node, 'residual_add', Sum())
+            # operands may broadcast against each other; their relevance is summed back over the broadcast dims by
+            # autograd
+            operands = self.graph.call_function(torch.broadcast_tensors, tuple(node.args))
+            stacked = self.graph.call_function(torch.stack, (operands,), {'dim': -1})
+            return self.graph.call_module(name, (stacked,))
+
+    def functional_module(self, node, spec):
+        '''A call of the module ``spec`` describes in place of the functional op ``node``, or None where its
+        arguments are computed, it returns indices, asks for a dtype, or writes (``inplace`` given by position) into
+        an input that is read again.'''
+        arguments = bind_arguments(node, spec.arguments)
+        if arguments is None or arguments.get('return_indices') or arguments.get('dtype') is not None:
+            return None
+        arguments.pop('dtype', None)
+        if arguments.pop('inplace', False) and len(node.args[0].users) > 1:
+            return None
+        with self.graph.inserting_before(node):
+            return self.graph.call_module(self.add_module(node, spec.name, spec.module_type(**arguments)),
+                                          node.args[:1])
+
+    def product(self, node, divide, signals):
+        '''``signal * factor`` (or ``/``) as :py:func:`~zennit_bnfuse.graph_layers.scale_passing_relevance` where
+        the factor is a constant or a gate; None for a product of two signals or a constant divided by a signal.'''
+        if len(node.args) != 2 or node.kwargs:
+            return None
+        first, second = node.args
+        if first in signals and second in signals:
+            gates = [is_gate(first, self.model), is_gate(second, self.model)]
+            if divide or gates.count(True) != 1:
+                return None
+            signal, factor = (second, first) if gates[0] else (first, second)
+        elif first in signals:
+            signal, factor = first, second
+        elif second in signals and not divide:
+            signal, factor = second, first
+        else:
+            return None
+        with self.graph.inserting_before(node):
+            return self.graph.call_function(scale_passing_relevance, (signal, factor, divide))
+
+    def clone_shared_inputs(self):
+        '''Give each module call its own input tensor where several ops read it: Captum's rules hook the input
+        tensor, not the call, and would otherwise rescale the relevance that other readers (a ``torch.cat``, a
+        relevance-passing product) hand back to it as if it were a gradient.'''
+        signals = signal_nodes(self.graph)
+        for node in list(self.graph.nodes):
+            if node.op != 'call_module':
+                continue
+            for arg in dict.fromkeys(node.all_input_nodes):
+                if arg in signals and len(arg.users) > 1:
+                    with self.graph.inserting_before(node):
+                        clone = self.graph.call_method('clone', (arg,))
+                    node.replace_input_with(arg, clone)
+
+
+def lrp_graph(model, residual='captum'):
+    '''An fx GraphModule of ``model`` whose forward LRP can explain: functional ops that combine values are modules
+    with rules, and every module call has its own module (see the module docstring for the full list).
 
     ``model`` must be one the caller owns (a copy): its modules are shared with the result, and new modules are
     registered in it.
@@ -83,14 +421,26 @@ def lrp_graph(model, residual='captum'):
     model: :py:obj:`torch.nn.Module`
         The model to rewrite.
     residual: str
-        ``'captum'``: ``a + b`` becomes ``Addition_Module()(a, b)``; ``'zennit'``: it becomes
-        ``Sum()(torch.stack([a, b], dim=-1))``, which Zennit's composites give the ``Norm`` rule.
+        ``'captum'``: ``a + b`` becomes ``Addition_Module()(a, b)``, and a module reading a tensor that other ops
+        read too gets a clone of it; ``'zennit'``: ``a + b`` becomes ``Sum()(torch.stack([a, b], dim=-1))``, which
+        Zennit's composites give the ``Norm`` rule.
 
     Returns
     -------
     tuple[:py:obj:`torch.nn.Module`, dict[str, str]]
         The rewritten module (``model`` itself if its forward cannot be traced, with a warning) and, for each copy of
         a reused module, the name of the module it copies.
+
+    Raises
+    ------
+    ValueError
+        If ``residual`` is neither ``'captum'`` nor ``'zennit'``.
+
+    Warns
+    -----
+    UserWarning
+        If the forward cannot be traced, or if relevance still passes some functional op by its plain gradient (see
+        :py:func:`ops_passed_by_gradient`).
     '''
     if residual not in ('captum', 'zennit'):
         raise ValueError(f'residual must be \'captum\' or \'zennit\', not {residual!r}')
@@ -99,45 +449,27 @@ def lrp_graph(model, residual='captum'):
     except Exception as error:  # fx raises many kinds of errors for untraceable code
         warnings.warn(
             f'zennit_bnfuse: could not trace the forward of {type(model).__name__} ({type(error).__name__}: {error}); '
-            'residual additions stay functional and reused modules stay shared, so LRP may miscount relevance.',
+            'functional ops (residual additions, pooling, reductions, products) stay functional and reused modules '
+            'stay shared, so LRP may miscount relevance.',
             stacklevel=2,
         )
         return model, {}
 
-    copies = {}
-    uses = Counter()
-    dependent = input_dependent_nodes(graph)
-    for node in list(graph.nodes):
-        if node.op == 'call_module' and type(model.get_submodule(node.target)) is torch.nn.Identity:
-            # what is left of a folded BatchNorm: no rule, no hook, no call
-            node.replace_all_uses_with(node.args[0])
-            graph.erase_node(node)
-        elif node.op == 'call_module':
-            uses[node.target] += 1
-            if uses[node.target] > 1:
-                scope, _, base = node.target.rpartition('.')
-                name = free_name(model, scope, base)
-                set_module(model, name, copy.deepcopy(model.get_submodule(node.target)))
-                copies[name] = node.target
-                node.target = name
-        elif is_tensor_addition(node, dependent):
-            # the innermost module the addition is written in; fx labels a second call of a module 'path@1', the
-            # entry's first item is its real path
-            stack = node.meta.get('nn_module_stack') or {}
-            scope = stack[next(reversed(stack))][0] if stack else ''
-            name = free_name(model, scope, 'residual_add')
-            with graph.inserting_before(node):
-                if residual == 'captum':
-                    set_module(model, name, Addition_Module())
-                    replacement = graph.call_module(name, tuple(node.args))
-                else:
-                    set_module(model, name, Sum())
-                    # operands may broadcast against each other; their relevance is summed back over the
-                    # broadcast dims by autograd
-                    operands = graph.call_function(torch.broadcast_tensors, tuple(node.args))
-                    stacked = graph.call_function(torch.stack, (operands,), {'dim': -1})
-                    replacement = graph.call_module(name, (stacked,))
-            node.replace_all_uses_with(replacement)
-            graph.erase_node(node)
+    rewrite = GraphRewrite(model, graph, residual)
+    rewrite.split_norm_acts()
+    rewrite.rewrite()
+    if residual == 'captum':
+        rewrite.clone_shared_inputs()
     graph.lint()
-    return torch.fx.GraphModule(model, graph, class_name=type(model).__name__), copies
+    result = torch.fx.GraphModule(model, graph, class_name=type(model).__name__)
+    passed = ops_passed_by_gradient(result)
+    if passed:
+        counts = ', '.join(f'{name} x{count}' for name, count in Counter(map(op_name, passed)).items())
+        warnings.warn(
+            f'zennit_bnfuse: in the forward of {type(model).__name__}, LRP passes relevance through {len(passed)} '
+            f'functional op(s) by their plain gradient, which no LRP rule governs: {counts} (first: '
+            f'{passed[0].name}). Write them as modules and give those a rule, or make sure their gradient is the '
+            'relevance you mean.',
+            stacklevel=2,
+        )
+    return result, rewrite.copies
