@@ -3,6 +3,19 @@ import pytest
 import torch
 
 
+def pytest_addoption(parser):
+    parser.addoption('--run-slow', action='store_true', help='also run the tests marked slow (big models)')
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption('--run-slow'):
+        return
+    skip = pytest.mark.skip(reason='slow (a big model); run with --run-slow')
+    for item in items:
+        if 'slow' in item.keywords:
+            item.add_marker(skip)
+
+
 def randomize_batch_norms(model, seed=0):
     '''Give every BatchNorm of ``model`` random statistics and affine parameters (in place) and return the model in
     eval mode. Scales are kept away from zero so deep models stay well conditioned.'''

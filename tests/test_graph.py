@@ -3,12 +3,17 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from captum.attr._utils.custom_modules import Addition_Module
-from zennit.composites import EpsilonPlusFlat
+from captum.attr._utils.lrp_rules import EpsilonRule
+from zennit.composites import EpsilonPlusFlat, LayerMapComposite, layer_map_base
 from zennit.layer import Sum
+from zennit.rules import Epsilon
+from zennit.types import Convolution
 
 from zennit_bnfuse import CompositeLRP, FusedLRP
-from zennit_bnfuse.graph import lrp_graph
+from zennit_bnfuse.graph import lrp_graph, op_name, ops_passed_by_gradient
+from zennit_bnfuse.graph_layers import MeanReduction, SumReduction, scale_passing_relevance
 
 
 class Residual(torch.nn.Module):
@@ -46,9 +51,11 @@ def test_rewrite_keeps_outputs_and_turns_residuals_into_modules(residual, add_ty
     model = shared()
     input = torch.rand(2, 3, 5, 5, dtype=torch.float64)
     expected = model(input)
-    prepared, copies = lrp_graph(copy.deepcopy(model), residual=residual)
+    # the add of the buffer stays an add, which passes relevance by its gradient: LRP has no rule for it
+    with pytest.warns(UserWarning, match=r'1 functional op\(s\) by their plain gradient.*: add x1'):
+        prepared, copies = lrp_graph(copy.deepcopy(model), residual=residual)
     torch.testing.assert_close(prepared(input), expected, rtol=0, atol=1e-12)
-    adds = [name for name, module in prepared.named_modules() if isinstance(module, add_type)]
+    adds = [name for name, module in prepared.named_modules() if type(module) is add_type]
     # two calls of the block's residual (the second in the reused block's scope), the broadcasting add; not the
     # add of the buffer
     assert adds == ['block.residual_add', 'block.residual_add_1', 'residual_add']
@@ -62,7 +69,8 @@ def test_lrp_runs_on_shared_modules_and_broadcasting_adds(cls):
     model = shared()
     input = torch.rand(2, 3, 5, 5, dtype=torch.float64)
     lrp = FusedLRP(model) if cls == 'fused' else CompositeLRP(model, EpsilonPlusFlat())
-    relevance = lrp.attribute(input, target=1)
+    with pytest.warns(UserWarning, match='add x1'):
+        relevance = lrp.attribute(input, target=1)
     assert relevance.shape == input.shape and torch.isfinite(relevance).all()
 
 
@@ -86,3 +94,206 @@ def test_untraceable_model_is_returned_with_a_warning():
 def test_unknown_residual_kind():
     with pytest.raises(ValueError, match="residual must be 'captum' or 'zennit'"):
         lrp_graph(torch.nn.Linear(1, 1), residual='sum')
+
+
+class Functional(torch.nn.Module):
+    '''conv -> ``op`` -> flatten; ``op`` is written in ``forward`` as a function.'''
+    def __init__(self, op):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 3, 3, padding=1)
+        self.op = op
+
+    def forward(self, x):
+        return torch.flatten(self.op(self.conv(x)), 1)
+
+
+def rewritten(op, residual='captum'):
+    '''The rewritten :py:class:`Functional` model, after checking it computes what the original does.'''
+    torch.manual_seed(0)
+    model = Functional(op).double().eval()
+    input = torch.rand(2, 2, 6, 6, dtype=torch.float64)
+    prepared, _ = lrp_graph(copy.deepcopy(model), residual=residual)
+    torch.testing.assert_close(prepared(input), model(input), rtol=0, atol=1e-12)
+    return prepared
+
+
+def called_modules(prepared):
+    return [prepared.get_submodule(node.target) for node in prepared.graph.nodes if node.op == 'call_module']
+
+
+@pytest.mark.parametrize('op, expected', [
+    (lambda x: x.mean([2, 3]), MeanReduction(dim=(2, 3))),
+    (lambda x: torch.mean(x, (2, 3), True), MeanReduction(dim=(2, 3), keepdim=True)),
+    (lambda x: x.mean(dim=None, keepdim=True), MeanReduction(keepdim=True)),
+    (lambda x: x.sum().reshape(1, 1), SumReduction()),
+    (lambda x: x.sum(dim=1, keepdim=True), SumReduction(dim=1, keepdim=True)),
+    (lambda x: torch.sum(x, -1), SumReduction(dim=-1)),
+    (lambda x: F.avg_pool1d(x.flatten(2), 3, 2), torch.nn.AvgPool1d(3, 2)),
+    (lambda x: F.avg_pool2d(x, 2, ceil_mode=True, count_include_pad=False),
+     torch.nn.AvgPool2d(2, ceil_mode=True, count_include_pad=False)),
+    (lambda x: F.avg_pool3d(x.unsqueeze(1), (1, 2, 2)), torch.nn.AvgPool3d((1, 2, 2))),
+    (lambda x: F.max_pool2d(x, 3, stride=2, padding=1), torch.nn.MaxPool2d(3, stride=2, padding=1)),
+    (lambda x: torch.max_pool1d(x.flatten(2), 2), torch.nn.MaxPool1d(2)),
+    (lambda x: F.adaptive_avg_pool2d(x, 1), torch.nn.AdaptiveAvgPool2d(1)),
+    (lambda x: F.adaptive_avg_pool1d(x.flatten(2), 4), torch.nn.AdaptiveAvgPool1d(4)),
+    (lambda x: F.adaptive_max_pool2d(x, (2, 1)), torch.nn.AdaptiveMaxPool2d((2, 1))),
+    (lambda x: F.relu(x, inplace=True), torch.nn.ReLU()),
+    (lambda x: x.relu(), torch.nn.ReLU()),
+    (lambda x: F.leaky_relu(x, 0.2), torch.nn.LeakyReLU(0.2)),
+    (lambda x: torch.sigmoid(x), torch.nn.Sigmoid()),
+    (lambda x: F.hardtanh(x, 0., 6.), torch.nn.Hardtanh(0., 6.)),
+])
+@pytest.mark.parametrize('residual', ['captum', 'zennit'])
+def test_functional_ops_become_modules(op, expected, residual):
+    prepared = rewritten(op, residual)
+    new = [module for module in called_modules(prepared) if type(module) is type(expected)]
+    assert [repr(module) for module in new] == [repr(expected)]
+    assert ops_passed_by_gradient(prepared) == []
+
+
+@pytest.mark.parametrize('op', [
+    lambda x: F.max_pool2d(x, 2, return_indices=True)[0],  # the gradient hands each window's relevance to its max
+    lambda x: torch.cat(x.chunk(3, 1)[::-1], 1).permute(0, 2, 3, 1)[..., :2].reshape(2, -1),
+    lambda x: F.pad(x, (1, 1)).transpose(2, 3).contiguous().view(2, -1).unsqueeze(1),
+])
+def test_ops_that_move_or_select_values_pass_by_their_gradient(op):
+    assert ops_passed_by_gradient(rewritten(op)) == []
+
+
+@pytest.mark.parametrize('op, passed', [
+    (lambda x: F.avg_pool2d(x, x.shape[-1]), 'avg_pool2d'),  # kernel computed from the input
+    (lambda x: x.mean(1, dtype=torch.float32), 'Tensor.mean'),
+    (lambda x: x * x, 'mul'),  # two signals, no gate
+    (lambda x: 1 / x, 'truediv'),
+    (lambda x: torch.relu_(x) + x, 'relu_'),  # writes into a tensor that is read again
+    (lambda x: F.layer_norm(x, x.shape[1:]), 'layer_norm'),
+])
+def test_ops_without_a_rule_are_reported(op, passed):
+    with pytest.warns(UserWarning, match=f'1 functional op\\(s\\) by their plain gradient.*: {passed} x1'):
+        prepared = rewritten(op)
+    assert [op_name(node) for node in ops_passed_by_gradient(prepared)] == [passed]
+
+
+class Gated(torch.nn.Module):
+    '''conv -> relu -> squeeze-and-excitation gate -> * 0.5 -> / 4 -> layer scale -> global mean -> linear, every
+    layer without a bias (so LRP-epsilon conserves relevance exactly).'''
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 4, 3, bias=False)
+        self.squeeze = torch.nn.Conv2d(4, 4, 1, bias=False)
+        self.gamma = torch.nn.Parameter(torch.rand(1, 4, 1, 1) + .5)
+        self.fc = torch.nn.Linear(4, 2, bias=False)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        x = x * torch.sigmoid(self.squeeze(x.mean((2, 3), keepdim=True)))
+        x = 0.5 * x / 4 * self.gamma
+        return self.fc(x.mean((2, 3)))
+
+
+def epsilon(engine, model):
+    '''LRP-epsilon (epsilon 1e-15) on every layer with FusedLRP or CompositeLRP.'''
+    if engine == 'fused':
+        return FusedLRP(model, rules={torch.nn.Conv2d: EpsilonRule(1e-15), torch.nn.Linear: EpsilonRule(1e-15),
+                                      SumReduction: EpsilonRule(1e-15), Addition_Module: EpsilonRule(1e-15)})
+    return CompositeLRP(model, LayerMapComposite(layer_map_base(1e-15) + [
+        (Convolution, Epsilon(1e-15)), (torch.nn.Linear, Epsilon(1e-15))]))
+
+
+def test_products_with_constants_and_gates_pass_relevance_to_the_signal():
+    torch.manual_seed(0)
+    prepared, _ = lrp_graph(Gated().double().eval())
+    products = [node for node in prepared.graph.nodes if node.target is scale_passing_relevance]
+    # the gate, 0.5 *, / 4, * gamma
+    assert [node.args[2] for node in products] == [False, False, True, False]
+    assert ops_passed_by_gradient(prepared) == []
+
+
+@pytest.mark.parametrize('engine', ['fused', 'composite'])
+def test_gated_relevance_is_conserved(engine):
+    # the gate branch gets no relevance and the constants none either, so without biases the input relevance sums
+    # to the output; by the plain gradient of the products it sums to about 0.5 / 4 * gamma * gate of it
+    torch.manual_seed(0)
+    model = Gated().double().eval()
+    input = torch.rand(3, 2, 6, 6, dtype=torch.float64)
+    relevance, delta = epsilon(engine, model).attribute(input, target=1, return_convergence_delta=True)
+    output = model(input)[:, 1]
+    torch.testing.assert_close(relevance.sum((1, 2, 3)), output, rtol=1e-10, atol=0)
+    assert delta.abs().max() < 1e-10 * output.abs().max()
+
+
+class Chained(torch.nn.Module):
+    '''Two residual additions in a row (MobileNetV2 and EfficientNet stages), the second adding to the first.'''
+    def __init__(self):
+        super().__init__()
+        self.first = torch.nn.Conv2d(3, 3, 1)
+        self.second = torch.nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        x = x + self.first(x)
+        return x + self.second(x)
+
+
+@pytest.mark.parametrize('residual, add_type', [('captum', Addition_Module), ('zennit', Sum)])
+def test_chained_residual_additions_all_become_modules(residual, add_type):
+    prepared, _ = lrp_graph(Chained(), residual=residual)
+    assert [type(module) for module in called_modules(prepared)].count(add_type) == 2
+    assert ops_passed_by_gradient(prepared) == []
+
+
+class Concatenated(torch.nn.Module):
+    '''A tensor read by a conv and by a torch.cat (DLA's trees, DenseNet's blocks).'''
+    def __init__(self):
+        super().__init__()
+        self.first = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.relu = torch.nn.ReLU()
+        self.second = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = torch.nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = self.relu(self.first(x))
+        x = torch.cat([x, self.second(x)], 1)
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize('engine', ['fused', 'composite'])
+def test_tensor_read_by_a_module_and_by_cat_keeps_the_identity(engine):
+    # torch.cat passes relevance by its gradient, which hands each part its own; Captum hooks the conv's input
+    # tensor, which the cat reads too: without a clone per module the hook rescales the cat's relevance as if it
+    # were a gradient
+    torch.manual_seed(0)
+    model = Concatenated().double().eval()
+    input = torch.rand(1, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    gradient, = torch.autograd.grad(model(input)[0, 1], input)
+    relevance = epsilon(engine, model).attribute(input.detach(), target=1)
+    torch.testing.assert_close(relevance, gradient * input.detach(), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize('single_pass', [False, True])
+def test_composite_on_functional_reductions(single_pass):
+    # Zennit's Norm on a MeanReduction equals Zennit's Norm on the AdaptiveAvgPool2d it replaces
+    torch.manual_seed(0)
+    model = Functional(lambda x: torch.relu(x).mean((2, 3))).double().eval()
+    pooled = Functional(torch.nn.Sequential(torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1))).double().eval()
+    pooled.load_state_dict(model.state_dict())
+    input = torch.rand(2, 2, 6, 6, dtype=torch.float64)
+    actual = CompositeLRP(model, EpsilonPlusFlat(), single_pass=single_pass).attribute(input, target=0)
+    expected = CompositeLRP(pooled, EpsilonPlusFlat(), single_pass=single_pass).attribute(input, target=0)
+    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-14)
+
+
+def test_number_arguments_are_not_signals():
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(2, 2)
+
+        def forward(self, x, scale=1.):
+            y = self.fc(x)
+            return scale * y + (y + scale)
+
+    # scale * y is y scaled by a constant, y + scale adds a constant (reported), the outer + is a residual
+    with pytest.warns(UserWarning, match=r'1 functional op\(s\) by their plain gradient.*: add x1'):
+        prepared, _ = lrp_graph(Scaled())
+    assert [node.target for node in prepared.graph.nodes].count(scale_passing_relevance) == 1
+    assert [type(module) for module in called_modules(prepared)] == [torch.nn.Linear, Addition_Module]

@@ -1,0 +1,135 @@
+'''LRP-epsilon with a negligible epsilon equals gradient x input, in float64, on the zoo's networks whose layers allow
+it: ReLU (or LeakyReLU), conv, linear, BatchNorm, pooling, means, residual sums and concatenations.
+
+Each layer's epsilon rule hands down ``input * W^T (R / z)`` with ``z`` its full output (bias included); with the
+relevance ``R = z * dOutput/dz`` that is ``input * dOutput/dinput``, and positively homogeneous activations
+(``x * f'(x) = f(x)``) pass it unchanged. A functional op that passes relevance by its plain gradient instead (a
+``x.mean([2, 3])`` spreads it uniformly) breaks the identity, so this test checks the graph rewrite
+(:py:mod:`zennit_bnfuse.graph`) as much as the rules. BatchNorm is an affine layer under epsilon ('unfused') or folded
+('fused'); both keep the identity.
+
+Models are built with weights=None and random BatchNorm statistics, at the smallest input they take. The big ones are
+marked ``slow`` (run them with ``--run-slow``).
+'''
+import functools
+import itertools
+
+import pytest
+import torch
+import torchvision
+from captum.attr._utils.lrp_rules import EpsilonRule
+from zennit.composites import LayerMapComposite, layer_map_base
+from zennit.rules import Epsilon
+from zennit.types import Convolution
+
+from conftest import randomize_batch_norms
+from zennit_bnfuse import CompositeLRP, FusedLRP
+from zennit_bnfuse.attribution import EPSILON_RULE_TYPES
+from zennit_bnfuse.fold import BATCH_NORM_TYPES
+from zennit_bnfuse.layers import ThresholdReLU
+
+EPSILON = 1e-15
+TOLERANCE = 1e-9
+
+# (source, name, input size); the zoo's models (benchmarks/zoo.py) whose activations are positively homogeneous,
+# shufflenet (it pools with x.mean([2, 3])) and timm families with ReLU or LeakyReLU
+MODELS = [
+    ('torchvision', 'resnet18', 32),
+    pytest.param('torchvision', 'vgg11_bn', 32, marks=pytest.mark.slow),
+    ('torchvision', 'densenet121', 32),
+    ('torchvision', 'shufflenet_v2_x0_5', 32),
+    ('torchvision', 'mnasnet1_0', 32),
+    pytest.param('torchvision', 'resnet50', 32, marks=pytest.mark.slow),
+    pytest.param('torchvision', 'resnext50_32x4d', 32, marks=pytest.mark.slow),
+    pytest.param('torchvision', 'wide_resnet50_2', 32, marks=pytest.mark.slow),
+    pytest.param('torchvision', 'vgg16_bn', 32, marks=pytest.mark.slow),
+    pytest.param('torchvision', 'inception_v3', 75, marks=pytest.mark.slow),
+    ('timm', 'resnet26d', 32),
+    ('timm', 'dla34', 32),
+    ('timm', 'regnetx_002', 32),
+    ('timm', 'vovnet39a', 32),
+    ('timm', 'cspresnet50', 32),
+    pytest.param('timm', 'densenet121', 32, marks=pytest.mark.slow),
+    pytest.param('timm', 'dpn68', 32, marks=pytest.mark.slow),
+    pytest.param('timm', 'res2net50_14w_8s', 32, marks=pytest.mark.slow),
+    pytest.param('timm', 'repvgg_a0', 32, marks=pytest.mark.slow),
+]
+# the zoo's models left out, and why
+EXCLUDED = {
+    'mobilenet_v2': (torch.nn.ReLU6, 'ReLU6 saturates: x * relu6\'(x) = 0 != 6 for x > 6'),
+    'mobilenet_v3_small': (torch.nn.Hardswish, 'Hardswish is not positively homogeneous; its SE gates multiply '
+                                               'two signals'),
+    'efficientnet_b0': (torch.nn.SiLU, 'SiLU is not positively homogeneous; its SE gates multiply two signals'),
+    'efficientnet_v2_s': (torch.nn.SiLU, 'SiLU is not positively homogeneous; its SE gates multiply two signals'),
+}
+HANDLINGS = ['fused', 'unfused']
+ENGINES = ['FusedLRP', 'CompositeLRP']
+
+
+def epsilon_composite():
+    '''Zennit's layer map of its built-in composites (Pass for activations, Norm for sums and pooling) with a
+    negligible stabiliser, and Epsilon on every conv and linear layer: zennit_bnfuse.evaluation.composites.epsilon
+    with EPSILON instead of 1e-6.'''
+    return LayerMapComposite(layer_map=layer_map_base(stabilizer=EPSILON) + [
+        (Convolution, Epsilon(EPSILON)), (torch.nn.Linear, Epsilon(EPSILON))])
+
+
+def explainer(engine, model, handling):
+    '''FusedLRP with Captum's EpsilonRule on every layer type that has a rule by default, or CompositeLRP with
+    :py:func:`epsilon_composite`; BatchNorms left in the model get the epsilon rule too.'''
+    if engine == 'FusedLRP':
+        return FusedLRP(model, handling=handling,
+                        rules={key: EpsilonRule(EPSILON) for key in (*EPSILON_RULE_TYPES, *BATCH_NORM_TYPES)})
+    return CompositeLRP(model, epsilon_composite(), handling=handling, batch_norm_rule=Epsilon(EPSILON))
+
+
+def build(source, name):
+    '''The model with weights=None, float64, random BatchNorm statistics, in eval mode.'''
+    torch.manual_seed(0)
+    if source == 'timm':
+        timm = pytest.importorskip('timm', reason='timm models need timm (the test extra)')
+        model = timm.create_model(name, pretrained=False)
+    else:
+        kwargs = {'init_weights': True, 'aux_logits': False} if name == 'inception_v3' else {}
+        model = getattr(torchvision.models, name)(weights=None, **kwargs)
+    return randomize_batch_norms(model.double())
+
+
+@functools.lru_cache(maxsize=1)
+def reference(source, name, size):
+    '''The model, an input, the explained class and gradient x input for it.'''
+    model = build(source, name)
+    input = torch.rand(1, 3, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    input.requires_grad_(True)
+    output = model(input)
+    target = output.argmax().item()
+    gradient, = torch.autograd.grad(output[0, target], input)
+    return model, input.detach(), target, (gradient * input).detach()
+
+
+def cases():
+    '''(model params, handling, engine), model-major so that :py:func:`reference` builds each model once.'''
+    for model, handling, engine in itertools.product(MODELS, HANDLINGS, ENGINES):
+        values, marks = (model.values, model.marks) if hasattr(model, 'values') else (model, ())
+        yield pytest.param(*values, handling, engine, marks=marks, id=f'{values[0]}-{values[1]}-{handling}-{engine}')
+
+
+@pytest.mark.parametrize('source, name, size, handling, engine', list(cases()))
+def test_epsilon_equals_gradient_times_input(source, name, size, handling, engine):
+    model, input, target, expected = reference(source, name, size)
+    lrp = explainer(engine, model, handling)
+    prepared = lrp.prepared.get()
+    if any(isinstance(module, ThresholdReLU) and module.threshold.any() for module in prepared.modules()):
+        # relu(x + t) keeps the relevance of its output, gradient x input gives x * relu'(x + t) * dOutput/dx
+        pytest.skip('a BatchNorm folded through a ReLU leaves a thresholded ReLU, which LRP passes (not an identity '
+                    'of gradient x input)')
+    relevance = lrp.attribute(input, target=target)
+    error = ((relevance - expected).abs().max() / expected.abs().max()).item()
+    assert error < TOLERANCE, f'{name} ({handling}, {engine}): relative error {error:.3g}'
+
+
+@pytest.mark.parametrize('name', EXCLUDED)
+def test_excluded_models_have_the_layers_that_break_the_identity(name):
+    layer_type, reason = EXCLUDED[name]
+    model = getattr(torchvision.models, name)(weights=None)
+    assert any(isinstance(module, layer_type) for module in model.modules()), reason
