@@ -14,7 +14,8 @@ from zennit_bnfuse.evaluation.data import default_data_root
 ROOT = Path(__file__).parent.parent
 sys.path.insert(0, str(ROOT / 'benchmarks'))
 HAS_DATA = (default_data_root() / 'MNIST').is_dir()
-needs_data = pytest.mark.skipif(not HAS_DATA, reason='needs ../shared/data/MNIST')
+needs_data = pytest.mark.skipif(not HAS_DATA,
+                                reason=f'needs MNIST under {default_data_root()} (set ZENNIT_BNFUSE_DATA)')
 
 
 def table_rows(path):

@@ -1,23 +1,288 @@
-'''Tests of the bnfuse command, run in a subprocess as a user runs it.'''
+'''Tests of the bnfuse command: in a subprocess as a user runs it (``python -m zennit_bnfuse`` and the installed
+console script), and in-process through :py:func:`zennit_bnfuse.cli.main` where a test needs many runs or has to
+break something on purpose (a full disk, Ctrl-C).
+
+Every failing case checks the exit status, a single ``bnfuse: error: ...`` line that names the problem and the fix,
+no traceback, and that nothing was left behind.'''
 import json
+import os
+import re
+import shutil
+import string
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, event, given, settings, strategies as st
+from PIL import Image
 
-from zennit_bnfuse.evaluation.data import default_data_root
+from zennit_bnfuse import cli
+from zennit_bnfuse.evaluation.data import DATA_ROOT_VARIABLE, default_data_root
+from zennit_bnfuse.handling import HANDLINGS
 
 ROOT = Path(__file__).parent.parent
 DEMO = ROOT / 'zennit_bnfuse' / 'evaluation' / 'demo'
+DIGIT = DEMO / 'mnist-0-7.png'
 PNG = b'\x89PNG\r\n\x1a\n'
+HAS_MNIST = (default_data_root() / 'MNIST').is_dir()
+# urllib takes proxies from the environment: a closed local port makes every download fail at once
+NO_NETWORK = {'http_proxy': 'http://127.0.0.1:9', 'https_proxy': 'http://127.0.0.1:9',
+              'HTTP_PROXY': 'http://127.0.0.1:9', 'HTTPS_PROXY': 'http://127.0.0.1:9', 'no_proxy': ''}
 
 
-def bnfuse(*args, cwd=ROOT):
-    '''Run ``python -m zennit_bnfuse`` with ``args``; returns the completed process.'''
-    return subprocess.run([sys.executable, '-m', 'zennit_bnfuse', *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, timeout=300)
+def bnfuse(*args, cwd=ROOT, env=None, script=False):
+    '''Run ``python -m zennit_bnfuse`` (or, with ``script``, the installed ``bnfuse`` console script on this
+    checkout) with ``args``; returns the completed process.'''
+    command = [str(Path(sys.executable).parent / 'bnfuse')] if script else [sys.executable, '-m', 'zennit_bnfuse']
+    environment = {**os.environ, 'PYTHONPATH': str(ROOT), **(env or {})}
+    return subprocess.run([*command, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=300,
+                          env=environment)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    '''Downloads fail at once (and no test reads a data root from the environment).'''
+    import urllib.request
+    for key, value in NO_NETWORK.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(urllib.request, '_opener', None)  # urlopen reads the proxies when it builds its opener
+    monkeypatch.delenv(DATA_ROOT_VARIABLE, raising=False)
+
+
+def in_process(capsys, *args):
+    '''Run :py:func:`zennit_bnfuse.cli.main` with ``args``; returns ``(status, stdout, stderr)``.'''
+    status = cli.main([str(arg) for arg in args])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def files_under(folder):
+    return sorted(str(path.relative_to(folder)) for path in Path(folder).rglob('*'))
+
+
+def assert_one_line_error(status, stderr, expected_status, pattern):
+    '''``stderr`` is a single ``bnfuse: error: ...`` line matching ``pattern``; no traceback.'''
+    assert status == expected_status, stderr
+    assert 'Traceback' not in stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    assert re.fullmatch(r'bnfuse: error: ' + pattern, lines[0]), lines[0]
+
+
+# --- inputs the cases make in tmp_path ---
+
+def image(tmp, name, array):
+    path = tmp / name
+    Image.fromarray(array).save(path)
+    return path
+
+
+def write(tmp, name, content):
+    path = tmp / name
+    path.write_bytes(content)
+    return path
+
+
+def huge_png(tmp):
+    '''A PNG header declaring 14000 x 14000 pixels (PIL refuses it before decoding).'''
+    import struct
+    import zlib
+
+    def chunk(kind, content):
+        return struct.pack('>I', len(content)) + kind + content + struct.pack('>I', zlib.crc32(kind + content))
+    header = chunk(b'IHDR', struct.pack('>IIBBBBB', 14000, 14000, 8, 0, 0, 0, 0))
+    return write(tmp, 'huge.png', PNG + header + chunk(b'IEND', b''))
+
+
+def squeezenet_weights(tmp):
+    '''A small torchvision classifier's state_dict (10 classes).'''
+    import torchvision
+    path = tmp / 'squeezenet.pt'
+    torch.save(torchvision.models.squeezenet1_1(weights=None, num_classes=10).state_dict(), path)
+    return path
+
+
+def nan_statistics(tmp):
+    from zennit_bnfuse.evaluation.models import pretrained
+    state = pretrained('mnist-cnn-bn').state_dict()
+    state['bn1.running_var'][0] = float('nan')
+    path = tmp / 'nan.pt'
+    torch.save(state, path)
+    return path
+
+
+def occupied(tmp, *names):
+    '''An existing --out folder holding ``names`` (a trailing / makes a folder).'''
+    out = tmp / 'out'
+    out.mkdir()
+    for name in names:
+        if name.endswith('/'):
+            (out / name).mkdir()
+        else:
+            (out / name).write_text('earlier')
+    return ()
+
+
+def explain(*args):
+    return ('explain', '--model', 'mnist-cnn-bn', *args)
+
+
+# case -> (arguments from tmp_path, exit status, the error line after "bnfuse: error: "); explain cases get
+# --out tmp_path/out unless they give one
+CASES = {
+    # usage errors (argparse, exit 2)
+    'n negative': (lambda tmp: explain('--dataset', 'mnist', '--n', '-1'), 2,
+                   r'argument --n: must be 1 or more, not -1 \(see bnfuse explain --help\)'),
+    'n zero on cifar10': (lambda tmp: ('explain', '--model', 'cifar10-vgg-bn', '--dataset', 'cifar10', '--n', '0'),
+                          2, r'argument --n: must be 1 or more, not 0 \(see bnfuse explain --help\)'),
+    'n not a number': (lambda tmp: explain('--dataset', 'mnist', '--n', 'ten'), 2,
+                       r"argument --n: 'ten' is not a whole number \(see bnfuse explain --help\)"),
+    'patch size zero': (lambda tmp: explain('--images', DIGIT, '--patch-size', '0'), 2,
+                        r'argument --patch-size: must be 1 or more, not 0 \(see bnfuse explain --help\)'),
+    'patch size negative': (lambda tmp: explain('--images', DIGIT, '--patch-size', '-4'), 2,
+                            r'argument --patch-size: must be 1 or more, not -4 \(see bnfuse explain --help\)'),
+    'size zero': (lambda tmp: ('explain', '--model', 'torchvision:resnet18', '--images', DIGIT, '--size', '0'), 2,
+                  r'argument --size: must be 1 or more, not 0 \(see bnfuse explain --help\)'),
+    'model missing': (lambda tmp: ('explain', '--dataset', 'mnist'), 2,
+                      r'the following arguments are required: --model \(see bnfuse explain --help\)'),
+    'unknown dataset': (lambda tmp: explain('--dataset', 'svhn'), 2,
+                        r"argument --dataset: invalid choice: 'svhn'.*\(see bnfuse explain --help\)"),
+    # problems with the input (exit 1)
+    'unknown model': (lambda tmp: ('explain', '--model', 'resnet', '--dataset', 'mnist'), 1,
+                      r"unknown model 'resnet'; choose one of mnist-cnn-bn.*torchvision:<arch> with --weights FILE"),
+    'unknown composite': (lambda tmp: explain('--images', DIGIT, '--composite', 'lrp'), 1,
+                          r"unknown composite 'lrp'; choose one of epsilon, .*"),
+    'unknown handling': (lambda tmp: explain('--images', DIGIT, '--handling', 'merged'), 1,
+                         r'unknown handling merged; choose from fused, unfused, naive'),
+    'images and dataset': (lambda tmp: explain('--images', DIGIT, '--dataset', 'mnist'), 1,
+                           r'give either --images FILE\.\.\. or --dataset mnist\|cifar10'),
+    'n with images': (lambda tmp: explain('--images', DIGIT, '--n', '3'), 1,
+                      r'--n counts dataset images; with --images every file given is explained: leave --n out'),
+    'device tpu': (lambda tmp: explain('--images', DIGIT, '--device', 'tpu'), 1,
+                   r'--device tpu is not a device bnfuse can use; choose cpu, cuda, cuda:N or mps'),
+    'device cuda:7': (lambda tmp: explain('--images', DIGIT, '--device', 'cuda:7'), 1,
+                      r'--device cuda:7 (was asked for but no CUDA device is available; use --device cpu|: there are '
+                      r'only \d CUDA device\(s\) .*)'),
+    'size for a shipped model': (lambda tmp: explain('--images', DIGIT, '--size', '64'), 1,
+                                 r'--size applies to torchvision:<arch> models only; mnist-cnn-bn takes 28x28 images: '
+                                 r'leave --size out'),
+    'target negative': (lambda tmp: explain('--images', DIGIT, '--target', '-1'), 1,
+                        r'--target -1 is not a class of mnist-cnn-bn \(0 to 9\)'),
+    'target too large': (lambda tmp: explain('--images', DIGIT, '--target', '10'), 1,
+                         r'--target 10 is not a class of mnist-cnn-bn \(0 to 9\)'),
+    'patch size does not divide': (lambda tmp: explain('--images', DIGIT, '--patch-size', '5'), 1,
+                                   r'--patch-size 5 does not divide the image size 28x28; pass --patch-size with one '
+                                   r'of 1, 2, 4, 7, 14, 28'),
+    'default patch size does not divide': (
+        lambda tmp: ('explain', '--model', 'torchvision:squeezenet1_1', '--weights', squeezenet_weights(tmp),
+                     '--images', DEMO / 'cifar10-0-0.png', '--size', '72'), 1,
+        r'the default patch size 16 does not divide the image size 72x72; pass --patch-size with one of 1, 2, 3, 4, '
+        r'6, 8, 9, 12 and 4 more'),
+    'size too small for the model': (
+        lambda tmp: ('explain', '--model', 'torchvision:squeezenet1_1', '--weights', squeezenet_weights(tmp),
+                     '--images', DEMO / 'cifar10-0-0.png', '--size', '8'), 1,
+        r'torchvision:squeezenet1_1 does not run on 8x8 inputs \(.*Output size is too small\); pass a larger --size'),
+    'torchvision without weights': (lambda tmp: ('explain', '--model', 'torchvision:resnet18', '--images', DIGIT), 1,
+                                    r'torchvision:resnet18 needs --weights FILE \(a state_dict you trained\); weights '
+                                    r'are never downloaded'),
+    'missing weights file': (lambda tmp: ('report', '--model', 'mnist-cnn-bn', '--weights', tmp / 'none.pt'), 1,
+                             r'weights file not found: .*none\.pt'),
+    'not weights': (lambda tmp: ('report', '--model', 'mnist-cnn-bn', '--weights', write(tmp, 'w.pt', b'no')), 1,
+                    r'cannot read weights from .*w\.pt \(.*\); pass a file written by '
+                    r'torch\.save\(model\.state_dict\(\), FILE\)'),
+    'weights do not fit': (lambda tmp: ('report', '--model', 'mnist-cnn-bn', '--weights',
+                                        ROOT / 'zennit_bnfuse' / 'evaluation' / 'weights' / 'mnist-cnn.pt'), 1,
+                           r'the weights in .*mnist-cnn\.pt do not fit mnist-cnn-bn: 10 missing \(bn1\.weight, .*\)\. '
+                           r'Pass weights saved from that architecture'),
+    'non-finite statistics': (lambda tmp: explain('--weights', nan_statistics(tmp), '--images', DIGIT), 1,
+                              r"BatchNorm 'bn1' has non-finite values in 'running_var'.*"),
+    'missing image': (lambda tmp: explain('--images', tmp / 'none.png'), 1, r'image file not found: .*none\.png'),
+    'not an image': (lambda tmp: explain('--images', write(tmp, 'notes.png', b'not an image')), 1,
+                     r'cannot read .*notes\.png as an image \(UnidentifiedImageError: .*\); pass PNG or JPEG files'),
+    'huge image': (lambda tmp: explain('--images', huge_png(tmp)), 1,
+                   r'.*huge\.png is too large to decode safely \(Image size \(196000000 pixels\) exceeds limit of '
+                   r'\d+ pixels\); downscale it first'),
+    'transparent image': (lambda tmp: explain('--images', image(tmp, 'a.png', np.full((28, 28, 2), 100, np.uint8))),
+                          1, r'.*a\.png has 784 transparent pixel\(s\) \(mode LA\) and the model needs every pixel\'s '
+                          r'colour; flatten it onto a background first.*'),
+    'float image outside [0, 1]': (lambda tmp: explain('--images', float_tiff(tmp)), 1,
+                                   r'.*f\.tif holds floats \(PIL mode F\) from 0 to 2, but bnfuse takes values in '
+                                   r'\[0, 1\]; rescale it.*'),
+    'wrong size': (lambda tmp: explain('--images', image(tmp, 'big.png', np.zeros((30, 40), np.uint8))), 1,
+                   r'.*big\.png is 40x30 pixels but mnist-cnn-bn takes 28x28; resize it first'),
+    'wrong channels': (lambda tmp: explain('--images', DEMO / 'cifar10-0-0.png'), 1,
+                       r'.*cifar10-0-0\.png has 3 channel\(s\) but mnist-cnn-bn takes grayscale \(1 channel\) images; '
+                       r'convert it first'),
+    'dataset of another model': (lambda tmp: explain('--dataset', 'cifar10'), 1,
+                                 r'mnist-cnn-bn takes mnist images, not cifar10'),
+    'missing data': (lambda tmp: explain('--dataset', 'mnist', '--data-root', tmp / 'nodata'), 1,
+                     r'mnist \(test\) not found under .*nodata \(looked for torchvision\'s MNIST/raw/ idx files\); '
+                     rf'pass --data-root or set {DATA_ROOT_VARIABLE} to the folder that holds them, or --download to '
+                     r'fetch them'),
+    'download without network': (lambda tmp: explain('--dataset', 'mnist', '--download', '--data-root',
+                                                     tmp / 'new' / 'data'), 1,
+                                 r'downloading mnist into .*new/data failed \(Error downloading '
+                                 r'train-images-idx3-ubyte\.gz; no network\?\) and left nothing behind; put '
+                                 r'torchvision\'s MNIST/raw/ idx files into .*new/data by hand, or point --data-root '
+                                 rf'or {DATA_ROOT_VARIABLE} to a folder that holds them'),
+    'out is a file': (lambda tmp: explain('--images', DIGIT, '--out', write(tmp, 'out.txt', b'x')), 1,
+                      r'--out .*out\.txt is a file; pass a folder'),
+    'out under a file': (lambda tmp: explain('--images', DIGIT, '--out', write(tmp, 'f', b'x') / 'a' / 'b'), 1,
+                         r'--out .*f/a/b cannot be made: .*f is a file; choose another --out'),
+    'out not empty': (lambda tmp: occupied(tmp, 'metrics.json') + explain('--images', DIGIT), 1,
+                      r'--out .*out is not empty; pass --overwrite to replace the outputs of an earlier bnfuse run in '
+                      r'it, or choose a new folder'),
+    'overwrite with foreign files': (
+        lambda tmp: occupied(tmp, 'metrics.json', 'relevance-mnist-cnn-bn.pt/', 'thesis.tex')
+        + explain('--images', DIGIT, '--overwrite'), 1,
+        r'--out .*out holds files bnfuse does not write \(relevance-mnist-cnn-bn\.pt/, thesis\.tex\); --overwrite '
+        r'replaces only bnfuse outputs: choose a new or empty folder'),
+}
+# one case of each kind also runs in a subprocess, as a user runs it (each costs seconds)
+SUBPROCESS_CASES = ('n negative', 'device tpu', 'target negative', 'huge image', 'out not empty',
+                    'download without network')
+
+
+def float_tiff(tmp):
+    path = tmp / 'f.tif'
+    Image.fromarray(np.linspace(0, 2, 28 * 28, dtype=np.float32).reshape(28, 28)).save(path)
+    return path
+
+
+def case_arguments(case, tmp):
+    arguments, status, pattern = CASES[case]
+    args = tuple(arguments(tmp))
+    if args[0] == 'explain' and '--out' not in args:
+        args += ('--out', tmp / 'out')
+    return args, status, pattern
+
+
+@pytest.mark.parametrize('case', sorted(CASES))
+def test_errors_in_process(case, tmp_path, capsys, no_network):
+    args, status, pattern = case_arguments(case, tmp_path)
+    before = files_under(tmp_path)
+    assert_one_line_error(*in_process(capsys, *args)[::2], status, pattern)
+    assert files_under(tmp_path) == before
+
+
+@pytest.mark.parametrize('case', SUBPROCESS_CASES)
+def test_errors_in_subprocess(case, tmp_path):
+    args, status, pattern = case_arguments(case, tmp_path)
+    before = files_under(tmp_path)
+    result = bnfuse(*args, env=NO_NETWORK)
+    assert_one_line_error(result.returncode, result.stderr, status, pattern)
+    assert files_under(tmp_path) == before
+
+
+def test_console_script(tmp_path):
+    result = bnfuse('explain', '--model', 'mnist-cnn-bn', '--images', DIGIT, '--n', '-1', '--out', tmp_path / 'out',
+                    script=True)
+    assert_one_line_error(result.returncode, result.stderr, 2, r'argument --n: must be 1 or more, not -1 .*')
+    assert files_under(tmp_path) == []
 
 
 def test_demo_writes_valid_files(tmp_path):
@@ -25,26 +290,69 @@ def test_demo_writes_valid_files(tmp_path):
     result = bnfuse('demo', '--out', out)
     assert result.returncode == 0, result.stderr
     assert 'BatchNorm fusion: 6 of 6 folded' in result.stdout and '== cifar10-vgg-bn' in result.stdout
+    names = files_under(out)
+    assert names == ['heatmaps-cifar10.png', 'heatmaps-mnist.png', 'metrics.json', 'metrics.md',
+                     'relevance-cifar10.pt', 'relevance-mnist.pt']
+    assert f'wrote {", ".join(names)} to {out}' in result.stdout
     for dataset in ('mnist', 'cifar10'):
         assert (out / f'heatmaps-{dataset}.png').read_bytes()[:8] == PNG
         relevance = torch.load(out / f'relevance-{dataset}.pt', weights_only=True)
-        assert set(relevance) == {'fused', 'unfused', 'naive'} and relevance['fused'].shape[0] == 6
+        assert list(relevance) == list(HANDLINGS) and relevance['fused'].shape[0] == 6
     metrics = json.loads((out / 'metrics.json').read_text())
-    assert set(metrics['models']) == {'mnist-cnn-bn', 'cifar10-vgg-bn'}
-    assert set(metrics['models']['cifar10-vgg-bn']) == {'fused', 'unfused', 'naive'}
-    assert '| fused |' in (out / 'metrics.md').read_text()
+    assert list(metrics['models']) == ['mnist-cnn-bn', 'cifar10-vgg-bn']
+    assert list(metrics['models']['cifar10-vgg-bn']) == list(HANDLINGS)
+    text = (out / 'metrics.md').read_text()
+    assert '| fused |' in text and 'patches of 4x4 pixels' in text and 'replaced by 0' in text
+    assert 'AOPC** (area over the perturbation curve)' in text
+    assert 'ABPC** (area between the perturbation curves)' in text
+    assert 'MoRF** removes the most relevant patches first: higher is better' in text
+    assert 'LeRF** removes the least relevant first: lower is better' in text
+    assert out.stat().st_mode & 0o777 == 0o777 & ~cli.current_umask()  # not the private mode of a temporary folder
+
+
+def test_column_order_is_the_same_in_demo_and_explain(tmp_path, capsys):
+    status, _, error = in_process(capsys, *explain('--images', DIGIT, '--handling', 'naive, fused', '--out',
+                                                     tmp_path / 'out'))
+    assert status == 0, error
+    assert list(torch.load(tmp_path / 'out' / 'relevance-mnist-cnn-bn.pt', weights_only=True)) == ['fused', 'naive']
+    metrics = json.loads((tmp_path / 'out' / 'metrics.json').read_text())
+    assert list(metrics['models']['mnist-cnn-bn']) == ['fused', 'naive']
 
 
 @pytest.mark.parametrize('command', [(), ('demo',), ('explain',), ('report',)])
-def test_help(command):
-    result = bnfuse(*command, '--help')
-    assert result.returncode == 0 and 'usage: bnfuse' in result.stdout
+def test_help(command, capsys):
+    status, out, _ = in_process(capsys, *command, '--help')
+    assert status == 0 and 'usage: bnfuse' in out
 
 
-def test_report():
-    result = bnfuse('report', '--model', 'mnist-mlp-bn')
-    assert result.returncode == 0
-    assert result.stdout.splitlines()[0] == 'BatchNorm fusion: 2 of 2 folded'
+def test_help_documents_the_data_variable_and_the_output_folder(capsys):
+    text = ' '.join(in_process(capsys, 'explain', '--help')[1].split())
+    assert f'${DATA_ROOT_VARIABLE} if set, else ../shared/data if it exists, else ./data' in text
+    assert 'a failed run leaves nothing' in text and '--out must be new or empty; with --overwrite' in text
+    assert 'input | fused | unfused | naive (always in this order)' in text
+
+
+def test_report(capsys):
+    status, out, _ = in_process(capsys, 'report', '--model', 'mnist-mlp-bn')
+    assert status == 0 and out.splitlines()[0] == 'BatchNorm fusion: 2 of 2 folded'
+
+
+def test_report_of_an_untrained_torchvision_architecture():
+    result = bnfuse('report', '--model', 'torchvision:resnet18')
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith('note: no --weights, so this is the report of the untrained torchvision:resnet18; '
+                               'which BatchNorms fold depends on the architecture, not on the weights')
+    assert 'BatchNorm fusion: 20 of 20 folded' in lines
+
+
+def test_output_pipe_closed_early():
+    process = subprocess.Popen([sys.executable, '-m', 'zennit_bnfuse', 'report', '--model', 'torchvision:resnet18'],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, 'PYTHONPATH': str(ROOT)})
+    process.stdout.close()  # as `| head` does when it has read enough; here before anything was written
+    assert process.wait(timeout=300) == 1
+    assert process.stderr.read() == ''
 
 
 def test_explain_user_images(tmp_path):
@@ -58,11 +366,30 @@ def test_explain_user_images(tmp_path):
     assert 'folded' in (tmp_path / 'report-cifar10-vgg-bn-fc.txt').read_text()
 
 
-@pytest.mark.skipif(not (default_data_root() / 'MNIST').is_dir(), reason='needs ../shared/data/MNIST')
-def test_explain_dataset_slice(tmp_path):
-    result = bnfuse('explain', '--model', 'mnist-cnn-bn', '--dataset', 'mnist', '--n', '3', '--out', tmp_path)
+def test_sixteen_bit_image_gives_the_same_results_as_eight_bit(tmp_path):
+    digit = np.asarray(Image.open(DIGIT))
+    sixteen = image(tmp_path, 'digit16.png', digit.astype(np.uint16) * 257)
+    assert Image.open(sixteen).mode == 'I;16'
+    result = bnfuse(*explain('--images', DIGIT, sixteen, '--handling', 'fused', '--out', tmp_path / 'out'))
     assert result.returncode == 0, result.stderr
-    assert torch.load(tmp_path / 'relevance-mnist-cnn-bn.pt', weights_only=True)['unfused'].shape == (3, 1, 28, 28)
+    relevance = torch.load(tmp_path / 'out' / 'relevance-mnist-cnn-bn.pt', weights_only=True)['fused']
+    assert torch.equal(relevance[0], relevance[1])  # the same input, so the same relevance and AOPC
+    aopc = json.loads((tmp_path / 'out' / 'metrics.json').read_text())['models']['mnist-cnn-bn']['fused']['aopc_morf']
+    assert aopc[1] == 0 and 0 < aopc[0] < 100  # was 3225.9 for the 16-bit digit alone
+
+
+@pytest.mark.skipif(not HAS_MNIST, reason=f'needs MNIST under {default_data_root()} (set {DATA_ROOT_VARIABLE})')
+def test_explain_dataset_slice(tmp_path):
+    result = bnfuse(*explain('--dataset', 'mnist', '--n', '3', '--out', tmp_path / 'out'))
+    assert result.returncode == 0, result.stderr
+    relevance = torch.load(tmp_path / 'out' / 'relevance-mnist-cnn-bn.pt', weights_only=True)
+    assert relevance['unfused'].shape == (3, 1, 28, 28)
+
+
+def test_data_root_variable_reaches_the_command(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv(DATA_ROOT_VARIABLE, str(tmp_path / 'elsewhere'))
+    status, _, error = in_process(capsys, *explain('--dataset', 'mnist', '--out', tmp_path / 'out'))
+    assert_one_line_error(status, error, 1, r'mnist \(test\) not found under .*elsewhere .*')
 
 
 def test_explain_torchvision_with_user_weights(tmp_path):
@@ -78,86 +405,159 @@ def test_explain_torchvision_with_user_weights(tmp_path):
     assert 'BatchNorm fusion: 20 of 20 folded' in (out / 'report-torchvision-resnet18.txt').read_text()
 
 
-def wrong_size_image(tmp_path):
-    from PIL import Image
-    path = tmp_path / 'big.png'
-    Image.new('L', (40, 30)).save(path)
-    return path
+def test_overwrite_replaces_the_earlier_run_entirely(tmp_path, capsys):
+    out = tmp_path / 'out'
+    assert in_process(capsys, *explain('--images', DIGIT, '--handling', 'fused', '--out', out))[0] == 0
+    status, stdout, error = in_process(capsys, 'explain', '--model', 'mnist-mlp-bn', '--images', DIGIT, '--handling',
+                                       'fused', '--out', out, '--overwrite')
+    assert status == 0, error
+    names = ['heatmaps-mnist-mlp-bn.png', 'metrics.json', 'metrics.md', 'relevance-mnist-mlp-bn.pt',
+             'report-mnist-mlp-bn.txt']
+    assert files_under(out) == names
+    assert stdout.splitlines()[-1] == f'wrote {", ".join(names)} to {out}'
+    assert list(json.loads((out / 'metrics.json').read_text())['models']) == ['mnist-mlp-bn']
 
 
-def not_an_image(tmp_path):
-    path = tmp_path / 'notes.png'
-    path.write_text('not an image')
-    return path
+def test_existing_empty_folder_is_used(tmp_path, capsys):
+    out = tmp_path / 'out'
+    out.mkdir()
+    assert in_process(capsys, *explain('--images', DIGIT, '--handling', 'fused', '--out', out))[0] == 0
+    assert len(files_under(out)) == 5
 
 
-def not_weights(tmp_path):
-    path = tmp_path / 'weights.pt'
-    path.write_text('not weights')
-    return path
+def test_note_when_only_the_first_rows_are_drawn(tmp_path, capsys):
+    images = [shutil.copy(DIGIT, tmp_path / f'{index}.png') for index in range(9)]
+    status, stdout, error = in_process(capsys, *explain('--images', *images, '--handling', 'fused', '--out',
+                                                        tmp_path / 'out'))
+    assert status == 0, error
+    assert 'note: heatmaps-mnist-cnn-bn.png shows the first 8 of 9 images; relevance-mnist-cnn-bn.pt and the metrics ' \
+        'cover all 9' in stdout
 
 
-ERRORS = {
-    'unknown model': (lambda tmp: ('explain', '--model', 'resnet', '--dataset', 'mnist'),
-                      r"unknown model 'resnet'; choose one of mnist-cnn-bn"),
-    'unknown composite': (lambda tmp: ('explain', '--model', 'mnist-cnn-bn', '--images', DEMO / 'mnist-0-7.png',
-                                       '--composite', 'lrp'), r"unknown composite 'lrp'; choose one of epsilon"),
-    'unknown handling': (lambda tmp: ('explain', '--model', 'mnist-cnn-bn', '--images', DEMO / 'mnist-0-7.png',
-                                      '--handling', 'merged'), r'unknown handling merged; choose from fused'),
-    'missing image': (lambda tmp: ('explain', '--model', 'mnist-cnn-bn', '--images', tmp / 'none.png'),
-                      r'image file not found: .*none\.png'),
-    'not an image': (lambda tmp: ('explain', '--model', 'mnist-cnn-bn', '--images', not_an_image(tmp)),
-                     r'cannot read .*notes\.png as an image; pass PNG or JPEG'),
-    'wrong size': (lambda tmp: ('explain', '--model', 'mnist-cnn-bn', '--images', wrong_size_image(tmp)),
-                   r'.*big\.png is 40x30 pixels but mnist-cnn-bn takes 28x28; resize it first'),
-    'wrong channels': (lambda tmp: ('explain', '--model', 'mnist-cnn-bn', '--images', DEMO / 'cifar10-0-0.png'),
-                       r'.*cifar10-0-0\.png has 3 channel\(s\) but mnist-cnn-bn takes grayscale \(1 channel\) '
-                       r'images; convert it'),
-    'missing weights file': (lambda tmp: ('report', '--model', 'mnist-cnn-bn', '--weights', tmp / 'none.pt'),
-                             r'weights file not found'),
-    'not weights': (lambda tmp: ('report', '--model', 'mnist-cnn-bn', '--weights', not_weights(tmp)),
-                    r'cannot read weights from .*weights\.pt.*torch\.save\(model\.state_dict\(\), FILE\)'),
-    'weights do not fit': (lambda tmp: ('report', '--model', 'mnist-cnn-bn', '--weights',
-                                        ROOT / 'zennit_bnfuse' / 'evaluation' / 'weights' / 'mnist-cnn.pt'),
-                           r'the weights in .*mnist-cnn\.pt do not fit mnist-cnn-bn: 10 missing \(bn1\.weight, .*\)\. '
-                           r'Pass weights saved'),
-    'torchvision without weights': (lambda tmp: ('report', '--model', 'torchvision:resnet18'),
-                                    r'torchvision:resnet18 needs --weights FILE'),
-    'dataset of another model': (lambda tmp: ('explain', '--model', 'mnist-cnn-bn', '--dataset', 'cifar10'),
-                                 r'mnist-cnn-bn takes mnist images, not cifar10'),
-    'missing data': (lambda tmp: ('explain', '--model', 'mnist-cnn-bn', '--dataset', 'mnist', '--data-root', tmp),
-                     r'mnist \(test\) not found under .*--data-root'),
-    'target out of range': (lambda tmp: ('explain', '--model', 'mnist-cnn-bn', '--images',
-                                         DEMO / 'mnist-0-7.png', '--target', '10'),
-                            r'--target 10 is not a class of mnist-cnn-bn \(0 to 9\)'),
-    'images and dataset': (lambda tmp: ('explain', '--model', 'mnist-cnn-bn', '--images', DEMO / 'mnist-0-7.png',
-                                        '--dataset', 'mnist'), r'give either --images FILE\.\.\. or --dataset'),
+def test_n_beyond_the_dataset_is_capped_with_a_note(tmp_path, capsys, monkeypatch):
+    def three_images(dataset, root, train, download, limit):
+        return torch.rand(min(limit, 3), 1, 28, 28), torch.zeros(min(limit, 3), dtype=torch.long)
+    monkeypatch.setattr(cli, 'load_tensors', three_images)
+    status, _, error = in_process(capsys, *explain('--dataset', 'mnist', '--n', '1000000000', '--handling', 'fused',
+                                                   '--out', tmp_path / 'out'))
+    assert status == 0, error
+    assert 'bnfuse: note: --n 1000000000 is more than the 3 mnist test images; explaining all 3' in error
+    assert torch.load(tmp_path / 'out' / 'relevance-mnist-cnn-bn.pt', weights_only=True)['fused'].shape[0] == 3
+
+
+def test_a_write_that_fails_part_way_leaves_nothing(tmp_path, capsys, monkeypatch):
+    def disk_full(*args, **kwargs):
+        raise OSError(28, 'No space left on device', 'relevance-mnist-cnn-bn.pt')
+    monkeypatch.setattr(cli.torch, 'save', disk_full)
+    status, _, error = in_process(capsys, *explain('--images', DIGIT, '--handling', 'fused', '--out',
+                                                   tmp_path / 'new' / 'out'))
+    assert status == 1 and 'Traceback' not in error
+    assert error.splitlines()[-1] == ('bnfuse: error: writing the outputs failed (No space left on device: '
+                                      f'relevance-mnist-cnn-bn.pt); nothing was kept in --out {tmp_path}/new/out')
+    assert files_under(tmp_path) == []
+
+
+def test_interrupt_leaves_nothing(tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, 'relevance_by_handling', interrupted)
+    status, _, error = in_process(capsys, *explain('--images', DIGIT, '--out', tmp_path / 'out'))
+    assert status == 130 and error.splitlines()[-1] == 'bnfuse: interrupted; nothing was written'
+    assert files_under(tmp_path) == []
+
+
+def test_out_that_cannot_be_written_is_refused_up_front(tmp_path, capsys, monkeypatch):
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, 'Permission denied')
+    monkeypatch.setattr(cli.tempfile, 'mkdtemp', read_only)
+    explained = []
+    monkeypatch.setattr(cli, 'relevance_by_handling', lambda *args, **kwargs: explained.append(1))
+    status, _, error = in_process(capsys, *explain('--images', DIGIT, '--out', tmp_path / 'new' / 'out'))
+    assert_one_line_error(status, error, 1, r'cannot write to --out .*new/out \(Permission denied\); choose a folder '
+                          r'you can write to')
+    assert explained == [] and files_under(tmp_path) == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0 if hasattr(os, 'geteuid') else True, reason='root can write anywhere')
+def test_read_only_out(tmp_path):
+    (tmp_path / 'locked').mkdir(mode=0o555)
+    result = bnfuse(*explain('--images', DIGIT, '--out', tmp_path / 'locked' / 'out'))
+    assert_one_line_error(result.returncode, result.stderr, 1, r'cannot write to --out .*Permission denied.*')
+
+
+# --- random bad arguments ---
+
+WORDS = st.text(string.ascii_letters + string.digits + ':-_., ', max_size=12)
+NUMBERS = st.one_of(st.integers(-3, 40).map(str), st.integers().map(str), WORDS)
+GOOD = {  # values that work for the MNIST models on the digit images
+    '--patch-size': st.sampled_from(['1', '2', '4', '7', '14']), '--target': st.integers(0, 9).map(str),
+    '--device': st.just('cpu'), '--handling': st.sampled_from(['fused', 'naive,unfused', ' unfused ,fused,,']),
+    '--composite': st.sampled_from(['epsilon', 'epsilon-plus-flat', 'epsilon-gamma-box']),
+}
+ANY = {
+    '--n': NUMBERS, '--patch-size': NUMBERS, '--target': NUMBERS, '--size': NUMBERS,
+    '--device': st.one_of(st.sampled_from(['cpu', 'cuda', 'cuda:1', 'mps', 'tpu', 'meta', 'xla', 'cpu:0']), WORDS),
+    '--handling': st.one_of(st.sampled_from(['fused', 'naive,unfused', 'fused,,naive', ',']), WORDS),
+    '--composite': st.one_of(st.sampled_from(['epsilon', 'epsilon-gamma-box', 'lrp']), WORDS),
+    '--weights': st.sampled_from(['missing.pt', 'notes.png']),
+    '--data-root': st.sampled_from(['.', 'nodata']),
 }
 
 
-@pytest.mark.parametrize('case', sorted(ERRORS))
-def test_errors_name_problem_and_fix_without_traceback(case, tmp_path):
-    arguments, pattern = ERRORS[case]
-    out = tmp_path / 'out'
-    args = arguments(tmp_path)
-    if args[0] == 'explain':
-        args = (*args, '--out', out)
-    result = bnfuse(*args)
-    assert result.returncode == 1
-    assert 'Traceback' not in result.stderr
-    import re
-    assert re.search(r'^bnfuse: error: ' + pattern, result.stderr.strip(), re.MULTILINE), result.stderr
-    assert not out.exists()
+def options(choices, most):
+    '''Up to ``most`` options from ``choices`` (option -> strategy of its value), as a flat argument list.'''
+    return st.lists(st.sampled_from(sorted(choices)), max_size=most, unique=True).flatmap(
+        lambda keys: st.tuples(*(choices[key].map(lambda value, key=key: (key, value)) for key in keys))).map(
+        lambda pairs: [item for pair in pairs for item in pair])
 
 
-def test_usage_errors_exit_2():
-    result = bnfuse('explain', '--dataset', 'mnist')
-    assert result.returncode == 2 and 'the following arguments are required: --model' in result.stderr
-    result = bnfuse('explain', '--model', 'mnist-cnn-bn', '--dataset', 'svhn', '--out', 'x')
-    assert result.returncode == 2 and "invalid choice: 'svhn'" in result.stderr
+GOOD_RUNS = st.tuples(st.sampled_from(['mnist-cnn-bn', 'mnist-mlp-bn']),
+                      st.lists(st.sampled_from([str(DIGIT), 'digit16.png']), min_size=1, max_size=2),
+                      options(GOOD, 3)).map(lambda run: ['--model', run[0], '--images', *run[1], *run[2]])
+ANY_RUNS = st.tuples(
+    st.one_of(st.sampled_from(['mnist-cnn-bn', 'cifar10-vgg-bn', 'torchvision:resnet18', 'torchvision:nothing']),
+              WORDS),
+    st.one_of(st.lists(st.sampled_from([str(DIGIT), 'missing.png', 'notes.png', 'digit16.png',
+                                        str(DEMO / 'cifar10-0-0.png')]), min_size=1, max_size=2)
+              .map(lambda files: ['--images', *files]),
+              st.sampled_from(['mnist', 'cifar10', 'svhn']).map(lambda dataset: ['--dataset', dataset])),
+    options(ANY, 4)).map(lambda run: ['--model', run[0], *run[1], *run[2]])
 
 
-def test_console_script_installed():
-    script = Path(sys.executable).parent / 'bnfuse'
-    result = subprocess.run([str(script), '--help'], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0 and 'usage: bnfuse' in result.stdout
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(arguments=st.one_of(GOOD_RUNS, ANY_RUNS))
+def test_random_arguments_give_a_clear_error_or_correct_outputs(arguments, capsys, monkeypatch, no_network):
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        monkeypatch.chdir(folder)
+        try:
+            check_random_run(folder, arguments, capsys)
+        finally:
+            os.chdir(ROOT)  # out of the folder before it is removed
+
+
+def check_random_run(folder, arguments, capsys):
+    '''Run ``bnfuse explain`` in ``folder`` and check: exit 0 with correct outputs, or a one-line error and no
+    new files.'''
+    (folder / 'notes.png').write_text('not an image')
+    Image.fromarray(np.asarray(Image.open(DIGIT)).astype(np.uint16) * 257).save(folder / 'digit16.png')
+    (folder / 'nodata').mkdir()
+    before = files_under(folder)
+    args = ['explain', *arguments, '--out', 'out']
+    status, stdout, error = in_process(capsys, *args)
+    event(f'exit {status}')
+    if status == 0:
+        model = arguments[1]
+        handlings = cli.parse_handlings(dict(zip(args, args[1:])).get('--handling', ','.join(HANDLINGS)))
+        name = model.replace(':', '-')
+        assert files_under(folder / 'out') == sorted([f'heatmaps-{name}.png', 'metrics.json', 'metrics.md',
+                                                      f'relevance-{name}.pt', f'report-{name}.txt'])
+        relevance = torch.load(folder / 'out' / f'relevance-{name}.pt', weights_only=True)
+        assert list(relevance) == handlings and all(torch.isfinite(value).all() for value in relevance.values())
+        assert list(json.loads((folder / 'out' / 'metrics.json').read_text())['models'][model]) == handlings
+    else:
+        assert status in (1, 2), (args, error)
+        lines = [line for line in error.splitlines() if line.strip()]
+        assert 'Traceback' not in error and len(lines) == 1 and lines[0].startswith('bnfuse: error: '), \
+            (args, error)
+        assert files_under(folder) == before, args

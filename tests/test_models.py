@@ -22,7 +22,8 @@ def test_pretrained_loads_small_and_in_eval_mode(name):
     assert output.shape == (2, 10)
 
 
-@pytest.mark.skipif(not HAS_DATA, reason='needs ../shared/data (MNIST and CIFAR10-JPEG)')
+@pytest.mark.skipif(not HAS_DATA,
+                    reason=f'needs MNIST and CIFAR10-JPEG under {default_data_root()} (set ZENNIT_BNFUSE_DATA)')
 @pytest.mark.parametrize('name', sorted(REQUIRED_ACCURACY))
 def test_shipped_accuracy(name):
     images, labels = load_tensors(dataset_of(name), train=False, progress=False)

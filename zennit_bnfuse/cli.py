@@ -1,22 +1,34 @@
 '''The ``bnfuse`` command: explain a model with BatchNorm fused, unfused and naive.
 
-    bnfuse demo [--out DIR]
+    bnfuse demo [--out DIR] [--overwrite]
     bnfuse explain --model NAME (--images FILE... | --dataset mnist|cifar10) --out DIR [options]
     bnfuse report --model NAME [--weights FILE]
+
+Every argument is checked before any model work. Outputs are written to a temporary folder next to (or inside)
+``--out`` and moved in place only when the run succeeded, so a failed run leaves nothing behind and an output
+folder always holds the files of exactly one run.
 '''
 import argparse
+import contextlib
+import fnmatch
 import json
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 import torchvision
-from PIL import Image, UnidentifiedImageError
-from torchvision.transforms.functional import pil_to_tensor, resize
+from torchvision.transforms.functional import resize
 
-from .evaluation.composites import COMPOSITES, make_composite
-from .evaluation.data import DATASETS, default_data_root, demo_images, load_tensors
+from .evaluation.composites import COMPOSITES, DISPLAY_NAMES, make_composite
+from .evaluation.data import (
+    DATA_ROOT_VARIABLE, DATASETS, UnsupportedImage, default_data_root, demo_images, first_missing, load_tensors,
+    read_image, unit_range,
+)
 from .evaluation.explain import faithfulness_summary, predicted_classes, relevance_by_handling, summary_markdown
+from .evaluation.figures import HEATMAP_SCALE
 from .handling import HANDLINGS
 from .evaluation.models import CIFAR10_CLASSES, INPUT_SHAPES, MNIST_CLASSES, MODELS, dataset_of, pretrained
 from .pairs import find_fusable_pairs
@@ -24,10 +36,33 @@ from .pairs import find_fusable_pairs
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 GRID_ROWS = 8
+DEVICE_TYPES = ('cpu', 'cuda', 'mps')
+# the files bnfuse writes into --out; --overwrite replaces a folder that holds only these
+OUTPUT_PATTERNS = ('heatmaps-*.png', 'relevance-*.pt', 'report-*.txt', 'metrics.json', 'metrics.md')
+STAGING_PREFIX = '.bnfuse-partial-'
+# torchvision builders that warn unless told how to initialise weights
+INIT_WEIGHTS_ARCHS = ('googlenet', 'inception_v3')
 
 
 class CommandError(Exception):
     '''A problem the user can fix; ``bnfuse`` prints it without a traceback and exits with status 1.'''
+
+
+class Parser(argparse.ArgumentParser):
+    '''An argument parser whose usage errors are one line, ``bnfuse: error: ...``, as all of bnfuse's errors.'''
+    def error(self, message):
+        self.exit(2, f'bnfuse: error: {message} (see {self.prog} --help)\n')
+
+
+def positive_int(text):
+    '''An argparse type: an integer of at least 1.'''
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a whole number') from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'must be 1 or more, not {value}')
+    return value
 
 
 def imagenet_statistics(device):
@@ -112,27 +147,40 @@ def load_state(model, state, description, path):
     model.load_state_dict(state)
 
 
-def load_model(name, weights=None, size=224, device='cpu'):
-    '''A shipped model or ``torchvision:<arch>`` with user weights, as a :py:class:`LoadedModel`.'''
+def load_model(name, weights=None, size=None, device='cpu', untrained=False):
+    '''A shipped model or ``torchvision:<arch>`` with user weights, as a :py:class:`LoadedModel`.
+
+    ``untrained=True`` allows ``torchvision:<arch>`` without weights (randomly initialised, for the fusion
+    report); ``size`` (default 224) applies to torchvision models only.
+    '''
     if name.startswith('torchvision:'):
         arch = name.split(':', 1)[1]
         if arch not in torchvision.models.list_models(module=torchvision.models):
             raise CommandError(f'unknown torchvision classifier {arch!r}; see torchvision.models.list_models(), '
                                'e.g. torchvision:resnet18')
-        if weights is None:
+        if weights is None and not untrained:
             raise CommandError(f'{name} needs --weights FILE (a state_dict you trained); weights are never '
                                'downloaded')
-        state = read_weights(weights)
-        classifier = [value for key, value in state.items() if key.endswith('weight') and value.ndim == 2]
+        state = read_weights(weights) if weights is not None else {}
+        classifier = [value for key, value in state.items() if key.endswith('weight') and value.ndim >= 2]
+        # the last conv or linear weight is the classifier's (fc, classifier.1, heads.head, ...)
         kwargs = {'num_classes': classifier[-1].shape[0]} if classifier else {}
-        if arch == 'inception_v3':
-            kwargs.update(aux_logits=any(key.startswith('AuxLogits.') for key in state), init_weights=False)
+        if arch in INIT_WEIGHTS_ARCHS:
+            kwargs.update(init_weights=False)
+        if arch == 'inception_v3' and weights is not None:
+            kwargs.update(aux_logits=any(key.startswith('AuxLogits.') for key in state))
         model = getattr(torchvision.models, arch)(weights=None, **kwargs)
-        load_state(model, state, name, weights)
+        if weights is not None:
+            load_state(model, state, name, weights)
+        size = 224 if size is None else size
         return LoadedModel(name, model.to(device).eval(), (3, size, size), True, None)
     if name not in MODELS:
         raise CommandError(f'unknown model {name!r}; choose one of {", ".join(MODELS)} or torchvision:<arch> '
                            'with --weights FILE')
+    if size is not None:
+        shape = INPUT_SHAPES[dataset_of(name)]
+        raise CommandError(f'--size applies to torchvision:<arch> models only; {name} takes {shape[2]}x{shape[1]} '
+                           'images: leave --size out')
     try:
         model = pretrained(name, device='cpu')
     except FileNotFoundError as error:
@@ -149,16 +197,10 @@ def read_images(paths, loaded):
     channels, height, width = loaded.input_shape
     images = []
     for path in map(Path, paths):
-        if not path.is_file():
-            raise CommandError(f'image file not found: {path}')
         try:
-            with Image.open(path) as image:
-                image.load()
-                if image.mode == 'P':
-                    image = image.convert('RGBA' if 'transparency' in image.info else 'RGB')
-                tensor = pil_to_tensor(image)
-        except (UnidentifiedImageError, OSError):
-            raise CommandError(f'cannot read {path} as an image; pass PNG or JPEG files') from None
+            tensor = read_image(path)
+        except (FileNotFoundError, UnsupportedImage) as error:
+            raise CommandError(str(error)) from None
         if tensor.shape[0] != channels:
             kind = {1: 'grayscale (1 channel)', 3: 'RGB (3 channels)'}.get(channels, f'{channels} channels')
             raise CommandError(f'{path} has {tensor.shape[0]} channel(s) but {loaded.name} takes {kind} images; '
@@ -168,22 +210,70 @@ def read_images(paths, loaded):
         elif tuple(tensor.shape[1:]) != (height, width):
             raise CommandError(f'{path} is {tensor.shape[2]}x{tensor.shape[1]} pixels but {loaded.name} takes '
                                f'{width}x{height}; resize it first')
-        images.append(tensor.float() / 255)
+        images.append(unit_range(tensor))
     return torch.stack(images)
 
 
 def dataset_images(dataset, loaded, data_root, count, download=False):
-    '''The first ``count`` test images of ``dataset`` for the model.'''
+    '''The first ``count`` test images of ``dataset`` for the model (all of them, with a note, if it has fewer).'''
     if not loaded.normalize and dataset != dataset_of(loaded.name):
         raise CommandError(f'{loaded.name} takes {dataset_of(loaded.name)} images, not {dataset}')
     try:
         images, _ = load_tensors(dataset, data_root, train=False, download=download, limit=count)
     except FileNotFoundError as error:
         raise CommandError(str(error)) from None
+    if len(images) < count:
+        print(f'bnfuse: note: --n {count} is more than the {len(images)} {dataset} test images; explaining all '
+              f'{len(images)}', file=sys.stderr)
     if loaded.normalize:
         images = resize(images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images,
                         list(loaded.input_shape[1:]), antialias=True)
     return images
+
+
+def output_classes(loaded, device):
+    '''The number of classes of the model, from one forward pass on a blank input (which also checks that the
+    model runs at its input size).'''
+    blank = torch.zeros(1, *loaded.input_shape, device=device)
+    try:
+        with torch.no_grad():
+            output = loaded.model(loaded.prepare(blank))
+    except RuntimeError as error:
+        reason = str(error).splitlines()[0]
+        raise CommandError(f'{loaded.name} does not run on {loaded.input_shape[2]}x{loaded.input_shape[1]} '
+                           f'inputs ({reason}); pass a larger --size') from None
+    if output.ndim != 2:
+        raise CommandError(f'{loaded.name} returns shape {tuple(output.shape)}, not (batch, classes); bnfuse '
+                           'explains classifiers')
+    return output.shape[1]
+
+
+def check_target(target, loaded, classes):
+    '''``target`` if it is a class index of the model, else a CommandError with the range.'''
+    if target is not None and not 0 <= target < classes:
+        raise CommandError(f'--target {target} is not a class of {loaded.name} (0 to {classes - 1})')
+    return target
+
+
+def choose_patch_size(patch_size, input_shape):
+    '''The perturbation patch size: ``patch_size``, or 4 up to 64 pixels and 16 above; it must divide the image.'''
+    height, width = input_shape[1:]
+    default = patch_size is None
+    patch_size = (4 if width <= 64 else 16) if default else patch_size
+    if height % patch_size or width % patch_size:
+        which = 'the default patch size' if default else '--patch-size'
+        divisors = [size for size in range(1, min(height, width) + 1) if not height % size and not width % size]
+        raise CommandError(f'{which} {patch_size} does not divide the image size {width}x{height}; pass '
+                           f'--patch-size with one of {listed(map(str, divisors), 8)}')
+    return patch_size
+
+
+def fusion_report(model):
+    '''The fusion report of ``model``, or a CommandError if its BatchNorms cannot be folded at all.'''
+    try:
+        return find_fusable_pairs(model)
+    except ValueError as error:  # e.g. non-finite statistics in the user's weights
+        raise CommandError(str(error)) from None
 
 
 def explain_to_outputs(loaded, images, composite, handlings, target, device, patch_size, progress=True):
@@ -193,14 +283,7 @@ def explain_to_outputs(loaded, images, composite, handlings, target, device, pat
     if target is None:
         targets = predicted_classes(loaded.model, inputs)
     else:
-        with torch.no_grad():
-            classes = loaded.model(inputs[:1]).shape[1]
-        if not 0 <= target < classes:
-            raise CommandError(f'--target {target} is not a class of {loaded.name} (0 to {classes - 1})')
         targets = torch.full((len(images),), target, device=device)
-    height, width = images.shape[-2:]
-    if height % patch_size or width % patch_size:
-        raise CommandError(f'--patch-size {patch_size} does not divide the image size {width}x{height}')
     low, high = loaded.box(device)
     relevance = relevance_by_handling(loaded.model, inputs, targets, lambda: make_composite(composite, low, high),
                                       handlings, progress=progress)
@@ -209,47 +292,189 @@ def explain_to_outputs(loaded, images, composite, handlings, target, device, pat
 
 
 def write_outputs(out, name, loaded, images, targets, relevance, composite):
-    '''Heatmap grid, relevance tensors and the metrics of one model in ``out``.'''
+    '''Heatmap grid and relevance tensors of one model in ``out``.
+
+    Returns
+    -------
+    list[str]
+        A note to print if the grid shows only some of the images.
+    '''
     from .evaluation.figures import heatmap_grid
-    out.mkdir(parents=True, exist_ok=True)
-    rows = slice(0, GRID_ROWS)
-    heatmap_grid(images[rows], {handling: values[rows] for handling, values in relevance.items()},
-                 out / f'heatmaps-{name}.png', [loaded.class_name(target) for target in targets[rows].tolist()],
-                 f'{loaded.name}, {composite}')
+    figure = f'heatmaps-{name}.png'
+    drawn = heatmap_grid(images, relevance, out / figure,
+                         [loaded.class_name(target) for target in targets[:GRID_ROWS].tolist()],
+                         f'{loaded.name}, {DISPLAY_NAMES[composite]}', max_rows=GRID_ROWS)
     torch.save({handling: values.cpu() for handling, values in relevance.items()}, out / f'relevance-{name}.pt')
+    if drawn == len(images):
+        return []
+    return [f'{figure} shows the first {drawn} of {len(images)} images; relevance-{name}.pt and the metrics cover '
+            f'all {len(images)}']
 
 
 def write_metrics(out, summaries, settings):
     '''metrics.json and metrics.md for all explained models.'''
     (out / 'metrics.json').write_text(json.dumps({'settings': settings, 'models': summaries}, indent=1) + '\n')
-    text = ['# AOPC per BatchNorm handling', '',
-            'Region perturbation of the explained class: 4 patches of the given size per step, replaced by 0. '
-            'Means ± 95% half-width over the images.', '',
+    patch = settings['patch size']
+    text = ['# Faithfulness per BatchNorm handling', '',
+            'Region perturbation of the explained class: the image is split into patches of '
+            f'{patch}x{patch} pixels, ranked by their summed relevance; step by step 4 more patches are replaced by '
+            '0 in the model\'s input (black for the shipped models; the ImageNet mean colour for torchvision '
+            'models, whose inputs are normalised), and the explained logit is recorded after each step.', '',
+            '- **AOPC** (area over the perturbation curve): the mean drop of the logit from the unperturbed image '
+            'over all steps. **MoRF** removes the most relevant patches first: higher is better (the heatmap found '
+            'what the model uses). **LeRF** removes the least relevant first: lower is better.',
+            '- **ABPC** (area between the perturbation curves): the mean of the LeRF curve minus the MoRF curve; '
+            'higher is better.',
+            '- Each cell: mean ± 95% half-width (normal approximation) over the images; the half-width is 0 for a '
+            'single image.', '',
             *(f'- {key}: {value}' for key, value in settings.items()), '']
     text += [summary_markdown(summary, name) for name, summary in summaries.items()]
     (out / 'metrics.md').write_text('\n'.join(text))
 
 
-def check_out(out):
-    '''Fail early if ``out`` cannot be an output folder.'''
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise CommandError(f'--out {out} exists and is not a folder')
-    return out
+def is_output(path):
+    '''Whether ``path`` is a file bnfuse writes, or the temporary folder of a bnfuse run that was killed.'''
+    if path.name.startswith(STAGING_PREFIX):
+        return path.is_dir() and not path.is_symlink()
+    return path.is_file() and not path.is_symlink() and \
+        any(fnmatch.fnmatchcase(path.name, pattern) for pattern in OUTPUT_PATTERNS)
+
+
+def current_umask():
+    '''The process's umask (the permission bits new files and folders do not get).'''
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+class StagedOutput:
+    '''An output folder written all at once.
+
+    The run writes into :py:attr:`path`, a temporary folder inside ``out`` (if it exists) or next to it;
+    :py:meth:`commit` moves the files into ``out``. Leaving the ``with`` block without a commit (an error, Ctrl-C)
+    removes the temporary folder and any folder the run created, so a failed run leaves nothing behind.
+
+    ``out`` must not exist, or be empty, or (with ``overwrite``) hold only the outputs of earlier bnfuse runs,
+    which the commit removes: the folder always holds the files of exactly one run.
+
+    Raises
+    ------
+    CommandError
+        If ``out`` is a file, is not empty (without ``overwrite``), holds files bnfuse does not write, or cannot
+        be written.
+    '''
+    def __init__(self, out, overwrite=False):
+        self.out = Path(out)
+        self.earlier = self.earlier_outputs(overwrite)
+        self.path = None
+        self.created = None
+
+    def earlier_outputs(self, overwrite):
+        '''What is in ``out`` now, if the commit may replace it.'''
+        if not self.out.exists():
+            return []
+        if not self.out.is_dir():
+            raise CommandError(f'--out {self.out} is a file; pass a folder')
+        try:
+            entries = sorted(self.out.iterdir())
+        except OSError as error:
+            raise CommandError(f'cannot read --out {self.out} ({error.strerror}); choose a folder you can write '
+                               'to') from None
+        if entries and not overwrite:
+            raise CommandError(f'--out {self.out} is not empty; pass --overwrite to replace the outputs of an '
+                               'earlier bnfuse run in it, or choose a new folder')
+        foreign = [entry.name + ('/' if entry.is_dir() else '') for entry in entries if not is_output(entry)]
+        if foreign:
+            raise CommandError(f'--out {self.out} holds files bnfuse does not write ({listed(foreign)}); '
+                               '--overwrite replaces only bnfuse outputs: choose a new or empty folder')
+        return entries
+
+    def __enter__(self):
+        try:
+            if self.out.is_dir():
+                parent = self.out
+            else:
+                parent = self.out.parent
+                self.created = first_missing(parent)
+                existing = self.created.parent if self.created is not None else parent
+                if not existing.is_dir():
+                    self.created = None
+                    raise CommandError(f'--out {self.out} cannot be made: {existing} is a file; choose another --out')
+                parent.mkdir(parents=True, exist_ok=True)
+            self.path = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=parent))
+            self.path.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; a new --out is not
+        except OSError as error:
+            self.discard()
+            raise CommandError(f'cannot write to --out {self.out} ({error.strerror or error}); choose a folder you '
+                               'can write to') from None
+        return self
+
+    def __exit__(self, kind, error, trace):
+        if self.path is not None:
+            self.discard()
+        return False
+
+    @contextlib.contextmanager
+    def writing(self):
+        '''A block that writes into :py:attr:`path` and commits; an OSError in it (disk full, a file that cannot be
+        replaced) becomes a CommandError, and nothing is kept.'''
+        try:
+            yield self.path
+        except OSError as error:
+            where = f': {error.filename}' if error.filename else ''
+            raise CommandError(f'writing the outputs failed ({error.strerror or error}{where}); nothing was kept in '
+                               f'--out {self.out}') from None
+
+    def commit(self):
+        '''Move the written files into ``out`` (replacing the earlier outputs there); returns their names.'''
+        names = sorted(entry.name for entry in self.path.iterdir())
+        if self.out.is_dir():
+            for entry in self.earlier:
+                if entry.is_dir():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink(missing_ok=True)
+            for name in names:
+                os.replace(self.path / name, self.out / name)
+            self.path.rmdir()
+        else:
+            os.rename(self.path, self.out)
+        self.path = self.created = None
+        return names
+
+    def discard(self):
+        '''Remove the temporary folder and any folder this run created.'''
+        for path in (self.path, self.created):
+            if path is not None:
+                shutil.rmtree(path, ignore_errors=True)
+        self.path = self.created = None
 
 
 def check_device(device):
-    if device.startswith('cuda') and not torch.cuda.is_available():
-        raise CommandError('--device cuda was asked for but no CUDA device is available; use --device cpu')
-    return torch.device(device)
+    '''``device`` as a :py:class:`torch.device` if bnfuse can run there, else a CommandError.'''
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        parsed = None
+    if parsed is None or parsed.type not in DEVICE_TYPES:
+        raise CommandError(f'--device {device} is not a device bnfuse can use; choose cpu, cuda, cuda:N or mps')
+    if parsed.type == 'cuda' and not torch.cuda.is_available():
+        raise CommandError(f'--device {device} was asked for but no CUDA device is available; use --device cpu')
+    if parsed.type == 'cuda' and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise CommandError(f'--device {device}: there are only {torch.cuda.device_count()} CUDA device(s) '
+                           f'(cuda:0 to cuda:{torch.cuda.device_count() - 1})')
+    if parsed.type == 'mps' and not torch.backends.mps.is_available():
+        raise CommandError(f'--device {device} was asked for but MPS is not available; use --device cpu')
+    return parsed
 
 
 def parse_handlings(text):
+    '''The handlings named in ``text`` (comma-separated), in the order of :py:data:`HANDLINGS`.'''
     handlings = [item.strip() for item in text.split(',') if item.strip()]
     unknown = [item for item in handlings if item not in HANDLINGS]
     if unknown or not handlings:
         raise CommandError(f'unknown handling {", ".join(unknown) or repr(text)}; choose from {", ".join(HANDLINGS)}')
-    return handlings
+    return [handling for handling in HANDLINGS if handling in handlings]
 
 
 def check_composite(name):
@@ -258,107 +483,172 @@ def check_composite(name):
     return name
 
 
+def print_written(names, out, notes=()):
+    print(f'wrote {", ".join(names)} to {out}')
+    for note in notes:
+        print(f'note: {note}')
+
+
 def command_demo(args):
-    out = check_out(args.out)
     device = check_device(args.device)
     summaries, results = {}, []
-    for dataset, name in (('mnist', 'mnist-cnn-bn'), ('cifar10', 'cifar10-vgg-bn')):
-        loaded = load_model(name, device=device)
-        print(f'== {name}\n{find_fusable_pairs(loaded.model)}\n')
-        images = demo_images(dataset)
-        targets, relevance, summary = explain_to_outputs(
-            loaded, images, 'epsilon-plus-flat', tuple(HANDLINGS)[::-1], None, device, patch_size=4)
-        results.append((dataset, loaded, images, targets, relevance))
-        summaries[name] = summary
-    for dataset, loaded, images, targets, relevance in results:
-        write_outputs(out, dataset, loaded, images.to(device), targets, relevance, 'EpsilonPlusFlat')
-    write_metrics(out, summaries, {'composite': 'epsilon-plus-flat', 'patch size': 4,
-                                   'images': 'the shipped demo images (6 MNIST, 6 CIFAR-10)'})
-    print(f'wrote {", ".join(sorted(path.name for path in out.iterdir()))} to {out}')
+    composite = 'epsilon-plus-flat'
+    with StagedOutput(args.out, args.overwrite) as output:
+        for dataset, name in (('mnist', 'mnist-cnn-bn'), ('cifar10', 'cifar10-vgg-bn')):
+            loaded = load_model(name, device=device)
+            print(f'== {name}\n{fusion_report(loaded.model)}\n')
+            images = demo_images(dataset)
+            targets, relevance, summary = explain_to_outputs(
+                loaded, images, composite, tuple(HANDLINGS), None, device, patch_size=4)
+            results.append((dataset, loaded, images, targets, relevance))
+            summaries[name] = summary
+        notes = []
+        with output.writing() as folder:
+            for dataset, loaded, images, targets, relevance in results:
+                notes += write_outputs(folder, dataset, loaded, images.to(device), targets, relevance, composite)
+            write_metrics(folder, summaries, {'composite': composite, 'patch size': 4,
+                                              'images': 'the shipped demo images (6 MNIST, 6 CIFAR-10)'})
+            names = output.commit()
+    print_written(names, args.out, notes)
     return 0
 
 
 def command_explain(args):
-    out = check_out(args.out)
     device = check_device(args.device)
     composite = check_composite(args.composite)
     handlings = parse_handlings(args.handling)
     if bool(args.images) == bool(args.dataset):
         raise CommandError('give either --images FILE... or --dataset mnist|cifar10')
-    loaded = load_model(args.model, args.weights, args.size, device)
-    if args.images:
-        images = read_images(args.images, loaded)
-    else:
-        images = dataset_images(args.dataset, loaded, args.data_root, args.n, args.download)
-    patch_size = args.patch_size or (4 if images.shape[-1] <= 64 else 16)
-    targets, relevance, summary = explain_to_outputs(loaded, images, composite, handlings, args.target, device,
-                                                     patch_size)
-    name = args.model.replace(':', '-')
-    write_outputs(out, name, loaded, images.to(device), targets, relevance, composite)
-    write_metrics(out, {args.model: summary}, {'model': args.model, 'composite': composite,
-                                               'patch size': patch_size, 'images': len(images)})
-    (out / f'report-{name}.txt').write_text(str(find_fusable_pairs(loaded.model)) + '\n')
+    if args.images and args.n is not None:
+        raise CommandError('--n counts dataset images; with --images every file given is explained: leave --n out')
+    for path in args.images or ():
+        if not Path(path).is_file():
+            raise CommandError(f'image file not found: {path}')
+    with StagedOutput(args.out, args.overwrite) as output:
+        loaded = load_model(args.model, args.weights, args.size, device)
+        target = check_target(args.target, loaded, output_classes(loaded, device))
+        patch_size = choose_patch_size(args.patch_size, loaded.input_shape)
+        report = fusion_report(loaded.model)
+        if args.images:
+            images = read_images(args.images, loaded)
+        else:
+            images = dataset_images(args.dataset, loaded, args.data_root, args.n or 16, args.download)
+        targets, relevance, summary = explain_to_outputs(loaded, images, composite, handlings, target, device,
+                                                         patch_size)
+        name = args.model.replace(':', '-')
+        with output.writing() as folder:
+            notes = write_outputs(folder, name, loaded, images.to(device), targets, relevance, composite)
+            write_metrics(folder, {args.model: summary}, {'model': args.model, 'composite': composite,
+                                                          'patch size': patch_size, 'images': len(images)})
+            (folder / f'report-{name}.txt').write_text(f'{report}\n')
+            names = output.commit()
     print(summary_markdown(summary, args.model))
-    print(f'wrote {", ".join(sorted(path.name for path in out.iterdir()))} to {out}')
+    print_written(names, args.out, notes)
     return 0
 
 
 def command_report(args):
-    loaded = load_model(args.model, args.weights, args.size)
-    print(find_fusable_pairs(loaded.model))
+    loaded = load_model(args.model, args.weights, untrained=True)
+    if args.weights is None and args.model.startswith('torchvision:'):
+        print(f'note: no --weights, so this is the report of the untrained {args.model}; which BatchNorms fold '
+              'depends on the architecture, not on the weights (trained weights with invalid statistics, such as '
+              'non-finite ones, would be refused)\n')
+    print(fusion_report(loaded.model))
     return 0
+
+
+OUTPUT_HELP = ('The run writes into a temporary folder and moves the files into --out only when it succeeded: a '
+               'failed run leaves nothing. --out must be new or empty; with --overwrite, a folder that holds only '
+               'the outputs of an earlier bnfuse run (heatmaps-*.png, relevance-*.pt, report-*.txt, metrics.*) is '
+               'replaced by this run\'s files, and a folder with other files is refused.')
+
+
+def add_common(command, out_default=None):
+    '''--out, --overwrite and --device, as ``demo`` and ``explain`` take them.'''
+    if out_default is None:
+        command.add_argument('--out', required=True, help='output folder (see below)')
+    else:
+        command.add_argument('--out', default=out_default, help=f'output folder (default: {out_default})')
+    command.add_argument('--overwrite', action='store_true',
+                         help='replace the outputs of an earlier bnfuse run in --out')
+    command.add_argument('--device', default='cpu', help='cpu, cuda, cuda:N or mps (default: cpu)')
 
 
 def parser():
     '''The argument parser of ``bnfuse``.'''
-    main = argparse.ArgumentParser(
-        prog='bnfuse', description='Explain models with LRP, with BatchNorm fused, unfused or ignored (naive).')
+    main = Parser(prog='bnfuse',
+                  description='Explain models with LRP, with BatchNorm fused, unfused or ignored (naive).')
     commands = main.add_subparsers(dest='command', required=True, metavar='COMMAND')
+    grid = (f'Heatmap grids: input | {" | ".join(HANDLINGS)} (always in this order), the first {GRID_ROWS} '
+            f'images; red positive, blue negative, {HEATMAP_SCALE}.')
 
-    demo = commands.add_parser('demo', help='explain the shipped MNIST and CIFAR-10 models on shipped images',
-                               description='Explain the shipped BatchNorm models on a few shipped test images (no '
-                               'data, no network): print their fusion reports, write a heatmap grid per dataset '
-                               '(input | naive | unfused | fused, EpsilonPlusFlat) and AOPC per handling.')
-    demo.add_argument('--out', default='bnfuse-demo', help='output folder (default: bnfuse-demo)')
-    demo.add_argument('--device', default='cpu', help='cpu or cuda')
+    demo = commands.add_parser(
+        'demo', help='explain the shipped MNIST and CIFAR-10 models on shipped images',
+        description='Explain the shipped BatchNorm models on a few shipped test images (no data, no network): '
+        'print their fusion reports, write a heatmap grid per dataset (EpsilonPlusFlat) and AOPC/ABPC per '
+        'handling (metrics.md explains them). ' + grid + ' ' + OUTPUT_HELP)
+    add_common(demo, out_default='bnfuse-demo')
     demo.set_defaults(run=command_demo)
 
-    explain = commands.add_parser('explain', help='heatmaps and metrics for your images or a dataset slice',
-                                  description='Explain a shipped model or torchvision:<arch> with your weights on '
-                                  'image files or the first N test images of a dataset.')
+    explain = commands.add_parser(
+        'explain', help='heatmaps and metrics for your images or a dataset slice',
+        description='Explain a shipped model or torchvision:<arch> with your weights on image files or the first '
+        'N test images of a dataset. Writes heatmaps-NAME.png, relevance-NAME.pt (all relevance), metrics.json '
+        'and metrics.md (AOPC/ABPC per handling, explained there) and report-NAME.txt (the fusion report). '
+        + grid + ' ' + OUTPUT_HELP)
     explain.add_argument('--model', required=True,
                          help=f'{", ".join(MODELS)}, or torchvision:<arch> with --weights FILE')
     explain.add_argument('--weights', help='a state_dict file (required for torchvision:<arch>)')
     source = explain.add_argument_group('images (one of)')
-    source.add_argument('--images', nargs='+', metavar='FILE', help='PNG/JPEG files')
+    source.add_argument('--images', nargs='+', metavar='FILE',
+                        help='image files (PNG, JPEG, ...; 8- or 16-bit, grayscale, RGB or palette; transparent '
+                        'pixels are refused)')
     source.add_argument('--dataset', choices=DATASETS, help='use test images of this dataset')
-    explain.add_argument('--data-root', default=str(default_data_root()), help='folder holding the dataset')
-    explain.add_argument('--download', action='store_true', help='let torchvision download the dataset if missing')
-    explain.add_argument('--n', type=int, default=16, help='number of dataset images (default 16)')
+    explain.add_argument('--data-root', default=str(default_data_root()),
+                         help=f'folder holding the dataset (default: ${DATA_ROOT_VARIABLE} if set, else '
+                         f'../shared/data if it exists, else ./data; now {default_data_root()})')
+    explain.add_argument('--download', action='store_true',
+                         help='let torchvision download the dataset into --data-root if it is missing')
+    explain.add_argument('--n', type=positive_int,
+                         help='number of dataset images (default 16; all of them, with a note, if the dataset has '
+                         'fewer)')
     explain.add_argument('--composite', default='epsilon-plus-flat', help=f'one of {", ".join(COMPOSITES)}')
-    explain.add_argument('--handling', default='fused,unfused,naive', help='comma-separated BatchNorm handlings')
+    explain.add_argument('--handling', default=','.join(HANDLINGS),
+                         help=f'comma-separated BatchNorm handlings, from {", ".join(HANDLINGS)} (default: all)')
     explain.add_argument('--target', type=int, help='class to explain (default: the predicted class)')
-    explain.add_argument('--device', default='cpu', help='cpu or cuda')
-    explain.add_argument('--size', type=int, default=224, help='input size for torchvision models (default 224)')
-    explain.add_argument('--patch-size', type=int, help='perturbation patch size (default 4, or 16 above 64 px)')
-    explain.add_argument('--out', required=True, help='output folder')
+    explain.add_argument('--size', type=positive_int,
+                         help='input size for torchvision models (default 224); shipped models take their own')
+    explain.add_argument('--patch-size', type=positive_int,
+                         help='perturbation patch size, must divide the image size (default 4, or 16 above 64 px)')
+    add_common(explain)
     explain.set_defaults(run=command_explain)
 
-    report = commands.add_parser('report', help='print the fusion report of a model',
-                                 description='Print which BatchNorms of a model fold into which layers, and why '
-                                 'the others do not.')
+    report = commands.add_parser(
+        'report', help='print the fusion report of a model',
+        description='Print which BatchNorms of a model fold into which layers, and why the others do not. For '
+        'torchvision:<arch> without --weights, the report is of the untrained architecture (which BatchNorms '
+        'fold does not depend on the weights).')
     report.add_argument('--model', required=True, help=f'{", ".join(MODELS)}, or torchvision:<arch>')
-    report.add_argument('--weights', help='a state_dict file (required for torchvision:<arch>)')
-    report.add_argument('--size', type=int, default=224, help=argparse.SUPPRESS)
+    report.add_argument('--weights', help='a state_dict file (optional)')
     report.set_defaults(run=command_report)
     return main
 
 
 def main(argv=None):
-    '''Run ``bnfuse``; returns the exit status (0 success, 1 a problem with the input, 2 bad usage).'''
-    args = parser().parse_args(argv)
+    '''Run ``bnfuse``; returns the exit status (0 success, 1 a problem with the input or a closed output pipe, 2 bad
+    usage, 130 interrupted).'''
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as exit:  # --help, or a usage error already printed
+        return exit.code
     try:
         return args.run(args)
     except CommandError as error:
         print(f'bnfuse: error: {error}', file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print('bnfuse: interrupted; nothing was written', file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # the reader of the output went away (bnfuse report ... | head)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit flush does not fail
         return 1

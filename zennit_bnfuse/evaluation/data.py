@@ -1,22 +1,113 @@
-'''Loading MNIST and CIFAR-10 as torchvision datasets, from a local copy or by download, and the shipped demo
-images.'''
+'''Loading MNIST and CIFAR-10 as torchvision datasets, from a local copy or by download, image files as tensors
+in [0, 1], and the shipped demo images.'''
+import contextlib
+import io
+import os
+import shutil
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import torch
 import torchvision
 from PIL import Image
 from torchvision.transforms import ToTensor
-from torchvision.transforms.functional import to_tensor
+from torchvision.transforms.functional import pil_to_tensor
 from tqdm.auto import tqdm
 
 DATASETS = ('mnist', 'cifar10')
+DATA_ROOT_VARIABLE = 'ZENNIT_BNFUSE_DATA'
+# what torchvision's downloads create under the data root, per dataset
+DOWNLOADED = {'mnist': ('MNIST',), 'cifar10': ('cifar-10-batches-py', 'cifar-10-python.tar.gz')}
+# where a dataset is read from, relative to the data root
+LAYOUTS = {'mnist': "torchvision's MNIST/raw/ idx files",
+           'cifar10': "CIFAR10-JPEG/{train,test}/<class>/ images or torchvision's cifar-10-batches-py/"}
 
 
 def default_data_root():
-    '''``../shared/data`` if it exists (the project's local copy), else ``./data``.'''
+    '''Where the datasets are: ``$ZENNIT_BNFUSE_DATA`` if set, else ``../shared/data`` if it exists (the project's
+    local copy), else ``./data``.
+
+    Used by the ``bnfuse`` command, the benchmarks and the tests that need data.
+
+    Returns
+    -------
+    :py:class:`pathlib.Path`
+    '''
+    variable = os.environ.get(DATA_ROOT_VARIABLE)
+    if variable:
+        return Path(variable)
     shared = Path('..') / 'shared' / 'data'
     return shared if shared.is_dir() else Path('data')
+
+
+def existing_paths(root, names):
+    '''Every file and folder under ``root / name`` for ``name`` in ``names`` (the names included).'''
+    found = set()
+    for name in names:
+        path = root / name
+        if path.exists():
+            found.add(path)
+            if path.is_dir():
+                found.update(path.rglob('*'))
+    return found
+
+
+def remove_new_paths(root, names, before, root_created):
+    '''Undo a failed download: remove what is under ``root / name`` but not in ``before``, and the topmost folder
+    ``root_created`` if the download created it.'''
+    if root_created is not None:
+        shutil.rmtree(root_created, ignore_errors=True)
+        return
+    for path in sorted(existing_paths(root, names) - before, key=lambda path: len(path.parts)):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists() or path.is_symlink():
+            path.unlink(missing_ok=True)
+
+
+def first_missing(path):
+    '''The topmost folder of ``path`` (``path`` included) that does not exist, or None if it exists.'''
+    path = Path(os.path.abspath(path))
+    missing = None
+    while not path.exists():
+        missing, path = path, path.parent
+    return missing
+
+
+def open_dataset(dataset, root, train):
+    '''The torchvision dataset, as it is on disk (RuntimeError from torchvision if it is not there).'''
+    if dataset == 'mnist':
+        return torchvision.datasets.MNIST(root, train=train, transform=ToTensor())
+    folder = root / 'CIFAR10-JPEG' / ('train' if train else 'test')
+    if folder.is_dir():
+        return torchvision.datasets.ImageFolder(folder, transform=ToTensor())
+    return torchvision.datasets.CIFAR10(root, train=train, transform=ToTensor())
+
+
+def download_dataset(dataset, root, train):
+    '''Let torchvision download ``dataset`` into ``root``; on failure remove what the attempt created.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the download fails (no network?), saying where to put the data instead.
+    '''
+    names = DOWNLOADED[dataset]
+    before, root_created = existing_paths(root, names), first_missing(root)
+    kind = torchvision.datasets.MNIST if dataset == 'mnist' else torchvision.datasets.CIFAR10
+    messages = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(messages):  # torchvision prints every failed mirror
+            kind(root, train=train, download=True)
+    except (RuntimeError, OSError) as error:
+        remove_new_paths(root, names, before, root_created)
+        reason = str(error).splitlines()[0].rstrip(':') or type(error).__name__
+        raise FileNotFoundError(
+            f'downloading {dataset} into {root} failed ({reason}; no network?) and left nothing behind; put '
+            f'{LAYOUTS[dataset]} into {root} by hand, or point --data-root or {DATA_ROOT_VARIABLE} to a folder that '
+            'holds them') from None
+    print(messages.getvalue(), end='')
 
 
 def load_dataset(dataset, root=None, train=False, download=False):
@@ -35,7 +126,7 @@ def load_dataset(dataset, root=None, train=False, download=False):
     train: bool
         The training split instead of the test split.
     download: bool
-        Let torchvision download the data if it is missing.
+        Let torchvision download the data if it is missing. A failed download leaves nothing behind.
 
     Returns
     -------
@@ -46,23 +137,21 @@ def load_dataset(dataset, root=None, train=False, download=False):
     ValueError
         For an unknown dataset name.
     FileNotFoundError
-        If the data is not under ``root`` and ``download`` is False.
+        If the data is not under ``root`` and ``download`` is False, or the download failed.
     '''
+    if dataset not in DATASETS:
+        raise ValueError(f'unknown dataset {dataset!r}; choose one of {", ".join(DATASETS)}')
     root = Path(root) if root is not None else default_data_root()
     split = 'train' if train else 'test'
     try:
-        if dataset == 'mnist':
-            return torchvision.datasets.MNIST(root, train=train, transform=ToTensor(), download=download)
-        if dataset == 'cifar10':
-            folder = root / 'CIFAR10-JPEG' / split
-            if folder.is_dir():
-                return torchvision.datasets.ImageFolder(folder, transform=ToTensor())
-            return torchvision.datasets.CIFAR10(root, train=train, transform=ToTensor(), download=download)
-    except RuntimeError as error:  # torchvision's "Dataset not found" errors
-        raise FileNotFoundError(
-            f'{dataset} ({split}) not found under {root} ({str(error).rstrip(".")}); pass --data-root with the '
-            'folder that holds it, or --download to fetch it') from None
-    raise ValueError(f'unknown dataset {dataset!r}; choose one of {", ".join(DATASETS)}')
+        return open_dataset(dataset, root, train)
+    except (RuntimeError, OSError):  # torchvision's "Dataset not found" errors
+        if not download:
+            raise FileNotFoundError(
+                f'{dataset} ({split}) not found under {root} (looked for {LAYOUTS[dataset]}); pass --data-root or '
+                f'set {DATA_ROOT_VARIABLE} to the folder that holds them, or --download to fetch them') from None
+    download_dataset(dataset, root, train)
+    return open_dataset(dataset, root, train)
 
 
 def load_tensors(dataset, root=None, train=False, download=False, limit=None, progress=True):
@@ -73,7 +162,7 @@ def load_tensors(dataset, root=None, train=False, download=False, limit=None, pr
     dataset, root, train, download:
         As for :py:func:`load_dataset`.
     limit: int, optional
-        Only the first ``limit`` examples.
+        Only the first ``limit`` examples (all of them if the split has fewer).
     progress: bool
         Show a progress bar while decoding images.
 
@@ -81,7 +170,16 @@ def load_tensors(dataset, root=None, train=False, download=False, limit=None, pr
     -------
     tuple[:py:obj:`torch.Tensor`, :py:obj:`torch.Tensor`]
         Images ``(N, C, H, W)`` float32 in [0, 1] and labels ``(N,)`` int64.
+
+    Raises
+    ------
+    ValueError
+        If ``limit`` is less than 1, or as :py:func:`load_dataset`.
+    FileNotFoundError
+        As :py:func:`load_dataset`.
     '''
+    if limit is not None and limit < 1:
+        raise ValueError(f'limit must be 1 or more, not {limit}')
     data = load_dataset(dataset, root, train, download)
     count = len(data) if limit is None else min(limit, len(data))
     if isinstance(data, torchvision.datasets.MNIST):
@@ -103,6 +201,152 @@ def load_tensors(dataset, root=None, train=False, download=False, limit=None, pr
     return torch.stack(images), torch.tensor(labels)
 
 
+SIXTEEN_BIT_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N')
+ALPHA_MODES = {'LA': 'L', 'RGBA': 'RGB', 'La': 'L', 'RGBa': 'RGB'}
+# modes PIL converts exactly (or by its standard formulas) to one of the stored modes
+CONVERTED = {'1': 'L', 'CMYK': 'RGB', 'YCbCr': 'RGB', 'LAB': 'RGB', 'HSV': 'RGB', 'RGBX': 'RGB'}
+
+
+class UnsupportedImage(ValueError):
+    '''An image file whose pixels cannot be mapped to [0, 1] without guessing; the message names the file and the
+    fix.'''
+
+
+def declares_16_bits(image):
+    '''Whether a mode ``'I'`` image, not loaded yet, was stored with 16 bits per pixel (0 .. 65535).'''
+    rawmodes = [tile.args if isinstance(tile.args, str) else tile.args[0] for tile in image.tile if tile.args]
+    # PIL scales PGM files with maxval > 255 to 0 .. 65535
+    return image.format == 'PPM' or any(str(rawmode).startswith('I;16') for rawmode in rawmodes)
+
+
+def opaque(image, name):
+    '''``image`` without its alpha channel, or :py:class:`UnsupportedImage` if any pixel is not fully opaque.'''
+    if image.mode in ('La', 'RGBa'):  # premultiplied alpha: equal to straight alpha where opaque
+        image = image.convert(image.mode[:-1] + 'A')
+    alpha = np.asarray(image.getchannel('A'))
+    if (alpha < 255).any():
+        raise UnsupportedImage(
+            f'{name} has {int((alpha < 255).sum())} transparent pixel(s) (mode {image.mode}) and the model needs '
+            'every pixel\'s colour; flatten it onto a background first (e.g. PIL\'s Image.alpha_composite)')
+    return image.convert(ALPHA_MODES[image.mode])
+
+
+def image_tensor(image, name='image'):
+    '''The pixels of an open PIL image as a ``(C, H, W)`` tensor, every PIL mode mapped exactly to [0, 1] or
+    refused.
+
+    ===========================================  ==========================================================
+    mode                                         result
+    ===========================================  ==========================================================
+    ``L``, ``RGB``                               as stored, uint8 (255 means 1)
+    ``1`` (bilevel)                              0 or 255, uint8
+    ``P``, ``PA`` (palette)                      the palette's colours: 1 channel if they are all gray, else 3
+    ``LA``, ``RGBA``, ``La``, ``RGBa``           alpha dropped where every pixel is opaque, else refused
+    ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``        converted to RGB by PIL (no colour profile)
+    ``I;16``, ``I;16L``, ``I;16B``, ``I;16N``    value / 65535, float32
+    ``I`` (32-bit integers)                      value / 65535 where the file declares 16 bits (16-bit PNG
+                                                 or PGM), else refused: its range is unknown
+    ``F`` (32-bit floats)                        as stored if all values are finite and in [0, 1], else
+                                                 refused
+    ===========================================  ==========================================================
+
+    8-bit images stay uint8 so that resizing treats them as torchvision always has; :py:func:`unit_range` makes
+    floats of either.
+
+    Parameters
+    ----------
+    image: :py:class:`PIL.Image.Image`
+        Opened, not necessarily loaded.
+    name: str or Path
+        Names the image in error messages.
+
+    Returns
+    -------
+    :py:obj:`torch.Tensor`
+        ``(C, H, W)`` with ``C`` 1 or 3: uint8 (0 .. 255) or float32 (0 .. 1).
+
+    Raises
+    ------
+    UnsupportedImage
+        For transparent pixels, a 32-bit integer image without a declared bit depth, floats outside [0, 1] and
+        modes PIL has no conversion for.
+    '''
+    sixteen_bits = image.mode == 'I' and declares_16_bits(image)
+    image.load()
+    if image.mode in ('P', 'PA'):
+        image = image.convert('RGBA' if image.mode == 'PA' or 'transparency' in image.info else 'RGB')
+        bands = np.asarray(image)
+        if (bands[..., :1] == bands[..., 1:3]).all():  # a gray palette: one channel, exactly
+            image = image.convert('LA' if image.mode == 'RGBA' else 'L')
+    if image.mode in ALPHA_MODES:
+        image = opaque(image, name)
+    if image.mode in CONVERTED:
+        image = image.convert(CONVERTED[image.mode])
+    if image.mode in ('L', 'RGB'):
+        return pil_to_tensor(image)
+    if image.mode in SIXTEEN_BIT_MODES or sixteen_bits:
+        values = np.asarray(image).astype(np.float32)
+        if values.min() < 0 or values.max() > 65535:
+            raise UnsupportedImage(f'{name} declares 16 bits per pixel but holds values from {values.min():g} to '
+                                   f'{values.max():g}; save it as an 8- or 16-bit PNG')
+        return torch.from_numpy(values / np.float32(65535))[None]
+    if image.mode == 'I':
+        raise UnsupportedImage(f'{name} holds 32-bit integers (PIL mode I) without a declared range, so bnfuse '
+                               'cannot tell what 1.0 is; save it as an 8- or 16-bit PNG')
+    if image.mode == 'F':
+        values = np.asarray(image, dtype=np.float32)
+        if not np.isfinite(values).all() or values.min() < 0 or values.max() > 1:
+            raise UnsupportedImage(f'{name} holds floats (PIL mode F) from {values.min():g} to {values.max():g}, '
+                                   'but bnfuse takes values in [0, 1]; rescale it, or save it as an 8- or 16-bit '
+                                   'PNG')
+        return torch.from_numpy(values.copy())[None]
+    raise UnsupportedImage(f'{name} has PIL mode {image.mode}, which bnfuse does not map to [0, 1]; save it as an '
+                           '8-bit grayscale or RGB PNG')
+
+
+def unit_range(tensor):
+    '''A tensor from :py:func:`image_tensor` as float32 in [0, 1] (uint8 is divided by 255).'''
+    return tensor.float() / 255 if tensor.dtype == torch.uint8 else tensor
+
+
+def read_image(path):
+    '''An image file as a ``(C, H, W)`` tensor, as :py:func:`image_tensor` returns it.
+
+    Parameters
+    ----------
+    path: str or Path
+
+    Returns
+    -------
+    :py:obj:`torch.Tensor`
+        uint8 or float32; see :py:func:`image_tensor`.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` is not a file.
+    UnsupportedImage
+        If PIL cannot decode the file, it is too large to decode safely (PIL's decompression bomb limit), or its
+        mode is refused by :py:func:`image_tensor`.
+    '''
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f'image file not found: {path}')
+    try:
+        with Image.open(path) as image:
+            return image_tensor(image, path)
+    except UnsupportedImage:
+        raise
+    except Image.DecompressionBombError as error:
+        raise UnsupportedImage(f'{path} is too large to decode safely ({str(error).split(",")[0]}); downscale it '
+                               'first') from None
+    except MemoryError:
+        raise
+    except Exception as error:  # PIL's decoders raise many kinds for broken or foreign files
+        reason = f'{type(error).__name__}: {error}'.splitlines()[0]
+        raise UnsupportedImage(f'cannot read {path} as an image ({reason}); pass PNG or JPEG files') from None
+
+
 def demo_images(dataset):
     """The few test images shipped in the package for ``dataset``, ``(N, C, H, W)`` in [0, 1].
 
@@ -117,5 +361,5 @@ def demo_images(dataset):
     images = []
     for entry in files:
         with entry.open('rb') as file, Image.open(file) as image:
-            images.append(to_tensor(image))
+            images.append(unit_range(image_tensor(image, entry.name)))
     return torch.stack(images)

@@ -1,0 +1,216 @@
+'''Tests of zennit_bnfuse.evaluation.data: the data root, failed downloads, image files of every PIL mode.'''
+import io
+import struct
+import zlib
+from urllib.error import URLError
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms.functional import to_tensor
+
+from zennit_bnfuse.evaluation import data
+from zennit_bnfuse.evaluation.data import (
+    DATA_ROOT_VARIABLE, UnsupportedImage, default_data_root, demo_images, image_tensor, load_dataset, load_tensors,
+    read_image, unit_range,
+)
+
+RNG = np.random.default_rng(0)
+GRAYS = RNG.integers(0, 256, (5, 7), dtype=np.uint8)
+COLOURS = RNG.integers(0, 256, (5, 7, 3), dtype=np.uint8)
+DEEP = RNG.integers(0, 65536, (5, 7), dtype=np.uint16)
+
+
+def saved(image, tmp_path, suffix='.png', **kwargs):
+    '''``image`` written to a file and the file's path.'''
+    path = tmp_path / f'image{suffix}'
+    image.save(path, **kwargs)
+    return path
+
+
+def read(path):
+    return unit_range(read_image(path)).double()
+
+
+def expected(values, scale):
+    '''``(H, W)`` or ``(H, W, C)`` numbers divided by ``scale``, as a float64 ``(C, H, W)`` tensor.'''
+    values = torch.tensor(np.asarray(values, dtype=np.float64) / scale)
+    return values[None] if values.ndim == 2 else values.permute(2, 0, 1)
+
+
+def palette_image(palette_rgb, transparency=None):
+    '''A mode P image whose pixel (y, x) uses palette entry (y * 7 + x) % len(palette_rgb).'''
+    indices = (np.arange(35).reshape(5, 7) % len(palette_rgb)).astype(np.uint8)
+    image = Image.fromarray(indices, 'L').convert('P')
+    image.putpalette(np.asarray(palette_rgb, dtype=np.uint8).flatten().tolist())
+    if transparency is not None:
+        image.info['transparency'] = transparency
+    return image, indices
+
+
+def test_default_data_root_prefers_the_environment_variable(monkeypatch, tmp_path):
+    monkeypatch.setenv(DATA_ROOT_VARIABLE, str(tmp_path / 'mine'))
+    assert default_data_root() == tmp_path / 'mine'
+    monkeypatch.delenv(DATA_ROOT_VARIABLE)
+    monkeypatch.chdir(tmp_path)
+    assert default_data_root() == data.Path('data')
+    (tmp_path.parent / 'shared' / 'data').mkdir(parents=True, exist_ok=True)
+    try:
+        assert default_data_root() == data.Path('..') / 'shared' / 'data'
+    finally:
+        (tmp_path.parent / 'shared' / 'data').rmdir()
+        (tmp_path.parent / 'shared').rmdir()
+
+
+def test_missing_data_names_the_folder_and_the_variable(tmp_path):
+    with pytest.raises(FileNotFoundError, match=rf'mnist \(test\) not found under .*{DATA_ROOT_VARIABLE}'):
+        load_dataset('mnist', tmp_path)
+
+
+def test_limit_must_be_positive(tmp_path):
+    with pytest.raises(ValueError, match='limit must be 1 or more, not 0'):
+        load_tensors('mnist', tmp_path, limit=0)
+
+
+@pytest.mark.parametrize('existed', [False, True])
+def test_failed_download_leaves_nothing_behind(monkeypatch, tmp_path, existed):
+    root = tmp_path / 'data' / 'deeper'
+    if existed:  # what was there before stays
+        (root / 'MNIST' / 'raw').mkdir(parents=True)
+        (root / 'MNIST' / 'raw' / 'mine').write_text('kept')
+
+    def no_network(url, download_root, filename, md5):
+        (data.Path(download_root) / filename).write_bytes(b'partial')
+        raise URLError('no network')
+
+    monkeypatch.setattr('torchvision.datasets.mnist.download_and_extract_archive', no_network)
+    with pytest.raises(FileNotFoundError, match=r'downloading mnist into .* failed \(Error downloading '
+                       r'train-images-idx3-ubyte\.gz; no network\?\) and left nothing behind; put .*MNIST/raw/ '
+                       rf'idx files into .* by hand, or point --data-root or {DATA_ROOT_VARIABLE}'):
+        load_dataset('mnist', root, download=True)
+    if existed:
+        assert sorted(path.name for path in root.rglob('*')) == ['MNIST', 'mine', 'raw']
+    else:
+        assert list(tmp_path.iterdir()) == []
+
+
+# mode -> (make the image file from tmp_path, expected tensor in [0, 1]); expectations come from the generated
+# numbers, not from PIL
+MODES = {
+    'L': (lambda tmp: saved(Image.fromarray(GRAYS), tmp), expected(GRAYS, 255)),
+    'RGB': (lambda tmp: saved(Image.fromarray(COLOURS), tmp), expected(COLOURS, 255)),
+    '1': (lambda tmp: saved(Image.fromarray(GRAYS > 127), tmp), expected(GRAYS > 127, 1)),
+    'I;16 PNG': (lambda tmp: saved(Image.fromarray(DEEP), tmp), expected(DEEP, 65535)),
+    'I;16B TIFF': (lambda tmp: saved(Image.frombytes('I;16B', (7, 5), DEEP.astype('>u2').tobytes()), tmp, '.tif'),
+                   expected(DEEP, 65535)),
+    'I from a 16-bit PGM': (lambda tmp: write(tmp / 'image.pgm', b'P5\n7 5\n65535\n' + DEEP.astype('>u2').tobytes()),
+                            expected(DEEP, 65535)),
+    'F in [0, 1]': (lambda tmp: saved(Image.fromarray((DEEP / 65535).astype(np.float32)), tmp, '.tif'),
+                    expected((DEEP / 65535).astype(np.float32), 1)),
+    'P gray palette': (lambda tmp: saved(palette_image([(value,) * 3 for value in (0, 90, 255)])[0], tmp),
+                       expected(np.array([0, 90, 255])[np.arange(35).reshape(5, 7) % 3], 255)),
+    'P colour palette': (lambda tmp: saved(palette_image([(255, 0, 0), (10, 20, 30)])[0], tmp),
+                         expected(np.array([(255, 0, 0), (10, 20, 30)])[np.arange(35).reshape(5, 7) % 2], 255)),
+    'P transparency unused': (lambda tmp: saved(palette_image([(255, 0, 0), (10, 20, 30), (1, 2, 3)])[0], tmp,
+                                                transparency=7),
+                              expected(np.array([(255, 0, 0), (10, 20, 30), (1, 2, 3)])[
+                                  np.arange(35).reshape(5, 7) % 3], 255)),
+    'LA opaque': (lambda tmp: saved(Image.fromarray(np.stack([GRAYS, np.full_like(GRAYS, 255)], -1)), tmp),
+                  expected(GRAYS, 255)),
+    'RGBA opaque': (lambda tmp: saved(Image.fromarray(np.concatenate([COLOURS, np.full_like(COLOURS[..., :1], 255)],
+                                                                     -1)), tmp), expected(COLOURS, 255)),
+    'CMYK': (lambda tmp: saved(Image.frombytes('CMYK', (7, 5), np.concatenate([COLOURS, GRAYS[..., None]], -1)
+                                               .tobytes()), tmp, '.tif'),
+             expected((255 - COLOURS.astype(float)) * (255 - GRAYS[..., None].astype(float)) / 255, 255)),
+}
+
+
+def write(path, content):
+    path.write_bytes(content)
+    return path
+
+
+@pytest.mark.parametrize('mode', sorted(MODES))
+def test_every_mode_maps_to_unit_range(mode, tmp_path):
+    make, want = MODES[mode]
+    got = read(make(tmp_path))
+    tolerance = 1.01 / 255 if mode == 'CMYK' else 1e-7  # PIL rounds CMYK -> RGB to 8 bits
+    assert got.shape == want.shape
+    assert torch.allclose(got, want, rtol=0, atol=tolerance)
+
+
+def test_sixteen_bit_png_equals_the_same_eight_bit_png(tmp_path):
+    eight = read(saved(Image.fromarray(GRAYS), tmp_path))
+    sixteen = read(saved(Image.fromarray(GRAYS.astype(np.uint16) * 257), tmp_path, '-16.png'))
+    assert torch.equal(eight, sixteen)
+
+
+@pytest.mark.parametrize('mode, colour, want', [
+    ('YCbCr', (255, 128, 128), (1., 1., 1.)),
+    ('HSV', (0, 255, 255), (1., 0., 0.)),
+    ('RGBX', (10, 20, 30), (10 / 255, 20 / 255, 30 / 255)),
+    ('RGBa', (10, 20, 30, 255), (10 / 255, 20 / 255, 30 / 255)),
+    ('La', (40, 255), (40 / 255,)),
+    ('PA', (0, 255), (0.,)),
+])
+def test_other_modes_in_memory(mode, colour, want):
+    got = unit_range(image_tensor(Image.new(mode, (3, 2), colour))).double()
+    assert torch.allclose(got, torch.tensor(want, dtype=torch.float64)[:, None, None].expand(-1, 2, 3), atol=1e-7)
+
+
+def bomb(tmp_path):
+    '''A PNG header declaring 14000 x 14000 pixels (PIL refuses it before decoding).'''
+    def chunk(kind, content):
+        return struct.pack('>I', len(content)) + kind + content + struct.pack('>I', zlib.crc32(kind + content))
+    header = struct.pack('>IIBBBBB', 14000, 14000, 8, 0, 0, 0, 0)
+    return write(tmp_path / 'huge.png', b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', header) + chunk(b'IEND', b''))
+
+
+REFUSED = {
+    'transparent RGBA': (lambda tmp: saved(Image.fromarray(np.concatenate(
+        [COLOURS, np.full_like(COLOURS[..., :1], 128)], -1)), tmp), r'has 35 transparent pixel\(s\) \(mode RGBA\) .*'
+        r'flatten it onto a background first'),
+    'transparent LA': (lambda tmp: saved(Image.fromarray(np.stack([GRAYS, (GRAYS > 100).astype(np.uint8) * 255],
+                                                                  -1)), tmp), r'transparent pixel\(s\) \(mode LA\)'),
+    'transparent palette entry used': (lambda tmp: saved(palette_image([(255, 0, 0), (10, 20, 30)])[0], tmp,
+                                                         transparency=1), r'transparent pixel\(s\) \(mode RGBA\)'),
+    'I without a bit depth': (lambda tmp: saved(Image.fromarray(DEEP.astype(np.int32) * 1000), tmp, '.tif'),
+                              r'holds 32-bit integers \(PIL mode I\) without a declared range'),
+    'F above 1': (lambda tmp: saved(Image.fromarray(DEEP.astype(np.float32)), tmp, '.tif'),
+                  r'holds floats \(PIL mode F\) from \d+ to \d+, but bnfuse takes values in \[0, 1\]'),
+    'F with NaN': (lambda tmp: saved(Image.fromarray(np.full((2, 2), np.nan, np.float32)), tmp, '.tif'),
+                   r'holds floats \(PIL mode F\) from nan to nan, but bnfuse takes values in \[0, 1\]'),
+    'decompression bomb': (bomb, r'huge\.png is too large to decode safely \(Image size \(196000000 pixels\) exceeds '
+                           r'limit of \d+ pixels\); downscale it first'),
+    'not an image': (lambda tmp: write(tmp / 'notes.png', b'not an image'),
+                     r'cannot read .*notes\.png as an image \(UnidentifiedImageError: .*\); pass PNG or JPEG files'),
+    'truncated PNG': (lambda tmp: write(tmp / 'cut.png', saved(Image.fromarray(COLOURS), tmp).read_bytes()[:60]),
+                      r'cannot read .*cut\.png as an image \(OSError: .*\); pass PNG or JPEG files'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(REFUSED))
+def test_refused_by_name(case, tmp_path):
+    make, pattern = REFUSED[case]
+    with pytest.raises(UnsupportedImage, match=pattern):
+        read_image(make(tmp_path))
+
+
+def test_missing_image_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match='image file not found: .*none.png'):
+        read_image(tmp_path / 'none.png')
+
+
+def test_eight_bit_images_stay_uint8_for_resizing():
+    image = Image.fromarray(COLOURS)
+    tensor = image_tensor(image)
+    assert tensor.dtype == torch.uint8 and torch.equal(unit_range(tensor), to_tensor(image))
+
+
+def test_demo_images_are_unchanged():
+    images = demo_images('mnist')
+    folder = data.resources.files('zennit_bnfuse.evaluation') / 'demo'
+    with (folder / 'mnist-0-7.png').open('rb') as file:
+        first = to_tensor(Image.open(io.BytesIO(file.read())))
+    assert images.shape == (6, 1, 28, 28) and torch.equal(images[0], first)
