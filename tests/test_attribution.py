@@ -6,11 +6,12 @@ import torchvision
 from captum.attr import LRP
 from captum.attr._utils.lrp_rules import EpsilonRule, GammaRule, IdentityRule
 from zennit.attribution import Gradient
-from zennit.composites import EpsilonAlpha2Beta1Flat, EpsilonPlusFlat
+from zennit.composites import EpsilonAlpha2Beta1Flat, EpsilonPlusFlat, LayerMapComposite
+from zennit.rules import Epsilon
 from zennit.torchvision import ResNetCanonizer
 
 from conftest import randomize_batch_norms
-from zennit_bnfuse import CompositeLRP, FuseBatchNorm, FusedLRP
+from zennit_bnfuse import CompositeLRP, FuseBatchNorm, FusedLRP, ThresholdReLU
 
 matplotlib.use('Agg')
 
@@ -384,19 +385,23 @@ def pool_then_batch_norm():
     return model
 
 
-def test_threshold_relu_fold_gives_naive_relevance():
+def test_threshold_relu_fold_gives_unfused_relevance():
     # BN -> ReLU -> conv folded: the conv sees |s| W and relu(sign x + t / |s|), the same products as W and
-    # relu(s x + t); the thresholded ReLU passes relevance like ReLU and BN do under Pass: fused equals naive
+    # relu(s x + t); the thresholded ReLU under LRP-epsilon gives its input sign x / (sign x + t / |s|) of the
+    # relevance, what LRP-epsilon gives the unfused BatchNorm (s x / (s x + t)): fused equals unfused, and not naive
     model = pool_then_batch_norm()
     input = torch.rand(2, 3, 8, 8, dtype=torch.float64)
-    fused = CompositeLRP(model, EpsilonPlusFlat(), handling='fused')
+    fused = CompositeLRP(model, EpsilonPlusFlat(), handling='fused', batch_norm_rule=Epsilon(1e-12))
     relevance = fused.attribute(input, target=[0, 2])
     assert [item.side for item in fused.prepared.report.fused] == ['before-relu']
+    unfused = CompositeLRP(model, EpsilonPlusFlat(), handling='unfused', batch_norm_rule=Epsilon(1e-12))
+    torch.testing.assert_close(relevance, unfused.attribute(input, target=[0, 2]), rtol=1e-7, atol=1e-10)
     naive = CompositeLRP(model, EpsilonPlusFlat(), handling='naive').attribute(input, target=[0, 2])
-    torch.testing.assert_close(relevance, naive, rtol=1e-8, atol=1e-12)
-    captum = FusedLRP(model).attribute(input, target=[0, 2])
-    torch.testing.assert_close(captum, FusedLRP(model, handling='naive').attribute(input, target=[0, 2]),
-                               rtol=1e-8, atol=1e-12)
+    assert (relevance - naive).abs().max() > 1e-3 * naive.abs().max()
+    rules = {torch.nn.BatchNorm2d: EpsilonRule(1e-12), ThresholdReLU: EpsilonRule(1e-12)}
+    captum = FusedLRP(model, rules=rules).attribute(input, target=[0, 2])
+    torch.testing.assert_close(captum, FusedLRP(model, rules=rules, handling='unfused').attribute(input, target=[0, 2]),
+                               rtol=1e-7, atol=1e-10)
 
 
 def test_bias_map_conv_under_both_classes():
@@ -544,3 +549,33 @@ def test_example_inputs_reach_the_fusion(cls):
         relevance = lrp.attribute(input, target=0)
     assert {item.bn for item in lrp.prepared.report.fused} == set(folds)
     assert relevance.shape == input.shape and torch.isfinite(relevance).all()
+
+
+def batch_norm_relu_linear():
+    '''x -> BatchNorm1d (scale -2, shift 1) -> ReLU -> Linear (weight 3, no bias), float64.
+
+    At x = -1: BN gives 3, the ReLU 3, the output 9. Fused, the BatchNorm becomes relu(-x + 0.5) and the Linear's
+    weight 6; LRP-epsilon gives the ThresholdReLU's input (-x) / (-x + 0.5) * 9 = 6 of the relevance, as LRP-epsilon on
+    the unfused BatchNorm does (2 / 3 * 9 = 6); relevance passed through the BatchNorm unchanged (naive) is 9.
+    '''
+    bn = torch.nn.BatchNorm1d(1).double().eval()
+    linear = torch.nn.Linear(1, 1, bias=False).double()
+    with torch.no_grad():
+        bn.weight.fill_(-2.)
+        bn.bias.fill_(1.)
+        bn.running_var.fill_(1. - bn.eps)
+        linear.weight.fill_(3.)
+    return torch.nn.Sequential(bn, torch.nn.ReLU(), linear).eval()
+
+
+@pytest.mark.parametrize('handling, expected', [('fused', 6.), ('unfused', 6.), ('naive', 9.)])
+def test_threshold_relu_gets_the_epsilon_rule_hand_computed(handling, expected):
+    model = batch_norm_relu_linear()
+    input = torch.tensor([[-1.]], dtype=torch.float64)
+    kinds = (torch.nn.Linear, ThresholdReLU, *((torch.nn.BatchNorm1d,) if handling != 'naive' else ()))
+    rules = {key: EpsilonRule(1e-12) for key in kinds}
+    captum = FusedLRP(model, handling=handling, rules=rules).attribute(input)
+    composite = CompositeLRP(model, LayerMapComposite([(torch.nn.Linear, Epsilon(1e-12))]), handling=handling,
+                             batch_norm_rule=Epsilon(1e-12) if handling != 'naive' else None).attribute(input)
+    assert torch.allclose(captum.detach(), torch.tensor([[expected]], dtype=torch.float64), atol=1e-9)
+    assert torch.allclose(composite, torch.tensor([[expected]], dtype=torch.float64), atol=1e-9)

@@ -171,3 +171,46 @@ def test_reapplying_reuses_fused_modules_until_the_model_changes():
     with composite.context(model), torch.no_grad():
         assert model.conv is not first
         torch.testing.assert_close(model(input), expected, rtol=0, atol=1e-10)
+
+
+def batch_norm_relu_conv():
+    '''BN -> ReLU -> conv, float64, with negative scales, so the BatchNorm folds through the ReLU.'''
+    torch.manual_seed(0)
+    model = randomize_batch_norms(torch.nn.Sequential(
+        torch.nn.BatchNorm2d(3), torch.nn.ReLU(), torch.nn.Conv2d(3, 2, 3), torch.nn.Flatten()).double())
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([1.5, -.7, .3], dtype=torch.float64))
+    return model
+
+
+def test_threshold_relu_gets_the_canonizers_rule_inside_any_composite(snapshot):
+    '''Zennit's composites map no rule to a ThresholdReLU (not an activation); FuseBatchNorm registers its
+    threshold_rule (Epsilon) on it for the context, so the relevance equals CompositeLRP's, and removes it after.'''
+    from zennit.rules import Epsilon, Pass
+    from zennit_bnfuse import CompositeLRP, ThresholdReLU
+    model = batch_norm_relu_conv()
+    before = snapshot(model)
+    input = torch.rand(2, 3, 5, 5, dtype=torch.float64)
+    target = torch.eye(18, dtype=torch.float64)[[4, 7]]
+    canonizer = FuseBatchNorm()
+    with Gradient(model, EpsilonPlusFlat(canonizers=[canonizer])) as attributor:
+        output, relevance = attributor(input, target)
+        activation = model[0]
+        assert isinstance(activation, ThresholdReLU)
+        assert len(activation._forward_hooks) > 0
+    expected = CompositeLRP(model, EpsilonPlusFlat()).attribute(input, target=[4, 7])
+    torch.testing.assert_close(relevance * output.gather(1, torch.tensor([[4], [7]])).reshape(2, 1, 1, 1), expected)
+    before.assert_unchanged()
+
+    # with threshold_rule=None the composite decides: a Pass mapped by the user gives naive relevance
+    from zennit.composites import MixedComposite, LayerMapComposite
+    passing = MixedComposite([LayerMapComposite([(ThresholdReLU, Pass())]),
+                              EpsilonPlusFlat(canonizers=[FuseBatchNorm(threshold_rule=None)])])
+    with Gradient(model, passing) as attributor:
+        _, passed = attributor(input, target)
+    naive = CompositeLRP(model, EpsilonPlusFlat(), handling='naive').attribute(input, target=[4, 7])
+    torch.testing.assert_close(passed * output.gather(1, torch.tensor([[4], [7]])).reshape(2, 1, 1, 1), naive)
+    assert (naive - expected).abs().max() > 1e-3 * expected.abs().max()
+    with pytest.raises(TypeError, match='threshold_rule must be a Zennit rule'):
+        FuseBatchNorm(threshold_rule=Epsilon)
+    before.assert_unchanged()

@@ -69,7 +69,7 @@ def explainer(engine, model, handling):
     :py:func:`epsilon_composite`; BatchNorms left in the model get the epsilon rule too.'''
     if engine == 'FusedLRP':
         return FusedLRP(model, handling=handling,
-                        rules={key: EpsilonRule(EPSILON) for key in (*EPSILON_RULE_TYPES, *BATCH_NORM_TYPES)})
+                        rules={key: EpsilonRule(EPSILON) for key in (*EPSILON_RULE_TYPES, *BATCH_NORM_TYPES, ThresholdReLU)})
     return CompositeLRP(model, epsilon_composite(), handling=handling, batch_norm_rule=Epsilon(EPSILON))
 
 
@@ -108,11 +108,6 @@ def cases():
 def test_epsilon_equals_gradient_times_input(source, name, size, handling, engine):
     model, input, target, expected = reference(source, name, size)
     lrp = explainer(engine, model, handling)
-    prepared = lrp.prepared.get()
-    if any(isinstance(module, ThresholdReLU) and module.threshold.any() for module in prepared.modules()):
-        # relu(x + t) keeps the relevance of its output, gradient x input gives x * relu'(x + t) * dOutput/dx
-        pytest.skip('a BatchNorm folded through a ReLU leaves a thresholded ReLU, which LRP passes (not an identity '
-                    'of gradient x input)')
     relevance = lrp.attribute(input, target=target)
     error = ((relevance - expected).abs().max() / expected.abs().max()).item()
     assert error < TOLERANCE, f'{name} ({handling}, {engine}): relative error {error:.3g}'

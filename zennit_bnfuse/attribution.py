@@ -23,6 +23,7 @@ from zennit.types import Activation
 
 from .checks import check_composite, check_inputs, check_model, checked_forward
 from .fold import BATCH_NORM_TYPES, is_batch_norm
+from .layers import ThresholdReLU
 from .graph_layers import SumReduction
 from .prepared import PreparedModel
 from .singlepass import SinglePass
@@ -148,7 +149,8 @@ class FusedLRP(LRP):
         Maps a module name (the user's own names; copies of a reused module share its name) or a module type to a
         Captum rule instance (or None: pass relevance through). Names win over a ``rule`` attribute set on the
         module (Captum's way), which wins over types, which win over the defaults: EpsilonRule for Linear, Conv,
-        ConvTranspose, pooling, additions and BatchNorms that could not be fused; pass-through for activations,
+        ConvTranspose, pooling, additions, BatchNorms that could not be fused and the
+        :py:class:`~zennit_bnfuse.ThresholdReLU` modules that BN -> ReLU folds leave; pass-through for activations,
         dropout, identity and flatten.
     handling: str, optional
         ``'fused'`` (default), ``'unfused'`` (BatchNorm as an affine layer under EpsilonRule, Captum's default) or
@@ -213,7 +215,8 @@ class FusedLRP(LRP):
             # the most specific type: fused layers are subclasses of the torch layer types users give
             mro = type(module).__mro__
             return copy.deepcopy(self.rules[min(by_type, key=lambda key: mro.index(key) if key in mro else len(mro))])
-        if is_batch_norm(module):
+        if is_batch_norm(module) or isinstance(module, ThresholdReLU):
+            # what remains of a BatchNorm: itself, or its shift before a ReLU (see ThresholdReLU)
             return EpsilonRule() if self.prepared.handling.batch_norm_rule == 'epsilon' else None
         if is_pass_through(module):
             return None
@@ -293,8 +296,9 @@ class CompositeLRP(GradientAttribution):
         ``'fused'`` (default), ``'unfused'`` (BatchNorm under Zennit's Epsilon rule) or ``'naive'`` (``Pass``);
         BatchNorms still in the model get the handling's rule ahead of the composite's own mapping.
     batch_norm_rule: :py:obj:`zennit.core.Hook`, optional
-        The rule for BatchNorms still in the model instead of the handling's (``Epsilon()`` for ``'fused'`` and
-        ``'unfused'``, ``Pass()`` for ``'naive'``).
+        The rule for BatchNorms still in the model, and for the :py:class:`~zennit_bnfuse.ThresholdReLU` modules
+        that ``BN -> ReLU -> layer`` folds leave (the BatchNorm's shift before the ReLU), instead of the handling's
+        (``Epsilon()`` for ``'fused'`` and ``'unfused'``, ``Pass()`` for ``'naive'``).
     single_pass: bool, optional
         Compute the rules with :py:class:`~zennit_bnfuse.singlepass.SinglePass` (the same relevance, faster);
         False by default.
@@ -326,7 +330,10 @@ class CompositeLRP(GradientAttribution):
         self.prepared = PreparedModel(model, handling, residual='zennit', example_inputs=example_inputs)
         if batch_norm_rule is None:
             batch_norm_rule = Epsilon() if self.prepared.handling.batch_norm_rule == 'epsilon' else Pass()
-        self.composite = MixedComposite([LayerMapComposite([(BATCH_NORM_TYPES, batch_norm_rule)]), composite])
+        # BatchNorms the handling keeps, and what BN -> ReLU folds leave of a BatchNorm (its shift before a ReLU, see
+        # ThresholdReLU), get the handling's rule ahead of the composite's own mapping
+        self.composite = MixedComposite([
+            LayerMapComposite([(BATCH_NORM_TYPES, batch_norm_rule), (ThresholdReLU, batch_norm_rule)]), composite])
         if single_pass:
             self.composite = SinglePass(self.composite)
 

@@ -2,11 +2,18 @@
 import weakref
 
 from zennit.canonizers import Canonizer
+from zennit.core import Hook
+from zennit.rules import Epsilon
 
 from .checks import check_model
+from .layers import ThresholdReLU
 from .pairs import find_fusable_pairs
 from .prepared import model_fingerprint
 from .replacements import replacement_modules, set_module
+
+
+# the default of FuseBatchNorm's threshold_rule (None means: register no rule)
+DEFAULT = object()
 
 
 class FuseBatchNorm(Canonizer):
@@ -32,15 +39,28 @@ class FuseBatchNorm(Canonizer):
         Positional arguments of the model's forward to check the folds on (see
         :py:func:`~zennit_bnfuse.pairs.find_fusable_pairs`); needed to fold anything where the forward cannot be
         traced with torch.fx.
+    threshold_rule: :py:class:`zennit.core.Hook` or None, optional
+        The rule registered on each :py:class:`~zennit_bnfuse.ThresholdReLU` this canonizer puts in place (what
+        remains of ``BatchNorm -> ReLU`` folds: the BatchNorm's shift, a bias, before a ReLU); default
+        ``zennit.rules.Epsilon()``, which gives the relevance an unfused BatchNorm under LRP-epsilon gets. Zennit's
+        built-in composites map no rule to it (it is not an activation). Pass None where your composite maps
+        ThresholdReLU itself.
 
     Attributes
     ----------
     report: :py:class:`~zennit_bnfuse.report.FusionReport` or None
         The report of the last :py:meth:`apply`.
     '''
-    def __init__(self, example_inputs=None):
+    def __init__(self, example_inputs=None, threshold_rule=DEFAULT):
         super().__init__()
+        if threshold_rule is DEFAULT:
+            threshold_rule = Epsilon()
+        if threshold_rule is not None and not isinstance(threshold_rule, Hook):
+            raise TypeError(f'threshold_rule must be a Zennit rule (a zennit.core.Hook, e.g. zennit.rules.Epsilon()) '
+                            f'or None, not {type(threshold_rule).__name__}')
         self.example_inputs = example_inputs
+        self.threshold_rule = threshold_rule
+        self.handles = []
         self.report = None
         self.root = None
         self.originals = {}
@@ -81,24 +101,30 @@ class FuseBatchNorm(Canonizer):
         return [instance]
 
     def register(self, root_module, replacements):
-        '''Put ``replacements`` (module name -> module) in place in ``root_module``, remembering the originals.'''
+        '''Put ``replacements`` (module name -> module) in place in ``root_module``, remembering the originals, and
+        register ``threshold_rule`` on the thresholded ReLUs among them.'''
         self.root = root_module
         modules = dict(root_module.named_modules())
         try:
             for name, module in replacements.items():
                 self.originals[name] = modules[name]
                 set_module(root_module, name, module)
+                if isinstance(module, ThresholdReLU) and self.threshold_rule is not None:
+                    self.handles.append(self.threshold_rule.copy().register(module))
         except BaseException:
             self.remove()
             raise
 
     def remove(self):
-        '''Put the original modules back.'''
+        '''Remove the rules it registered and put the original modules back.'''
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
         for name, module in reversed(list(self.originals.items())):
             set_module(self.root, name, module)
         self.originals.clear()
         self.root = None
 
     def copy(self):
-        '''A new, unapplied instance with the same example inputs.'''
-        return self.__class__(self.example_inputs)
+        '''A new, unapplied instance with the same example inputs and threshold rule.'''
+        return self.__class__(self.example_inputs, self.threshold_rule)

@@ -229,12 +229,23 @@ BIAS_MAP_TYPES = {
 }
 
 
-class ThresholdReLU(torch.nn.ReLU):
+class ThresholdReLU(torch.nn.Module):
     '''Per-channel thresholded ReLU ``relu(sign_c * x_c + threshold_c)`` over channel dim 1.
 
     This is what remains of ``BatchNorm -> ReLU`` once the BatchNorm's scale magnitude has moved into the next layer
-    (see :py:func:`zennit_bnfuse.fold.relu_fold`). It subclasses :py:class:`torch.nn.ReLU` so that LRP treats it as
-    an activation (Zennit's composites give it their activation rule, ``Pass``).
+    (see :py:func:`zennit_bnfuse.fold.relu_fold`). The threshold is the BatchNorm's shift ``t / |s|``: a bias, so LRP
+    must treat this module as a per-channel affine map with a bias followed by a ReLU, not as a plain activation.
+    Passing relevance through it unchanged (what Zennit's composites do with activations) would ignore the shift and
+    the sign, and divide by layer outputs near zero further down: relevance sums of 1e17 times the logit on DenseNet-121
+    under Captum's epsilon.
+
+    So it is deliberately *not* a :py:class:`torch.nn.ReLU` subclass, and gets the epsilon rule: from
+    :py:class:`~zennit_bnfuse.FusedLRP` and :py:class:`~zennit_bnfuse.CompositeLRP` (as the BatchNorms they keep,
+    ``batch_norm_rule``), and from the :py:class:`~zennit_bnfuse.FuseBatchNorm` canonizer, which registers its
+    ``threshold_rule`` on every ThresholdReLU it puts in place. Under LRP-epsilon its input gets
+    ``sign * x / (sign * x + threshold)`` of the output's relevance, exactly what an unfused BatchNorm under
+    LRP-epsilon gives. With :py:func:`~zennit_bnfuse.fuse` and your own Zennit composite, map it yourself, e.g.
+    ``LayerMapComposite([(ThresholdReLU, Epsilon())])`` in a :py:class:`zennit.composites.MixedComposite`.
 
     Parameters
     ----------
