@@ -251,7 +251,7 @@ def pretrained(name, device='cpu', seed=0):
     path = weights_path(name, seed)
     if not path.is_file():
         raise FileNotFoundError(f'no shipped weights for {name!r} (seed {seed}) at {path}; train them with '
-                                f'benchmarks/train.py --model {name} --seed {seed}')
+                                f'benchmarks/train.py --model {name} --seeds {seed}')
     with resources.as_file(path) as file:
         model.load_state_dict(torch.load(file, map_location='cpu', weights_only=True))
     return model.to(device).eval()
