@@ -1,14 +1,19 @@
-'''Tests for the three BatchNorm handlings: they differ where they should and agree where they should.'''
+'''Tests for the BatchNorm handlings: they differ where they should and agree where they should.'''
+import copy
+
 import pytest
 import torch
 from zennit.attribution import Gradient
+from zennit.canonizers import SequentialMergeBatchNorm
 from zennit.composites import EpsilonPlusFlat, LayerMapComposite, MixedComposite
 from zennit.rules import Epsilon as ZennitEpsilon
 from zennit.types import BatchNorm
 
 from conftest import randomize_batch_norms
-from zennit_bnfuse import HANDLINGS, CompositeLRP, FusedLRP, bn_handling
+from zennit_bnfuse import ALL_HANDLINGS, HANDLINGS, CompositeLRP, FusedLRP, bn_handling
 from zennit_bnfuse.evaluation.composites import COMPOSITES, make_composite
+from zennit_bnfuse.evaluation.models import build
+from zennit_bnfuse.handling import zennit_merged
 
 
 def conv_net(batch_norm):
@@ -32,7 +37,7 @@ def test_bn_handling_lookup():
     assert bn_handling('fused').fuses and not bn_handling('naive').fuses
     assert bn_handling(HANDLINGS['unfused']) is HANDLINGS['unfused']
     assert bn_handling('naive').batch_norm_rule == 'pass'
-    with pytest.raises(ValueError, match="unknown BatchNorm handling 'pass'; choose one of 'fused', 'unfused'"):
+    with pytest.raises(ValueError, match="unknown BatchNorm handling 'pass'; choose one of 'fused', 'unfused', 'naive', 'zennit'"):
         bn_handling('pass')
 
 
@@ -84,7 +89,7 @@ def test_naive_and_unfused_equal_zennit_by_hand():
     torch.testing.assert_close(unfused, by_hand(epsilon_on_bn), rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize('handling', sorted(HANDLINGS))
+@pytest.mark.parametrize('handling', sorted(ALL_HANDLINGS))
 def test_every_handling_refuses_invalid_batch_norm_statistics(handling, snapshot):
     model = conv_net(batch_norm=True)
     model[4].running_var[1] = -1.
@@ -92,3 +97,70 @@ def test_every_handling_refuses_invalid_batch_norm_statistics(handling, snapshot
     with pytest.raises(ValueError, match=r"BatchNorm '4' has running_var \+ eps <= 0 in channel\(s\) \[1\]"):
         bn_handling(handling).prepare(model, 'captum')
     before.assert_unchanged()
+
+
+def test_zennit_handling_lookup():
+    assert set(HANDLINGS) == {'fused', 'unfused', 'naive'}
+    assert list(ALL_HANDLINGS) == ['fused', 'unfused', 'naive', 'zennit']
+    assert bn_handling('zennit').batch_norm_rule == 'pass' and not bn_handling('zennit').fuses
+    assert 'SequentialMergeBatchNorm' in bn_handling('zennit').description
+
+
+def test_zennit_handling_equals_zennit_canonizer_by_hand(snapshot):
+    model = conv_net(batch_norm=True)
+    user = snapshot(model)
+    images = torch.rand(3, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    target = torch.tensor([0, 1, 2])
+    by_hand_model = copy.deepcopy(model)
+    with Gradient(by_hand_model, EpsilonPlusFlat(canonizers=[SequentialMergeBatchNorm()])) as attributor:
+        expected = attributor(images, lambda output: torch.eye(3, dtype=output.dtype)[target] * output)[1]
+    lrp = CompositeLRP(model, EpsilonPlusFlat(), handling='zennit')
+    torch.testing.assert_close(lrp.attribute(images, target=target), expected, rtol=1e-10, atol=1e-12)
+    assert [(entry.layer, entry.bn) for entry in lrp.prepared.report.fused] == [('0', '1'), ('3', '4')]
+    # Captum's rules: Zennit's merge and this package's fold give the same relevance on conv -> BN, up to the
+    # BatchNorms Zennit leaves behind, which compute x / sqrt(1 + eps): a factor 1 - 5e-6 each (two on every path)
+    zennit = FusedLRP(model, handling='zennit').attribute(images, target=target)
+    fused = FusedLRP(model, handling='fused').attribute(images, target=target)
+    torch.testing.assert_close(zennit, fused, rtol=3e-5, atol=1e-12)
+    assert not torch.allclose(zennit, fused, rtol=1e-6, atol=0)
+    user.assert_unchanged()
+
+
+def test_zennit_handling_where_zennit_merges_nothing():
+    # BN after the ReLU: no linear layer right before it, so Zennit leaves it and relevance passes it, as naive
+    torch.manual_seed(0)
+    model = randomize_batch_norms(torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.BatchNorm2d(4), torch.nn.Conv2d(4, 3, 3),
+        torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).double())
+    images = torch.rand(3, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    lrp = CompositeLRP(model, EpsilonPlusFlat(), handling='zennit')
+    zennit = lrp.attribute(images, target=[0, 1, 2])
+    assert not lrp.prepared.report.fused and [entry.bn for entry in lrp.prepared.report.unfused] == ['2']
+    assert torch.equal(zennit, CompositeLRP(model, EpsilonPlusFlat(), handling='naive').attribute(images, [0, 1, 2]))
+
+
+class SumThenBatchNorm(torch.nn.Module):
+    '''``bn(conv(x) + x)``: the conv is registered right before the BN, but the BN normalises the sum.'''
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 2, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(2)
+
+    def forward(self, input):
+        return self.bn(self.conv(input) + input).flatten(1)
+
+
+def test_zennit_handling_refuses_merges_that_change_the_function(snapshot):
+    torch.manual_seed(0)
+    model = randomize_batch_norms(SumThenBatchNorm().double())
+    user = snapshot(model)
+    # what Zennit's canonizer does to this model: a different function
+    merged = copy.deepcopy(model)
+    SequentialMergeBatchNorm().apply(merged)
+    images = torch.rand(2, 2, 4, 4, dtype=torch.float64)
+    assert not torch.allclose(merged(images), model(images))
+    with pytest.raises(ValueError, match=r"merge `conv` into `bn`: neighbours in module registration order.*use 'fused'"):
+        CompositeLRP(model, EpsilonPlusFlat(), handling='zennit').attribute(images, target=[0, 1])
+    user.assert_unchanged()
+    with pytest.raises(ValueError, match='`stem` into `blocks.0.bn1`'):
+        zennit_merged(randomize_batch_norms(build('cifar10-preact-resnet')))

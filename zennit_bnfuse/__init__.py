@@ -2,7 +2,7 @@
 from .attribution import CompositeLRP, FusedLRP
 from .canonizers import FuseBatchNorm
 from .fusion import fuse
-from .handling import HANDLINGS, BatchNormHandling, bn_handling
+from .handling import ALL_HANDLINGS, HANDLINGS, BatchNormHandling, bn_handling
 from .layers import ThresholdReLU
 from .pairs import find_fusable_pairs
 from .quantus_interop import explain_func
@@ -10,6 +10,7 @@ from .report import FusedBatchNorm, FusionReport, UnfusedBatchNorm
 from .singlepass import SinglePass
 
 __all__ = [
+    'ALL_HANDLINGS',
     'BatchNormHandling',
     'CompositeLRP',
     'FuseBatchNorm',

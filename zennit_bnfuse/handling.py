@@ -1,15 +1,95 @@
-'''The three ways of handling BatchNorm in LRP, and the LRP-ready model copy each one explains.
+'''The ways of handling BatchNorm in LRP, and the LRP-ready model copy each one explains.
 
 - ``fused``: BatchNorms are folded into their neighbouring layers first (this package; Guillemot et al. 2020).
 - ``unfused``: each BatchNorm stays a layer and gets the LRP-epsilon rule as an affine layer (Captum's default).
 - ``naive``: relevance passes each BatchNorm unchanged (Zennit's composites map BatchNorm to ``Pass``).
+- ``zennit``: Zennit's own ``SequentialMergeBatchNorm`` canonizer merges BatchNorms into the layer before them, and
+  relevance passes the BatchNorms it leaves (the reference: what Zennit users get from its canonizers).
+
+:py:data:`HANDLINGS` holds this package's three handlings, :py:data:`ALL_HANDLINGS` those and ``zennit``.
 '''
 import copy
 from dataclasses import dataclass
+from typing import Callable
+
+from zennit.canonizers import SequentialMergeBatchNorm
 
 from .fold import check_batch_norm, is_batch_norm
 from .fusion import fuse
 from .graph import lrp_graph
+from .pairs import find_fusable_pairs
+from .report import FusedBatchNorm, FusionReport, UnfusedBatchNorm
+
+
+def plain_copy(model, example_inputs=None):
+    '''A deep copy of ``model`` and no report (the handlings that leave BatchNorms in place).
+
+    Raises
+    ------
+    ValueError
+        If a BatchNorm is in training mode or has invalid statistics (see
+        :py:func:`zennit_bnfuse.fold.check_batch_norm`).
+    '''
+    for name, module in model.named_modules():
+        if is_batch_norm(module):
+            check_batch_norm(name, module)
+    return copy.deepcopy(model), None
+
+
+def zennit_merged(model, example_inputs=None):
+    '''A copy of ``model`` with Zennit's ``SequentialMergeBatchNorm`` applied, if that keeps the model's function.
+
+    Zennit pairs a BatchNorm with the leaf module registered right before it (module order, not the forward graph),
+    folds the BatchNorm into that layer and makes the BatchNorm an identity. That is exact only where the
+    BatchNorm's input is that layer's output and nothing else uses that output; every pair is checked against the
+    traced forward graph (:py:func:`~zennit_bnfuse.pairs.find_fusable_pairs`, side ``'after'``), and a model with a
+    pair that would change its function is refused. The canonizer runs on a copy and is never removed, so the
+    user's model is untouched even where Zennit's own removal would fail. As in Zennit, a merged BatchNorm stays in
+    the model with running mean 0, variance 1, weight 1 and bias 0, so it computes ``x / sqrt(1 + eps)``: the merged
+    model's activations differ from the original's by a factor ``1 - 5e-6`` per merged BatchNorm (``eps = 1e-5``).
+
+    Parameters
+    ----------
+    model: :py:obj:`torch.nn.Module`
+        In eval mode; it is not changed.
+    example_inputs: :py:obj:`torch.Tensor` or tuple, optional
+        Forward arguments for the graph check of an untraceable model (see
+        :py:func:`~zennit_bnfuse.pairs.find_fusable_pairs`); without them Zennit's merges there are refused.
+
+    Returns
+    -------
+    tuple[:py:obj:`torch.nn.Module`, :py:class:`~zennit_bnfuse.report.FusionReport`]
+        The merged copy, and a report with the merged BatchNorms as ``fused`` (side ``'after'``) and the others as
+        ``unfused``.
+
+    Raises
+    ------
+    ValueError
+        If a BatchNorm is in training mode or has invalid statistics, or Zennit would merge a BatchNorm into a layer
+        whose output is not (only) that BatchNorm's input.
+    '''
+    graph_report = find_fusable_pairs(model, example_inputs)
+    exact = {(entry.layer, entry.bn) for entry in graph_report.fused if entry.side == 'after'}
+    merged = copy.deepcopy(model)
+    names = {id(module): name for name, module in merged.named_modules()}
+    pairs = [(names[id(instance.linears[0])], names[id(instance.batch_norm)])
+             for instance in SequentialMergeBatchNorm().apply(merged)]
+    wrong = [(layer, bn) for layer, bn in pairs if (layer, bn) not in exact]
+    if wrong:
+        described = '; '.join(f'`{layer}` into `{bn}`' for layer, bn in wrong)
+        raise ValueError(
+            f'Zennit\'s SequentialMergeBatchNorm would merge {described}: neighbours in module registration order, but '
+            'in the traced forward the BatchNorm does not take that layer\'s output alone, so the merged model would '
+            'compute a different function. The \'zennit\' handling does not apply to this model; use \'fused\'.')
+    done = {bn for _, bn in pairs}
+    report = FusionReport(
+        fused=[FusedBatchNorm(bn, layer, 'after') for layer, bn in pairs],
+        unfused=[UnfusedBatchNorm(name, 'Zennit\'s SequentialMergeBatchNorm does not merge it (no conv/linear layer '
+                                  'right before it in module order); relevance passes it')
+                 for name, module in model.named_modules() if is_batch_norm(module) and name not in done],
+        traced=graph_report.traced, trace_error=graph_report.trace_error,
+    )
+    return merged, report
 
 
 @dataclass(frozen=True)
@@ -19,19 +99,23 @@ class BatchNormHandling:
     Attributes
     ----------
     name: str
-        ``'fused'``, ``'unfused'`` or ``'naive'``.
+        ``'fused'``, ``'unfused'``, ``'naive'`` or ``'zennit'``.
     description: str
-        One line for tables and help texts.
+        One sentence for tables and help texts.
     batch_norm_rule: str
         The rule a BatchNorm that is still in the model gets: ``'epsilon'`` or ``'pass'``.
+    make_copy: callable
+        ``make_copy(model, example_inputs) -> (copy, report or None)``: the model copy LRP runs on, before the LRP
+        graph rewrite.
     '''
     name: str
     description: str
     batch_norm_rule: str
+    make_copy: Callable = plain_copy
 
     @property
     def fuses(self):
-        '''Whether BatchNorms are folded before LRP runs.'''
+        '''Whether BatchNorms are folded by this package before LRP runs.'''
         return self.name == 'fused'
 
     def prepare(self, model, residual, example_inputs=None):
@@ -45,36 +129,38 @@ class BatchNormHandling:
             ``'captum'`` or ``'zennit'``: which module residual additions become (see
             :py:func:`zennit_bnfuse.graph.lrp_graph`).
         example_inputs: :py:obj:`torch.Tensor` or tuple, optional
-            For the ``fused`` handling: forward arguments to check the folds on, see :py:func:`zennit_bnfuse.fuse`.
+            For the ``fused`` and ``zennit`` handlings: forward arguments to check the folds on, see
+            :py:func:`zennit_bnfuse.fuse`.
 
         Returns
         -------
         tuple[:py:obj:`torch.nn.Module`, dict[str, str], FusionReport or None]
-            The prepared model, the names of copies of reused modules (copy -> original) and the fusion report
-            (None unless this handling fuses).
+            The prepared model, the names of copies of reused modules (copy -> original) and the report of what was
+            folded (None where the handling folds nothing).
 
         Raises
         ------
         ValueError
             Under every handling, if a BatchNorm is in training mode or has invalid statistics (see
-            :py:func:`zennit_bnfuse.fold.check_batch_norm`); see :py:func:`zennit_bnfuse.fuse` for the others.
+            :py:func:`zennit_bnfuse.fold.check_batch_norm`); see :py:func:`zennit_bnfuse.fuse` and
+            :py:func:`zennit_merged` for the others.
         '''
-        report = None
-        if self.fuses:
-            owned, report = fuse(model, example_inputs)
-        else:
-            for name, module in model.named_modules():
-                if is_batch_norm(module):
-                    check_batch_norm(name, module)
-            owned = copy.deepcopy(model)
+        owned, report = self.make_copy(model, example_inputs)
         prepared, copies = lrp_graph(owned, residual=residual)
         return prepared, copies, report
 
 
 HANDLINGS = {
-    'fused': BatchNormHandling('fused', 'BatchNorm folded into the neighbouring conv/linear layer', 'epsilon'),
+    'fused': BatchNormHandling('fused', 'BatchNorm folded into the neighbouring conv/linear layer', 'epsilon',
+                               fuse),
     'unfused': BatchNormHandling('unfused', 'BatchNorm kept as an affine layer under the epsilon rule', 'epsilon'),
     'naive': BatchNormHandling('naive', 'relevance passes BatchNorm unchanged', 'pass'),
+}
+ALL_HANDLINGS = {
+    **HANDLINGS,
+    'zennit': BatchNormHandling(
+        'zennit', 'Zennit\'s SequentialMergeBatchNorm merges each BatchNorm registered right after a conv/linear '
+        'layer into that layer, and relevance passes the BatchNorms it leaves unchanged', 'pass', zennit_merged),
 }
 
 
@@ -84,7 +170,7 @@ def bn_handling(name):
     Parameters
     ----------
     name: str or :py:class:`BatchNormHandling`
-        ``'fused'``, ``'unfused'`` or ``'naive'`` (a handling is returned as it is).
+        ``'fused'``, ``'unfused'``, ``'naive'`` or ``'zennit'`` (a handling is returned as it is).
 
     Returns
     -------
@@ -93,13 +179,13 @@ def bn_handling(name):
     Raises
     ------
     ValueError
-        If ``name`` is not one of the three.
+        If ``name`` is not one of :py:data:`ALL_HANDLINGS`.
     '''
     if isinstance(name, BatchNormHandling):
         return name
     try:
-        return HANDLINGS[name]
+        return ALL_HANDLINGS[name]
     except (KeyError, TypeError):
         raise ValueError(
-            f'unknown BatchNorm handling {name!r}; choose one of {", ".join(map(repr, HANDLINGS))}'
+            f'unknown BatchNorm handling {name!r}; choose one of {", ".join(map(repr, ALL_HANDLINGS))}'
         ) from None
