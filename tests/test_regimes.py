@@ -7,7 +7,7 @@ from conftest import randomize_batch_norms
 from zennit_bnfuse import CompositeLRP, FusedLRP, fuse
 from zennit_bnfuse.evaluation.composites import COMPOSITES, batch_norm_rule, make_composite
 from zennit_bnfuse.evaluation.models import INPUT_SHAPES, MODELS, build, dataset_of, pretrained
-from zennit_bnfuse.evaluation.regimes import flip_batch_norm_signs
+from zennit_bnfuse.evaluation.regimes import flip_batch_norm_signs, relative_output_difference
 
 BATCH_NORM_MODELS = [name for name, (_, _, batch_norm, _) in MODELS.items() if batch_norm]
 
@@ -30,6 +30,7 @@ def test_same_function_on_shipped_models(name, dtype, tolerance, snapshot):
     inputs = torch.rand(3, *INPUT_SHAPES[dataset_of(name)], dtype=dtype, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(flip.model(inputs), model(inputs), rtol=tolerance, atol=tolerance)
+    assert relative_output_difference(model, flip.model, inputs, batch_size=2) < tolerance
     assert flip.flipped and flip.negative_share() == pytest.approx(.5, abs=1e-9)
     modules = dict(model.named_modules())
     for bn, layer in flip.producers.items():
@@ -146,6 +147,17 @@ def test_captum_relevance_under_negative_scales():
         before = FusedLRP(model, handling=handling).attribute(images, target=[0, 1, 2])
         after = FusedLRP(flipped, handling=handling).attribute(images, target=[0, 1, 2])
         torch.testing.assert_close(after, before, rtol=1e-9, atol=1e-12, msg=handling)
+
+
+def test_relative_output_difference():
+    model = small_net()
+    other = flip_batch_norm_signs(model, share=.5).model
+    inputs = torch.rand(3, 1, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        other[-1].bias[0] += 1e-3
+        logits = model(inputs)
+    expected = (1e-3 / logits.abs().amax(dim=1)).max().item()
+    assert relative_output_difference(model, other, inputs) == pytest.approx(expected, rel=1e-6)
 
 
 def test_share_error():

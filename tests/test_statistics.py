@@ -10,7 +10,7 @@ import torch
 
 from zennit_bnfuse.evaluation.statistics import (
     PairedComparison, bootstrap_interval, hierarchical_bootstrap_interval, hierarchical_comparison, holm, holm_adjust,
-    paired_comparison, quantile_summary, verdict, wilcoxon_p, win_rate,
+    paired_comparison, quantile_summary, seed_outcome, verdict, wilcoxon_p, win_rate,
 )
 
 
@@ -146,16 +146,30 @@ def made(median, p_holm, higher_is_better=True):
     ([made(-.3, .001, False), made(-.1, .01, False)], 'better'),
     ([made(.3, .2), made(-.1, .06), made(.2, .5)], 'no difference'),
     # significant in two seeds only
-    ([made(.3, .001), made(.1, .01), made(.2, .06)], 'mixed'),
+    ([made(.3, .001), made(.1, .01), made(.2, .06)], 'no difference'),
     # significant everywhere, in opposite directions
     ([made(.3, .001), made(-.1, .01), made(.2, .001)], 'mixed'),
+    # better in one seed, worse in another, nothing in the third
+    ([made(.3, .001), made(-.1, .01), made(.2, .3)], 'mixed'),
     # significant, but the median difference is 0 in one seed
-    ([made(.3, .001), made(0., .01)], 'mixed'),
+    ([made(.3, .001), made(0., .01)], 'no difference'),
     # alpha is strict: p = alpha is not significant
     ([made(.3, .05)], 'no difference'),
 ])
 def test_verdict_rule(per_seed, expected):
     assert verdict(per_seed, alpha=.05) == expected
+
+
+def test_verdict_minimum_effect():
+    per_seed = [made(.3, .001), made(.1, .01), made(-.2, .001)]
+    assert verdict(per_seed) == 'mixed'
+    # effects below the minimum do not count: per seed, or one for all
+    assert verdict(per_seed, min_effect=[.2, .05, .5]) == 'no difference'
+    assert verdict(per_seed[:2], min_effect=[.2, .05]) == 'better'
+    assert verdict(per_seed[:2], min_effect=.1) == 'better' and verdict(per_seed[:2], min_effect=.11) == 'no difference'
+    assert seed_outcome(per_seed[2]) == 'worse' and seed_outcome(per_seed[2], min_effect=.3) == 'none'
+    with pytest.raises(ValueError, match='one per seed \\(3\\), got 2'):
+        verdict(per_seed, min_effect=[.1, .2])
 
 
 def test_verdict_needs_holm_and_holm_adjust_uses_the_family():

@@ -51,6 +51,32 @@ class SignFlip:
         return float((torch.cat(weights) < 0).double().mean())
 
 
+def relative_output_difference(model, other, inputs, batch_size=256):
+    '''How far two models' outputs are apart: the largest ``max_k |a_k - b_k| / max_k |a_k|`` over the images.
+
+    The check that a :py:func:`flip_batch_norm_signs` copy computes the same function, on the images it is used on.
+
+    Parameters
+    ----------
+    model, other: :py:obj:`torch.nn.Module`
+        In eval mode; ``model`` gives the reference outputs ``a``.
+    inputs: :py:obj:`torch.Tensor`
+        ``(N, ...)``.
+    batch_size: int
+
+    Returns
+    -------
+    float
+    '''
+    worst = 0.
+    with torch.no_grad():
+        for batch in inputs.split(batch_size):
+            reference, compared = model(batch).flatten(start_dim=1), other(batch).flatten(start_dim=1)
+            scale = reference.abs().amax(dim=1).clamp(min=torch.finfo(reference.dtype).tiny)
+            worst = max(worst, ((reference - compared).abs().amax(dim=1) / scale).max().item())
+    return worst
+
+
 def negate_output_channels(layer, sign):
     '''Multiply the output channels of a conv/linear ``layer`` (in place) by ``sign`` (+1 or -1 per channel).
 

@@ -430,22 +430,45 @@ def holm_adjust(comparisons):
     return [replace(comparison, p_holm=float(p)) for comparison, p in zip(comparisons, adjusted)]
 
 
-def verdict(per_seed, alpha=.05):
+def seed_outcome(comparison, alpha=.05, min_effect=0.):
+    '''What one Holm-corrected comparison of one seed says: ``'better'`` (for ``a``), ``'worse'`` or ``'none'``.
+
+    ``'better'`` where the corrected p-value is below ``alpha`` and the median difference favours ``a`` by at least
+    ``min_effect`` (and by more than 0); ``'worse'`` likewise for ``b``; ``'none'`` otherwise.
+
+    Raises
+    ------
+    ValueError
+        If the comparison is not Holm-corrected.
+    '''
+    if comparison.p_holm is None:
+        raise ValueError('verdict needs Holm-corrected comparisons; run holm_adjust() over the declared family first')
+    effect = abs(comparison.median_difference)
+    if comparison.p_holm >= alpha or comparison.favours is None or effect < min_effect:
+        return 'none'
+    return 'better' if comparison.favours == 'a' else 'worse'
+
+
+def verdict(per_seed, alpha=.05, min_effect=0.):
     '''The verdict on ``a`` against ``b`` from one Holm-corrected comparison per training seed.
 
-    - ``'better'``: in every seed the Holm-corrected p-value is below ``alpha`` and the median difference favours
-      ``a``;
-    - ``'worse'``: the same in favour of ``b``;
-    - ``'no difference'``: in no seed is the corrected p-value below ``alpha``;
-    - ``'mixed'``: anything else (significant in some seeds only, in opposite directions, or with a median
-      difference of 0).
+    Each seed's outcome is :py:func:`seed_outcome`. Then:
+
+    - ``'better'``: every seed is better (Holm-corrected p < ``alpha`` and a median difference in favour of ``a`` of
+      at least ``min_effect``);
+    - ``'worse'``: every seed is worse;
+    - ``'mixed'``: some seeds are better and others worse;
+    - ``'no difference'``: anything else (no seed decided, or some seeds decided one way and the rest not at all).
 
     Parameters
     ----------
     per_seed: sequence of :py:class:`PairedComparison`
         One per seed, from :py:func:`holm_adjust`.
     alpha: float
-        Family-wise error rate.
+        Family-wise error rate; a corrected p-value equal to ``alpha`` is not significant.
+    min_effect: float or sequence of float
+        The smallest median difference (in magnitude) that counts, per seed or for all, e.g. 1 % of the median
+        score of ``a`` in that seed.
 
     Returns
     -------
@@ -455,19 +478,19 @@ def verdict(per_seed, alpha=.05):
     Raises
     ------
     ValueError
-        If ``per_seed`` is empty or a comparison is not Holm-corrected.
+        If ``per_seed`` is empty, a comparison is not Holm-corrected, or ``min_effect`` has another length.
     '''
     if not per_seed:
         raise ValueError('verdict needs at least one comparison')
-    if any(comparison.p_holm is None for comparison in per_seed):
-        raise ValueError('verdict needs Holm-corrected comparisons; run holm_adjust() over the declared family first')
-    significant = [comparison.p_holm < alpha for comparison in per_seed]
-    if not any(significant):
-        return 'no difference'
-    if all(significant):
-        favours = {comparison.favours for comparison in per_seed}
-        if favours == {'a'}:
-            return 'better'
-        if favours == {'b'}:
-            return 'worse'
-    return 'mixed'
+    effects = np.broadcast_to(np.asarray(min_effect, dtype=float), (len(per_seed),)) \
+        if np.ndim(min_effect) == 0 or len(min_effect) == len(per_seed) else None
+    if effects is None:
+        raise ValueError(f'min_effect needs one value or one per seed ({len(per_seed)}), got {len(min_effect)}')
+    outcomes = {seed_outcome(comparison, alpha, effect) for comparison, effect in zip(per_seed, effects)}
+    if outcomes == {'better'}:
+        return 'better'
+    if outcomes == {'worse'}:
+        return 'worse'
+    if {'better', 'worse'} <= outcomes:
+        return 'mixed'
+    return 'no difference'
