@@ -37,7 +37,7 @@ def test_bn_handling_lookup():
     assert bn_handling('fused').fuses and not bn_handling('naive').fuses
     assert bn_handling(HANDLINGS['unfused']) is HANDLINGS['unfused']
     assert bn_handling('naive').batch_norm_rule == 'pass'
-    with pytest.raises(ValueError, match="unknown BatchNorm handling 'pass'; choose one of 'fused', 'unfused', 'naive', 'zennit'"):
+    with pytest.raises(ValueError, match="handling 'pass'; choose one of 'fused', 'unfused', 'naive', 'zennit'"):
         bn_handling('pass')
 
 
@@ -159,7 +159,7 @@ def test_zennit_handling_refuses_merges_that_change_the_function(snapshot):
     SequentialMergeBatchNorm().apply(merged)
     images = torch.rand(2, 2, 4, 4, dtype=torch.float64)
     assert not torch.allclose(merged(images), model(images))
-    with pytest.raises(ValueError, match=r"merge `conv` into `bn`: neighbours in module registration order.*use 'fused'"):
+    with pytest.raises(ValueError, match=r"merge `conv` into `bn`: neighbours in module registration.*use 'fused'"):
         CompositeLRP(model, EpsilonPlusFlat(), handling='zennit').attribute(images, target=[0, 1])
     user.assert_unchanged()
     with pytest.raises(ValueError, match='`stem` into `blocks.0.bn1`'):

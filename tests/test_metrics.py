@@ -15,7 +15,7 @@ import torch
 from quantus.functions.perturb_func import noisy_linear_imputation as quantus_noisy_linear_imputation
 
 from zennit_bnfuse.evaluation.metrics import (
-    PerturbationResult, aopc, conservation_error, gaussian_blur, gini_index, linear_imputation, mean_ci,
+    PerturbationResult, aopc, conservation_error, gaussian_blur, gini_index, image_noise, linear_imputation, mean_ci,
     noisy_linear_imputation, patch_relevance, perturbation_baseline, perturbation_curve, perturbation_masks,
     region_perturbation, relevance_entropy, relevance_gap, removal_counts, road, road_curve, road_masks, target_scores,
 )
@@ -248,6 +248,12 @@ def test_imputation_of_constant_image_and_noise():
     alone = noisy_linear_imputation(inputs[1:], removed[1:], noise=.1, seeds=[4])
     assert torch.equal(alone, noisy[1:])
     assert .05 < (noisy - inputs)[changed].std() < .2
+    # independent of the replacement noise of the same image seeds
+    uniform = perturbation_baseline(inputs, 'noise', seeds=[3, 4])
+    correlation = torch.corrcoef(torch.stack([uniform[changed], (noisy - inputs)[changed]]))[0, 1]
+    assert abs(correlation) < .2
+    with pytest.raises(ValueError, match='stream must be within'):
+        image_noise(inputs, stream=256)
 
 
 def test_road_masks_counts_and_errors():
@@ -331,7 +337,7 @@ def test_road_result_and_batching():
     torch.testing.assert_close(result.abpc, (result.lerf - result.morf).mean(dim=1))
 
 
-# ---- complexity and conservation ---------------------------------------------------------------------------------------
+# ---- complexity and conservation ------------------------------------------------------------------------------------
 
 def test_gini_and_entropy_by_hand():
     one_hot = torch.zeros(1, 2, 2, 2)

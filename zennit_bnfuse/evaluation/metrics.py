@@ -32,6 +32,8 @@ OUTPUTS = ('logit', 'probability', 'correct')
 BLUR_SIGMA = 2.
 # removal percentages of ROAD curves unless others are declared
 ROAD_PERCENTAGES = (10, 20, 30, 40, 50, 60, 70, 80, 90)
+# the noise streams of image_noise this module draws from
+NOISE_STREAMS = {'replacement': 0, 'imputation': 1}
 # noisy linear imputation (Rong et al. 2022; Quantus' noisy_linear_imputation): the weight of each of the 8
 # neighbours of a pixel, 1/6 for the 4 direct and 1/12 for the 4 diagonal ones
 NEIGHBOUR_WEIGHTS = ((1 / 12, 1 / 6, 1 / 12), (1 / 6, 0., 1 / 6), (1 / 12, 1 / 6, 1 / 12))
@@ -124,19 +126,25 @@ def perturbation_masks(relevance, order='morf', patch_size=1, patches_per_step=1
     return masks.repeat_interleave(patch_size, dim=-2).repeat_interleave(patch_size, dim=-1)
 
 
-def image_noise(inputs, seeds=None, distribution='uniform'):
+def image_noise(inputs, seeds=None, distribution='uniform', stream=0):
     '''Noise of the shape of ``inputs``, drawn per image from its own seed.
 
-    An image gets the same noise however the data is batched or sharded, on every device (drawn on the CPU).
+    An image gets the same noise however the data is batched or sharded, on every device (drawn on the CPU). Each
+    use draws from its own ``stream`` of the image's seed (generator seed ``seed * 256 + stream``), so noise for
+    different purposes is independent even with the same image seeds: :py:data:`NOISE_STREAMS` lists the streams
+    this module uses (the replacement values of ``'noise'``, ROAD's imputation noise); others are free, e.g. for
+    random heatmaps.
 
     Parameters
     ----------
     inputs: :py:obj:`torch.Tensor`
         ``(N, ...)``: gives shape, dtype and device.
     seeds: sequence of int, optional
-        One seed per image; default ``0 .. N - 1``.
+        One non-negative seed per image; default ``0 .. N - 1``.
     distribution: str
         ``'uniform'`` (on [0, 1)) or ``'normal'`` (standard).
+    stream: int
+        0 .. 255.
 
     Returns
     -------
@@ -146,14 +154,18 @@ def image_noise(inputs, seeds=None, distribution='uniform'):
     Raises
     ------
     ValueError
-        If the number of seeds is not the number of images.
+        If the number of seeds is not the number of images, or ``stream`` or ``distribution`` is invalid.
     '''
     seeds = range(len(inputs)) if seeds is None else seeds
     if len(seeds) != len(inputs):
         raise ValueError(f'got {len(seeds)} seeds for {len(inputs)} images; pass one seed per image')
+    if not 0 <= stream < 256:
+        raise ValueError(f'stream must be within 0 .. 255, not {stream}')
+    if distribution not in ('uniform', 'normal'):
+        raise ValueError(f'distribution must be \'uniform\' or \'normal\', not {distribution!r}')
     draw = torch.rand if distribution == 'uniform' else torch.randn
     noise = torch.stack([
-        draw(inputs.shape[1:], generator=torch.Generator().manual_seed(int(seed)), dtype=inputs.dtype)
+        draw(inputs.shape[1:], generator=torch.Generator().manual_seed(int(seed) * 256 + stream), dtype=inputs.dtype)
         for seed in seeds
     ])
     return noise.to(inputs.device)
@@ -244,7 +256,7 @@ def perturbation_baseline(inputs, baseline='zero', channel_mean=None, blur_sigma
         return gaussian_blur(inputs, blur_sigma)
     if baseline == 'noise':
         low, high = noise_range
-        return image_noise(inputs, seeds) * (high - low) + low
+        return image_noise(inputs, seeds, 'uniform', NOISE_STREAMS['replacement']) * (high - low) + low
     raise ValueError(f'baseline must be a number or one of {BASELINES}, not {baseline!r}')
 
 
@@ -570,7 +582,8 @@ def noisy_linear_imputation(inputs, removed, noise=0.01, seeds=None):
     if noise == 0:
         return imputed
     removed = removed.reshape(len(inputs), 1, *inputs.shape[-2:])
-    return torch.where(removed, imputed + noise * image_noise(inputs, seeds, 'normal'), imputed)
+    noise = noise * image_noise(inputs, seeds, 'normal', NOISE_STREAMS['imputation'])
+    return torch.where(removed, imputed + noise, imputed)
 
 
 def road_curve(model, inputs, relevance, targets, order='morf', percentages=ROAD_PERCENTAGES, noise=0.01, seeds=None,
