@@ -14,6 +14,7 @@ import scipy.ndimage
 import torch
 from quantus.functions.perturb_func import noisy_linear_imputation as quantus_noisy_linear_imputation
 
+from zennit_bnfuse.evaluation import metrics
 from zennit_bnfuse.evaluation.metrics import (
     PerturbationResult, aopc, conservation_error, gaussian_blur, gini_index, image_noise, linear_imputation, mean_ci,
     noisy_linear_imputation, patch_relevance, perturbation_baseline, perturbation_curve, perturbation_masks,
@@ -234,6 +235,18 @@ def test_linear_imputation_equals_quantus(share):
         expected = quantus_noisy_linear_imputation(inputs[image].numpy(), indices, noise=0.)
         np.testing.assert_allclose(ours[image].numpy(), expected, rtol=0, atol=1e-12)
     assert torch.equal(ours[~removed.expand_as(inputs)], inputs[~removed.expand_as(inputs)])
+
+
+def test_imputation_chunks_and_dtype(monkeypatch):
+    generator = torch.Generator().manual_seed(4)
+    inputs = torch.rand(5, 2, 6, 5, generator=generator)
+    removed = torch.rand(5, 1, 6, 5, generator=generator) < .6
+    removed[:, 0, 0, 0] = False
+    removed[3] = False  # nothing to impute in image 3
+    whole = linear_imputation(inputs, removed)
+    monkeypatch.setattr(metrics, 'IMPUTATION_CHUNK', 2)
+    assert torch.equal(linear_imputation(inputs, removed), whole)
+    assert whole.dtype == torch.float32 and torch.equal(whole[3], inputs[3])
 
 
 def test_imputation_of_constant_image_and_noise():

@@ -37,6 +37,8 @@ NOISE_STREAMS = {'replacement': 0, 'imputation': 1}
 # noisy linear imputation (Rong et al. 2022; Quantus' noisy_linear_imputation): the weight of each of the 8
 # neighbours of a pixel, 1/6 for the 4 direct and 1/12 for the 4 diagonal ones
 NEIGHBOUR_WEIGHTS = ((1 / 12, 1 / 6, 1 / 12), (1 / 6, 0., 1 / 6), (1 / 12, 1 / 6, 1 / 12))
+# images whose imputation systems are solved at once (small enough to stay in the CPU caches)
+IMPUTATION_CHUNK = 128
 
 
 def patch_relevance(relevance, patch_size):
@@ -472,7 +474,8 @@ def linear_imputation(inputs, removed):
 
     Every removed pixel takes the weighted mean of its (up to 8) neighbours inside the image, with weight 1/6 for
     the 4 direct and 1/12 for the 4 diagonal ones (Rong et al. 2022); kept pixels keep their values. This is the
-    sparse linear system of Quantus' ``noisy_linear_imputation``, solved here for all images at once: with the
+    sparse linear system of Quantus' ``noisy_linear_imputation``, solved here for many images at once
+    (:py:data:`IMPUTATION_CHUNK`): with the
     kept pixels as identity rows, the system of an ``H x W`` image is symmetric positive definite and
     block-tridiagonal with one ``W x W`` block per image row, and a block Cholesky factorisation solves it
     exactly, in float64, on the device of ``inputs``.
@@ -499,9 +502,9 @@ def linear_imputation(inputs, removed):
     if bool(removed.flatten(start_dim=1).all(dim=1).any()):
         raise ValueError('every pixel of an image is removed, so there is nothing to impute it from')
     output = inputs.clone()
-    todo = removed.flatten(start_dim=1).any(dim=1)
-    if bool(todo.any()):
-        output[todo] = _solve_imputation(inputs[todo].double(), removed[todo]).to(inputs.dtype)
+    todo = removed.flatten(start_dim=1).any(dim=1).nonzero()[:, 0]
+    for chunk in todo.split(IMPUTATION_CHUNK):
+        output[chunk] = _solve_imputation(inputs[chunk].double(), removed[chunk]).to(inputs.dtype)
     return output
 
 
