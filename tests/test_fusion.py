@@ -11,7 +11,8 @@ from hypothesis import given, settings, strategies as st
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from conftest import randomize_batch_norms
-from fusion_cases import BATCH_NORM, CONV, CONV_TRANSPOSE, must_fuse, must_not_fuse, prepared, rank_dependent_cases
+from fusion_cases import BATCH_NORM, CONV, CONV_TRANSPOSE, Lambda, must_fuse, must_not_fuse, prepared, \
+    rank_dependent_cases
 from zennit_bnfuse import find_fusable_pairs, fuse
 from zennit_bnfuse.evaluation.models import build
 from zennit_bnfuse.fold import is_batch_norm, timm_layers
@@ -272,3 +273,14 @@ def test_timm_is_looked_at_only_once_the_user_imported_it(monkeypatch):
     fused, report = fuse(model)
     assert len(report.fused) == len(folds)
     torch.testing.assert_close(fused(input), model(input), rtol=0, atol=1e-10)
+
+
+def test_rank_check_drops_a_shared_fold_whichever_layer_raises():
+    # BatchNorm1d on (N, C, L) normalises C; the Linears act on L: their fold is exact only for (N, C) inputs
+    model = randomize_batch_norms(Lambda(
+        lambda self, x: (lambda h: self.first(h) + self.second(h))(torch.relu(self.bn(x))),
+        bn=torch.nn.BatchNorm1d(3), first=torch.nn.Linear(3, 2), second=torch.nn.Linear(3, 2)).double())
+    assert find_fusable_pairs(model).fused[0].layers == ('first', 'second')
+    _, report = fuse(model, example_inputs=torch.randn(2, 3, 3, dtype=torch.float64))
+    assert not report.fused and re.search(r'folded into `first`, `second`.*gets an input of shape \(2, 3, 3\)',
+                                          report.unfused[0].reason)

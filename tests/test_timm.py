@@ -8,7 +8,7 @@ from conftest import randomize_batch_norms
 from fusion_cases import Lambda, prepared, with_scales
 from zennit_bnfuse import CompositeLRP, FuseBatchNorm, FusedLRP, find_fusable_pairs, fuse
 from zennit_bnfuse.fold import is_batch_norm
-from zennit_bnfuse.layers import BiasMapConv2d, ThresholdReLU
+from zennit_bnfuse.layers import BiasMapConv2d, FoldedLinear, ThresholdReLU
 
 timm = pytest.importorskip('timm')
 from timm.layers import (  # noqa: E402 (after the skip)
@@ -19,7 +19,7 @@ from timm.layers import (  # noqa: E402 (after the skip)
 from zennit.composites import EpsilonPlusFlat  # noqa: E402
 from zennit.core import Composite  # noqa: E402
 
-from zennit_bnfuse.timm_layers import BiasMapConv2dSame  # noqa: E402
+from zennit_bnfuse.timm_layers import BiasMapConv2dSame, FoldedConv2dSame  # noqa: E402
 
 
 def relative_error(actual, expected):
@@ -206,7 +206,7 @@ def test_timm_linear_folds(snapshot):
         torch.nn.BatchNorm1d(5), TimmLinear(5, 4), torch.nn.BatchNorm1d(4)), 3, 5)
     fused, report = fused_exactly(model, input, snapshot)
     assert folds(report) == {'0': (('1',), 'before'), '2': (('1',), 'after')}
-    assert type(fused[1]) is TimmLinear
+    assert type(fused[1]) is FoldedLinear
 
 
 def test_mixed_conv_folds_per_split(snapshot):
@@ -214,8 +214,9 @@ def test_mixed_conv_folds_per_split(snapshot):
         create_conv2d(4, 6, [3, 5], padding='same', stride=2), BatchNormAct2d(6, act_layer=torch.nn.SiLU)),
         2, 4, 7, 7)
     assert type(model[0]) is MixedConv2d and type(model[0]['0']) is Conv2dSame
-    _, report = fused_exactly(model, input, snapshot)
+    fused, report = fused_exactly(model, input, snapshot)
     assert folds(report) == {'1': (('0.0', '0.1'), 'after')}
+    assert type(fused[0]['0']) is FoldedConv2dSame and type(fused[0]['1']) is FoldedConv2dSame
 
 
 def test_conv_variants_refused_with_reason():
