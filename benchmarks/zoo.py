@@ -229,11 +229,19 @@ def table(suite, rows):
             f'{errors(row, "ours_error")} | {format_error(row["float32_noise"])} |')
     total = sum(row['batch_norms'] for row in rows)
     ours = sum(row['ours_folded'] for row in rows)
-    worst = max(row['ours_error'] for row in rows)
+    complete = sum(row['ours_folded'] == row['batch_norms'] for row in rows)
+    # a float32 model whose own rounding is above the goal cannot be matched closer by any float32 fold
+    noisy = [row for row in rows if row['float32_noise'] > 1e-5]
+    clean = [row for row in rows if row['float32_noise'] <= 1e-5]
+    worst = max(row['ours_error'] for row in clean)
     worst64 = max(row['ours_error64'] for row in rows)
-    lines += ['', f'zennit_bnfuse folds {ours} of {total} BatchNorms over {len(rows)} models; largest error '
-              f'{worst:.1e} in float32 (goal: below 1e-5), {worst64:.1e} in float64.', '',
-              f'### BatchNorms zennit_bnfuse left in place ({suite})', '']
+    lines += ['', f'zennit_bnfuse folds {ours} of {total} BatchNorms over {len(rows)} models (all of them in '
+              f'{complete}); largest error {worst:.1e} in float32 (goal: below 1e-5) over the {len(clean)} models '
+              f'whose float32 logits are within 1e-5 of their float64 ones, {worst64:.1e} in float64 over all.']
+    lines += [f'{row["model"]}: its float32 logits are {row["float32_noise"]:.1e} off its float64 ones, '
+              f'zennit_bnfuse\'s float32 error {row["ours_error"]:.1e}, float64 error {row["ours_error64"]:.1e}.'
+              for row in noisy]
+    lines += ['', f'### BatchNorms zennit_bnfuse left in place ({suite})', '']
     unfused = [(row['model'], item) for row in rows for item in row['ours_unfused']]
     if unfused:
         lines += ['| model | BatchNorm | reason |', '| --- | --- | --- |']
