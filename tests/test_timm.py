@@ -16,6 +16,7 @@ from timm.layers import (  # noqa: E402 (after the skip)
     ScaledStdConv2dSame, SplitBatchNorm2d, StdConv2d, SyncBatchNormAct, convert_splitbn_model, convert_sync_batchnorm,
     create_conv2d, freeze_batch_norm_2d,
 )
+from zennit.attribution import Gradient  # noqa: E402
 from zennit.composites import EpsilonPlusFlat  # noqa: E402
 from zennit.core import Composite  # noqa: E402
 
@@ -92,6 +93,20 @@ def test_norm_act_before_relu_becomes_threshold_relu_then_its_act():
     fused, _ = fuse(model)
     assert [type(module) for module in fused[0]] == [ThresholdReLU, torch.nn.Identity, torch.nn.ReLU]
     assert [name for name, _ in fused[0].named_children()] == ['bn', 'drop', 'act']
+
+
+def test_canonizer_gives_the_threshold_relu_inside_a_norm_act_its_rule(snapshot):
+    # the same relevance as CompositeLRP, which maps ThresholdReLU to Epsilon on the prepared copy
+    model, input, _, _ = NORM_ACT_CASES['relu-before-relu']
+    model = torch.nn.Sequential(*model, torch.nn.Flatten())
+    before = snapshot(model)
+    target = torch.eye(3 * 36, dtype=torch.float64)[[4, 7]]
+    with Gradient(model, EpsilonPlusFlat(canonizers=[FuseBatchNorm()])) as attributor:
+        output, relevance = attributor(input, target)
+        assert isinstance(model[0].bn, ThresholdReLU) and len(model[0].bn._forward_hooks) > 0
+    expected = CompositeLRP(model, EpsilonPlusFlat()).attribute(input, target=[4, 7])
+    torch.testing.assert_close(relevance * output.gather(1, torch.tensor([[4], [7]])).reshape(2, 1, 1, 1), expected)
+    before.assert_unchanged()
 
 
 def test_frozen_norm_act_folds_in_training_mode(snapshot):
