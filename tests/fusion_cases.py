@@ -64,9 +64,10 @@ class ScaledConv2d(torch.nn.Conv2d):
 
 
 def with_scales(model, index, scales):
-    '''Set the affine weight of BatchNorm ``model[index]`` (negative and zero scales included).'''
+    '''Set the affine weight of BatchNorm ``index`` of ``model`` (its position in a Sequential or its name; negative
+    and zero scales included).'''
     with torch.no_grad():
-        model[index].weight.copy_(torch.tensor(scales, dtype=torch.float64))
+        model.get_submodule(str(index)).weight.copy_(torch.tensor(scales, dtype=torch.float64))
     return model
 
 
@@ -137,6 +138,27 @@ def must_fuse():
     cases['bn1d-relu-linear'] = (with_scales(model, 0, [1., -1., 0., 2., -.5]), input, {'0': ('2', 'before-relu')})
     cases['bn-functional-relu-maxpool-conv'] = (*prepared(FunctionalRelu(), 2, 3, 6, 6),
                                                 {'bn': ('conv', 'before-relu')})
+    cases['cat-of-convs-bn'] = (*prepared(Lambda(
+        lambda self, x: torch.sigmoid(self.bn(torch.cat([self.conv1(x), self.conv2(x)], dim=1))),
+        conv1=torch.nn.Conv2d(3, 2, 3), conv2=torch.nn.Conv2d(3, 3, 3, bias=False), bn=torch.nn.BatchNorm2d(5)),
+        2, 3, 5, 5), {'bn': ('conv1', 'after')})
+    cases['conv-dropout-bn'] = (*prepared(torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.Dropout2d(), torch.nn.Identity(), torch.nn.BatchNorm2d(4)), 2, 3, 5, 5),
+        {'3': ('0', 'after')})
+    cases['bn-dropout-conv'] = (*prepared(torch.nn.Sequential(
+        torch.nn.BatchNorm2d(3), torch.nn.Dropout(), torch.nn.Identity(), torch.nn.Conv2d(3, 2, 3, padding=1)),
+        2, 3, 5, 5), {'0': ('3', 'before')})
+    # a pre-activation shared by a conv and a projection shortcut (He et al.), one through a pooling
+    model, input = prepared(Lambda(
+        lambda self, x: (lambda h: self.conv(h) + self.shortcut(h) + self.pooled(F.avg_pool2d(h, 2)))(
+            F.relu(self.bn(x))), bn=torch.nn.BatchNorm2d(4), conv=torch.nn.Conv2d(4, 3, 3, stride=2, padding=1),
+        shortcut=torch.nn.Conv2d(4, 3, 1, stride=2), pooled=torch.nn.Conv2d(4, 3, 1)), 2, 4, 6, 6)
+    cases['bn-relu-shared-by-three-layers'] = (with_scales(model, 'bn', [1.5, -.7, 0., -2.]), input,
+                                               {'bn': ('conv', 'before-relu')})
+    cases['bn-shared-by-two-convs'] = (*prepared(Lambda(
+        lambda self, x: (lambda h: self.conv(h) + self.shortcut(h))(self.bn(x)), bn=torch.nn.BatchNorm2d(3),
+        conv=torch.nn.Conv2d(3, 2, 3, padding=1), shortcut=torch.nn.Conv2d(3, 2, 1)), 2, 3, 5, 5),
+        {'bn': ('conv', 'before')})
     return cases
 
 
@@ -155,10 +177,30 @@ def must_not_fuse():
     cases['add-between-layer-and-bn'] = (*prepared(Lambda(
         lambda self, x: torch.tanh(self.bn(self.conv(x) + 1.)), conv=torch.nn.Conv2d(3, 3, 3),
         bn=torch.nn.BatchNorm2d(3)), 2, 3, 5, 5), {'bn': r'input comes from `\+`.*feeds `torch\.tanh`'})
-    cases['cat-before-bn'] = (*prepared(Lambda(
-        lambda self, x: torch.sigmoid(self.bn(torch.cat([self.conv1(x), self.conv2(x)], dim=1))),
-        conv1=torch.nn.Conv2d(3, 2, 3), conv2=torch.nn.Conv2d(3, 2, 3), bn=torch.nn.BatchNorm2d(4)), 2, 3, 5, 5),
-        {'bn': r'input comes from `torch\.cat`'})
+    cases['cat-of-conv-and-input-before-bn'] = (*prepared(Lambda(
+        lambda self, x: torch.sigmoid(self.bn(torch.cat([self.conv(x), x], dim=1))),
+        conv=torch.nn.Conv2d(3, 2, 3, padding=1), bn=torch.nn.BatchNorm2d(5)), 2, 3, 5, 5),
+        {'bn': r'input comes from `torch\.cat`.*cannot be split.*: the model input `x` is not a conv/linear layer'})
+    cases['cat-of-conv-also-used-before-bn'] = (*prepared(Lambda(
+        lambda self, x: (lambda y: torch.sigmoid(self.bn(torch.cat([y, self.conv2(x)], dim=1))) + y.sum())(
+            self.conv1(x)), conv1=torch.nn.Conv2d(3, 2, 3), conv2=torch.nn.Conv2d(3, 2, 3),
+        bn=torch.nn.BatchNorm2d(4)), 2, 3, 5, 5), {'bn': r'cannot be split.*output of `conv1` also feeds `\.sum\(\)`'})
+    cases['cat-on-dim-0-before-bn'] = (*prepared(Lambda(
+        lambda self, x: torch.sigmoid(self.bn(torch.cat([self.conv1(x), self.conv2(x)]))),
+        conv1=torch.nn.Conv2d(3, 2, 3), conv2=torch.nn.Conv2d(3, 2, 3), bn=torch.nn.BatchNorm2d(2)), 2, 3, 5, 5),
+        {'bn': r'input comes from `torch\.cat`, not a conv/linear layer\)'})
+    cases['relu-shared-with-add'] = (*prepared(Lambda(
+        lambda self, x: (lambda h: self.conv(h) + h)(F.relu(self.bn(x))), bn=torch.nn.BatchNorm2d(3),
+        conv=torch.nn.Conv2d(3, 3, 1)), 2, 3, 5, 5),
+        {'bn': r'output of `F\.relu` feeds 2 ops \(`conv` \(Conv2d\), `\+`\), and `\+` follows, through which'})
+    cases['shared-with-and-without-relu'] = (*prepared(Lambda(
+        lambda self, x: (lambda h: self.conv1(h) + self.conv2(F.relu(h)))(self.bn(x)), bn=torch.nn.BatchNorm2d(3),
+        conv1=torch.nn.Conv2d(3, 2, 1), conv2=torch.nn.Conv2d(3, 2, 1)), 2, 3, 5, 5),
+        {'bn': r'some layers read its output through a ReLU and others without'})
+    cases['shared-with-transposed-conv'] = (*prepared(Lambda(
+        lambda self, x: (lambda h: self.conv(h).sum() + self.up(h).sum())(F.relu(self.bn(x))),
+        bn=torch.nn.BatchNorm2d(3), conv=torch.nn.Conv2d(3, 2, 1), up=torch.nn.ConvTranspose2d(3, 2, 2)),
+        2, 3, 5, 5), {'bn': r'feeds 2 ops.*and `up` is a transposed convolution'})
     cases['pooling-between-bn-and-layer'] = (*prepared(torch.nn.Sequential(
         torch.nn.MaxPool2d(2), torch.nn.BatchNorm2d(3), torch.nn.MaxPool2d(2), torch.nn.Conv2d(3, 2, 1)),
         2, 3, 8, 8), {'1': r'input comes from `0` \(MaxPool2d\).*feeds `2` \(MaxPool2d\), not a conv/linear layer'})

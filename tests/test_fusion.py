@@ -1,5 +1,8 @@
 '''Tests for fuse(): exact outputs on every fixture, hypothesis-generated layers, dtypes and torchvision models.'''
 import copy
+import re
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,9 +11,11 @@ from hypothesis import given, settings, strategies as st
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from conftest import randomize_batch_norms
-from fusion_cases import BATCH_NORM, CONV, CONV_TRANSPOSE, must_fuse, must_not_fuse, prepared, rank_dependent_cases
+from fusion_cases import BATCH_NORM, CONV, CONV_TRANSPOSE, Lambda, must_fuse, must_not_fuse, prepared, \
+    rank_dependent_cases
 from zennit_bnfuse import find_fusable_pairs, fuse
-from zennit_bnfuse.fold import is_batch_norm
+from zennit_bnfuse.evaluation.models import build
+from zennit_bnfuse.fold import is_batch_norm, timm_layers
 from zennit_bnfuse.layers import FOLDABLE_LAYER_TYPES, FoldedInputError
 
 FUSE_CASES = must_fuse()
@@ -241,3 +246,41 @@ def test_include_errors_name_the_problem():
         fuse(model, include=['1', '4'])
     with pytest.raises(TypeError, match='include must be a function'):
         fuse(model, include='1')
+
+
+def test_preact_resnet_folds_shared_preactivations(snapshot):
+    # blocks.3 and blocks.6 share relu(bn1(x)) between conv1 and the projection shortcut (He et al.)
+    torch.manual_seed(0)
+    model = randomize_batch_norms(build('cifar10-preact-resnet').double())
+    _, report = assert_fused_exactly(model, torch.randn(2, 3, 32, 32, dtype=torch.float64), snapshot)
+    assert len(report.fused) == 19 and not report.unfused
+    assert {item.bn: (item.layers, item.side) for item in report.fused if item.also} == {
+        'blocks.3.bn1': (('blocks.3.shortcut', 'blocks.3.conv1'), 'before-relu'),
+        'blocks.6.bn1': (('blocks.6.shortcut', 'blocks.6.conv1'), 'before-relu'),
+    }
+
+
+def test_timm_is_looked_at_only_once_the_user_imported_it(monkeypatch):
+    # timm is a test dependency only: no module but zennit_bnfuse.timm_layers imports it, and that one only once
+    # the user has imported timm
+    package = Path(__file__).parent.parent / 'zennit_bnfuse'
+    importing = [path.name for path in package.rglob('*.py')
+                 if re.search(r'^\s*(import|from) timm\b', path.read_text(), re.MULTILINE)]
+    assert importing == ['timm_layers.py']
+    monkeypatch.delitem(sys.modules, 'timm', raising=False)
+    assert timm_layers() is None
+    model, input, folds = FUSE_CASES['bn-relu-conv-negative-zero-scales']
+    fused, report = fuse(model)
+    assert len(report.fused) == len(folds)
+    torch.testing.assert_close(fused(input), model(input), rtol=0, atol=1e-10)
+
+
+def test_rank_check_drops_a_shared_fold_whichever_layer_raises():
+    # BatchNorm1d on (N, C, L) normalises C; the Linears act on L: their fold is exact only for (N, C) inputs
+    model = randomize_batch_norms(Lambda(
+        lambda self, x: (lambda h: self.first(h) + self.second(h))(torch.relu(self.bn(x))),
+        bn=torch.nn.BatchNorm1d(3), first=torch.nn.Linear(3, 2), second=torch.nn.Linear(3, 2)).double())
+    assert find_fusable_pairs(model).fused[0].layers == ('first', 'second')
+    _, report = fuse(model, example_inputs=torch.randn(2, 3, 3, dtype=torch.float64))
+    assert not report.fused and re.search(r'folded into `first`, `second`.*gets an input of shape \(2, 3, 3\)',
+                                          report.unfused[0].reason)

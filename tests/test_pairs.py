@@ -99,5 +99,16 @@ def test_report_prints_table():
 def test_report_to_dict():
     model, _, _ = FUSE_CASES['functional-forward']
     report = find_fusable_pairs(model).to_dict()
-    assert report['fused'][0] == {'bn': 'bn_in', 'layer': 'conv', 'side': 'before', 'via': []}
+    assert report['fused'][0] == {'bn': 'bn_in', 'layer': 'conv', 'side': 'before', 'via': [], 'also': []}
     assert report['unfused'] == [] and report['traced'] and report['checked_on'] is None
+
+
+def test_shared_and_concatenated_folds_name_every_layer():
+    layers = {case: find_fusable_pairs(FUSE_CASES[case][0]).fused[0].layers for case in (
+        'bn-relu-shared-by-three-layers', 'bn-shared-by-two-convs', 'cat-of-convs-bn')}
+    assert layers == {'bn-relu-shared-by-three-layers': ('conv', 'shortcut', 'pooled'),
+                      'bn-shared-by-two-convs': ('conv', 'shortcut'), 'cat-of-convs-bn': ('conv1', 'conv2')}
+    report = find_fusable_pairs(FUSE_CASES['bn-relu-shared-by-three-layers'][0])
+    assert report.fused[0].via == ('`F.relu`', '`F.avg_pool2d`')
+    assert re.search(r'^bn\s+conv, shortcut, pooled\s+before-relu via `F.relu`, `F.avg_pool2d`$', str(report),
+                     re.MULTILINE)

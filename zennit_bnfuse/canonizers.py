@@ -109,8 +109,10 @@ class FuseBatchNorm(Canonizer):
             for name, module in replacements.items():
                 self.originals[name] = modules[name]
                 set_module(root_module, name, module)
-                if isinstance(module, ThresholdReLU) and self.threshold_rule is not None:
-                    self.handles.append(self.threshold_rule.copy().register(module))
+                # a folded timm norm-act layer holds its ThresholdReLU inside (see timm_layers.norm_act_remainder)
+                for part in module.modules():
+                    if isinstance(part, ThresholdReLU) and self.threshold_rule is not None:
+                        self.handles.append(self.threshold_rule.copy().register(part))
         except BaseException:
             self.remove()
             raise

@@ -4,6 +4,9 @@ All functions here work on tensors only and compute in float64; callers cast the
 A BatchNorm with running statistics computes ``bn(x)_c = scale_c * x_c + shift_c`` with
 ``scale = gamma / sqrt(var + eps)`` and ``shift = beta - mean * scale``.
 '''
+import sys
+from types import SimpleNamespace
+
 import torch
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torchvision.ops.misc import FrozenBatchNorm2d
@@ -17,15 +20,35 @@ FOLDABLE_BATCH_NORM_TYPES = (
 )
 
 
+def timm_layers():
+    '''This package's support for timm's layers, :py:mod:`zennit_bnfuse.timm_layers`, if timm is imported, else None.
+
+    A model can only hold timm's modules once timm is imported, so timm is never imported here: the package works
+    without it.
+    '''
+    if 'timm' not in sys.modules:
+        return None
+    from . import timm_layers as extension
+    return extension
+
+
+def is_frozen(batch_norm):
+    '''Whether ``batch_norm`` always normalises by its fixed statistics (torchvision's FrozenBatchNorm2d, timm's
+    FrozenBatchNormAct2d), whatever its training flag.'''
+    extension = timm_layers()
+    return isinstance(batch_norm, FrozenBatchNorm2d) or (
+        extension is not None and isinstance(batch_norm, extension.FrozenBatchNormAct2d))
+
+
 def is_batch_norm(module):
     '''Whether ``module`` is a BatchNorm of any dimension (including SyncBatchNorm, torchvision's
-    FrozenBatchNorm2d and subclasses).'''
-    return isinstance(module, BATCH_NORM_TYPES)
+    FrozenBatchNorm2d, timm's norm-act layers and other subclasses).'''
+    return isinstance(module, BATCH_NORM_TYPES) or is_frozen(module)
 
 
 def has_running_stats(batch_norm):
     '''Whether ``batch_norm`` normalises by running statistics in eval mode, i.e. is a fixed affine map.'''
-    if isinstance(batch_norm, FrozenBatchNorm2d):
+    if is_frozen(batch_norm):
         return True
     return batch_norm.track_running_stats and batch_norm.running_mean is not None
 
@@ -47,7 +70,7 @@ def check_batch_norm(name, batch_norm):
         parameters are not finite, or ``running_var + eps`` is not positive in some channel (its normalisation
         ``1 / sqrt(running_var + eps)`` is then infinite or not a number).
     '''
-    if batch_norm.training and not isinstance(batch_norm, FrozenBatchNorm2d):
+    if batch_norm.training and not is_frozen(batch_norm):
         raise ValueError(
             f'BatchNorm \'{name}\' is in training mode, where it normalises by batch statistics and cannot be fused. '
             'Call model.eval() before fusing or explaining the model.'
@@ -93,6 +116,17 @@ def batch_norm_affine(batch_norm):
     if batch_norm.bias is not None:
         shift = shift + batch_norm.bias.double()
     return scale, shift
+
+
+def channel_range(batch_norm, start, stop):
+    '''The statistics and affine parameters of channels ``start:stop`` of ``batch_norm``, as an object with the
+    attributes :py:func:`fold_into_previous` reads (for a BatchNorm after a ``torch.cat`` of layer outputs).'''
+    def part(tensor):
+        return None if tensor is None else tensor[start:stop]
+    return SimpleNamespace(
+        running_mean=part(batch_norm.running_mean), running_var=part(batch_norm.running_var), eps=batch_norm.eps,
+        weight=part(batch_norm.weight), bias=part(batch_norm.bias),
+    )
 
 
 def output_channels_first(weight, transposed, groups):

@@ -26,9 +26,11 @@ def fuse(model, example_inputs=None, include=None):
     -------
     tuple[:py:obj:`torch.nn.Module`, :py:class:`~zennit_bnfuse.report.FusionReport`]
         The fused model (same classes and module names as ``model``; folded BatchNorms are
-        :py:class:`torch.nn.Identity`, the layers they were folded into
-        :py:class:`~zennit_bnfuse.layers.FoldedLayerMixin` subclasses of their type) and the report of what was
-        folded and why the rest was not.
+        :py:class:`torch.nn.Identity` or a :py:class:`~zennit_bnfuse.layers.ThresholdReLU`, a folded timm norm-act
+        layer a Sequential of that, its ``drop`` and its ``act``; the layers they were folded into
+        :py:class:`~zennit_bnfuse.layers.FoldedLayerMixin` subclasses of their type, see
+        :py:func:`~zennit_bnfuse.replacements.replacement_modules`) and the report of what was folded and why the
+        rest was not.
 
     Raises
     ------

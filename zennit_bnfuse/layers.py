@@ -4,7 +4,7 @@ import copy
 import torch
 import torch.fx
 
-from .fold import batch_norm_affine, fold_into_next, fold_into_previous, relu_fold
+from .fold import batch_norm_affine, fold_into_next, fold_into_previous, relu_fold, timm_layers
 
 
 FOLDABLE_LAYER_TYPES = (
@@ -270,10 +270,80 @@ class ThresholdReLU(torch.nn.Module):
         return f'{self.sign.numel()}'
 
 
+def layer_kind_problem(layer):
+    '''Why a BatchNorm cannot be folded into ``layer`` because of what kind of layer it is, or None.
+
+    Folds go into Linear, Conv and ConvTranspose layers of the exact torch types, and into timm's conv variants whose
+    forward is a plain convolution or linear map with a weight computed from their parameters (see
+    :py:mod:`zennit_bnfuse.timm_layers`). Other subclasses are refused: their forward may differ from their base.
+
+    Parameters
+    ----------
+    layer: :py:obj:`torch.nn.Module`
+
+    Returns
+    -------
+    str or None
+        The reason, phrased to follow the layer's name (``'is not a conv/linear layer'``).
+    '''
+    if type(layer) in FOLDABLE_LAYER_TYPES:
+        return None
+    extension = timm_layers()
+    if extension is not None:
+        if type(layer) in extension.REFUSED_LAYER_REASONS:
+            return f'is a {type(layer).__name__}, which {extension.REFUSED_LAYER_REASONS[type(layer)]}'
+        if type(layer) in extension.FOLDABLE_VARIANT_TYPES:
+            return None
+    if isinstance(layer, FOLDABLE_LAYER_TYPES):
+        return f'is a {type(layer).__name__}, a subclass whose forward may differ from its base'
+    return 'is not a conv/linear layer'
+
+
+def is_layer_like(module):
+    '''Whether ``module`` is a Linear/Conv/ConvTranspose (any subclass) or a layer timm builds in their place, i.e.
+    a layer a fold would go into if :py:func:`layer_kind_problem` allows it.'''
+    extension = timm_layers()
+    return isinstance(module, FOLDABLE_LAYER_TYPES) or (
+        extension is not None and type(module) in extension.REFUSED_LAYER_REASONS)
+
+
+def effective_layer(layer):
+    '''``layer``'s forward as ``(weight, empty layer)``: the float64 weight it computes with, and a new layer without
+    weight or bias, of a type whose forward uses its weight as it is, with ``layer``'s geometry and no hooks.
+
+    Weight-standardised convolutions (timm) become a plain convolution with their standardised weight; every other
+    foldable layer keeps its own type.
+    '''
+    extension = timm_layers()
+    if extension is not None and type(layer) in extension.STANDARDIZED_CONV_TYPES:
+        return extension.standardized_weight(layer), extension.plain_conv(layer)
+    return layer.weight.detach().double(), detached_copy(layer)
+
+
+def folded_type(layer):
+    '''The :py:class:`FoldedLayerMixin` class for a layer of ``layer``'s type.'''
+    extension = timm_layers()
+    if extension is not None and type(layer) in extension.FOLDED_TYPES:
+        return extension.FOLDED_TYPES[type(layer)]
+    return FOLDED_TYPES[type(layer)]
+
+
+def bias_map_type(layer):
+    '''The :py:class:`BiasMapConvMixin` class (a :py:class:`FoldedLayerMixin` one) for a conv of ``layer``'s
+    type.'''
+    extension = timm_layers()
+    if extension is not None and type(layer) in extension.BIAS_MAP_TYPES:
+        return extension.BIAS_MAP_TYPES[type(layer)]
+    return BIAS_MAP_TYPES[type(layer)]
+
+
 def needs_bias_map(layer):
     '''Whether a shift folded into the input of ``layer`` needs a position-dependent bias (zero-padded conv).'''
     if not isinstance(layer, torch.nn.modules.conv._ConvNd) or layer.padding_mode != 'zeros':
         return False
+    extension = timm_layers()
+    if extension is not None and extension.has_dynamic_padding(layer):
+        return True
     if isinstance(layer.padding, str):
         return layer.padding == 'same' and any(size > 1 for size in layer.kernel_size)
     return any(pad > 0 for pad in layer.padding)
@@ -308,11 +378,13 @@ def folded_layer(layer, before=None, after=None, name='', batch_norms=()):
     Parameters
     ----------
     layer: :py:obj:`torch.nn.Module`
-        A Linear, Conv or ConvTranspose module (exact torch types).
+        A Linear, Conv or ConvTranspose module (exact torch types) or one of timm's variants that
+        :py:func:`layer_kind_problem` accepts.
     before: tuple[:py:obj:`torch.Tensor`, :py:obj:`torch.Tensor`] or None
         ``(scale, shift)`` per input feature of ``layer`` (float64) applied before it, or None.
     after: :py:obj:`torch.nn.Module` or None
-        A BatchNorm applied to the output of ``layer``, or None.
+        A BatchNorm applied to the output of ``layer`` (or the part of one, see
+        :py:func:`zennit_bnfuse.fold.channel_range`), or None.
     name: str, optional
         The layer's name in its model, for error messages.
     batch_norms: tuple[str, ...], optional
@@ -322,7 +394,9 @@ def folded_layer(layer, before=None, after=None, name='', batch_norms=()):
     -------
     :py:obj:`torch.nn.Module`
         The fused layer, a :py:class:`FoldedLayerMixin` subclass of the type of ``layer`` (a
-        :py:class:`BiasMapConvMixin` one where a shift meets zero padding).
+        :py:class:`BiasMapConvMixin` one where a shift meets zero padding); for timm's weight-standardised
+        convolutions, of the plain convolution type, and without a fold (``before`` and ``after`` None) the plain
+        convolution itself.
 
     Raises
     ------
@@ -331,7 +405,7 @@ def folded_layer(layer, before=None, after=None, name='', batch_norms=()):
     '''
     transposed = getattr(layer, 'transposed', False)
     groups = getattr(layer, 'groups', 1)
-    weight = layer.weight.detach().double()
+    weight, new = effective_layer(layer)
     bias = None if layer.bias is None else layer.bias.detach().double()
 
     if after is not None:
@@ -344,21 +418,23 @@ def folded_layer(layer, before=None, after=None, name='', batch_norms=()):
             raise TypeError(f'Cannot fold into the input of a transposed convolution: {layer}')
         scale, shift = before
         weight, bias, border_kernel = fold_into_next(weight, bias, scale, shift, groups)
-        if not needs_bias_map(layer) or not bool(shift.any()):
+        if not needs_bias_map(new) or not bool(shift.any()):
             border_kernel = None
 
-    new = detached_copy(layer)
-    new.folded_layer_name = name
-    new.folded_batch_norms = tuple(batch_norms)
     dtype = layer.weight.dtype
     requires_grad = layer.weight.requires_grad
     new.weight = torch.nn.Parameter(weight.to(dtype), requires_grad)
     if border_kernel is None:
-        new.__class__ = FOLDED_TYPES[type(layer)]
+        if before is not None or after is not None:
+            new.__class__ = folded_type(new)
+            new.folded_layer_name = name
+            new.folded_batch_norms = tuple(batch_norms)
         new.bias = None if bias is None else torch.nn.Parameter(bias.to(dtype), requires_grad)
         return new
 
-    new.__class__ = BIAS_MAP_TYPES[type(layer)]
+    new.__class__ = bias_map_type(new)
+    new.folded_layer_name = name
+    new.folded_batch_norms = tuple(batch_norms)
     new.bias = None
     if base_bias is None:
         base_bias = torch.zeros_like(bias)

@@ -12,9 +12,9 @@ import torch
 import torch.fx
 
 from .fold import FOLDABLE_BATCH_NORM_TYPES, batch_norm_affine, check_batch_norm, has_running_stats, is_batch_norm, \
-    relu_fold
+    relu_fold, timm_layers
 from .checks import check_model
-from .layers import FOLDABLE_LAYER_TYPES, ThresholdReLU
+from .layers import ThresholdReLU, is_layer_like, layer_kind_problem
 from .report import FusedBatchNorm, FusionReport, UnfusedBatchNorm
 from .verification import check_folds, refuse_unproven
 
@@ -40,22 +40,78 @@ SCALE_COMMUTING_FUNCTIONS = {
 }
 RELU_METHODS = {'relu', 'relu_'}
 RELU_FUNCTIONS = {torch.relu, torch.nn.functional.relu}
+# modules that are the identity in eval mode: an affine map moves through them unchanged
+EVAL_IDENTITY_MODULES = (
+    torch.nn.Identity, torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d,
+    torch.nn.AlphaDropout, torch.nn.FeatureAlphaDropout,
+)
+CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
 
 
 class LeafTracer(torch.fx.Tracer):
-    '''fx tracer that keeps every BatchNorm (torchvision's FrozenBatchNorm2d included), every Linear/Conv layer and
-    its subclasses, the modules of this package and, if given, every child of ``leaf_parent`` as one ``call_module``
-    node.'''
-    def __init__(self, leaf_parent=None):
-        super().__init__()
+    """fx tracer that keeps every BatchNorm (torchvision's FrozenBatchNorm2d and timm's norm-act layers included),
+    every Linear/Conv layer and its subclasses (and layers timm builds in their place), the modules of this package,
+    timm's 'same'-padded pooling and, if given, every child of ``leaf_parent`` as one ``call_module`` node."""
+    def __init__(self, leaf_parent=None, **kwargs):
+        super().__init__(**kwargs)
         self.leaf_parent = leaf_parent
 
     def is_leaf_module(self, module, module_qualified_name):
         if self.leaf_parent is not None:
             return any(module is child for child in self.leaf_parent.children())
-        if is_batch_norm(module) or isinstance(module, (ThresholdReLU, *FOLDABLE_LAYER_TYPES)):
+        if is_batch_norm(module) or isinstance(module, ThresholdReLU) or is_layer_like(module):
+            return True
+        extension = timm_layers()
+        if extension is not None and type(module) in extension.SCALE_COMMUTING_MODULES:
             return True
         return super().is_leaf_module(module, module_qualified_name)
+
+
+class PairTracer(LeafTracer):
+    """:py:class:`LeafTracer` for finding pairs: a timm norm-act layer is recorded as its BatchNorm part (a call of
+    the layer itself) followed by calls of its ``drop`` and ``act`` modules, which is what its eval-mode forward
+    computes (see :py:mod:`zennit_bnfuse.timm_layers`); the modules and functions timm marks as untraceable are kept
+    whole. The graph is for analysis only: running it would apply ``drop`` and ``act`` twice."""
+    def __init__(self, leaf_parent=None):
+        extension = timm_layers()
+        functions = () if extension is None else extension.notrace_functions()
+        super().__init__(leaf_parent, autowrap_functions=functions)
+        self.notrace_modules = () if extension is None else extension.notrace_modules()
+
+    def is_leaf_module(self, module, module_qualified_name):
+        if self.leaf_parent is None and type(module) in self.notrace_modules:
+            return True
+        return super().is_leaf_module(module, module_qualified_name)
+
+    def call_module(self, module, forward, args, kwargs):
+        output = super().call_module(module, forward, args, kwargs)
+        if type(module) not in FOLDABLE_BATCH_NORM_TYPES and batch_norm_kind_problem(module) is None:
+            for _, child in timm_layers().norm_act_tail(module):
+                output = self.call_module(child, child.forward, (output,), {})
+        return output
+
+
+def scale_commuting_modules():
+    '''The module types a non-negative per-channel scale moves through (timm's 'same'-padded pooling included where
+    timm is imported).'''
+    extension = timm_layers()
+    return SCALE_COMMUTING_MODULES + (() if extension is None else extension.SCALE_COMMUTING_MODULES)
+
+
+def batch_norm_kind_problem(batch_norm):
+    """Why ``batch_norm`` is not a kind of BatchNorm this package folds, or None.
+
+    Folded are the exact BatchNorm types (subclasses may do more than normalise) and timm's norm-act layers whose
+    eval-mode forward is the BatchNorm, then their ``drop`` and ``act`` modules.
+    """
+    if type(batch_norm) in FOLDABLE_BATCH_NORM_TYPES:
+        return None
+    extension = timm_layers()
+    if extension is not None and extension.norm_act_tail(batch_norm) is not None:
+        problem = extension.norm_act_problem(batch_norm)
+        return None if problem is None else f'it is a {type(batch_norm).__name__} and {problem}'
+    return (f'it is a {type(batch_norm).__name__}, a BatchNorm subclass whose forward may do more than normalise (e.g. '
+            'apply an activation)')
 
 
 def find_fusable_pairs(model, example_inputs=None):
@@ -76,7 +132,8 @@ def find_fusable_pairs(model, example_inputs=None):
     Returns
     -------
     :py:class:`zennit_bnfuse.report.FusionReport`
-        The folds to do (``report.fused``) and the BatchNorms to leave (``report.unfused``).
+        The folds to do (``report.fused``), the BatchNorms to leave (``report.unfused``) and timm's
+        weight-standardised convolutions that become plain ones (``report.standardized``).
 
     Raises
     ------
@@ -92,30 +149,54 @@ def find_fusable_pairs(model, example_inputs=None):
     for name, module in batch_norms.items():
         check_batch_norm(name, module)
     report = FusionReport()
-    if not batch_norms:
+    extension = timm_layers()
+    standardized = {name for name, module in modules.items()
+                    if extension is not None and type(module) in extension.STANDARDIZED_CONV_TYPES}
+    if not batch_norms and not standardized:
         return report
 
     try:
-        graphs = [('', LeafTracer().trace(model))]
+        graphs = [('', PairTracer().trace(model))]
     except Exception as error:  # fx raises many kinds of errors for untraceable code
         report.traced = False
         report.trace_error = f'{type(error).__name__}: {error}'.splitlines()[0]
         graphs = [
-            (name, LeafTracer(leaf_parent=module).trace(module))
+            (name, PairTracer(leaf_parent=module).trace(module))
             for name, module in modules.items() if isinstance(module, torch.nn.Sequential)
         ]
 
     aliases = Counter(id(module) for _, module in model.named_modules(remove_duplicate=False))
     decided = {}
+    called, read_directly = set(), set()
     for prefix, graph in graphs:
-        _GraphAnalysis(graph, prefix, modules, aliases).decide(decided)
+        analysis = _GraphAnalysis(graph, prefix, modules, aliases)
+        analysis.decide(decided)
+        called.update(analysis.calls)
+        read_directly.update(analysis.read_directly)
+    folded = {layer for entry in decided.values() if isinstance(entry, FusedBatchNorm) for layer in entry.layers}
+    if report.traced:
+        # the forward computes with the standardised weight only: the module is called, its weight not read directly
+        report.standardized = sorted(
+            name for name in standardized - folded - read_directly if name in called and not has_hooks(modules[name]))
 
     where = 'in the traced (eval-mode) forward' if report.traced else 'inside an nn.Sequential'
     for name in batch_norms:
-        if name not in decided:
+        if name in decided:
+            continue
+        parents = [parent for parent in called if name.startswith(f'{parent}.')]
+        parent = max(parents, key=len) if parents else None
+        if parent is not None and is_batch_norm(modules[parent]):
             decided[name] = UnfusedBatchNorm(
-                name, f'it is never called as a module {where} (e.g. a branch used only in training, or one called '
-                'inside another leaf module), so there is no layer to pair it with')
+                name, f'it belongs to the BatchNorm `{parent}` ({type(modules[parent]).__name__}), whose eval-mode '
+                'forward does not call it (timm\'s SplitBatchNorm2d uses its auxiliary BatchNorms only in training)')
+        elif parent is not None:
+            decided[name] = UnfusedBatchNorm(
+                name, f'it runs inside `{parent}` ({type(modules[parent]).__name__}), which the trace keeps whole '
+                '(timm marks it untraceable, or it is a layer of its own), so its neighbours are not known')
+        else:
+            decided[name] = UnfusedBatchNorm(
+                name, f'it is never called as a module {where} (e.g. a branch used only in training), so there is '
+                'no layer to pair it with')
     for entry in decided.values():
         if isinstance(entry, FusedBatchNorm):
             report.fused.append(entry)
@@ -244,10 +325,9 @@ class _GraphAnalysis:
         """
         layer = self.module(node)
         name = self.name(node)
-        if type(layer) not in FOLDABLE_LAYER_TYPES:
-            if isinstance(layer, FOLDABLE_LAYER_TYPES):
-                return f'`{name}` is a {type(layer).__name__}, a subclass whose forward may differ from its base'
-            return f'{self.describe(node)} is not a conv/linear layer'
+        problem = layer_kind_problem(layer)
+        if problem:
+            return f'`{name}` {problem}'
         problem = self.usage_problem(node)
         if problem:
             return problem
@@ -279,10 +359,9 @@ class _GraphAnalysis:
 
     def decide_one(self, node, name, batch_norm, claimed_inputs):
         '''How the BatchNorm called by ``node`` folds, as FusedBatchNorm or UnfusedBatchNorm.'''
-        if type(batch_norm) not in FOLDABLE_BATCH_NORM_TYPES:
-            return UnfusedBatchNorm(
-                name, f'it is a {type(batch_norm).__name__}, a BatchNorm subclass whose forward may do more than '
-                'normalise (e.g. apply an activation)')
+        problem = batch_norm_kind_problem(batch_norm)
+        if problem:
+            return UnfusedBatchNorm(name, problem)
         if not has_running_stats(batch_norm):
             return UnfusedBatchNorm(
                 name, 'it has no running statistics (track_running_stats=False), so it normalises every batch by '
@@ -293,21 +372,73 @@ class _GraphAnalysis:
         channels = batch_norm.running_mean.shape[0]
 
         source = node.args[0] if node.args else None
-        before_reason = self.previous_problem(source, node, channels)
-        if before_reason is None:
-            return FusedBatchNorm(name, self.name(source), 'after')
+        fold, before_reason = self.previous_fold(source, node, name, channels)
+        if fold is not None:
+            return fold
 
         fold, after_reason = self.next_fold(node, name, channels, claimed_inputs)
         if fold is not None and fold.side == 'before-relu':
             after_reason = relu_fold_problem(batch_norm)
         if fold is not None and after_reason is None:
+            claimed_inputs.update(fold.layers)
             return fold
         return UnfusedBatchNorm(
             name, f'cannot fold into the layer before ({before_reason}) nor the layer after ({after_reason})')
 
-    def previous_problem(self, source, node, channels):
-        '''Why the BatchNorm ``node`` cannot fold into the layer producing ``source``, or None.'''
-        if not isinstance(self.module(source), FOLDABLE_LAYER_TYPES):
+    def previous_fold(self, source, node, name, channels):
+        """Fold the BatchNorm ``node`` into the layer(s) producing its input ``source``: ``(FusedBatchNorm, None)``
+        or ``(None, reason)``.
+
+        ``source`` (after any ops that are the identity in eval mode) is a layer's output, or a channel concatenation
+        (``torch.cat(..., dim=1)``, as in timm's MixedConv2d) of outputs of distinct layers that nothing else reads;
+        each layer then takes its own channels of the BatchNorm, in the order of the concatenation.
+        """
+        consumer, via = node, []
+        while self.is_eval_identity(source) and len(source.users) == 1 and source.args:
+            consumer, source = source, source.args[0]
+            via.append(self.describe(consumer))
+        if not self.is_channel_cat(source):
+            problem = self.previous_problem(source, consumer, node, channels)
+            if problem:
+                return None, problem
+            return FusedBatchNorm(name, self.name(source), 'after', tuple(reversed(via))), None
+        parts = list(source.args[0])
+        problem = None
+        if len(source.users) > 1:
+            problem = f'its output also feeds {self.describe_users(source, exclude=consumer)}'
+        elif len(set(parts)) != len(parts):
+            problem = 'it concatenates a tensor with itself'
+        counts = [getattr(self.module(part), 'out_channels', getattr(self.module(part), 'out_features', 0))
+                  for part in parts]
+        for part, count in zip(parts, counts):
+            if problem:
+                break
+            if not is_layer_like(self.module(part)):
+                problem = f'{self.describe(part)} is not a conv/linear layer'
+            else:
+                problem = self.previous_problem(part, source, node, count)
+        if problem is None and sum(counts) != channels:
+            problem = f'its layers have {sum(counts)} output channels but the BatchNorm has {channels}'
+        if problem:
+            return None, (f'its input comes from {self.describe(source)}, not a conv/linear layer, and cannot be '
+                          f'split among the tensors it concatenates: {problem}')
+        names = [self.name(part) for part in parts]
+        via = (self.describe(source), *reversed(via))
+        return FusedBatchNorm(name, names[0], 'after', via, tuple(names[1:])), None
+
+    def is_channel_cat(self, node):
+        '''Whether ``node`` concatenates a list of tensors along dim 1.'''
+        if not isinstance(node, torch.fx.Node) or node.op != 'call_function' or node.target not in CAT_FUNCTIONS:
+            return False
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get('dim', 0)
+        tensors = node.args[0] if node.args else node.kwargs.get('tensors')
+        return dim == 1 and isinstance(tensors, (list, tuple)) and all(
+            isinstance(tensor, torch.fx.Node) for tensor in tensors)
+
+    def previous_problem(self, source, consumer, node, channels):
+        '''Why the BatchNorm ``node`` cannot fold into the layer producing ``source``, which ``consumer`` (the
+        BatchNorm or a concatenation before it) reads, or None.'''
+        if not is_layer_like(self.module(source)):
             return f'its input comes from {self.describe(source)}, not a conv/linear layer'
         problem = self.layer_problem(source, channels)
         if problem:
@@ -315,44 +446,75 @@ class _GraphAnalysis:
         if isinstance(self.module(source), torch.nn.Linear) and not isinstance(self.module(node), torch.nn.BatchNorm1d):
             return f'`{self.name(source)}` is a Linear, whose features are on the last dim, not the BN\'s channel dim'
         if len(source.users) > 1:
-            return f'the output of `{self.name(source)}` also feeds {self.describe_users(source, exclude=node)}'
+            return f'the output of `{self.name(source)}` also feeds {self.describe_users(source, exclude=consumer)}'
         return None
 
     def next_fold(self, node, name, channels, claimed_inputs):
-        '''Follow the BatchNorm's output to a layer: ``(FusedBatchNorm, None)`` or ``(None, reason)``.'''
-        via = []
-        current = node
-        flatten = False
-        while True:
-            users = list(current.users)
-            if len(users) != 1:
-                what = 'its output' if current is node else f'the output of {self.describe(current)}'
-                if not users:
-                    return None, f'{what} is not used'
-                return None, f'{what} feeds {len(users)} ops ({self.describe_users(current)})'
-            user = users[0]
-            if isinstance(self.module(user), FOLDABLE_LAYER_TYPES):
-                layer_name = self.name(user)
-                problem = self.layer_problem(user, channels, input_node=current, flatten=flatten)
-                if problem is None and isinstance(self.module(user), torch.nn.Linear) and not flatten \
-                        and not isinstance(self.modules[name], torch.nn.BatchNorm1d):
-                    problem = f'`{layer_name}` is a Linear applied to the last dim, not to the BN channels'
-                if problem is None and layer_name in claimed_inputs:
-                    problem = f'`{layer_name}` already takes another fold on its input'
-                if problem:
-                    return None, problem
-                claimed_inputs.add(layer_name)
-                return FusedBatchNorm(name, layer_name, 'before-relu' if via else 'before', tuple(via)), None
+        """Follow the BatchNorm's output to the layers that read it: ``(FusedBatchNorm, None)`` or
+        ``(None, reason)``.
+
+        On its way to a layer the output may pass ops that are the identity in eval mode, then a ReLU and ops that a
+        non-negative per-channel scale moves through (:py:meth:`commuting_step`). It may branch (a pre-activation
+        that a conv and a projection shortcut share), as long as every branch ends in a layer that can take the fold
+        and either every branch passes a ReLU (side ``'before-relu'``: the BatchNorm becomes a thresholded ReLU and
+        every layer takes its scale magnitude) or none does (``'before'``: every layer takes the affine map).
+        """
+        found, via = [], []
+        problem = self.follow(node, node, channels, False, False, found, via)
+        if problem:
+            return None, problem
+        if len({rectified for _, rectified in found}) > 1:
+            return None, ('some layers read its output through a ReLU and others without, so it cannot become one '
+                          'thresholded ReLU')
+        names = [layer for layer, _ in found]
+        for layer in names:
+            if layer in claimed_inputs:
+                return None, f'`{layer}` already takes another fold on its input'
+        side = 'before-relu' if found[0][1] else 'before'
+        return FusedBatchNorm(name, names[0], side, tuple(dict.fromkeys(via)), tuple(names[1:])), None
+
+    def follow(self, node, current, channels, rectified, flatten, found, via):
+        '''Walk from ``current`` to every layer that reads it (see :py:meth:`next_fold`), appending ``(layer name,
+        rectified)`` to ``found`` and each op passed to ``via``; return the reason the walk fails, or None.'''
+        users = list(current.users)
+        what = 'its output' if current is node else f'the output of {self.describe(current)}'
+        if not users:
+            return f'{what} is not used'
+        for user in users:
+            problem = self.follow_user(node, current, user, what, channels, rectified, flatten, found, via)
+            if problem:
+                if len(users) > 1:
+                    return f'{what} feeds {len(users)} ops ({self.describe_users(current)}), and {problem}'
+                return problem
+        return None
+
+    def follow_user(self, node, current, user, what, channels, rectified, flatten, found, via):
+        '''One step of :py:meth:`follow`: ``user`` reads ``current``, which is described as ``what``.'''
+        if is_layer_like(self.module(user)):
+            problem = self.layer_problem(user, channels, input_node=current, flatten=flatten)
+            if problem is None and isinstance(self.module(user), torch.nn.Linear) and not flatten \
+                    and not isinstance(self.module(node), torch.nn.BatchNorm1d):
+                problem = f'`{self.name(user)}` is a Linear applied to the last dim, not to the BN channels'
+            if problem:
+                return problem
+            found.append((self.name(user), rectified))
+            return None
+        if not rectified and not (self.is_relu(user) or self.is_eval_identity(user)):
+            return f'{what} feeds {self.describe(user)}, not a conv/linear layer or ReLU'
+        step = 'op'
+        if rectified:
             step = self.commuting_step(user, flatten)
             if step is None:
-                if not via:
-                    return None, f'its output feeds {self.describe(user)}, not a conv/linear layer'
-                return None, f'{self.describe(user)} follows, through which its scale cannot move'
-            if via == [] and not self.is_relu(user):
-                return None, f'its output feeds {self.describe(user)}, not a conv/linear layer or ReLU'
-            via.append(self.describe(user))
-            flatten = flatten or step == 'flatten'
-            current = user
+                return f'{self.describe(user)} follows, through which its scale cannot move'
+        via.append(self.describe(user))
+        return self.follow(node, user, channels, rectified or self.is_relu(user),
+                           flatten or step == 'flatten', found, via)
+
+    def is_eval_identity(self, node):
+        '''Whether ``node`` calls a module that is the identity in eval mode (identity, dropout).'''
+        module = self.module(node)
+        return module is not None and type(module) in EVAL_IDENTITY_MODULES and (
+            not module.training or type(module) is torch.nn.Identity)
 
     def is_relu(self, node):
         '''Whether ``node`` applies a ReLU.'''
@@ -370,7 +532,7 @@ class _GraphAnalysis:
         if module is not None:
             if isinstance(module, torch.nn.Flatten):
                 return 'flatten' if module.start_dim == 1 and module.end_dim == -1 and not flattened else None
-            if type(module) not in SCALE_COMMUTING_MODULES or module.training:
+            if type(module) not in scale_commuting_modules() or module.training:
                 return None
             elementwise = isinstance(module, (torch.nn.ReLU, torch.nn.Identity, torch.nn.modules.dropout._DropoutNd))
             return 'op' if elementwise or not flattened else None

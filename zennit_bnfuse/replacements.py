@@ -4,16 +4,19 @@ import copy
 
 import torch
 
-from .fold import batch_norm_affine
+from .fold import batch_norm_affine, channel_range, timm_layers
 from .layers import folded_layer, threshold_relu_for
 
 
 def replacement_modules(model, report):
-    '''Build the modules that replace the folded BatchNorms and their layers.
+    """Build the modules that replace the folded BatchNorms and their layers.
 
     Folded BatchNorms become :py:class:`torch.nn.Identity` (or a :py:class:`~zennit_bnfuse.layers.ThresholdReLU`
-    for ``BN -> ReLU -> layer``), and each layer that takes a fold becomes one fused layer
-    (:py:class:`~zennit_bnfuse.layers.FoldedLayerMixin`). ``model`` is not changed.
+    for ``BN -> ReLU -> layer``); what a timm norm-act layer applies after normalising stays behind it (see
+    :py:func:`zennit_bnfuse.timm_layers.norm_act_remainder`). Each layer that takes a fold becomes one fused layer
+    (:py:class:`~zennit_bnfuse.layers.FoldedLayerMixin`). timm's weight-standardised convolutions
+    (``report.standardized`` and those that take a fold) become plain convolutions with their standardised weight.
+    ``model`` is not changed.
 
     Parameters
     ----------
@@ -26,22 +29,36 @@ def replacement_modules(model, report):
     -------
     dict[str, :py:obj:`torch.nn.Module`]
         Module name -> replacement module.
-    '''
+    """
     modules = dict(model.named_modules())
     inputs, outputs, replacements, batch_norms = {}, {}, {}, {}
     for fold in report.fused:
         batch_norm = modules[fold.bn]
-        batch_norms.setdefault(fold.layer, []).append(fold.bn)
+        for name in fold.layers:
+            batch_norms.setdefault(name, []).append(fold.bn)
         if fold.side == 'after':
-            outputs[fold.layer] = batch_norm
-            replacements[fold.bn] = torch.nn.Identity()
+            start = 0
+            for name in fold.layers:
+                layer = modules[name]
+                stop = start + getattr(layer, 'out_channels', getattr(layer, 'out_features', None))
+                outputs[name] = batch_norm if len(fold.layers) == 1 else channel_range(batch_norm, start, stop)
+                start = stop
+            normalized = torch.nn.Identity()
         elif fold.side == 'before':
-            inputs[fold.layer] = batch_norm_affine(batch_norm)
-            replacements[fold.bn] = torch.nn.Identity()
+            inputs.update(dict.fromkeys(fold.layers, batch_norm_affine(batch_norm)))
+            normalized = torch.nn.Identity()
         else:
-            replacements[fold.bn], scale = threshold_relu_for(batch_norm)
-            inputs[fold.layer] = (scale, torch.zeros_like(scale))
+            normalized, scale = threshold_relu_for(batch_norm)
+            inputs.update(dict.fromkeys(fold.layers, (scale, torch.zeros_like(scale))))
+        normalized.train(batch_norm.training)
+        extension = timm_layers()
+        if extension is not None and extension.norm_act_tail(batch_norm) is not None:
+            normalized = extension.norm_act_remainder(batch_norm, normalized)
+        replacements[fold.bn] = normalized
 
+    for name in report.standardized:
+        # LRP rules modify a layer's weight; a weight-standardised conv would standardise the modified weight again
+        inputs.setdefault(name, None)
     for name in {*inputs, *outputs}:
         layer = modules[name]
         before = inputs.get(name)
@@ -52,9 +69,9 @@ def replacement_modules(model, report):
                 repeats = features // before[0].numel()
                 before = tuple(value.repeat_interleave(repeats) for value in before)
         replacements[name] = folded_layer(layer, before=before, after=outputs.get(name), name=name,
-                                          batch_norms=batch_norms[name])
-    for name, module in replacements.items():
-        module.train(modules[name].training)
+                                          batch_norms=batch_norms.get(name, ()))
+        # not train(): the norm-act remainders hold copies of the user's drop and act with their own flags
+        replacements[name].training = layer.training
     return replacements
 
 

@@ -18,17 +18,27 @@ class FusedBatchNorm:
     bn: str
         Name of the BatchNorm module.
     layer: str
-        Name of the Linear/Conv/ConvTranspose module it was folded into.
+        Name of the Linear/Conv/ConvTranspose module it was folded into (the first, if several).
     side: str
         ``'after'`` (the BN followed the layer), ``'before'`` (the BN preceded the layer) or ``'before-relu'`` (BN ->
         ReLU -> layer: the BN became a thresholded ReLU and its scale moved into the layer).
     via: tuple[str, ...]
-        For ``'before-relu'``: the ops between the BN and the layer.
+        The ops between the BN and the layer(s), if any.
+    also: tuple[str, ...]
+        Further layers that took a part of the fold: for ``'after'``, the other layers whose outputs a
+        ``torch.cat`` joins before the BN (each takes its own channels, in order); for ``'before'`` and
+        ``'before-relu'``, the other layers that read the BN's output (each takes the same fold).
     '''
     bn: str
     layer: str
     side: str
     via: tuple = ()
+    also: tuple = ()
+
+    @property
+    def layers(self):
+        '''All the layers it was folded into, ``(layer, *also)``.'''
+        return (self.layer, *self.also)
 
 
 @dataclass(frozen=True)
@@ -56,12 +66,17 @@ class FusionReport:
         Why tracing failed, if it did.
     checked_on: str or None
         The example inputs the folds were checked on (shapes, dtypes and the dtype of the comparison), if any.
+    standardized: list[str]
+        timm's weight-standardised convolutions that take no fold but become plain convolutions with their
+        standardised weight, so that LRP rules modify the weight the layer computes with (folds into such a layer
+        make it plain, too).
     '''
     fused: list = field(default_factory=list)
     unfused: list = field(default_factory=list)
     traced: bool = True
     trace_error: str = None
     checked_on: str = None
+    standardized: list = field(default_factory=list)
 
     @property
     def num_batch_norms(self):
@@ -79,23 +94,26 @@ class FusionReport:
         elif self.checked_on:
             lines.append(f'the folded layers\' input ranks were checked on {self.checked_on}')
         if self.fused:
-            rows = [(item.bn, item.layer, item.side + (f' via {", ".join(item.via)}' if item.via else ''))
+            rows = [(item.bn, ', '.join(item.layers), item.side + (f' via {", ".join(item.via)}' if item.via else ''))
                     for item in self.fused]
             lines += ['', *_table(('BatchNorm', 'folded into', 'side'), rows)]
         if self.unfused:
             rows = [(item.bn, item.reason) for item in self.unfused]
             lines += ['', *_table(('BatchNorm left in place', 'reason'), rows)]
+        if self.standardized:
+            lines += ['', f'weight-standardised convs made plain: {", ".join(self.standardized)}']
         return '\n'.join(lines)
 
     def to_dict(self):
         '''The report as JSON-serialisable dict.'''
         return {
-            'fused': [{'bn': item.bn, 'layer': item.layer, 'side': item.side, 'via': list(item.via)}
-                      for item in self.fused],
+            'fused': [{'bn': item.bn, 'layer': item.layer, 'side': item.side, 'via': list(item.via),
+                       'also': list(item.also)} for item in self.fused],
             'unfused': [{'bn': item.bn, 'reason': item.reason} for item in self.unfused],
             'traced': self.traced,
             'trace_error': self.trace_error,
             'checked_on': self.checked_on,
+            'standardized': list(self.standardized),
         }
 
 

@@ -175,14 +175,15 @@ def check_folds(model, report, example_inputs):
                        '(the BatchNorm acts on dim 1, the layer on its features)')
         untraced = '' if report.traced else f'the forward could not be traced ({report.trace_error}); '
         neighbour = '' if report.traced else ' (its nn.Sequential neighbour)'
-        return UnfusedBatchNorm(fold.bn, f'{untraced}with it folded into `{fold.layer}`{neighbour}, on example_inputs '
+        layers = ', '.join(f'`{layer}`' for layer in fold.layers)
+        return UnfusedBatchNorm(fold.bn, f'{untraced}with it folded into {layers}{neighbour}, on example_inputs '
                                 f'({check.description}) {problem}')
 
     pending, refused = list(report.fused), []
     problem = check.problem(pending, compare) if pending else None
     while isinstance(problem, FoldedInputError):
-        refused += [refusal(fold, problem) for fold in pending if fold.layer == problem.layer]
-        pending = [fold for fold in pending if fold.layer != problem.layer]
+        refused += [refusal(fold, problem) for fold in pending if problem.layer in fold.layers]
+        pending = [fold for fold in pending if problem.layer not in fold.layers]
         problem = check.problem(pending, compare) if pending else None
     if problem is not None:
         kept = []
@@ -201,9 +202,10 @@ def refuse_unproven(report):
     '''Move every fold of an untraced model's ``report`` to ``report.unfused``: without example inputs nothing proves
     them.'''
     for fold in report.fused:
+        layers = ', '.join(f'`{layer}`' for layer in fold.layers)
         report.unfused.append(UnfusedBatchNorm(
             fold.bn, f'the forward could not be traced ({report.trace_error}), so no fold is proven; it is next to '
-            f'`{fold.layer}` inside an nn.Sequential, which the forward may call in parts or in another order: pass '
+            f'{layers} inside an nn.Sequential, which the forward may call in parts or in another order: pass '
             'example_inputs (to fuse(), FuseBatchNorm, FusedLRP or CompositeLRP) to fold it if it gives the '
             'model\'s output on them'))
     report.fused = []

@@ -1,0 +1,308 @@
+'''Tests for timm's layers (zennit_bnfuse.timm_layers): norm-act layers, conv variants and small timm models.'''
+import re
+
+import pytest
+import torch
+
+from conftest import randomize_batch_norms
+from fusion_cases import Lambda, prepared, with_scales
+from zennit_bnfuse import CompositeLRP, FuseBatchNorm, FusedLRP, find_fusable_pairs, fuse
+from zennit_bnfuse.fold import is_batch_norm
+from zennit_bnfuse.layers import BiasMapConv2d, FoldedLinear, ThresholdReLU
+
+timm = pytest.importorskip('timm')
+from timm.layers import (  # noqa: E402 (after the skip)
+    BatchNormAct2d, CondConv2d, Conv2dSame, FrozenBatchNormAct2d, Linear as TimmLinear, MixedConv2d,
+    ScaledStdConv2dSame, SplitBatchNorm2d, StdConv2d, SyncBatchNormAct, convert_splitbn_model, convert_sync_batchnorm,
+    create_conv2d, freeze_batch_norm_2d,
+)
+from zennit.attribution import Gradient  # noqa: E402
+from zennit.composites import EpsilonPlusFlat  # noqa: E402
+from zennit.core import Composite  # noqa: E402
+
+from zennit_bnfuse.timm_layers import BiasMapConv2dSame, FoldedConv2dSame  # noqa: E402
+
+
+def relative_error(actual, expected):
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+def fused_exactly(model, input, snapshot, sizes=()):
+    '''fuse(model): the fused copy agrees with ``model`` in float64 on ``input`` and on inputs of the other spatial
+    ``sizes``, and ``model`` is unchanged. Returns the fused copy and the report.'''
+    before = snapshot(model)
+    fused, report = fuse(model)
+    inputs = [input] + [torch.randn(*input.shape[:2], *size, dtype=input.dtype) for size in sizes]
+    with torch.no_grad():
+        for each in inputs:
+            assert relative_error(fused(each), model(each)) < 1e-12
+    before.assert_unchanged()
+    return fused, report
+
+
+def folds(report):
+    return {item.bn: (item.layers, item.side) for item in report.fused}
+
+
+def conv_norm_act(norm, in_channels=3, channels=4):
+    '''conv -> norm -> conv: the norm folds into the conv before it.'''
+    return torch.nn.Sequential(torch.nn.Conv2d(in_channels, channels, 3, padding=1), norm,
+                               torch.nn.Conv2d(channels, 2, 3, padding=1))
+
+
+def norm_act_cases():
+    """``{case: (model, input, folds, type of the activation the fused model keeps)}``."""
+    cases = {
+        'relu-after': (*prepared(conv_norm_act(BatchNormAct2d(4)), 2, 3, 6, 6), {'1': (('0',), 'after')},
+                       torch.nn.ReLU),
+        'silu-dropout-after': (*prepared(conv_norm_act(BatchNormAct2d(
+            4, act_layer=torch.nn.SiLU, drop_layer=torch.nn.Dropout)), 2, 3, 6, 6), {'1': (('0',), 'after')},
+            torch.nn.SiLU),
+        'leaky-act-kwargs-after': (*prepared(conv_norm_act(BatchNormAct2d(
+            4, act_layer='leaky_relu', act_kwargs={'negative_slope': .2})), 2, 3, 6, 6), {'1': (('0',), 'after')},
+            torch.nn.LeakyReLU),
+        'no-act-zero-padding-before': (*prepared(torch.nn.Sequential(
+            BatchNormAct2d(3, apply_act=False), torch.nn.Conv2d(3, 4, 3, padding=1)), 2, 3, 6, 6),
+            {'0': (('1',), 'before')}, torch.nn.Identity),
+        'sync-after': (*prepared(convert_sync_batchnorm(conv_norm_act(BatchNormAct2d(4, act_layer=torch.nn.GELU))),
+                                 2, 3, 6, 6), {'1': (('0',), 'after')}, torch.nn.GELU),
+    }
+    model, input = prepared(torch.nn.Sequential(BatchNormAct2d(4), torch.nn.Conv2d(4, 3, 3, padding=1)), 2, 4, 6, 6)
+    cases['relu-before-relu'] = (with_scales(model, 0, [1.5, -.7, 0., -2.]), input, {'0': (('1',), 'before-relu')},
+                                 torch.nn.ReLU)
+    assert type(cases['sync-after'][0][1]) is SyncBatchNormAct
+    return cases
+
+
+NORM_ACT_CASES = norm_act_cases()
+
+
+@pytest.mark.parametrize('case', sorted(NORM_ACT_CASES))
+def test_norm_act_folds_exactly_and_keeps_its_activation(case, snapshot):
+    model, input, expected_folds, act_type = NORM_ACT_CASES[case]
+    fused, report = fused_exactly(model, input, snapshot)
+    assert folds(report) == expected_folds and not report.unfused
+    name = next(iter(expected_folds))
+    act = fused.get_submodule(name).act
+    assert type(act) is act_type and act is not model.get_submodule(name).act
+    assert not any(is_batch_norm(module) for module in fused.modules())
+
+
+def test_norm_act_before_relu_becomes_threshold_relu_then_its_act():
+    model, _, _, _ = NORM_ACT_CASES['relu-before-relu']
+    fused, _ = fuse(model)
+    assert [type(module) for module in fused[0]] == [ThresholdReLU, torch.nn.Identity, torch.nn.ReLU]
+    assert [name for name, _ in fused[0].named_children()] == ['bn', 'drop', 'act']
+
+
+def test_canonizer_gives_the_threshold_relu_inside_a_norm_act_its_rule(snapshot):
+    # the same relevance as CompositeLRP, which maps ThresholdReLU to Epsilon on the prepared copy
+    model, input, _, _ = NORM_ACT_CASES['relu-before-relu']
+    model = torch.nn.Sequential(*model, torch.nn.Flatten())
+    before = snapshot(model)
+    target = torch.eye(3 * 36, dtype=torch.float64)[[4, 7]]
+    with Gradient(model, EpsilonPlusFlat(canonizers=[FuseBatchNorm()])) as attributor:
+        output, relevance = attributor(input, target)
+        assert isinstance(model[0].bn, ThresholdReLU) and len(model[0].bn._forward_hooks) > 0
+    expected = CompositeLRP(model, EpsilonPlusFlat()).attribute(input, target=[4, 7])
+    torch.testing.assert_close(relevance * output.gather(1, torch.tensor([[4], [7]])).reshape(2, 1, 1, 1), expected)
+    before.assert_unchanged()
+
+
+def test_frozen_norm_act_folds_in_training_mode(snapshot):
+    model, input = prepared(torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), BatchNormAct2d(4), BatchNormAct2d(4, apply_act=False), torch.nn.Conv2d(4, 2, 1)),
+        2, 3, 6, 6)
+    model = freeze_batch_norm_2d(model).train()
+    assert isinstance(model[1], FrozenBatchNormAct2d) and is_batch_norm(model[1])
+    _, report = fused_exactly(model, input, snapshot)
+    assert folds(report) == {'1': (('0',), 'after'), '2': (('3',), 'before')}
+
+
+def test_split_batch_norm_folds_and_names_its_training_only_batch_norms(snapshot):
+    model, input = prepared(conv_norm_act(BatchNormAct2d(4, act_layer=torch.nn.SiLU)), 2, 3, 6, 6)
+    model = convert_splitbn_model(model, num_splits=2).eval()
+    assert type(model[1]) is SplitBatchNorm2d
+    fused, report = fused_exactly(model, input, snapshot)
+    assert folds(report) == {'1': (('0',), 'after')}
+    assert {item.bn for item in report.unfused} == {'1.aux_bn.0'}
+    assert re.search(r'BatchNorm `1` \(SplitBatchNorm2d\), whose eval-mode forward does not call it',
+                     report.unfused[0].reason)
+    assert type(fused[1].act) is torch.nn.SiLU
+
+
+class BatchNormActTwice(BatchNormAct2d):
+    '''A subclass the package does not know: its forward applies the activation twice.'''
+    def forward(self, x):
+        return self.act(super().forward(x))
+
+
+def refusal_cases():
+    cases = {}
+    cases['unknown-subclass'] = (prepared(conv_norm_act(BatchNormActTwice(4, act_layer=torch.nn.SiLU)), 2, 3, 6, 6),
+                                 r'it is a BatchNormActTwice, a BatchNorm subclass')
+    model, input = prepared(conv_norm_act(BatchNormAct2d(4)), 2, 3, 6, 6)
+    model[1].register_forward_hook(lambda module, args, output: output * 2)
+    cases['hook'] = ((model, input), r'`1` has forward or backward hooks')
+    model, input = prepared(conv_norm_act(BatchNormAct2d(4)), 2, 3, 6, 6)
+    model[1].act = None
+    cases['act-not-a-module'] = ((model, input), r'it is a BatchNormAct2d and its forward applies `act`, which is '
+                                                 r'NoneType, not a module')
+    cases['no-running-statistics'] = (prepared(conv_norm_act(BatchNormAct2d(4, track_running_stats=False)),
+                                               2, 3, 6, 6), r'no running statistics')
+    cases['silu-before'] = (prepared(torch.nn.Sequential(
+        torch.nn.MaxPool2d(2), BatchNormAct2d(3, act_layer=torch.nn.SiLU), torch.nn.Conv2d(3, 2, 1)), 2, 3, 6, 6),
+        r'the output of `1\.drop` \(Identity\) feeds `1\.act` \(SiLU\), not a conv/linear layer or ReLU')
+    return cases
+
+
+REFUSALS = refusal_cases()
+
+
+@pytest.mark.parametrize('case', sorted(REFUSALS))
+def test_norm_act_refused_with_reason(case, snapshot):
+    (model, input), pattern = REFUSALS[case]
+    report = find_fusable_pairs(model)
+    assert not report.fused and len(report.unfused) == 1
+    assert re.search(pattern, report.unfused[0].reason), report.unfused[0].reason
+    if case != 'act-not-a-module':  # that one's forward raises
+        fused_exactly(model, input, snapshot)
+
+
+def test_norm_act_in_training_mode_raises():
+    model = conv_norm_act(BatchNormAct2d(4))
+    with pytest.raises(ValueError, match=r"'1' is in training mode"):
+        find_fusable_pairs(model)
+
+
+def test_conv2d_same_folds_on_both_sides_at_every_input_size(snapshot):
+    model, input = prepared(torch.nn.Sequential(
+        BatchNormAct2d(3, apply_act=False), Conv2dSame(3, 4, 3, stride=2), torch.nn.BatchNorm2d(4)), 2, 3, 7, 7)
+    fused, report = fused_exactly(model, input, snapshot, sizes=[(8, 8), (5, 6)])
+    assert folds(report) == {'0': (('1',), 'before'), '2': (('1',), 'after')}
+    assert type(fused[1]) is BiasMapConv2dSame
+
+
+def test_standardized_convs_become_plain_convs(snapshot):
+    model, input = prepared(torch.nn.Sequential(
+        torch.nn.BatchNorm2d(3), StdConv2d(3, 4, 3), torch.nn.BatchNorm2d(4),
+        torch.nn.BatchNorm2d(4), ScaledStdConv2dSame(4, 2, 3, stride=2), torch.nn.BatchNorm2d(2)), 2, 3, 7, 7)
+    with torch.no_grad():
+        model[4].gain.uniform_(.5, 2.)
+    fused, report = fused_exactly(model, input, snapshot, sizes=[(8, 8)])
+    assert folds(report) == {'0': (('1',), 'before'), '2': (('1',), 'after'), '3': (('4',), 'before'),
+                             '5': (('4',), 'after')}
+    assert type(fused[1]) is BiasMapConv2d and type(fused[4]) is BiasMapConv2dSame
+
+
+def test_standardized_conv_without_batch_norm_becomes_plain_for_lrp():
+    model = torch.nn.Sequential(StdConv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(144, 2))
+    model = model.double().eval()
+    plain = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1, bias=False), *model[1:]).double()
+    with torch.no_grad():
+        # the standardisation as timm writes it
+        plain[0].weight.copy_(torch.nn.functional.batch_norm(
+            model[0].weight.reshape(1, 4, -1), None, None, training=True, eps=model[0].eps).reshape(4, 3, 3, 3))
+    input = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    fused, report = fuse(model)
+    assert type(fused[0]) is torch.nn.Conv2d and not report.fused and report.standardized == ['0']
+    relevance, expected = (CompositeLRP(each, EpsilonPlusFlat()).attribute(input, target=1) for each in (model, plain))
+    torch.testing.assert_close(relevance, expected, rtol=1e-10, atol=1e-12)
+    assert relevance.abs().sum() > 0
+    # a forward that also reads the raw weight keeps the layer as it is
+    reading = Lambda(lambda self, x: self.conv(x) * self.conv.weight.mean(), conv=StdConv2d(3, 4, 3)).double()
+    fused, report = fuse(reading)
+    assert type(fused.conv) is StdConv2d and report.standardized == []
+    torch.testing.assert_close(fused(input), reading(input), rtol=0, atol=0)
+
+
+def test_timm_linear_folds(snapshot):
+    model, input = prepared(torch.nn.Sequential(
+        torch.nn.BatchNorm1d(5), TimmLinear(5, 4), torch.nn.BatchNorm1d(4)), 3, 5)
+    fused, report = fused_exactly(model, input, snapshot)
+    assert folds(report) == {'0': (('1',), 'before'), '2': (('1',), 'after')}
+    assert type(fused[1]) is FoldedLinear
+
+
+def test_mixed_conv_folds_per_split(snapshot):
+    model, input = prepared(torch.nn.Sequential(
+        create_conv2d(4, 6, [3, 5], padding='same', stride=2), BatchNormAct2d(6, act_layer=torch.nn.SiLU)),
+        2, 4, 7, 7)
+    assert type(model[0]) is MixedConv2d and type(model[0]['0']) is Conv2dSame
+    fused, report = fused_exactly(model, input, snapshot)
+    assert folds(report) == {'1': (('0.0', '0.1'), 'after')}
+    assert type(fused[0]['0']) is FoldedConv2dSame and type(fused[0]['1']) is FoldedConv2dSame
+
+
+def test_conv_variants_refused_with_reason():
+    model, _ = prepared(Lambda(
+        lambda self, x: self.bn(self.cond(x, torch.sigmoid(self.route(x.mean((2, 3)))))),
+        route=torch.nn.Linear(3, 2), cond=CondConv2d(3, 4, 3, num_experts=2), bn=torch.nn.BatchNorm2d(4)), 2, 3, 6, 6)
+    reason = find_fusable_pairs(model).unfused[0].reason
+    assert re.search(r'`cond` is a CondConv2d, which mixes its expert kernels', reason), reason
+    model, _ = prepared(torch.nn.Sequential(torch.nn.BatchNorm2d(4), create_conv2d(4, 6, [3, 5])), 2, 4, 7, 7)
+    reason = find_fusable_pairs(model).unfused[0].reason
+    assert re.search(r'its output feeds `torch\.split`, not a conv/linear layer', reason), reason
+
+
+def tiny_resnetv2():
+    '''Pre-activation ResNetV2 with weight-standardised convs and BatchNormAct2d: the pre-activation feeds conv1 and
+    the projection shortcut.'''
+    return timm.models.resnetv2.ResNetV2(layers=[1, 1], channels=(16, 32), stem_chs=8, num_classes=5,
+                                         norm_layer=BatchNormAct2d, conv_layer=StdConv2d)
+
+
+def tiny_densenet():
+    return timm.models.densenet.DenseNet(growth_rate=8, block_config=(2, 2), num_classes=5)
+
+
+# small timm models: how to build them, and how many BatchNorms fold
+MODELS = {
+    'mobilenetv3_small_050': (lambda: timm.create_model('mobilenetv3_small_050', num_classes=5), 34),
+    'tf_mobilenetv3_small_minimal_100': (
+        lambda: timm.create_model('tf_mobilenetv3_small_minimal_100', num_classes=5), 34),
+    'resnetv2-std-conv-batchnorm': (tiny_resnetv2, 7),
+    'densenet-tiny': (tiny_densenet, 11),
+}
+
+
+@pytest.fixture(scope='module', params=sorted(MODELS))
+def timm_model(request):
+    build, expected = MODELS[request.param]
+    torch.manual_seed(0)
+    model = randomize_batch_norms(build().double())
+    return model, torch.randn(2, 3, 32, 32, dtype=torch.float64), expected
+
+
+def test_timm_model_folds_every_batch_norm_exactly(timm_model, snapshot):
+    model, input, expected = timm_model
+    _, report = fused_exactly(model, input, snapshot)
+    assert len(report.fused) == expected == sum(is_batch_norm(module) for module in model.modules()), str(report)
+
+
+def test_timm_model_canonizer_exact_and_restored(timm_model, snapshot):
+    model, input, expected = timm_model
+    before = snapshot(model)
+    with torch.no_grad():
+        reference = model(input)
+    canonizer = FuseBatchNorm()
+    with Composite(canonizers=[canonizer]).context(model), torch.no_grad():
+        assert relative_error(model(input), reference) < 1e-12
+        assert not any(is_batch_norm(module) for module in model.modules())
+    assert len(canonizer.report.fused) == expected
+    before.assert_unchanged()
+
+
+@pytest.mark.parametrize('method', ['fused-lrp', 'composite-lrp', 'single-pass'])
+def test_timm_model_lrp_runs(timm_model, method, snapshot):
+    model, input, _ = timm_model
+    before = snapshot(model)
+    attribution = {
+        'fused-lrp': lambda: FusedLRP(model),
+        'composite-lrp': lambda: CompositeLRP(model, EpsilonPlusFlat()),
+        'single-pass': lambda: CompositeLRP(model, EpsilonPlusFlat(), single_pass=True),
+    }[method]()
+    relevance = attribution.attribute(input, target=1)
+    assert relevance.shape == input.shape and bool(torch.isfinite(relevance).all()) and relevance.abs().sum() > 0
+    assert attribution.prepared.report.num_batch_norms == len(attribution.prepared.report.fused)
+    before.assert_unchanged()
