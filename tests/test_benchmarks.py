@@ -1,5 +1,4 @@
-'''Smoke tests of the benchmark scripts: faithfulness (one process and torchrun with 2 processes), training and
-speed.'''
+'''Smoke tests of the benchmark scripts: training and speed (the study has tests/test_study.py).'''
 import json
 import os
 import subprocess
@@ -21,41 +20,6 @@ needs_data = pytest.mark.skipif(not HAS_DATA,
 def table_rows(path):
     '''The table rows of a results file, without command, machine and date.'''
     return [line for line in path.read_text().splitlines() if line.startswith('|')]
-
-
-@needs_data
-def test_faithfulness_smoke(tmp_path):
-    import faithfulness
-    faithfulness.main(['--models', 'mnist-cnn-bn,mnist-mlp', '--images', '6',
-                       '--composites', 'epsilon,epsilon-plus-flat',
-                       '--out', str(tmp_path), '--tag', 'smoke', '--device', 'cpu'])
-    text = (tmp_path / 'smoke.md').read_text()
-    assert '## mnist-cnn-bn' in text and '| EpsilonPlusFlat: fused - naive |' in text
-    assert '**Claim 1' in text and '- command: `python ' in text
-    summary = json.loads((tmp_path / 'smoke.json').read_text())['summary']
-    assert set(summary['mnist-cnn-bn']['methods']) == {
-        'random', 'gradient-x-input', *(f'{c}/{h}' for c in ('epsilon', 'epsilon-plus-flat')
-                                        for h in ('fused', 'unfused', 'naive'))}
-    assert summary['mnist-cnn-bn']['images'] == 6
-    # mnist-mlp has no BatchNorm: the three handlings give the same numbers
-    rows = summary['mnist-mlp']['methods']
-    assert rows['epsilon-plus-flat/fused'] == rows['epsilon-plus-flat/unfused'] == rows['epsilon-plus-flat/naive']
-    for name in ('smoke-curves.png', 'smoke-heatmaps-mnist.png'):
-        assert (tmp_path / name).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
-
-
-@needs_data
-def test_torchrun_two_processes_give_the_same_tables(tmp_path):
-    common = ['benchmarks/faithfulness.py', '--models', 'mnist-cnn-bn', '--images', '8', '--composites',
-              'epsilon-plus-flat', '--no-figures', '--device', 'cpu', '--out', str(tmp_path)]
-    environment = {**os.environ, 'OMP_NUM_THREADS': '1'}
-    subprocess.run([sys.executable, *common, '--tag', 'single'], cwd=ROOT, check=True, env=environment,
-                   capture_output=True)
-    subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29517',
-                    *common, '--tag', 'sharded'], cwd=ROOT, check=True, env=environment, capture_output=True)
-    assert table_rows(tmp_path / 'single.md') == table_rows(tmp_path / 'sharded.md')
-    assert '2 process(es)' in (tmp_path / 'sharded.md').read_text()
-    assert 'torchrun --nproc_per_node=2' in (tmp_path / 'sharded.md').read_text()
 
 
 @needs_data

@@ -1,0 +1,276 @@
+'''The study's report: ``faithfulness.md`` (protocol, verdicts, tables) and its figures (heatmaps per class, perturbation
+curves per replacement value, a forest plot of the paired differences).'''
+import numpy as np
+import torch
+
+from zennit_bnfuse.evaluation.composites import DISPLAY_NAMES
+from zennit_bnfuse.evaluation.metrics import BASELINES
+from zennit_bnfuse.evaluation.models import CIFAR10_CLASSES, MNIST_CLASSES, dataset_of
+
+from provenance import header
+from study_analysis import resolve
+from study_design import (
+    ALPHA, BASELINE_METHODS, HANDLINGS, PRIMARY, PROTOCOL, REGIME_NAMES, claim_of, method_key,
+)
+
+
+def class_names(name):
+    '''The class names of model ``name``'s dataset.'''
+    return CIFAR10_CLASSES if dataset_of(name) == 'cifar10' else MNIST_CLASSES
+
+
+def display(composite):
+    return DISPLAY_NAMES.get(composite, composite) if composite else ''
+
+
+def fmt(value, digits=3):
+    '''A number for a table.'''
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return '-'
+    if abs(value) >= 1e4 or (value != 0 and abs(value) < 10 ** -digits):
+        return f'{value:.2e}'
+    return f'{value:.{digits}f}'
+
+
+def p_values(row):
+    '''The Holm-corrected p-values of a comparison's seeds, as text.'''
+    return ', '.join(fmt(seed['p_holm'], 2) if seed['p_holm'] >= 1e-3 else f'{seed["p_holm"]:.0e}'
+                     for seed in row.get('per_seed', {}).values()) or '-'
+
+
+def comparison_table(rows, first_column):
+    '''Markdown rows of comparisons with verdict, pooled median difference, its interval, win rate and p-values.'''
+    lines = [f'| {first_column} | verdict | median difference (pooled) | 95% interval of the mean (hierarchical) | '
+             'win rate | Holm p per seed |', '| --- | --- | --- | --- | --- | --- |']
+    for label, row in rows:
+        pooled = row.get('pooled')
+        if pooled is None:
+            lines.append(f'| {label} | {row["verdict"]} | 0 | - | - | - |')
+            continue
+        low, high = pooled['mean_interval']
+        lines.append(f'| {label} | {row["verdict"]} | {fmt(pooled["median_difference"])} | '
+                     f'[{fmt(low)}, {fmt(high)}] | {pooled["win_rate"]:.2f} | {p_values(row)} |')
+    return lines
+
+
+def what_the_numbers_say(summary):
+    '''The claims' readings in words, derived from the verdicts.'''
+    lines = ['## What the numbers say', '',
+             'Derived by code from the verdicts below with the protocol\'s rules; each count is over the claim\'s '
+             'models, composites and regimes (a) and (b).', '']
+    for key, reading in summary['claims'].items():
+        what = ('fusing BatchNorm into conv layers gives more faithful LRP' if reading['claim'] == 1 else
+                'fully-connected + BatchNorm stays a problem (fusion does not help it)')
+        lines.append(f'- **Claim {reading["claim"]} ({what}), against `{reading["opponent"]}`: {reading["reading"]}.** '
+                     f'Fused is better in {reading["better"]} and worse in {reading["worse"]} of '
+                     f'{reading["comparisons"]} comparisons ({reading["informative"]} not identical); of its '
+                     f'{reading["wins_as_trained"]} wins on the models as trained, '
+                     f'{reading["wins_surviving_bias_free_control"]} remain with bias-free rules (c).')
+    sanity = summary['comparisons']['sanity']
+    random_rows = [row for row in sanity if row['opponent'] == 'random']
+    beats = sum(row['verdict'] == 'better' for row in random_rows)
+    lines += ['', f'- Against a random heatmap, {beats} of {len(random_rows)} (model, regime, composite, handling) '
+              'methods are better in every seed by the same rule; the table "Does each method beat random?" lists '
+              'them.']
+    return lines + ['']
+
+
+def report_markdown(summary, args, command, host, date):
+    '''The whole results file.'''
+    protocol = PROTOCOL.read_text().replace('\n# ', '\n## ').replace('\n## ', '\n### ')
+    protocol = protocol.split('\n', 1)[1] if protocol.startswith('# ') else protocol
+    lines = header('Faithfulness of LRP under four BatchNorm handlings (study)', command, host, date)
+    lines += [f'- models and seeds: {", ".join(sorted({key.rsplit(" seed ", 1)[0] for key in summary["checks"]}))}; '
+              f'seeds {", ".join(map(str, summary["seeds"]))}; {args.images} images per model and seed',
+              '- run time per model and seed (s): ' + ', '.join(f'{key} {value["seconds"]}'
+                                                              for key, value in summary['checks'].items()), '']
+    lines += ['<details><summary>The protocol, as declared before the numbers</summary>', '', protocol.strip(), '',
+              '</details>', '']
+    lines += what_the_numbers_say(summary)
+
+    lines += ['## Primary comparisons: fused against each handling (ROAD ABPC, higher is better)', '',
+              'Paired per image; the difference is fused minus the other handling; win rate = share of images where '
+              'fused is better (ties half).', '']
+    primary = summary['comparisons']['primary']
+    for name in dict.fromkeys(row['model'] for row in primary):
+        lines += [f'### {name}', '']
+        rows = [(f'{REGIME_NAMES[row["regime"]]}, {display(row["composite"])}, vs {row["opponent"]}', row)
+                for row in primary if row['model'] == name]
+        lines += comparison_table(rows, 'regime, composite, opponent') + ['']
+    if summary['excluded']:
+        lines += ['Comparisons left out of the family:', '']
+        lines += [f'- {name}, {REGIME_NAMES.get(regime, regime)}, {display(composite)}, {opponent}: {reason}'
+                  for name, regime, composite, opponent, reason in summary['excluded']] + ['']
+
+    lines += ['## Secondary metrics: do they agree with the primary verdict?', '',
+              'Each secondary metric is compared the same way (its own Holm family); a cell counts the comparisons '
+              'whose verdict equals the primary one, out of the non-identical ones.', '',
+              '| metric | agrees | better | worse | mixed | no difference |', '| --- | --- | --- | --- | --- | --- |']
+    by_key = {(row['model'], row['regime'], row['composite'], row['opponent']): row for row in primary}
+    for metric, rows in summary['comparisons'].items():
+        if metric in ('primary', 'sanity'):
+            continue
+        informative = [row for row in rows if row['verdict'] != 'identical']
+        agrees = sum(row['verdict'] == by_key[(row['model'], row['regime'], row['composite'], row['opponent'])][
+            'verdict'] for row in informative)
+        counts = [sum(row['verdict'] == kind for row in informative)
+                  for kind in ('better', 'worse', 'mixed', 'no difference')]
+        lines.append(f'| {metric} | {agrees} of {len(informative)} | ' + ' | '.join(map(str, counts)) + ' |')
+    lines.append('')
+
+    lines += ['## Does each method beat random, and gradient x input?', '',
+              'ROAD ABPC of the method minus that of the baseline, paired per image (Holm over this family per '
+              'seed).', '']
+    sanity = summary['comparisons']['sanity']
+    for name in dict.fromkeys(row['model'] for row in sanity):
+        rows = [(f'{REGIME_NAMES[row["regime"]]}, {display(row["composite"])}, {row["arm"]} vs {row["opponent"]}',
+                 row) for row in sanity if row['model'] == name]
+        lines += [f'### {name}', ''] + comparison_table(rows, 'regime, composite, handling vs baseline') + ['']
+
+    lines += ['## Per-method summaries', '',
+              'Median and mean per image over all seeds pooled (per-seed values are in the JSON); ROAD ABPC, its '
+              'MoRF AOPC, and region-perturbation ABPC per replacement value.', '']
+    table = {}
+    for record in summary['records']:
+        key = (record['model'], record['regime'], record['composite'], record['handling'])
+        table.setdefault(key, {}).setdefault(record['metric'], []).append(record)
+    columns = ('road_abpc', 'road_aopc_morf', 'abpc_zero', 'abpc_mean', 'abpc_blur', 'abpc_noise')
+    lines += ['| model | regime | composite | handling | ' + ' | '.join(columns) + ' |',
+              '| --- | --- | --- | --- | ' + ' | '.join('---' for _ in columns) + ' |']
+    for (name, regime, composite, handling), metrics in table.items():
+        cells = [fmt(float(np.mean([record['median'] for record in metrics[column]]))) if column in metrics else '-'
+                 for column in columns]
+        lines.append(f'| {name} | {REGIME_NAMES.get(regime, regime)} | {display(composite)} | {handling} | '
+                     + ' | '.join(cells) + ' |')
+    lines += ['', 'Cells: the mean over seeds of the per-seed median.', '']
+
+    lines += ['## Conservation, bias share and complexity', '',
+              'Heavy-tailed: medians and quantiles, pooled over seeds. gap = share of the explained logit that does '
+              'not reach the input (absorbed by biases and stabilisers; negative = injected). Gini and entropy of '
+              '|heatmap| (higher Gini = sparser).', '',
+              '| model | regime | composite | handling | gap median | gap 5%-95% | |conservation| median | Gini | '
+              'entropy |', '| --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+    for (name, regime, composite, handling), metrics in table.items():
+        gap = metrics['gap']
+        lines.append(
+            f'| {name} | {REGIME_NAMES.get(regime, regime)} | {display(composite)} | {handling} | '
+            f'{fmt(float(np.mean([r["median"] for r in gap])))} | '
+            f'[{fmt(float(np.min([r["q05"] for r in gap])))}, {fmt(float(np.max([r["q95"] for r in gap])))}] | '
+            f'{fmt(float(np.mean([abs(r["median"]) for r in metrics["conservation"]])))} | '
+            f'{fmt(float(np.mean([r["median"] for r in metrics["gini"]])))} | '
+            f'{fmt(float(np.mean([r["median"] for r in metrics["entropy"]])))} |')
+    lines.append('')
+
+    if summary['randomisation']:
+        lines += ['## Cascading randomisation (Adebayo et al. 2018)', '',
+                  'Median Spearman correlation of |heatmap| with the trained model\'s, after the top layer and after '
+                  'every layer is re-initialised (a heatmap that explains the model should move towards 0).', '',
+                  '| model / method | after the top layer | after all layers |', '| --- | --- | --- |']
+        for key, per_seed in summary['randomisation'].items():
+            tops = [seed['median_per_layer'][0] for seed in per_seed.values() if seed['median_per_layer']]
+            lasts = [seed['median_per_layer'][-1] for seed in per_seed.values() if seed['median_per_layer']]
+            if tops:
+                lines.append(f'| {key} | {fmt(float(np.mean(tops)))} | {fmt(float(np.mean(lasts)))} |')
+        lines.append('')
+
+    lines += ['## Checks', '']
+    for key, check in summary['checks'].items():
+        parts = [f'accuracy on the images {100 * check["accuracy_on_images"]:.1f}%']
+        flip = check.get('negative_scales')
+        if flip:
+            parts.append(f'negative scales: {len(flip["flipped"])} BatchNorms flipped (share of negative scales '
+                         f'{fmt(flip["negative_share"], 2)}), function changed by {fmt(flip["function_error"])} '
+                         f'(relative), {len(flip["skipped"])} left: '
+                         + '; '.join(f'`{bn}` {reason}' for bn, reason in flip['skipped'].items()))
+        if 'conv_batch_norms_fused' in check:
+            parts.append(f'{check["conv_batch_norms_fused"]} conv BatchNorms fused in every arm')
+        for method, reason in check['not_applicable'].items():
+            parts.append(f'`{method}` not applicable: {reason}')
+        lines.append(f'- {key}: ' + '; '.join(parts))
+    return '\n'.join(lines) + '\n'
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# figures
+
+def write_figures(units, summary, args):
+    '''Heatmap grids (one image per class), perturbation curves per replacement value and a forest plot.'''
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    from zennit_bnfuse.evaluation.figures import heatmap_grid
+
+    composite = 'epsilon-plus-flat'
+    for name in args.heatmap_models:
+        unit = units.get((name, args.seeds[0]))
+        if unit is None or 'heatmaps' not in unit:
+            continue
+        examples = list(unit['heatmaps'].values())
+        images = torch.tensor([example['image'] for example in examples])
+        columns = {handling: torch.tensor([example['relevance'][method_key('trained', composite, handling)]
+                                           for example in examples])[:, None]
+                   for handling in HANDLINGS if method_key('trained', composite, handling) in examples[0]['relevance']}
+        heatmap_grid(images, columns, args.out / f'{args.tag}-heatmaps-{name}.png',
+                     [class_names(name)[example['target']] for example in examples],
+                     f'{name} (seed {args.seeds[0]}), {display(composite)}: one image per predicted class')
+
+    curves = ('road_morf', *(f'morf_{baseline}' for baseline in BASELINES))
+    models = [name for name in dict.fromkeys(name for name, _ in units) if claim_of(name)]
+    if models:
+        figure, axes = plt.subplots(len(models), len(curves), figsize=(3.2 * len(curves), 2.6 * len(models)),
+                                    squeeze=False)
+        for row, name in enumerate(models):
+            unit = units[(name, args.seeds[0])] if (name, args.seeds[0]) in units else None
+            if unit is None:
+                continue
+            count = len(unit['image'])
+            for column, curve in enumerate(curves):
+                axis = axes[row, column]
+                for label, key in [*((handling, method_key('trained', composite, handling)) for handling in HANDLINGS),
+                                   *((baseline, baseline) for baseline in BASELINE_METHODS)]:
+                    measured = resolve(unit, key)
+                    if measured is None:
+                        continue
+                    curves_of = unit['methods'][measured]['curves']
+                    removed = np.asarray(curves_of['road_removed' if curve.startswith('road') else 'removed']) / count
+                    axis.plot(100 * removed, np.asarray(curves_of[curve]) / count, label=label,
+                              linestyle='--' if key in BASELINE_METHODS else '-')
+                title = 'ROAD (noisy linear imputation)' if curve.startswith('road') else \
+                    f'region perturbation, {curve.split("_")[1]}'
+                axis.set_title(f'{name}: {title}', fontsize='small')
+                axis.set_xlabel('% of pixels removed, most relevant first')
+                axis.set_ylabel('target logit')
+        axes[0, 0].legend(fontsize='x-small')
+        figure.suptitle(f'Mean MoRF curves per replacement value (seed {args.seeds[0]}, {display(composite)})')
+        figure.tight_layout()
+        figure.savefig(args.out / f'{args.tag}-curves.png', dpi=90)
+        plt.close(figure)
+
+    rows = [row for row in summary['comparisons']['primary'] if row.get('pooled')]
+    if rows:
+        from scipy.stats import norm
+        # Bonferroni-corrected intervals over the family: the hierarchical bootstrap's standard error (from its
+        # 95% interval) times the normal quantile at alpha / (2 m)
+        quantile = norm.ppf(1 - ALPHA / (2 * len(rows)))
+        figure, axis = plt.subplots(figsize=(8, 0.22 * len(rows) + 1.2))
+        colours = {'better': 'tab:green', 'worse': 'tab:red', 'mixed': 'tab:orange', 'no difference': 'tab:gray'}
+        for index, row in enumerate(rows):
+            mean = row['pooled']['mean_difference']
+            low, high = row['pooled']['mean_interval']
+            half = (high - low) / 2 / 1.96 * quantile
+            scale = max(np.median([record['median'] for record in summary['records']
+                                   if record['model'] == row['model'] and record['metric'] == PRIMARY
+                                   and record['handling'] == 'fused' and record['regime'] == row['regime']
+                                   and record['composite'] == row['composite']]), 1e-12)
+            axis.errorbar(mean / scale, index, xerr=half / abs(scale), fmt='o', markersize=3,
+                          color=colours.get(row['verdict'], 'black'))
+        axis.axvline(0, color='black', linewidth=.8)
+        axis.set_yticks(range(len(rows)))
+        axis.set_yticklabels([f'{row["model"]} {row["regime"]} {row["composite"]} vs {row["opponent"]}'
+                              for row in rows], fontsize=6)
+        axis.invert_yaxis()
+        axis.set_xlabel('fused - other, ROAD ABPC, relative to the median of fused (mean, Bonferroni-corrected '
+                        'interval)', fontsize='small')
+        figure.tight_layout()
+        figure.savefig(args.out / f'{args.tag}-forest.png', dpi=110)
+        plt.close(figure)

@@ -1,0 +1,141 @@
+'''Tests of the study (benchmarks/study.py, study_analysis.py, study_report.py): a quick run end to end, the same
+tables from two torchrun processes, and the decision rules on hand-made numbers.'''
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from zennit_bnfuse.evaluation.data import default_data_root
+
+ROOT = Path(__file__).parent.parent
+sys.path.insert(0, str(ROOT / 'benchmarks'))
+needs_data = pytest.mark.skipif(not (default_data_root() / 'MNIST').is_dir(),
+                                reason=f'needs MNIST under {default_data_root()} (set ZENNIT_BNFUSE_DATA)')
+
+from study_analysis import claim_verdicts, compare, comparison_plan  # noqa: E402
+from study_design import method_key  # noqa: E402
+
+
+def table_rows(path):
+    '''The table rows of a results file.'''
+    return [line for line in path.read_text().splitlines() if line.startswith('|')]
+
+
+@needs_data
+def test_quick_study_end_to_end(tmp_path):
+    import study
+    study.main(['--quick', '--out', str(tmp_path), '--fresh'])
+    text = (tmp_path / 'faithfulness.md').read_text()
+    for section in ('## What the numbers say', '## Primary comparisons', '## Secondary metrics',
+                    '## Does each method beat random', '## Conservation, bias share and complexity',
+                    '## Cascading randomisation', '## Checks', 'The protocol, as declared before the numbers'):
+        assert section in text, section
+    assert '**Claim 1' in text and '**Claim 2' in text and '- command: `python ' in text
+    results = json.loads((tmp_path / 'faithfulness.json').read_text())
+    record = results['records'][0]
+    assert {'model', 'seed', 'regime', 'composite', 'handling', 'metric', 'replacement', 'n', 'mean', 'median',
+            'q05', 'q95'} <= set(record)
+    assert {row['replacement'] for row in results['records']} >= {'road', 'zero', 'mean', 'blur', 'noise'}
+    primary = results['comparisons']['primary']
+    assert primary and all(row['verdict'] in ('better', 'worse', 'mixed', 'no difference', 'identical')
+                           for row in primary)
+    decided = [row for row in primary if row['verdict'] != 'identical']
+    assert decided and {'p_holm', 'win_rate', 'median_difference', 'mean_interval'} <= set(
+        next(iter(decided[0]['per_seed'].values())))
+    # the sign-flip regime keeps the function, and every seed's check says so
+    assert all(check['negative_scales']['function_error'] < 1e-5 for check in results['checks'].values())
+    for name in ('faithfulness-curves.png', 'faithfulness-forest.png', 'faithfulness-heatmaps-mnist-cnn-bn.png'):
+        assert (tmp_path / name).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    # a second run reuses the per-unit cache and writes the same tables
+    first = table_rows(tmp_path / 'faithfulness.md')
+    study.main(['--quick', '--out', str(tmp_path), '--no-figures'])
+    assert table_rows(tmp_path / 'faithfulness.md') == first
+
+
+@needs_data
+def test_torchrun_two_processes_give_the_same_tables(tmp_path):
+    common = ['benchmarks/study.py', '--quick', '--images', '8', '--randomisation-images', '0', '--no-figures',
+              '--fresh', '--device', 'cpu', '--regimes', 'trained,negative-scales', '--handlings', 'fused,naive']
+    environment = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    subprocess.run([sys.executable, *common, '--out', str(tmp_path / 'single')], cwd=ROOT, check=True,
+                   env=environment, capture_output=True)
+    subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29518',
+                    *common, '--out', str(tmp_path / 'sharded')], cwd=ROOT, check=True, env=environment,
+                   capture_output=True)
+    single, sharded = tmp_path / 'single' / 'faithfulness.md', tmp_path / 'sharded' / 'faithfulness.md'
+    assert table_rows(single) == table_rows(sharded) and table_rows(single)
+    assert '2 process(es)' in sharded.read_text() and 'torchrun --nproc_per_node=2' in sharded.read_text()
+
+
+def unit(scores, duplicates=None):
+    '''A hand-made unit: ``scores`` maps a method key to its per-image primary metric.'''
+    return {'methods': {key: {'metrics': {'road_abpc': list(values)}} for key, values in scores.items()},
+            'duplicates': duplicates or {}, 'not_applicable': {}, 'image': list(range(len(next(iter(scores.values())))))}
+
+
+def settings():
+    return SimpleNamespace(regimes=['trained'], composites=['epsilon-plus-flat'], handlings=['fused', 'unfused'])
+
+
+def test_comparisons_follow_the_declared_rules():
+    '''fused beats unfused in both seeds by a clear margin -> better; a duplicate -> identical; the baselines are
+    compared in their own family; one seed going the other way -> mixed.'''
+    rng = np.random.default_rng(0)
+    fused, unfused = method_key('trained', 'epsilon-plus-flat', 'fused'), method_key('trained', 'epsilon-plus-flat',
+                                                                                      'unfused')
+
+    def scores(shift):
+        base = rng.normal(1, .1, 200)
+        return {fused: base + shift, unfused: base, 'random': base - 1, 'gradient-x-input': base - 1}
+
+    units = {('mnist-cnn-bn', 0): unit(scores(.2)), ('mnist-cnn-bn', 1): unit(scores(.2))}
+    plan, excluded = comparison_plan(units, settings())
+    assert ('primary', 'mnist-cnn-bn', 'trained', 'epsilon-plus-flat', 'fused', 'unfused') in plan and not excluded
+    rows = compare(units, [item for item in plan if item[0] == 'primary'], 'road_abpc', [0, 1])
+    assert [row['verdict'] for row in rows] == ['better']
+    assert all(seed['p_holm'] < .05 and seed['win_rate'] == 1 for seed in rows[0]['per_seed'].values())
+    sanity = compare(units, [item for item in plan if item[0] == 'sanity'], 'road_abpc', [0, 1])
+    assert {row['verdict'] for row in sanity} == {'better'}
+
+    units[('mnist-cnn-bn', 1)] = unit(scores(-.2))
+    assert compare(units, [item for item in plan if item[0] == 'primary'], 'road_abpc', [0, 1])[0]['verdict'] == \
+        'mixed'
+
+    same = scores(0.)
+    units = {('mnist-cnn-bn', 0): unit({key: value for key, value in same.items() if key != unfused},
+                                       duplicates={unfused: fused})}
+    rows = compare(units, [item for item in plan if item[0] == 'primary'], 'road_abpc', [0])
+    assert rows[0]['verdict'] == 'identical'
+
+
+def test_a_tiny_effect_is_no_difference():
+    '''Significant but below 1% of fused's median: no difference (the protocol's minimum effect).'''
+    fused, unfused = method_key('trained', 'epsilon-plus-flat', 'fused'), method_key('trained', 'epsilon-plus-flat',
+                                                                                      'unfused')
+    base = np.linspace(1, 2, 300)
+    units = {('mnist-cnn-bn', 0): unit({fused: base + 1e-3, unfused: base, 'random': base, 'gradient-x-input': base})}
+    plan, _ = comparison_plan(units, settings())
+    row = compare(units, [item for item in plan if item[0] == 'primary'], 'road_abpc', [0])[0]
+    assert row['per_seed'][0]['p_holm'] < .05 and row['verdict'] == 'no difference'
+
+
+@pytest.mark.parametrize('claim, verdicts, reading', [
+    (1, ['better', 'no difference'], 'supported'),
+    (1, ['better', 'better', 'worse'], 'partly supported'),
+    (1, ['better', 'worse'], 'contradicted'),
+    (1, ['no difference', 'identical'], 'not shown'),
+    (2, ['no difference', 'worse'], 'supported'),
+    (2, ['better', 'no difference'], 'not supported'),
+    (2, ['better', 'no difference', 'no difference', 'worse'], 'partly supported'),
+])
+def test_claim_readings(claim, verdicts, reading):
+    model = 'cifar10-vgg-bn' if claim == 1 else 'mnist-mlp-bn'
+    rows = [{'model': model, 'opponent': 'naive', 'regime': 'trained', 'composite': f'c{index}', 'verdict': verdict}
+            for index, verdict in enumerate(verdicts)]
+    readings = claim_verdicts(rows, settings())
+    assert readings[f'claim {claim} vs naive']['reading'] == reading
