@@ -1,7 +1,5 @@
 '''Smoke tests of the benchmark scripts: training and speed (the study has tests/test_study.py).'''
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
