@@ -42,7 +42,7 @@ from zennit_bnfuse.evaluation.metrics import (
     BASELINES, conservation_error, gini_index, image_noise, region_perturbation, relevance_entropy, relevance_gap,
     road,
 )
-from zennit_bnfuse.evaluation.models import SEEDS, dataset_of, pretrained
+from zennit_bnfuse.evaluation.models import SEEDS, dataset_of, pretrained, weights_path
 from zennit_bnfuse.evaluation.randomisation import cascading_randomisation
 from zennit_bnfuse.evaluation.regimes import flip_batch_norm_signs, relative_output_difference
 from zennit_bnfuse.fold import is_batch_norm
@@ -296,9 +296,14 @@ def merge(shards):
     return merged
 
 
-def unit_config(args):
-    '''What a cached unit must have been computed with to be reused.'''
-    return {'images': args.images, 'composites': list(args.composites), 'handlings': list(args.handlings),
+def weights_digest(name, seed):
+    '''A hash of the shipped weights of a model and seed.'''
+    return hashlib.sha1(Path(str(weights_path(name, seed))).read_bytes()).hexdigest()
+
+
+def unit_config(args, name, seed):
+    '''What a cached unit must have been computed with to be reused (the weights included).'''
+    return {'weights': weights_digest(name, seed), 'images': args.images, 'composites': list(args.composites), 'handlings': list(args.handlings),
             'regimes': list(args.regimes), 'randomisation_images': args.randomisation_images,
             'patch_size': PATCH_SIZE, 'patches_per_step': PATCHES_PER_STEP, 'negative_share': NEGATIVE_SHARE,
             'heatmaps': list(args.heatmap_models)}
@@ -309,7 +314,7 @@ def run_unit(name, seed, data, args, rank, world, progress):
     cache = args.cache / f'{name}-seed{seed}.pt'
     if not args.fresh and cache.is_file():
         stored = torch.load(cache, weights_only=False)
-        if stored['config'] == unit_config(args):
+        if stored['config'] == unit_config(args, name, seed):
             return stored['results'] if rank == 0 else None
     images, labels, channel_mean = data[dataset_of(name)]
     ids = torch.arange(len(images))[rank::world]
@@ -331,7 +336,7 @@ def run_unit(name, seed, data, args, rank, world, progress):
         return None
     results = merge(shards)
     args.cache.mkdir(parents=True, exist_ok=True)
-    torch.save({'config': unit_config(args), 'results': results}, cache)
+    torch.save({'config': unit_config(args, name, seed), 'results': results}, cache)
     return results
 
 
