@@ -5,12 +5,12 @@ import torch
 
 from zennit_bnfuse.evaluation.composites import DISPLAY_NAMES
 from zennit_bnfuse.evaluation.metrics import BASELINES
-from zennit_bnfuse.evaluation.models import CIFAR10_CLASSES, MNIST_CLASSES, dataset_of
+from zennit_bnfuse.evaluation.models import CIFAR10_CLASSES, MNIST_CLASSES, SEEDS, dataset_of
 
 from provenance import header
 from study_analysis import resolve
 from study_design import (
-    ALPHA, BASELINE_METHODS, HANDLINGS, PRIMARY, PROTOCOL, REGIME_NAMES, claim_of, method_key,
+    ALPHA, BASELINE_METHODS, CLAIM_MODELS, HANDLINGS, PRIMARY, PROTOCOL, REGIME_NAMES, TWINS, claim_of, method_key,
 )
 
 
@@ -80,6 +80,12 @@ def report_markdown(summary, args, command, host, date):
     protocol = PROTOCOL.read_text().replace('\n# ', '\n## ').replace('\n## ', '\n### ')
     protocol = protocol.split('\n', 1)[1] if protocol.startswith('# ') else protocol
     lines = header('Faithfulness of LRP under four BatchNorm handlings (study)', command, host, date)
+    declared = [f'{name} seed {seed}' for seed in SEEDS for name in (*CLAIM_MODELS[1], *CLAIM_MODELS[2],
+                                                                     *TWINS.values())]
+    missing = [unit for unit in declared if unit not in summary['checks']]
+    if missing:
+        lines.append(f'- **incomplete: {len(missing)} of the protocol\'s {len(declared)} (model, seed) units are not '
+                     f'in these tables** ({", ".join(missing)}); every verdict below is over the units present')
     lines += [f'- models and seeds: {", ".join(sorted({key.rsplit(" seed ", 1)[0] for key in summary["checks"]}))}; '
               f'seeds {", ".join(map(str, summary["seeds"]))}; {args.images} images per model and seed',
               '- run time per model and seed (s): ' + ', '.join(f'{key} {value["seconds"]}'
