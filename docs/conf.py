@@ -43,5 +43,7 @@ autosummary_generate = True
 napoleon_google_docstring = False
 napoleon_numpy_docstring = True
 napoleon_use_rtype = False
+# 'Attributes' sections as fields, so that dataclass fields are not described twice
+napoleon_use_ivar = True
 
 nitpicky = False

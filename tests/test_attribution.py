@@ -579,3 +579,18 @@ def test_threshold_relu_gets_the_epsilon_rule_hand_computed(handling, expected):
                              batch_norm_rule=Epsilon(1e-12) if handling != 'naive' else None).attribute(input)
     assert torch.allclose(captum.detach(), torch.tensor([[expected]], dtype=torch.float64), atol=1e-9)
     assert torch.allclose(composite, torch.tensor([[expected]], dtype=torch.float64), atol=1e-9)
+
+
+@pytest.mark.parametrize('kind', ['FusedLRP', 'CompositeLRP'])
+def test_captum_noise_tunnel_takes_both_classes(kind):
+    '''NoiseTunnel calls ``attribute.__wrapped__`` (Captum's log_usage decorator); with zero noise it returns the
+    attribution itself, averaged over the samples.'''
+    from captum.attr import NoiseTunnel
+    model = pool_then_batch_norm()
+    input = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    lrp = FusedLRP(model) if kind == 'FusedLRP' else CompositeLRP(model, EpsilonPlusFlat())
+    smooth, delta = NoiseTunnel(lrp).attribute(input, nt_type='smoothgrad', nt_samples=3, stdevs=0., target=[0, 2],
+                                               return_convergence_delta=True)
+    expected = lrp.attribute(input, target=[0, 2])
+    torch.testing.assert_close(smooth.detach(), expected.detach())
+    assert delta.shape == (6,)

@@ -13,6 +13,7 @@ from captum._utils.common import (
     _format_output, _format_tensor_into_tuples, _is_tuple, _register_backward_hook, _run_forward,
 )
 from captum.attr import LRP
+from captum.log import log_usage
 from captum.attr._utils.attribution import GradientAttribution
 from captum.attr._utils.custom_modules import Addition_Module
 from captum.attr._utils.lrp_rules import EpsilonRule, PropagationRule
@@ -229,6 +230,7 @@ class FusedLRP(LRP):
             f'or for its type, rules={{{kind}: EpsilonRule()}}, and make sure the rule fits the layer.'
         )
 
+    @log_usage()
     def attribute(self, inputs, target=None, additional_forward_args=None, return_convergence_delta=False,
                   verbose=False):
         '''LRP relevance of ``inputs`` for ``target`` with Captum's semantics (:py:meth:`captum.attr.LRP.attribute`).
@@ -348,6 +350,7 @@ class CompositeLRP(GradientAttribution):
         '''``output - sum(attributions)`` per example (LRP's completeness gap).'''
         return convergence_delta(attributions, output)
 
+    @log_usage()
     def attribute(self, inputs, target=None, additional_forward_args=None, return_convergence_delta=False):
         '''Relevance of ``inputs`` for ``target`` from the composite, scaled so it sums to about the target output.
 
