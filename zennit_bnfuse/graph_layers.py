@@ -8,13 +8,11 @@
 - :py:func:`split_norm_act`: timm's BatchNorm + activation modules as a plain BatchNorm followed by their drop and
   activation modules, so that each part gets its own rule.
 '''
-import sys
-
 import torch
 from torchvision.ops.misc import FrozenBatchNorm2d
 from zennit.layer import Sum
 
-from .fold import FOLDABLE_BATCH_NORM_TYPES
+from .fold import FOLDABLE_BATCH_NORM_TYPES, timm_layers
 
 
 class SumReduction(Sum):
@@ -92,18 +90,19 @@ def scale_passing_relevance(signal, factor, divide=False):
     return _ScalePassingRelevance.apply(signal, factor, divide)
 
 
-def norm_act_types():
-    '''timm's BatchNorm + activation classes (empty if timm is not imported: a model cannot hold them then).'''
-    norm_act = sys.modules.get('timm.layers.norm_act')
-    if norm_act is None:
-        return ()
-    return tuple(getattr(norm_act, name) for name in ('BatchNormAct2d', 'SyncBatchNormAct', 'FrozenBatchNormAct2d')
-                 if hasattr(norm_act, name))
+def norm_act_tail(module):
+    '''The ``(name, module)`` pairs timm's norm-act layer ``module`` applies after normalising, or None where it is
+    not exactly one of the norm-act types the engine knows or applies something that is not a module (see
+    :py:func:`zennit_bnfuse.timm_layers.norm_act_tail`; always None without timm: a model cannot hold them then).'''
+    extension = timm_layers()
+    if extension is None or extension.norm_act_tail(module) is None or extension.norm_act_problem(module):
+        return None
+    return extension.norm_act_tail(module)
 
 
 def is_norm_act(module):
-    '''Whether ``module`` is one of timm's BatchNorm + drop + activation modules.'''
-    return isinstance(module, norm_act_types())
+    '''Whether ``module`` is one of timm's BatchNorm + drop + activation layers that LRP sees split in parts.'''
+    return norm_act_tail(module) is not None
 
 
 def plain_batch_norm(module):
@@ -126,7 +125,7 @@ def split_norm_act(module):
     Parameters
     ----------
     module: :py:obj:`torch.nn.Module`
-        A ``BatchNormAct2d``, ``SyncBatchNormAct`` or ``FrozenBatchNormAct2d``.
+        A norm-act layer (:py:func:`is_norm_act`).
 
     Returns
     -------
@@ -136,10 +135,8 @@ def split_norm_act(module):
     '''
     norm = plain_batch_norm(module)
     parts = []
-    for name in ('drop', 'act'):
-        child = getattr(module, name, None)
-        if child is not None:
-            norm.add_module(name, child)
-            if type(child) is not torch.nn.Identity:
-                parts.append(name)
+    for name, child in norm_act_tail(module):
+        norm.add_module(name, child)
+        if type(child) is not torch.nn.Identity:
+            parts.append(name)
     return norm, parts

@@ -31,13 +31,15 @@ def _attribution(model, composite, handling, rules, low, high):
     if composite == 'captum':
         attribution = FusedLRP(model, rules=rules, handling=handling)
     else:
+        rule = None
         if isinstance(composite, str):
-            from .evaluation.composites import make_composite
-            composite = make_composite(composite, low, high)
+            from .evaluation.composites import batch_norm_rule, make_composite
+            # a bias-free composite's rule for BatchNorms and thresholded ReLUs is Pass
+            composite, rule = make_composite(composite, low, high), batch_norm_rule(composite, handling)
         elif not isinstance(composite, Composite):
             raise TypeError(f'composite must be a Zennit Composite (e.g. EpsilonPlusFlat()), the name of one in '
                             f'zennit_bnfuse.evaluation.composites, or \'captum\'; not {composite!r}')
-        attribution = CompositeLRP(model, composite, handling=handling)
+        attribution = CompositeLRP(model, composite, handling=handling, batch_norm_rule=rule)
     _LAST.update(key=key, model=model, rules=rules, attribution=attribution)
     return attribution
 
