@@ -8,15 +8,18 @@ from zennit_bnfuse.evaluation.models import INPUT_SHAPES, MODELS, build, dataset
 from conftest import randomize_batch_norms
 
 # the accuracy each shipped model must reach on the full test split
-REQUIRED_ACCURACY = {'mnist-cnn-bn': .99, 'mnist-mlp-bn': .975, 'mnist-mlp': .975, 'cifar10-vgg-bn': .85}
+REQUIRED_ACCURACY = {'mnist-cnn-bn': .99, 'mnist-mlp-bn': .975, 'mnist-mlp': .975, 'cifar10-vgg-bn': .85,
+                     'cifar10-preact-resnet': .85}
+# the training seeds whose weights are shipped (benchmarks/results/models.md)
+SHIPPED_SEEDS = {name: (0, 1, 2) if name.startswith('mnist') else (0,) for name in MODELS}
 HAS_DATA = (default_data_root() / 'MNIST').is_dir() and (default_data_root() / 'CIFAR10-JPEG').is_dir()
 
 
-@pytest.mark.parametrize('name', sorted(MODELS))
-def test_pretrained_loads_small_and_in_eval_mode(name):
-    model = pretrained(name)
+@pytest.mark.parametrize('name, seed', [(name, seed) for name in sorted(MODELS) for seed in SHIPPED_SEEDS[name]])
+def test_pretrained_loads_small_and_in_eval_mode(name, seed):
+    model = pretrained(name, seed=seed)
     assert not model.training
-    assert weights_path(name).stat().st_size < 5e6
+    assert weights_path(name, seed).stat().st_size < 5e6
     assert not any(type(module).__name__ == 'Normalize' for module in model.modules())
     output = model(torch.rand(2, *INPUT_SHAPES[dataset_of(name)]))
     assert output.shape == (2, 10)
@@ -54,3 +57,10 @@ def test_unknown_names():
 def test_missing_data_says_where(tmp_path):
     with pytest.raises(FileNotFoundError, match=rf'mnist \(test\) not found under {tmp_path}.*--data-root'):
         load_dataset('mnist', tmp_path)
+
+
+def test_seeds_are_different_training_runs_and_missing_ones_say_how_to_train():
+    first, second = pretrained('mnist-cnn-bn', seed=0), pretrained('mnist-cnn-bn', seed=1)
+    assert not torch.equal(first.conv1.weight, second.conv1.weight)
+    with pytest.raises(FileNotFoundError, match=r'--model cifar10-vgg --seeds 7'):
+        pretrained('cifar10-vgg', seed=7)
