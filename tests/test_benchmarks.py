@@ -32,14 +32,25 @@ def test_train_smoke(tmp_path):
 def test_speed_smoke(tmp_path):
     import speed
     speed.main(['--models', 'resnet18', '--batches', '1', '--extra', '', '--devices', 'cpu', '--repeats', '1',
-                '--input-size', '32', '--out', str(tmp_path), '--tag', 'smoke'])
+                '--input-size', '32', '--out', str(tmp_path), '--tag', 'smoke', '--memory', 'none'])
     text = (tmp_path / 'smoke.md').read_text()
     assert '## resnet18, batch 1, cpu' in text and '| LRP fused, SinglePass |' in text
     rows = json.loads((tmp_path / 'smoke.json').read_text())['results'][0]['rows']
     timed = [name for name, row in rows.items() if row['seconds'] is not None]
     assert {'gradient', speed.SINGLE_PASS, speed.ZPLUS_FLOOR, speed.FUSED} <= set(timed)
+    assert {speed.COMPOSITE_LRP, "FusedLRP (Captum rules), engine='captum'"} <= set(timed)
     targets = [line for line in table_rows(tmp_path / 'smoke.md') if line.startswith('| resnet18 | 1 | cpu |')]
     assert len(targets) == 1 and len(targets[0].split('|')) == 12  # 10 columns
+
+
+def test_speed_memory_child_reports_its_own_peak(capsys):
+    # in-process here (the benchmark starts it as a new process): the peak resident set after building the model
+    # and calling the method, read from VmHWM
+    import speed
+    speed.memory_child(json.dumps({'arch': 'resnet18', 'batch': 1, 'device': 'cpu', 'input_size': 32,
+                                   'method': 'gradient'}))
+    peak = json.loads(capsys.readouterr().out.splitlines()[-1])['peak_kib']
+    assert peak == speed.own_peak_resident_kib() and peak > 10_000
 
 
 def test_speed_interleaved_smoke(tmp_path):
@@ -47,8 +58,21 @@ def test_speed_interleaved_smoke(tmp_path):
     speed_interleaved.main(['--models', 'resnet18', '--batches', '1', '--extra', '', '--devices', 'cpu',
                             '--repeats', '2', '--input-size', '32', '--out', str(tmp_path), '--tag', 'smoke'])
     rows = json.loads((tmp_path / 'smoke.json').read_text())['results'][0]['rows']
-    assert set(rows) == {'gradient (fused model)', *speed_interleaved.METHODS}
-    assert all(len(row['seconds']) == 2 and row['median_ratio'] > 0 for row in rows.values())
-    assert rows['gradient (fused model)']['median_ratio'] == 1
+    assert set(rows) == {speed_interleaved.GRADIENT, *(name for name, _ in speed_interleaved.METHODS.values())}
+    assert all(len(row['seconds']) == len(row['cpu_seconds']) == 2 and row['median_ratio'] > 0
+               for row in rows.values())
+    assert rows['gradient (fused model)']['median_ratio'] == rows['gradient (fused model)']['median_cpu_ratio'] == 1
+    # one row per clock, and the FusedLRP target (the z+ targets name other models)
     table = [line for line in table_rows(tmp_path / 'smoke.md') if line.startswith('| resnet18 | 1 | cpu |')]
-    assert len(table) == 1
+    assert len(table) == 3 and 'FusedLRP(), default engine' in table[2]
+
+
+def test_speed_interleaved_methods_subset(tmp_path):
+    import speed_interleaved
+    speed_interleaved.main(['--models', 'resnet18', '--batches', '1', '--extra', '', '--devices', 'cpu',
+                            '--repeats', '1', '--input-size', '32', '--out', str(tmp_path), '--tag', 'subset',
+                            '--methods', 'floor,composite'])
+    rows = json.loads((tmp_path / 'subset.json').read_text())['results'][0]['rows']
+    assert set(rows) == {speed_interleaved.GRADIENT, speed_interleaved.FLOOR, speed_interleaved.COMPOSITE_LRP}
+    with pytest.raises(SystemExit):
+        speed_interleaved.main(['--methods', 'floor,nothing'])

@@ -1,5 +1,6 @@
 '''Tests for the LRP-ready graph rewrite (zennit_bnfuse.graph).'''
 import copy
+import operator
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from zennit.types import Convolution
 
 from zennit_bnfuse import CompositeLRP, FusedLRP
 from zennit_bnfuse.graph import lrp_graph, op_name, ops_passed_by_gradient
-from zennit_bnfuse.graph_layers import MeanReduction, SumReduction, scale_passing_relevance
+from zennit_bnfuse.graph_layers import AddOperands, MeanReduction, SumReduction, scale_passing_relevance
 
 
 class Residual(torch.nn.Module):
@@ -92,7 +93,7 @@ def test_untraceable_model_is_returned_with_a_warning():
 
 
 def test_unknown_residual_kind():
-    with pytest.raises(ValueError, match="residual must be 'captum' or 'zennit'"):
+    with pytest.raises(ValueError, match="residual must be one of 'captum', 'zennit', 'operands', not 'sum'"):
         lrp_graph(torch.nn.Linear(1, 1), residual='sum')
 
 
@@ -297,3 +298,22 @@ def test_number_arguments_are_not_signals():
         prepared, _ = lrp_graph(Scaled())
     assert [node.target for node in prepared.graph.nodes].count(scale_passing_relevance) == 1
     assert [type(module) for module in called_modules(prepared)] == [torch.nn.Linear, Addition_Module]
+
+
+class Chained(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+
+    def forward(self, x):
+        summed = self.first(x) + self.second(x)
+        return summed + self.first(summed)
+
+
+@pytest.mark.parametrize('residual', ['captum', 'zennit', 'operands'])
+def test_every_residual_kind_makes_additions_modules(residual):
+    # including an addition of a residual sum
+    prepared, _ = lrp_graph(Chained(), residual=residual)
+    kinds = {'captum': Addition_Module, 'zennit': Sum, 'operands': AddOperands}
+    assert sum(type(module) is kinds[residual] for module in prepared.modules()) == 2
+    assert not [node for node in prepared.graph.nodes if node.target in (operator.add, torch.add)]

@@ -7,11 +7,15 @@ import torchvision
 from zennit.attribution import Gradient
 from zennit.composites import EpsilonAlpha2Beta1Flat, EpsilonGammaBox, EpsilonPlusFlat, LayerMapComposite
 from zennit.core import Composite
+from zennit.layer import Sum
 from zennit.rules import AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, ReLUGuidedBackprop, WSquare, ZBox, ZPlus
 
 from conftest import randomize_batch_norms
-from zennit_bnfuse import CompositeLRP, FuseBatchNorm
-from zennit_bnfuse.singlepass import SinglePass, SinglePassHook, normalizer, single_pass_rule
+from zennit_bnfuse import CompositeLRP, FuseBatchNorm, singlepass
+from zennit_bnfuse.graph_layers import AddOperands
+from zennit_bnfuse.singlepass import (
+    Fallback, SinglePass, SinglePassHook, modified_convolution, normalizer, single_pass_rule,
+)
 
 LAYERS = (torch.nn.Conv2d, torch.nn.Linear)
 
@@ -203,13 +207,89 @@ class Summing(torch.nn.Module):
         return self.add(input, input)
 
 
-def test_module_with_two_inputs_raises():
-    composite = SinglePass(Composite(module_map=lambda ctx, name, module: Norm() if name == 'add' else None))
-    input = torch.rand(1, 3, requires_grad=True)
-    with composite.context(Summing()) as model:
-        with pytest.raises(TypeError, match='SinglePass supports modules called with one tensor; TwoInputs got 2 '
-                                            'input'):
-            model(input)
+def test_module_with_two_inputs_falls_back_to_zennit():
+    # Zennit's BasicHook recomputes a module from its first input only, so its own hooks fail in the backward pass;
+    # SinglePass hands the call to Zennit's hook (it used to refuse it in the forward pass) and lists it
+    def make_composite():
+        return Composite(module_map=lambda ctx, name, module: Norm() if name == 'add' else None)
+    errors = []
+    for composite in (make_composite(), SinglePass(make_composite())):
+        input = torch.rand(1, 3, requires_grad=True)
+        with composite.context(Summing()) as model:
+            output = model(input)
+            with pytest.raises(TypeError) as error:
+                torch.autograd.grad(output.sum(), input)
+        errors.append(str(error.value))
+    assert errors[0] == errors[1]
+    assert composite.fallbacks == [Fallback('add', composite.fallbacks[0].rule, 'called with 2 inputs')]
+    assert isinstance(composite.fallbacks[0].rule, Norm)
+
+
+class Scaled(torch.nn.Linear):
+    '''A linear layer that takes a keyword argument.'''
+    def forward(self, input, scale=1.):
+        return super().forward(input) * scale
+
+
+class ScaledNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.first, self.scaled, self.last = torch.nn.Linear(3, 4), Scaled(4, 4), torch.nn.Linear(4, 2)
+
+    def forward(self, input):
+        return self.last(torch.relu(self.scaled(torch.relu(self.first(input)), scale=2.)))
+
+
+def test_module_called_with_keyword_arguments_falls_back_per_module():
+    # Zennit's hooks do not see keyword arguments; the layer falls back to them, the other layers do not
+    model = ScaledNet().double()
+    input = torch.randn(3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    composite = SinglePass(rule_composite(Epsilon())())
+    zennit = relevance(model, rule_composite(Epsilon())(), input, [0, 1, 0])
+    single = relevance(model, composite, input, [0, 1, 0])
+    assert torch.equal(single, zennit)
+    assert [(item.module, item.reason) for item in composite.fallbacks] == [('scaled', 'called with keyword arguments')]
+
+
+class Pair(torch.nn.Linear):
+    '''A linear layer that returns its output twice, as a tuple.'''
+    def forward(self, input):
+        output = super().forward(input)
+        return output, output
+
+
+class PairNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.pair, self.last = Pair(3, 4), torch.nn.Linear(4, 2)
+
+    def forward(self, input):
+        first, _ = self.pair(input)
+        return self.last(first)
+
+
+def test_module_returning_a_tuple_falls_back_per_module():
+    composite = SinglePass(LayerMapComposite([(Pair, Pass()), (torch.nn.Linear, Epsilon())]))
+    input = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    model = PairNet().double()
+    with composite.context(model):
+        output = model(input)
+    assert [(item.module, item.reason) for item in composite.fallbacks] == [('pair', 'returns tuple, not a tensor')]
+    with torch.no_grad():
+        assert torch.equal(output, model(input))
+
+
+def test_rules_zennit_computes_are_listed():
+    composite = SinglePass(LayerMapComposite([(torch.nn.ReLU, ReLUGuidedBackprop()), (LAYERS, OwnBackward())]))
+    with composite.context(small_net()) as model:
+        model(torch.rand(1, 2, 6, 6, dtype=torch.float64, requires_grad=True))
+    reasons = {item.module: item.reason for item in composite.fallbacks}
+    assert reasons == {'1': 'ReLUGuidedBackprop is neither a BasicHook nor Pass',
+                       '3': 'ReLUGuidedBackprop is neither a BasicHook nor Pass',
+                       '0': 'OwnBackward brings its own backward', '2': 'OwnBackward brings its own backward',
+                       '6': 'OwnBackward brings its own backward'}
 
 
 def test_pass_on_shape_changing_module_raises():
@@ -221,13 +301,137 @@ def test_pass_on_shape_changing_module_raises():
             model(torch.rand(1, 2, 2, requires_grad=True))
 
 
-def test_composite_lrp_single_pass_equals_zennit_hooks():
+def test_composite_lrp_computes_with_single_pass_by_default():
     model = randomize_batch_norms(torchvision.models.resnet18(weights=None).double())
     images = torch.rand(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
-    hooks = CompositeLRP(model, EpsilonPlusFlat()).attribute(images, target=[1, 2])
-    single = CompositeLRP(model, EpsilonPlusFlat(), single_pass=True).attribute(images, target=[1, 2])
-    assert isinstance(CompositeLRP(model, EpsilonPlusFlat(), single_pass=True).composite, SinglePass)
-    assert torch.equal(single, hooks)
+    default = CompositeLRP(model, EpsilonPlusFlat())
+    hooks = CompositeLRP(model, EpsilonPlusFlat(), engine='zennit')
+    assert isinstance(default.composite, SinglePass) and not isinstance(hooks.composite, SinglePass)
+    assert not isinstance(CompositeLRP(model, EpsilonPlusFlat(), single_pass=False).composite, SinglePass)
+    # the residual additions are AddOperands for SinglePass and Zennit's Sum over stacked operands for its hooks
+    relevance = default.attribute(images, target=[1, 2])
+    assert torch.equal(relevance, hooks.attribute(images, target=[1, 2]))
+    assert default.fallbacks == [] and hooks.fallbacks == []
+    assert sum(isinstance(module, AddOperands) for module in default.prepared.get().modules()) == 8
+    with pytest.raises(ValueError, match="engine must be one of 'singlepass', 'zennit', not 'captum'"):
+        CompositeLRP(model, EpsilonPlusFlat(), engine='captum')
+
+
+@pytest.mark.parametrize('composite', ['epsilon-plus-flat', 'epsilon-gamma-box'])
+def test_composite_lrp_engines_agree_on_densenet(composite):
+    # DenseNet's BN -> ReLU -> conv folds leave ThresholdReLU modules, which get the BatchNorm rule (Epsilon)
+    model = randomize_batch_norms(torchvision.models.densenet121(weights=None).double())
+    images = torch.rand(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
+    make = COMPOSITES[composite + '-unfused'] if composite + '-unfused' in COMPOSITES else (
+        lambda: EpsilonGammaBox(low=0., high=1.))
+    single = CompositeLRP(model, make()).attribute(images, target=[1, 2])
+    zennit = CompositeLRP(model, make(), engine='zennit').attribute(images, target=[1, 2])
+    assert zennit.abs().sum() > 0 and torch.equal(single, zennit)
+
+
+class Broadcast(torch.nn.Module):
+    '''A residual addition of a conv's output and a per-channel mean that broadcasts against it.'''
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.relu, self.pool = torch.nn.Conv2d(2, 2, 3, padding=1), torch.nn.ReLU(), torch.nn.AvgPool2d(2)
+        self.linear = torch.nn.Linear(8, 3)
+
+    def forward(self, input):
+        hidden = self.relu(self.conv(input))
+        summed = self.conv(hidden) + hidden.mean((2, 3), keepdim=True)
+        return self.linear(torch.flatten(self.pool(self.relu(summed)), 1))
+
+
+@pytest.mark.parametrize('stabilizer', [1e-6, lambda output: output + 1e-3])
+def test_residual_sums_equal_zennit_on_stacked_operands(stabilizer):
+    # AddOperands(a, b) under SinglePass against Zennit's Sum(stack(broadcast_tensors(a, b))), including an operand
+    # that broadcasts (its relevance summed back) and a stabiliser SinglePass has no shortcut for
+    model = Broadcast().double()
+    images = torch.rand(2, 2, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
+
+    def composite():
+        return LayerMapComposite([(torch.nn.ReLU, Pass()), (Sum, Norm(stabilizer=stabilizer)),
+                                  (torch.nn.AvgPool2d, Norm()), (LAYERS, Epsilon())])
+    single = CompositeLRP(model, composite()).attribute(images, target=[0, 2])
+    zennit = CompositeLRP(model, composite(), engine='zennit').attribute(images, target=[0, 2])
+    assert zennit.abs().sum() > 0 and torch.equal(single, zennit)
+
+
+def test_input_signs_come_from_the_graph(monkeypatch):
+    checked = []
+    original = singlepass.is_non_negative
+    monkeypatch.setattr(singlepass, 'is_non_negative', lambda input: checked.append(tuple(input.shape)) or original(
+        input))
+    images = torch.rand(2, 2, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    composite = SinglePass(rule_composite(ZPlus())())
+    single = relevance(small_net(), composite, images, [0, 1])
+    # only the first conv's input, the model's input, is read from the data: the second conv reads a ReLU's output
+    # and the linear layer an average of one
+    assert composite.data_checked == ['0'] and checked == [(2, 2, 6, 6)] and composite.sign_note is None
+    assert torch.equal(single, relevance(small_net(), rule_composite(ZPlus())(), images, [0, 1]))
+
+
+def test_signed_inputs_run_both_halves_without_reading_the_data(monkeypatch):
+    # conv -> conv: the graph says the second conv's input may be negative, so z+ runs both halves even where the
+    # data has no negative entry (non-negative weights and input), without reading the data
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.Conv2d(3, 2, 1), torch.nn.Flatten()).double()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.abs_()
+    checked = []
+    original = singlepass.is_non_negative
+    monkeypatch.setattr(singlepass, 'is_non_negative', lambda input: checked.append(tuple(input.shape)) or original(
+        input))
+    rule = ZPlus()
+    clamped = []
+    rule.input_modifiers = [lambda input, modifier=modifier: clamped.append(tuple(input.shape)) or modifier(input)
+                            for modifier in rule.input_modifiers]
+    images = torch.rand(1, 2, 4, 4, dtype=torch.float64)
+    composite = SinglePass(LayerMapComposite([(torch.nn.Conv2d, rule)]))
+    single = relevance(model, composite, images, [0])
+    assert checked == [(1, 2, 4, 4)] and clamped == [(1, 3, 2, 2)] * 2
+    assert torch.equal(single, relevance(model, LayerMapComposite([(torch.nn.Conv2d, ZPlus())]), images, [0]))
+
+
+class Branching(torch.nn.Module):
+    '''A forward fx cannot trace (control flow on the data).'''
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.relu, self.linear = torch.nn.Conv2d(2, 3, 3), torch.nn.ReLU(), torch.nn.Linear(12, 2)
+
+    def forward(self, input):
+        hidden = self.relu(self.conv(input))
+        if hidden.sum() > 0:
+            hidden = hidden * 2
+        return self.linear(torch.flatten(hidden, 1))
+
+
+def test_untraceable_forward_reads_every_sign_from_the_data():
+    images = torch.rand(2, 2, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
+    composite = SinglePass(rule_composite(ZPlus())())
+    single = relevance(Branching().double(), composite, images, [0, 1])
+    assert 'could not be traced' in composite.sign_note and composite.data_checked == ['conv', 'linear']
+    assert torch.equal(single, relevance(Branching().double(), rule_composite(ZPlus())(), images, [0, 1]))
+
+
+def test_cached_parameters_are_computed_again_when_the_weights_change():
+    conv = torch.nn.Conv2d(2, 3, 3).double()
+    images = torch.rand(1, 2, 4, 4, dtype=torch.float64)
+    modifier = ZPlus().param_modifiers[0]
+    cache = {}
+    _, before = modified_convolution(conv, modifier, images, cache)
+    assert torch.equal(before, conv.weight.clamp(min=0))
+    with torch.no_grad():
+        conv.weight.neg_()  # in place: the version counter moves
+    output, after = modified_convolution(conv, modifier, images, cache)
+    assert torch.equal(after, conv.weight.clamp(min=0)) and not torch.equal(after, before)
+    torch.testing.assert_close(output, torch.nn.functional.conv2d(images, after, conv.bias.clamp(min=0)),
+                               rtol=0, atol=0)
+    conv.weight = torch.nn.Parameter(torch.ones_like(conv.weight))  # replaced
+    assert torch.equal(modified_convolution(conv, modifier, images, cache)[1], conv.weight)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
@@ -257,7 +461,7 @@ def test_several_backward_passes_from_one_forward():
 def test_differentiating_the_relevance_raises():
     model = torch.nn.Sequential(torch.nn.Linear(4, 3)).double()
     input = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
-    with pytest.raises(RuntimeError, match=r'SinglePass does not support differentiating the relevance '
+    with pytest.raises(RuntimeError, match=r'the single-pass engines do not support differentiating the relevance '
                                            r'\(create_graph=True\)'):
         with Gradient(model, SinglePass(EpsilonPlusFlat()), create_graph=True) as attributor:
             attributor(input, torch.eye(3, dtype=torch.float64)[[0, 1]])

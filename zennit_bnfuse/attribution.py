@@ -12,6 +12,7 @@ import torch.fx
 from captum._utils.common import (
     _format_output, _format_tensor_into_tuples, _is_tuple, _register_backward_hook, _run_forward,
 )
+from captum._utils.gradient import apply_gradient_requirements, undo_gradient_requirements
 from captum.attr import LRP
 from captum.log import log_usage
 from captum.attr._utils.attribution import GradientAttribution
@@ -22,6 +23,7 @@ from zennit.core import Hook
 from zennit.rules import Epsilon, Pass
 from zennit.types import Activation
 
+from .captum_singlepass import CaptumSinglePass, called_layers
 from .checks import check_composite, check_inputs, check_model, checked_forward
 from .fold import BATCH_NORM_TYPES, is_batch_norm
 from .layers import ThresholdReLU
@@ -69,6 +71,21 @@ def convergence_delta(attributions, output):
     return output.flatten() - sum(sums).flatten()
 
 
+def check_engine(engine, engines):
+    '''``engine`` if it is one of ``engines``, else a ValueError naming them.'''
+    if engine not in engines:
+        raise ValueError(f'engine must be one of {", ".join(map(repr, engines))}, not {engine!r}')
+    return engine
+
+
+def out_of_place(model):
+    '''Switch off ``inplace`` on every torch.nn module of ``model`` that has it (activations, dropout): the same
+    values, computed into new tensors. Only for a model this package owns (a prepared copy).'''
+    for module in model.modules():
+        if getattr(module, 'inplace', None) is True and type(module).__module__.startswith('torch.nn'):
+            module.inplace = False
+
+
 def empty_batch_attribution(model, inputs, target, additional_forward_args):
     '''What LRP gives for an empty batch: zero relevance of each input's shape and an empty output, after a forward
     pass that checks the inputs' shapes and ``target`` (see :py:func:`zennit_bnfuse.checks.checked_forward`).
@@ -91,14 +108,9 @@ class _RuleLRP(LRP):
         super().__init__(model)
 
     def _get_layers(self, model):
-        if isinstance(model, torch.fx.GraphModule):
-            # the modules the forward calls (a GraphModule also holds parameter-only placeholders of inlined modules)
-            modules = dict(model.named_modules())
-            names = dict.fromkeys(node.target for node in model.graph.nodes if node.op == 'call_module')
-            self.named_layers = [(name, modules[name]) for name in names]
-        else:
-            self.named_layers = [(name, module) for name, module in model.named_modules()
-                                 if not list(module.children())]
+        # for a GraphModule, the modules the forward calls (it also holds parameter-only placeholders of inlined
+        # modules)
+        self.named_layers = called_layers(model)
         self.layers = [module for _, module in self.named_layers]
 
     def _check_and_attach_rules(self):
@@ -159,22 +171,35 @@ class FusedLRP(LRP):
     example_inputs: :py:obj:`torch.Tensor` or tuple, optional
         Forward arguments to check the folds on (see :py:func:`zennit_bnfuse.fuse`); needed to fold anything where
         the forward cannot be traced with torch.fx.
+    engine: str, optional
+        ``'singlepass'`` (default): Captum's rules computed from one forward pass
+        (:py:class:`~zennit_bnfuse.captum_singlepass.CaptumSinglePass`), the same relevance; where one pass cannot
+        reproduce Captum's two (see there), the call runs on Captum's hooks and :py:attr:`fallbacks` says why.
+        ``'captum'``: Captum's own hooks (for comparison).
+
+    Attributes
+    ----------
+    fallbacks: list[:py:class:`~zennit_bnfuse.singlepass.Fallback`]
+        After a call with the single-pass engine: why the call ran on Captum's hooks (one entry), or the layers
+        whose rule is not one of Captum's, whose own Captum methods ran in the single pass.
 
     Raises
     ------
     TypeError
         If ``model`` is not a torch.nn.Module or holds a TorchScript module, or a rule is not a Captum rule.
     ValueError
-        If ``handling`` is unknown.
+        If ``handling`` or ``engine`` is unknown.
 
     Examples
     --------
     >>> lrp = FusedLRP(model)
     >>> attribution, delta = lrp.attribute(images, target=3, return_convergence_delta=True)
     '''
-    def __init__(self, model, rules=None, handling='fused', example_inputs=None):
+    def __init__(self, model, rules=None, handling='fused', example_inputs=None, engine='singlepass'):
         check_model(model, 'FusedLRP')
         super().__init__(model)
+        self.engine = check_engine(engine, ('singlepass', 'captum'))
+        self.fallbacks = []
         self.rules = dict(rules or {})
         for key, rule in self.rules.items():
             if not isinstance(key, (str, type)):
@@ -194,6 +219,10 @@ class FusedLRP(LRP):
             # the copy carries copies of the user's rule attributes; the user's modules are read on every call
             for module in prepared.modules():
                 vars(module).pop('rule', None)
+            if self.engine == 'singlepass':
+                # the single-pass engine's activations work on the tensors between layers, where Captum's hooks
+                # work on clones
+                out_of_place(prepared)
             self._build = self.prepared.builds
         self.own_rules = {name: module.rule for name, module in self.model.named_modules()
                           if getattr(module, 'rule', None) is not None}
@@ -269,11 +298,33 @@ class FusedLRP(LRP):
             relevance, output = empty_batch_attribution(prepared, input_tuple, target, additional_forward_args)
             relevance = _format_output(_is_tuple(inputs), relevance)
             return (relevance, output) if return_convergence_delta else relevance
+        self.fallbacks = []
+        if self.engine == 'singlepass':
+            engine = CaptumSinglePass(prepared, self.choose_rule, autograd_types=RESHAPE_TYPES)
+            self.fallbacks = engine.fallbacks
+            if engine.fallback is None:
+                with checked_forward(prepared, input_tuple, target):
+                    return self._attribute_single_pass(engine, inputs, target, additional_forward_args,
+                                                       return_convergence_delta, verbose)
         with checked_forward(prepared, input_tuple, target):
             return _RuleLRP(prepared, self.choose_rule).attribute(
                 inputs, target=target, additional_forward_args=additional_forward_args,
                 return_convergence_delta=return_convergence_delta, verbose=verbose,
             )
+
+    @staticmethod
+    def _attribute_single_pass(engine, inputs, target, additional_forward_args, return_convergence_delta, verbose):
+        ''':py:meth:`attribute` with the single-pass engine.'''
+        is_tuple = _is_tuple(inputs)
+        inputs = _format_tensor_into_tuples(inputs)
+        gradient_mask = apply_gradient_requirements(inputs)
+        try:
+            relevance, output = engine.attribute(inputs, target, additional_forward_args, verbose)
+        finally:
+            undo_gradient_requirements(inputs, gradient_mask)
+        if return_convergence_delta:
+            return _format_output(is_tuple, relevance), convergence_delta(relevance, output)
+        return _format_output(is_tuple, relevance)
 
     def compute_convergence_delta(self, attributions, output):
         '''``output - sum(attributions)`` per example (LRP's completeness gap).'''
@@ -285,8 +336,10 @@ class CompositeLRP(GradientAttribution):
 
     The composite runs on a prepared copy of ``model``: BatchNorms fused first (as if
     :py:class:`~zennit_bnfuse.FuseBatchNorm` stood in front of the composite's canonizers), every residual ``a + b``
-    in the traced forward turned into Zennit's ``Sum`` over the stacked operands (which Zennit's composites give the
-    ``Norm`` rule) for any traceable model, and one module per use of a reused module. ``model`` is never changed.
+    in the traced forward turned into a ``Sum`` module (which Zennit's composites give the ``Norm`` rule) for any
+    traceable model: :py:class:`~zennit_bnfuse.graph_layers.AddOperands` for the single-pass engine, Zennit's ``Sum``
+    over the stacked operands for Zennit's hooks (the same relevance); and one module per use of a reused module.
+    ``model`` is never changed.
 
     Parameters
     ----------
@@ -302,10 +355,19 @@ class CompositeLRP(GradientAttribution):
         that ``BN -> ReLU -> layer`` folds leave (the BatchNorm's shift before the ReLU), instead of the handling's
         (``Epsilon()`` for ``'fused'`` and ``'unfused'``, ``Pass()`` for ``'naive'``).
     single_pass: bool, optional
-        Compute the rules with :py:class:`~zennit_bnfuse.singlepass.SinglePass` (the same relevance, faster);
-        False by default.
+        Older spelling of ``engine``: True for ``'singlepass'``, False for ``'zennit'``.
     example_inputs: :py:obj:`torch.Tensor` or tuple, optional
         As in :py:class:`FusedLRP`.
+    engine: str, optional
+        ``'singlepass'`` (default): the rules are computed by :py:class:`~zennit_bnfuse.singlepass.SinglePass`, the
+        same relevance as Zennit's hooks, faster; modules it does not compute fall back to Zennit's hooks one by one
+        (see :py:attr:`fallbacks`). ``'zennit'``: Zennit's own hooks everywhere (for comparison).
+
+    Attributes
+    ----------
+    fallbacks: list[:py:class:`~zennit_bnfuse.singlepass.Fallback`]
+        After a call with the single-pass engine, the modules (names in the prepared copy) whose rule Zennit's own
+        hooks computed, with the reason; empty for ``engine='zennit'``.
 
     Raises
     ------
@@ -313,15 +375,15 @@ class CompositeLRP(GradientAttribution):
         If ``model`` is not a torch.nn.Module or holds a TorchScript module, ``composite`` is not a Zennit composite
         or ``batch_norm_rule`` not a Zennit rule.
     ValueError
-        If ``handling`` is unknown.
+        If ``handling`` or ``engine`` is unknown.
 
     Examples
     --------
     >>> lrp = CompositeLRP(model, EpsilonPlusFlat())
     >>> attribution = lrp.attribute(images, target=[3, 5])
     '''
-    def __init__(self, model, composite, handling='fused', batch_norm_rule=None, single_pass=False,
-                 example_inputs=None):
+    def __init__(self, model, composite, handling='fused', batch_norm_rule=None, single_pass=None,
+                 example_inputs=None, engine='singlepass'):
         check_model(model, 'CompositeLRP')
         check_composite(composite, 'CompositeLRP')
         if batch_norm_rule is not None and not isinstance(batch_norm_rule, Hook):
@@ -329,15 +391,27 @@ class CompositeLRP(GradientAttribution):
                             f'zennit.rules.Epsilon()) or None, not {type(batch_norm_rule).__name__}.')
         super().__init__(model)
         self.model = model
-        self.prepared = PreparedModel(model, handling, residual='zennit', example_inputs=example_inputs)
+        if single_pass is not None:
+            engine = 'singlepass' if single_pass else 'zennit'
+        self.engine = check_engine(engine, ('singlepass', 'zennit'))
+        # Zennit's hooks take one input per module, so residual additions stack their operands for them; SinglePass
+        # adds them as they are
+        self.prepared = PreparedModel(model, handling, residual='operands' if engine == 'singlepass' else 'zennit',
+                                      example_inputs=example_inputs)
         if batch_norm_rule is None:
             batch_norm_rule = Epsilon() if self.prepared.handling.batch_norm_rule == 'epsilon' else Pass()
         # BatchNorms the handling keeps, and what BN -> ReLU folds leave of a BatchNorm (its shift before a ReLU, see
         # ThresholdReLU), get the handling's rule ahead of the composite's own mapping
         self.composite = MixedComposite([
             LayerMapComposite([(BATCH_NORM_TYPES, batch_norm_rule), (ThresholdReLU, batch_norm_rule)]), composite])
-        if single_pass:
-            self.composite = SinglePass(self.composite)
+        if engine == 'singlepass':
+            # the prepared copy is ours: nobody writes its parameters behind autograd's back
+            self.composite = SinglePass(self.composite, cache=True)
+
+    @property
+    def fallbacks(self):
+        '''The modules whose rule Zennit's own hooks computed in the last call (see the class docstring).'''
+        return list(getattr(self.composite, 'fallbacks', []))
 
     @property
     def multiplies_by_inputs(self):

@@ -5,8 +5,9 @@ ops that only move, copy or select values (``torch.cat``, ``chunk``, indexing, `
 for ops that combine values, and a module called more than once (torchvision's BasicBlock reuses ``self.relu``) has
 one stored input for several uses. :py:func:`lrp_graph` rewrites the traced forward:
 
-- a residual ``a + b`` of two input-dependent tensors becomes a module with a rule (Captum's ``Addition_Module``, or
-  Zennit's ``Sum`` over the stacked operands);
+- a residual ``a + b`` of two input-dependent tensors becomes a module with a rule (Captum's ``Addition_Module``,
+  Zennit's ``Sum`` over the stacked operands, or :py:class:`~zennit_bnfuse.graph_layers.AddOperands`, the ``Sum`` that
+  SinglePass computes without stacking);
 - ``x.mean(dims)``, ``x.sum(dims)``, ``torch.mean`` and ``torch.sum`` become
   :py:class:`~zennit_bnfuse.graph_layers.MeanReduction`/:py:class:`~zennit_bnfuse.graph_layers.SumReduction`
   (subclasses of Zennit's ``Sum``);
@@ -38,13 +39,17 @@ from captum.attr._utils.custom_modules import Addition_Module
 from zennit.layer import Sum
 
 from .fusion import set_module
-from .graph_layers import MeanReduction, SumReduction, is_norm_act, scale_passing_relevance, split_norm_act
+from .graph_layers import (
+    AddOperands, MeanReduction, SumReduction, is_norm_act, scale_passing_relevance, split_norm_act,
+)
 from .pairs import LeafTracer
 
 ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 INPLACE_OPERATORS = {operator.iadd, operator.imul, operator.itruediv}
 SHAPE_OPS = {'size', 'dim', 'numel'}
 SHAPE_ATTRIBUTES = {'shape', 'ndim', 'dtype', 'device', 'layout', 'is_cuda'}
+# what a residual addition can become (the ``residual`` argument of lrp_graph)
+RESIDUALS = ('captum', 'zennit', 'operands')
 
 
 @dataclass(frozen=True)
@@ -349,10 +354,12 @@ class GraphRewrite:
         return name
 
     def residual_add(self, node):
-        '''``a + b`` as Captum's ``Addition_Module()(a, b)`` or Zennit's ``Sum()(torch.stack([a, b], dim=-1))``.'''
+        '''``a + b`` as Captum's ``Addition_Module()(a, b)``, ``AddOperands()(a, b)`` or Zennit's
+        ``Sum()(torch.stack([a, b], dim=-1))``.'''
         with self.graph.inserting_before(node):
-            if self.residual == 'captum':
-                return self.graph.call_module(self.add_module(node, 'residual_add', Addition_Module()), node.args)
+            if self.residual != 'zennit':
+                module = Addition_Module() if self.residual == 'captum' else AddOperands()
+                return self.graph.call_module(self.add_module(node, 'residual_add', module), node.args)
             name = self.add_module(node, 'residual_add', Sum())
             # operands may broadcast against each other; their relevance is summed back over the broadcast dims by
             # autograd
@@ -423,7 +430,10 @@ def lrp_graph(model, residual='captum'):
     residual: str
         ``'captum'``: ``a + b`` becomes ``Addition_Module()(a, b)``, and a module reading a tensor that other ops
         read too gets a clone of it; ``'zennit'``: ``a + b`` becomes ``Sum()(torch.stack([a, b], dim=-1))``, which
-        Zennit's composites give the ``Norm`` rule.
+        Zennit's composites give the ``Norm`` rule; ``'operands'``: it becomes
+        :py:class:`~zennit_bnfuse.graph_layers.AddOperands` ``()(a, b)``, a ``Sum`` that
+        :py:class:`~zennit_bnfuse.SinglePass` computes as Zennit computes the stacked form, without the stack
+        (Zennit's own hooks cannot: it has two inputs).
 
     Returns
     -------
@@ -434,7 +444,7 @@ def lrp_graph(model, residual='captum'):
     Raises
     ------
     ValueError
-        If ``residual`` is neither ``'captum'`` nor ``'zennit'``.
+        If ``residual`` is not one of ``'captum'``, ``'zennit'`` and ``'operands'``.
 
     Warns
     -----
@@ -442,8 +452,8 @@ def lrp_graph(model, residual='captum'):
         If the forward cannot be traced, or if relevance still passes some functional op by its plain gradient (see
         :py:func:`ops_passed_by_gradient`).
     '''
-    if residual not in ('captum', 'zennit'):
-        raise ValueError(f'residual must be \'captum\' or \'zennit\', not {residual!r}')
+    if residual not in RESIDUALS:
+        raise ValueError(f'residual must be one of {", ".join(map(repr, RESIDUALS))}, not {residual!r}')
     try:
         graph = LRPTracer().trace(model)
     except Exception as error:  # fx raises many kinds of errors for untraceable code

@@ -1,5 +1,6 @@
 '''The modules and functions :py:func:`zennit_bnfuse.graph.lrp_graph` puts in place of functional ops.
 
+- :py:class:`AddOperands`: a residual ``a + b`` as a module, for :py:class:`~zennit_bnfuse.SinglePass`.
 - :py:class:`SumReduction` and :py:class:`MeanReduction`: ``x.sum(dims)``/``x.mean(dims)`` as modules. Both are
   subclasses of Zennit's :py:class:`zennit.layer.Sum`, which Zennit's composites give the ``Norm`` rule (LRP-epsilon
   without a bias: each input gets its share of the sum); ``FusedLRP`` gives them Captum's ``EpsilonRule``.
@@ -8,11 +9,31 @@
 - :py:func:`split_norm_act`: timm's BatchNorm + activation modules as a plain BatchNorm followed by their drop and
   activation modules, so that each part gets its own rule.
 '''
+import functools
+import operator
+
 import torch
 from torchvision.ops.misc import FrozenBatchNorm2d
 from zennit.layer import Sum
 
 from .fold import FOLDABLE_BATCH_NORM_TYPES, timm_layers
+
+
+class AddOperands(Sum):
+    '''The sum of its inputs, broadcast against each other: ``a + b``, as a module of its own.
+
+    This is what a residual addition becomes in the LRP graph that :py:class:`~zennit_bnfuse.SinglePass` computes
+    (``lrp_graph(..., residual='operands')``). It subclasses Zennit's :py:class:`~zennit.layer.Sum`, so Zennit's
+    composites give it their rule for sums (``Norm``), and SinglePass computes that rule exactly as Zennit computes it
+    on ``Sum()(torch.stack(torch.broadcast_tensors(a, b), dim=-1))``, without stacking. Zennit's own hooks take one
+    input per module; use the stacked form with them.
+    '''
+    def __init__(self):
+        super().__init__(dim=-1)
+
+    def forward(self, *operands):
+        '''Add the operands (broadcasting as ``+`` does).'''
+        return functools.reduce(operator.add, operands)
 
 
 class SumReduction(Sum):

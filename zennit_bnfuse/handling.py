@@ -126,7 +126,7 @@ class BatchNormHandling:
         model: :py:obj:`torch.nn.Module`
             The user's model, in eval mode.
         residual: str
-            ``'captum'`` or ``'zennit'``: which module residual additions become (see
+            ``'captum'``, ``'zennit'`` or ``'operands'``: which module residual additions become (see
             :py:func:`zennit_bnfuse.graph.lrp_graph`).
         example_inputs: :py:obj:`torch.Tensor` or tuple, optional
             For the ``fused`` and ``zennit`` handlings: forward arguments to check the folds on, see

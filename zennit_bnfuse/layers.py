@@ -261,10 +261,14 @@ class ThresholdReLU(torch.nn.Module):
 
     def forward(self, input):
         '''Apply ``relu(sign * input + threshold)`` per channel (dim 1).'''
-        shape = (1, -1) + (1,) * (input.ndim - 2)
         # clamp saves its input for backward, not its output, so an in-place ReLU after this one (DenseNet's
         # F.relu(inplace=True)) keeps autograd intact
-        return (input * self.sign.reshape(shape) + self.threshold.reshape(shape)).clamp(min=0)
+        return self.pre_activation(input).clamp(min=0)
+
+    def pre_activation(self, input):
+        '''``sign * input + threshold`` per channel (dim 1), what the ReLU of :py:meth:`forward` gets.'''
+        shape = (1, -1) + (1,) * (input.ndim - 2)
+        return input * self.sign.reshape(shape) + self.threshold.reshape(shape)
 
     def extra_repr(self):
         return f'{self.sign.numel()}'

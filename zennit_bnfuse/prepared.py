@@ -38,7 +38,7 @@ class PreparedModel:
     handling: str or :py:class:`~zennit_bnfuse.handling.BatchNormHandling`
         ``'fused'``, ``'unfused'`` or ``'naive'``.
     residual: str
-        ``'captum'`` or ``'zennit'``, see :py:func:`zennit_bnfuse.graph.lrp_graph`.
+        ``'captum'``, ``'zennit'`` or ``'operands'``, see :py:func:`zennit_bnfuse.graph.lrp_graph`.
     example_inputs: :py:obj:`torch.Tensor` or tuple, optional
         Forward arguments to check the folds on, see :py:func:`zennit_bnfuse.fuse`.
 

@@ -5,35 +5,69 @@ gradient, discarding it, re-running the layer's forward once per modifier and ba
 :py:class:`SinglePass` wraps any composite so that each rule's relevance is computed by one custom autograd node
 instead:
 
-- the layer's ordinary gradient is never computed (its graph is dropped right after the forward pass);
+- the layer's ordinary gradient is never computed (the layer runs on a detached input);
 - rules whose modifiers are all the identity (``Epsilon`` and ``Norm`` unless ``zero_params`` is set) reuse the
   forward pass's own output instead of re-running the layer;
+- on convolutions (zero padding, the forward of torch's own classes), each modified copy of the layer runs without
+  autograd and its input gradient comes from one ``aten.convolution_backward`` call, the kernel autograd calls;
 - ``ZPlus`` on a Linear/Conv/ConvTranspose layer whose input has no negative entry (the usual case after a ReLU)
   runs only its positive half: the negative half's input is zero, so its output and its share of the relevance are
-  exactly zero;
+  exactly zero. Which inputs cannot be negative is read from the traced graph (:py:mod:`zennit_bnfuse.signs`), so a
+  GPU does not synchronise per layer; only where the graph cannot tell (the model's input, untraceable models) is
+  the data checked;
+- residual additions written as :py:class:`~zennit_bnfuse.layers.AddOperands` get the ``Sum`` rule without stacking
+  their operands;
 - ``Pass`` hands the relevance through without the activation's own backward.
 
 The relevance is that of the wrapped composite: each rule's own modifiers, gradient mapper and reducer do the
-arithmetic, so custom rules and parameters are honoured. One difference: for a module called several times, Zennit's
-hooks use the input of the last call for every call, SinglePass each call's own (as Zennit does for a copy of the
-module per call). Differentiating the relevance (``create_graph=True``) raises a RuntimeError.
+arithmetic, so custom rules and parameters are honoured, and the tests compare it with Zennit's hooks with
+``torch.equal``. Modules or calls SinglePass does not compute (rules that bring their own hook methods, modules
+called with several inputs or keyword arguments, modules that return something other than one tensor) fall back to
+Zennit's own hook for that module only, and are listed in :py:attr:`SinglePass.fallbacks`.
+
+One difference: for a module called several times, Zennit's hooks use the input of the last call for every call,
+SinglePass each call's own (as Zennit does for a copy of the module per call). Differentiating the relevance
+(``create_graph=True``) raises a RuntimeError.
 '''
 import inspect
+import weakref
+from typing import NamedTuple
 
 import torch
 from zennit.core import BasicHook, Composite, Hook, ParamMod, RemovableHandle, RemovableHandleList, Stabilizer
 from zennit.rules import Epsilon, NoMod, Norm, Pass, ZPlus
 
 from .checks import check_model
+from .graph import LRPTracer
+from .graph_layers import AddOperands
+from .layers import BiasMapConvMixin, FoldedLayerMixin, ThresholdReLU
+from .signs import NON_NEGATIVE, UNKNOWN, SignAnalysis
+
+# how a call is computed (see SinglePassHook.plan)
+PASS, OPERANDS, THRESHOLD, REUSED, GRAPH, CONV, GENERIC = (
+    'pass', 'operands', 'threshold', 'reused', 'graph', 'conv', 'generic')
+FALLBACK = 'fallback'
+# the forward methods under which a convolution is ``conv(input, weight) + bias`` with the module's own settings
+CONV_FORWARDS = {cls.forward for cls in (
+    torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d,
+    torch.nn.ConvTranspose3d, BiasMapConvMixin)}
 
 
-class _RelevanceNode(torch.autograd.Function):
-    '''Return the first tensor of ``boxed`` as the node's output; in the backward pass, map its relevance to the
-    input's with ``relevance_fn(grad_output, *saved)``, ``saved`` being the other tensors of ``boxed`` (a tuple, so
-    autograd takes none of them for an input: the output is not made a view, and the saved tensors keep their own
-    graphs, which autograd frees with the node's unless the graph is retained).'''
+class Fallback(NamedTuple):
+    '''A module whose rule is computed by Zennit's (or Captum's) own hooks instead of in a single pass, and why.'''
+    module: str
+    rule: object
+    reason: str
+
+
+class RelevanceNode(torch.autograd.Function):
+    '''Return the first tensor of ``boxed`` as the node's output; in the backward pass, map its gradient (relevance)
+    to that of each of ``inputs`` with ``relevance_fn(grad_output, *saved)``, ``saved`` being the other tensors of
+    ``boxed`` (a tuple, so autograd takes none of them for an input: the output is not made a view, and the saved
+    tensors keep their own graphs, which autograd frees with the node's unless the graph is retained). Both
+    single-pass engines (this module's and :py:mod:`zennit_bnfuse.captum_singlepass`) are made of these nodes.'''
     @staticmethod
-    def forward(ctx, relevance_fn, input, boxed):
+    def forward(ctx, relevance_fn, boxed, *inputs):
         ctx.relevance_fn = relevance_fn
         ctx.save_for_backward(*boxed[1:])
         return boxed[0]
@@ -41,36 +75,57 @@ class _RelevanceNode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         if torch.is_grad_enabled():
-            raise RuntimeError('SinglePass does not support differentiating the relevance (create_graph=True); use '
-                               'the composite without SinglePass for that.')
-        return None, ctx.relevance_fn(grad_output, *ctx.saved_tensors), None
+            raise RuntimeError('the single-pass engines do not support differentiating the relevance '
+                               '(create_graph=True); use Zennit\'s or Captum\'s own hooks for that (the composite '
+                               'without SinglePass, engine=\'zennit\' or engine=\'captum\').')
+        return None, None, *ctx.relevance_fn(grad_output, *ctx.saved_tensors)
 
 
-def has_identity_params(param_modifier):
-    '''Whether a Zennit parameter modifier leaves every parameter as it is (``NoMod`` without ``zero_params``, or a
-    modifier that touches no parameter).'''
+def has_identity_params(param_modifier, module=None):
+    '''Whether a Zennit parameter modifier leaves every parameter (of ``module``, if given) as it is: ``NoMod``
+    without ``zero_params``, a modifier that touches no parameter, or one for a module that has none of the
+    parameters it names.'''
     modifier = ParamMod.ensure(param_modifier)
-    return modifier.param_keys == [] or (type(modifier) is NoMod and not modifier.zero_params)
+    if modifier.param_keys == [] or (type(modifier) is NoMod and not modifier.zero_params):
+        return True
+    if module is None:
+        return False
+    own = dict(module.named_parameters(recurse=False))
+    keys = list(own) if modifier.param_keys is None else modifier.param_keys
+    if modifier.require_params and any(not hasattr(module, key) for key in keys):
+        return False  # Zennit raises for the missing parameter; so does the general path
+    return all(getattr(module, key, None) is None for key in keys)
 
 
-def normalizer(rule):
-    '''For Zennit's ``Epsilon``, ``Norm`` and ``ZPlus``, whose gradient mapper divides the output relevance by the
-    stabilised sum of the outputs, a function ``(grad_output, output) -> grad_output / stabilised output`` computing
-    the same numbers in fewer passes; None for other rules or stabilisers.
-
-    Zennit's default stabiliser adds ``epsilon`` with the sign of each entry (``+epsilon`` for zeros); here that is
-    three passes (compare, select, add) instead of six.
-    '''
+def stabilizer_epsilon(rule):
+    '''The epsilon of Zennit's default stabiliser in the gradient mapper of an ``Epsilon``, ``Norm`` or ``ZPlus``
+    rule, or None for other rules or stabilisers.'''
     if type(rule) not in (Epsilon, Norm, ZPlus):
         return None
     stabilizer = inspect.getclosurevars(rule.gradient_mapper).nonlocals.get('stabilizer_fn')
     if type(stabilizer) is not Stabilizer or stabilizer.clip or stabilizer.norm_scale:
         return None
-    epsilon = stabilizer.epsilon
+    return stabilizer.epsilon
+
+
+def stabilized(output, epsilon):
+    '''``output`` plus ``epsilon`` with the sign of each entry (``+epsilon`` for zeros of either sign): Zennit's default
+    stabiliser, bit for bit, in three fast passes instead of six (``output + 0.0`` turns ``-0.0`` into ``+0.0``, whose
+    sign ``copysign`` then gives to ``epsilon``).'''
+    return output + output.new_full((), epsilon).copysign(output + 0.0)
+
+
+def normalizer(rule):
+    '''For Zennit's ``Epsilon``, ``Norm`` and ``ZPlus``, whose gradient mapper divides the output relevance by the
+    stabilised sum of the outputs, a function ``(grad_output, output) -> grad_output / stabilised output`` computing
+    the same numbers in fewer passes (see :py:func:`stabilized`); None for other rules or stabilisers.'''
+    epsilon = stabilizer_epsilon(rule)
+    if epsilon is None:
+        return None
 
     def normalize(grad_output, output):
-        shift = torch.where(output < 0, output.new_full((), -epsilon), output.new_full((), epsilon))
-        return grad_output / (output + shift)
+        return grad_output / stabilized(output, epsilon)
+    normalize.epsilon = epsilon
     return normalize
 
 
@@ -82,11 +137,52 @@ def is_affine_layer(module):
             and parameters <= {'weight', 'bias'})
 
 
+def computing_forward(cls):
+    '''The forward method of ``cls`` that computes the output: a fused layer's (:py:class:`FoldedLayerMixin`) only
+    checks the input's rank and calls the next one.'''
+    return next(vars(klass)['forward'] for klass in cls.__mro__
+                if 'forward' in vars(klass) and klass is not FoldedLayerMixin)
+
+
+def is_plain_convolution(module):
+    '''Whether ``module``'s forward is ``conv(input, weight) + bias`` with its own stride, padding (zeros, given as
+    numbers), dilation and groups, so that :py:func:`convolution_input_gradient` is its input gradient.'''
+    return (is_affine_layer(module) and isinstance(module, torch.nn.modules.conv._ConvNd)
+            and computing_forward(type(module)) in CONV_FORWARDS and 'forward' not in vars(module)
+            and module.padding_mode == 'zeros' and not isinstance(module.padding, str))
+
+
+def convolution_input_gradient(module, input, weight, grad_output):
+    '''The gradient of ``module``'s convolution with ``weight`` at ``input`` for ``grad_output``: the same
+    ``aten.convolution_backward`` call, and so the same numbers, as autograd's, without recording a graph.
+
+    Parameters
+    ----------
+    module: :py:obj:`torch.nn.Module`
+        A convolution for which :py:func:`is_plain_convolution` holds.
+    input, weight, grad_output: :py:obj:`torch.Tensor`
+        The input ``(N, C_in, ...)``, the (modified) weight and the gradient of the output.
+
+    Returns
+    -------
+    :py:obj:`torch.Tensor`
+        Shaped like ``input``.
+    '''
+    return torch.ops.aten.convolution_backward(
+        grad_output, input, weight, None, module.stride, module.padding, module.dilation, module.transposed,
+        module.output_padding, module.groups, [True, False, False])[0]
+
+
 def modified_forward(module, param_modifier, input):
     '''``module.forward(input)`` (hooks skipped) with the parameters a Zennit parameter modifier gives, recording the
     graph.'''
     with ParamMod.ensure(param_modifier)(module) as modified, torch.enable_grad():
         return modified.forward(input)
+
+
+def is_non_negative(input):
+    '''Whether ``input`` has no negative (or NaN) entry; reads the data (on a GPU, a synchronisation).'''
+    return input.numel() == 0 or bool(input.min() >= 0)
 
 
 def rule_relevance(rule, module, input, grad_output):
@@ -117,16 +213,120 @@ def rule_relevance(rule, module, input, grad_output):
     return rule.reducer(inputs, gradients)
 
 
-def zplus_relevance(rule, module, input, grad_output, normalize=None):
-    ''':py:func:`rule_relevance` for Zennit's ``ZPlus`` on an affine layer (see :py:func:`is_affine_layer`).
+def modified_convolution(module, param_modifier, input, cache=None):
+    '''The output of the convolution ``module`` at ``input`` with the parameters a Zennit parameter modifier gives,
+    without autograd, and the modified weight.
 
-    ZPlus sums a positive half (input clamped at 0 from below, weights and bias likewise) and a negative half (input
-    clamped from above, weights too, bias zero). Where ``input`` has no negative entry the negative half's input is
-    zero, so its output and its term of the relevance are exactly zero, and the positive half's input is the input
-    itself: one forward and one backward pass of the layer remain. ``normalize`` is the rule's
-    :py:func:`normalizer`, if it has one; without it, inputs with negative entries go to :py:func:`rule_relevance`.
+    Parameters
+    ----------
+    module: :py:obj:`torch.nn.Module`
+        A convolution for which :py:func:`is_plain_convolution` holds.
+    param_modifier: :py:class:`zennit.core.ParamMod` or callable
+    input: :py:obj:`torch.Tensor`
+    cache: dict, optional
+        Where to keep the modified parameters, by parameter modifier, for the next call: they are computed again
+        only when a parameter is replaced or changed in place (its version counter). Writes through ``.data`` are not
+        seen, so only for a model this package owns.
+
+    Returns
+    -------
+    tuple[:py:obj:`torch.Tensor`, :py:obj:`torch.Tensor`]
+        The output and the modified weight.
     '''
-    signed = input.numel() > 0 and not input.min() >= 0  # NaN counts as signed
+    if cache is None or module.transposed:
+        with torch.no_grad(), ParamMod.ensure(param_modifier)(module) as modified:
+            return modified.forward(input), modified.weight.detach()
+    sources = tuple((parameter, parameter._version) for parameter in (module.weight, module.bias)
+                    if parameter is not None)
+    cached = cache.get(param_modifier)
+    if cached is None or len(cached[0]) != len(sources) or any(
+            parameter is not other or version != other_version
+            for (parameter, version), (other, other_version) in zip(sources, cached[0])):
+        with torch.no_grad(), ParamMod.ensure(param_modifier)(module) as modified:
+            bias = None if modified.bias is None else modified.bias.detach()
+            cached = cache[param_modifier] = sources, (modified.weight.detach(), bias)
+    weight, bias = cached[1]
+    with torch.no_grad():
+        # what the module's forward computes with these parameters
+        if isinstance(module, BiasMapConvMixin):
+            return module._conv_forward(input, weight, None) + bias, weight
+        return module._conv_forward(input, weight, bias), weight
+
+
+def convolution_relevance(rule, module, input, grad_output, normalize=None, non_negative=None, cache=None):
+    ''':py:func:`rule_relevance` for a convolution for which :py:func:`is_plain_convolution` holds, without autograd:
+    each modified copy of the layer runs under ``torch.no_grad()`` and its input gradient comes from
+    :py:func:`convolution_input_gradient`.
+
+    ``ZPlus`` sums a positive half (input clamped at 0 from below, weights and bias likewise) and a negative half
+    (input clamped from above, weights too, bias zero). Where ``input`` has no negative entry the negative half's input
+    is zero, so its output and its term of the relevance are exactly zero, and the positive half's input is the input
+    itself: one forward and one backward pass of the layer remain. Both halves' outputs are sums of non-negative
+    products, so Zennit's stabiliser adds ``+epsilon`` everywhere: one pass instead of three.
+
+    Parameters
+    ----------
+    rule: :py:class:`zennit.core.BasicHook`
+        Its output modifiers must be the identity (else this falls back to :py:func:`rule_relevance`).
+    module: :py:obj:`torch.nn.Module`
+    input, grad_output: :py:obj:`torch.Tensor`
+        As for :py:func:`rule_relevance`.
+    normalize: callable, optional
+        The rule's :py:func:`normalizer`, if it has one.
+    non_negative: bool or None, optional
+        Whether ``input`` is known to have no negative entry (from the graph); None reads the data where it matters
+        (``ZPlus`` only).
+    cache: dict, optional
+        See :py:func:`modified_convolution`.
+
+    Returns
+    -------
+    :py:obj:`torch.Tensor`
+        The relevance of ``input``, same shape.
+    '''
+    input = input.detach()
+    modifiers = list(zip(rule.input_modifiers, rule.param_modifiers, rule.output_modifiers))
+    zplus = type(rule) is ZPlus
+    one_half = zplus and (is_non_negative(input) if non_negative is None else non_negative)
+    if one_half:
+        modifiers, inputs = modifiers[:1], [input]
+    else:
+        inputs = [input_modifier(input) for input_modifier, _, _ in modifiers]
+    outputs, weights = [], []
+    for modified_input, (_, param_modifier, output_modifier) in zip(inputs, modifiers):
+        output, weight = modified_convolution(module, param_modifier, modified_input, cache)
+        if output_modifier(output) is not output:
+            return rule_relevance(rule, module, input, grad_output)
+        outputs.append(output)
+        weights.append(weight)
+    if normalize is None:
+        grad_outputs = rule.gradient_mapper(grad_output, outputs)
+        if isinstance(grad_outputs, torch.Tensor):  # a single tensor counts as one, as for torch.autograd.grad
+            grad_outputs = [grad_outputs]
+    elif zplus:
+        # z+ is non-negative (-0.0 included), where Zennit's stabiliser adds +epsilon; the outputs are ours to
+        # overwrite
+        total = outputs[0] if one_half else outputs[0].add_(outputs[1])
+        grad_outputs = [torch.div(grad_output, total.add_(normalize.epsilon), out=total)] * len(outputs)
+    else:
+        total = outputs[0] if len(outputs) == 1 else outputs[0] + outputs[1]
+        grad_outputs = [normalize(grad_output, total)] * len(outputs)
+    gradients = [convolution_input_gradient(module, modified_input, weight, gradient)
+                 for modified_input, weight, gradient in zip(inputs, weights, grad_outputs)]
+    if one_half:
+        return gradients[0].mul_(input)
+    if zplus:
+        # ZPlus's reducer, inputs[0] * gradients[0] + inputs[1] * gradients[1], into the gradients (ours)
+        return gradients[0].mul_(inputs[0]).add_(gradients[1].mul_(inputs[1]))
+    return rule.reducer(inputs, gradients)
+
+
+def zplus_relevance(rule, module, input, grad_output, normalize=None, non_negative=None):
+    ''':py:func:`rule_relevance` for Zennit's ``ZPlus`` on an affine layer (see :py:func:`is_affine_layer`) that is not
+    a plain convolution (Linear, or a convolution with its own forward), with the one-half shortcut of
+    :py:func:`convolution_relevance`; without a ``normalize``, inputs with negative entries go to
+    :py:func:`rule_relevance`.'''
+    signed = not (is_non_negative(input) if non_negative is None else non_negative)
     if signed and normalize is None:
         return rule_relevance(rule, module, input, grad_output)
     if signed:
@@ -147,119 +347,292 @@ def zplus_relevance(rule, module, input, grad_output, normalize=None):
     return relevance
 
 
+def operand_relevance(operands, normalised, overwrite=False):
+    '''The ``Sum`` rule's relevance of each operand of :py:class:`~zennit_bnfuse.layers.AddOperands`: what Zennit's
+    ``Norm`` or ``Epsilon`` gives on the stack of the broadcast operands (each operand broadcast, times the normalised
+    output relevance, summed back over the broadcast dims). With ``overwrite``, ``normalised`` (a tensor of the
+    caller's) holds the last operand's relevance afterwards, one new tensor less.'''
+    relevance = []
+    for index, operand in enumerate(operands):
+        if overwrite and index == len(operands) - 1 and operand.shape == normalised.shape:
+            relevance.append(normalised.mul_(operand))
+            continue
+        product = operand.expand_as(normalised) * normalised
+        relevance.append(product if product.shape == operand.shape else product.sum_to_size(operand.shape))
+    return tuple(relevance)
+
+
+def threshold_function(module):
+    '''The relevance function of a :py:class:`~zennit_bnfuse.ThresholdReLU` under Zennit's ``Epsilon`` or ``Norm``
+    without modifiers, ``(grad_output, denominator, input) -> (relevance,)``, given ``denominator = output +
+    epsilon`` (the output of a ReLU is non-negative, where Zennit's stabiliser adds ``+epsilon``): the numbers
+    autograd gives through the module's forward (clamp: the gradient where the pre-activation is at least 0, else 0;
+    times the sign), without recording it.'''
+    def relevance(grad_output, denominator, input):
+        input = input.detach()
+        kept = module.pre_activation(input) >= 0
+        gradient = (grad_output / denominator).masked_fill_(~kept, 0)
+        shape = (1, -1) + (1,) * (input.ndim - 2)
+        return (gradient.mul_(module.sign.reshape(shape)).mul_(input),)
+    return relevance
+
+
 class SinglePassHook(Hook):
     '''Hook that computes the relevance of a Zennit rule in one custom autograd node per module call.
 
-    The module runs on a detached input (a copy, for in-place modules), so autograd records nothing inside it; the
-    node that replaces its output connects the module's original input to the output and maps relevance with the
-    rule. Only rules that reuse the forward pass (see :py:meth:`reuses_forward`) keep the module's graph.
+    The module runs on a detached input, so autograd records nothing inside it; the node that replaces its output
+    connects the module's original input to the output and maps relevance with the rule. Only rules that reuse the
+    forward pass on modules without a faster way keep the module's graph. Calls it cannot compute go to Zennit's own
+    hook for the rule (see :py:meth:`unsupported`).
 
     Parameters
     ----------
     rule: :py:class:`zennit.core.BasicHook` or :py:class:`zennit.rules.Pass`
         The rule whose relevance to compute; only its modifiers, gradient mapper and reducer are used.
+    name: str, optional
+        The module's name, for :py:attr:`SinglePass.fallbacks`.
+    fallbacks: list, optional
+        Where to note a :py:class:`Fallback` when a call goes to Zennit's hook.
+
+    Attributes
+    ----------
+    input_sign: str
+        What the graph says about the sign of the module's input (see :py:mod:`zennit_bnfuse.signs`); set by
+        :py:class:`SinglePass` when it registers.
     '''
-    def __init__(self, rule, normalize=None):
+    def __init__(self, rule, name=None, fallbacks=None, normalize=None, parameter_cache=None, saved=None):
+        self.zennit_hook = None
         super().__init__()
         self.rule = rule
+        self.name = name
+        self.fallbacks = fallbacks
+        self.parameter_cache = parameter_cache
+        # the inputs that backward nodes keep, by the memory they live in, shared by a composite's hooks: an in-place
+        # module works on a copy only where it would overwrite one of them
+        self.saved = weakref.WeakValueDictionary() if saved is None else saved
         # the rule's normalizer; copies for further modules take it over instead of reading the rule again
         self.normalize = normalizer(rule) if normalize is None else normalize
-        self.calls = []  # (original input, whether the module's graph is kept), one per call in progress
+        self.input_sign = UNKNOWN
+        self.fallback_reason = None
+        self.calls = []  # one entry per call in progress: None, FALLBACK or (original inputs, plan)
+
+    @property
+    def active(self):
+        return self._active
+
+    @active.setter
+    def active(self, value):
+        self._active = value
+        if self.zennit_hook is not None:
+            self.zennit_hook.active = value
 
     def copy(self):
         '''A hook for another module with the same rule (rules keep no per-module state here).'''
-        return SinglePassHook(self.rule, self.normalize)
+        return SinglePassHook(self.rule, self.name, self.fallbacks, self.normalize, self.parameter_cache, self.saved)
 
     def register(self, module):
         '''Register the forward pre-hook and forward hook on ``module``; returns the handles that remove them.'''
         return RemovableHandleList([
             RemovableHandle(self),
-            module.register_forward_pre_hook(self.pre_forward),
-            module.register_forward_hook(self.forward),
+            module.register_forward_pre_hook(self.pre_forward, with_kwargs=True),
+            module.register_forward_hook(self.forward, with_kwargs=True),
         ])
 
     def remove(self):
         '''Forget the inputs of calls that never finished, and remove the hooks.'''
         self.calls.clear()
+        if self.zennit_hook is not None:
+            self.zennit_hook.remove()
         super().remove()
 
-    def pre_forward(self, module, input):
-        '''Keep the original input and hand the module a detached one (or leave it where the graph is reused).
+    def fall_back(self, reason):
+        '''Send this and later calls to Zennit's own hook for the rule, and note why.'''
+        if self.zennit_hook is None:
+            self.zennit_hook = self.rule.copy()
+            self.zennit_hook.active = self.active
+        if self.fallback_reason is None:
+            self.fallback_reason = reason
+            if self.fallbacks is not None:
+                self.fallbacks.append(Fallback(self.name, self.rule, reason))
 
-        Raises
-        ------
-        TypeError
-            If the module is called with other than one tensor.
-        '''
+    def unsupported(self, module, args, kwargs):
+        '''Why SinglePass does not compute this call, or None.'''
+        if self.fallback_reason is not None:
+            return self.fallback_reason
+        if kwargs:
+            return 'called with keyword arguments'
+        if not args or not all(isinstance(arg, torch.Tensor) for arg in args):
+            return 'called with an input that is not a tensor'
+        if len(args) > 1 and not self.sums_operands(module, args):
+            return f'called with {len(args)} inputs'
+        return None
+
+    def sums_operands(self, module, args):
+        '''Whether this is :py:class:`~zennit_bnfuse.layers.AddOperands` under Zennit's ``Epsilon`` or ``Norm``
+        without modifiers, whose relevance :py:func:`operand_relevance` gives.'''
+        return (isinstance(module, AddOperands) and type(self.rule) in (Epsilon, Norm)
+                and all(self.reuses_forward(module, arg) for arg in args))
+
+    def pre_forward(self, module, args, kwargs):
+        '''Keep the original input and hand the module a detached one (or leave it where the graph is reused).'''
         if not self.active:
-            return None
-        if len(input) != 1 or not isinstance(input[0], torch.Tensor):
-            raise TypeError(f'SinglePass supports modules called with one tensor; {type(module).__name__} got '
-                            f'{len(input)} input(s). Use the composite without SinglePass for this model.')
-        original, = input
-        if not original.requires_grad:
             self.calls.append(None)
             return None
-        in_place = getattr(module, 'inplace', False)
-        keeps_graph = not in_place and self.reuses_forward(original)
-        self.calls.append((original, keeps_graph))
-        if keeps_graph:
+        reason = self.unsupported(module, args, kwargs)
+        if reason is not None:
+            self.fall_back(reason)
+            self.calls.append(FALLBACK)
+            result = self.zennit_hook.pre_forward(module, args)
+            return (result if isinstance(result, tuple) else (result,)), kwargs
+        if not any(arg.requires_grad for arg in args):
+            self.calls.append(None)
             return None
-        # an in-place module writes to a copy, as under Zennit's own hooks, so the original input stays as it was
-        return (original.detach().clone() if in_place else original.detach(),)
+        plan = self.plan(module, args)
+        self.calls.append((args, plan))
+        if plan == GRAPH:
+            return None
+        # an in-place module writes to a copy where a backward node keeps its input (Zennit's hooks always copy)
+        in_place = getattr(module, 'inplace', False)
+        return tuple(arg.detach().clone() if in_place and self.is_saved(arg) else arg.detach() for arg in args), kwargs
 
-    def forward(self, module, input, output):
+    def is_saved(self, tensor):
+        '''Whether a backward node of this composite keeps a tensor in ``tensor``'s memory.'''
+        return tensor.untyped_storage().data_ptr() in self.saved
+
+    def forward(self, module, args, kwargs, output):
         '''Replace ``output`` by a copy whose backward pass computes the rule's relevance.
 
         Raises
         ------
         TypeError
-            If the module returns other than one tensor, or the rule is Pass and the shapes differ.
+            If the rule is Pass and the shapes differ.
         '''
         call = self.calls.pop() if self.calls else None
         if call is None:
             return None
-        original, keeps_graph = call
+        if call == FALLBACK:
+            return self.zennit_forward(module, args, output)
+        originals, plan = call
         if not isinstance(output, torch.Tensor):
-            raise TypeError(f'SinglePass supports modules that return one tensor; {type(module).__name__} returned '
-                            f'{type(output).__name__}. Use the composite without SinglePass for this model.')
-        relevance_fn, saved = self.relevance_function(module, original, output, keeps_graph)
-        # where the rule reads ``output`` later, pass on a copy, so in-place operations after the module (such as
-        # ReLU(inplace=True)) leave it as it was
-        passed_on = output.detach().clone() if keeps_graph else output.detach()
-        return _RelevanceNode.apply(relevance_fn, original, (passed_on, *saved))
+            # the module ran on a detached input: run it again under Zennit's hook
+            self.fall_back(f'returns {type(output).__name__}, not a tensor')
+            post_input = self.zennit_hook.pre_forward(module, originals)
+            post_input = post_input if isinstance(post_input, tuple) else (post_input,)
+            return self.zennit_forward(module, post_input, module.forward(*post_input, **kwargs))
+        relevance_fn, saved, passed_on = self.relevance_function(module, originals, output, plan)
+        for tensor in saved:
+            self.saved[tensor.untyped_storage().data_ptr()] = tensor
+        return RelevanceNode.apply(relevance_fn, (passed_on, *saved), *originals)
 
-    def relevance_function(self, module, input, output, keeps_graph):
-        '''The function ``(grad_output, *saved) -> relevance`` of the backward node, the cheapest exact way for this
-        rule, module and call, and the tensors ``saved`` it needs.'''
-        rule = self.rule
-        if isinstance(rule, Pass):
+    def zennit_forward(self, module, args, output):
+        '''What Zennit's forward hooks do with ``output``.'''
+        output = self.zennit_hook.post_forward(module, args, output)
+        self.zennit_hook.forward(module, args, output)
+        return output
+
+    def plan(self, module, args):
+        '''How to compute a call with these inputs: one of ``'pass'``, ``'operands'`` (see :py:meth:`sums_operands`),
+        ``'threshold'`` (see :py:func:`threshold_function`), ``'reused'`` (a plain convolution whose rule is the
+        forward itself), ``'graph'`` (keep the module's graph), ``'conv'`` (a plain convolution) or ``'generic'``.'''
+        if isinstance(self.rule, Pass):
+            return PASS
+        if self.sums_operands(module, args):
+            return OPERANDS
+        reuses = self.reuses_forward(module, args[0])
+        if (type(module) is ThresholdReLU and reuses and type(self.rule) in (Epsilon, Norm)
+                and self.normalize is not None):
+            return THRESHOLD
+        if is_plain_convolution(module):
+            return REUSED if reuses and self.normalize is not None else CONV
+        if reuses and not getattr(module, 'inplace', False):
+            return GRAPH
+        return GENERIC
+
+    def relevance_function(self, module, inputs, output, plan):
+        '''The function ``(grad_output, *saved) -> relevance of each input`` of the backward node, the cheapest exact
+        way for this rule, module and call; the tensors ``saved`` it needs; and the tensor to pass on.'''
+        rule, normalize = self.rule, self.normalize
+        input = inputs[0]
+        passed_on = output.detach()
+        if plan == PASS:
             if input.shape != output.shape:
                 raise TypeError(f'the Pass rule needs an output shaped like the input; {type(module).__name__} maps '
                                 f'{tuple(input.shape)} to {tuple(output.shape)}')
-            return (lambda grad_output: grad_output), ()
-        normalize = self.normalize
-        if keeps_graph and rule.output_modifiers[0](output) is output:
-            # the rule's forward is the forward itself: take its output and differentiate the graph it left (kept
-            # for as long as autograd keeps this node's saved tensors, so retain_graph=True works as usual)
-            def reused(grad_output, input, output):
-                if normalize is None:
-                    normalised = rule.gradient_mapper(grad_output, [output])
-                else:
-                    normalised = normalize(grad_output, output.detach())
-                gradient, = torch.autograd.grad(output, input, grad_outputs=normalised, retain_graph=True)
-                return rule.reducer([input.detach()], [gradient])
-            return reused, (input, output)
+            return (lambda grad_output: (grad_output,)), (), passed_on
+        if plan == OPERANDS:
+            return self.operands_function(inputs, output)
+        if plan == THRESHOLD:
+            return threshold_function(module), (
+                passed_on + normalize.epsilon, input), passed_on
+        if plan == REUSED and rule.output_modifiers[0](output) is output:
+            # the rule's forward is the forward itself: keep only the stabilised output (a new tensor, so in-place
+            # operations after the module do not reach it)
+            def reused_convolution(grad_output, denominator, input):
+                input = input.detach()
+                gradient = convolution_input_gradient(module, input, module.weight.detach(), grad_output / denominator)
+                return (rule.reducer([input], [gradient]),)
+            return reused_convolution, (stabilized(passed_on, normalize.epsilon), input), passed_on
+        if plan in (GRAPH, REUSED):
+            return self.graph_function(module, input, output)
+        non_negative = None if self.input_sign == UNKNOWN else self.input_sign == NON_NEGATIVE
+        if plan == CONV:
+            cache = None if self.parameter_cache is None else self.parameter_cache.setdefault(module, {})
+            return (lambda grad_output, input: (convolution_relevance(
+                rule, module, input, grad_output, normalize, non_negative, cache),)), (input,), passed_on
         if type(rule) is ZPlus and is_affine_layer(module):
-            return (lambda grad_output, input: zplus_relevance(rule, module, input, grad_output, normalize)), (input,)
-        return (lambda grad_output, input: rule_relevance(rule, module, input, grad_output)), (input,)
+            return (lambda grad_output, input: (zplus_relevance(
+                rule, module, input, grad_output, normalize, non_negative),)), (input,), passed_on
+        return (lambda grad_output, input: (rule_relevance(rule, module, input, grad_output),)), (input,), passed_on
 
-    def reuses_forward(self, input):
-        '''Whether the rule's single set of input and parameter modifiers is the identity, so the module's own
-        forward pass and graph serve as the rule's.'''
+    def operands_function(self, inputs, output):
+        '''The relevance function of :py:class:`~zennit_bnfuse.layers.AddOperands` (see :py:meth:`sums_operands`).'''
+        rule, normalize = self.rule, self.normalize
+        if normalize is not None:
+            # only the stabilised output is kept (a new tensor, out of reach of in-place operations after the module).
+            # A sum is -0.0 only where every operand is -0.0, so there the operands' relevance is 0 (times a finite
+            # number) whatever the stabiliser's sign: copysign needs no ``+ 0.0`` first (one pass less)
+            output = output.detach()
+            denominator = output.new_full((), normalize.epsilon).copysign(output).add_(output)
+            return (lambda grad_output, denominator, *operands: operand_relevance(
+                [operand.detach() for operand in operands], grad_output / denominator, overwrite=True)), (
+                    denominator, *inputs), output
+
+        def mapped(grad_output, output, *operands):
+            normalised = rule.gradient_mapper(grad_output, [output])
+            if isinstance(normalised, (list, tuple)):
+                normalised, = normalised
+            return operand_relevance([operand.detach() for operand in operands], normalised)
+        return mapped, (output.detach().clone(), *inputs), output.detach()
+
+    def graph_function(self, module, input, output):
+        '''The relevance function for a rule that reuses the forward pass, differentiating the graph the module's
+        forward left (kept for as long as autograd keeps this node's saved tensors, so retain_graph=True works as
+        usual).'''
+        rule, normalize = self.rule, self.normalize
+        if output.grad_fn is None:
+            # the module ran on a detached input (a plain convolution whose rule's output modifier is not the
+            # identity): run it again, recording the graph
+            input = input.detach().requires_grad_()
+            with torch.enable_grad():
+                output = module.forward(input)
+
+        def reused(grad_output, output, input):
+            if normalize is None:
+                normalised = rule.gradient_mapper(grad_output, [output])
+            else:
+                normalised = normalize(grad_output, output.detach())
+            gradient, = torch.autograd.grad(output, input, grad_outputs=normalised, retain_graph=True)
+            return (rule.reducer([input.detach()], [gradient]),)
+        # the rule reads ``output`` later: pass on a copy, so in-place operations after the module (such as
+        # ReLU(inplace=True)) leave it as it was
+        return reused, (output, input), output.detach().clone()
+
+    def reuses_forward(self, module, input):
+        '''Whether the rule's single set of input and parameter modifiers is the identity for ``module``, so the
+        module's own forward pass serves as the rule's.'''
         rule = self.rule
         return (isinstance(rule, BasicHook) and len(rule.input_modifiers) == 1
-                and has_identity_params(rule.param_modifiers[0]) and rule.input_modifiers[0](input) is input)
+                and has_identity_params(rule.param_modifiers[0], module) and rule.input_modifiers[0](input) is input)
 
 
 HOOK_METHODS = ('pre_forward', 'post_forward', 'forward', 'pre_backward', 'backward')
@@ -271,12 +644,61 @@ def computes_as(rule, base):
     return isinstance(rule, base) and all(getattr(type(rule), name) is getattr(base, name) for name in HOOK_METHODS)
 
 
-def single_pass_rule(rule):
+def single_pass_rule(rule, name=None, fallbacks=None, parameter_cache=None, saved=None):
     '''The hook computing ``rule`` in a single pass, or ``rule`` itself (None stays None) where it is not a
     :py:class:`zennit.core.BasicHook` or :py:class:`zennit.rules.Pass`, or overrides how they compute.'''
     if computes_as(rule, BasicHook) or computes_as(rule, Pass):
-        return SinglePassHook(rule)
+        return SinglePassHook(rule, name, fallbacks, parameter_cache=parameter_cache, saved=saved)
     return rule
+
+
+def fallback_reason(rule):
+    '''Why :py:func:`single_pass_rule` leaves ``rule`` to Zennit.'''
+    for base in (BasicHook, Pass):
+        if isinstance(rule, base):
+            own = [name for name in HOOK_METHODS if getattr(type(rule), name) is not getattr(base, name)]
+            return f'{type(rule).__name__} brings its own {", ".join(own)}'
+    return f'{type(rule).__name__} is neither a BasicHook nor Pass'
+
+
+# the input signs of each model SinglePass registered to, with what they were read from (see module_input_signs)
+_SIGNS = weakref.WeakKeyDictionary()
+
+
+def structure_key(module):
+    '''A value that changes when ``module``'s traced graph could: its modules' types, plain attributes (flags such
+    as ``inplace`` or torchvision's ``use_res_connect``) and forward overrides, and a GraphModule's code.'''
+    key = [getattr(module, 'code', None)] if isinstance(module, torch.fx.GraphModule) else []
+    for name, child in module.named_modules():
+        plain = [(attribute, value) for attribute, value in vars(child).items()
+                 if isinstance(value, (bool, int, float, str, tuple, type(None)))]
+        key.append((name, type(child), vars(child).get('forward'), plain))
+    return key
+
+
+def module_input_signs(module, fixed=False):
+    '''The sign of each module's input (by name) as the graph of ``module``'s forward says (see
+    :py:mod:`zennit_bnfuse.signs`), and why the graph says nothing, if it does not (else None).
+
+    A GraphModule's own graph is used; other modules are traced with the tracer of
+    :py:func:`zennit_bnfuse.graph.lrp_graph`. The result is kept until the module's structure changes
+    (:py:func:`structure_key`), or, for a GraphModule that nobody changes but through its code (``fixed``), until its
+    code changes.
+    '''
+    fixed = fixed and isinstance(module, torch.fx.GraphModule)
+    key = module.code if fixed else structure_key(module)
+    cached = _SIGNS.get(module)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    try:
+        graph = module.graph if isinstance(module, torch.fx.GraphModule) else LRPTracer().trace(module)
+    except Exception as error:  # fx raises many kinds of errors for untraceable code
+        result = {}, f'the forward could not be traced ({type(error).__name__}: {str(error).splitlines()[0]})'
+    else:
+        analysis = SignAnalysis(graph, module)
+        result = analysis.module_inputs(), analysis.gave_up
+    _SIGNS[module] = (key, result)
+    return result
 
 
 class SinglePass(Composite):
@@ -295,17 +717,46 @@ class SinglePass(Composite):
     composite: :py:class:`zennit.core.Composite`
         The composite whose rule for each module (its ``module_map``) and canonizers are used; it is not changed,
         but its canonizer objects are shared, so do not register both at once.
+    cache: bool, optional
+        Keep what SinglePass derives from the model from one call to the next: each convolution's modified
+        parameters (``W+`` for z+: as much memory as the parameters), computed again only when a parameter is
+        replaced or changed in place, and the input signs, read again only when the graph module's code changes.
+        Changes to parameters through ``tensor.data`` or to a graph module's submodules are not seen, so this is for
+        models nobody changes that way (:py:class:`~zennit_bnfuse.CompositeLRP`'s prepared copy); False by default.
+
+    Attributes
+    ----------
+    fallbacks: list[:py:class:`Fallback`]
+        The modules whose rule Zennit's own hooks compute, with the reason: rules SinglePass does not compute (listed
+        when the composite registers) and calls it does not compute (listed at the first such call). Emptied when
+        the composite registers again.
+    data_checked: list[str]
+        The modules under ``ZPlus`` whose input sign the graph cannot tell, so that SinglePass reads it from the data
+        (on a GPU, one synchronisation per call of each).
+    sign_note: str or None
+        Why the graph says nothing about signs (an untraceable forward, an in-place operation), if it does not.
     '''
-    def __init__(self, composite):
+    def __init__(self, composite, cache=False):
         self.composite = composite
+        self.cache = cache
+        self.parameter_cache = weakref.WeakKeyDictionary() if cache else None
+        self.saved = weakref.WeakValueDictionary()
+        self.fallbacks = []
+        self.data_checked = []
+        self.sign_note = None
 
         def module_map(ctx, name, module):
-            return single_pass_rule(composite.module_map(ctx, name, module))
+            rule = composite.module_map(ctx, name, module)
+            hook = single_pass_rule(rule, name, self.fallbacks, self.parameter_cache, self.saved)
+            if rule is not None and hook is rule:
+                self.fallbacks.append(Fallback(name, rule, fallback_reason(rule)))
+            return hook
 
         super().__init__(module_map=module_map, canonizers=composite.canonizers)
 
     def register(self, module):
-        '''Apply the canonizers and register the single-pass hooks on ``module``, as
+        '''Apply the canonizers, read the input signs of the modules from the graph of ``module``'s forward (before
+        any hook is registered: tracing runs the forward), and register a hook per module with a rule, as
         :py:meth:`zennit.core.Composite.register` does.
 
         Raises
@@ -315,4 +766,21 @@ class SinglePass(Composite):
             (pass the original module).
         '''
         check_model(module, 'SinglePass')
-        super().register(module)
+        self.remove()
+        self.fallbacks.clear()
+        for canonizer in self.canonizers:
+            self.handles += canonizer.apply(module)
+        signs, self.sign_note = module_input_signs(module, fixed=self.cache)
+        self.data_checked = []
+        ctx = {}
+        for name, child in module.named_modules():
+            template = self.module_map(ctx, name, child)
+            if template is None:
+                continue
+            hook = template.copy()
+            if isinstance(hook, SinglePassHook):
+                hook.input_sign = signs.get(name, UNKNOWN)
+                if hook.input_sign == UNKNOWN and type(hook.rule) is ZPlus and is_affine_layer(child):
+                    self.data_checked.append(name)
+            self.hook_refs.add(hook)
+            self.handles.append(hook.register(child))

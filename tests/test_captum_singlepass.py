@@ -1,0 +1,233 @@
+'''Tests for the single-pass engine of FusedLRP: Captum's rules from one forward pass give Captum's relevance.'''
+import operator
+
+import pytest
+import torch
+import torchvision
+from captum.attr import LRP
+from captum.attr._utils.custom_modules import Addition_Module
+from captum.attr._utils.lrp_rules import Alpha1_Beta0_Rule, EpsilonRule, GammaRule, IdentityRule
+
+from conftest import randomize_batch_norms
+from zennit_bnfuse import FusedLRP
+from zennit_bnfuse.captum_singlepass import CaptumSinglePass, changed_values_read
+
+RULES = {
+    'epsilon': lambda: EpsilonRule(),
+    'epsilon-large': lambda: EpsilonRule(epsilon=0.1),
+    'gamma': lambda: GammaRule(gamma=0.25),
+    'gamma-zero-bias': lambda: GammaRule(gamma=0.5, set_bias_to_zero=True),
+    'alpha1-beta0': lambda: Alpha1_Beta0_Rule(),
+    'alpha1-beta0-zero-bias': lambda: Alpha1_Beta0_Rule(set_bias_to_zero=True),
+}
+TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
+
+
+def both_engines(model, rules, input, target):
+    '''Relevance and convergence delta from the single-pass engine and from Captum's hooks, and the single-pass
+    FusedLRP object.'''
+    single = FusedLRP(model, rules=rules)
+    result = single.attribute(input, target=target, return_convergence_delta=True)
+    return result, FusedLRP(model, rules=rules, engine='captum').attribute(
+        input, target=target, return_convergence_delta=True), single
+
+
+def assert_same(single, captum, dtype):
+    '''Relevance and delta equal to the relative tolerance of ``dtype``, scaled by the largest relevance.'''
+    (relevance, delta), (expected, expected_delta) = single, captum
+    expected, expected_delta = expected.detach(), expected_delta.detach()  # Captum's carry the output's graph
+    assert expected.abs().sum() > 0 and torch.isfinite(expected).all()
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(relevance, expected, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype] * scale)
+    torch.testing.assert_close(delta, expected_delta, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype] * scale)
+
+
+class Tiny(torch.nn.Module):
+    '''conv -> relu -> maxpool -> conv -> relu, + a conv shortcut, -> avgpool -> linear: conv, linear, pooling and
+    a residual addition.'''
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1, self.relu1, self.pool = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2)
+        self.conv2, self.relu2 = torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.ReLU()
+        self.shortcut = torch.nn.Conv2d(4, 4, 1)
+        self.avgpool, self.linear = torch.nn.AdaptiveAvgPool2d(1), torch.nn.Linear(4, 3)
+
+    def forward(self, input):
+        hidden = self.pool(self.relu1(self.conv1(input)))
+        hidden = self.relu2(self.conv2(hidden)) + self.shortcut(hidden)
+        return self.linear(torch.flatten(self.avgpool(hidden), 1))
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+@pytest.mark.parametrize('rule', sorted(RULES))
+@pytest.mark.parametrize('layers', ['conv', 'everything'])
+def test_every_rule_equals_captum_on_a_tiny_model(rule, layers, dtype):
+    model = Tiny().to(dtype)
+    input = torch.rand(2, 3, 8, 8, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    kinds = (torch.nn.Conv2d,) if layers == 'conv' else (
+        torch.nn.Conv2d, torch.nn.Linear, torch.nn.MaxPool2d, torch.nn.AdaptiveAvgPool2d, Addition_Module)
+    single, captum, lrp = both_engines(model, {kind: RULES[rule]() for kind in kinds}, input, [0, 2])
+    assert lrp.fallbacks == []
+    assert_same(single, captum, dtype)
+
+
+class Plain(torch.nn.Module):
+    '''conv -> relu -> maxpool -> conv -> relu -> avgpool -> linear, all layers Captum's LRP takes as they are.'''
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1, self.relu1, self.pool = torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2)
+        self.conv2, self.relu2 = torch.nn.Conv2d(4, 5, 3), torch.nn.ReLU()
+        self.avgpool, self.linear = torch.nn.AdaptiveAvgPool2d(2), torch.nn.Linear(20, 3)
+
+    def forward(self, input):
+        hidden = self.pool(self.relu1(self.conv1(input)))
+        return self.linear(torch.flatten(self.avgpool(self.relu2(self.conv2(hidden))), 1))
+
+
+def test_default_rules_equal_captum_itself_on_a_model_without_batchnorm():
+    # Captum's own LRP on the user's model (no rewrite needed: no residual, no reused module) is the reference
+    model = Plain().double().eval()
+    input = torch.rand(2, 3, 10, 10, dtype=torch.float64)
+    reference = LRP(model).attribute(input, target=[0, 1], return_convergence_delta=True)
+    lrp = FusedLRP(model)
+    assert lrp.engine == 'singlepass'
+    assert_same(lrp.attribute(input, target=[0, 1], return_convergence_delta=True), reference, torch.float64)
+
+
+@pytest.mark.parametrize('rule', ['epsilon', 'gamma', 'alpha1-beta0'])
+@pytest.mark.parametrize('arch', ['resnet18', 'vgg11_bn', 'densenet121'])
+def test_torchvision_equals_captum(arch, rule, snapshot):
+    model = randomize_batch_norms(getattr(torchvision.models, arch)(weights=None).double())
+    before = snapshot(model)
+    input = torch.rand(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    single, captum, lrp = both_engines(model, {torch.nn.Conv2d: RULES[rule]()}, input, [3, 7])
+    assert_same(single, captum, torch.float64)
+    before.assert_unchanged()
+    assert lrp.fallbacks == []  # (densenet121's functional ReLU is a module in the prepared copy)
+
+
+def test_float32_resnet18_equals_captum():
+    model = randomize_batch_norms(torchvision.models.resnet18(weights=None))
+    input = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    single, captum, _ = both_engines(model, {torch.nn.Conv2d: GammaRule()}, input, [1, 2])
+    assert_same(single, captum, torch.float32)
+
+
+class Shared(torch.nn.Module):
+    '''One tensor read by an activation (relevance passes through) and by a conv (Captum's input hook on it then
+    multiplies both contributions by the tensor), and an IdentityRule layer on a tensor another layer also reads.'''
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1, self.relu = torch.nn.Conv2d(2, 3, 3, padding=1), torch.nn.ReLU()
+        self.conv2, self.conv3 = torch.nn.Conv2d(3, 3, 1), torch.nn.Conv2d(3, 3, 1)
+        self.identity = torch.nn.BatchNorm2d(3)
+        self.linear = torch.nn.Linear(3 * 16, 2)
+
+    def forward(self, input):
+        hidden = self.conv1(input)
+        mixed = self.conv2(self.relu(hidden)) + self.conv3(hidden)
+        return self.linear(torch.flatten(self.identity(mixed) + mixed, 1))
+
+
+@pytest.mark.parametrize('rule', ['epsilon', 'gamma'])
+def test_tensors_read_by_several_layers_as_captum(rule):
+    model = randomize_batch_norms(Shared().double())
+    input = torch.rand(2, 2, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    rules = {torch.nn.Conv2d: RULES[rule](), torch.nn.BatchNorm2d: IdentityRule()}
+    # handling='unfused' keeps the BatchNorm, so it gets IdentityRule
+    single = FusedLRP(model, rules=rules, handling='unfused')
+    captum = FusedLRP(model, rules=rules, handling='unfused', engine='captum')
+    assert_same(single.attribute(input, target=[0, 1], return_convergence_delta=True),
+                captum.attribute(input, target=[0, 1], return_convergence_delta=True), torch.float64)
+    assert single.fallbacks == []
+
+
+class HalvedEpsilon(EpsilonRule):
+    '''A user rule with its own weight change (half the weights).'''
+    def _manipulate_weights(self, module, inputs, outputs):
+        module.weight.data = module.weight.data / 2
+
+
+class OwnForwardHook(EpsilonRule):
+    '''A user rule that changes Captum's procedure itself.'''
+    def forward_hook(self, module, inputs, outputs):
+        return super().forward_hook(module, inputs, outputs)
+
+
+def test_user_rules():
+    model = Tiny().double()
+    input = torch.rand(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    # a rule with its own weight change runs its own Captum methods in the single pass, and is listed
+    single, captum, lrp = both_engines(model, {'conv2': HalvedEpsilon()}, input, [0, 1])
+    assert_same(single, captum, torch.float64)
+    assert [(item.module, type(item.rule)) for item in lrp.fallbacks] == [('conv2', HalvedEpsilon)]
+    # a rule with its own forward hook sends the whole call to Captum's hooks
+    single, captum, lrp = both_engines(model, {'conv2': OwnForwardHook()}, input, [0, 1])
+    assert_same(single, captum, torch.float64)
+    assert len(lrp.fallbacks) == 1 and 'brings its own forward_hook' in lrp.fallbacks[0].reason
+
+
+class SignalProduct(torch.nn.Module):
+    '''A product of two layers' outputs, which stays a function in the prepared copy (its gradient reads both).'''
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.left, self.right = torch.nn.Conv2d(2, 3, 3), torch.nn.Conv2d(2, 3, 3)
+        self.linear = torch.nn.Linear(12, 2)
+
+    def forward(self, input):
+        return self.linear(torch.flatten(self.left(input) * self.right(input), 1))
+
+
+def test_functional_operations_after_changed_weights_fall_back_to_captum():
+    model = SignalProduct().double()
+    input = torch.rand(2, 2, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    # EpsilonRule leaves the weights: both of Captum's passes compute the same values, one pass reproduces them
+    single, captum, lrp = both_engines(model, None, input, [0, 1])
+    assert_same(single, captum, torch.float64)
+    assert lrp.fallbacks == []
+    # GammaRule changes them, and the product's gradient reads the changed outputs in Captum's second pass
+    single, captum, lrp = both_engines(model, {torch.nn.Conv2d: GammaRule()}, input, [0, 1])
+    assert_same(single, captum, torch.float64)
+    assert lrp.fallbacks[0].reason == ('`mul` (mul) has a gradient that depends on its input, which Captum\'s second '
+                                       'pass computes with the changed weights of `left`; every layer runs on '
+                                       'Captum\'s hooks')
+
+
+def test_changed_values_read_ignores_linear_functions():
+    graph = torch.fx.symbolic_trace(SignalProduct()).graph
+    assert changed_values_read(graph, {'left': EpsilonRule(), 'right': EpsilonRule(), 'linear': GammaRule()}) is None
+    for node in graph.nodes:
+        if node.target is operator.mul:
+            node.target = torch.add  # linear: no gradient reads values
+    assert changed_values_read(graph, {'left': GammaRule(), 'right': EpsilonRule(), 'linear': EpsilonRule()}) is None
+
+
+def test_layer_called_twice_raises_as_captum():
+    layer = torch.nn.Linear(3, 3)
+    model = torch.nn.Sequential(layer, torch.nn.ReLU(), layer).double()
+    engine = CaptumSinglePass(model, lambda name, module: EpsilonRule() if name != '1' else None)
+    with pytest.raises(RuntimeError, match='is being used more than once in the network'):
+        engine.attribute((torch.rand(2, 3, dtype=torch.float64, requires_grad=True),), target=0)
+
+
+def test_unknown_engine():
+    with pytest.raises(ValueError, match="engine must be one of 'singlepass', 'captum', not 'zennit'"):
+        FusedLRP(Tiny(), engine='zennit')
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_cuda_equals_captum(dtype):
+    model = randomize_batch_norms(torchvision.models.resnet18(weights=None)).to('cuda', dtype)
+    input = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(7)).to('cuda', dtype)
+    single, captum, lrp = both_engines(model, {torch.nn.Conv2d: GammaRule()}, input, [3, 7])
+    assert single[0].device.type == 'cuda' and lrp.fallbacks == []
+    # cuDNN may pick different algorithms for the two runs: float32 to a looser tolerance
+    (relevance, _), (expected, _) = single, captum
+    scale = expected.detach().abs().max().item()
+    tolerance = 1e-4 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(relevance, expected.detach(), rtol=tolerance, atol=tolerance * scale)

@@ -1,0 +1,111 @@
+'''Tests for the sign analysis: which module inputs of a traced forward cannot be negative.'''
+import torch
+import torch.fx
+import torch.nn.functional as F
+
+from zennit_bnfuse.graph_layers import AddOperands
+from zennit_bnfuse.layers import ThresholdReLU
+from zennit_bnfuse.signs import NON_NEGATIVE, SIGNED, UNKNOWN, SignAnalysis
+
+
+def input_signs(model):
+    '''The sign of each called module's input, by name.'''
+    graph = torch.fx.Tracer().trace(model)
+    return SignAnalysis(graph, model).module_inputs()
+
+
+class Layers(torch.nn.Module):
+    '''Probes (Identity modules) after the operations whose output sign is tested.'''
+    def __init__(self, forward):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 2, 1)
+        self.relu = torch.nn.ReLU()
+        self.pool = torch.nn.MaxPool2d(2)
+        self.threshold = ThresholdReLU(torch.ones(2), torch.zeros(2))
+        self.add = AddOperands()
+        self.probe = torch.nn.ModuleList(torch.nn.Identity() for _ in range(6))
+        self.function = forward
+
+    def forward(self, x):
+        return self.function(self, x)
+
+
+def signs_of(forward):
+    '''The signs of the probes' inputs, in order, for a forward ``(self, x) -> ...``.'''
+    signs = input_signs(Layers(forward))
+    return [signs.get(f'probe.{index}') for index in range(6) if f'probe.{index}' in signs]
+
+
+def test_the_model_input_is_unknown_and_a_conv_output_signed():
+    assert input_signs(Layers(lambda self, x: self.conv(x))) == {'conv': UNKNOWN}
+    assert signs_of(lambda self, x: self.probe[0](self.conv(x))) == [SIGNED]
+
+
+def test_activations_and_what_keeps_them_non_negative():
+    def forward(self, x):
+        relu = self.relu(self.conv(x))
+        self.probe[0](relu)
+        self.probe[1](self.pool(relu))
+        self.probe[2](torch.cat([relu, self.threshold(x)], dim=1))
+        self.probe[3](self.add(relu, F.relu(x)))
+        self.probe[4](torch.flatten(F.adaptive_avg_pool2d(relu, 1), 1) * 2.)
+        return self.probe[5](relu.clamp(min=0.5))
+    assert signs_of(forward) == [NON_NEGATIVE] * 6
+
+
+def test_mixing_in_a_signed_tensor_or_a_negative_constant_gives_signed():
+    def forward(self, x):
+        relu, conv = self.relu(x), self.conv(x)
+        self.probe[0](torch.cat([relu, conv], dim=1))
+        self.probe[1](self.add(relu, conv))
+        self.probe[2](relu * -1.)
+        self.probe[3](relu - 1.)
+        self.probe[4](torch.tanh(relu))
+        return self.probe[5](relu + x)  # x, the model's input, is unknown
+    assert signs_of(forward) == [SIGNED] * 5 + [UNKNOWN]
+
+
+def test_an_unknown_function_gives_unknown():
+    assert signs_of(lambda self, x: self.probe[0](torch.erf(self.relu(x)))) == [UNKNOWN]
+
+
+def test_broadcast_operands_keep_their_own_sign():
+    def forward(self, x):
+        left, right = torch.broadcast_tensors(self.relu(x), self.conv(x))
+        self.probe[0](left)
+        return self.probe[1](right)
+    assert signs_of(forward) == [NON_NEGATIVE, SIGNED]
+
+
+def test_a_module_called_twice_is_non_negative_only_if_both_inputs_are():
+    def forward(self, x):
+        self.probe[0](self.relu(x))
+        return self.probe[0](self.conv(x))
+    assert signs_of(forward) == [SIGNED]
+
+
+def test_writing_negative_values_in_place_into_non_negative_memory_gives_up():
+    def forward(self, x):
+        relu = self.relu(x)
+        view = relu.view(-1)
+        view.sub_(1.)
+        return self.probe[0](relu)
+    model = Layers(forward)
+    analysis = SignAnalysis(torch.fx.Tracer().trace(model), model)
+    assert analysis.gave_up is not None and 'in place' in analysis.gave_up
+    assert set(analysis.module_inputs().values()) == {UNKNOWN}
+
+
+def test_in_place_activations_and_in_place_writes_into_signed_memory_are_fine():
+    def forward(self, x):
+        conv = self.conv(x)
+        conv.mul_(-2.)  # signed memory stays signed
+        relu = F.relu(conv, inplace=True)  # ... and is non-negative from here on
+        return self.probe[0](relu)
+    model = Layers(forward)
+    analysis = SignAnalysis(torch.fx.Tracer().trace(model), model)
+    assert analysis.gave_up is None
+    assert analysis.module_inputs()['probe.0'] == NON_NEGATIVE
+    # an in-place write into memory that a non-negative tensor shares (the in-place ReLU's) gives up
+    model = Layers(lambda self, x: self.probe[0](F.relu(self.conv(x), inplace=True).sub_(1.)))
+    assert SignAnalysis(torch.fx.Tracer().trace(model), model).gave_up is not None

@@ -1,0 +1,403 @@
+'''Captum's LRP rules computed in one forward pass and one backward step per layer.
+
+Captum's :py:class:`captum.attr.LRP` runs the model twice: a first forward pass records every layer's input and
+changes the layer's weights as its rule says (``_manipulate_weights``); a second forward pass, on the changed weights
+with each layer's input reset to the recorded one, carries the hooks that turn the gradient into relevance: on each
+layer's output ``grad / (z + sign(z) * epsilon)``, on each layer's input ``grad * input`` (registered once per tensor,
+by the first layer that reads it), and on each activation's input a hook that replaces the gradient arriving there by
+the relevance of the activation's output. :py:class:`CaptumSinglePass` computes the same relevance from one forward
+pass, with the same hooks on the same tensors:
+
+- layers whose rule leaves the weights alone (``EpsilonRule``, ``IdentityRule``) keep the forward pass's own graph,
+  and their output and input hooks are registered on it, as Captum registers them in its second pass;
+- layers whose rule changes the weights (``GammaRule``, ``Alpha1_Beta0_Rule``, user rules) run on a detached input
+  and get one custom backward node that computes the layer's output under the changed weights (with the rule's own
+  ``_manipulate_weights`` on a copy of the layer) and its input gradient (one ``aten.convolution_backward`` call for
+  plain convolutions); the input hooks do the rest, as in Captum;
+- activations and other layers without a rule run on a detached input; their input's hook hands on the relevance of
+  their output.
+
+The stabiliser of Captum's ``EpsilonRule``, ``GammaRule`` and ``Alpha1_Beta0_Rule`` is computed in fewer passes, bit
+for bit; other rules' (``IdentityRule``, user rules) output and input hooks are their own Captum methods.
+
+What one forward pass cannot reproduce: in Captum's second pass the tensors between layers carry the outputs of the
+changed weights, so a functional operation whose gradient depends on its input's values (``F.relu``, ``x * y``, ...)
+reads values the first pass never computed. Where the traced graph shows such an operation downstream of a layer
+whose rule changes weights, or where a rule changes Captum's two-pass procedure itself (its own ``forward_hook``),
+the whole model runs on Captum's own hooks instead, and :py:attr:`CaptumSinglePass.fallback` says why.
+'''
+import copy
+import operator
+from collections import defaultdict
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+import torchvision.ops
+from captum._utils.common import _run_forward
+from captum.attr._utils.lrp_rules import Alpha1_Beta0_Rule, EpsilonRule, GammaRule, IdentityRule, PropagationRule
+
+from .graph_layers import scale_passing_relevance
+from .singlepass import Fallback, RelevanceNode, convolution_input_gradient, is_plain_convolution, stabilized
+
+# Captum's rules whose output and input hooks this module computes itself (the stabiliser in three passes)
+KNOWN_RULES = (EpsilonRule, GammaRule, Alpha1_Beta0_Rule)
+# Captum's rules; IdentityRule's hooks are its own methods
+CAPTUM_RULES = (*KNOWN_RULES, IdentityRule)
+# the methods that make Captum's two-pass procedure; a rule that brings its own cannot run in one pass
+PROCEDURE_METHODS = ('forward_hook', 'forward_hook_weights', 'forward_pre_hook_activations', 'backward_hook_activation')
+# functions and methods whose gradient does not depend on the values of their tensor inputs
+LINEAR_FUNCTIONS = {
+    torch.cat, torch.concat, torch.stack, torch.flatten, torch.reshape, torch.permute, torch.transpose,
+    torch.squeeze, torch.unsqueeze, torch.mean, torch.sum, torch.broadcast_tensors, operator.getitem, operator.add,
+    operator.iadd, operator.sub, operator.isub, operator.neg, operator.pos, torch.add, torch.sub, torch.neg,
+    F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+    F.pad, F.dropout, torchvision.ops.stochastic_depth,
+    # the relevance passes to the signal unchanged, none to the factor, whatever their values
+    scale_passing_relevance,
+}
+LINEAR_METHODS = {
+    'view', 'view_as', 'reshape', 'reshape_as', 'flatten', 'unflatten', 'permute', 'transpose', 't', 'squeeze',
+    'unsqueeze', 'expand', 'expand_as', 'contiguous', 'clone', 'mean', 'sum', 'narrow', 'select', 'chunk', 'split',
+    'unbind', 'movedim', 'add', 'sub', 'neg', 'to', 'float', 'double', 'half', 'bfloat16', 'type_as',
+    'size', 'dim', 'numel',
+}
+# products and quotients are linear in an input-dependent operand when the other one is not input-dependent
+SCALING_FUNCTIONS = {operator.mul, operator.imul, operator.truediv, operator.itruediv, torch.mul, torch.div, 'mul',
+                     'div'}
+
+
+def called_layers(model):
+    '''The layers Captum's LRP puts rules on, by name: for a GraphModule, the modules its forward calls (in the order
+    of their first call), else every leaf module.'''
+    if isinstance(model, torch.fx.GraphModule):
+        modules = dict(model.named_modules())
+        names = dict.fromkeys(node.target for node in model.graph.nodes if node.op == 'call_module')
+        return [(name, modules[name]) for name in names]
+    return [(name, module) for name, module in model.named_modules() if not list(module.children())]
+
+
+def own_methods(rule, names):
+    '''The methods among ``names`` that ``rule``'s class defines differently from Captum's PropagationRule.'''
+    return [name for name in names if getattr(type(rule), name) is not getattr(PropagationRule, name)]
+
+
+def changes_weights(rule):
+    '''Whether ``rule`` may make the layer compute something else than its forward pass (it has its own
+    ``_manipulate_weights``; Captum's ``EpsilonRule`` and ``IdentityRule`` do not).'''
+    return type(rule)._manipulate_weights is not EpsilonRule._manipulate_weights
+
+
+def input_dependent(node, dependent):
+    '''Whether an argument of a node is (or holds) a node that depends on the model's inputs.'''
+    if isinstance(node, torch.fx.Node):
+        return node in dependent
+    if isinstance(node, (list, tuple)):
+        return any(input_dependent(item, dependent) for item in node)
+    return False
+
+
+def gradient_reads_values(node, dependent):
+    '''Whether the gradient of a ``call_function``/``call_method`` node depends on the values of its inputs.'''
+    target = node.target
+    if target in LINEAR_FUNCTIONS or target in LINEAR_METHODS:
+        return False
+    if target in SCALING_FUNCTIONS:
+        return sum(input_dependent(arg, dependent) for arg in node.args[:2]) > 1 or (
+            target in (operator.truediv, operator.itruediv, torch.div, 'div')
+            and len(node.args) > 1 and input_dependent(node.args[1], dependent))
+    return True
+
+
+def changed_values_read(graph, rules):
+    '''Why one forward pass cannot reproduce Captum's second pass on ``graph`` (see the module docstring), or None.
+
+    Parameters
+    ----------
+    graph: :py:class:`torch.fx.Graph`
+    rules: dict[str, object]
+        The rule (or None) of each module the graph calls, by name.
+    '''
+    dependent, changed = set(), {}  # changed: node -> the layer whose changed weights its second-pass value reflects
+    for node in graph.nodes:
+        inputs = node.all_input_nodes
+        if node.op == 'placeholder' or any(other in dependent for other in inputs):
+            dependent.add(node)
+        sources = [changed[other] for other in inputs if other in changed]
+        if node.op == 'call_module':
+            rule = rules.get(node.target)
+            if rule is not None and changes_weights(rule):
+                changed[node] = node.target
+            elif rule is None and sources:
+                changed[node] = sources[0]
+        elif node.op in ('call_function', 'call_method') and sources:
+            if node in dependent and gradient_reads_values(node, dependent):
+                return (f'`{node.name}` ({getattr(node.target, "__name__", node.target)}) has a gradient that '
+                        f'depends on its input, which Captum\'s second pass computes with the changed weights of '
+                        f'`{sources[0]}`')
+            changed[node] = sources[0]
+    return None
+
+
+def changed_layer(rule, module, inputs, output):
+    '''A shallow copy of ``module`` with its own copies of its parameters and no hooks, whose weights
+    ``rule._manipulate_weights`` changed, as Captum changes the layer's after its first forward pass.'''
+    shadow = copy.copy(module)
+    shadow._parameters = type(module._parameters)(
+        (name, None if parameter is None else torch.nn.Parameter(parameter.detach().clone(), parameter.requires_grad))
+        for name, parameter in module._parameters.items())
+    for key, value in vars(module).items():
+        if key.endswith('hooks') and isinstance(value, dict):
+            setattr(shadow, key, type(value)())
+    rule._manipulate_weights(shadow, inputs, output)
+    return shadow
+
+
+class RuleHooks:
+    '''The one-pass hooks for one layer and its Captum rule (None: relevance passes through unchanged).
+
+    Parameters
+    ----------
+    engine: :py:class:`CaptumSinglePass`
+    name: str
+    rule: :py:class:`captum.attr._utils.lrp_rules.PropagationRule` or None
+    '''
+    def __init__(self, engine, name, rule):
+        self.engine = engine
+        self.name = name
+        self.rule = rule
+        self.calls = []
+        if rule is not None:
+            # Captum gives each layer's rule its own relevance dicts before the call
+            rule.relevance_input = defaultdict(list)
+            rule.relevance_output = {}
+
+    def register(self, module):
+        '''The forward pre-hook and forward hook on ``module``; returns their handles.'''
+        return [module.register_forward_pre_hook(self.pre_forward), module.register_forward_hook(self.forward)]
+
+    def pre_forward(self, module, args):
+        '''Keep the inputs; a layer whose graph is not kept runs on detached inputs. A layer without a rule replaces
+        the gradient of its input by the relevance of its output, as Captum's activation hook does (registered on the
+        input tensor now, so it comes before the input hooks of the layers that read the tensor later).
+
+        Raises
+        ------
+        TypeError
+            If a layer without a rule is called with other than one tensor.
+        '''
+        cell = None
+        if self.rule is None:
+            if len(args) != 1 or not isinstance(args[0], torch.Tensor):
+                raise TypeError(f'Module `{self.name}` ({type(module).__name__}) has no rule and is called with '
+                                f'{len(args)} inputs; relevance can pass through a layer with one input only; give it '
+                                'a rule.')
+            cell = []  # the relevance of this call's output, once the backward pass has reached it
+            if args[0].requires_grad:
+                args[0].register_hook(lambda grad: cell[0] if cell else None)
+        self.calls.append((args, cell))
+        if self.rule is not None and not changes_weights(self.rule):
+            return None
+        return tuple(arg.detach() if isinstance(arg, torch.Tensor) else arg for arg in args)
+
+    def forward(self, module, args, output):
+        '''Register the rule's hooks (or the pass-through node) and return the output that carries them.
+
+        Raises
+        ------
+        TypeError
+            If the layer returns other than one tensor, or relevance would pass through a layer that changes shape.
+        '''
+        inputs, cell = self.calls.pop()
+        if not isinstance(output, torch.Tensor):
+            raise TypeError(f'Module `{self.name}` ({type(module).__name__}) returns {type(output).__name__}; LRP '
+                            'needs layers that return one tensor.')
+        if self.rule is None:
+            input, = inputs
+            if input.shape != output.shape:
+                raise TypeError(
+                    f'Module `{self.name}` ({type(module).__name__}) changes the shape of its input, so relevance '
+                    'cannot pass through it unchanged; give it a rule instead of None.')
+            if not input.requires_grad:
+                return output
+            # the input's hook hands on this relevance (in place of everything that reaches the input)
+            return RelevanceNode.apply(lambda grad_output: (cell.append(grad_output) or grad_output,),
+                                      (output.detach(),), input)
+        rule = self.rule
+        rule._has_single_input = len(inputs) == 1
+        for input in inputs:
+            if isinstance(input, torch.Tensor) and input.requires_grad:
+                self.engine.register_input_hook(input, rule)
+        if not changes_weights(rule):
+            if not output.requires_grad:
+                return output
+            # the output hook sits on a node of its own, after the input hooks that the next layers register on the
+            # tensor this returns (Captum's clone of the output does the same)
+            hook = self.output_hook(output.detach())
+            return RelevanceNode.apply(lambda grad_output: (hook(grad_output),), (output.detach(),), output)
+        tensors = [input for input in inputs if isinstance(input, torch.Tensor)]
+        if not any(input.requires_grad for input in tensors):
+            return output
+        # the weights change as in Captum's first pass: after the layer's own forward, from its input and output
+        changed = changed_layer(rule, module, tuple(input.detach() for input in inputs), output.detach())
+        return RelevanceNode.apply(self.changed_gradient(changed), (output.detach(), *tensors), *tensors)
+
+    def output_hook(self, output):
+        '''Captum's output hook for ``output`` (the layer's output under the rule's weights): the gradient divided by
+        the stabilised output.'''
+        if type(self.rule) in KNOWN_RULES:
+            epsilon = self.rule.STABILITY_FACTOR
+            denominator = stabilized(output, epsilon)
+            rule = self.rule
+
+            def hook(grad):
+                rule.relevance_output[grad.device] = grad.data
+                return grad / denominator
+            return hook
+        return self.rule._create_backward_hook_output(output)
+
+    def changed_gradient(self, changed):
+        '''The function ``(grad_output, *inputs) -> gradient of each input`` of a layer whose rule changed its weights:
+        Captum's output hook on the changed layer's output, then the changed layer's input gradient.'''
+        def gradient(grad_output, *inputs):
+            inputs = [input.detach() for input in inputs]
+            if len(inputs) == 1 and is_plain_convolution(changed) and type(self.rule) in KNOWN_RULES:
+                input, = inputs
+                with torch.no_grad():
+                    output = changed(input)
+                normalised = self.output_hook(output)(grad_output)
+                return (convolution_input_gradient(changed, input, changed.weight.detach(), normalised),)
+            inputs = [input.requires_grad_() for input in inputs]
+            with torch.enable_grad():
+                output = changed(*inputs)
+            normalised = self.output_hook(output.detach())(grad_output)
+            return torch.autograd.grad(output, inputs, grad_outputs=normalised, allow_unused=True)
+        return gradient
+
+
+class CaptumSinglePass:
+    '''Captum's LRP on ``model`` with one forward pass (see the module docstring).
+
+    Parameters
+    ----------
+    model: :py:obj:`torch.nn.Module`
+        The model (a prepared copy: in-place activations make no difference, but Captum's own hooks, where they run
+        instead, change the layers' weights for the duration of a call).
+    choose_rule: callable
+        ``(name, module) -> rule or None``, a new rule per call, as :py:class:`zennit_bnfuse.FusedLRP` gives them.
+    autograd_types: tuple[type], optional
+        Layers without a rule that autograd differentiates as usual (reshapes), instead of passing relevance.
+
+    Attributes
+    ----------
+    rules: dict[str, object]
+        The rule of each layer, by name.
+    fallback: :py:class:`~zennit_bnfuse.singlepass.Fallback` or None
+        Why the whole model must run on Captum's own hooks, or None.
+    fallbacks: list[:py:class:`~zennit_bnfuse.singlepass.Fallback`]
+        ``[fallback]`` if there is one; else the layers whose rule this module does not reproduce, whose own Captum
+        methods (weight change, output and input hooks) run in the single pass.
+    '''
+    def __init__(self, model, choose_rule, autograd_types=()):
+        self.model = model
+        self.autograd_types = autograd_types
+        self.layers = called_layers(model)
+        self.rules = {name: choose_rule(name, module) for name, module in self.layers}
+        self.fallback = self.whole_model_fallback()
+        if self.fallback is not None:
+            self.fallbacks = [self.fallback]
+        else:
+            self.fallbacks = [
+                Fallback(name, rule, f'{type(rule).__name__} is not one of Captum\'s rules this engine reproduces; '
+                                     'its own Captum methods run in the single pass')
+                for name, rule in self.rules.items() if rule is not None and type(rule) not in CAPTUM_RULES]
+        self._registered = {}
+
+    def whole_model_fallback(self):
+        '''Why the model must run on Captum's own hooks, or None.'''
+        for name, rule in self.rules.items():
+            if rule is not None and own_methods(rule, PROCEDURE_METHODS):
+                return Fallback(name, rule, f'{type(rule).__name__} brings its own '
+                                            f'{", ".join(own_methods(rule, PROCEDURE_METHODS))}, which make Captum\'s '
+                                            'two passes; every layer runs on Captum\'s hooks')
+        changing = [name for name, rule in self.rules.items() if rule is not None and changes_weights(rule)]
+        if not changing:
+            return None  # both of Captum's passes compute the same values
+        if not isinstance(self.model, torch.fx.GraphModule):
+            return Fallback(changing[0], self.rules[changing[0]],
+                            'the forward could not be traced, so the functional operations after layers whose rule '
+                            'changes weights are unknown; every layer runs on Captum\'s hooks')
+        reason = changed_values_read(self.model.graph, self.rules)
+        if reason is not None:
+            return Fallback(None, None, reason + '; every layer runs on Captum\'s hooks')
+        return None
+
+    def register_input_hook(self, input, rule):
+        '''Captum's input hook of ``rule`` on ``input``, unless a layer registered one on this tensor before.'''
+        if id(input) in self._registered:
+            return
+        self._registered[id(input)] = input  # kept alive, so the id is not reused during the call
+        data = input.detach()
+        if type(rule) in KNOWN_RULES:
+            def hook(grad):
+                relevance = grad * data
+                if rule._has_single_input:
+                    rule.relevance_input[grad.device] = relevance.data
+                else:
+                    rule.relevance_input[grad.device].append(relevance.data)
+                return relevance
+        else:
+            hook = rule._create_backward_hook_input(data)
+        input.register_hook(hook)
+
+    def attribute(self, inputs, target=None, additional_forward_args=None, verbose=False):
+        '''The relevance of ``inputs`` (a tuple of tensors) for ``target``, and the target outputs: what
+        :py:meth:`captum.attr.LRP.attribute` computes.
+
+        Returns
+        -------
+        tuple[tuple[:py:obj:`torch.Tensor`, ...], :py:obj:`torch.Tensor`]
+            The relevance of each input (scaled by the target output, as Captum does) and the target output per
+            example.
+
+        Raises
+        ------
+        RuntimeError
+            If the model calls a layer more than once (as Captum does).
+        '''
+        handles, calls = [], defaultdict(int)
+        self._registered = {}
+        try:
+            for name, module in self.layers:
+                rule = self.rules[name]
+                if rule is None and isinstance(module, self.autograd_types):
+                    continue  # plain autograd reshapes the relevance
+                if rule is not None:
+                    handles.append(module.register_forward_pre_hook(self.counter(name, module, calls)))
+                handles += RuleHooks(self, name, rule).register(module)
+                if verbose and rule is not None:
+                    print(f'Applied {rule} on layer {module}')
+            with torch.enable_grad():
+                adjusted = tuple(input + 0 if input is not None else input for input in inputs)
+                output = _run_forward(self.model, adjusted, target, additional_forward_args)
+                assert output[0].numel() == 1, ('Target not provided when necessary, cannot take gradient with '
+                                                'respect to multiple outputs.')
+                gradients = torch.autograd.grad(torch.unbind(output), inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+            self._registered = {}
+        output = output.detach()
+        relevance = tuple(gradient * output.reshape((-1,) + (1,) * (gradient.dim() - 1)) for gradient in gradients)
+        return relevance, output
+
+    @staticmethod
+    def counter(name, module, calls):
+        '''A pre-hook raising Captum's error for a layer called a second time.'''
+        def count(layer, args):
+            calls[name] += 1
+            if calls[name] > 1:
+                raise RuntimeError(f'Module {module} is being used more than once in the network, which is not '
+                                   'supported by LRP. Please ensure that module is being used only once in the '
+                                   'network.')
+        return count
