@@ -13,8 +13,13 @@ before); and the peak memory of each. All ratios are to the plain gradient measu
     python benchmarks/speed.py
 '''
 import argparse
+import contextlib
 import json
+import os
+import resource
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -32,12 +37,13 @@ from zennit_bnfuse.evaluation.composites import epsilon
 from zennit_bnfuse.fold import BATCH_NORM_TYPES
 
 from provenance import command_line, header, machine, today
-from zoo import randomized
+from zoo import randomized as randomized_in_suite
 
 RESULTS = Path(__file__).parent / 'results'
 RULES_ALONE = 'LRP on the fuse()d copy, no canonizer (cost of the rules alone)'
 FUSED = 'LRP fused (FuseBatchNorm canonizer)'
 SINGLE_PASS = 'LRP fused, SinglePass'
+COMPOSITE_LRP = 'CompositeLRP (EpsilonPlusFlat), default engine (SinglePass)'
 ZPLUS_FLOOR = 'gradient + one more forward (fused model): the least exact z+ can cost'
 MODELS = ('resnet50', 'vgg16_bn', 'densenet121', 'mobilenet_v2', 'efficientnet_b0')
 
@@ -48,31 +54,18 @@ def synchronize(device):
 
 
 def peak_memory_start(device):
-    '''Reset the peak-memory counter; returns the baseline to subtract.'''
+    '''Reset the CUDA peak-memory counter; returns the baseline to subtract (None on CPU).'''
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
         return torch.cuda.memory_allocated(device)
-    try:
-        Path('/proc/self/clear_refs').write_text('5')  # resets VmHWM, the peak resident set size
-        return resident_kib('VmRSS') * 1024
-    except OSError:
-        return None
-
-
-def resident_kib(key):
-    for line in Path('/proc/self/status').read_text().splitlines():
-        if line.startswith(key + ':'):
-            return int(line.split()[1])
-    raise KeyError(key)
+    return None
 
 
 def peak_memory_end(device, baseline):
-    '''Peak memory above the baseline since :py:func:`peak_memory_start`, in MB (None where unknown).'''
+    '''Peak allocated CUDA memory above the baseline since :py:func:`peak_memory_start`, in MB (None on CPU).'''
     if baseline is None:
         return None
-    if device.type == 'cuda':
-        return (torch.cuda.max_memory_allocated(device) - baseline) / 1e6
-    return (resident_kib('VmHWM') * 1024 - baseline) / 1e6
+    return (torch.cuda.max_memory_allocated(device) - baseline) / 1e6
 
 
 def timed(function, device, repeats):
@@ -103,6 +96,14 @@ def zennit_call(attributor, input, target, classes):
     return run
 
 
+def randomized(arch):
+    '''The randomised torchvision model ``arch``, or timm model ``NAME`` for ``arch='timm/NAME'`` (see
+    :py:func:`zoo.randomized`).'''
+    if arch.startswith('timm/'):
+        return randomized_in_suite('timm', arch.removeprefix('timm/'))
+    return randomized_in_suite('torchvision', arch)
+
+
 def setup(arch, batch, device, input_size):
     '''The randomised model ``arch``, its fused copy, a batch of random images and random targets (seed 0).'''
     model = randomized(arch).to(device)
@@ -124,70 +125,143 @@ def gradient_and_forward(fused, input, target):
     return run
 
 
-def measure(arch, batch, device, repeats, input_size):
-    '''Rows (method -> seconds, memory, note) for one model and batch size.'''
-    model, fused, input, target = setup(arch, batch, device, input_size)
-    rows = {}
+class Bench:
+    '''What the methods of one configuration share: the randomised model, its fused copy, the input, the targets,
+    and the attributor contexts the methods keep open while they are timed.'''
+    def __init__(self, arch, batch, device, input_size):
+        self.arch, self.device = arch, device
+        self.model, self.fused, self.input, self.target = setup(arch, batch, device, input_size)
+        self.contexts = None  # the ExitStack of the method being timed
 
-    def record(name, function, note=''):
+    @contextlib.contextmanager
+    def method(self, make):
+        '''The timed function ``make(self)``, with the attributor contexts it opens closed on exit.'''
+        with contextlib.ExitStack() as self.contexts:
+            yield make(self)
+
+    def zennit(self, composite, model=None):
+        '''An attribution with ``composite`` in a Zennit attributor context that stays open.'''
+        model = self.model if model is None else model
         try:
-            seconds, memory = timed(function, device, repeats)
-            rows[name] = {'seconds': seconds, 'memory_mb': memory, 'note': note}
-        except Exception as error:  # a tool that does not run on this model is a result, not a crash
-            rows[name] = {'seconds': None, 'memory_mb': None,
-                          'note': f'fails: {type(error).__name__}: {str(error).splitlines()[0][:70]}'}
+            attributor = self.contexts.enter_context(Gradient(model, composite))
+        except Exception:  # Zennit's own canonizers raise on some models, and leave a half-merged model behind
+            self.model = randomized(self.arch).to(self.device)
+            raise
+        return zennit_call(attributor, self.input, self.target, 1000)
 
-    def forward():
-        with torch.no_grad():
-            return model(input)
+    def attribution(self, lrp):
+        '''One call of a Captum-style attribution object.'''
+        return lambda: lrp.attribute(self.input, target=self.target)
 
-    record('forward', forward)
-    record('gradient', input_gradient(model, input, target))
-    record('gradient (fused model)', input_gradient(fused, input, target))
-    record(ZPLUS_FLOOR, gradient_and_forward(fused, input, target))
-
-    composites = {
-        FUSED: EpsilonPlusFlat(canonizers=[FuseBatchNorm()]),
-        SINGLE_PASS: SinglePass(EpsilonPlusFlat(canonizers=[FuseBatchNorm()])),
-        'LRP-epsilon fused, SinglePass': SinglePass(epsilon(canonizers=[FuseBatchNorm()])),
-        'LRP unfused (BN under Epsilon)': MixedComposite([
-            LayerMapComposite([(BATCH_NORM_TYPES, Epsilon())]), EpsilonPlusFlat()]),
-        'LRP naive (BN under Pass)': EpsilonPlusFlat(),
-    }
-    zennit_own = ResNetCanonizer() if arch.startswith('resnet') else SequentialMergeBatchNorm()
-    composites[f'LRP, Zennit {type(zennit_own).__name__}'] = EpsilonPlusFlat(canonizers=[zennit_own])
-    with Gradient(fused, EpsilonPlusFlat()) as attributor:
-        record(RULES_ALONE,
-               zennit_call(attributor, input, target, 1000))
-    for name, composite in composites.items():
-        try:
-            with Gradient(model, composite) as attributor:
-                record(name, zennit_call(attributor, input, target, 1000))
-        except Exception as error:  # Zennit's own canonizer raises on some models
-            rows[name] = {'seconds': None, 'memory_mb': None,
-                          'note': f'fails: {type(error).__name__}: {str(error).splitlines()[0][:70]}'}
-            model = randomized(arch).to(device)  # Zennit leaves a half-merged model behind
-
-    composite_lrp = CompositeLRP(model, EpsilonPlusFlat())
-    record('CompositeLRP (EpsilonPlusFlat)', lambda: composite_lrp.attribute(input, target=target))
-    single_pass_lrp = CompositeLRP(model, EpsilonPlusFlat(), single_pass=True)
-    record('CompositeLRP (EpsilonPlusFlat), single_pass=True', lambda: single_pass_lrp.attribute(input, target=target))
-    fused_lrp = FusedLRP(model)
-    record('FusedLRP (Captum rules)', lambda: fused_lrp.attribute(input, target=target))
-    record('Captum LRP', lambda: LRP(model).attribute(input, target=target))
-
-    record('one-off: fuse() (trace + fold + copy)', lambda: fuse(model))
-
-    def apply_remove(canonizer):
+    def forward(self):
         def run():
-            for instance in canonizer.apply(model):
+            with torch.no_grad():
+                return self.model(self.input)
+        return run
+
+    def apply_remove(self, canonizer):
+        '''Apply a canonizer to the model and remove it again.'''
+        def run():
+            for instance in canonizer.apply(self.model):
                 instance.remove()
         return run
 
-    record('one-off: canonizer apply+remove, new canonizer', lambda: apply_remove(FuseBatchNorm())())
-    warm = FuseBatchNorm()
-    record('one-off: canonizer apply+remove, applied before', apply_remove(warm))
+
+def methods(arch):
+    '''The methods timed for model ``arch``, in order: ``(name, function (bench) -> the timed function, whether its
+    peak memory is measured)``.'''
+    zennit_own = ResNetCanonizer if arch.startswith('resnet') else SequentialMergeBatchNorm
+    return [
+        ('forward', lambda bench: bench.forward(), True),
+        ('gradient', lambda bench: input_gradient(bench.model, bench.input, bench.target), True),
+        ('gradient (fused model)', lambda bench: input_gradient(bench.fused, bench.input, bench.target), True),
+        (ZPLUS_FLOOR, lambda bench: gradient_and_forward(bench.fused, bench.input, bench.target), True),
+        (RULES_ALONE, lambda bench: bench.zennit(EpsilonPlusFlat(), bench.fused), True),
+        (FUSED, lambda bench: bench.zennit(EpsilonPlusFlat(canonizers=[FuseBatchNorm()])), True),
+        (SINGLE_PASS, lambda bench: bench.zennit(SinglePass(EpsilonPlusFlat(canonizers=[FuseBatchNorm()]))), True),
+        ('LRP-epsilon fused, SinglePass', lambda bench: bench.zennit(SinglePass(epsilon(canonizers=[FuseBatchNorm()]))),
+         True),
+        ('LRP unfused (BN under Epsilon)', lambda bench: bench.zennit(MixedComposite([
+            LayerMapComposite([(BATCH_NORM_TYPES, Epsilon())]), EpsilonPlusFlat()])), True),
+        ('LRP naive (BN under Pass)', lambda bench: bench.zennit(EpsilonPlusFlat()), True),
+        (f'LRP, Zennit {zennit_own.__name__}', lambda bench: bench.zennit(EpsilonPlusFlat(canonizers=[zennit_own()])),
+         True),
+        (COMPOSITE_LRP, lambda bench: bench.attribution(CompositeLRP(bench.model, EpsilonPlusFlat())), True),
+        ('CompositeLRP (EpsilonPlusFlat), engine=\'zennit\'', lambda bench: bench.attribution(
+            CompositeLRP(bench.model, EpsilonPlusFlat(), engine='zennit')), True),
+        ('FusedLRP (Captum rules), default engine', lambda bench: bench.attribution(FusedLRP(bench.model)), True),
+        ('FusedLRP (Captum rules), engine=\'captum\'', lambda bench: bench.attribution(
+            FusedLRP(bench.model, engine='captum')), True),
+        ('Captum LRP', lambda bench: bench.attribution(LRP(bench.model)), True),
+        ('one-off: fuse() (trace + fold + copy)', lambda bench: lambda: fuse(bench.model), False),
+        ('one-off: canonizer apply+remove, new canonizer',
+         lambda bench: lambda: bench.apply_remove(FuseBatchNorm())(), False),
+        ('one-off: canonizer apply+remove, applied before', lambda bench: bench.apply_remove(FuseBatchNorm()), False),
+    ]
+
+
+def failure(error):
+    '''The note of a method that does not run on a model (a result, not a crash).'''
+    return f'fails: {type(error).__name__}: {str(error).splitlines()[0][:70]}'
+
+
+def measure(arch, batch, device, repeats, input_size, memory='subprocess'):
+    '''Rows (method -> seconds, memory, note) for one model and batch size. Peak memory: on CUDA the peak allocated
+    memory during the timed calls; on CPU, with ``memory='subprocess'``, the peak resident set of a process that
+    builds the model and calls the method twice, minus that of one that only builds the model
+    (:py:func:`peak_resident_kib`); None otherwise.'''
+    bench = Bench(arch, batch, device, input_size)
+    rows = {}
+    subprocesses = memory == 'subprocess' and device.type != 'cuda'
+    baseline = peak_resident_kib(arch, batch, device, input_size) if subprocesses else None
+    for name, make, measures_memory in methods(arch):
+        try:
+            with bench.method(make) as function:
+                seconds, peak = timed(function, device, repeats)
+            if subprocesses and measures_memory:
+                peak = (peak_resident_kib(arch, batch, device, input_size, name) - baseline) * 1024 / 1e6
+            rows[name] = {'seconds': seconds, 'memory_mb': peak, 'note': ''}
+        except Exception as error:  # a tool that does not run on this model is a result, not a crash
+            rows[name] = {'seconds': None, 'memory_mb': None, 'note': failure(error)}
     return rows
+
+
+def peak_resident_kib(arch, batch, device, input_size, method=None):
+    '''The peak resident set size (KiB, :py:func:`own_peak_resident_kib`) of a new process that builds the model of
+    this configuration and, given a ``method`` name, calls it twice.'''
+    configuration = json.dumps({'arch': arch, 'batch': batch, 'device': str(device), 'input_size': input_size,
+                                'method': method})
+    result = subprocess.run([sys.executable, __file__, '--memory-child', configuration], capture_output=True,
+                            text=True, check=True, cwd=Path(__file__).parent,
+                            env={**os.environ, 'PYTHONPATH': os.pathsep.join(
+                                filter(None, [str(Path(__file__).parent.parent), os.environ.get('PYTHONPATH')]))})
+    return json.loads(result.stdout.splitlines()[-1])['peak_kib']
+
+
+def memory_child(configuration):
+    '''In a new process: build the configuration's model, call the method (if any) twice, print the peak resident
+    set size.'''
+    configuration = json.loads(configuration)
+    bench = Bench(configuration['arch'], configuration['batch'], torch.device(configuration['device']),
+                  configuration['input_size'])
+    if configuration['method'] is not None:
+        make = dict((name, make) for name, make, _ in methods(configuration['arch']))[configuration['method']]
+        with bench.method(make) as function:
+            function()
+            function()
+    print(json.dumps({'peak_kib': own_peak_resident_kib()}))
+
+
+def own_peak_resident_kib():
+    '''This process's peak resident set size in KiB: ``VmHWM`` where Linux has it (the high-water mark of this
+    process's own memory), else ``ru_maxrss``. On Linux ``ru_maxrss`` keeps the parent's peak across fork and exec,
+    so a child started by a large benchmark process would report at least the parent's size.'''
+    status = Path('/proc/self/status')
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith('VmHWM:'):
+                return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def ratio(rows, name, reference='gradient'):
@@ -204,9 +278,11 @@ def write_report(results, command, args):
         'to the plain input gradient of the same model, batch and device, measured in the same run',
         '- LRP rows use Zennit\'s EpsilonPlusFlat unless they say LRP-epsilon; "fused" is the FuseBatchNorm '
         'canonizer inside one Zennit attributor context; SinglePass rows compute the same composite with '
-        'zennit_bnfuse.SinglePass; memory is the peak allocated CUDA memory above the level before the timed calls '
-        '(GPU, exact) or the growth of the peak resident set (CPU: a lower bound, 0 MB where the allocator reused '
-        'pages freed earlier in the run)',
+        'zennit_bnfuse.SinglePass',
+        '- peak memory: on CUDA the peak allocated memory above the level before the timed calls; on CPU (with '
+        '--memory subprocess) the peak resident set (VmHWM; ru_maxrss keeps the parent\'s peak across fork and exec '
+        'on Linux) of a new process that builds the model and calls the method twice, minus that of a process that '
+        'only builds the model',
         '',
     ]
     checks = []
@@ -260,18 +336,38 @@ def write_tables(lines, results, command, host, date, args):
                      for (arch, batch, device), rows in results.items()]}, indent=1) + '\n')
 
 
-def parse_arguments(argv, repeats, tag, doc):
-    '''The options shared by the speed benchmarks, with their defaults for ``repeats`` and ``tag``.'''
+def parse_arguments(argv, repeats, tag, doc, methods=None, memory=False, models=MODELS, batches='1,16',
+                    extra='resnet50:8'):
+    '''The options shared by the speed benchmarks, with their defaults for ``repeats``, ``tag``, ``models``,
+    ``batches`` and ``extra``; given the names of a script's ``methods``, ``--methods`` to time only some of them;
+    with ``memory``, ``--memory``.'''
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--models', default=','.join(MODELS))
-    parser.add_argument('--batches', default='1,16')
-    parser.add_argument('--extra', default='resnet50:8', help='more model:batch pairs (the canonizer target)')
+    if memory:
+        parser.add_argument('--memory', choices=('subprocess', 'none'), default='subprocess',
+                            help='peak memory on CPU: one new process per method (ru_maxrss), or not measured')
+    if methods is not None:
+        parser.add_argument('--methods', default=','.join(methods), type=choices(methods),
+                            help=f'comma-separated, from: {", ".join(methods)}')
+    parser.add_argument('--models', default=','.join(models),
+                        help='torchvision model names, or timm/NAME for timm models (timm installed)')
+    parser.add_argument('--batches', default=batches)
+    parser.add_argument('--extra', default=extra, help='more model:batch pairs (the canonizer target)')
     parser.add_argument('--devices', default='cpu,cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--repeats', type=int, default=repeats)
     parser.add_argument('--input-size', type=int, default=224)
     parser.add_argument('--out', type=Path, default=RESULTS, help='folder for the tables')
     parser.add_argument('--tag', default=tag, help='file name of the tables (without extension)')
     return parser.parse_args(argv)
+
+
+def choices(allowed):
+    '''An argparse type: a comma-separated list of names from ``allowed``.'''
+    def parse(value):
+        unknown = [name for name in value.split(',') if name not in allowed]
+        if unknown:
+            raise argparse.ArgumentTypeError(f'unknown {", ".join(unknown)}; choose from {", ".join(allowed)}')
+        return value
+    return parse
 
 
 def run_configurations(args, measure_one):
@@ -288,8 +384,12 @@ def run_configurations(args, measure_one):
 
 
 def main(argv=None):
-    args = parse_arguments(argv, repeats=3, tag='speed', doc=__doc__)
-    write_report(run_configurations(args, measure), command_line(argv), args)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ['--memory-child']:
+        return memory_child(argv[1])
+    args = parse_arguments(argv, repeats=3, tag='speed', doc=__doc__, memory=True)
+    results = run_configurations(args, lambda *config: measure(*config, memory=args.memory))
+    write_report(results, command_line(argv), args)
     print((args.out / f'{args.tag}.md').read_text())
 
 

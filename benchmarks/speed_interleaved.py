@@ -1,9 +1,18 @@
-'''LRP with SinglePass against Zennit's hooks, the plain gradient and the least exact z+ can cost, timed round-robin.
+'''LRP's engines against the plain gradient and the least exact z+ can cost, timed round-robin.
 
 ``speed.py`` times one method after another, so a machine whose speed drifts over minutes (a shared virtual machine)
 moves its ratios. Here every repeat times each method once, in turn, and the table gives the median over repeats of
-each method's time divided by the plain gradient's time in the same repeat. Each LRP call enters and leaves its
-Zennit attributor context (canonizer apply + remove included, as for a user who makes one call per context).
+each method's time divided by the plain gradient's time in the same repeat. Methods:
+
+- the floors: the plain input gradient of the fused model plus one more forward pass (the least an exact z+ can cost
+  where every layer's input is non-negative: each layer's output under positive weights is needed besides its own),
+  and two gradients plus one more forward (where z+ runs both halves, as on layers with signed inputs);
+- ``CompositeLRP`` with EpsilonPlusFlat on its default engine (SinglePass) and on Zennit's hooks, and with
+  LRP-epsilon (the rules Captum's defaults correspond to);
+- ``FusedLRP`` (Captum's rules, EpsilonRule by default) on its default single-pass engine and on Captum's hooks;
+- SinglePass as a Zennit composite with the FuseBatchNorm canonizer, entering and leaving its attributor context
+  per call (canonizer apply + remove included, as for a user who makes one call per context).
+
 Writes ``benchmarks/results/speed-interleaved.md`` and ``.json``.
 
     python benchmarks/speed_interleaved.py
@@ -15,20 +24,31 @@ import torch
 from zennit.attribution import Gradient
 from zennit.composites import EpsilonPlusFlat
 
-from zennit_bnfuse import FuseBatchNorm, SinglePass
+from zennit_bnfuse import CompositeLRP, FuseBatchNorm, FusedLRP, SinglePass
 from zennit_bnfuse.evaluation.composites import epsilon
 
 from provenance import command_line, header, machine, today
 from speed import (
-    gradient_and_forward, input_gradient, parse_arguments, run_configurations, setup, synchronize, write_tables,
+    MODELS, gradient_and_forward, input_gradient, parse_arguments, run_configurations, setup, synchronize,
+    write_tables,
 )
 
-METHODS = {
-    'gradient + one more forward (the least exact z+ can cost)': None,
-    'EpsilonPlusFlat, fused, Zennit\'s hooks': lambda: EpsilonPlusFlat(canonizers=[FuseBatchNorm()]),
-    'EpsilonPlusFlat, fused, SinglePass': lambda: SinglePass(EpsilonPlusFlat(canonizers=[FuseBatchNorm()])),
-    'LRP-epsilon, fused, SinglePass': lambda: SinglePass(epsilon(canonizers=[FuseBatchNorm()])),
-}
+# timm models whose BatchNorms fuse() folds with timm 1.0 (plain BatchNorm2d, no norm-act layers)
+TIMM_MODELS = ('timm/resnet26d', 'timm/dla34')
+GRADIENT = 'gradient (fused model)'
+FLOOR = 'gradient + one more forward (floor of exact z+)'
+TWO_HALVES_FLOOR = 'two gradients + one more forward (floor of z+ with both halves)'
+COMPOSITE_LRP = 'CompositeLRP(EpsilonPlusFlat), default engine'
+COMPOSITE_LRP_ZENNIT = 'CompositeLRP(EpsilonPlusFlat, engine=\'zennit\')'
+COMPOSITE_LRP_EPSILON = 'CompositeLRP(LRP-epsilon), default engine'
+FUSED_LRP = 'FusedLRP(), default engine'
+FUSED_LRP_CAPTUM = 'FusedLRP(engine=\'captum\')'
+SINGLE_PASS_COMPOSITE = 'SinglePass(EpsilonPlusFlat + FuseBatchNorm) in a Zennit context'
+
+
+def attribution(lrp, input, target):
+    '''One call of a Captum-style attribution object.'''
+    return lambda: lrp.attribute(input, target=target)
 
 
 def lrp_call(model, composite, input, target):
@@ -39,56 +59,131 @@ def lrp_call(model, composite, input, target):
     return run
 
 
-def measure(arch, batch, device, repeats, input_size):
-    '''Per-repeat ratios to the plain gradient of the fused model, for each method.'''
+def two_gradients_and_forward(fused, input, target):
+    '''Two input gradients of ``fused`` and one more forward pass: what z+ costs at least where it runs both
+    halves on every layer.'''
+    floor, gradient = gradient_and_forward(fused, input, target), input_gradient(fused, input, target)
+
+    def run():
+        gradient()
+        return floor()
+    return run
+
+
+# option name -> (row name, function (model, fused model, input, target) -> the timed function)
+METHODS = {
+    'floor': (FLOOR, lambda model, fused, input, target: gradient_and_forward(fused, input, target)),
+    'two-halves-floor': (TWO_HALVES_FLOOR, lambda model, fused, input, target: two_gradients_and_forward(
+        fused, input, target)),
+    'composite': (COMPOSITE_LRP, lambda model, fused, input, target: attribution(
+        CompositeLRP(model, EpsilonPlusFlat()), input, target)),
+    'composite-zennit': (COMPOSITE_LRP_ZENNIT, lambda model, fused, input, target: attribution(
+        CompositeLRP(model, EpsilonPlusFlat(), engine='zennit'), input, target)),
+    'composite-epsilon': (COMPOSITE_LRP_EPSILON, lambda model, fused, input, target: attribution(
+        CompositeLRP(model, epsilon()), input, target)),
+    'fused': (FUSED_LRP, lambda model, fused, input, target: attribution(FusedLRP(model), input, target)),
+    'fused-captum': (FUSED_LRP_CAPTUM, lambda model, fused, input, target: attribution(
+        FusedLRP(model, engine='captum'), input, target)),
+    'singlepass-composite': (SINGLE_PASS_COMPOSITE, lambda model, fused, input, target: lrp_call(
+        model, SinglePass(EpsilonPlusFlat(canonizers=[FuseBatchNorm()])), input, target)),
+}
+# targets: (method, reference, at most)
+TARGETS = (
+    (COMPOSITE_LRP, FLOOR, 1.15, ('resnet50', 'vgg16_bn', 'densenet121')),
+    (COMPOSITE_LRP, TWO_HALVES_FLOOR, 1.15, ('mobilenet_v2', 'efficientnet_b0')),
+    (FUSED_LRP, COMPOSITE_LRP_EPSILON, 1.3, None),
+)
+
+
+def measure(arch, batch, device, repeats, input_size, methods=tuple(METHODS)):
+    '''Per-repeat times and ratios to the plain gradient of the fused model, for each method.'''
     model, fused, input, target = setup(arch, batch, device, input_size)
-    gradient = input_gradient(fused, input, target)
-    functions = {'gradient (fused model)': gradient}
-    for name, make_composite in METHODS.items():
-        functions[name] = gradient_and_forward(fused, input, target) if make_composite is None else lrp_call(
-            model, make_composite(), input, target)
+    functions = {GRADIENT: input_gradient(fused, input, target)}
+    for key in methods:
+        name, make = METHODS[key]
+        functions[name] = make(model, fused, input, target)
     seconds = {name: [] for name in functions}
-    for function in functions.values():  # warm-up
+    cpu_seconds = {name: [] for name in functions}
+    for function in functions.values():  # warm-up (and the prepared copies are built)
         function()
     synchronize(device)
     for _ in range(repeats):
         for name, function in functions.items():
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             function()
             synchronize(device)
             seconds[name].append(time.perf_counter() - start)
-    reference = seconds['gradient (fused model)']
-    return {name: {'seconds': values, 'median_ratio': statistics.median(
-                       value / base for value, base in zip(values, reference))}
+            cpu_seconds[name].append(time.process_time() - cpu_start)
+    return {name: {'seconds': values, 'cpu_seconds': cpu_seconds[name],
+                   'median_ratio': median_ratio(values, seconds[GRADIENT]),
+                   'median_cpu_ratio': median_ratio(cpu_seconds[name], cpu_seconds[GRADIENT])}
             for name, values in seconds.items()}
+
+
+def median_ratio(values, references):
+    '''The median over repeats of ``value / reference`` in the same repeat.'''
+    return statistics.median(value / reference for value, reference in zip(values, references))
+
+
+def per_repeat_ratio(rows, name, reference, clock='seconds'):
+    '''The median over repeats of ``name``'s time / ``reference``'s time in the same repeat, by wall-clock
+    (``'seconds'``) or process CPU time (``'cpu_seconds'``); None if either method is missing.'''
+    if name not in rows or reference not in rows:
+        return None
+    return median_ratio(rows[name][clock], rows[reference][clock])
 
 
 def write_report(results, command, args):
     host = machine(torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')
     date = today()
-    names = list(METHODS)
+    names = [name for name, _ in METHODS.values() if any(name in rows for rows in results.values())]
     lines = header('LRP speed, timed round-robin', command, host, date) + [
         f'- input {args.input_size}x{args.input_size}; {args.repeats} repeats after one warm-up, each timing every '
         'method once in turn; a cell is the median over repeats of the method\'s time / the plain input gradient '
         'of the fused model in the same repeat (the last column is that gradient\'s median time)',
-        '- "the least exact z+ can cost": EpsilonPlusFlat puts z+ on every conv but the first; z+ needs each '
-        'layer\'s output under positive weights besides its own, so at least one more forward pass than a gradient',
+        '- floors: EpsilonPlusFlat puts z+ on every conv but the first; z+ needs each layer\'s output under '
+        'positive weights besides its own, so at least one more forward pass than a gradient; where a layer\'s '
+        'input can be negative (mobilenet_v2\'s linear bottlenecks, efficientnet\'s SiLU) z+ runs both halves, '
+        'one more forward and backward of that layer (the two-halves floor counts it for every layer)',
+        '- CompositeLRP and FusedLRP build their prepared copy in the warm-up; "default engine" is SinglePass for '
+        'CompositeLRP and the single-pass Captum engine for FusedLRP',
+        '- each call is timed by the wall clock and by the process\'s CPU time (which leaves out the time other '
+        'processes on a shared machine hold the CPU); the first table is wall-clock, the second CPU time',
         '',
-        '| model | batch | device | ' + ' | '.join(names) + ' | gradient (fused model) |',
-        '| --- | --- | --- | ' + ' | '.join('---' for _ in names) + ' | --- |',
     ]
+    for clock, ratio_key, title in (('seconds', 'median_ratio', 'Wall clock'),
+                                    ('cpu_seconds', 'median_cpu_ratio', 'Process CPU time')):
+        lines += [f'## {title}: time / plain gradient', '',
+                  '| model | batch | device | ' + ' | '.join(names) + ' | gradient (fused model) |',
+                  '| --- | --- | --- | ' + ' | '.join('---' for _ in names) + ' | --- |']
+        for (arch, batch, device), rows in results.items():
+            gradient = statistics.median(rows[GRADIENT][clock])
+            lines.append(f'| {arch} | {batch} | {device} | '
+                         + ' | '.join(f'{rows[name][ratio_key]:.2f}' if name in rows else '-' for name in names)
+                         + f' | {1000 * gradient:.1f} ms |')
+        lines.append('')
+    lines += ['## Targets', '', 'Median over repeats of the ratio of the two methods\' times in the same repeat, by '
+              'the wall clock and by process CPU time.', '',
+              '| model | batch | device | method | reference | ratio (wall) | ratio (CPU) | target | met (wall) |',
+              '| --- | --- | --- | --- | --- | --- | --- | --- | --- |']
     for (arch, batch, device), rows in results.items():
-        gradient = statistics.median(rows['gradient (fused model)']['seconds'])
-        lines.append(f'| {arch} | {batch} | {device} | '
-                     + ' | '.join(f'{rows[name]["median_ratio"]:.2f}' for name in names)
-                     + f' | {1000 * gradient:.1f} ms |')
+        for name, reference, most, models in TARGETS:
+            ratio = per_repeat_ratio(rows, name, reference)
+            if ratio is None or (models is not None and arch not in models):
+                continue
+            cpu = per_repeat_ratio(rows, name, reference, 'cpu_seconds')
+            lines.append(f'| {arch} | {batch} | {device} | {name} | {reference} | {ratio:.2f} | {cpu:.2f} | '
+                         f'≤ {most} | {"yes" if ratio <= most else "no"} |')
     lines.append('')
     write_tables(lines, results, command, host, date, args)
 
 
 def main(argv=None):
-    args = parse_arguments(argv, repeats=5, tag='speed-interleaved', doc=__doc__)
-    write_report(run_configurations(args, measure), command_line(argv), args)
+    args = parse_arguments(argv, repeats=5, tag='speed-interleaved', doc=__doc__, methods=METHODS,
+                           models=MODELS + TIMM_MODELS, batches='1,8,16', extra='')
+    methods = tuple(args.methods.split(','))
+    results = run_configurations(args, lambda *config: measure(*config, methods=methods))
+    write_report(results, command_line(argv), args)
     print((args.out / f'{args.tag}.md').read_text())
 
 
