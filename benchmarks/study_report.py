@@ -186,8 +186,9 @@ def report_markdown(summary, args, command, host, date):
         if flip:
             parts.append(f'negative scales: {len(flip["flipped"])} BatchNorms flipped (share of negative scales '
                          f'{fmt(flip["negative_share"], 2)}), function changed by {fmt(flip["function_error"])} '
-                         f'(relative), {len(flip["skipped"])} left: '
-                         + '; '.join(f'`{bn}` {reason}' for bn, reason in flip['skipped'].items()))
+                         f'(relative), ' + (f'{len(flip["skipped"])} left: ' + '; '.join(
+                             f'`{bn}` {reason}' for bn, reason in flip['skipped'].items()) if flip['skipped'] else
+                                           'none left'))
         if 'conv_batch_norms_fused' in check:
             parts.append(f'{check["conv_batch_norms_fused"]} conv BatchNorms fused in every arm')
         for method, reason in check['not_applicable'].items():
