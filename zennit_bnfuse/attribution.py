@@ -192,8 +192,17 @@ class FusedLRP(LRP):
 
     Examples
     --------
+    >>> import torch
+    >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+    ...                             torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 10)).eval()
+    >>> images = torch.rand(2, 3, 8, 8)
+    >>> from zennit_bnfuse import FusedLRP
     >>> lrp = FusedLRP(model)
-    >>> attribution, delta = lrp.attribute(images, target=3, return_convergence_delta=True)
+    >>> relevance, delta = lrp.attribute(images, target=3, return_convergence_delta=True)
+    >>> relevance.shape, delta.shape
+    (torch.Size([2, 3, 8, 8]), torch.Size([2]))
+    >>> [entry.layer for entry in lrp.prepared.report.fused]
+    ['0']
     '''
     def __init__(self, model, rules=None, handling='fused', example_inputs=None, engine='singlepass'):
         check_model(model, 'FusedLRP')
@@ -379,8 +388,16 @@ class CompositeLRP(GradientAttribution):
 
     Examples
     --------
+    >>> import torch
+    >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+    ...                             torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 10)).eval()
+    >>> images = torch.rand(2, 3, 8, 8)
+    >>> from zennit.composites import EpsilonPlusFlat
+    >>> from zennit_bnfuse import CompositeLRP
     >>> lrp = CompositeLRP(model, EpsilonPlusFlat())
-    >>> attribution = lrp.attribute(images, target=[3, 5])
+    >>> relevance = lrp.attribute(images, target=[3, 5])
+    >>> relevance.shape, lrp.fallbacks
+    (torch.Size([2, 3, 8, 8]), [])
     '''
     def __init__(self, model, composite, handling='fused', batch_norm_rule=None, single_pass=None,
                  example_inputs=None, engine='singlepass'):

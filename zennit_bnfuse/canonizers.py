@@ -24,11 +24,21 @@ class FuseBatchNorm(Canonizer):
     their layers are replaced in their parent modules by fused modules; the user's modules, parameters and buffers
     are never written to, so removing the canonizer restores the model bit for bit.
 
-    Use it like any Zennit canonizer, alone or with others::
+    Use it like any Zennit canonizer, alone or with others:
 
-        composite = EpsilonPlusFlat(canonizers=[FuseBatchNorm()])
-        with Gradient(model, composite) as attributor:
-            output, relevance = attributor(input, target)
+    >>> import torch
+    >>> from zennit.attribution import Gradient
+    >>> from zennit.composites import EpsilonPlusFlat
+    >>> from zennit_bnfuse import FuseBatchNorm
+    >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+    ...                             torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 10)).eval()
+    >>> canonizer = FuseBatchNorm()
+    >>> with Gradient(model, EpsilonPlusFlat(canonizers=[canonizer])) as attributor:
+    ...     output, relevance = attributor(torch.rand(1, 3, 8, 8), torch.eye(10)[[3]])
+    >>> relevance.shape, len(canonizer.report.fused)
+    (torch.Size([1, 3, 8, 8]), 1)
+    >>> type(model[1]).__name__  # the model is back as it was
+    'BatchNorm2d'
 
     The pairs and fused modules are found once per model and reused by later applications (a composite applies
     its canonizers on every ``context``) until the model's parameters, buffers or structure change.

@@ -39,6 +39,18 @@ def fuse(model, example_inputs=None, include=None):
         ``example_inputs`` is not a tensor or tuple.
     ValueError
         If a BatchNorm is in training mode or has invalid statistics, or the model raises on ``example_inputs``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from zennit_bnfuse import fuse
+    >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU()).eval()
+    >>> fused, report = fuse(model)
+    >>> [(entry.bn, entry.layer, entry.side) for entry in report.fused]
+    [('1', '0', 'after')]
+    >>> input = torch.rand(2, 3, 8, 8)
+    >>> torch.allclose(fused(input), model(input), atol=1e-6)
+    True
     '''
     check_model(model, 'fuse()')
     report = find_fusable_pairs(model, example_inputs)

@@ -180,6 +180,12 @@ def bn_handling(name):
     ------
     ValueError
         If ``name`` is not one of :py:data:`ALL_HANDLINGS`.
+
+    Examples
+    --------
+    >>> from zennit_bnfuse import bn_handling
+    >>> bn_handling('naive').batch_norm_rule
+    'pass'
     '''
     if isinstance(name, BatchNormHandling):
         return name

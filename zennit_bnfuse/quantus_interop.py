@@ -89,6 +89,17 @@ def explain_func(model, inputs, targets, composite='epsilon-plus-flat', handling
     ValueError
         If ``reduce_axes`` contains the batch axis 0, ``handling`` or a composite name is unknown, or the targets do
         not fit the model's outputs.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from zennit_bnfuse import explain_func
+    >>> from zennit_bnfuse.evaluation.models import pretrained
+    >>> model = pretrained('mnist-cnn-bn')
+    >>> relevance = explain_func(model=model, inputs=np.random.rand(2, 1, 28, 28).astype(np.float32),
+    ...                          targets=np.array([3, 7]), composite='epsilon-plus-flat', handling='fused')
+    >>> relevance.shape, relevance.dtype
+    ((2, 1, 28, 28), dtype('float32'))
     '''
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f'model must be a torch.nn.Module, not {type(model).__name__}')

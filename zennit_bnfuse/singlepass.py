@@ -706,11 +706,22 @@ class SinglePass(Composite):
 
     The relevance equals that of ``composite`` (see the module docstring for what is skipped, and the one
     difference, for modules called several times); use it wherever the composite would go, except where the relevance
-    itself is differentiated (``create_graph=True``)::
+    itself is differentiated (``create_graph=True``):
 
-        composite = SinglePass(EpsilonPlusFlat(canonizers=[FuseBatchNorm()]))
-        with Gradient(model, composite) as attributor:
-            output, relevance = attributor(input, target)
+    >>> import torch
+    >>> from zennit.attribution import Gradient
+    >>> from zennit.composites import EpsilonPlusFlat
+    >>> from zennit_bnfuse import FuseBatchNorm, SinglePass
+    >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+    ...                             torch.nn.Conv2d(4, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+    ...                             torch.nn.Linear(4 * 4 * 4, 10)).eval()
+    >>> input, target = torch.rand(1, 3, 8, 8), torch.eye(10)[[3]]
+    >>> with Gradient(model, EpsilonPlusFlat(canonizers=[FuseBatchNorm()])) as attributor:
+    ...     _, zennit = attributor(input, target)
+    >>> with Gradient(model, SinglePass(EpsilonPlusFlat(canonizers=[FuseBatchNorm()]))) as attributor:
+    ...     _, single_pass = attributor(input, target)
+    >>> torch.equal(zennit, single_pass)
+    True
 
     Parameters
     ----------
