@@ -50,7 +50,9 @@ def test_agrees_with_quantus_mprt(snapshot):
                             explain_func=explain_numpy, device='cpu')
         assert list(scores)[1:] == ours.layers
         expected = np.array([scores[layer] for layer in ours.layers]).T
-        np.testing.assert_allclose(similarity.numpy(), expected, rtol=0, atol=1e-10)
+        # float32 relevance of two separate calls can differ in the last bits (summation order), which moves a rank
+        # correlation by ~1e-7; a wrong layer order or seed moves it by ~0.1
+        np.testing.assert_allclose(similarity.numpy(), expected, rtol=0, atol=1e-6)
     # the trained model's heatmaps are not kept: the correlation falls well below 1 once fc3 is random
     assert ours.spearman.shape == (4, 5) and ours.spearman.abs().max() < .9
 
