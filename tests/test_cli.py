@@ -242,11 +242,6 @@ CASES = {
         r'--out .*out holds files bnfuse does not write \(relevance-mnist-cnn-bn\.pt/, thesis\.tex\); --overwrite '
         r'replaces only bnfuse outputs: choose a new or empty folder'),
 }
-# one case of each kind also runs in a subprocess, as a user runs it (each costs seconds)
-SUBPROCESS_CASES = ('n negative', 'device tpu', 'target negative', 'huge image', 'out not empty',
-                    'download without network')
-
-
 def float_tiff(tmp):
     path = tmp / 'f.tif'
     Image.fromarray(np.linspace(0, 2, 28 * 28, dtype=np.float32).reshape(28, 28)).save(path)
@@ -269,13 +264,26 @@ def test_errors_in_process(case, tmp_path, capsys, no_network):
     assert files_under(tmp_path) == before
 
 
-@pytest.mark.parametrize('case', SUBPROCESS_CASES)
-def test_errors_in_subprocess(case, tmp_path):
-    args, status, pattern = case_arguments(case, tmp_path)
-    before = files_under(tmp_path)
-    result = bnfuse(*args, env=NO_NETWORK)
-    assert_one_line_error(result.returncode, result.stderr, status, pattern)
-    assert files_under(tmp_path) == before
+def test_every_error_case_through_the_console_script(tmp_path):
+    """Every case of CASES, run as a user runs it: the installed ``bnfuse`` script in its own process (two at a
+    time, each costs seconds of imports), with one-line messages, the exit status, no traceback and no files left."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(case):
+        folder = tmp_path / case.replace(' ', '-')
+        folder.mkdir()
+        args, status, pattern = case_arguments(case, folder)
+        before = files_under(folder)
+        result = bnfuse(*args, env=NO_NETWORK, script=True)
+        return case, result, status, pattern, before, files_under(folder)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for case, result, status, pattern, before, after in pool.map(run, sorted(CASES)):
+            try:
+                assert_one_line_error(result.returncode, result.stderr, status, pattern)
+                assert after == before, 'files left behind'
+            except AssertionError as error:
+                raise AssertionError(f'case {case!r}: {error}') from None
 
 
 def test_console_script(tmp_path):
