@@ -237,6 +237,28 @@ def test_prepared_copy_cached_and_rebuilt_on_change():
     assert lrp.prepared.builds == 3
 
 
+
+@pytest.mark.parametrize('explainer', [FusedLRP, lambda model: CompositeLRP(model, EpsilonPlusFlat())],
+                         ids=['FusedLRP', 'CompositeLRP'])
+def test_prepared_copy_rebuilt_when_hooks_or_forward_change(explainer):
+    # the model's function changes without any tensor changing: the cached copy must follow it
+    model = TinyNet()
+    input = torch.ones(1, 2, dtype=torch.float64)
+    lrp = explainer(model)
+    before = lrp.attribute(input, target=0)
+    handle = model.fc2.register_forward_hook(lambda module, args, output: output * 2)
+    hooked = lrp.attribute(input, target=0)
+    assert lrp.prepared.builds == 2
+    assert torch.equal(hooked, explainer(model).attribute(input, target=0))
+    assert not torch.allclose(hooked, before)
+    handle.remove()
+    assert torch.equal(lrp.attribute(input, target=0), before)
+    model.relu.forward = lambda x: torch.relu(x - 6.)  # (9, 5) -> (3, 0)
+    shifted = lrp.attribute(input, target=0)
+    assert lrp.prepared.builds == 4
+    assert torch.equal(shifted, explainer(model).attribute(input, target=0))
+    assert not torch.allclose(shifted, before)
+
 class TwoInputs(torch.nn.Module):
     def __init__(self):
         super().__init__()
