@@ -206,6 +206,9 @@ def test_bad_rules_argument():
         FusedLRP(TinyNet(), rules={1: EpsilonRule()})
     with pytest.raises(ValueError, match="unknown BatchNorm handling 'merged'"):
         FusedLRP(TinyNet(), handling='merged')
+    # a misspelt name would leave the layer on its default rule without a word
+    with pytest.raises(ValueError, match="rules names 'fc3', which is not a module of the model; did you mean 'fc"):
+        FusedLRP(TinyNet(), rules={'fc3': GammaRule()})
 
 
 def test_users_captum_rule_attribute_is_honoured_and_kept():

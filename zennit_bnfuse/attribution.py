@@ -4,6 +4,7 @@
 - :py:class:`CompositeLRP` runs a Zennit composite behind Captum's ``attribute()`` signature.
 '''
 import copy
+import difflib
 import math
 from collections import defaultdict
 
@@ -76,6 +77,30 @@ def check_engine(engine, engines):
     if engine not in engines:
         raise ValueError(f'engine must be one of {", ".join(map(repr, engines))}, not {engine!r}')
     return engine
+
+
+def check_rule_names(model, rules):
+    '''Raise unless every name among the keys of ``rules`` names a module of ``model``: a rule under a misspelt name
+    would never apply, and the layer would get its default rule without a word.
+
+    Parameters
+    ----------
+    model: :py:obj:`torch.nn.Module`
+    rules: dict
+        Rules by module name (str) or type.
+
+    Raises
+    ------
+    ValueError
+        If a name is not that of a module of ``model`` (the message suggests the closest names).
+    '''
+    names = dict(model.named_modules())
+    for key in rules:
+        if isinstance(key, str) and key not in names:
+            close = difflib.get_close_matches(key, [name for name in names if name], n=3)
+            hint = f'; did you mean {" or ".join(map(repr, close))}?' if close else (
+                '; see dict(model.named_modules()) for the names.')
+            raise ValueError(f'rules names {key!r}, which is not a module of the model{hint}')
 
 
 def out_of_place(model):
@@ -188,7 +213,7 @@ class FusedLRP(LRP):
     TypeError
         If ``model`` is not a torch.nn.Module or holds a TorchScript module, or a rule is not a Captum rule.
     ValueError
-        If ``handling`` or ``engine`` is unknown.
+        If ``handling`` or ``engine`` is unknown, or ``rules`` names a module the model does not have.
 
     Examples
     --------
@@ -217,6 +242,7 @@ class FusedLRP(LRP):
                 raise TypeError(
                     f'the rule for {key!r} must be a Captum PropagationRule instance (e.g. EpsilonRule()) or None, '
                     f'not {rule!r}')
+        check_rule_names(model, self.rules)
         self.prepared = PreparedModel(model, handling, residual='captum', example_inputs=example_inputs)
         self.own_rules = {}
         self._build = None
