@@ -262,6 +262,21 @@ def test_prepared_copy_rebuilt_when_hooks_or_forward_change(explainer):
     assert torch.equal(shifted, explainer(model).attribute(input, target=0))
     assert not torch.allclose(shifted, before)
 
+
+@pytest.mark.parametrize('engine', ['singlepass', 'captum'])
+def test_float16_refused_where_captum_epsilon_underflows(engine):
+    # Captum's epsilon 1e-9 is 0 in float16: a layer output of exactly 0 gives 0 / 0, and the NaN fills the relevance
+    # (fc1 has no bias, so the zero input gives z = 0 under the naive handling)
+    model = TinyNet().half()
+    input = torch.tensor([[0., 0.], [1., 1.]], dtype=torch.float16)
+    with pytest.raises(ValueError, match=r'EpsilonRule of `fc1`.* 1e-09 is 0 in torch.float16.*float32'):
+        FusedLRP(model, handling='naive', engine=engine).attribute(input, target=0)
+    # an epsilon float16 holds gives the float64 numbers (x = (1, 1): (-2, 16), see test_hand_computed_relevance)
+    rules = {torch.nn.Linear: EpsilonRule(1e-3)}
+    relevance = FusedLRP(model, handling='naive', rules=rules, engine=engine).attribute(input, target=0)
+    torch.testing.assert_close(relevance.double(), torch.tensor([[0., 0.], [-2., 16.]], dtype=torch.float64),
+                               atol=0.05, rtol=0.01)
+
 class TwoInputs(torch.nn.Module):
     def __init__(self):
         super().__init__()
