@@ -206,6 +206,9 @@ def test_bad_rules_argument():
         FusedLRP(TinyNet(), rules={1: EpsilonRule()})
     with pytest.raises(ValueError, match="unknown BatchNorm handling 'merged'"):
         FusedLRP(TinyNet(), handling='merged')
+    # a misspelt name would leave the layer on its default rule without a word
+    with pytest.raises(ValueError, match="rules names 'fc3', which is not a module of the model; did you mean 'fc"):
+        FusedLRP(TinyNet(), rules={'fc3': GammaRule()})
 
 
 def test_users_captum_rule_attribute_is_honoured_and_kept():
@@ -236,6 +239,43 @@ def test_prepared_copy_cached_and_rebuilt_on_change():
     torch.testing.assert_close(lrp.attribute(input, target=0), torch.tensor([[0., 8.]], dtype=torch.float64))
     assert lrp.prepared.builds == 3
 
+
+
+@pytest.mark.parametrize('explainer', [FusedLRP, lambda model: CompositeLRP(model, EpsilonPlusFlat())],
+                         ids=['FusedLRP', 'CompositeLRP'])
+def test_prepared_copy_rebuilt_when_hooks_or_forward_change(explainer):
+    # the model's function changes without any tensor changing: the cached copy must follow it
+    model = TinyNet()
+    input = torch.ones(1, 2, dtype=torch.float64)
+    lrp = explainer(model)
+    before = lrp.attribute(input, target=0)
+    handle = model.fc2.register_forward_hook(lambda module, args, output: output * 2)
+    hooked = lrp.attribute(input, target=0)
+    assert lrp.prepared.builds == 2
+    assert torch.equal(hooked, explainer(model).attribute(input, target=0))
+    assert not torch.allclose(hooked, before)
+    handle.remove()
+    assert torch.equal(lrp.attribute(input, target=0), before)
+    model.relu.forward = lambda x: torch.relu(x - 6.)  # (9, 5) -> (3, 0)
+    shifted = lrp.attribute(input, target=0)
+    assert lrp.prepared.builds == 4
+    assert torch.equal(shifted, explainer(model).attribute(input, target=0))
+    assert not torch.allclose(shifted, before)
+
+
+@pytest.mark.parametrize('engine', ['singlepass', 'captum'])
+def test_float16_refused_where_captum_epsilon_underflows(engine):
+    # Captum's epsilon 1e-9 is 0 in float16: a layer output of exactly 0 gives 0 / 0, and the NaN fills the relevance
+    # (fc1 has no bias, so the zero input gives z = 0 under the naive handling)
+    model = TinyNet().half()
+    input = torch.tensor([[0., 0.], [1., 1.]], dtype=torch.float16)
+    with pytest.raises(ValueError, match=r'EpsilonRule of `fc1`.* 1e-09 is 0 in torch.float16.*float32'):
+        FusedLRP(model, handling='naive', engine=engine).attribute(input, target=0)
+    # an epsilon float16 holds gives the float64 numbers (x = (1, 1): (-2, 16), see test_hand_computed_relevance)
+    rules = {torch.nn.Linear: EpsilonRule(1e-3)}
+    relevance = FusedLRP(model, handling='naive', rules=rules, engine=engine).attribute(input, target=0)
+    torch.testing.assert_close(relevance.double(), torch.tensor([[0., 0.], [-2., 16.]], dtype=torch.float64),
+                               atol=0.05, rtol=0.01)
 
 class TwoInputs(torch.nn.Module):
     def __init__(self):

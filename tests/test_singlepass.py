@@ -508,3 +508,10 @@ def test_module_called_twice_gets_the_relevance_of_each_call():
     unrolled = relevance(Repeated(unrolled=True).double(), composite(), input, [0, 1])
     assert torch.equal(single, unrolled)
     assert not torch.equal(relevance(Repeated().double(), composite(), input, [0, 1]), unrolled)
+
+
+@pytest.mark.parametrize('composite', [None, EpsilonPlusFlat])
+def test_not_a_composite_is_refused_by_name(composite):
+    # an instance is needed: the class itself or None used to fail later with an AttributeError
+    with pytest.raises(TypeError, match='SinglePass expects a Zennit composite .* not (NoneType|type)'):
+        singlepass.SinglePass(composite)

@@ -4,6 +4,7 @@
 - :py:class:`CompositeLRP` runs a Zennit composite behind Captum's ``attribute()`` signature.
 '''
 import copy
+import difflib
 import math
 from collections import defaultdict
 
@@ -76,6 +77,60 @@ def check_engine(engine, engines):
     if engine not in engines:
         raise ValueError(f'engine must be one of {", ".join(map(repr, engines))}, not {engine!r}')
     return engine
+
+
+def check_rule_names(model, rules):
+    '''Raise unless every name among the keys of ``rules`` names a module of ``model``: a rule under a misspelt name
+    would never apply, and the layer would get its default rule without a word.
+
+    Parameters
+    ----------
+    model: :py:obj:`torch.nn.Module`
+    rules: dict
+        Rules by module name (str) or type.
+
+    Raises
+    ------
+    ValueError
+        If a name is not that of a module of ``model`` (the message suggests the closest names).
+    '''
+    names = dict(model.named_modules())
+    for key in rules:
+        if isinstance(key, str) and key not in names:
+            close = difflib.get_close_matches(key, [name for name in names if name], n=3)
+            hint = f'; did you mean {" or ".join(map(repr, close))}?' if close else (
+                '; see dict(model.named_modules()) for the names.')
+            raise ValueError(f'rules names {key!r}, which is not a module of the model{hint}')
+
+
+def check_stabilizers(rules, dtype):
+    '''Raise unless the stabiliser of every Captum rule in ``rules`` is above 0 in ``dtype``.
+
+    Captum's rules divide the relevance by ``z + sign(z) * epsilon`` (``epsilon = 1e-9`` unless set), and ``1e-9`` is
+    0 in float16: every layer output that is exactly 0 (common after a ReLU) gives ``0 / 0``, and the NaN spreads to
+    the whole input relevance (all of it on a float16 ResNet-18).
+
+    Parameters
+    ----------
+    rules: dict[str, object]
+        The rule (or None) of each layer, by name.
+    dtype: :py:obj:`torch.dtype`
+        The dtype the layers compute in.
+
+    Raises
+    ------
+    ValueError
+        Naming the first layer whose rule's epsilon is 0 in ``dtype``, and the fix.
+    '''
+    for name, rule in rules.items():
+        epsilon = getattr(rule, 'STABILITY_FACTOR', None)
+        if isinstance(epsilon, float) and epsilon > 0 and torch.tensor(epsilon, dtype=dtype).item() == 0:
+            raise ValueError(
+                f'the {type(rule).__name__} of `{name}` divides by z + sign(z) * {epsilon:g}, and {epsilon:g} is 0 '
+                f'in {dtype}, so every output that is 0 would make the relevance NaN. Compute in float32 or '
+                'bfloat16 (model.float() and inputs.float()), or give every layer a rule with an epsilon that '
+                f'{dtype} holds (at least {torch.finfo(dtype).tiny:g}, e.g. rules={{torch.nn.Conv2d: '
+                'EpsilonRule(epsilon=1e-4), ...}}).')
 
 
 def out_of_place(model):
@@ -188,7 +243,7 @@ class FusedLRP(LRP):
     TypeError
         If ``model`` is not a torch.nn.Module or holds a TorchScript module, or a rule is not a Captum rule.
     ValueError
-        If ``handling`` or ``engine`` is unknown.
+        If ``handling`` or ``engine`` is unknown, or ``rules`` names a module the model does not have.
 
     Examples
     --------
@@ -217,6 +272,7 @@ class FusedLRP(LRP):
                 raise TypeError(
                     f'the rule for {key!r} must be a Captum PropagationRule instance (e.g. EpsilonRule()) or None, '
                     f'not {rule!r}')
+        check_rule_names(model, self.rules)
         self.prepared = PreparedModel(model, handling, residual='captum', example_inputs=example_inputs)
         self.own_rules = {}
         self._build = None
@@ -298,7 +354,8 @@ class FusedLRP(LRP):
             If an input is not a floating-point tensor, or ``target`` has a type Captum does not take.
         ValueError
             If ``target`` selects no output entry (a negative or too large index: the message gives the valid range),
-            or the model cannot run on the inputs (the message names their shapes; the model's error is the cause).
+            the model cannot run on the inputs (the message names their shapes; the model's error is the cause), or
+            a rule's epsilon is 0 in the inputs' dtype (see :py:func:`check_stabilizers`).
         '''
         check_inputs(inputs)
         prepared = self._prepared_model()
@@ -308,13 +365,18 @@ class FusedLRP(LRP):
             relevance = _format_output(_is_tuple(inputs), relevance)
             return (relevance, output) if return_convergence_delta else relevance
         self.fallbacks = []
+        dtype = input_tuple[0].dtype
         if self.engine == 'singlepass':
             engine = CaptumSinglePass(prepared, self.choose_rule, autograd_types=RESHAPE_TYPES)
+            check_stabilizers(engine.rules, dtype)
             self.fallbacks = engine.fallbacks
             if engine.fallback is None:
                 with checked_forward(prepared, input_tuple, target):
                     return self._attribute_single_pass(engine, inputs, target, additional_forward_args,
                                                        return_convergence_delta, verbose)
+        else:
+            check_stabilizers({name: self.choose_rule(name, module) for name, module in called_layers(prepared)},
+                              dtype)
         with checked_forward(prepared, input_tuple, target):
             return _RuleLRP(prepared, self.choose_rule).attribute(
                 inputs, target=target, additional_forward_args=additional_forward_args,

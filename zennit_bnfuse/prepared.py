@@ -7,8 +7,9 @@ def model_fingerprint(model):
 
     Every in-place update (an optimizer step, ``load_state_dict``, a BatchNorm updating its running statistics)
     bumps a tensor's version counter; replacing a tensor or module changes its identity; ``.to()`` changes the data
-    pointer, device or dtype; a module's settings (``eps``, ``padding``, ...) show in its ``extra_repr()``. Writes
-    through ``tensor.data`` are not tracked by PyTorch and are not seen.
+    pointer, device or dtype; a module's settings (``eps``, ``padding``, ...) show in its ``extra_repr()``; adding or
+    removing a hook changes the keys of the module's hook dicts (each handle has its own id), and so does assigning a
+    ``forward`` to a module instance. Writes through ``tensor.data`` are not tracked by PyTorch and are not seen.
 
     Parameters
     ----------
@@ -23,8 +24,16 @@ def model_fingerprint(model):
         (name, id(tensor), tensor._version, tensor.data_ptr(), tensor.dtype, tensor.device, tuple(tensor.shape))
         for name, tensor in (*model.named_parameters(), *model.named_buffers())
     )
-    modules = tuple((name, id(module), module.training, module.extra_repr()) for name, module in model.named_modules())
+    modules = tuple((name, id(module), module.training, module.extra_repr(), hook_keys(module),
+                     vars(module).get('forward')) for name, module in model.named_modules())
     return tensors, modules
+
+
+def hook_keys(module):
+    '''The handle ids of every hook registered on ``module`` itself (forward, backward, state_dict, ...), by hook
+    dict: they change whenever a hook is added or removed.'''
+    return tuple((key, tuple(value)) for key, value in vars(module).items()
+                 if key.endswith('hooks') and isinstance(value, dict) and value)
 
 
 class PreparedModel:

@@ -37,7 +37,7 @@ import torch
 from zennit.core import BasicHook, Composite, Hook, ParamMod, RemovableHandle, RemovableHandleList, Stabilizer
 from zennit.rules import Epsilon, NoMod, Norm, Pass, ZPlus
 
-from .checks import check_model
+from .checks import check_composite, check_model
 from .graph import LRPTracer
 from .graph_layers import AddOperands
 from .layers import BiasMapConvMixin, FoldedLayerMixin, ThresholdReLU
@@ -746,8 +746,14 @@ class SinglePass(Composite):
         (on a GPU, one synchronisation per call of each).
     sign_note: str or None
         Why the graph says nothing about signs (an untraceable forward, an in-place operation), if it does not.
+
+    Raises
+    ------
+    TypeError
+        If ``composite`` is not a Zennit composite.
     '''
     def __init__(self, composite, cache=False):
+        check_composite(composite, 'SinglePass')
         self.composite = composite
         self.cache = cache
         self.parameter_cache = weakref.WeakKeyDictionary() if cache else None
