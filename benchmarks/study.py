@@ -59,9 +59,9 @@ from study_report import report_markdown, write_figures
 
 RESULTS = Path(__file__).parent / 'results'
 
-def batch_norms_after_conv(model):
-    '''Names of the model's BatchNorms that normalise conv outputs (BatchNorm2d/3d): the ones claim 2 keeps fused in
-    every arm.'''
+def conv_batch_norms(model):
+    '''Names of the model's BatchNorms of conv feature maps (BatchNorm2d/3d, wherever they sit): the ones claim 2
+    keeps fused in every arm, so that only the BatchNorm1d handling varies.'''
     return {name for name, module in model.named_modules()
             if is_batch_norm(module) and not isinstance(module, torch.nn.BatchNorm1d)}
 
@@ -71,7 +71,7 @@ def base_model(name, model):
     only the BatchNorm1d handling varies (protocol); the model itself otherwise.'''
     if claim_of(name) != 2:
         return model, None
-    conv = batch_norms_after_conv(model)
+    conv = conv_batch_norms(model)
     if not conv:
         return model, None
     fused, report = fuse(model, include=lambda bn_name, module: bn_name in conv)

@@ -152,17 +152,17 @@ def report_markdown(summary, args, command, host, date):
 
     lines += ['## Conservation, bias share and complexity', '',
               'Heavy-tailed: medians and quantiles, pooled over seeds. gap = share of the explained logit that does '
-              'not reach the input (absorbed by biases and stabilisers; negative = injected). Gini and entropy of '
-              '|heatmap| (higher Gini = sparser).', '',
-              '| model | regime | composite | handling | gap median | gap 5%-95% | |conservation| median | Gini | '
-              'entropy |', '| --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+              'not reach the input, (logit - sum of relevance) / logit (absorbed by biases and stabilisers; '
+              'negative = injected; the conservation error with the opposite sign). Gini and entropy of |heatmap| '
+              '(higher Gini = sparser).', '',
+              '| model | regime | composite | handling | gap median | gap 5%-95% | Gini | entropy |',
+              '| --- | --- | --- | --- | --- | --- | --- | --- |']
     for (name, regime, composite, handling), metrics in table.items():
         gap = metrics['gap']
         lines.append(
             f'| {name} | {REGIME_NAMES.get(regime, regime)} | {display(composite)} | {handling} | '
             f'{fmt(float(np.mean([r["median"] for r in gap])))} | '
             f'[{fmt(float(np.min([r["q05"] for r in gap])))}, {fmt(float(np.max([r["q95"] for r in gap])))}] | '
-            f'{fmt(float(np.mean([abs(r["median"]) for r in metrics["conservation"]])))} | '
             f'{fmt(float(np.mean([r["median"] for r in metrics["gini"]])))} | '
             f'{fmt(float(np.mean([r["median"] for r in metrics["entropy"]])))} |')
     lines.append('')

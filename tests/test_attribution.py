@@ -634,3 +634,12 @@ def test_captum_noise_tunnel_takes_both_classes(kind):
     expected = lrp.attribute(input, target=[0, 2])
     torch.testing.assert_close(smooth.detach(), expected.detach())
     assert delta.shape == (6,)
+
+
+def test_engine_and_its_older_spelling_must_agree():
+    model = pool_then_batch_norm()
+    assert CompositeLRP(model, EpsilonPlusFlat(), single_pass=False).engine == 'zennit'
+    assert CompositeLRP(model, EpsilonPlusFlat(), single_pass=True, engine='singlepass').engine == 'singlepass'
+    assert CompositeLRP(model, EpsilonPlusFlat()).engine == 'singlepass'
+    with pytest.raises(ValueError, match="single_pass=False asks for engine='zennit' but engine='singlepass'"):
+        CompositeLRP(model, EpsilonPlusFlat(), single_pass=False, engine='singlepass')

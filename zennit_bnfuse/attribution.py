@@ -430,7 +430,7 @@ class CompositeLRP(GradientAttribution):
     example_inputs: :py:obj:`torch.Tensor` or tuple, optional
         As in :py:class:`FusedLRP`.
     engine: str, optional
-        ``'singlepass'`` (default): the rules are computed by :py:class:`~zennit_bnfuse.singlepass.SinglePass`, the
+        ``'singlepass'`` (the default): the rules are computed by :py:class:`~zennit_bnfuse.singlepass.SinglePass`, the
         same relevance as Zennit's hooks, faster; modules it does not compute fall back to Zennit's hooks one by one
         (see :py:attr:`fallbacks`). ``'zennit'``: Zennit's own hooks everywhere (for comparison).
 
@@ -446,7 +446,7 @@ class CompositeLRP(GradientAttribution):
         If ``model`` is not a torch.nn.Module or holds a TorchScript module, ``composite`` is not a Zennit composite
         or ``batch_norm_rule`` not a Zennit rule.
     ValueError
-        If ``handling`` or ``engine`` is unknown.
+        If ``handling`` or ``engine`` is unknown, or ``single_pass`` contradicts ``engine``.
 
     Examples
     --------
@@ -462,7 +462,7 @@ class CompositeLRP(GradientAttribution):
     (torch.Size([2, 3, 8, 8]), [])
     '''
     def __init__(self, model, composite, handling='fused', batch_norm_rule=None, single_pass=None,
-                 example_inputs=None, engine='singlepass'):
+                 example_inputs=None, engine=None):
         check_model(model, 'CompositeLRP')
         check_composite(composite, 'CompositeLRP')
         if batch_norm_rule is not None and not isinstance(batch_norm_rule, Hook):
@@ -471,8 +471,12 @@ class CompositeLRP(GradientAttribution):
         super().__init__(model)
         self.model = model
         if single_pass is not None:
-            engine = 'singlepass' if single_pass else 'zennit'
-        self.engine = check_engine(engine, ('singlepass', 'zennit'))
+            implied = 'singlepass' if single_pass else 'zennit'
+            if engine is not None and engine != implied:
+                raise ValueError(f'single_pass={single_pass} asks for engine={implied!r} but engine={engine!r} was '
+                                 'given too; give only engine')
+            engine = implied
+        self.engine = check_engine('singlepass' if engine is None else engine, ('singlepass', 'zennit'))
         # Zennit's hooks take one input per module, so residual additions stack their operands for them; SinglePass
         # adds them as they are
         self.prepared = PreparedModel(model, handling, residual='operands' if engine == 'singlepass' else 'zennit',
