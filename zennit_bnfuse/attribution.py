@@ -479,15 +479,15 @@ class CompositeLRP(GradientAttribution):
         self.engine = check_engine('singlepass' if engine is None else engine, ('singlepass', 'zennit'))
         # Zennit's hooks take one input per module, so residual additions stack their operands for them; SinglePass
         # adds them as they are
-        self.prepared = PreparedModel(model, handling, residual='operands' if engine == 'singlepass' else 'zennit',
-                                      example_inputs=example_inputs)
+        residual = 'operands' if self.engine == 'singlepass' else 'zennit'
+        self.prepared = PreparedModel(model, handling, residual=residual, example_inputs=example_inputs)
         if batch_norm_rule is None:
             batch_norm_rule = Epsilon() if self.prepared.handling.batch_norm_rule == 'epsilon' else Pass()
         # BatchNorms the handling keeps, and what BN -> ReLU folds leave of a BatchNorm (its shift before a ReLU, see
         # ThresholdReLU), get the handling's rule ahead of the composite's own mapping
         self.composite = MixedComposite([
             LayerMapComposite([(BATCH_NORM_TYPES, batch_norm_rule), (ThresholdReLU, batch_norm_rule)]), composite])
-        if engine == 'singlepass':
+        if self.engine == 'singlepass':
             # the prepared copy is ours: nobody writes its parameters behind autograd's back
             self.composite = SinglePass(self.composite, cache=True)
 
