@@ -21,7 +21,8 @@ Several processes (the images of each model are sharded; the tables are the same
     torchrun --nproc_per_node=4 benchmarks/study.py
 
 Per-image results of each (model, seed) are kept in ``--cache`` (default ``benchmarks/results/study-cache``), so an
-interrupted run continues where it stopped; ``--fresh`` ignores them.
+interrupted run continues where it stopped; ``--fresh`` ignores them, and ``--cached-only`` writes the report from the
+units already there (listing the protocol's units that are missing) without running any.
 '''
 import argparse
 import hashlib
@@ -244,7 +245,7 @@ class UnitEvaluation:
                 if regime == 'trained' and composite == RANDOMISATION_COMPOSITE and args.randomisation_images:
                     methods[key]['randomisation'] = self.randomisation(*explained_by[key])
             progress.update()
-        if self.name in args.heatmap_models and self.seed == args.seeds[0]:
+        if makes_heatmaps(self.name, self.seed, args):
             self.results['heatmaps'] = self.heatmap_examples(relevance)
         return self.results
 
@@ -296,6 +297,11 @@ def merge(shards):
     return merged
 
 
+def makes_heatmaps(name, seed, args):
+    '''Whether the unit of ``name`` and ``seed`` keeps heatmap examples for the figures (seed 0 of the heatmap models).'''
+    return name in args.heatmap_models and seed == SEEDS[0]
+
+
 def weights_digest(name, seed):
     '''A hash of the shipped weights of a model and seed.'''
     return hashlib.sha1(Path(str(weights_path(name, seed))).read_bytes()).hexdigest()
@@ -303,10 +309,11 @@ def weights_digest(name, seed):
 
 def unit_config(args, name, seed):
     '''What a cached unit must have been computed with to be reused (the weights included).'''
-    return {'weights': weights_digest(name, seed), 'images': args.images, 'composites': list(args.composites), 'handlings': list(args.handlings),
-            'regimes': list(args.regimes), 'randomisation_images': args.randomisation_images,
-            'patch_size': PATCH_SIZE, 'patches_per_step': PATCHES_PER_STEP, 'negative_share': NEGATIVE_SHARE,
-            'heatmaps': list(args.heatmap_models)}
+    return {'weights': weights_digest(name, seed), 'images': args.images, 'composites': list(args.composites),
+            'handlings': list(args.handlings), 'regimes': list(args.regimes),
+            'randomisation_images': args.randomisation_images, 'patch_size': PATCH_SIZE,
+            'patches_per_step': PATCHES_PER_STEP, 'negative_share': NEGATIVE_SHARE,
+            'heatmaps': makes_heatmaps(name, seed, args)}
 
 
 def run_unit(name, seed, data, args, rank, world, progress):
@@ -316,6 +323,8 @@ def run_unit(name, seed, data, args, rank, world, progress):
         stored = torch.load(cache, weights_only=False)
         if stored['config'] == unit_config(args, name, seed):
             return stored['results'] if rank == 0 else None
+    if args.cached_only:
+        return None
     images, labels, channel_mean = data[dataset_of(name)]
     ids = torch.arange(len(images))[rank::world]
     start = time.time()
@@ -362,6 +371,8 @@ def parse_args(argv=None):
     parser.add_argument('--out', type=Path, default=RESULTS)
     parser.add_argument('--cache', type=Path, help='per-unit results (default: <out>/study-cache)')
     parser.add_argument('--fresh', action='store_true', help='ignore cached per-unit results')
+    parser.add_argument('--cached-only', action='store_true',
+                        help='report the units in --cache and run nothing; the report lists the units missing')
     parser.add_argument('--tag', default='faithfulness', help='file name of the tables (without extension)')
     parser.add_argument('--no-figures', action='store_true')
     parser.add_argument('--quick', action='store_true',
@@ -387,6 +398,8 @@ def parse_args(argv=None):
     if unknown:
         parser.error(f'unknown regime {unknown[0]!r}; choose from {", ".join(REGIMES)}')
     args.cache = args.cache or args.out / 'study-cache'
+    if args.fresh and args.cached_only:
+        parser.error('--fresh ignores the cache that --cached-only reports; give one of them')
     return args
 
 

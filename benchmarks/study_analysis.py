@@ -6,7 +6,8 @@ import numpy as np
 from zennit_bnfuse.evaluation.metrics import BASELINES
 from zennit_bnfuse.evaluation.models import MODELS
 from zennit_bnfuse.evaluation.statistics import (
-    hierarchical_comparison, holm_adjust, paired_comparison, quantile_summary, seed_outcome, verdict,
+    bootstrap_mean_intervals, hierarchical_comparison, holm_adjust, paired_comparison, quantile_summary, seed_outcome,
+    verdict,
 )
 
 from study_design import (
@@ -27,10 +28,12 @@ def values(unit, key, metric):
 
 
 def records(units):
-    '''One summary record per (model, seed, regime, composite, handling, metric).'''
+    '''One summary record per (model, seed, regime, composite, handling, metric): n, mean, median, quantiles and,
+    for the faithfulness metrics, the 95% bootstrap interval of the mean (all methods of a unit resampled together).'''
     rows = []
     for (name, seed), unit in units.items():
         keys = [*BASELINE_METHODS, *unit['methods'], *unit['duplicates']]
+        unit_rows, columns = [], []
         for key in dict.fromkeys(keys):
             if resolve(unit, key) is None:
                 continue
@@ -38,15 +41,20 @@ def records(units):
             measured = unit['methods'][resolve(unit, key)]['metrics']
             for metric in (metric for metric in (*FAITHFULNESS_METRICS, *DESCRIPTIVE_METRICS) if metric in measured):
                 sample = values(unit, key, metric)
-                summary = quantile_summary(sample)
                 kind, _, replacement = metric.rpartition('_')
                 row = {'model': name, 'seed': seed, 'regime': regime, 'composite': composite, 'handling': handling,
                        'metric': metric, 'replacement': replacement if replacement in BASELINES else
                        ('road' if metric.startswith('road') else None),
-                       'duplicate_of': unit['duplicates'].get(key), **summary.as_dict()}
-                if metric in FAITHFULNESS_METRICS and len(sample) > 1:
-                    row['mean_interval'] = list(paired_comparison(sample, np.zeros_like(sample)).mean_interval)
-                rows.append(row)
+                       'duplicate_of': unit['duplicates'].get(key), **quantile_summary(sample).as_dict()}
+                if metric in FAITHFULNESS_METRICS and np.isfinite(sample).all():
+                    columns.append((row, sample))
+                unit_rows.append(row)
+        for length in {len(sample) for _, sample in columns}:
+            same = [(row, sample) for row, sample in columns if len(sample) == length]
+            intervals = bootstrap_mean_intervals(np.stack([sample for _, sample in same], axis=1))
+            for (row, _), interval in zip(same, intervals):
+                row['mean_interval'] = interval.tolist()
+        rows += unit_rows
     return rows
 
 

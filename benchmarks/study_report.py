@@ -209,7 +209,7 @@ def write_figures(units, summary, args):
 
     composite = 'epsilon-plus-flat'
     for name in args.heatmap_models:
-        unit = units.get((name, args.seeds[0]))
+        unit = units.get((name, SEEDS[0]))
         if unit is None or 'heatmaps' not in unit:
             continue
         examples = list(unit['heatmaps'].values())
@@ -219,7 +219,7 @@ def write_figures(units, summary, args):
                    for handling in HANDLINGS if method_key('trained', composite, handling) in examples[0]['relevance']}
         heatmap_grid(images, columns, args.out / f'{args.tag}-heatmaps-{name}.png',
                      [class_names(name)[example['target']] for example in examples],
-                     f'{name} (seed {args.seeds[0]}), {display(composite)}: one image per predicted class')
+                     f'{name} (seed {SEEDS[0]}), {display(composite)}: one image per predicted class')
 
     curves = ('road_morf', *(f'morf_{baseline}' for baseline in BASELINES))
     models = [name for name in dict.fromkeys(name for name, _ in units) if claim_of(name)]

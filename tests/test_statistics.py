@@ -9,8 +9,9 @@ import scipy.stats
 import torch
 
 from zennit_bnfuse.evaluation.statistics import (
-    PairedComparison, bootstrap_interval, hierarchical_bootstrap_interval, hierarchical_comparison, holm, holm_adjust,
-    paired_comparison, quantile_summary, seed_outcome, verdict, wilcoxon_p, win_rate,
+    PairedComparison, bootstrap_interval, bootstrap_mean_intervals, hierarchical_bootstrap_interval,
+    hierarchical_comparison, holm, holm_adjust, paired_comparison, quantile_summary, seed_outcome, verdict,
+    wilcoxon_p, win_rate,
 )
 
 
@@ -195,3 +196,24 @@ def test_quantile_summary_heavy_tail():
     assert summary.quantiles == {.25: 2., .75: 4.}
     assert summary.as_dict()['q25'] == 2. and summary.as_dict()['q75'] == 4.
     assert math.isnan(quantile_summary([float('nan')]).median)
+
+
+def test_bootstrap_mean_intervals_of_many_columns_match_the_one_column_bootstrap():
+    rng = np.random.default_rng(6)
+    samples = np.stack([rng.normal(size=300), rng.exponential(size=300), np.full(300, 2.5)], axis=1)
+    intervals = bootstrap_mean_intervals(samples, resamples=4000, seed=1)
+    assert intervals.shape == (3, 2)
+    for column, (low, high) in zip(samples.T, intervals):
+        reference_low, reference_high = bootstrap_interval(column, 'mean', resamples=4000, seed=2)
+        width = reference_high - reference_low
+        # different random draws: the ends agree to a small share of the width (a few % from Monte Carlo error)
+        assert abs(low - reference_low) <= .1 * width + 1e-12 and abs(high - reference_high) <= .1 * width + 1e-12
+        assert low <= column.mean() <= high
+    assert tuple(intervals[2]) == pytest.approx((2.5, 2.5))
+    # the columns are resampled together: a column and its shifted copy get the shifted interval
+    shifted = bootstrap_mean_intervals(np.stack([samples[:, 0], samples[:, 0] + 1.], axis=1), resamples=500)
+    assert shifted[1] == pytest.approx(shifted[0] + 1.)
+    with pytest.raises(ValueError, match=r'\(N, K\)'):
+        bootstrap_mean_intervals(samples[:, 0])
+    with pytest.raises(ValueError, match='finite'):
+        bootstrap_mean_intervals(np.array([[1.], [float('nan')]]))

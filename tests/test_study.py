@@ -41,6 +41,9 @@ def test_quick_study_end_to_end(tmp_path):
     assert {'model', 'seed', 'regime', 'composite', 'handling', 'metric', 'replacement', 'n', 'mean', 'median',
             'q05', 'q95'} <= set(record)
     assert {row['replacement'] for row in results['records']} >= {'road', 'zero', 'mean', 'blur', 'noise'}
+    faithfulness = [row for row in results['records'] if row['replacement'] is not None]
+    assert faithfulness and all(row['mean_interval'][0] <= row['mean'] <= row['mean_interval'][1]
+                                for row in faithfulness)
     primary = results['comparisons']['primary']
     assert primary and all(row['verdict'] in ('better', 'worse', 'mixed', 'no difference', 'identical')
                            for row in primary)

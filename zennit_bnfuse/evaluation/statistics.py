@@ -155,6 +155,46 @@ def bootstrap_interval(values, statistic='mean', confidence=.95, resamples=10000
     return hierarchical_bootstrap_interval([values], statistic, confidence, resamples, seed, chunk)
 
 
+def bootstrap_mean_intervals(samples, confidence=.95, resamples=10000, seed=0, chunk=1000):
+    '''Percentile bootstrap intervals of the mean of many samples of the same images at once.
+
+    Every resample draws the same ``N`` images with replacement for all columns (as a multinomial count per image),
+    so one matrix product gives the resampled means of every column; the intervals are those of
+    :py:func:`bootstrap_interval` with ``statistic='mean'`` up to the random draws.
+
+    Parameters
+    ----------
+    samples: array-like
+        ``(N, K)``: ``K`` samples (e.g. one per method and metric) of the same ``N >= 1`` images, finite.
+    confidence, resamples, seed:
+        See :py:func:`bootstrap_interval`.
+    chunk: int
+        Resamples drawn at once (memory ``chunk * (N + K)`` floats).
+
+    Returns
+    -------
+    :py:obj:`numpy.ndarray`
+        ``(K, 2)``: ``(low, high)`` per column.
+
+    Raises
+    ------
+    ValueError
+        If ``samples`` is not two-dimensional, has no image, or a value is not finite.
+    '''
+    samples = as_array(samples)
+    if samples.ndim != 2 or not samples.shape[0] or not np.isfinite(samples).all():
+        raise ValueError(f'samples must be (N, K) with N >= 1 finite values per column, got shape {samples.shape}')
+    images = samples.shape[0]
+    rng = np.random.default_rng(seed)
+    means = []
+    for start in range(0, resamples, chunk):
+        counts = rng.multinomial(images, np.full(images, 1. / images), size=min(chunk, resamples - start))
+        means.append(counts @ samples / images)
+    means = np.concatenate(means)
+    low, high = np.quantile(means, [(1 - confidence) / 2, (1 + confidence) / 2], axis=0)
+    return np.stack([low, high], axis=1)
+
+
 def hierarchical_bootstrap_interval(values_per_seed, statistic='mean', confidence=.95, resamples=10000, seed=0,
                                     chunk=500):
     '''Percentile bootstrap interval over replicates: resample the seeds, then the images within each drawn seed.
