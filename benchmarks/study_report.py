@@ -38,19 +38,35 @@ def p_values(row):
                      for seed in row.get('per_seed', {}).values()) or '-'
 
 
+def seed_outcomes(row):
+    '''Each seed's outcome by the decision rule (better, worse or none), as text.'''
+    return ', '.join(seed['outcome'] for seed in row.get('per_seed', {}).values()) or '-'
+
+
 def comparison_table(rows, first_column):
-    '''Markdown rows of comparisons with verdict, pooled median difference, its interval, win rate and p-values.'''
-    lines = [f'| {first_column} | verdict | median difference (pooled) | 95% interval of the mean (hierarchical) | '
-             'win rate | Holm p per seed |', '| --- | --- | --- | --- | --- | --- |']
+    '''Markdown rows of comparisons with verdict, each seed's outcome, pooled median difference, its interval, win
+    rate and p-values.'''
+    lines = [f'| {first_column} | verdict | outcome per seed | median difference (pooled) | 95% interval of the mean '
+             '(hierarchical) | win rate | Holm p per seed |', '| --- | --- | --- | --- | --- | --- | --- |']
     for label, row in rows:
         pooled = row.get('pooled')
         if pooled is None:
-            lines.append(f'| {label} | {row["verdict"]} | 0 | - | - | - |')
+            lines.append(f'| {label} | {row["verdict"]} | - | 0 | - | - | - |')
             continue
         low, high = pooled['mean_interval']
-        lines.append(f'| {label} | {row["verdict"]} | {fmt(pooled["median_difference"])} | '
+        lines.append(f'| {label} | {row["verdict"]} | {seed_outcomes(row)} | {fmt(pooled["median_difference"])} | '
                      f'[{fmt(low)}, {fmt(high)}] | {pooled["win_rate"]:.2f} | {p_values(row)} |')
     return lines
+
+
+def excluded_lines(excluded):
+    '''The comparisons left out of the family, one line per model, opponent and reason (listing the regimes and
+    composites it covers).'''
+    grouped = {}
+    for name, regime, composite, opponent, reason in excluded:
+        grouped.setdefault((name, opponent, reason), []).append(
+            f'{REGIME_NAMES.get(regime, regime)} {display(composite)}'.strip())
+    return [f'- {name}, {opponent}: {reason} ({"; ".join(cases)})' for (name, opponent, reason), cases in grouped.items()]
 
 
 def what_the_numbers_say(summary):
@@ -66,6 +82,11 @@ def what_the_numbers_say(summary):
                      f'{reading["comparisons"]} comparisons ({reading["informative"]} not identical); of its '
                      f'{reading["wins_as_trained"]} wins on the models as trained, '
                      f'{reading["wins_surviving_bias_free_control"]} remain with bias-free rules (c).')
+    worse = [row for row in summary['comparisons']['primary'] if row['verdict'] in ('worse', 'mixed')]
+    lines += ['', f'- Fused is worse than or mixed against another handling in {len(worse)} primary comparison(s) over '
+              'all regimes' + (': ' + '; '.join(f'{row["model"]}, {REGIME_NAMES[row["regime"]]}, '
+                                                f'{display(row["composite"])}, vs {row["opponent"]} ({row["verdict"]})'
+                                                for row in worse) if worse else '') + '.']
     sanity = summary['comparisons']['sanity']
     random_rows = [row for row in sanity if row['opponent'] == 'random']
     beats = sum(row['verdict'] == 'better' for row in random_rows)
@@ -96,7 +117,8 @@ def report_markdown(summary, args, command, host, date):
 
     lines += ['## Primary comparisons: fused against each handling (ROAD ABPC, higher is better)', '',
               'Paired per image; the difference is fused minus the other handling; win rate = share of images where '
-              'fused is better (ties half).', '']
+              'fused is better (ties half); a seed\'s outcome is better or worse where its Holm-corrected p < 0.05 and '
+              'its median difference reaches 1% of fused\'s median |ROAD ABPC|, none otherwise.', '']
     primary = summary['comparisons']['primary']
     for name in dict.fromkeys(row['model'] for row in primary):
         lines += [f'### {name}', '']
@@ -104,9 +126,7 @@ def report_markdown(summary, args, command, host, date):
                 for row in primary if row['model'] == name]
         lines += comparison_table(rows, 'regime, composite, opponent') + ['']
     if summary['excluded']:
-        lines += ['Comparisons left out of the family:', '']
-        lines += [f'- {name}, {REGIME_NAMES.get(regime, regime)}, {display(composite)}, {opponent}: {reason}'
-                  for name, regime, composite, opponent, reason in summary['excluded']] + ['']
+        lines += ['Comparisons left out of the family:', ''] + excluded_lines(summary['excluded']) + ['']
 
     lines += ['## Secondary metrics: do they agree with the primary verdict?', '',
               'Each secondary metric is compared the same way (its own Holm family); a cell counts the comparisons '
