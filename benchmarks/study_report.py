@@ -1,5 +1,5 @@
-'''The study's report: ``faithfulness.md`` (protocol, verdicts, tables) and its figures (heatmaps per class, perturbation
-curves per replacement value, a forest plot of the paired differences).'''
+'''The study's report: ``faithfulness.md`` (protocol, verdicts, tables) and its figures (heatmaps per class,
+perturbation curves per replacement value, a forest plot of the paired differences).'''
 import numpy as np
 import torch
 
@@ -66,7 +66,8 @@ def excluded_lines(excluded):
     for name, regime, composite, opponent, reason in excluded:
         grouped.setdefault((name, opponent, reason), []).append(
             f'{REGIME_NAMES.get(regime, regime)} {display(composite)}'.strip())
-    return [f'- {name}, {opponent}: {reason} ({"; ".join(cases)})' for (name, opponent, reason), cases in grouped.items()]
+    return [f'- {name}, {opponent}: {reason} ({"; ".join(cases)})'
+            for (name, opponent, reason), cases in grouped.items()]
 
 
 def what_the_numbers_say(summary):
@@ -160,6 +161,13 @@ def report_markdown(summary, args, command, host, date):
     for record in summary['records']:
         key = (record['model'], record['regime'], record['composite'], record['handling'])
         table.setdefault(key, {}).setdefault(record['metric'], []).append(record)
+    # models in the order they come, then baselines, regimes, composites and handlings in the protocol's order
+    models = list(dict.fromkeys(key[0] for key in table))
+    regimes, composites = ['baseline', *REGIME_NAMES], [''] + list(dict.fromkeys(key[2] for key in table if key[2]))
+    handlings = [*BASELINE_METHODS, *HANDLINGS]
+    table = dict(sorted(table.items(), key=lambda item: (
+        models.index(item[0][0]), regimes.index(item[0][1]), composites.index(item[0][2]),
+        handlings.index(item[0][3]) if item[0][3] in handlings else len(handlings))))
     columns = ('road_abpc', 'road_aopc_morf', 'abpc_zero', 'abpc_mean', 'abpc_blur', 'abpc_noise')
     lines += ['| model | regime | composite | handling | ' + ' | '.join(columns) + ' |',
               '| --- | --- | --- | --- | ' + ' | '.join('---' for _ in columns) + ' |']
@@ -171,8 +179,8 @@ def report_markdown(summary, args, command, host, date):
     lines += ['', 'Cells: the mean over seeds of the per-seed median.', '']
 
     lines += ['## Conservation, bias share and complexity', '',
-              'Heavy-tailed: medians and quantiles, pooled over seeds. gap = share of the explained logit that does '
-              'not reach the input, (logit - sum of relevance) / logit (absorbed by biases and stabilisers; '
+              'Heavy-tailed: the median per seed averaged over seeds, and the widest 5%-95% range of any seed. gap = '
+              'share of the explained logit that does not reach the input, (logit - sum of relevance) / logit (absorbed by biases and stabilisers; '
               'negative = injected; the conservation error with the opposite sign). Gini and entropy of |heatmap| '
               '(higher Gini = sparser).', '',
               '| model | regime | composite | handling | gap median | gap 5%-95% | Gini | entropy |',
