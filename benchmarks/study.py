@@ -298,7 +298,8 @@ def merge(shards):
 
 
 def makes_heatmaps(name, seed, args):
-    '''Whether the unit of ``name`` and ``seed`` keeps heatmap examples for the figures (seed 0 of the heatmap models).'''
+    '''Whether the unit of ``name`` and ``seed`` keeps heatmap examples for the figures (seed 0 of the heatmap
+    models).'''
     return name in args.heatmap_models and seed == SEEDS[0]
 
 

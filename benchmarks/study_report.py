@@ -180,9 +180,9 @@ def report_markdown(summary, args, command, host, date):
 
     lines += ['## Conservation, bias share and complexity', '',
               'Heavy-tailed: the median per seed averaged over seeds, and the widest 5%-95% range of any seed. gap = '
-              'share of the explained logit that does not reach the input, (logit - sum of relevance) / logit (absorbed by biases and stabilisers; '
-              'negative = injected; the conservation error with the opposite sign). Gini and entropy of |heatmap| '
-              '(higher Gini = sparser).', '',
+              'share of the explained logit that does not reach the input, (logit - sum of relevance) / logit '
+              '(absorbed by biases and stabilisers; negative = injected; the conservation error with the opposite '
+              'sign). Gini and entropy of |heatmap| (higher Gini = sparser).', '',
               '| model | regime | composite | handling | gap median | gap 5%-95% | Gini | entropy |',
               '| --- | --- | --- | --- | --- | --- | --- | --- |']
     for (name, regime, composite, handling), metrics in table.items():
