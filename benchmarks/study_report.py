@@ -10,7 +10,7 @@ from zennit_bnfuse.evaluation.models import CIFAR10_CLASSES, MNIST_CLASSES, SEED
 from provenance import header
 from study_analysis import resolve
 from study_design import (
-    ALPHA, BASELINE_METHODS, CLAIM_MODELS, HANDLINGS, PRIMARY, PROTOCOL, REGIME_NAMES, TWINS, claim_of, method_key,
+    ALPHA, BASELINE_METHODS, CLAIM_MODELS, HANDLINGS, PROTOCOL, REGIME_NAMES, TWINS, claim_of, method_key,
 )
 
 
@@ -247,7 +247,8 @@ def write_figures(units, summary, args):
                    for handling in HANDLINGS if method_key('trained', composite, handling) in examples[0]['relevance']}
         heatmap_grid(images, columns, args.out / f'{args.tag}-heatmaps-{name}.png',
                      [class_names(name)[example['target']] for example in examples],
-                     f'{name} (seed {SEEDS[0]}), {display(composite)}: one image per predicted class')
+                     f'{name} (seed {SEEDS[0]}), {display(composite)}: one image per predicted class',
+                     max_rows=len(examples))
 
     curves = ('road_morf', *(f'morf_{baseline}' for baseline in BASELINES))
     models = [name for name in dict.fromkeys(name for name, _ in units) if claim_of(name)]
@@ -287,25 +288,20 @@ def write_figures(units, summary, args):
         # Bonferroni-corrected intervals over the family: the hierarchical bootstrap's standard error (from its
         # 95% interval) times the normal quantile at alpha / (2 m)
         quantile = norm.ppf(1 - ALPHA / (2 * len(rows)))
-        figure, axis = plt.subplots(figsize=(8, 0.22 * len(rows) + 1.2))
+        figure, axis = plt.subplots(figsize=(10, 0.22 * len(rows) + 1.2))
         colours = {'better': 'tab:green', 'worse': 'tab:red', 'mixed': 'tab:orange', 'no difference': 'tab:gray'}
         for index, row in enumerate(rows):
             mean = row['pooled']['mean_difference']
             low, high = row['pooled']['mean_interval']
             half = (high - low) / 2 / 1.96 * quantile
-            scale = max(np.median([record['median'] for record in summary['records']
-                                   if record['model'] == row['model'] and record['metric'] == PRIMARY
-                                   and record['handling'] == 'fused' and record['regime'] == row['regime']
-                                   and record['composite'] == row['composite']]), 1e-12)
-            axis.errorbar(mean / scale, index, xerr=half / abs(scale), fmt='o', markersize=3,
-                          color=colours.get(row['verdict'], 'black'))
+            axis.errorbar(mean, index, xerr=half, fmt='o', markersize=3, color=colours.get(row['verdict'], 'black'))
         axis.axvline(0, color='black', linewidth=.8)
         axis.set_yticks(range(len(rows)))
         axis.set_yticklabels([f'{row["model"]} {row["regime"]} {row["composite"]} vs {row["opponent"]}'
                               for row in rows], fontsize=6)
         axis.invert_yaxis()
-        axis.set_xlabel('fused - other, ROAD ABPC, relative to the median of fused (mean, Bonferroni-corrected '
-                        'interval)', fontsize='small')
+        axis.set_xlabel('fused - other, ROAD ABPC in logits (mean over images and seeds,\nBonferroni-corrected '
+                        'interval; colour: verdict)', fontsize='small')
         figure.tight_layout()
         figure.savefig(args.out / f'{args.tag}-forest.png', dpi=110)
         plt.close(figure)
