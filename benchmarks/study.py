@@ -22,7 +22,8 @@ Several processes (the images of each model are sharded; the tables are the same
 
 Per-image results of each (model, seed) are kept in ``--cache`` (default ``benchmarks/results/study-cache``), so an
 interrupted run continues where it stopped; ``--fresh`` ignores them, and ``--cached-only`` writes the report from the
-units already there (listing the protocol's units that are missing) without running any.
+units already there (listing the protocol's units that are missing) without running any; ``--rerender`` rewrites the
+report and figures from the results file after a change to their layout.
 '''
 import argparse
 import hashlib
@@ -372,6 +373,9 @@ def parse_args(argv=None):
     parser.add_argument('--out', type=Path, default=RESULTS)
     parser.add_argument('--cache', type=Path, help='per-unit results (default: <out>/study-cache)')
     parser.add_argument('--fresh', action='store_true', help='ignore cached per-unit results')
+    parser.add_argument('--rerender', action='store_true',
+                        help='rewrite <out>/<tag>.md and the figures from <out>/<tag>.json and the cache, without '
+                             'recomputing anything (after a change to the report\'s layout)')
     parser.add_argument('--cached-only', action='store_true',
                         help='report the units in --cache and run nothing; the report lists the units missing')
     parser.add_argument('--tag', default='faithfulness', help='file name of the tables (without extension)')
@@ -411,8 +415,27 @@ def load_data(dataset, args, progress):
     return images, labels, everything.mean(dim=(0, 2, 3))
 
 
+def rerender(args):
+    '''Rewrite the report and figures from the results file it was written with (same command, machine and date).'''
+    results = json.loads((args.out / f'{args.tag}.json').read_text())
+    summary = {key: value for key, value in results.items() if key not in ('command', 'machine', 'date', 'protocol')}
+    (args.out / f'{args.tag}.md').write_text(report_markdown(summary, args, results['command'], results['machine'],
+                                                             results['date']))
+    if not args.no_figures:
+        units = {}
+        for seed in args.seeds:
+            for name in args.models:
+                cache = args.cache / f'{name}-seed{seed}.pt'
+                if cache.is_file():
+                    units[(name, seed)] = torch.load(cache, weights_only=False)['results']
+        write_figures(units, summary, args)
+    print(f'rewrote {args.out / (args.tag + ".md")}')
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.rerender:
+        return rerender(args)
     distributed = int(os.environ.get('WORLD_SIZE', '1')) > 1
     rank, world = 0, 1
     if distributed:

@@ -1,5 +1,7 @@
 '''The study's report: ``faithfulness.md`` (protocol, verdicts, tables) and its figures (heatmaps per class,
 perturbation curves per replacement value, a forest plot of the paired differences).'''
+import re
+
 import numpy as np
 import torch
 
@@ -99,8 +101,10 @@ def what_the_numbers_say(summary):
 
 def report_markdown(summary, args, command, host, date):
     '''The whole results file.'''
-    protocol = PROTOCOL.read_text().replace('\n# ', '\n## ').replace('\n## ', '\n### ')
+    protocol = PROTOCOL.read_text()
     protocol = protocol.split('\n', 1)[1] if protocol.startswith('# ') else protocol
+    # the protocol's section titles as bold lines: headings inside <details> would break the report's outline
+    protocol = re.sub(r'^#+ (.*)$', r'**\1**', protocol, flags=re.MULTILINE)
     lines = header('Faithfulness of LRP under four BatchNorm handlings (study)', command, host, date)
     declared = [f'{name} seed {seed}' for seed in SEEDS for name in (*CLAIM_MODELS[1], *CLAIM_MODELS[2],
                                                                      *TWINS.values())]

@@ -58,6 +58,14 @@ def test_quick_study_end_to_end(tmp_path):
     first = table_rows(tmp_path / 'faithfulness.md')
     study.main(['--quick', '--out', str(tmp_path), '--no-figures'])
     assert table_rows(tmp_path / 'faithfulness.md') == first
+    # --rerender rewrites the same report from the results file alone (nothing recomputed)
+    written = (tmp_path / 'faithfulness.md').read_text()
+    (tmp_path / 'faithfulness.md').unlink()
+    study.main(['--quick', '--out', str(tmp_path), '--no-figures', '--rerender'])
+    assert (tmp_path / 'faithfulness.md').read_text() == written
+    # the protocol sits in a <details> block without headings of its own (they would break the docs' outline)
+    protocol = written.split('<details>', 1)[1].split('</details>', 1)[0]
+    assert '**Questions**' in protocol and not any(line.startswith('#') for line in protocol.splitlines())
 
 
 @needs_data
