@@ -415,27 +415,26 @@ def load_data(dataset, args, progress):
     return images, labels, everything.mean(dim=(0, 2, 3))
 
 
-def rerender(args):
-    '''Rewrite the report and figures from the results file it was written with (same command, machine and date).'''
+def rerender(args, argv):
+    '''Rewrite the report and figures from the results file (its command, machine and date, and a line naming the
+    command that rewrote it), with the figures from the units in the cache that match the settings.'''
     results = json.loads((args.out / f'{args.tag}.json').read_text())
     summary = {key: value for key, value in results.items() if key not in ('command', 'machine', 'date', 'protocol')}
-    (args.out / f'{args.tag}.md').write_text(report_markdown(summary, args, results['command'], results['machine'],
-                                                             results['date']))
+    (args.out / f'{args.tag}.md').write_text(report_markdown(
+        summary, args, results['command'], results['machine'], results['date'],
+        rewritten=(command_line(argv, 'python'), today())))
     if not args.no_figures:
-        units = {}
-        for seed in args.seeds:
-            for name in args.models:
-                cache = args.cache / f'{name}-seed{seed}.pt'
-                if cache.is_file():
-                    units[(name, seed)] = torch.load(cache, weights_only=False)['results']
-        write_figures(units, summary, args)
+        args.cached_only = True
+        units = {(name, seed): run_unit(name, seed, None, args, 0, 1, None) for seed in args.seeds
+                 for name in args.models}
+        write_figures({key: unit for key, unit in units.items() if unit is not None}, summary, args)
     print(f'rewrote {args.out / (args.tag + ".md")}')
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.rerender:
-        return rerender(args)
+        return rerender(args, argv)
     distributed = int(os.environ.get('WORLD_SIZE', '1')) > 1
     rank, world = 0, 1
     if distributed:

@@ -99,13 +99,17 @@ def what_the_numbers_say(summary):
     return lines + ['']
 
 
-def report_markdown(summary, args, command, host, date):
-    '''The whole results file.'''
+def report_markdown(summary, args, command, host, date, rewritten=None):
+    '''The whole results file (``rewritten``: the command that rewrote it from its JSON and
+    when, if one did).'''
     protocol = PROTOCOL.read_text()
     protocol = protocol.split('\n', 1)[1] if protocol.startswith('# ') else protocol
     # the protocol's section titles as bold lines: headings inside <details> would break the report's outline
     protocol = re.sub(r'^#+ (.*)$', r'**\1**', protocol, flags=re.MULTILINE)
     lines = header('Faithfulness of LRP under four BatchNorm handlings (study)', command, host, date)
+    if rewritten:
+        lines.append(f'- report and figures rewritten from the JSON by `{rewritten[0]}` on {rewritten[1]} (nothing '
+                     'recomputed)')
     declared = [f'{name} seed {seed}' for seed in SEEDS for name in (*CLAIM_MODELS[1], *CLAIM_MODELS[2],
                                                                      *TWINS.values())]
     missing = [unit for unit in declared if unit not in summary['checks']]
