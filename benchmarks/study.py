@@ -346,6 +346,7 @@ def run_unit(name, seed, data, args, rank, world, progress):
     if rank != 0:
         return None
     results = merge(shards)
+    results['provenance'] = {'command': args.command, 'machine': args.host, 'date': today()}
     args.cache.mkdir(parents=True, exist_ok=True)
     torch.save({'config': unit_config(args, name, seed), 'results': results}, cache)
     return results
@@ -444,6 +445,9 @@ def main(argv=None):
         if backend == 'nccl':
             args.device = f'cuda:{int(os.environ.get("LOCAL_RANK", rank))}'
             torch.cuda.set_device(args.device)
+    launcher = f'torchrun --nproc_per_node={world}' if distributed else 'python'
+    args.command = command_line(argv, launcher)
+    args.host = machine(f'device {args.device}', f'{world} process(es)')
     data, units = {}, {}
     with tqdm(desc='study', disable=rank != 0) as progress:
         for seed in args.seeds:
@@ -455,9 +459,7 @@ def main(argv=None):
                 if result is not None:
                     units[(name, seed)] = result
     if rank == 0:
-        launcher = f'torchrun --nproc_per_node={world}' if distributed else 'python'
-        command = command_line(argv, launcher)
-        host, date = machine(f'device {args.device}', f'{world} process(es)'), today()
+        command, host, date = args.command, args.host, today()
         summary = summarise(units, args)
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f'{args.tag}.md').write_text(report_markdown(summary, args, command, host, date))

@@ -218,7 +218,7 @@ def summarise(units, args):
         if metric != PRIMARY:
             comparisons[metric] = compare(units, secondary_plan, metric, seeds)
     checks = {f'{name} seed {seed}': {**unit['checks'], 'not_applicable': unit['not_applicable'],
-                                      'seconds': round(unit['seconds']),
+                                      'seconds': round(unit['seconds']), 'computed_by': unit.get('provenance'),
                                       'accuracy_on_images': float(np.mean(unit['correct']))}
               for (name, seed), unit in units.items()}
     randomisation = {}

@@ -99,6 +99,24 @@ def what_the_numbers_say(summary):
     return lines + ['']
 
 
+def unit_provenance(checks):
+    '''Lines naming the command, machine and date that computed each unit (from the cache); units cached before the
+    cache stored them are listed as not recorded.'''
+    by_run = {}
+    for unit, check in checks.items():
+        run = check.get('computed_by')
+        key = (run['command'], run['machine']) if run else None
+        by_run.setdefault(key, []).append(f'{unit} ({run["date"]})' if run else unit)
+    lines = ['- units computed by:' if by_run else '- no units']
+    for key, units in by_run.items():
+        if key is None:
+            lines.append(f'  - command, machine and date not recorded (cached before the cache stored them): '
+                         f'{", ".join(units)}')
+        else:
+            lines.append(f'  - `{key[0]}` on {key[1]}: {", ".join(units)}')
+    return lines
+
+
 def report_markdown(summary, args, command, host, date, rewritten=None):
     '''The whole results file (``rewritten``: the command that rewrote it from its JSON and
     when, if one did).'''
@@ -119,7 +137,8 @@ def report_markdown(summary, args, command, host, date, rewritten=None):
     lines += [f'- models and seeds: {", ".join(sorted({key.rsplit(" seed ", 1)[0] for key in summary["checks"]}))}; '
               f'seeds {", ".join(map(str, summary["seeds"]))}; {args.images} images per model and seed',
               '- run time per model and seed (s): ' + ', '.join(f'{key} {value["seconds"]}'
-                                                              for key, value in summary['checks'].items()), '']
+                                                              for key, value in summary['checks'].items())]
+    lines += unit_provenance(summary['checks']) + ['']
     lines += ['<details><summary>The protocol, as declared before the numbers</summary>', '', protocol.strip(), '',
               '</details>', '']
     lines += what_the_numbers_say(summary)

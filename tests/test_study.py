@@ -36,6 +36,9 @@ def test_quick_study_end_to_end(tmp_path):
                     '## Cascading randomisation', '## Checks', 'The protocol, as declared before the numbers'):
         assert section in text, section
     assert '**Claim 1' in text and '**Claim 2' in text and '- command: `python ' in text
+    # each unit names the command that computed it (kept in the cache, so later reports still name it)
+    computed = [line for line in text.splitlines() if line.startswith('  - `python ')]
+    assert len(computed) == 1 and '--fresh' in computed[0] and 'mnist-cnn-bn seed 0 (' in computed[0]
     results = json.loads((tmp_path / 'faithfulness.json').read_text())
     record = results['records'][0]
     assert {'model', 'seed', 'regime', 'composite', 'handling', 'metric', 'replacement', 'n', 'mean', 'median',
@@ -153,3 +156,13 @@ def test_claim_readings(claim, verdicts, reading):
             for index, verdict in enumerate(verdicts)]
     readings = claim_verdicts(rows, settings())
     assert readings[f'claim {claim} vs naive']['reading'] == reading
+
+
+def test_unit_provenance_groups_units_by_command_and_names_the_unrecorded():
+    from study_report import unit_provenance
+    run = {'command': 'python benchmarks/study.py --models a', 'machine': 'host, 1 CPU threads', 'date': 'D'}
+    lines = unit_provenance({'a seed 0': {'computed_by': run}, 'a seed 1': {'computed_by': run},
+                             'b seed 0': {'computed_by': None}})
+    assert lines == ['- units computed by:',
+                     '  - `python benchmarks/study.py --models a` on host, 1 CPU threads: a seed 0 (D), a seed 1 (D)',
+                     '  - command, machine and date not recorded (cached before the cache stored them): b seed 0']
