@@ -5,6 +5,7 @@
 '''
 import copy
 import difflib
+import functools
 import math
 from collections import defaultdict
 
@@ -103,6 +104,13 @@ def check_rule_names(model, rules):
             raise ValueError(f'rules names {key!r}, which is not a module of the model{hint}')
 
 
+@functools.lru_cache(maxsize=None)
+def rounds_to_zero(value, dtype):
+    '''Whether the float ``value`` is 0 once stored in ``dtype`` (cached: checked once per value and dtype, not per
+    rule and call).'''
+    return torch.tensor(value, dtype=dtype).item() == 0
+
+
 def check_stabilizers(rules, dtype):
     '''Raise unless the stabiliser of every Captum rule in ``rules`` is above 0 in ``dtype``.
 
@@ -124,7 +132,7 @@ def check_stabilizers(rules, dtype):
     '''
     for name, rule in rules.items():
         epsilon = getattr(rule, 'STABILITY_FACTOR', None)
-        if isinstance(epsilon, float) and epsilon > 0 and torch.tensor(epsilon, dtype=dtype).item() == 0:
+        if isinstance(epsilon, float) and epsilon > 0 and rounds_to_zero(epsilon, dtype):
             raise ValueError(
                 f'the {type(rule).__name__} of `{name}` divides by z + sign(z) * {epsilon:g}, and {epsilon:g} is 0 '
                 f'in {dtype}, so every output that is 0 would make the relevance NaN. Compute in float32 or '
