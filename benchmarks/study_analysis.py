@@ -80,6 +80,18 @@ def duplicate_composites(units, name):
     return found
 
 
+def same_as_trained(model_units, regime, composite, handling):
+    '''Whether ``handling`` under ``composite`` gives bitwise the same relevance in ``regime`` as on the models as
+    trained, on every image of every seed (negated BatchNorm scales reach no rule that sees signs: the epsilon rule
+    everywhere, or only fused BatchNorms), so that a comparison in ``regime`` would repeat one in (a).'''
+    return regime == 'negative-scales' and all(
+        identical(unit, method_key(regime, composite, handling), method_key('trained', composite, handling))
+        for unit in model_units)
+
+
+REPEATS_TRAINED = 'same relevance as (a) as trained (counted once, under (a))'
+
+
 def comparison_plan(units, args):
     '''The declared comparisons: ``(family, model, regime, composite, arm, opponent)`` tuples, and the excluded ones
     with the reason.'''
@@ -98,6 +110,10 @@ def comparison_plan(units, args):
                     key = method_key(regime, composite, handling)
                     if any(resolve(unit, key) is None for unit in model_units):
                         continue
+                    if same_as_trained(model_units, regime, composite, handling):
+                        excluded.append((name, regime, composite, f'{handling} vs the baselines',
+                                         REPEATS_TRAINED))
+                        continue
                     for baseline in BASELINE_METHODS:
                         plan.append(('sanity', name, regime, composite, handling, baseline))
                 if claim is None or 'fused' not in args.handlings:
@@ -109,6 +125,10 @@ def comparison_plan(units, args):
                     missing = [unit['not_applicable'].get(key) for unit in model_units if resolve(unit, key) is None]
                     if missing:
                         excluded.append((name, regime, composite, opponent, f'not applicable: {missing[0]}'))
+                        continue
+                    if all(same_as_trained(model_units, regime, composite, handling)
+                           for handling in ('fused', opponent)):
+                        excluded.append((name, regime, composite, opponent, REPEATS_TRAINED))
                         continue
                     if opponent == 'zennit' and all(
                             identical(unit, key, method_key(regime, composite, 'naive')) for unit in model_units):

@@ -76,7 +76,8 @@ def what_the_numbers_say(summary):
     '''The claims' readings in words, derived from the verdicts.'''
     lines = ['## What the numbers say', '',
              'Derived by code from the verdicts below with the protocol\'s rules; each count is over the claim\'s '
-             'models, composites and regimes (a) and (b).', '']
+             'models, composites and regimes (a) and (b) (a comparison in (b) that repeats one in (a) bit for bit is '
+             'counted once).', '']
     for key, reading in summary['claims'].items():
         what = ('fusing BatchNorm into conv layers gives more faithful LRP' if reading['claim'] == 1 else
                 'fully-connected + BatchNorm stays a problem (fusion does not help it)')

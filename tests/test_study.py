@@ -130,6 +130,33 @@ def test_comparisons_follow_the_declared_rules():
     assert rows[0]['verdict'] == 'identical'
 
 
+def test_negative_scales_repeating_the_trained_model_are_counted_once():
+    '''Where both handlings give in (b) bitwise the relevance they give in (a), the (b) comparison (and the (b)
+    method's baseline comparisons) would repeat (a)'s: left out with the reason; a (b) that differs stays.'''
+    key = {(regime, handling): method_key(regime, 'epsilon-plus-flat', handling)
+           for regime in ('trained', 'negative-scales') for handling in ('fused', 'unfused')}
+    rng = np.random.default_rng(1)
+    scores = {key['trained', handling]: rng.normal(1, .1, 50) for handling in ('fused', 'unfused')}
+    scores.update({'random': rng.normal(0, .1, 50), 'gradient-x-input': rng.normal(0, .1, 50),
+                   key['negative-scales', 'unfused']: rng.normal(1, .1, 50)})
+    options = SimpleNamespace(regimes=['trained', 'negative-scales'], composites=['epsilon-plus-flat'],
+                              handlings=['fused', 'unfused'])
+    # fused is the same in (b) (it always is); unfused differs: both (b) comparisons stay
+    units = {('mnist-cnn-bn', 0): unit(scores, duplicates={key['negative-scales', 'fused']: key['trained', 'fused']})}
+    plan, excluded = comparison_plan(units, options)
+    assert ('primary', 'mnist-cnn-bn', 'negative-scales', 'epsilon-plus-flat', 'fused', 'unfused') in plan
+    assert [item[3] for item in excluded] == ['fused vs the baselines']
+    # unfused the same in (b) as well: the (b) comparison repeats (a)'s and is left out
+    scores.pop(key['negative-scales', 'unfused'])
+    units = {('mnist-cnn-bn', 0): unit(scores, duplicates={key['negative-scales', handling]: key['trained', handling]
+                                                           for handling in ('fused', 'unfused')})}
+    plan, excluded = comparison_plan(units, options)
+    assert [item for item in plan if item[2] == 'negative-scales'] == []
+    assert ('mnist-cnn-bn', 'negative-scales', 'epsilon-plus-flat', 'unfused',
+            'same relevance as (a) as trained (counted once, under (a))') in excluded
+    assert ('primary', 'mnist-cnn-bn', 'trained', 'epsilon-plus-flat', 'fused', 'unfused') in plan
+
+
 def test_a_tiny_effect_is_no_difference():
     '''Significant but below 1% of fused's median: no difference (the protocol's minimum effect).'''
     fused, unfused = method_key('trained', 'epsilon-plus-flat', 'fused'), method_key('trained', 'epsilon-plus-flat',
