@@ -57,7 +57,7 @@ from study_design import (
     RANDOM_STREAM, RANDOMISATION_COMPOSITE, REGIMES, ROAD_STEPS, TWINS, claim_of, method_key, regime_composite,
     split_key,
 )
-from study_report import report_markdown, write_figures
+from study_report import report_markdown, results_json, rounded, write_figures
 
 RESULTS = Path(__file__).parent / 'results'
 
@@ -418,8 +418,11 @@ def load_data(dataset, args, progress):
 
 def rerender(args, argv):
     '''Rewrite the report and figures from the results file (its command, machine and date, and a line naming the
-    command that rewrote it), with the figures from the units in the cache that match the settings.'''
-    results = json.loads((args.out / f'{args.tag}.json').read_text())
+    command that rewrote it), with the figures from the units in the cache that match the settings; the results file
+    itself is rewritten in the current layout (:py:func:`results_json`), its numbers rounded as a run rounds them.'''
+    path = args.out / f'{args.tag}.json'
+    results = rounded(json.loads(path.read_text()))
+    path.write_text(results_json(results))
     summary = {key: value for key, value in results.items() if key not in ('command', 'machine', 'date', 'protocol')}
     (args.out / f'{args.tag}.md').write_text(report_markdown(
         summary, args, results['command'], results['machine'], results['date'],
@@ -460,12 +463,11 @@ def main(argv=None):
                     units[(name, seed)] = result
     if rank == 0:
         command, host, date = args.command, args.host, today()
-        summary = summarise(units, args)
+        summary = rounded(summarise(units, args))
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f'{args.tag}.md').write_text(report_markdown(summary, args, command, host, date))
-        (args.out / f'{args.tag}.json').write_text(json.dumps(
-            {'command': command, 'machine': host, 'date': date, 'protocol': PROTOCOL.read_text(), **summary},
-            indent=1, default=float) + '\n')
+        (args.out / f'{args.tag}.json').write_text(results_json(
+            {'command': command, 'machine': host, 'date': date, 'protocol': PROTOCOL.read_text(), **summary}))
         if not args.no_figures:
             write_figures(units, summary, args)
         print(f'wrote {args.out / (args.tag + ".md")}')

@@ -1,5 +1,7 @@
 '''The study's report: ``faithfulness.md`` (protocol, verdicts, tables) and its figures (heatmaps per class,
 perturbation curves per replacement value, a forest plot of the paired differences).'''
+import json
+import math
 import re
 
 import numpy as np
@@ -98,6 +100,36 @@ def what_the_numbers_say(summary):
               'methods are better in every seed by the same rule; the table "Does each method beat random?" lists '
               'them.']
     return lines + ['']
+
+
+def rounded(value, digits=6):
+    '''``value`` (nested dicts, lists and tuples of numbers) with every float kept to ``digits`` significant digits,
+    numpy scalars as Python numbers: what the results file holds, and what its report is written from.'''
+    if isinstance(value, dict):
+        return {key: rounded(item, digits) for key, item in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [rounded(item, digits) for item in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and math.isfinite(value):
+        return float(f'{value:.{digits}g}')
+    return value
+
+
+def results_json(results):
+    '''The results file's text: the top-level entries and their entries indented, every record (a dict or list
+    inside a list, or a dict two levels down) on one line, so that the file stays small and diffs by record.'''
+    def dump(value, depth):
+        compact = json.dumps(value, separators=(',', ':'))
+        if isinstance(value, dict) and depth < 2 and value:
+            inner = [f'{" " * (depth + 1)}{json.dumps(key)}: {dump(item, depth + 1)}' for key, item in value.items()]
+        elif isinstance(value, list) and value and any(isinstance(item, (dict, list)) for item in value):
+            inner = [' ' * (depth + 1) + json.dumps(item, separators=(',', ':')) for item in value]
+        else:
+            return compact
+        opening, closing = ('{', '}') if isinstance(value, dict) else ('[', ']')
+        return opening + '\n' + ',\n'.join(inner) + '\n' + ' ' * depth + closing
+    return dump(results, 0) + '\n'
 
 
 def unit_provenance(checks):

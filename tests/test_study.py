@@ -193,3 +193,20 @@ def test_unit_provenance_groups_units_by_command_and_names_the_unrecorded():
     assert lines == ['- units computed by:',
                      '  - `python benchmarks/study.py --models a` on host, 1 CPU threads: a seed 0 (D), a seed 1 (D)',
                      '  - command, machine and date not recorded (cached before the cache stored them): b seed 0']
+
+
+def test_results_file_rounds_to_six_digits_and_keeps_a_record_per_line():
+    from study_report import results_json, rounded
+    results = rounded({'command': 'c', 'seeds': (0, 1), 'records': [{'mean': np.float64(1 / 3), 'n': np.int64(5)},
+                                                                     {'mean': float('nan'), 'interval': [1e-300, 2.]}],
+                       'claims': {'claim 1': {'better': 2, 'share': 0.123456789}},
+                       'excluded': [['a', 'b'], ['c', 'd']]})
+    assert results['records'][0] == {'mean': 0.333333, 'n': 5} and results['claims']['claim 1']['share'] == 0.123457
+    assert results['records'][1]['interval'] == [1e-300, 2.] and results['seeds'] == [0, 1]
+    text = results_json(results)
+    lines = text.splitlines()
+    assert '  {"mean":0.333333,"n":5},' in lines and '  "claim 1": {"better":2,"share":0.123457}' in lines
+    assert '  ["a","b"],' in lines and ' "seeds": [0,1],' in lines
+    again = json.loads(text)
+    assert np.isnan(again['records'][1].pop('mean')) and again['records'][1] == {'interval': [1e-300, 2.]}
+    assert again['records'][0] == results['records'][0] and again['claims'] == results['claims']
