@@ -120,13 +120,12 @@ def results_json(results):
     '''The results file's text: the top-level entries and their entries indented, every record (a dict or list
     inside a list, or a dict two levels down) on one line, so that the file stays small and diffs by record.'''
     def dump(value, depth):
-        compact = json.dumps(value, separators=(',', ':'))
         if isinstance(value, dict) and depth < 2 and value:
             inner = [f'{" " * (depth + 1)}{json.dumps(key)}: {dump(item, depth + 1)}' for key, item in value.items()]
         elif isinstance(value, list) and value and any(isinstance(item, (dict, list)) for item in value):
             inner = [' ' * (depth + 1) + json.dumps(item, separators=(',', ':')) for item in value]
         else:
-            return compact
+            return json.dumps(value, separators=(',', ':'))
         opening, closing = ('{', '}') if isinstance(value, dict) else ('[', ']')
         return opening + '\n' + ',\n'.join(inner) + '\n' + ' ' * depth + closing
     return dump(results, 0) + '\n'
