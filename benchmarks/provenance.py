@@ -20,6 +20,21 @@ def machine(*details):
     return ', '.join(parts)
 
 
+def device_description(device):
+    '''``device 'cuda'`` with the GPU's name where it is one, for :py:func:`machine`.'''
+    device = torch.device(device)
+    if device.type == 'cuda':
+        return f'device {device} ({torch.cuda.get_device_name(device)})'
+    return f'device {device}'
+
+
+def strict_float32():
+    '''Keep float32 matrix products and convolutions in float32 on CUDA (PyTorch lets cuDNN use TF32, with a 10-bit
+    mantissa, by default); no effect on the CPU.'''
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
 def today():
     '''The current UTC date and time.'''
     return datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')

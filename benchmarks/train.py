@@ -11,9 +11,14 @@ Examples::
 
     python benchmarks/train.py --model all --seeds 0,1,2 --data-root ../shared/data
     python benchmarks/train.py --model cifar10-vgg-bn --seeds 1 --device cuda
+    python benchmarks/train.py --model cifar10-vgg --seeds 2 --device cuda --out runs/   # weights + record there
+    python benchmarks/train.py --import-from runs/   # ship them: weights into the package, rows into models.md
+
+With ``--precision float32`` on CUDA, TF32 is switched off, so float32 means float32 there too.
 '''
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -24,7 +29,7 @@ from tqdm.auto import tqdm
 from zennit_bnfuse.evaluation.data import default_data_root, load_tensors
 from zennit_bnfuse.evaluation.models import MODELS, build, dataset_of, fold_normalization, weights_path
 
-from provenance import command_line, machine, today
+from provenance import command_line, device_description, machine, strict_float32, today
 
 RESULTS = Path(__file__).parent / 'results'
 # epochs and peak learning rate per model family (SGD, Nesterov momentum, one-cycle schedule)
@@ -78,6 +83,8 @@ def train(name, data_root, epochs=None, lr=None, batch_size=128, seed=0, device=
     test_images, test_labels = load_tensors(dataset, data_root, train=False, download=download)
 
     autocast_dtype = PRECISIONS[precision]
+    if autocast_dtype is None:
+        strict_float32()
     memory_format = torch.channels_last if autocast_dtype is not None and dataset == 'cifar10' else \
         torch.contiguous_format
     model = build(name, normalize=True).to(device, memory_format=memory_format).train()
@@ -122,22 +129,26 @@ def train(name, data_root, epochs=None, lr=None, batch_size=128, seed=0, device=
     }
 
 
-def write_results(records, command, device):
-    '''Merge ``records`` into models.json and rewrite models.md from it.'''
+def described(record, command, device):
+    '''``record`` with the command, machine and date that made it.'''
+    return {**record, 'command': command, 'machine': machine(device_description(device)), 'date': today()}
+
+
+def write_results(records):
+    '''Merge ``records`` (each :py:func:`described`) into models.json and rewrite models.md from it.'''
     RESULTS.mkdir(parents=True, exist_ok=True)
     store = RESULTS / 'models.json'
     entries = json.loads(store.read_text()) if store.is_file() else {}
-    host, date = machine(f'device {device}'), today()
     for record in records:
-        entries[f'{record["model"]}/seed{record["seed"]}'] = {**record, 'command': command, 'machine': host,
-                                                               'date': date}
+        entries[f'{record["model"]}/seed{record["seed"]}'] = record
     store.write_text(json.dumps(entries, indent=2) + '\n')
     lines = [
         '# Shipped models: measured test accuracy',
         '',
         'Written by `benchmarks/train.py`; each row is one training run from the given seed, evaluated on the full '
         'test split of `../shared/data` (MNIST test set; the JPEG copy of the CIFAR-10 test set) with the shipped '
-        'weights (input normalisation folded into the first layer).',
+        'weights (input normalisation folded into the first layer). The train time is wall-clock time on the machine '
+        'named below for the run; runs that shared a machine ran side by side.',
         '',
         '| model | seed | test accuracy | epochs | precision | parameters | weight file | train time | date |',
         '| --- | --- | --- | --- | --- | --- | --- | --- | --- |',
@@ -155,6 +166,32 @@ def write_results(records, command, device):
     (RESULTS / 'models.md').write_text('\n'.join(lines) + '\n')
 
 
+def import_runs(folder):
+    '''Ship the runs that ``--out folder`` wrote: copy each ``<weights>.pt`` that has a ``<weights>.json`` record
+    beside it into the package and merge the records into models.md; return the records.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``folder`` holds no record with its weights.
+    '''
+    records = []
+    for file in sorted(Path(folder).glob('*.json')):
+        record = json.loads(file.read_text())
+        weights = file.with_suffix('.pt')
+        if not weights.is_file():
+            raise FileNotFoundError(f'{file} has no weights beside it ({weights.name})')
+        target = Path(str(weights_path(record['model'], record['seed'])))
+        if weights.name != target.name:
+            raise ValueError(f'{weights} holds {record["model"]} seed {record["seed"]}, which ships as {target.name}')
+        shutil.copyfile(weights, target)
+        records.append(record)
+    if not records:
+        raise FileNotFoundError(f'no training records (<weights>.json beside <weights>.pt) in {folder}')
+    write_results(records)
+    return records
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--model', default='all', help=f'one of {", ".join(MODELS)}, or all')
@@ -168,8 +205,15 @@ def main(argv=None):
                         help='bfloat16 mixed precision (default) or float32')
     parser.add_argument('--threads', type=int, help='torch CPU threads')
     parser.add_argument('--device', default='cpu')
-    parser.add_argument('--out', type=Path, help='weights folder (default: the package\'s zennit_bnfuse/weights)')
+    parser.add_argument('--out', type=Path, help='write weights and a record per run here instead of shipping them '
+                        '(default: into the package, with a row in models.md)')
+    parser.add_argument('--import-from', type=Path, metavar='FOLDER',
+                        help='ship the runs that --out FOLDER wrote (e.g. on another machine) and stop')
     args = parser.parse_args(argv)
+    if args.import_from:
+        for record in import_runs(args.import_from):
+            print(f'shipped {record["model"]} seed {record["seed"]} ({100 * record["test_accuracy"]:.2f}%)')
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     names = list(MODELS) if args.model == 'all' else args.model.split(',')
@@ -186,8 +230,11 @@ def main(argv=None):
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.save(model.state_dict(), path)
             print(f'{name} seed {seed}: test accuracy {100 * record["test_accuracy"]:.2f}% -> {path}')
+            record = described(record, command, args.device)
             if args.out is None:
-                write_results([record], command, args.device)
+                write_results([record])
+            else:
+                path.with_suffix('.json').write_text(json.dumps(record, indent=2) + '\n')
 
 
 if __name__ == '__main__':

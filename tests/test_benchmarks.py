@@ -29,6 +29,26 @@ def test_train_smoke(tmp_path):
     assert 'fc1.weight' in state and 'normalize.mean' not in state
 
 
+def test_train_out_then_import_ships_weights_and_record(tmp_path, monkeypatch):
+    # a run on another machine writes weights and a record to --out; --import-from ships both here
+    import train
+    runs, package, results = tmp_path / 'runs', tmp_path / 'package', tmp_path / 'results'
+    package.mkdir()
+    train.main(['--model', 'mnist-mlp', '--epochs', '1', '--seeds', '3', '--out', str(runs)])
+    record = json.loads((runs / 'mnist-mlp-seed3.json').read_text())
+    assert record['model'] == 'mnist-mlp' and record['seed'] == 3 and '--seeds 3 --out' in record['command']
+    assert 'device cpu' in record['machine'] and record['date']
+    monkeypatch.setattr(train, 'RESULTS', results)
+    monkeypatch.setattr(train, 'weights_path', lambda name, seed: package / f'{name}-seed{seed}.pt')
+    train.main(['--import-from', str(runs)])
+    assert (package / 'mnist-mlp-seed3.pt').read_bytes() == (runs / 'mnist-mlp-seed3.pt').read_bytes()
+    assert json.loads((results / 'models.json').read_text())['mnist-mlp/seed3'] == record
+    assert f'| mnist-mlp | 3 | {100 * record["test_accuracy"]:.2f}% |' in (results / 'models.md').read_text()
+    (runs / 'mnist-mlp-seed3.pt').unlink()
+    with pytest.raises(FileNotFoundError, match='has no weights beside it'):
+        train.import_runs(runs)
+
+
 def test_speed_smoke(tmp_path):
     import speed
     speed.main(['--models', 'resnet18', '--batches', '1', '--extra', '', '--devices', 'cpu', '--repeats', '1',
