@@ -11,8 +11,7 @@ from conftest import randomize_batch_norms
 REQUIRED_ACCURACY = {'mnist-cnn-bn': .99, 'mnist-mlp-bn': .975, 'mnist-mlp': .975, 'cifar10-vgg-bn': .85,
                      'cifar10-preact-resnet': .85}
 # the training seeds whose weights are shipped (benchmarks/results/models.md)
-SHIPPED_SEEDS = {name: (0, 1, 2) if name.startswith('mnist') else (0, 1) if name == 'cifar10-vgg-bn' else (0,)
-                 for name in MODELS}
+SHIPPED_SEEDS = {name: (0, 1, 2) for name in MODELS}
 HAS_DATA = (default_data_root() / 'MNIST').is_dir() and (default_data_root() / 'CIFAR10-JPEG').is_dir()
 
 
