@@ -26,6 +26,7 @@ units already there (listing the protocol's units that are missing) without runn
 report and figures from the results file after a change to their layout.
 '''
 import argparse
+import copy
 import hashlib
 import json
 import os
@@ -50,14 +51,14 @@ from zennit_bnfuse.evaluation.regimes import flip_batch_norm_signs, relative_out
 from zennit_bnfuse.fold import is_batch_norm
 from zennit_bnfuse.handling import bn_handling
 
-from provenance import command_line, machine, today
+from provenance import command_line, device_description, machine, strict_float32, today
 from study_analysis import summarise
 from study_design import (
     CLAIM_MODELS, COMPOSITES, FUNCTION_TOLERANCE, HANDLINGS, NEGATIVE_SHARE, PATCH_SIZE, PATCHES_PER_STEP, PROTOCOL,
     RANDOM_STREAM, RANDOMISATION_COMPOSITE, REGIMES, ROAD_STEPS, TWINS, claim_of, method_key, regime_composite,
     split_key,
 )
-from study_report import report_markdown, results_json, rounded, write_figures
+from study_report import read_results, report_markdown, results_json, rounded, write_figures
 
 RESULTS = Path(__file__).parent / 'results'
 
@@ -100,6 +101,63 @@ def gradient_x_input(model, images, targets):
 def digest(tensor):
     '''A hash of a tensor's bytes (bitwise equality of relevance).'''
     return hashlib.sha1(tensor.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def duplicate_methods(relevance, gather_digests=lambda values: [values]):
+    '''``{key: the first key with bitwise the same relevance on every image}`` for the methods that repeat one
+    before them. ``gather_digests(list) -> list of lists`` shares the hashes between processes, so that duplicates
+    are decided on all images. The same relevance gives the same measurements: every regime's model computes the
+    same function (checked in :py:meth:`UnitEvaluation.regime_models`).'''
+    keys = list(relevance)
+    all_hashes = gather_digests([digest(relevance[key]) for key in keys])
+    first, duplicates = {}, {}
+    for index, key in enumerate(keys):
+        signature = tuple(ranks[index] for ranks in all_hashes)
+        if signature in first:
+            duplicates[key] = first[signature]
+        else:
+            first[signature] = key
+    return duplicates
+
+
+def recheck_duplicates(name, seed, data, args):
+    '''Decide the duplicates of a cached unit that ran on CUDA before :py:meth:`UnitEvaluation.run` decided them
+    on the CPU: recompute its relevance on the CPU (the same images, targets from the CPU's logits), and drop the
+    measurements of the methods that repeat an earlier one bit for bit there, as a run on the CPU would have done.
+    Returns the number of duplicates, or None where the unit needs nothing (not cached, or not from CUDA).
+
+    Raises
+    ------
+    RuntimeError
+        If a run on more than one process computed the unit (its shards are not kept).
+    '''
+    cache = args.cache / f'{name}-seed{seed}.pt'
+    if not cache.is_file():
+        return None
+    stored = torch.load(cache, map_location='cpu', weights_only=False)
+    results = stored['results']
+    provenance = results.get('provenance') or {}
+    if 'device cuda' not in provenance.get('machine', '') or 'duplicates' in provenance:
+        return None
+    if stored['config'] != unit_config(args, name, seed):
+        raise RuntimeError(f'{cache} was computed with other settings than these; run it again')
+    images, labels, channel_mean = data[dataset_of(name)]
+    ids = torch.tensor(results['image'])
+    if not torch.equal(ids, torch.arange(len(images))):
+        raise RuntimeError(f'{cache} holds images {ids[:3].tolist()}..., not the first {len(images)}')
+    cpu_args = argparse.Namespace(**{**vars(args), 'device': 'cpu'})
+    unit = UnitEvaluation(name, seed, images, labels, ids, channel_mean, cpu_args)
+    duplicates = duplicate_methods(unit.explain_all()[0])
+    for key, first in duplicates.items():
+        if key in results['methods'] and first not in results['methods']:
+            raise RuntimeError(f'{cache}: {key} repeats {first}, which the unit did not measure')
+        results['methods'].pop(key, None)
+    results['duplicates'] = duplicates
+    provenance['duplicates'] = (f'decided on the CPU by `{args.command}` on {args.host}, {today()} (CUDA\'s backward '
+                                f'is not bit-reproducible)')
+    results['provenance'] = provenance
+    torch.save(stored, cache)
+    return len(duplicates)
 
 
 class UnitEvaluation:
@@ -203,38 +261,47 @@ class UnitEvaluation:
                                          batch_size=self.args.batch_size)
         return {'layers': result.layers, 'spearman_abs': result.spearman_abs.tolist()}
 
-    def run(self, progress, gather_digests):
-        '''Compute everything; ``gather_digests(list) -> list of lists`` shares relevance hashes between processes
-        so that duplicates are decided on all images.'''
-        args = self.args
-        methods = self.results['methods']
+    def explain_all(self):
+        '''Relevance of every method on this process's images, ``{key: (n, C, H, W)}`` in the study's order, with
+        ``{key: model whose function it explains}`` and ``{key: (base model, composite, handling)}``; handlings that
+        do not apply are noted in the results.'''
         relevance = {'random': random_relevance(self.images, self.ids),
                      'gradient-x-input': batched(lambda x, y: gradient_x_input(self.model, x, y), self.images,
-                                                 self.targets, batch_size=args.batch_size)}
+                                                 self.targets, batch_size=self.args.batch_size)}
         evaluated_on = {'random': self.model, 'gradient-x-input': self.model}
         explained_by = {}
         for regime, (base, model) in self.regime_models().items():
-            for composite in args.composites:
+            for composite in self.args.composites:
                 name = regime_composite(composite, regime)
-                for handling in args.handlings:
+                for handling in self.args.handlings:
                     key = method_key(regime, composite, handling)
                     values = self.relevance(base, name, handling)
                     if isinstance(values, str):
                         self.results['not_applicable'][key] = values
                         continue
                     relevance[key], evaluated_on[key], explained_by[key] = values, model, (base, name, handling)
+        return relevance, evaluated_on, explained_by
+
+    def on_cpu(self):
+        '''This unit on the CPU: the same images and targets, the model loaded afresh, results of its own.'''
+        unit = copy.copy(self)
+        unit.args = argparse.Namespace(**{**vars(self.args), 'device': 'cpu'})
+        unit.model = pretrained(self.name, device='cpu', seed=self.seed)
+        unit.images, unit.targets = self.images.cpu(), self.targets.cpu()
+        unit.results = {'methods': {}, 'duplicates': {}, 'checks': {}, 'not_applicable': {}}
+        return unit
+
+    def run(self, progress, gather_digests):
+        '''Compute everything; ``gather_digests(list) -> list of lists`` shares relevance hashes between processes
+        so that duplicates are decided on all images.'''
+        args = self.args
+        methods = self.results['methods']
+        relevance, evaluated_on, explained_by = self.explain_all()
+        # CUDA's backward is not bit-reproducible (cuDNN's algorithms add in varying order), so two methods that are
+        # the same rules on the same function can differ in the last bits there: decide on the CPU
+        exact = relevance if self.images.device.type == 'cpu' else self.on_cpu().explain_all()[0]
+        self.results['duplicates'] = duplicate_methods(exact, gather_digests)
         keys = list(relevance)
-        hashes = [digest(relevance[key]) for key in keys]
-        all_hashes = gather_digests(hashes)
-        # the same relevance on every image (of every process) gives the same measurements: every regime's model
-        # computes the same function (checked in regime_models)
-        first = {}
-        for index, key in enumerate(keys):
-            signature = tuple(ranks[index] for ranks in all_hashes)
-            if signature in first:
-                self.results['duplicates'][key] = first[signature]
-            else:
-                first[signature] = key
         progress.reset(total=len(keys))
         progress.set_description(f'{self.name} seed {self.seed}')
         for key in keys:
@@ -322,7 +389,7 @@ def run_unit(name, seed, data, args, rank, world, progress):
     '''The merged per-image results of one unit (on rank 0; None elsewhere), from the cache where it has them.'''
     cache = args.cache / f'{name}-seed{seed}.pt'
     if not args.fresh and cache.is_file():
-        stored = torch.load(cache, weights_only=False)
+        stored = torch.load(cache, map_location='cpu', weights_only=False)
         if stored['config'] == unit_config(args, name, seed):
             return stored['results'] if rank == 0 else None
     if args.cached_only:
@@ -380,6 +447,9 @@ def parse_args(argv=None):
     parser.add_argument('--cached-only', action='store_true',
                         help='report the units in --cache and run nothing; the report lists the units missing')
     parser.add_argument('--tag', default='faithfulness', help='file name of the tables (without extension)')
+    parser.add_argument('--recheck-duplicates', action='store_true',
+                        help='for cached units computed on CUDA before duplicates were decided on the CPU: decide '
+                        'them there (relevance recomputed, no metric) and drop the duplicates\' measurements')
     parser.add_argument('--no-figures', action='store_true')
     parser.add_argument('--quick', action='store_true',
                         help='smoke test: mnist-cnn-bn and mnist-mlp-bn, seed 0, 12 images, two composites')
@@ -421,7 +491,7 @@ def rerender(args, argv):
     command that rewrote it), with the figures from the units in the cache that match the settings; the results file
     itself is rewritten in the current layout (:py:func:`results_json`), its numbers rounded as a run rounds them.'''
     path = args.out / f'{args.tag}.json'
-    results = rounded(json.loads(path.read_text()))
+    results = rounded(read_results(path.read_text()))
     path.write_text(results_json(results))
     summary = {key: value for key, value in results.items() if key not in ('command', 'machine', 'date', 'protocol')}
     (args.out / f'{args.tag}.md').write_text(report_markdown(
@@ -450,8 +520,21 @@ def main(argv=None):
             torch.cuda.set_device(args.device)
     launcher = f'torchrun --nproc_per_node={world}' if distributed else 'python'
     args.command = command_line(argv, launcher)
-    args.host = machine(f'device {args.device}', f'{world} process(es)')
+    args.host = machine(device_description(args.device), f'{world} process(es)')
+    strict_float32()  # relevance is compared bit for bit and against exact references: no TF32 on CUDA
     data, units = {}, {}
+    if args.recheck_duplicates:
+        if distributed:
+            raise SystemExit('--recheck-duplicates runs in one process')
+        for seed in args.seeds:
+            for name in args.models:
+                dataset = dataset_of(name)
+                if dataset not in data:
+                    data[dataset] = load_data(dataset, args, True)
+                found = recheck_duplicates(name, seed, data, args)
+                if found is not None:
+                    print(f'{name} seed {seed}: {found} duplicates decided on the CPU')
+        return
     with tqdm(desc='study', disable=rank != 0) as progress:
         for seed in args.seeds:
             for name in args.models:

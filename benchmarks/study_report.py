@@ -116,13 +116,38 @@ def rounded(value, digits=6):
     return value
 
 
+def records_table(records):
+    '''Records (dicts) as ``{'columns': [key, ...], 'rows': [[value, ...], ...]}``: one row per record, the key
+    names once (every key of any record, in the order first seen; null where a record lacks it).'''
+    columns = list(dict.fromkeys(key for record in records for key in record))
+    return {'columns': columns, 'rows': [[record.get(column) for column in columns] for record in records]}
+
+
+def read_results(text):
+    '''The results file's text (:py:func:`results_json`) as the dict it was written from, records as dicts (with
+    every column: None where the record had no such key).'''
+    results = json.loads(text)
+    table = results.get('records')
+    if isinstance(table, dict):
+        results['records'] = [dict(zip(table['columns'], row)) for row in table['rows']]
+    return results
+
+
 def results_json(results):
     '''The results file's text: the top-level entries and their entries indented, every record (a dict or list
-    inside a list, or a dict two levels down) on one line, so that the file stays small and diffs by record.'''
+    inside a list, or a dict two levels down) on one line, so that the file stays small and diffs by record; the
+    list of ``records`` as a table of rows (:py:func:`records_table`, read back by :py:func:`read_results`).'''
+    if isinstance(results.get('records'), list):
+        results = {**results, 'records': records_table(results['records'])}
+
     def dump(value, depth):
         if isinstance(value, dict) and depth < 2 and value:
             inner = [f'{" " * (depth + 1)}{json.dumps(key)}: {dump(item, depth + 1)}' for key, item in value.items()]
-        elif isinstance(value, list) and value and any(isinstance(item, (dict, list)) for item in value):
+        elif isinstance(value, list) and value and any(isinstance(item, (dict, list)) for item in value) or (
+                isinstance(value, dict) and set(value) == {'columns', 'rows'}):
+            if isinstance(value, dict):  # a records table: its columns on a line, each row on one
+                return ('{\n' + ' ' * (depth + 1) + f'"columns": {json.dumps(value["columns"], separators=(",", ":"))},'
+                        f'\n{" " * (depth + 1)}"rows": ' + dump(value['rows'], depth + 1) + '\n' + ' ' * depth + '}')
             inner = [' ' * (depth + 1) + json.dumps(item, separators=(',', ':')) for item in value]
         else:
             return json.dumps(value, separators=(',', ':'))
@@ -137,7 +162,7 @@ def unit_provenance(checks):
     by_run = {}
     for unit, check in checks.items():
         run = check.get('computed_by')
-        key = (run['command'], run['machine']) if run else None
+        key = (run['command'], run['machine'], run.get('duplicates')) if run else None
         by_run.setdefault(key, []).append(f'{unit} ({run["date"]})' if run else unit)
     lines = ['- units computed by:' if by_run else '- no units']
     for key, units in by_run.items():
@@ -145,7 +170,8 @@ def unit_provenance(checks):
             lines.append(f'  - command, machine and date not recorded (cached before the cache stored them): '
                          f'{", ".join(units)}')
         else:
-            lines.append(f'  - `{key[0]}` on {key[1]}: {", ".join(units)}')
+            lines.append(f'  - `{key[0]}` on {key[1]}: {", ".join(units)}' +
+                         (f'; duplicates {key[2]}' if key[2] else ''))
     return lines
 
 

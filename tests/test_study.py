@@ -39,7 +39,8 @@ def test_quick_study_end_to_end(tmp_path):
     # each unit names the command that computed it (kept in the cache, so later reports still name it)
     computed = [line for line in text.splitlines() if line.startswith('  - `python ')]
     assert len(computed) == 1 and '--fresh' in computed[0] and 'mnist-cnn-bn seed 0 (' in computed[0]
-    results = json.loads((tmp_path / 'faithfulness.json').read_text())
+    from study_report import read_results
+    results = read_results((tmp_path / 'faithfulness.json').read_text())
     record = results['records'][0]
     assert {'model', 'seed', 'regime', 'composite', 'handling', 'metric', 'replacement', 'n', 'mean', 'median',
             'q05', 'q95'} <= set(record)
@@ -196,17 +197,74 @@ def test_unit_provenance_groups_units_by_command_and_names_the_unrecorded():
 
 
 def test_results_file_rounds_to_six_digits_and_keeps_a_record_per_line():
-    from study_report import results_json, rounded
-    results = rounded({'command': 'c', 'seeds': (0, 1), 'records': [{'mean': np.float64(1 / 3), 'n': np.int64(5)},
-                                                                     {'mean': float('nan'), 'interval': [1e-300, 2.]}],
+    from study_report import read_results, records_table, results_json, rounded
+    results = rounded({'command': 'c', 'seeds': (0, 1),
+                       'records': [{'mean': np.float64(1 / 3), 'n': np.int64(5), 'interval': None},
+                                   {'mean': float('nan'), 'n': 2, 'interval': [1e-300, 2.]}],
                        'claims': {'claim 1': {'better': 2, 'share': 0.123456789}},
                        'excluded': [['a', 'b'], ['c', 'd']]})
-    assert results['records'][0] == {'mean': 0.333333, 'n': 5} and results['claims']['claim 1']['share'] == 0.123457
+    assert results['records'][0] == {'mean': 0.333333, 'n': 5, 'interval': None}
+    assert results['claims']['claim 1']['share'] == 0.123457
     assert results['records'][1]['interval'] == [1e-300, 2.] and results['seeds'] == [0, 1]
     text = results_json(results)
     lines = text.splitlines()
-    assert '  {"mean":0.333333,"n":5},' in lines and '  "claim 1": {"better":2,"share":0.123457}' in lines
+    # the records as a table: the column names once, a row per record
+    assert ' "records": {' in lines and '  "columns": ["mean","n","interval"],' in lines
+    assert '   [0.333333,5,null],' in lines and '   [NaN,2,[1e-300,2.0]]' in lines
+    assert '  "claim 1": {"better":2,"share":0.123457}' in lines
     assert '  ["a","b"],' in lines and ' "seeds": [0,1],' in lines
-    again = json.loads(text)
-    assert np.isnan(again['records'][1].pop('mean')) and again['records'][1] == {'interval': [1e-300, 2.]}
+    again = read_results(text)
+    assert np.isnan(again['records'][1].pop('mean')) and again['records'][1] == {'n': 2, 'interval': [1e-300, 2.]}
     assert again['records'][0] == results['records'][0] and again['claims'] == results['claims']
+    assert json.loads(text)['records']['rows'][0] == [0.333333, 5, None]
+    # records with other keys share the columns; a key a record lacks reads back as None
+    assert records_table([{'a': 1}, {'b': 2, 'a': 3}]) == {'columns': ['a', 'b'], 'rows': [[1, None], [3, 2]]}
+
+
+@needs_data
+def test_units_from_cuda_get_their_duplicates_decided_on_the_cpu(tmp_path):
+    # a unit computed on CUDA measures every method: its backward is not bit-reproducible, so repeats of a method
+    # need not be bitwise equal there. --recheck-duplicates decides them on the CPU and drops their measurements,
+    # giving the unit a run on the CPU would have written.
+    import torch
+    import study
+    common = ['--quick', '--images', '8', '--randomisation-images', '0', '--no-figures', '--device', 'cpu',
+              '--regimes', 'trained,negative-scales', '--handlings', 'fused,naive', '--out', str(tmp_path)]
+    study.main([*common, '--fresh'])
+    files = sorted((tmp_path / 'study-cache').glob('*.pt'))
+    expected = {}
+    for file in files:
+        stored = torch.load(file, weights_only=False)
+        results = stored['results']
+        expected[file] = (dict(results['duplicates']), set(results['methods']))
+        assert results['duplicates'], file  # negative scales with fused BN repeat the trained model
+        for key, first in results['duplicates'].items():  # as on CUDA: measured, with different last bits
+            measured = json.loads(json.dumps(results['methods'][first]))
+            measured['metrics']['road_abpc'][0] += 1e-12
+            results['methods'][key] = measured
+        results['duplicates'] = {}
+        results['provenance']['machine'] += ', device cuda (a GPU)'
+        torch.save(stored, file)
+    study.main([*common, '--recheck-duplicates'])
+    for file in files:
+        results = torch.load(file, weights_only=False)['results']
+        assert (results['duplicates'], set(results['methods'])) == expected[file]
+        assert 'decided on the CPU by `python ' in results['provenance']['duplicates']
+    modified = [file.stat().st_mtime_ns for file in files]
+    study.main([*common, '--recheck-duplicates'])  # nothing left to do: the units stay as they are
+    assert [file.stat().st_mtime_ns for file in files] == modified
+    study.main(common)
+    assert 'duplicates decided on the CPU by `python ' in (tmp_path / 'faithfulness.md').read_text()
+
+
+@needs_data
+def test_a_unit_moved_to_the_cpu_explains_the_same_images_alike():
+    import torch
+    import study
+    args = study.parse_args(['--quick', '--images', '4', '--device', 'cpu', '--handlings', 'fused,naive'])
+    images, labels, channel_mean = study.load_data('mnist', args, False)
+    unit = study.UnitEvaluation('mnist-cnn-bn', 0, images, labels, torch.arange(len(images)), channel_mean, args)
+    moved = unit.on_cpu()
+    assert moved.results is not unit.results and moved.model is not unit.model
+    first, second = unit.explain_all()[0], moved.explain_all()[0]
+    assert list(first) == list(second) and all(torch.equal(first[key], second[key]) for key in first)
