@@ -129,7 +129,8 @@ def recheck_duplicates(name, seed, data, args):
     Raises
     ------
     RuntimeError
-        If a run on more than one process computed the unit (its shards are not kept).
+        If the unit was computed with other settings or weights, on other images than the first ``--images``, or
+        did not measure the method a repeat repeats.
     '''
     cache = args.cache / f'{name}-seed{seed}.pt'
     if not cache.is_file():
@@ -297,8 +298,9 @@ class UnitEvaluation:
         args = self.args
         methods = self.results['methods']
         relevance, evaluated_on, explained_by = self.explain_all()
-        # CUDA's backward is not bit-reproducible (cuDNN's algorithms add in varying order), so two methods that are
-        # the same rules on the same function can differ in the last bits there: decide on the CPU
+        # on CUDA two methods with the same rules on the same function can differ in the last bits (on an H200 none
+        # of the repeats a CPU unit finds came out bitwise equal; cuDNN's default algorithms are not bit-reproducible):
+        # decide on the CPU
         exact = relevance if self.images.device.type == 'cpu' else self.on_cpu().explain_all()[0]
         self.results['duplicates'] = duplicate_methods(exact, gather_digests)
         keys = list(relevance)
