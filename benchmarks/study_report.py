@@ -143,11 +143,7 @@ def results_json(results):
     def dump(value, depth):
         if isinstance(value, dict) and depth < 2 and value:
             inner = [f'{" " * (depth + 1)}{json.dumps(key)}: {dump(item, depth + 1)}' for key, item in value.items()]
-        elif isinstance(value, list) and value and any(isinstance(item, (dict, list)) for item in value) or (
-                isinstance(value, dict) and set(value) == {'columns', 'rows'}):
-            if isinstance(value, dict):  # a records table: its columns on a line, each row on one
-                return ('{\n' + ' ' * (depth + 1) + f'"columns": {json.dumps(value["columns"], separators=(",", ":"))},'
-                        f'\n{" " * (depth + 1)}"rows": ' + dump(value['rows'], depth + 1) + '\n' + ' ' * depth + '}')
+        elif isinstance(value, list) and value and any(isinstance(item, (dict, list)) for item in value):
             inner = [' ' * (depth + 1) + json.dumps(item, separators=(',', ':')) for item in value]
         else:
             return json.dumps(value, separators=(',', ':'))

@@ -173,7 +173,9 @@ def import_runs(folder):
     Raises
     ------
     FileNotFoundError
-        If ``folder`` holds no record with its weights.
+        If ``folder`` holds no record, or a record without its weights.
+    ValueError
+        If a weights file's name is not the one its model and seed ship as.
     '''
     records = []
     for file in sorted(Path(folder).glob('*.json')):
