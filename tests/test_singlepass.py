@@ -6,7 +6,7 @@ import torch
 import torchvision
 from zennit.attribution import Gradient
 from zennit.composites import EpsilonAlpha2Beta1Flat, EpsilonGammaBox, EpsilonPlusFlat, LayerMapComposite
-from zennit.core import Composite
+from zennit.core import Composite, Stabilizer
 from zennit.layer import Sum
 from zennit.rules import AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, ReLUGuidedBackprop, WSquare, ZBox, ZPlus
 
@@ -14,7 +14,7 @@ from conftest import randomize_batch_norms
 from zennit_bnfuse import CompositeLRP, FuseBatchNorm, singlepass
 from zennit_bnfuse.graph_layers import AddOperands
 from zennit_bnfuse.singlepass import (
-    Fallback, SinglePass, SinglePassHook, modified_convolution, normalizer, single_pass_rule,
+    Fallback, SinglePass, SinglePassHook, modified_convolution, normalizer, single_pass_rule, stabilized,
 )
 
 LAYERS = (torch.nn.Conv2d, torch.nn.Linear)
@@ -125,6 +125,18 @@ def test_normalizer_only_for_known_rules_and_stabilizers():
                                                                             dtype=torch.float64))
     assert normalizer(Flat()) is None and normalizer(AlphaBeta()) is None
     assert normalizer(Epsilon(epsilon=lambda output: output + 1.)) is None
+
+
+def test_stabilized_is_zennits_stabilizer_bit_for_bit():
+    # one new tensor instead of three, the same bits: signed zeros get +epsilon, infinities and NaN stay
+    output = torch.tensor([-2., -0., 0., 3., -1e-30, float('inf'), -float('inf'), float('nan')],
+                          dtype=torch.float64)
+    expected = Stabilizer(epsilon=0.25)(output)
+    result = stabilized(output, 0.25)
+    assert result.data_ptr() != output.data_ptr() and torch.equal(output[:4], torch.tensor([-2., -0., 0., 3.],
+                                                                                            dtype=torch.float64))
+    assert torch.equal(result[:-1], expected[:-1]) and torch.equal(result.signbit(), expected.signbit())
+    assert torch.isnan(result[-1]) and torch.isnan(expected[-1])
 
 
 COMPOSITES = {
@@ -456,6 +468,35 @@ def test_several_backward_passes_from_one_forward():
             results.append([torch.autograd.grad(output[:, c].sum(), input, retain_graph=True)[0] for c in range(3)])
     for zennit, single in zip(*results):
         assert torch.equal(single, zennit)
+
+
+class TwoSums(torch.nn.Module):
+    '''conv -> ReLU -> AddOperands(conv, input) -> AddOperands(., broadcast mean): residual sums whose stabilised
+    output SinglePass recomputes in the backward step.'''
+    def __init__(self):
+        super().__init__()
+        self.conv, self.relu = torch.nn.Conv2d(2, 2, 3, padding=1), torch.nn.ReLU()
+        self.add, self.add_mean = AddOperands(), AddOperands()
+        self.linear = torch.nn.Linear(2 * 4 * 4, 3)
+
+    def forward(self, input):
+        hidden = self.relu(self.add(self.conv(input), input))
+        return self.linear(torch.flatten(self.add_mean(hidden, hidden.mean((2, 3), keepdim=True)), 1))
+
+
+def test_several_backward_passes_through_residual_sums():
+    # the sums keep only their operands: a retained graph gives each class the relevance of a forward pass of its own
+    torch.manual_seed(1)
+    model = TwoSums().double()
+    input = torch.randn(2, 2, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(7), requires_grad=True)
+    composite = SinglePass(LayerMapComposite([(torch.nn.ReLU, Pass()), (Sum, Norm()), (LAYERS, Epsilon())]))
+    with composite.context(model):
+        output = model(input)
+        retained = [torch.autograd.grad(output[:, c].sum(), input, retain_graph=True)[0] for c in range(3)]
+        fresh = [torch.autograd.grad(model(input)[:, c].sum(), input)[0] for c in range(3)]
+    assert all(relevance.abs().sum() > 0 for relevance in fresh)
+    for once, again in zip(fresh, retained):
+        assert torch.equal(once, again)
 
 
 def test_differentiating_the_relevance_raises():

@@ -18,7 +18,9 @@ pass, with the same hooks on the same tensors:
   their output.
 
 The stabiliser of Captum's ``EpsilonRule``, ``GammaRule`` and ``Alpha1_Beta0_Rule`` is computed in fewer passes, bit
-for bit; other rules' (``IdentityRule``, user rules) output and input hooks are their own Captum methods.
+for bit, and their hooks do not keep each layer's relevance in the rule's ``relevance_input`` and ``relevance_output``
+(Captum keeps them for ``LayerLRP``; here nobody reads them, and keeping them would hold every layer's relevance until
+the end of the call); other rules' (``IdentityRule``, user rules) output and input hooks are their own Captum methods.
 
 What one forward pass cannot reproduce: in Captum's second pass the tensors between layers carry the outputs of the
 changed weights, so a functional operation whose gradient depends on its input's values (``F.relu``, ``x * y``, ...)
@@ -246,14 +248,8 @@ class RuleHooks:
         '''Captum's output hook for ``output`` (the layer's output under the rule's weights): the gradient divided by
         the stabilised output.'''
         if type(self.rule) in KNOWN_RULES:
-            epsilon = self.rule.STABILITY_FACTOR
-            denominator = stabilized(output, epsilon)
-            rule = self.rule
-
-            def hook(grad):
-                rule.relevance_output[grad.device] = grad.data
-                return grad / denominator
-            return hook
+            denominator = stabilized(output, self.rule.STABILITY_FACTOR)
+            return lambda grad: grad / denominator
         return self.rule._create_backward_hook_output(output)
 
     def changed_gradient(self, changed):
@@ -340,12 +336,7 @@ class CaptumSinglePass:
         data = input.detach()
         if type(rule) in KNOWN_RULES:
             def hook(grad):
-                relevance = grad * data
-                if rule._has_single_input:
-                    rule.relevance_input[grad.device] = relevance.data
-                else:
-                    rule.relevance_input[grad.device].append(relevance.data)
-                return relevance
+                return grad * data
         else:
             hook = rule._create_backward_hook_input(data)
         input.register_hook(hook)
