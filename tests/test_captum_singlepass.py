@@ -10,7 +10,7 @@ from captum.attr._utils.lrp_rules import Alpha1_Beta0_Rule, EpsilonRule, GammaRu
 
 from conftest import randomize_batch_norms
 from zennit_bnfuse import FusedLRP
-from zennit_bnfuse.captum_singlepass import CaptumSinglePass, changed_values_read
+from zennit_bnfuse.captum_singlepass import CaptumSinglePass, changed_values_read, in_node_layers
 
 RULES = {
     'epsilon': lambda: EpsilonRule(),
@@ -143,6 +143,70 @@ def test_tensors_read_by_several_layers_as_captum(rule):
     assert_same(single.attribute(input, target=[0, 1], return_convergence_delta=True),
                 captum.attribute(input, target=[0, 1], return_convergence_delta=True), torch.float64)
     assert single.fallbacks == []
+
+
+def test_layers_whose_inputs_other_ops_read_keep_captums_hooks():
+    # EpsilonRule on plain convolutions and additions is computed in the layer's backward node where only such layers
+    # read its input; the clones before the ReLU and the IdentityRule BatchNorm stay, so Captum's hooks see the same
+    # tensors as in its own run (compared with it above)
+    model = randomize_batch_norms(Shared().double())
+    lrp = FusedLRP(model, rules={torch.nn.Conv2d: EpsilonRule(), torch.nn.BatchNorm2d: IdentityRule()},
+                   handling='unfused')
+    prepared = lrp._prepared_model()
+    engine = CaptumSinglePass(prepared, lrp.choose_rule)
+    assert engine.in_node == {'conv1', 'conv2', 'conv3', 'residual_add', 'residual_add_1'}
+    assert engine.forward_model is prepared
+
+
+class Chain(torch.nn.Module):
+    '''A tensor read by a conv and an addition, whose other operand a concatenation reads too.'''
+    def __init__(self):
+        super().__init__()
+        self.first, self.second, self.third = (torch.nn.Conv2d(2, 2, 1) for _ in range(3))
+        self.add = Addition_Module()
+
+    def forward(self, input):
+        shared, other = self.first(input), self.second(input)
+        return torch.cat([self.third(shared), self.add(shared, other), other], 1)
+
+
+def test_in_node_layers_only_where_every_reader_is_one():
+    graph = torch.fx.symbolic_trace(Chain()).graph
+    modules = dict(Chain().named_modules())
+    rules = {name: EpsilonRule() for name in ('first', 'second', 'third', 'add')}
+    # `other` is read by the concatenation, so the addition keeps Captum's hooks; then `shared` is read by a layer
+    # with hooks, so `third` keeps them too; `input` is read by `first` and `second` only
+    assert in_node_layers(graph, rules, modules) == ({'first', 'second'}, set())
+    # a rule that changes weights (GammaRule) or another rule type is never computed in the node
+    rules.update(first=GammaRule(), second=IdentityRule())
+    assert in_node_layers(graph, rules, modules) == (set(), set())
+
+
+@pytest.mark.parametrize('rule', ['epsilon', 'gamma'])
+def test_resnet_clones_left_out_where_only_in_node_layers_read(rule):
+    model = randomize_batch_norms(torchvision.models.resnet18(weights=None).double())
+    lrp = FusedLRP(model, rules={torch.nn.Conv2d: RULES[rule]()})
+    input = torch.rand(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    single = lrp.attribute(input, target=[3, 7], return_convergence_delta=True)
+    prepared = lrp._prepared_model()
+    engine = CaptumSinglePass(prepared, lrp.choose_rule)
+    clones = [node for node in prepared.graph.nodes if node.target == 'clone']
+    convolutions = {name for name, module in prepared.named_modules() if isinstance(module, torch.nn.Conv2d)}
+    additions = {name for name, module in prepared.named_modules() if isinstance(module, Addition_Module)}
+    assert len(clones) == 16 and len(additions) == 8
+    if rule == 'epsilon':
+        # every conv and addition in its node; the block inputs are shared by the layers that read them
+        assert engine.in_node == convolutions | additions
+        assert not [node for node in engine.forward_model.graph.nodes if node.target == 'clone']
+        assert CaptumSinglePass(prepared, lrp.choose_rule).forward_model is engine.forward_model  # kept
+    else:
+        # GammaRule changes the convs' weights: they keep Captum's hooks, and so the clones that the additions share
+        # a source with stay; the additions read their own clones and conv outputs only
+        assert engine.in_node == additions
+        assert engine.forward_model is prepared
+    captum = FusedLRP(model, rules={torch.nn.Conv2d: RULES[rule]()}, engine='captum').attribute(
+        input, target=[3, 7], return_convergence_delta=True)
+    assert_same(single, captum, torch.float64)
 
 
 class HalvedEpsilon(EpsilonRule):

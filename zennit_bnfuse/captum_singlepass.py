@@ -15,7 +15,13 @@ pass, with the same hooks on the same tensors:
   ``_manipulate_weights`` on a copy of the layer) and its input gradient (one ``aten.convolution_backward`` call for
   plain convolutions); the input hooks do the rest, as in Captum;
 - activations and other layers without a rule run on a detached input; their input's hook hands on the relevance of
-  their output.
+  their output;
+- ``EpsilonRule`` on a plain convolution or an ``Addition_Module`` whose inputs only such layers read (in a traced
+  model, see :py:func:`in_node_layers`) is computed in the layer's own backward node instead of by hooks: the output
+  hook's quotient, the input gradient and the input hook's product, the same operations on the same tensors, without
+  the layer's graph and in tensors of the node's own. The clones that give each such layer its own input tensor (so
+  that Captum's hooks on it see its share only) are left out of the forward pass: the shares add up as the clones'
+  gradients would.
 
 The stabiliser of Captum's ``EpsilonRule``, ``GammaRule`` and ``Alpha1_Beta0_Rule`` is computed in fewer passes, bit
 for bit, and their hooks do not keep each layer's relevance in the rule's ``relevance_input`` and ``relevance_output``
@@ -30,6 +36,7 @@ the whole model runs on Captum's own hooks instead, and :py:attr:`CaptumSinglePa
 '''
 import copy
 import operator
+import weakref
 from collections import defaultdict
 
 import torch
@@ -37,6 +44,7 @@ import torch.fx
 import torch.nn.functional as F
 import torchvision.ops
 from captum._utils.common import _run_forward
+from captum.attr._utils.custom_modules import Addition_Module
 from captum.attr._utils.lrp_rules import Alpha1_Beta0_Rule, EpsilonRule, GammaRule, IdentityRule, PropagationRule
 
 from .graph_layers import scale_passing_relevance
@@ -141,6 +149,87 @@ def changed_values_read(graph, rules):
     return None
 
 
+def computed_in_node(rule, module):
+    '''Whether the single-pass engine can compute ``rule`` for ``module`` in the layer's own backward node: Captum's
+    ``EpsilonRule`` (exactly; subclasses may change its hooks) on a plain convolution (see
+    :py:func:`~zennit_bnfuse.singlepass.is_plain_convolution`) or on Captum's ``Addition_Module``.'''
+    if type(rule) is not EpsilonRule:
+        return False
+    if isinstance(module, Addition_Module):
+        return type(module).forward is Addition_Module.forward and 'forward' not in vars(module)
+    return is_plain_convolution(module)
+
+
+def in_node_layers(graph, rules, modules):
+    '''The layers (names) whose relevance the single-pass engine computes in their own backward node, and the clone
+    nodes (names) left out of the forward pass.
+
+    A layer's backward node hands its input the layer's relevance, where Captum's input hook would multiply whatever
+    gradient reaches the input tensor: the two agree where every op that reads the tensor is such a layer. The graph
+    rewrite for Captum gives each module call its own clone of a tensor that several ops read; a clone whose source
+    is read only by such clones and such layers is left out, so the layers share the source and their shares add up.
+
+    Parameters
+    ----------
+    graph: :py:class:`torch.fx.Graph`
+    rules: dict[str, object]
+        The rule (or None) of each module the graph calls, by name.
+    modules: dict[str, :py:obj:`torch.nn.Module`]
+
+    Returns
+    -------
+    tuple[set[str], set[str]]
+    '''
+    chosen = {node for node in graph.nodes if node.op == 'call_module' and rules.get(node.target) is not None
+              and computed_in_node(rules[node.target], modules[node.target]) and not node.kwargs
+              and all(isinstance(arg, torch.fx.Node) for arg in node.args)}
+    changed = True
+    while changed:
+        # a layer whose input another op reads keeps Captum's hooks; that may leave a tensor of another layer shared
+        changed = False
+        for node in list(chosen):
+            if any(user not in chosen for input in node.all_input_nodes for user in input.users):
+                chosen.discard(node)
+                changed = True
+
+    def is_clone(node):
+        return node.op == 'call_method' and node.target == 'clone' and len(node.args) == 1 and not node.kwargs
+
+    left_out = set()
+    for node in graph.nodes:
+        readers = list(node.users)
+        if len(readers) > 1 and all(
+                reader in chosen or (is_clone(reader) and all(user in chosen for user in reader.users))
+                for reader in readers):
+            left_out.update(reader.name for reader in readers if is_clone(reader))
+    return {node.target for node in chosen}, left_out
+
+
+# the forward pass without the left-out clones, by model (see without_clones)
+_FORWARDS = weakref.WeakKeyDictionary()
+
+
+def without_clones(model, left_out):
+    '''A GraphModule computing ``model``'s forward (a GraphModule) without the clone nodes ``left_out``, sharing its
+    modules; kept for the next call while ``model``'s code is the same.'''
+    if not left_out:
+        return model
+    key = (model.code, frozenset(left_out))
+    cached = _FORWARDS.get(model)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    graph = torch.fx.Graph()
+    graph.output(graph.graph_copy(model.graph, {}))
+    for node in list(graph.nodes):
+        if node.name in left_out:
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+    graph.lint()
+    forward = torch.fx.GraphModule(model, graph, class_name=type(model).__name__)
+    _FORWARDS[model] = (key, forward)
+    return forward
+
+
 def changed_layer(rule, module, inputs, output):
     '''A shallow copy of ``module`` with its own copies of its parameters and no hooks, whose weights
     ``rule._manipulate_weights`` changed, as Captum changes the layer's after its first forward pass.'''
@@ -198,7 +287,7 @@ class RuleHooks:
             if args[0].requires_grad:
                 args[0].register_hook(lambda grad: cell[0] if cell else None)
         self.calls.append((args, cell))
-        if self.rule is not None and not changes_weights(self.rule):
+        if self.rule is not None and not changes_weights(self.rule) and self.name not in self.engine.in_node:
             return None
         return tuple(arg.detach() if isinstance(arg, torch.Tensor) else arg for arg in args)
 
@@ -227,6 +316,11 @@ class RuleHooks:
                                       (output.detach(),), input)
         rule = self.rule
         rule._has_single_input = len(inputs) == 1
+        if self.name in self.engine.in_node:
+            if not any(input.requires_grad for input in inputs):
+                return output
+            relevance_fn, saved = self.in_node_relevance(module, inputs, output)
+            return RelevanceNode.apply(relevance_fn, (output.detach(), *saved), *inputs)
         for input in inputs:
             if isinstance(input, torch.Tensor) and input.requires_grad:
                 self.engine.register_input_hook(input, rule)
@@ -243,6 +337,41 @@ class RuleHooks:
         # the weights change as in Captum's first pass: after the layer's own forward, from its input and output
         changed = changed_layer(rule, module, tuple(input.detach() for input in inputs), output.detach())
         return RelevanceNode.apply(self.changed_gradient(changed), (output.detach(), *tensors), *tensors)
+
+    def in_node_relevance(self, module, inputs, output):
+        '''For a layer of :py:func:`in_node_layers`: the function ``(grad_output, *saved) -> relevance of each
+        input`` and the tensors ``saved`` it needs. It runs what Captum's hooks run, in the same order on the same
+        tensors: the output hook's quotient (into the stabilised output), the layer's input gradient, the input hook's
+        product (into the gradient). The engine's single backward pass lets the node overwrite what it saved.'''
+        epsilon = self.rule.STABILITY_FACTOR
+        if isinstance(module, Addition_Module):
+            def operands_relevance(grad_output, *operands):
+                # the sum again (the forward's own op), so that nothing but the operands is kept
+                operands = [operand.detach() for operand in operands]
+                with torch.no_grad():
+                    total = module.forward(*operands)
+                denominator = stabilized(total, epsilon)
+                normalised = torch.div(grad_output, denominator, out=denominator)
+                spare = None if any(total is operand for operand in operands) else total
+                relevance = []
+                for index, operand in enumerate(operands):
+                    if operand.shape != normalised.shape:  # broadcast: autograd sums the gradient back first
+                        relevance.append(normalised.sum_to_size(operand.shape) * operand)
+                    elif index == len(operands) - 1:
+                        relevance.append(normalised.mul_(operand))
+                    elif spare is not None:
+                        relevance.append(torch.mul(normalised, operand, out=spare))
+                        spare = None
+                    else:
+                        relevance.append(normalised * operand)
+                return tuple(relevance)
+            return operands_relevance, inputs
+
+        def convolution_relevance(grad_output, denominator, input):
+            input = input.detach()
+            normalised = torch.div(grad_output, denominator, out=denominator)
+            return (convolution_input_gradient(module, input, module.weight.detach(), normalised).mul_(input),)
+        return convolution_relevance, (stabilized(output, epsilon), *inputs)
 
     def output_hook(self, output):
         '''Captum's output hook for ``output`` (the layer's output under the rule's weights): the gradient divided by
@@ -293,6 +422,12 @@ class CaptumSinglePass:
     fallbacks: list[:py:class:`~zennit_bnfuse.singlepass.Fallback`]
         ``[fallback]`` if there is one; else the layers whose rule this module does not reproduce, whose own Captum
         methods (weight change, output and input hooks) run in the single pass.
+    in_node: set[str]
+        The layers whose relevance is computed in their own backward node (see :py:func:`in_node_layers`; none for
+        a model that is not a GraphModule).
+    forward_model: :py:obj:`torch.nn.Module`
+        What the forward pass runs: ``model``, or a GraphModule sharing its modules without the clones
+        :py:func:`in_node_layers` leaves out.
     '''
     def __init__(self, model, choose_rule, autograd_types=()):
         self.model = model
@@ -307,6 +442,10 @@ class CaptumSinglePass:
                 Fallback(name, rule, f'{type(rule).__name__} is not one of Captum\'s rules this engine reproduces; '
                                      'its own Captum methods run in the single pass')
                 for name, rule in self.rules.items() if rule is not None and type(rule) not in CAPTUM_RULES]
+        self.in_node, self.forward_model = set(), model
+        if self.fallback is None and isinstance(model, torch.fx.GraphModule):
+            self.in_node, left_out = in_node_layers(model.graph, self.rules, dict(self.layers))
+            self.forward_model = without_clones(model, left_out)
         self._registered = {}
 
     def whole_model_fallback(self):
@@ -370,7 +509,7 @@ class CaptumSinglePass:
                     print(f'Applied {rule} on layer {module}')
             with torch.enable_grad():
                 adjusted = tuple(input + 0 if input is not None else input for input in inputs)
-                output = _run_forward(self.model, adjusted, target, additional_forward_args)
+                output = _run_forward(self.forward_model, adjusted, target, additional_forward_args)
                 assert output[0].numel() == 1, ('Target not provided when necessary, cannot take gradient with '
                                                 'respect to multiple outputs.')
                 gradients = torch.autograd.grad(torch.unbind(output), inputs)
