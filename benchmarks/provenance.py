@@ -1,4 +1,5 @@
 '''Where a benchmark result comes from: the command that made it, the machine and the date.'''
+import os
 import platform
 import sys
 from datetime import datetime, timezone
@@ -7,10 +8,17 @@ from pathlib import Path
 import torch
 
 
+# environment variables that change how glibc's malloc keeps memory, and so how often freed memory is faulted in again
+ALLOCATOR_VARIABLES = ('GLIBC_TUNABLES', 'MALLOC_ARENA_MAX', 'MALLOC_MMAP_MAX_', 'MALLOC_MMAP_THRESHOLD_',
+                       'MALLOC_TOP_PAD_', 'MALLOC_TRIM_THRESHOLD_', 'LD_PRELOAD')
+
+
 def command_line(argv=None, launcher='python'):
-    '''The command as typed: ``python benchmarks/<script>.py <arguments>``.'''
+    '''The command as typed: ``python benchmarks/<script>.py <arguments>``, after the memory allocator's settings
+    from the environment where any is set (``MALLOC_TRIM_THRESHOLD_=... python ...``).'''
     arguments = argv if argv is not None else sys.argv[1:]
-    return ' '.join([launcher, Path(sys.argv[0]).as_posix(), *arguments])
+    settings = [f'{name}={os.environ[name]}' for name in ALLOCATOR_VARIABLES if os.environ.get(name)]
+    return ' '.join([*settings, launcher, Path(sys.argv[0]).as_posix(), *arguments])
 
 
 def machine(*details):

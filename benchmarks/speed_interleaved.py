@@ -17,6 +17,7 @@ Writes ``benchmarks/results/speed-interleaved.md`` and ``.json``.
 
     python benchmarks/speed_interleaved.py
 '''
+import os
 import statistics
 import time
 
@@ -27,7 +28,7 @@ from zennit.composites import EpsilonPlusFlat
 from zennit_bnfuse import CompositeLRP, FuseBatchNorm, FusedLRP, SinglePass
 from zennit_bnfuse.evaluation.composites import epsilon
 
-from provenance import command_line, header, machine, today
+from provenance import ALLOCATOR_VARIABLES, command_line, header, machine, today
 from speed import (
     MODELS, gradient_and_forward, input_gradient, parse_arguments, run_configurations, setup, synchronize,
     write_tables,
@@ -149,6 +150,10 @@ def write_report(results, command, args):
         'CompositeLRP and the single-pass Captum engine for FusedLRP',
         '- each call is timed by the wall clock and by the process\'s CPU time (which leaves out the time other '
         'processes on a shared machine hold the CPU); the first table is wall-clock, the second CPU time',
+        '- memory allocator: ' + ('the settings in the command' if any(
+            os.environ.get(name) for name in ALLOCATOR_VARIABLES) else 'the C library\'s malloc with its defaults; '
+            'where it hands freed memory back to the system, the next call faults it in again, page by page, and '
+            'LRP, which keeps more tensors than a gradient, pays more of that (docs/howto/singlepass.md, "Speed")'),
         '',
     ]
     for clock, ratio_key, title in (('seconds', 'median_ratio', 'Wall clock'),

@@ -96,3 +96,18 @@ def test_speed_interleaved_methods_subset(tmp_path):
     assert set(rows) == {speed_interleaved.GRADIENT, speed_interleaved.FLOOR, speed_interleaved.COMPOSITE_LRP}
     with pytest.raises(SystemExit):
         speed_interleaved.main(['--methods', 'floor,nothing'])
+
+
+def test_command_line_names_the_allocator_settings(monkeypatch):
+    # glibc's malloc settings change how often freed memory is faulted in again, so LRP's speed ratios: the recorded
+    # command carries them
+    import provenance
+    for name in provenance.ALLOCATOR_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(sys, 'argv', ['benchmarks/speed_interleaved.py'])
+    assert provenance.command_line(['--repeats', '3']) == 'python benchmarks/speed_interleaved.py --repeats 3'
+    monkeypatch.setenv('MALLOC_TRIM_THRESHOLD_', '68719476736')
+    monkeypatch.setenv('MALLOC_MMAP_THRESHOLD_', '33554432')
+    assert provenance.command_line(['--repeats', '3']) == (
+        'MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=68719476736 python benchmarks/speed_interleaved.py '
+        '--repeats 3')
