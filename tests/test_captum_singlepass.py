@@ -1,4 +1,5 @@
 '''Tests for the single-pass engine of FusedLRP: Captum's rules from one forward pass give Captum's relevance.'''
+import copy
 import operator
 
 import pytest
@@ -207,6 +208,56 @@ def test_resnet_clones_left_out_where_only_in_node_layers_read(rule):
     captum = FusedLRP(model, rules={torch.nn.Conv2d: RULES[rule]()}, engine='captum').attribute(
         input, target=[3, 7], return_convergence_delta=True)
     assert_same(single, captum, torch.float64)
+
+
+def test_targets_and_inputs_are_checked_where_clones_are_left_out():
+    # resnet18 under the default rules runs a copy of the prepared graph without clones: the checks watch that one
+    model = randomize_batch_norms(torchvision.models.resnet18(weights=None).double())
+    lrp = FusedLRP(model)
+    input = torch.rand(2, 3, 32, 32, dtype=torch.float64)
+    lrp.attribute(input, target=[1, 2])
+    assert CaptumSinglePass(lrp._prepared_model(), lrp.choose_rule).forward_model is not lrp._prepared_model()
+    for target in (-1, 1000):
+        with pytest.raises(ValueError, match=rf'^target {target} is out of range for the model output of shape '
+                                             r'\(2, 1000\)'):
+            lrp.attribute(input, target=target)
+    with pytest.raises(ValueError, match=r'could not compute its output for inputs of shape \(2, 5, 32, 32\)'):
+        lrp.attribute(torch.rand(2, 5, 32, 32, dtype=torch.float64), target=0)
+
+
+def test_forward_without_clones_is_built_again_when_a_module_is_replaced():
+    model = randomize_batch_norms(torchvision.models.resnet18(weights=None).double())
+    lrp = FusedLRP(model)
+    prepared = lrp._prepared_model()
+    first = CaptumSinglePass(prepared, lrp.choose_rule).forward_model
+    assert CaptumSinglePass(prepared, lrp.choose_rule).forward_model is first
+    block = getattr(prepared.layer1, '0')
+    block.conv1 = replacement = copy.deepcopy(block.conv1)
+    again = CaptumSinglePass(prepared, lrp.choose_rule).forward_model
+    assert again is not first and getattr(again.layer1, '0').conv1 is replacement
+
+
+class SizedUpsampling(torch.nn.Module):
+    '''A transposed convolution called with an output size besides its input: not computed in its node.'''
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.pre, self.down = torch.nn.Conv2d(2, 2, 1), torch.nn.Conv2d(2, 2, 3, padding=1)
+        self.up = torch.nn.ConvTranspose2d(2, 2, 3, 1, 1)
+        self.linear = torch.nn.Linear(2 * 8 * 8, 2)
+
+    def forward(self, input):
+        hidden = self.pre(input)
+        return self.linear(torch.flatten(self.up(self.down(hidden), hidden.size()[-2:]), 1))
+
+
+def test_layers_called_with_more_than_their_tensor_keep_captums_hooks():
+    graph = torch.fx.symbolic_trace(SizedUpsampling()).graph
+    modules = dict(SizedUpsampling().named_modules())
+    rules = {name: EpsilonRule() for name in ('pre', 'down', 'up', 'linear')}
+    # `up` reads its input and a size; `down` reads a tensor that the size also reads; `pre` reads the model's input
+    # only (Captum's own LRP cannot run this model: its input hook takes the size for a tensor)
+    assert in_node_layers(graph, rules, modules)[0] == {'pre'}
 
 
 class HalvedEpsilon(EpsilonRule):

@@ -133,8 +133,10 @@ def test_stabilized_is_zennits_stabilizer_bit_for_bit():
                           dtype=torch.float64)
     expected = Stabilizer(epsilon=0.25)(output)
     result = stabilized(output, 0.25)
+    # the input is left as it was, signs of zeros included
     assert result.data_ptr() != output.data_ptr() and torch.equal(output[:4], torch.tensor([-2., -0., 0., 3.],
                                                                                             dtype=torch.float64))
+    assert output[:4].signbit().tolist() == [True, True, False, False]
     assert torch.equal(result[:-1], expected[:-1]) and torch.equal(result.signbit(), expected.signbit())
     assert torch.isnan(result[-1]) and torch.isnan(expected[-1])
 

@@ -379,7 +379,8 @@ class FusedLRP(LRP):
             check_stabilizers(engine.rules, dtype)
             self.fallbacks = engine.fallbacks
             if engine.fallback is None:
-                with checked_forward(prepared, input_tuple, target):
+                # the engine's forward model (the prepared copy, or a copy of its graph without some clones)
+                with checked_forward(engine.forward_model, input_tuple, target):
                     return self._attribute_single_pass(engine, inputs, target, additional_forward_args,
                                                        return_convergence_delta, verbose)
         else:

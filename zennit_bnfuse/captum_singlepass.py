@@ -182,6 +182,7 @@ def in_node_layers(graph, rules, modules):
     '''
     chosen = {node for node in graph.nodes if node.op == 'call_module' and rules.get(node.target) is not None
               and computed_in_node(rules[node.target], modules[node.target]) and not node.kwargs
+              and len(node.args) == (2 if isinstance(modules[node.target], Addition_Module) else 1)
               and all(isinstance(arg, torch.fx.Node) for arg in node.args)}
     changed = True
     while changed:
@@ -211,10 +212,12 @@ _FORWARDS = weakref.WeakKeyDictionary()
 
 def without_clones(model, left_out):
     '''A GraphModule computing ``model``'s forward (a GraphModule) without the clone nodes ``left_out``, sharing its
-    modules; kept for the next call while ``model``'s code is the same.'''
+    modules; kept for the next call while ``model``'s code, modules and tensors are the same objects.'''
     if not left_out:
         return model
-    key = (model.code, frozenset(left_out))
+    # the copy refers to the modules and tensors the graph names: replacing one must build it again
+    key = (model.code, frozenset(left_out), tuple((name, id(module)) for name, module in model.named_modules()),
+           tuple(id(tensor) for tensor in (*model.parameters(), *model.buffers())))
     cached = _FORWARDS.get(model)
     if cached is not None and cached[0] == key:
         return cached[1]
@@ -297,7 +300,8 @@ class RuleHooks:
         Raises
         ------
         TypeError
-            If the layer returns other than one tensor, or relevance would pass through a layer that changes shape.
+            If the layer returns other than one tensor, relevance would pass through a layer that changes shape, or a
+            layer whose relevance is computed in its node gets an input that is not a tensor.
         '''
         inputs, cell = self.calls.pop()
         if not isinstance(output, torch.Tensor):
@@ -317,6 +321,9 @@ class RuleHooks:
         rule = self.rule
         rule._has_single_input = len(inputs) == 1
         if self.name in self.engine.in_node:
+            if not all(isinstance(input, torch.Tensor) for input in inputs):
+                raise TypeError(f'Module `{self.name}` ({type(module).__name__}) is called with an input that is not a '
+                                'tensor; its rule needs a tensor for each input (as in Captum).')
             if not any(input.requires_grad for input in inputs):
                 return output
             relevance_fn, saved = self.in_node_relevance(module, inputs, output)

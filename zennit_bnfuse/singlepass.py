@@ -354,7 +354,8 @@ def operand_relevance(operands, normalised, overwrite=False, spare=None):
     ``Norm`` or ``Epsilon`` gives on the stack of the broadcast operands (each operand broadcast, times the normalised
     output relevance, summed back over the broadcast dims). With ``overwrite``, ``normalised`` (a tensor of the
     caller's) holds the last operand's relevance afterwards, one new tensor less; ``spare``, a tensor of the caller's
-    shaped like ``normalised`` and no longer needed, holds the first operand's, another one less.'''
+    shaped like ``normalised`` and no longer needed, holds the relevance of the first operand before the last that is
+    shaped like ``normalised`` too (if any), another one less.'''
     relevance = []
     for index, operand in enumerate(operands):
         if overwrite and index == len(operands) - 1 and operand.shape == normalised.shape:
