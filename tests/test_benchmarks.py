@@ -111,3 +111,16 @@ def test_command_line_names_the_allocator_settings(monkeypatch):
     assert provenance.command_line(['--repeats', '3']) == (
         'MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=68719476736 python benchmarks/speed_interleaved.py '
         '--repeats 3')
+
+
+def test_levers_smoke(tmp_path, monkeypatch):
+    # the table's plumbing (torch.compile replaced by the eager function: compiling needs a C++ compiler)
+    import levers
+    monkeypatch.setattr(torch, 'compile', lambda function, **options: function)
+    levers.main(['--batches', '1', '--repeats', '1', '--input-size', '32', '--out', str(tmp_path), '--tag', 'smoke'])
+    result = json.loads((tmp_path / 'smoke.json').read_text())['results'][0]
+    # resnet50: 53 convolutions, the first reads the image
+    assert result['model'] == 'resnet50' and result['rows']['layers'] == 52
+    assert result['rows']['same_bits'] == {'stacked': True, 'compiled': True}
+    assert set(result['rows']['seconds']) == {'separate', 'stacked', 'eager tail', 'compiled tail'}
+    assert len(table_rows(tmp_path / 'smoke.md')) == 3
