@@ -40,6 +40,7 @@ GRADIENT = 'gradient (fused model)'
 FLOOR = 'gradient + one more forward (floor of exact z+)'
 TWO_HALVES_FLOOR = 'two gradients + one more forward (floor of z+ with both halves)'
 COMPOSITE_LRP = 'CompositeLRP(EpsilonPlusFlat), default engine'
+COMPOSITE_LRP_REGISTERING = 'CompositeLRP(EpsilonPlusFlat), default engine, composite registered per call'
 COMPOSITE_LRP_ZENNIT = 'CompositeLRP(EpsilonPlusFlat, engine=\'zennit\')'
 COMPOSITE_LRP_EPSILON = 'CompositeLRP(LRP-epsilon), default engine'
 FUSED_LRP = 'FusedLRP(), default engine'
@@ -50,6 +51,17 @@ SINGLE_PASS_COMPOSITE = 'SinglePass(EpsilonPlusFlat + FuseBatchNorm) in a Zennit
 def attribution(lrp, input, target):
     '''One call of a Captum-style attribution object.'''
     return lambda: lrp.attribute(input, target=target)
+
+
+def registering_per_call(lrp, input, target):
+    '''One call of ``lrp`` (a CompositeLRP) with its composite registered for that call only, as it was before the
+    composite stayed registered on the prepared copy between calls (see zennit_bnfuse.registration).'''
+    def run():
+        try:
+            return lrp.attribute(input, target=target)
+        finally:
+            lrp.registration.remove()
+    return run
 
 
 def lrp_call(model, composite, input, target):
@@ -77,6 +89,8 @@ METHODS = {
     'two-halves-floor': (TWO_HALVES_FLOOR, lambda model, fused, input, target: two_gradients_and_forward(
         fused, input, target)),
     'composite': (COMPOSITE_LRP, lambda model, fused, input, target: attribution(
+        CompositeLRP(model, EpsilonPlusFlat()), input, target)),
+    'composite-registering': (COMPOSITE_LRP_REGISTERING, lambda model, fused, input, target: registering_per_call(
         CompositeLRP(model, EpsilonPlusFlat()), input, target)),
     'composite-zennit': (COMPOSITE_LRP_ZENNIT, lambda model, fused, input, target: attribution(
         CompositeLRP(model, EpsilonPlusFlat(), engine='zennit'), input, target)),

@@ -31,6 +31,7 @@ from .fold import BATCH_NORM_TYPES, is_batch_norm
 from .layers import ThresholdReLU
 from .graph_layers import SumReduction
 from .prepared import PreparedModel
+from .registration import KeptRegistration
 from .singlepass import SinglePass
 
 # leaves that get Captum's EpsilonRule by default: every affine map (reductions: zennit_bnfuse.graph_layers)
@@ -421,6 +422,10 @@ class CompositeLRP(GradientAttribution):
     over the stacked operands for Zennit's hooks (the same relevance); and one module per use of a reused module.
     ``model`` is never changed.
 
+    The composite registers on the prepared copy at the first call and stays there, its hooks inactive between calls
+    (see :py:class:`~zennit_bnfuse.registration.KeptRegistration`), until the copy is built again because ``model``
+    changed: its rules are read then, so changes to ``composite`` after the first call need a new ``CompositeLRP``.
+
     Parameters
     ----------
     model: :py:obj:`torch.nn.Module`
@@ -447,7 +452,8 @@ class CompositeLRP(GradientAttribution):
     ----------
     fallbacks: list[:py:class:`~zennit_bnfuse.singlepass.Fallback`]
         After a call with the single-pass engine, the modules (names in the prepared copy) whose rule Zennit's own
-        hooks computed, with the reason; empty for ``engine='zennit'``.
+        hooks compute, with the reason, noted since the prepared copy was built (a module that falls back once stays
+        with Zennit's hook); empty for ``engine='zennit'``.
 
     Raises
     ------
@@ -499,10 +505,12 @@ class CompositeLRP(GradientAttribution):
         if self.engine == 'singlepass':
             # the prepared copy is ours: nobody writes its parameters behind autograd's back
             self.composite = SinglePass(self.composite, cache=True)
+        # the prepared copy is ours: the composite stays registered on it between calls
+        self.registration = KeptRegistration(self.composite)
 
     @property
     def fallbacks(self):
-        '''The modules whose rule Zennit's own hooks computed in the last call (see the class docstring).'''
+        '''The modules whose rule Zennit's own hooks compute (see the class docstring).'''
         return list(getattr(self.composite, 'fallbacks', []))
 
     @property
@@ -529,7 +537,7 @@ class CompositeLRP(GradientAttribution):
         if len(inputs[0]) == 0:
             relevance, output = empty_batch_attribution(prepared, inputs, target, additional_forward_args)
         else:
-            with checked_forward(prepared, inputs, target), self.composite.context(prepared), torch.enable_grad():
+            with checked_forward(prepared, inputs, target), self.registration.call(prepared), torch.enable_grad():
                 output = _run_forward(prepared, inputs, target, additional_forward_args)
                 relevance = torch.autograd.grad(output, inputs, grad_outputs=output.detach())
         relevance = _format_output(is_tuple, relevance)
