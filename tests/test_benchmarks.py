@@ -1,5 +1,6 @@
 '''Smoke tests of the benchmark scripts: training and speed (the study has tests/test_study.py).'''
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -114,7 +115,8 @@ def test_command_line_names_the_allocator_settings(monkeypatch):
 
 
 def test_levers_smoke(tmp_path, monkeypatch):
-    # the table's plumbing (torch.compile replaced by the eager function: compiling needs a C++ compiler)
+    # the table's plumbing, with torch.compile replaced by the eager function (so 'compiled' here is the eager tail
+    # against itself; the compiled kernel's bits are the next test's)
     import levers
     monkeypatch.setattr(torch, 'compile', lambda function, **options: function)
     levers.main(['--batches', '1', '--repeats', '1', '--input-size', '32', '--out', str(tmp_path), '--tag', 'smoke'])
@@ -124,3 +126,15 @@ def test_levers_smoke(tmp_path, monkeypatch):
     assert result['rows']['same_bits'] == {'stacked': True, 'compiled': True}
     assert set(result['rows']['seconds']) == {'separate', 'stacked', 'eager tail', 'compiled tail'}
     assert len(table_rows(tmp_path / 'smoke.md')) == 3
+
+
+@pytest.mark.skipif(shutil.which('c++') is None and shutil.which('g++') is None,
+                    reason='torch.compile on the CPU needs a C++ compiler')
+def test_levers_compiled_tail_gives_the_eager_tails_bits():
+    # the real compiled kernel, compiled once for every shape as levers.py compiles it
+    import levers
+    compiled = torch.compile(levers.tail, dynamic=True)
+    conv = torch.nn.Conv2d(3, 4, 3)
+    for shape in [(1, 3, 8, 8), (2, 3, 11, 9)]:
+        layer = levers.Layer(conv, torch.rand(shape), torch.Generator().manual_seed(1))
+        assert torch.equal(compiled(layer.grad, layer.z_plus), layer.eager_tail())

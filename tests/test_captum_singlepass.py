@@ -346,3 +346,27 @@ def test_cuda_equals_captum(dtype):
     scale = expected.detach().abs().max().item()
     tolerance = 1e-4 if dtype == torch.float32 else 1e-10
     torch.testing.assert_close(relevance, expected.detach(), rtol=tolerance, atol=tolerance * scale)
+
+
+class Broadcast(torch.nn.Module):
+    '''A conv's output plus a per-channel gate broadcast over it, through Captum's Addition_Module.'''
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.pool = torch.nn.Conv2d(2, 3, 3, padding=1), torch.nn.AdaptiveAvgPool2d(1)
+        self.gate, self.add, self.linear = torch.nn.Conv2d(2, 3, 1), Addition_Module(), torch.nn.Linear(108, 4)
+
+    def forward(self, input):
+        return self.linear(torch.flatten(self.add(self.conv(input), self.gate(self.pool(input))), 1))
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_broadcast_operand_in_node_is_captums_bit_for_bit(dtype):
+    # autograd sums the broadcast operand's gradient back before Captum's input hook multiplies by the operand: the
+    # in-node addition does the same (multiplying first and summing after, as Zennit's Sum does, differs in the bits)
+    model = Broadcast().to(dtype).eval()
+    input = torch.randn(2, 2, 6, 6, dtype=dtype, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    single = FusedLRP(model)
+    assert CaptumSinglePass(single._prepared_model(), single.choose_rule).in_node == {'conv', 'gate', 'add'}
+    assert torch.equal(single.attribute(input, target=[0, 3]),
+                       FusedLRP(model, engine='captum').attribute(input, target=[0, 3]).detach())

@@ -35,6 +35,7 @@ whose rule changes weights, or where a rule changes Captum's two-pass procedure 
 the whole model runs on Captum's own hooks instead, and :py:attr:`CaptumSinglePass.fallback` says why.
 '''
 import copy
+import functools
 import operator
 import weakref
 from collections import defaultdict
@@ -48,7 +49,9 @@ from captum.attr._utils.custom_modules import Addition_Module
 from captum.attr._utils.lrp_rules import Alpha1_Beta0_Rule, EpsilonRule, GammaRule, IdentityRule, PropagationRule
 
 from .graph_layers import scale_passing_relevance
-from .singlepass import Fallback, RelevanceNode, convolution_input_gradient, is_plain_convolution, stabilized
+from .singlepass import (
+    Fallback, RelevanceNode, convolution_input_gradient, is_plain_convolution, stabilized, sum_relevance,
+)
 
 # Captum's rules whose output and input hooks this module computes itself (the stabiliser in three passes)
 KNOWN_RULES = (EpsilonRule, GammaRule, Alpha1_Beta0_Rule)
@@ -352,27 +355,9 @@ class RuleHooks:
         product (into the gradient). The engine's single backward pass lets the node overwrite what it saved.'''
         epsilon = self.rule.STABILITY_FACTOR
         if isinstance(module, Addition_Module):
-            def operands_relevance(grad_output, *operands):
-                # the sum again (the forward's own op), so that nothing but the operands is kept
-                operands = [operand.detach() for operand in operands]
-                with torch.no_grad():
-                    total = module.forward(*operands)
-                denominator = stabilized(total, epsilon)
-                normalised = torch.div(grad_output, denominator, out=denominator)
-                spare = None if any(total is operand for operand in operands) else total
-                relevance = []
-                for index, operand in enumerate(operands):
-                    if operand.shape != normalised.shape:  # broadcast: autograd sums the gradient back first
-                        relevance.append(normalised.sum_to_size(operand.shape) * operand)
-                    elif index == len(operands) - 1:
-                        relevance.append(normalised.mul_(operand))
-                    elif spare is not None:
-                        relevance.append(torch.mul(normalised, operand, out=spare))
-                        spare = None
-                    else:
-                        relevance.append(normalised * operand)
-                return tuple(relevance)
-            return operands_relevance, inputs
+            # autograd sums a broadcast operand's gradient back before the input hook multiplies
+            return (lambda grad_output, *operands: sum_relevance(
+                module, operands, grad_output, functools.partial(stabilized, epsilon=epsilon), sum_first=True)), inputs
 
         def convolution_relevance(grad_output, denominator, input):
             input = input.detach()

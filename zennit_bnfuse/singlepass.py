@@ -349,25 +349,47 @@ def zplus_relevance(rule, module, input, grad_output, normalize=None, non_negati
     return relevance
 
 
-def operand_relevance(operands, normalised, overwrite=False, spare=None):
-    '''The ``Sum`` rule's relevance of each operand of :py:class:`~zennit_bnfuse.layers.AddOperands`: what Zennit's
-    ``Norm`` or ``Epsilon`` gives on the stack of the broadcast operands (each operand broadcast, times the normalised
-    output relevance, summed back over the broadcast dims). With ``overwrite``, ``normalised`` (a tensor of the
-    caller's) holds the last operand's relevance afterwards, one new tensor less; ``spare``, a tensor of the caller's
-    shaped like ``normalised`` and no longer needed, holds the relevance of the first operand before the last that is
-    shaped like ``normalised`` too (if any), another one less.'''
+def operand_relevance(operands, normalised, overwrite=False, spare=None, sum_first=False):
+    '''The relevance of each operand of a residual sum, given the normalised relevance of the sum (the output's
+    relevance over the stabilised sum): each operand times it.
+
+    An operand broadcast in the sum gets, by default, its products summed back over the broadcast dims (Zennit's
+    ``Norm`` or ``Epsilon`` on the stack of the broadcast operands, :py:class:`~zennit_bnfuse.layers.AddOperands`);
+    with ``sum_first``, the normalised relevance summed back first, times the operand (autograd's gradient of the sum
+    times the input, as Captum's hooks on an ``Addition_Module`` compute it). With ``overwrite``, ``normalised`` (a
+    tensor of the caller's) holds the last operand's relevance afterwards, one new tensor less; ``spare``, a tensor of
+    the caller's shaped like ``normalised`` and no longer needed, holds the relevance of the first operand before the
+    last that is shaped like ``normalised`` too (if any), another one less.'''
     relevance = []
     for index, operand in enumerate(operands):
-        if overwrite and index == len(operands) - 1 and operand.shape == normalised.shape:
+        if operand.shape != normalised.shape:
+            if sum_first:
+                relevance.append(normalised.sum_to_size(operand.shape) * operand)
+            else:
+                relevance.append((operand.expand_as(normalised) * normalised).sum_to_size(operand.shape))
+        elif overwrite and index == len(operands) - 1:
             relevance.append(normalised.mul_(operand))
-            continue
-        if spare is not None and operand.shape == normalised.shape:
+        elif spare is not None:
             relevance.append(torch.mul(operand, normalised, out=spare))
             spare = None
-            continue
-        product = operand.expand_as(normalised) * normalised
-        relevance.append(product if product.shape == operand.shape else product.sum_to_size(operand.shape))
+        else:
+            relevance.append(operand * normalised)
     return tuple(relevance)
+
+
+def sum_relevance(module, operands, grad_output, stabilize, sum_first=False):
+    '''The relevance of each operand of the residual sum ``module`` (:py:class:`~zennit_bnfuse.layers.AddOperands`,
+    Captum's ``Addition_Module``) under an epsilon rule, from nothing but the operands: the sum again (the module's
+    own forward, the same numbers bit for bit), ``stabilize(sum)`` (a new tensor, which then holds the normalised
+    relevance and the last operand's relevance), the sum's own memory for the first operand's (see
+    :py:func:`operand_relevance`, which ``sum_first`` goes to).'''
+    operands = [operand.detach() for operand in operands]
+    with torch.no_grad():
+        total = module.forward(*operands)
+    denominator = stabilize(total)
+    spare = None if any(total is operand for operand in operands) else total
+    return operand_relevance(operands, torch.div(grad_output, denominator, out=denominator), overwrite=True,
+                             spare=spare, sum_first=sum_first)
 
 
 def threshold_function(module):
@@ -596,20 +618,13 @@ class SinglePassHook(Hook):
         '''The relevance function of :py:class:`~zennit_bnfuse.layers.AddOperands` (see :py:meth:`sums_operands`).'''
         rule, normalize = self.rule, self.normalize
         if normalize is not None:
-            # nothing but the operands is kept: the backward step adds them again (the same sum, bit for bit). A sum is
-            # -0.0 only where every operand is -0.0, so there the operands' relevance is 0 (times a finite number)
-            # whatever the stabiliser's sign: copysign needs no ``+ 0.0`` first (one pass less). The stabilised sum
-            # is a tensor of this step's, which then holds the normalised relevance and the last operand's relevance;
-            # the sum's own memory holds the first operand's
-            def relevance(grad_output, *operands):
-                operands = [operand.detach() for operand in operands]
-                with torch.no_grad():
-                    total = module.forward(*operands)
-                denominator = total.new_full((), normalize.epsilon).copysign(total).add_(total)
-                spare = None if any(total is operand for operand in operands) else total
-                return operand_relevance(operands, torch.div(grad_output, denominator, out=denominator),
-                                         overwrite=True, spare=spare)
-            return relevance, inputs, output.detach()
+            # nothing but the operands is kept: the backward step adds them again (see sum_relevance). A sum is -0.0
+            # only where every operand is -0.0, so there the operands' relevance is 0 (times a finite number) whatever
+            # the stabiliser's sign: copysign needs no ``+ 0.0`` first (one pass less than stabilized)
+            def stabilize(total):
+                return total.new_full((), normalize.epsilon).copysign(total).add_(total)
+            return (lambda grad_output, *operands: sum_relevance(module, operands, grad_output, stabilize),
+                    inputs, output.detach())
 
         def mapped(grad_output, output, *operands):
             normalised = rule.gradient_mapper(grad_output, [output])
