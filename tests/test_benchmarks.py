@@ -83,9 +83,10 @@ def test_speed_interleaved_smoke(tmp_path):
     assert all(len(row['seconds']) == len(row['cpu_seconds']) == 2 and row['median_ratio'] > 0
                for row in rows.values())
     assert rows['gradient (fused model)']['median_ratio'] == rows['gradient (fused model)']['median_cpu_ratio'] == 1
-    # one row per clock, and the FusedLRP target (the z+ targets name other models)
+    # one row per clock, the FusedLRP target (the z+ targets name other models) and the registration comparison
     table = [line for line in table_rows(tmp_path / 'smoke.md') if line.startswith('| resnet18 | 1 | cpu |')]
-    assert len(table) == 3 and 'FusedLRP(), default engine' in table[2]
+    assert len(table) == 4 and 'FusedLRP(), default engine' in table[2]
+    assert 'composite registered per call' in table[3] and table[3].endswith('| - | - |')
 
 
 def test_speed_interleaved_methods_subset(tmp_path):
@@ -138,3 +139,21 @@ def test_levers_compiled_tail_gives_the_eager_tails_bits():
     for shape in [(1, 3, 8, 8), (2, 3, 11, 9)]:
         layer = levers.Layer(conv, torch.rand(shape), torch.Generator().manual_seed(1))
         assert torch.equal(compiled(layer.grad, layer.z_plus), layer.eager_tail())
+
+
+@pytest.mark.skipif(not (default_data_root() / 'CIFAR10-JPEG').is_dir() and not (default_data_root() / 'CIFAR10').is_dir(),
+                    reason=f'needs CIFAR-10 under {default_data_root()} (set ZENNIT_BNFUSE_DATA)')
+def test_throughput_smoke(tmp_path):
+    import throughput
+    throughput.main(['--images', '6', '--batch', '4', '--cifar10-models', 'cifar10-vgg-bn', '--resnet50-images', '1',
+                     '--resnet50-batch', '1', '--devices', 'cpu', '--out', str(tmp_path), '--tag', 'smoke'])
+    results = json.loads((tmp_path / 'smoke.json').read_text())['results']
+    assert [(result['workload'], result['batch']) for result in results] == [
+        ('cifar10-vgg-bn (CIFAR-10 test set, 32x32)', 4), ('resnet50 (random weights, 224x224)', 1)]
+    for result in results:
+        assert set(result['rows']) == {throughput.GRADIENT, *throughput.METHODS}
+        assert all(row['seconds'] > 0 and row['peak_mb'] is None for row in result['rows'].values())
+        assert {row['images'] for row in result['rows'].values()} == {6 if result['batch'] == 4 else 1}
+    assert len(table_rows(tmp_path / 'smoke.md')) == 2 + 2 * 5  # header, separator, a row per method and workload
+    with pytest.raises(SystemExit):
+        throughput.main(['--workloads', 'imagenet'])
