@@ -6,6 +6,7 @@ import torchvision
 from captum.attr import LRP
 from captum.attr._utils.lrp_rules import EpsilonRule, GammaRule, IdentityRule
 from zennit.attribution import Gradient
+from zennit.canonizers import CompositeCanonizer, SequentialMergeBatchNorm
 from zennit.composites import EpsilonAlpha2Beta1Flat, EpsilonPlusFlat, LayerMapComposite
 from zennit.rules import Epsilon
 from zennit.torchvision import ResNetCanonizer
@@ -643,3 +644,21 @@ def test_engine_and_its_older_spelling_must_agree():
     assert CompositeLRP(model, EpsilonPlusFlat()).engine == 'singlepass'
     with pytest.raises(ValueError, match="single_pass=False asks for engine='zennit' but engine='singlepass'"):
         CompositeLRP(model, EpsilonPlusFlat(), single_pass=False, engine='singlepass')
+
+
+@pytest.mark.parametrize('handling', ['unfused', 'naive'])
+@pytest.mark.parametrize('canonizer, name', [
+    (FuseBatchNorm, 'FuseBatchNorm'), (SequentialMergeBatchNorm, 'SequentialMergeBatchNorm'),
+    (lambda: CompositeCanonizer([FuseBatchNorm()]), 'FuseBatchNorm'),
+    (ResNetCanonizer, 'SequentialMergeBatchNorm'),  # Zennit's ResNet canonizer merges BatchNorms too
+], ids=['FuseBatchNorm', 'SequentialMergeBatchNorm', 'nested', 'ResNetCanonizer'])
+def test_composite_lrp_refuses_a_canonizer_that_folds_the_batch_norms_the_handling_keeps(handling, canonizer, name):
+    # FuseBatchNorm's ThresholdReLU would get two rules (its own and the handling's), and the handling would not hold
+    composite = EpsilonPlusFlat(canonizers=[canonizer()])
+    with pytest.raises(ValueError, match=rf"handling='{handling}' keeps the BatchNorms for its own rule, but the "
+                                         rf"composite's canonizer {name} folds them"):
+        CompositeLRP(TinyNet(), composite, handling=handling)
+    # with handling='fused' (the default) the copy has no BatchNorm left for the canonizer
+    input = torch.ones(1, 2, dtype=torch.float64)
+    assert torch.equal(CompositeLRP(TinyNet(), composite).attribute(input, target=0),
+                       CompositeLRP(TinyNet(), EpsilonPlusFlat()).attribute(input, target=0))

@@ -3,10 +3,10 @@ import pytest
 import torch
 from zennit.attribution import Gradient
 from zennit.composites import EpsilonPlusFlat, LayerMapComposite, MixedComposite
-from zennit.rules import ReLUGuidedBackprop
+from zennit.rules import Epsilon, ReLUGuidedBackprop
 
 from conftest import ModelSnapshot, randomize_batch_norms
-from zennit_bnfuse import CompositeLRP, SinglePass
+from zennit_bnfuse import CompositeLRP, FuseBatchNorm, SinglePass, ThresholdReLU
 from zennit_bnfuse.registration import KeptRegistration
 
 
@@ -82,21 +82,22 @@ def test_between_calls_the_hooks_hold_nothing_and_leave_gradients_alone(engine):
     assert kept.model is model and composite.handles
 
 
-def test_an_error_in_a_call_leaves_the_hooks_off():
-    model, composite = small_net(), COMPOSITES['singlepass']()
+@pytest.mark.parametrize('engine', COMPOSITES)
+def test_an_error_in_a_call_leaves_the_hooks_off(engine):
+    model, composite = small_net(), COMPOSITES[engine]()
     plain = plain_gradient(model, inputs(2))
     kept = KeptRegistration(composite)
     with pytest.raises(RuntimeError):
         with kept.call(model):
             model(torch.rand(1, 5, 6, 6, dtype=torch.float64, requires_grad=True))
-    assert all(not hook.active for hook in composite.hook_refs)
+    assert kept.hooks and all(not hook.active for hook in kept.hooks)
     assert all(state == ({}, [], []) for state in hook_states(composite))
     assert torch.equal(plain_gradient(model, inputs(2)), plain)
     assert torch.equal(kept_relevance(kept, model, inputs(2), [0, 3]),
-                       fresh_relevance(model, COMPOSITES['singlepass'](), inputs(2), [0, 3]))
+                       fresh_relevance(model, COMPOSITES[engine](), inputs(2), [0, 3]))
 
 
-def test_registers_again_on_another_model_and_after_being_removed_elsewhere():
+def test_registers_again_on_another_model_and_after_being_removed_or_registered_elsewhere():
     first, second = small_net(), small_net(seed=5)
     composite = COMPOSITES['singlepass']()
     untouched = ModelSnapshot(first)
@@ -106,10 +107,50 @@ def test_registers_again_on_another_model_and_after_being_removed_elsewhere():
     untouched.assert_unchanged()  # the hooks left the first model
     assert kept.model is second
     assert torch.equal(on_second, fresh_relevance(second, COMPOSITES['singlepass'](), inputs(2), [0, 3]))
-    composite.remove()  # as registering it elsewhere would
+    composite.remove()
     assert torch.equal(kept_relevance(kept, second, inputs(2), [0, 3]), on_second)
+    composite.register(first)  # the hooks move to the first model
+    assert torch.equal(kept_relevance(kept, second, inputs(2), [0, 3]), on_second)
+    untouched.assert_unchanged()
     kept.remove()
-    assert kept.model is None and not composite.handles
+    assert kept.model is None and not composite.handles and kept.hooks == []
+
+
+def batch_norm_before_relu(seed=0):
+    # conv -> relu -> BatchNorm -> relu -> conv: FuseBatchNorm leaves a ThresholdReLU with a rule of its own
+    torch.manual_seed(seed)
+    return randomize_batch_norms(torch.nn.Sequential(
+        torch.nn.Conv2d(2, 3, 3), torch.nn.ReLU(), torch.nn.BatchNorm2d(3), torch.nn.ReLU(), torch.nn.Conv2d(3, 3, 3),
+        torch.nn.Flatten(), torch.nn.Linear(3 * 2 * 2, 4),
+    ).double(), seed)
+
+
+@pytest.mark.parametrize('engine', ['singlepass', 'zennit'])
+def test_hooks_that_canonizers_register_are_switched_off_and_cleared_too(engine):
+    def make():
+        composite = EpsilonPlusFlat(canonizers=[FuseBatchNorm()])
+        return SinglePass(composite) if engine == 'singlepass' else composite
+    model = batch_norm_before_relu()
+    plain = plain_gradient(model, inputs(2))
+    kept = KeptRegistration(make())
+    for batch, target in ((2, [0, 3]), (3, [1, 1, 2]), (2, [2, 0])):
+        relevance = kept_relevance(kept, model, inputs(batch, seed=batch), target)
+        # the reference on a model of its own: the kept composite's canonizer stays applied to ``model``
+        assert torch.equal(relevance, fresh_relevance(batch_norm_before_relu(), make(), inputs(batch, seed=batch),
+                                                      target))
+    thresholds = [module for module in model.modules() if isinstance(module, ThresholdReLU)]
+    canonizer_hooks = [hook for hook in kept.hooks if hook not in set(kept.composite.hook_refs)]
+    assert len(thresholds) == 1 and len(canonizer_hooks) == 1 and isinstance(canonizer_hooks[0], Epsilon)
+    assert all(not hook.active and not hook.stored_tensors and not hook.tensor_handles for hook in kept.hooks)
+    torch.testing.assert_close(plain_gradient(model, inputs(2)), plain, rtol=1e-12, atol=1e-14)  # the fused model
+
+
+@pytest.mark.parametrize('engine', ['singlepass', 'zennit'])
+def test_composite_lrp_explains_an_empty_batch_after_a_call(engine):
+    lrp = CompositeLRP(small_net(), guided_epsilon_plus_flat(), engine=engine)
+    lrp.attribute(inputs(2), target=[0, 3])
+    relevance, delta = lrp.attribute(inputs(2)[:0], target=[], return_convergence_delta=True)
+    assert relevance.shape == (0, 2, 6, 6) and delta.shape == (0,)
 
 
 def test_composite_lrp_keeps_its_hooks_on_the_prepared_copy_until_the_model_changes():

@@ -20,11 +20,13 @@ from captum.log import log_usage
 from captum.attr._utils.attribution import GradientAttribution
 from captum.attr._utils.custom_modules import Addition_Module
 from captum.attr._utils.lrp_rules import EpsilonRule, PropagationRule
+from zennit.canonizers import CompositeCanonizer, MergeBatchNorm
 from zennit.composites import LayerMapComposite, MixedComposite
 from zennit.core import Hook
 from zennit.rules import Epsilon, Pass
 from zennit.types import Activation
 
+from .canonizers import FuseBatchNorm
 from .captum_singlepass import CaptumSinglePass, called_layers
 from .checks import check_composite, check_inputs, check_model, checked_forward
 from .fold import BATCH_NORM_TYPES, is_batch_norm
@@ -150,6 +152,18 @@ def out_of_place(model):
             module.inplace = False
 
 
+def batch_norm_canonizers(canonizers):
+    '''The names of the canonizers among ``canonizers`` (Zennit's ``CompositeCanonizer`` opened) that fold
+    BatchNorms into layers: :py:class:`~zennit_bnfuse.FuseBatchNorm` and Zennit's ``MergeBatchNorm`` family.'''
+    names = []
+    for canonizer in canonizers or ():
+        if isinstance(canonizer, CompositeCanonizer):
+            names += batch_norm_canonizers(canonizer.canonizers)
+        elif isinstance(canonizer, (FuseBatchNorm, MergeBatchNorm)):
+            names.append(type(canonizer).__name__)
+    return names
+
+
 def empty_batch_attribution(model, inputs, target, additional_forward_args):
     '''What LRP gives for an empty batch: zero relevance of each input's shape and an empty output, after a forward
     pass that checks the inputs' shapes and ``target`` (see :py:func:`zennit_bnfuse.checks.checked_forward`).
@@ -159,6 +173,9 @@ def empty_batch_attribution(model, inputs, target, additional_forward_args):
     tuple[tuple[:py:obj:`torch.Tensor`, ...], :py:obj:`torch.Tensor`]
         The relevance per input and the explained output of shape ``(0,)``.
     '''
+    # detached: Zennit's forward hooks (CompositeLRP keeps them on its copy between calls) fail on an input that
+    # requires a gradient under no_grad
+    inputs = tuple(input.detach() for input in inputs)
     with torch.no_grad(), checked_forward(model, inputs, target):
         output = _run_forward(model, inputs, None, additional_forward_args)
     return tuple(torch.zeros_like(input) for input in inputs), output.new_zeros(0)
@@ -424,7 +441,8 @@ class CompositeLRP(GradientAttribution):
 
     The composite registers on the prepared copy at the first call and stays there, its hooks inactive between calls
     (see :py:class:`~zennit_bnfuse.registration.KeptRegistration`), until the copy is built again because ``model``
-    changed: its rules are read then, so changes to ``composite`` after the first call need a new ``CompositeLRP``.
+    changed. Which rule each module gets is read when it registers; whether later changes to ``composite`` or its
+    rule objects are seen is not specified: for other rules, make a new ``CompositeLRP``.
 
     Parameters
     ----------
@@ -461,7 +479,9 @@ class CompositeLRP(GradientAttribution):
         If ``model`` is not a torch.nn.Module or holds a TorchScript module, ``composite`` is not a Zennit composite
         or ``batch_norm_rule`` not a Zennit rule.
     ValueError
-        If ``handling`` or ``engine`` is unknown, or ``single_pass`` contradicts ``engine``.
+        If ``handling`` or ``engine`` is unknown, ``single_pass`` contradicts ``engine``, or ``handling`` keeps
+        BatchNorms that a canonizer of ``composite`` (``FuseBatchNorm``, Zennit's ``SequentialMergeBatchNorm``, ...)
+        would fold.
 
     Examples
     --------
@@ -496,6 +516,12 @@ class CompositeLRP(GradientAttribution):
         # adds them as they are
         residual = 'operands' if self.engine == 'singlepass' else 'zennit'
         self.prepared = PreparedModel(model, handling, residual=residual, example_inputs=example_inputs)
+        merging = batch_norm_canonizers(composite.canonizers)
+        if merging and not self.prepared.handling.fuses:
+            raise ValueError(
+                f"handling={self.prepared.handling.name!r} keeps the BatchNorms for its own rule, but the composite's "
+                f"canonizer {merging[0]} folds them into the layers; remove it from the composite's canonizers, or "
+                "use handling='fused' (which folds every BatchNorm it can before the composite's canonizers run)")
         if batch_norm_rule is None:
             batch_norm_rule = Epsilon() if self.prepared.handling.batch_norm_rule == 'epsilon' else Pass()
         # BatchNorms the handling keeps, and what BN -> ReLU folds leave of a BatchNorm (its shift before a ReLU, see

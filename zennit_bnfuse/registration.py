@@ -8,35 +8,71 @@ the caller uses (:py:class:`~zennit_bnfuse.CompositeLRP`'s prepared copy) can ke
 import weakref
 from contextlib import contextmanager
 
+from zennit.core import Hook
+
+
+def zennit_hooks(model):
+    '''Every Zennit hook whose forward hooks are registered on a module of ``model``: the composite's, and those its
+    canonizers register themselves (:py:class:`~zennit_bnfuse.FuseBatchNorm`'s ``threshold_rule``), each once.'''
+    hooks = {}
+    for module in model.modules():
+        for function in (*module._forward_pre_hooks.values(), *module._forward_hooks.values()):
+            owner = getattr(function, '__self__', None)
+            if isinstance(owner, Hook):
+                hooks[id(owner)] = owner
+    return list(hooks.values())
+
+
+def forget_call(hook):
+    '''Drop what Zennit hook ``hook`` kept from the last call: its stored tensors and the hooks on that call's tensors
+    (what Zennit's ``Hook.remove`` clears, without calling a ``remove`` that a rule may have overridden), or what its
+    own ``forget_call`` method drops (:py:class:`~zennit_bnfuse.singlepass.SinglePassHook`).'''
+    own = getattr(hook, 'forget_call', None)
+    if own is not None:
+        own()
+        return
+    hook.stored_tensors.clear()
+    hook.tensor_handles.remove()
+
 
 class KeptRegistration:
     '''``composite`` registered on the model of the last :py:meth:`call`, and kept there, inactive, between calls.
 
-    Inside :py:meth:`call` the hooks compute the composite's rules; outside it they leave gradients alone (Zennit's
-    ``active`` flag, as in :py:meth:`zennit.core.Composite.inactive`), and each hook has forgotten what the last call
-    left in it (Zennit's ``Hook.remove``, which clears a hook's stored tensors and tensor hooks, not its module hooks).
-    The composite's canonizers stay applied between calls.
+    Inside :py:meth:`call` the hooks compute the composite's rules. After it, every Zennit hook on the model (the
+    composite's and those its canonizers registered) is switched off (Zennit's ``active`` flag, as in
+    :py:meth:`zennit.core.Composite.inactive`: the gradient passes unchanged) and has dropped what the call left in it
+    (:py:func:`forget_call`). Between calls the canonizers stay applied, and Zennit's forward hooks still run on any
+    forward pass of the model (they copy the input, and a rule keeps it until the next call ends); a forward pass under
+    ``torch.no_grad()`` of an input that requires a gradient fails in Zennit's hooks, as it does inside a call.
 
-    The composite's rules are read when it registers: at the first call, and again for a call on another model.
-    Changing the composite (or its rule objects) afterwards has no effect until :py:meth:`remove`.
+    The composite registers at the first call, for a call on another model, and where it was removed or registered
+    elsewhere meanwhile; its rules are read then. The model must not change while the composite is registered
+    (replaced modules keep no hooks); :py:meth:`remove` before changing it.
 
     Parameters
     ----------
     composite: :py:class:`zennit.core.Composite`
-        The composite; this object registers and removes it, so it must not be registered elsewhere.
+        The composite; this object registers and removes it.
     '''
     def __init__(self, composite):
         self.composite = composite
         self.model_ref = None
+        self.token = None  # the composite's first handle when this object registered it
+        self.hooks = []
 
     @property
     def model(self):
-        '''The model the composite is registered on, or None.'''
+        '''The model the composite is registered on by this object, or None.'''
         return None if self.model_ref is None else self.model_ref()
 
+    def registered_on(self, model):
+        '''Whether the composite is still registered on ``model`` as this object registered it.'''
+        handles = self.composite.handles
+        return self.model is model and self.token is not None and bool(handles) and handles[0] is self.token
+
     def set_active(self, value):
-        '''Switch every hook of the composite on or off.'''
-        for hook in self.composite.hook_refs:
+        '''Switch every Zennit hook on the model on or off.'''
+        for hook in self.hooks:
             hook.active = value
 
     @contextmanager
@@ -48,19 +84,21 @@ class KeptRegistration:
         :py:obj:`torch.nn.Module`
             ``model``.
         '''
-        if self.model is not model or not self.composite.handles:  # handles: registered by someone else meanwhile
+        if not self.registered_on(model):
             self.remove()
             self.composite.register(model)
             self.model_ref = weakref.ref(model)
+            self.token = self.composite.handles[0] if self.composite.handles else None
+            self.hooks = zennit_hooks(model)
         self.set_active(True)
         try:
             yield model
         finally:
-            for hook in self.composite.hook_refs:
-                hook.active = False
-                hook.remove()  # the call's state only: the module hooks stay (the composite holds their handles)
+            self.set_active(False)
+            for hook in self.hooks:
+                forget_call(hook)
 
     def remove(self):
         '''Remove the hooks and revert the canonizers.'''
         self.composite.remove()
-        self.model_ref = None
+        self.model_ref, self.token, self.hooks = None, None, []

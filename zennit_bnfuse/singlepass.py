@@ -41,6 +41,7 @@ from .checks import check_composite, check_model
 from .graph import LRPTracer
 from .graph_layers import AddOperands
 from .layers import BiasMapConvMixin, FoldedLayerMixin, ThresholdReLU
+from .registration import forget_call
 from .signs import NON_NEGATIVE, UNKNOWN, SignAnalysis
 
 # how a call is computed (see SinglePassHook.plan)
@@ -474,6 +475,13 @@ class SinglePassHook(Hook):
         if self.zennit_hook is not None:
             self.zennit_hook.remove()
         super().remove()
+
+    def forget_call(self):
+        '''Forget the calls in progress and what Zennit's hook for the rule kept from them, leaving the hooks
+        registered (see :py:class:`~zennit_bnfuse.registration.KeptRegistration`).'''
+        self.calls.clear()
+        if self.zennit_hook is not None:
+            forget_call(self.zennit_hook)
 
     def fall_back(self, reason):
         '''Send this and later calls to Zennit's own hook for the rule, and note why.'''
