@@ -370,9 +370,10 @@ def choices(allowed):
     return parse
 
 
-def run_configurations(args, measure_one):
+def run_configurations(args, measure_one, after_each=None):
     '''``measure_one(arch, batch, device, repeats, input_size)`` for every model, batch and device of ``args``, with a
-    progress bar; returns ``{(arch, batch, device): result}``.'''
+    progress bar; returns ``{(arch, batch, device): result}``. ``after_each(results so far)`` runs after each (to
+    write the tables as they grow, so that a run cut short keeps what it measured).'''
     configs = [(arch, int(batch)) for arch in args.models.split(',') for batch in args.batches.split(',')]
     configs += [(pair.split(':')[0], int(pair.split(':')[1])) for pair in args.extra.split(',') if pair]
     results = {}
@@ -380,6 +381,8 @@ def run_configurations(args, measure_one):
         for arch, batch in tqdm(configs, desc=f'{args.tag} ({device})'):
             results[(arch, batch, device)] = measure_one(arch, batch, torch.device(device), args.repeats,
                                                          args.input_size)
+            if after_each is not None:
+                after_each(results)
     return results
 
 
@@ -388,8 +391,9 @@ def main(argv=None):
     if argv[:1] == ['--memory-child']:
         return memory_child(argv[1])
     args = parse_arguments(argv, repeats=3, tag='speed', doc=__doc__, memory=True)
-    results = run_configurations(args, lambda *config: measure(*config, memory=args.memory))
-    write_report(results, command_line(argv), args)
+    command = command_line(argv)
+    run_configurations(args, lambda *config: measure(*config, memory=args.memory),
+                       after_each=lambda results: write_report(results, command, args))
     print((args.out / f'{args.tag}.md').read_text())
 
 

@@ -204,8 +204,9 @@ def main(argv=None):
     args = parse_arguments(argv, repeats=5, tag='speed-interleaved', doc=__doc__, methods=METHODS,
                            models=MODELS + TIMM_MODELS, batches='1,8,16', extra='')
     methods = tuple(args.methods.split(','))
-    results = run_configurations(args, lambda *config: measure(*config, methods=methods))
-    write_report(results, command_line(argv), args)
+    command = command_line(argv)
+    run_configurations(args, lambda *config: measure(*config, methods=methods),
+                       after_each=lambda results: write_report(results, command, args))
     print((args.out / f'{args.tag}.md').read_text())
 
 

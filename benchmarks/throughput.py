@@ -172,7 +172,8 @@ def main(argv=None):
             for label, model, images, targets, batch in workload:
                 rows = measure(model, images, targets, batch, device, f'{label} ({device})')
                 results.append({'workload': label, 'device': str(device), 'batch': batch, 'rows': rows})
-    write_report(results, command_line(argv), args, host, date)
+                # written as the table grows, so that a run cut short keeps what it measured
+                write_report(results, command_line(argv), args, host, date)
     print((args.out / f'{args.tag}.md').read_text())
 
 

@@ -5,7 +5,9 @@
 # .gpu/ is ignored by git (.git/info/exclude); name it in the device tool's carry.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-grep -qx '/.gpu/' .git/info/exclude || echo '/.gpu/' >> .git/info/exclude
+EXCLUDE=$(git rev-parse --git-path info/exclude)  # also in a worktree, where .git is a file
+mkdir -p "$(dirname "$EXCLUDE")"
+grep -qx '/.gpu/' "$EXCLUDE" 2>/dev/null || echo '/.gpu/' >> "$EXCLUDE"
 mkdir -p .gpu
 python -m pip download -q --no-deps --only-binary=:all: -d .gpu zennit==0.5.1 captum==0.9.0
 DATA=${DATA:-../shared/data}
