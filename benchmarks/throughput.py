@@ -46,11 +46,15 @@ METHODS = {
 }
 
 
+def attribution_call(lrp):
+    '''``(images, targets) -> relevance`` from ``lrp.attribute``.'''
+    return lambda images, targets: lrp.attribute(images, target=targets)
+
+
 def explainers(model):
     '''Each method's function ``(images, targets) -> relevance`` for ``model``, the gradient first.'''
     calls = {GRADIENT: lambda images, targets: input_gradient(model, images, targets)()}
-    for name, make in METHODS.items():
-        calls[name] = (lambda lrp: lambda images, targets: lrp.attribute(images, target=targets))(make(model))
+    calls.update({name: attribution_call(make(model)) for name, make in METHODS.items()})
     return calls
 
 

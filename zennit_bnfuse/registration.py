@@ -1,9 +1,10 @@
 '''A Zennit composite kept registered on one model from call to call, its hooks active only during a call.
 
 Registering a composite walks every module, asks the composite for each one's rule, copies it and registers its
-forward hooks; removing it undoes all that. On densenet121 (376 modules) that is about 15 ms per call on a CPU, 5% of
-a batch-1 LRP call, and the hook objects it creates and drops keep Python's garbage collector busy. A model that only
-the caller uses (:py:class:`~zennit_bnfuse.CompositeLRP`'s prepared copy) can keep the hooks instead.
+forward hooks; removing it undoes all that, and the hook objects it creates and drops keep Python's garbage collector
+busy. A model that only the caller uses (:py:class:`~zennit_bnfuse.CompositeLRP`'s prepared copy) can keep the hooks
+instead: at batch 1 on a CPU, registering per call took 1.00-1.03x as long as keeping the registration
+(``benchmarks/results/speed-interleaved.md``, the ``composite-registering`` rows).
 '''
 import weakref
 from contextlib import contextmanager
