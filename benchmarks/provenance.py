@@ -8,9 +8,10 @@ from pathlib import Path
 import torch
 
 
-# environment variables that change how glibc's malloc keeps memory, and so how often freed memory is faulted in again
+# environment variables that change how glibc's malloc keeps memory, and so how often freed memory is faulted in
+# again, and PyTorch's own (THP_MEM_ALLOC_ENABLE: its CPU allocator asks for transparent huge pages)
 ALLOCATOR_VARIABLES = ('GLIBC_TUNABLES', 'MALLOC_ARENA_MAX', 'MALLOC_MMAP_MAX_', 'MALLOC_MMAP_THRESHOLD_',
-                       'MALLOC_TOP_PAD_', 'MALLOC_TRIM_THRESHOLD_', 'LD_PRELOAD')
+                       'MALLOC_TOP_PAD_', 'MALLOC_TRIM_THRESHOLD_', 'LD_PRELOAD', 'THP_MEM_ALLOC_ENABLE')
 
 
 def command_line(argv=None, launcher='python'):

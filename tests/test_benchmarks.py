@@ -1,6 +1,8 @@
 '''Smoke tests of the benchmark scripts: training and speed (the study has tests/test_study.py).'''
 import json
+import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -113,7 +115,32 @@ def test_command_line_names_the_allocator_settings(monkeypatch):
     assert provenance.command_line(['--repeats', '3']) == (
         'MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=68719476736 python benchmarks/speed_interleaved.py '
         '--repeats 3')
+    # PyTorch's own: its CPU allocator asks for transparent huge pages
+    monkeypatch.delenv('MALLOC_TRIM_THRESHOLD_')
+    monkeypatch.delenv('MALLOC_MMAP_THRESHOLD_')
+    monkeypatch.setenv('THP_MEM_ALLOC_ENABLE', '1')
+    assert provenance.command_line([]) == 'THP_MEM_ALLOC_ENABLE=1 python benchmarks/speed_interleaved.py'
 
+
+
+def test_allocators_script_records_each_setting(tmp_path):
+    # one process per allocator setting, each table's command naming its settings (the ratios are compared across
+    # these files, so a file that said "defaults" for a run with other settings would mislead)
+    script = Path(__file__).parents[1] / 'benchmarks' / 'allocators.sh'
+    environment = {'PATH': os.environ['PATH'], 'HOME': os.environ.get('HOME', str(tmp_path)), 'PYTHON': sys.executable,
+                   'MODELS': 'resnet18', 'BATCHES': '1', 'REPEATS': '1', 'INPUT_SIZE': '32', 'OUT': str(tmp_path),
+                   'LIBRARIES': str(tmp_path / 'none')}
+    result = subprocess.run(['bash', str(script)], env=environment, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert 'jemalloc: ' + str(tmp_path / 'none' / 'libjemalloc.so.2') + ' not installed, left out' in result.stdout
+    commands = {name: json.loads((tmp_path / f'speed-interleaved-allocators-{name}.json').read_text())['command']
+                for name in ('default', 'thp', 'glibc-keep')}
+    assert commands['default'].startswith('python benchmarks/speed_interleaved.py --methods floor,composite')
+    assert commands['thp'].startswith('THP_MEM_ALLOC_ENABLE=1 python ')
+    assert commands['glibc-keep'].startswith(
+        'MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=68719476736 python ')
+    assert sorted(path.name for path in tmp_path.glob('*.md')) == [
+        f'speed-interleaved-allocators-{name}.md' for name in ('default', 'glibc-keep', 'thp')]
 
 def test_levers_smoke(tmp_path, monkeypatch):
     # the table's plumbing, with torch.compile replaced by the eager function (so 'compiled' here is the eager tail

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# CompositeLRP against its floor under each memory allocator setting, one run after another (each a new process, as
+# an allocator is chosen when a process starts): glibc's malloc with its defaults; PyTorch asking for transparent huge
+# pages (THP_MEM_ALLOC_ENABLE=1); glibc told to keep freed memory; jemalloc and tcmalloc through LD_PRELOAD where
+# they are installed (Debian/Ubuntu: apt install libjemalloc2 libtcmalloc-minimal4). Each run writes
+# benchmarks/results/speed-interleaved-allocators-<name>.md/.json with the command (settings included), machine and
+# date; the ratios within a run are the ones to compare.
+#
+#     bash benchmarks/allocators.sh                       # resnet50 at batch 16, 5 repeats
+#     MODELS=resnet50 BATCHES=1,16 REPEATS=3 PYTHON=.venv/bin/python bash benchmarks/allocators.sh
+#     (also INPUT_SIZE, and OUT for another folder than benchmarks/results)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python}
+LIBRARIES=${LIBRARIES:-/usr/lib/x86_64-linux-gnu}
+ARGUMENTS=(--methods floor,composite --models "${MODELS:-resnet50}" --batches "${BATCHES:-16}"
+           --repeats "${REPEATS:-5}" --input-size "${INPUT_SIZE:-224}" ${OUT:+--out "$OUT"})
+
+run() {  # name, then environment settings (NAME=value ...)
+    local name=$1
+    shift
+    echo "== $name: $*"
+    env "$@" "$PYTHON" benchmarks/speed_interleaved.py "${ARGUMENTS[@]}" --tag "speed-interleaved-allocators-$name" \
+        | grep -F '| ≤ '  # the target rows
+}
+
+run default
+run thp THP_MEM_ALLOC_ENABLE=1
+run glibc-keep MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=68719476736
+for library in jemalloc:libjemalloc.so.2 tcmalloc:libtcmalloc_minimal.so.4; do
+    if [ -e "$LIBRARIES/${library#*:}" ]; then
+        run "${library%%:*}" LD_PRELOAD="$LIBRARIES/${library#*:}"
+    else
+        echo "== ${library%%:*}: $LIBRARIES/${library#*:} not installed, left out"
+    fi
+done
