@@ -65,6 +65,21 @@ def test_mixing_in_a_signed_tensor_or_a_negative_constant_gives_signed():
     assert signs_of(forward) == [SIGNED] * 5 + [UNKNOWN]
 
 
+
+def test_add_with_alpha_counts_alpha_as_an_operand():
+    # torch.add(a, b, alpha=-1) is a - b: signed although both operands are non-negative
+    def forward(self, x):
+        relu, other = self.relu(x), F.relu(self.conv(x))
+        self.probe[0](torch.add(relu, other, alpha=-1))
+        self.probe[1](relu.add(other, alpha=-2.))
+        self.probe[2](torch.add(relu, other, alpha=2))
+        self.probe[3](relu.div(other + 1., rounding_mode='floor'))
+        return self.probe[4](torch.add(relu, other, alpha=True))  # not a number: unknown
+    assert signs_of(forward) == [SIGNED, SIGNED, NON_NEGATIVE, NON_NEGATIVE, UNKNOWN]
+    # in place into a non-negative tensor: the analysis gives up
+    model = Layers(lambda self, x: self.probe[0](self.relu(x).add_(F.relu(self.conv(x)), alpha=-1)))
+    assert SignAnalysis(torch.fx.Tracer().trace(model), model).gave_up is not None
+
 def test_an_unknown_function_gives_unknown():
     assert signs_of(lambda self, x: self.probe[0](torch.erf(self.relu(x)))) == [UNKNOWN]
 

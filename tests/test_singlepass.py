@@ -343,6 +343,35 @@ def test_composite_lrp_engines_agree_on_densenet(composite):
     assert zennit.abs().sum() > 0 and torch.equal(single, zennit)
 
 
+
+class ScaledDifference(torch.nn.Module):
+    '''Two ReLU branches joined by ``torch.add(a, b, alpha=...)`` (a - b for alpha=-1), then a conv: z+ on a signed
+    input, although both operands of the addition are non-negative.'''
+    def __init__(self, alpha):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = (torch.nn.Conv2d(3 if index < 2 else 4, 4, 3, padding=1) for index in range(3))
+        self.linear, self.alpha = torch.nn.Linear(4 * 8 * 8, 5), alpha
+
+    def forward(self, input):
+        difference = torch.add(torch.relu(self.a(input)), torch.relu(self.b(input)), alpha=self.alpha)
+        return self.linear(torch.relu(self.c(difference)).flatten(1))
+
+
+@pytest.mark.parametrize('alpha', [-1, -2., 3])
+def test_add_with_alpha_runs_both_halves_of_zplus_where_the_sum_is_signed(alpha):
+    # the sign analysis reads add's alpha: with a negative one, the conv's input is signed and z+ needs both halves
+    model = ScaledDifference(alpha).double()
+    images = torch.rand(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    target = torch.eye(5, dtype=torch.float64)[[1, 3]]
+    with Gradient(model, EpsilonPlusFlat()) as attributor:
+        _, zennit = attributor(images, target)
+    with Gradient(model, SinglePass(EpsilonPlusFlat())) as attributor:
+        _, single = attributor(images, target)
+    assert zennit.abs().sum() > 0 and torch.equal(single, zennit)
+    assert torch.equal(CompositeLRP(model, EpsilonPlusFlat()).attribute(images, target=[1, 3]),
+                       CompositeLRP(model, EpsilonPlusFlat(), engine='zennit').attribute(images, target=[1, 3]))
+
 class Broadcast(torch.nn.Module):
     '''A residual addition of a conv's output and a per-channel mean that broadcasts against it.'''
     def __init__(self):

@@ -95,6 +95,9 @@ IN_PLACE_FUNCTIONS = {torch.relu_, F.relu_, operator.iadd, operator.imul, operat
 # arguments that are not tensors the result is computed from (shapes, dims, options)
 DATA_ARGUMENTS = {operator.add, operator.iadd, torch.add, operator.mul, operator.imul, torch.mul, operator.truediv,
                   'add', 'add_', 'mul', 'mul_', 'div', 'div_', scale_passing_relevance}
+# keyword options of those that keep a result of non-negative operands non-negative; any other keyword (``alpha``,
+# which scales add's second operand, ``out``) counts as an operand, by its sign or as unknown
+SIGN_KEEPING_OPTIONS = {'rounding_mode', 'divide'}
 
 
 def constant_sign(value):
@@ -168,11 +171,16 @@ class SignAnalysis:
         return any(sign == NON_NEGATIVE and self.find(other) is root for other, sign in self.signs.items())
 
     def operand_signs(self, node, target):
-        '''The signs of the operands a result is computed from: the first argument, or all for arithmetic and
-        concatenation (constants by their sign).'''
+        '''The signs of the operands a result is computed from: the first argument, or all for arithmetic (with its
+        scaling options, such as add's ``alpha``) and concatenation (constants by their sign, other arguments
+        unknown).'''
         args = list(node.args) + list(node.kwargs.values())
         if target in DATA_ARGUMENTS:
-            operands = args[:2]
+            # both operands and the options that may change the sign (``torch.add(a, b, alpha=-1)`` is a - b)
+            operands = list(node.args[:2]) + [value for key, value in node.kwargs.items()
+                                              if key not in SIGN_KEEPING_OPTIONS]
+            if target is not scale_passing_relevance:  # its third argument is ``divide``
+                operands += node.args[2:]
         elif target in (torch.cat, torch.concat, torch.stack, torch.broadcast_tensors):
             operands = list(node.args)
         else:
