@@ -1,12 +1,16 @@
 '''Tests for finding fusable pairs (zennit_bnfuse.pairs) and the report (zennit_bnfuse.report).'''
+import copy
 import re
+import threading
 import warnings
 
 import pytest
 import torch
 
 from fusion_cases import Lambda, Untraceable, must_fuse, must_not_fuse, prepared
-from zennit_bnfuse import find_fusable_pairs
+from zennit.attribution import Gradient
+from zennit.composites import EpsilonPlusFlat
+from zennit_bnfuse import CompositeLRP, FuseBatchNorm, FusedLRP, SinglePass, find_fusable_pairs, fuse
 
 FUSE_CASES = must_fuse()
 NO_FUSE_CASES = must_not_fuse()
@@ -112,3 +116,65 @@ def test_shared_and_concatenated_folds_name_every_layer():
     assert report.fused[0].via == ('`F.relu`', '`F.avg_pool2d`')
     assert re.search(r'^bn\s+conv, shortcut, pooled\s+before-relu via `F.relu`, `F.avg_pool2d`$', str(report),
                      re.MULTILINE)
+
+
+class Recording(torch.nn.Module):
+    '''Keeps its last feature map, counts its calls and caches by device in its forward (as models kept for Grad-CAM,
+    and timm's LeViT with its attention-bias cache, do).'''
+    def __init__(self, lock=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.bn, self.linear = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Linear(4, 5)
+        self.calls, self.last, self.cache = 0, None, {}
+        if lock:
+            self.lock = threading.Lock()  # deepcopy cannot copy it
+
+    def forward(self, input):
+        self.calls += 1
+        hidden = torch.relu(self.bn(self.conv(input)))
+        self.last = hidden
+        self.cache[str(input.device)] = hidden  # a tensor computed with autograd, inside a dict
+        return self.linear(hidden.mean((2, 3)))
+
+
+def lrp_entry_points():
+    '''Every entry point that traces the user's model, as ``name -> function(model, input)``, and how many times
+    each runs the model's own forward.'''
+    def canonizer(model, input):
+        with Gradient(model, SinglePass(EpsilonPlusFlat(canonizers=[FuseBatchNorm()]))) as attributor:
+            attributor(input, torch.eye(5)[[1]])
+    return {
+        'find_fusable_pairs': (lambda model, input: find_fusable_pairs(model), 0),
+        'fuse': (lambda model, input: fuse(model), 0),
+        'FusedLRP': (lambda model, input: FusedLRP(model).attribute(input, target=1), 0),
+        'CompositeLRP': (lambda model, input: CompositeLRP(model, EpsilonPlusFlat()).attribute(input, target=1), 0),
+        'canonizer and SinglePass': (canonizer, 1),
+    }
+
+
+@pytest.mark.parametrize('entry', sorted(lrp_entry_points()))
+def test_tracing_leaves_what_the_forward_stores_alone(entry):
+    # fx runs the forward's Python with proxies in place of tensors: on a copy, so no proxy and no extra call reaches
+    # the user's model
+    model, input = Recording().eval(), torch.rand(1, 3, 6, 6)
+    model(input)
+    last, cache = model.last, dict(model.cache)
+    function, forwards = lrp_entry_points()[entry]
+    function(model, input)
+    assert model.calls == 1 + forwards and model.cache.keys() == cache.keys()
+    assert type(model.last) is torch.Tensor and (forwards or model.last is last)
+
+
+def test_a_model_deepcopy_cannot_copy_is_traced_itself_and_its_attributes_put_back():
+    model, input = Recording(lock=True).eval(), torch.rand(1, 3, 6, 6)
+    with torch.no_grad():
+        model(input)
+    last = model.last
+    with pytest.raises(TypeError):
+        copy.deepcopy(model)
+    assert find_fusable_pairs(model).fused[0].bn == 'bn'
+    assert model.calls == 1 and model.last is last and 'lock' in vars(model) and list(model.cache) == ['cpu']
+    # the package's own copies say why they cannot be made
+    with pytest.raises(TypeError, match=r"zennit_bnfuse works on a copy of Recording and copy.deepcopy cannot copy "
+                                        r"it \(TypeError: cannot pickle '_thread.lock' object\); keep such objects"):
+        FusedLRP(model).attribute(input, target=1)

@@ -306,3 +306,22 @@ def test_timm_model_lrp_runs(timm_model, method, snapshot):
     assert relevance.shape == input.shape and bool(torch.isfinite(relevance).all()) and relevance.abs().sum() > 0
     assert attribution.prepared.report.num_batch_norms == len(attribution.prepared.report.fused)
     before.assert_unchanged()
+
+
+@pytest.mark.parametrize('method', ['fused-lrp', 'composite-lrp'])
+def test_levit_after_a_forward_with_gradients(method, snapshot):
+    # LeViT caches its attention biases by device in forward, computed from parameters (tensors deepcopy refuses):
+    # the package copies them detached, and its tracing, on a copy, leaves no proxy key in the cache
+    torch.manual_seed(0)
+    model = randomize_batch_norms(timm.create_model('levit_128s', num_classes=3, img_size=64)).eval()
+    input = torch.rand(1, 3, 64, 64)
+    model(input)
+    caches = [(module.attention_bias_cache, dict(module.attention_bias_cache)) for module in model.modules()
+              if hasattr(module, 'attention_bias_cache')]
+    assert caches and all(not bias.is_leaf for _, cache in caches for bias in cache.values())
+    before = snapshot(model)
+    lrp = FusedLRP(model) if method == 'fused-lrp' else CompositeLRP(model, EpsilonPlusFlat())
+    relevance = lrp.attribute(input, target=1)
+    assert relevance.shape == input.shape and bool(torch.isfinite(relevance).all()) and relevance.abs().sum() > 0
+    assert all(cache.keys() == kept.keys() and all(cache[key] is kept[key] for key in kept) for cache, kept in caches)
+    before.assert_unchanged()

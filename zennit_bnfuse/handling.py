@@ -8,7 +8,6 @@
 
 :py:data:`HANDLINGS` holds this package's three handlings, :py:data:`ALL_HANDLINGS` those and ``zennit``.
 '''
-import copy
 from dataclasses import dataclass
 from typing import Callable
 
@@ -18,6 +17,7 @@ from .fold import check_batch_norm, is_batch_norm
 from .fusion import fuse
 from .graph import lrp_graph
 from .pairs import find_fusable_pairs
+from .replacements import model_copy
 from .report import FusedBatchNorm, FusionReport, UnfusedBatchNorm
 
 
@@ -33,7 +33,7 @@ def plain_copy(model, example_inputs=None):
     for name, module in model.named_modules():
         if is_batch_norm(module):
             check_batch_norm(name, module)
-    return copy.deepcopy(model), None
+    return model_copy(model), None
 
 
 def zennit_merged(model, example_inputs=None):
@@ -70,7 +70,7 @@ def zennit_merged(model, example_inputs=None):
     '''
     graph_report = find_fusable_pairs(model, example_inputs)
     exact = {(entry.layer, entry.bn) for entry in graph_report.fused if entry.side == 'after'}
-    merged = copy.deepcopy(model)
+    merged = model_copy(model)
     names = {id(module): name for name, module in merged.named_modules()}
     pairs = [(names[id(instance.linears[0])], names[id(instance.batch_norm)])
              for instance in SequentialMergeBatchNorm().apply(merged)]

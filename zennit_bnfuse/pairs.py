@@ -4,6 +4,8 @@ The forward is traced with :py:mod:`torch.fx`, so functional ops in ``forward`` 
 seen. Where tracing fails, each ``nn.Sequential`` container is traced on its own with its children as leaves, so
 only modules that are neighbours inside a Sequential are paired, and only folded where example inputs confirm them.
 '''
+import copy
+import itertools
 import operator
 import warnings
 from collections import Counter
@@ -15,6 +17,7 @@ from .fold import FOLDABLE_BATCH_NORM_TYPES, batch_norm_affine, check_batch_norm
     relu_fold, timm_layers
 from .checks import check_model
 from .layers import ThresholdReLU, is_layer_like, layer_kind_problem
+from .replacements import attribute_tensors
 from .report import FusedBatchNorm, FusionReport, UnfusedBatchNorm
 from .verification import check_folds, refuse_unproven
 
@@ -66,6 +69,57 @@ class LeafTracer(torch.fx.Tracer):
             return True
         return super().is_leaf_module(module, module_qualified_name)
 
+
+
+def trace_on_copy(model, make_tracer=LeafTracer):
+    """The fx graph of ``model``'s forward, traced on a copy of ``model`` that shares its parameters and buffers.
+
+    Tracing runs the forward's Python with fx proxies in place of tensors: what the forward writes into its modules'
+    attributes (a feature kept for later, a cache keyed by device, a call counter) lands in the copy, not in the
+    user's model. The graph names modules and attributes by their dotted path, the same in the copy. A model that
+    cannot be deep-copied is traced itself, and each module's attributes are put back afterwards, with the contents
+    of its dicts, lists and sets (what lies deeper is not).
+
+    Parameters
+    ----------
+    model: :py:obj:`torch.nn.Module`
+    make_tracer: callable, optional
+        ``make_tracer(root) -> torch.fx.Tracer`` for the module that is traced (the copy).
+
+    Returns
+    -------
+    :py:class:`torch.fx.Graph`
+
+    Raises
+    ------
+    Exception
+        Whatever fx raises for a forward it cannot trace.
+    """
+    # the parameters, buffers and tensors kept in attributes are shared (tracing reads them, and never writes)
+    shared = {id(tensor): tensor
+              for tensor in itertools.chain(model.parameters(), model.buffers(), attribute_tensors(model))}
+    try:
+        traced = copy.deepcopy(model, shared)
+    except Exception:  # objects deepcopy does not handle (locks, open files, ...)
+        traced = None
+    if traced is not None:
+        return make_tracer(traced).trace(traced)
+    attributes = [(module, dict(vars(module)), {key: copy.copy(value) for key, value in vars(module).items()
+                                                if type(value) in (dict, list, set)})
+                  for module in model.modules()]
+    try:
+        return make_tracer(model).trace(model)
+    finally:
+        for module, before, contents in attributes:
+            vars(module).clear()
+            vars(module).update(before)
+            for key, content in contents.items():  # a cache filled in forward: its contents as they were
+                container = before[key]
+                container.clear()
+                if isinstance(container, list):
+                    container.extend(content)
+                else:
+                    container.update(content)
 
 class PairTracer(LeafTracer):
     """:py:class:`LeafTracer` for finding pairs: a timm norm-act layer is recorded as its BatchNorm part (a call of
@@ -156,12 +210,12 @@ def find_fusable_pairs(model, example_inputs=None):
         return report
 
     try:
-        graphs = [('', PairTracer().trace(model))]
+        graphs = [('', trace_on_copy(model, lambda root: PairTracer()))]
     except Exception as error:  # fx raises many kinds of errors for untraceable code
         report.traced = False
         report.trace_error = f'{type(error).__name__}: {error}'.splitlines()[0]
         graphs = [
-            (name, PairTracer(leaf_parent=module).trace(module))
+            (name, trace_on_copy(module, lambda root: PairTracer(leaf_parent=root)))
             for name, module in modules.items() if isinstance(module, torch.nn.Sequential)
         ]
 

@@ -75,14 +75,51 @@ def replacement_modules(model, report):
     return replacements
 
 
+def attribute_tensors(model):
+    '''The tensors kept in ``model``'s modules' plain attributes (not parameters or buffers), also inside dicts,
+    lists and tuples there (a cache a forward fills).'''
+    pending = [value for module in model.modules() for value in vars(module).values()]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif type(value) is dict:
+            pending.extend(value.values())
+        elif type(value) in (list, tuple):
+            pending.extend(value)
+
+
+def model_copy(model, memo=None):
+    '''A deep copy of ``model`` (``copy.deepcopy`` with ``memo``) that also copies what a forward may keep in a
+    module's attributes and ``copy.deepcopy`` refuses: a tensor computed with autograd (a feature map kept for
+    later, a cache of tensors computed from parameters, see :py:func:`attribute_tensors`) becomes a detached copy.
+
+    Raises
+    ------
+    TypeError
+        If ``copy.deepcopy`` cannot copy ``model`` (an attribute such as a lock or an open file), naming the fix.
+    '''
+    memo = {} if memo is None else memo
+    for tensor in attribute_tensors(model):
+        if not tensor.is_leaf and id(tensor) not in memo:
+            memo[id(tensor)] = tensor.detach().clone()
+    try:
+        return copy.deepcopy(model, memo)
+    except Exception as error:
+        raise TypeError(
+            f'zennit_bnfuse works on a copy of {type(model).__name__} and copy.deepcopy cannot copy it '
+            f'({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ""}); keep such objects (locks, '
+            'open files, ...) out of the modules\' attributes, or give their class a __deepcopy__.') from error
+
+
 def replaced_copy(model, replacements):
-    '''A deep copy of ``model`` with ``replacements`` (module name -> module) in place of its modules.
+    '''A deep copy of ``model`` (see :py:func:`model_copy`) with ``replacements`` (module name -> module) in place
+    of its modules.
 
     The replaced modules (and their parameters) are never copied; ``model`` is not changed.
     '''
     modules = dict(model.named_modules())
-    memo = {id(modules[name]): module for name, module in replacements.items()}
-    return copy.deepcopy(model, memo)
+    return model_copy(model, {id(modules[name]): module for name, module in replacements.items()})
 
 
 def set_module(root, name, module):

@@ -7,12 +7,11 @@ found and left unfused. Where the forward cannot be traced, the folds found betw
 ``nn.Sequential`` are only candidates: the forward may slice the Sequential or call its children in another order.
 Each candidate is kept only if the model with it folded gives the model's own output on the example inputs.
 '''
-import copy
 
 import torch
 
 from .layers import FoldedInputError
-from .replacements import replaced_copy, replacement_modules
+from .replacements import model_copy, replaced_copy, replacement_modules
 from .report import FusionReport, UnfusedBatchNorm
 
 
@@ -92,13 +91,13 @@ class FoldCheck:
         inputs = as_input_tuple(example_inputs)
         self.description = describe_inputs(inputs)
         try:
-            self.model = copy.deepcopy(model).double()
+            self.model = model_copy(model).double()
             self.inputs = tuple(value.double() if torch.is_tensor(value) and value.is_floating_point() else value
                                 for value in inputs)
             self.expected = self.run(self.model)
             self.dtype = torch.float64
         except Exception:  # the forward may not run in float64 (a constant of another dtype in forward)
-            self.model, self.inputs = copy.deepcopy(model), inputs
+            self.model, self.inputs = model_copy(model), inputs
             try:
                 self.expected = self.run(self.model)
             except Exception as error:
