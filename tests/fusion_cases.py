@@ -142,6 +142,11 @@ def must_fuse():
         lambda self, x: torch.sigmoid(self.bn(torch.cat([self.conv1(x), self.conv2(x)], dim=1))),
         conv1=torch.nn.Conv2d(3, 2, 3), conv2=torch.nn.Conv2d(3, 3, 3, bias=False), bn=torch.nn.BatchNorm2d(5)),
         2, 3, 5, 5), {'bn': ('conv1', 'after')})
+    # the channel dim counted from the end (BatchNorm2d: 4-d input)
+    cases['cat-of-convs-on-dim-minus-3-bn'] = (*prepared(Lambda(
+        lambda self, x: torch.sigmoid(self.bn(torch.cat([self.conv1(x), self.conv2(x)], dim=-3))),
+        conv1=torch.nn.Conv2d(3, 2, 3), conv2=torch.nn.Conv2d(3, 3, 3), bn=torch.nn.BatchNorm2d(5)),
+        2, 3, 5, 5), {'bn': ('conv1', 'after')})
     cases['conv-dropout-bn'] = (*prepared(torch.nn.Sequential(
         torch.nn.Conv2d(3, 4, 3), torch.nn.Dropout2d(), torch.nn.Identity(), torch.nn.BatchNorm2d(4)), 2, 3, 5, 5),
         {'3': ('0', 'after')})
@@ -187,6 +192,10 @@ def must_not_fuse():
         bn=torch.nn.BatchNorm2d(4)), 2, 3, 5, 5), {'bn': r'cannot be split.*output of `conv1` also feeds `\.sum\(\)`'})
     cases['cat-on-dim-0-before-bn'] = (*prepared(Lambda(
         lambda self, x: torch.sigmoid(self.bn(torch.cat([self.conv1(x), self.conv2(x)]))),
+        conv1=torch.nn.Conv2d(3, 2, 3), conv2=torch.nn.Conv2d(3, 2, 3), bn=torch.nn.BatchNorm2d(2)), 2, 3, 5, 5),
+        {'bn': r'input comes from `torch\.cat`, not a conv/linear layer\)'})
+    cases['cat-on-dim-minus-1-before-bn'] = (*prepared(Lambda(
+        lambda self, x: torch.sigmoid(self.bn(torch.cat([self.conv1(x), self.conv2(x)], dim=-1))),
         conv1=torch.nn.Conv2d(3, 2, 3), conv2=torch.nn.Conv2d(3, 2, 3), bn=torch.nn.BatchNorm2d(2)), 2, 3, 5, 5),
         {'bn': r'input comes from `torch\.cat`, not a conv/linear layer\)'})
     cases['relu-shared-with-add'] = (*prepared(Lambda(

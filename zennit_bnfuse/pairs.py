@@ -12,6 +12,7 @@ from collections import Counter
 
 import torch
 import torch.fx
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .fold import FOLDABLE_BATCH_NORM_TYPES, batch_norm_affine, check_batch_norm, has_running_stats, is_batch_norm, \
     relu_fold, timm_layers
@@ -143,6 +144,14 @@ class PairTracer(LeafTracer):
             for _, child in timm_layers().norm_act_tail(module):
                 output = self.call_module(child, child.forward, (output,), {})
         return output
+
+
+def input_rank(batch_norm):
+    '''The number of dims of ``batch_norm``'s input where its type fixes it (4 for 2d, 5 for 3d BatchNorms), or
+    None (BatchNorm1d takes 2 or 3).'''
+    if isinstance(batch_norm, (torch.nn.BatchNorm2d, FrozenBatchNorm2d)):
+        return 4
+    return 5 if isinstance(batch_norm, torch.nn.BatchNorm3d) else None
 
 
 def scale_commuting_modules():
@@ -451,7 +460,7 @@ class _GraphAnalysis:
         while self.is_eval_identity(source) and len(source.users) == 1 and source.args:
             consumer, source = source, source.args[0]
             via.append(self.describe(consumer))
-        if not self.is_channel_cat(source):
+        if not self.is_channel_cat(source, input_rank(self.module(node))):
             problem = self.previous_problem(source, consumer, node, channels)
             if problem:
                 return None, problem
@@ -480,13 +489,14 @@ class _GraphAnalysis:
         via = (self.describe(source), *reversed(via))
         return FusedBatchNorm(name, names[0], 'after', via, tuple(names[1:])), None
 
-    def is_channel_cat(self, node):
-        '''Whether ``node`` concatenates a list of tensors along dim 1.'''
+    def is_channel_cat(self, node, rank=None):
+        '''Whether ``node`` concatenates a list of tensors along dim 1 (``1 - rank`` counted from the end, for
+        tensors of a known ``rank``).'''
         if not isinstance(node, torch.fx.Node) or node.op != 'call_function' or node.target not in CAT_FUNCTIONS:
             return False
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get('dim', 0)
         tensors = node.args[0] if node.args else node.kwargs.get('tensors')
-        return dim == 1 and isinstance(tensors, (list, tuple)) and all(
+        return dim in (1, None if rank is None else 1 - rank) and isinstance(tensors, (list, tuple)) and all(
             isinstance(tensor, torch.fx.Node) for tensor in tensors)
 
     def previous_problem(self, source, consumer, node, channels):
