@@ -167,6 +167,7 @@ def test_ops_that_move_or_select_values_pass_by_their_gradient(op):
     (lambda x: x * x, 'mul'),  # two signals, no gate
     (lambda x: 1 / x, 'truediv'),
     (lambda x: torch.relu_(x) + x, 'relu_'),  # writes into a tensor that is read again
+    (lambda x: [x.add_(1.), x][1], 'Tensor.add_'),  # its result unused: the forward reads the tensor it wrote into
     (lambda x: F.layer_norm(x, x.shape[1:]), 'layer_norm'),
 ])
 def test_ops_without_a_rule_are_reported(op, passed):

@@ -43,6 +43,7 @@ from .graph_layers import (
     AddOperands, MeanReduction, SumReduction, is_norm_act, scale_passing_relevance, split_norm_act,
 )
 from .pairs import LeafTracer
+from .signs import writes_in_place
 
 ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 INPLACE_OPERATORS = {operator.iadd, operator.imul, operator.itruediv}
@@ -269,12 +270,17 @@ def ops_passed_by_gradient(graph_module):
     signals = signal_nodes(graph)
     receiving = set()
     pending = [node for node in graph.nodes if node.op == 'output']
+    # an in-place op changes the tensor it writes into, whether or not the forward uses its result
+    in_place = [node for node in graph.nodes if node.op in ('call_function', 'call_method') and node.args
+                and isinstance(node.args[0], torch.fx.Node) and writes_in_place(node)]
     while pending:
-        node = pending.pop()
-        if node in receiving:
-            continue
-        receiving.add(node)
-        pending.extend(node.args[:1] if node.target is scale_passing_relevance else node.all_input_nodes)
+        while pending:
+            node = pending.pop()
+            if node in receiving:
+                continue
+            receiving.add(node)
+            pending.extend(node.args[:1] if node.target is scale_passing_relevance else node.all_input_nodes)
+        pending = [node for node in in_place if node not in receiving and node.args[0] in receiving]
     return [node for node in graph.nodes
             if node.op in ('call_function', 'call_method') and node in receiving and node in signals
             and op_key(node) not in EXACT_FUNCTIONS | EXACT_METHODS]

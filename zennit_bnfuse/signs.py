@@ -100,6 +100,14 @@ DATA_ARGUMENTS = {operator.add, operator.iadd, torch.add, operator.mul, operator
 SIGN_KEEPING_OPTIONS = {'rounding_mode', 'divide'}
 
 
+def writes_in_place(node):
+    '''Whether the fx node (a function or method call) writes its result into its first argument (``add_``,
+    ``F.relu(..., inplace=True)``, ``x += y``).'''
+    target = node.target
+    return (target in IN_PLACE_FUNCTIONS or node.kwargs.get('inplace', False)
+            or (isinstance(target, str) and target.endswith('_')))
+
+
 def constant_sign(value):
     '''The sign of a constant operand (a number, or None for what is not one).'''
     if isinstance(value, bool) or not isinstance(value, Real):
@@ -216,9 +224,7 @@ class SignAnalysis:
             return UNKNOWN, inputs, mutated, False
         # call_function or call_method
         target = node.target
-        in_place = (target in IN_PLACE_FUNCTIONS or node.kwargs.get('inplace', False)
-                    or (isinstance(target, str) and target.endswith('_')))
-        mutated = inputs[0] if in_place and inputs else None
+        mutated = inputs[0] if writes_in_place(node) and inputs else None
         if target == operator.getitem and node.args and node.args[0].op != 'placeholder' and (
                 node.args[0].target is torch.broadcast_tensors):
             # one operand of broadcast_tensors: that operand's sign and memory
