@@ -3,6 +3,7 @@ import copy
 import re
 import threading
 import warnings
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -125,7 +126,10 @@ class Recording(torch.nn.Module):
         super().__init__()
         torch.manual_seed(0)
         self.conv, self.bn, self.linear = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Linear(4, 5)
-        self.calls, self.last, self.cache = 0, None, {}
+        self.calls, self.last, self.cache, self.ordered = 0, None, {}, OrderedDict()
+        self.count = torch.zeros(())  # a plain tensor attribute the forward changes in place
+        self.config = {'name': 'recording'}
+        self.config['self'] = self.config  # a container that holds itself
         if lock:
             self.lock = threading.Lock()  # deepcopy cannot copy it
 
@@ -134,6 +138,8 @@ class Recording(torch.nn.Module):
         hidden = torch.relu(self.bn(self.conv(input)))
         self.last = hidden
         self.cache[str(input.device)] = hidden  # a tensor computed with autograd, inside a dict
+        self.ordered[str(input.device)] = hidden.shape
+        self.count += 1
         return self.linear(hidden.mean((2, 3)))
 
 
@@ -161,7 +167,8 @@ def test_tracing_leaves_what_the_forward_stores_alone(entry):
     last, cache = model.last, dict(model.cache)
     function, forwards = lrp_entry_points()[entry]
     function(model, input)
-    assert model.calls == 1 + forwards and model.cache.keys() == cache.keys()
+    assert model.calls == 1 + forwards and model.cache.keys() == cache.keys() == model.ordered.keys()
+    assert model.count.item() == 1 + forwards
     assert type(model.last) is torch.Tensor and (forwards or model.last is last)
 
 
@@ -174,7 +181,18 @@ def test_a_model_deepcopy_cannot_copy_is_traced_itself_and_its_attributes_put_ba
         copy.deepcopy(model)
     assert find_fusable_pairs(model).fused[0].bn == 'bn'
     assert model.calls == 1 and model.last is last and 'lock' in vars(model) and list(model.cache) == ['cpu']
+    assert list(model.ordered) == ['cpu'] and model.config['self'] is model.config
     # the package's own copies say why they cannot be made
     with pytest.raises(TypeError, match=r"zennit_bnfuse works on a copy of Recording and copy.deepcopy cannot copy "
-                                        r"it \(TypeError: cannot pickle '_thread.lock' object\); keep such objects"):
+                                        r"it \(TypeError: cannot pickle '_thread.lock' object\); keep objects deepcopy "
+                                        r"cannot copy"):
         FusedLRP(model).attribute(input, target=1)
+
+
+def test_running_out_of_memory_while_copying_raises_as_it_does(monkeypatch):
+    # only what deepcopy cannot copy becomes the TypeError that says so
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError('out of memory')
+    monkeypatch.setattr(copy, 'deepcopy', out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        fuse(Recording().eval())

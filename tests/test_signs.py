@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from zennit_bnfuse.graph_layers import AddOperands
 from zennit_bnfuse.layers import ThresholdReLU
-from zennit_bnfuse.signs import NON_NEGATIVE, SIGNED, UNKNOWN, SignAnalysis
+from zennit_bnfuse.signs import NON_NEGATIVE, SIGNED, UNKNOWN, SignAnalysis, writes_in_place
 
 
 def input_signs(model):
@@ -124,3 +124,17 @@ def test_in_place_activations_and_in_place_writes_into_signed_memory_are_fine():
     # an in-place write into memory that a non-negative tensor shares (the in-place ReLU's) gives up
     model = Layers(lambda self, x: self.probe[0](F.relu(self.conv(x), inplace=True).sub_(1.)))
     assert SignAnalysis(torch.fx.Tracer().trace(model), model).gave_up is not None
+
+
+def test_writes_in_place():
+    # the one test of in-place ops, shared by the sign analysis and the LRP graph's warning
+    def forward(self, x):
+        y = self.conv(x)
+        y.add_(1.)
+        z = y & y  # operator.and_: a name that ends in '_', not in place
+        torch.relu_(z)
+        F.relu(z, inplace=1)
+        return self.probe[0](F.relu(z))  # a module: never in place
+    graph = torch.fx.Tracer().trace(Layers(forward))
+    calls = [node for node in graph.nodes if node.op in ('call_function', 'call_method', 'call_module')][1:]
+    assert [writes_in_place(node) for node in calls] == [True, False, True, True, False, False]

@@ -46,7 +46,6 @@ from .pairs import LeafTracer
 from .signs import writes_in_place
 
 ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
-INPLACE_OPERATORS = {operator.iadd, operator.imul, operator.itruediv}
 SHAPE_OPS = {'size', 'dim', 'numel'}
 SHAPE_ATTRIBUTES = {'shape', 'ndim', 'dtype', 'device', 'layout', 'is_cuda'}
 # what a residual addition can become (the ``residual`` argument of lrp_graph)
@@ -201,13 +200,6 @@ def op_name(node):
     if isinstance(key, str):
         return f'Tensor.{key}'
     return getattr(key, '__name__', str(key))
-
-
-def writes_in_place(node):
-    '''Whether ``node`` writes its result into its first input (``+=``, ``relu_``, ``inplace=True``, ...).'''
-    key = op_key(node)
-    name = key if isinstance(key, str) else getattr(key, '__name__', '')
-    return key in INPLACE_OPERATORS or name.endswith('_') or node.kwargs.get('inplace') is True
 
 
 def free_name(root, scope, base):

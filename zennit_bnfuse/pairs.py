@@ -18,7 +18,7 @@ from .fold import FOLDABLE_BATCH_NORM_TYPES, batch_norm_affine, check_batch_norm
     relu_fold, timm_layers
 from .checks import check_model
 from .layers import ThresholdReLU, is_layer_like, layer_kind_problem
-from .replacements import attribute_tensors
+from .replacements import model_copy
 from .report import FusedBatchNorm, FusionReport, UnfusedBatchNorm
 from .verification import check_folds, refuse_unproven
 
@@ -77,9 +77,10 @@ def trace_on_copy(model, make_tracer=LeafTracer):
 
     Tracing runs the forward's Python with fx proxies in place of tensors: what the forward writes into its modules'
     attributes (a feature kept for later, a cache keyed by device, a call counter) lands in the copy, not in the
-    user's model. The graph names modules and attributes by their dotted path, the same in the copy. A model that
-    cannot be deep-copied is traced itself, and each module's attributes are put back afterwards, with the contents
-    of its dicts, lists and sets (what lies deeper is not).
+    user's model. The copy shares the parameters and buffers (:py:func:`~zennit_bnfuse.replacements.model_copy`
+    copies the rest). The graph names modules and attributes by their dotted path, the same in the copy. A model
+    that cannot be deep-copied is traced itself, and each module's attributes are put back afterwards, with the
+    contents of its dicts, lists and sets (what lies deeper, and tensors changed in place, are not).
 
     Parameters
     ----------
@@ -96,18 +97,16 @@ def trace_on_copy(model, make_tracer=LeafTracer):
     Exception
         Whatever fx raises for a forward it cannot trace.
     """
-    # the parameters, buffers and tensors kept in attributes are shared (tracing reads them, and never writes)
-    shared = {id(tensor): tensor
-              for tensor in itertools.chain(model.parameters(), model.buffers(), attribute_tensors(model))}
+    # the parameters and buffers are shared (fx reads them as proxies); other tensors are copied, as a forward may
+    # change them in place (``self.count += 1``)
+    shared = {id(tensor): tensor for tensor in itertools.chain(model.parameters(), model.buffers())}
     try:
-        traced = copy.deepcopy(model, shared)
-    except Exception:  # objects deepcopy does not handle (locks, open files, ...)
+        traced = model_copy(model, shared)
+    except TypeError:  # objects deepcopy does not handle (locks, open files, ...)
         traced = None
     if traced is not None:
         return make_tracer(traced).trace(traced)
-    attributes = [(module, dict(vars(module)), {key: copy.copy(value) for key, value in vars(module).items()
-                                                if type(value) in (dict, list, set)})
-                  for module in model.modules()]
+    attributes = [(module, dict(vars(module)), dict(container_contents(vars(module)))) for module in model.modules()]
     try:
         return make_tracer(model).trace(model)
     finally:
@@ -121,6 +120,17 @@ def trace_on_copy(model, make_tracer=LeafTracer):
                     container.extend(content)
                 else:
                     container.update(content)
+
+
+def container_contents(attributes):
+    '''``(name, shallow copy)`` for each dict, list and set (subclasses included) among ``attributes``, that
+    ``copy.copy`` can copy.'''
+    for key, value in attributes.items():
+        if isinstance(value, (dict, list, set)):
+            try:
+                yield key, copy.copy(value)
+            except Exception:  # a subclass whose copy needs more than its contents
+                continue
 
 class PairTracer(LeafTracer):
     """:py:class:`LeafTracer` for finding pairs: a timm norm-act layer is recorded as its BatchNorm part (a call of

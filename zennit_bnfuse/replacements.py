@@ -76,17 +76,17 @@ def replacement_modules(model, report):
 
 
 def attribute_tensors(model):
-    '''The tensors kept in ``model``'s modules' plain attributes (not parameters or buffers), also inside dicts,
-    lists and tuples there (a cache a forward fills).'''
+    '''The tensors kept in ``model``'s modules' attributes, also inside dicts, lists, tuples and sets there (a cache a
+    forward fills; each container walked once, so one that holds itself ends).'''
     pending = [value for module in model.modules() for value in vars(module).values()]
+    seen = set()
     while pending:
         value = pending.pop()
         if isinstance(value, torch.Tensor):
             yield value
-        elif type(value) is dict:
-            pending.extend(value.values())
-        elif type(value) in (list, tuple):
-            pending.extend(value)
+        elif isinstance(value, (dict, list, tuple, set, frozenset)) and id(value) not in seen:
+            seen.add(id(value))
+            pending.extend(value.values() if isinstance(value, dict) else value)
 
 
 def model_copy(model, memo=None):
@@ -98,6 +98,7 @@ def model_copy(model, memo=None):
     ------
     TypeError
         If ``copy.deepcopy`` cannot copy ``model`` (an attribute such as a lock or an open file), naming the fix.
+        Running out of memory raises as it does.
     '''
     memo = {} if memo is None else memo
     for tensor in attribute_tensors(model):
@@ -105,11 +106,14 @@ def model_copy(model, memo=None):
             memo[id(tensor)] = tensor.detach().clone()
     try:
         return copy.deepcopy(model, memo)
+    except (torch.OutOfMemoryError, MemoryError):
+        raise
     except Exception as error:
         raise TypeError(
             f'zennit_bnfuse works on a copy of {type(model).__name__} and copy.deepcopy cannot copy it '
-            f'({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ""}); keep such objects (locks, '
-            'open files, ...) out of the modules\' attributes, or give their class a __deepcopy__.') from error
+            f'({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ""}); keep objects deepcopy '
+            'cannot copy (locks, open files, ...) out of the modules\' attributes, or give their class a '
+            '__deepcopy__.') from error
 
 
 def replaced_copy(model, replacements):

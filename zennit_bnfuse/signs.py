@@ -91,7 +91,9 @@ ALIASING_METHODS = {
     'unsqueeze', 'expand', 'expand_as', 'contiguous', 'detach', 'narrow', 'select', 'chunk', 'split', 'unbind',
     'movedim', 'to', 'float', 'double', 'half', 'bfloat16', 'type_as',
 }
-IN_PLACE_FUNCTIONS = {torch.relu_, F.relu_, operator.iadd, operator.imul, operator.isub}
+IN_PLACE_FUNCTIONS = {torch.relu_, F.relu_, operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                      operator.ifloordiv, operator.imod, operator.ipow, operator.imatmul, operator.iand, operator.ior,
+                      operator.ixor, operator.ilshift, operator.irshift}
 # arguments that are not tensors the result is computed from (shapes, dims, options)
 DATA_ARGUMENTS = {operator.add, operator.iadd, torch.add, operator.mul, operator.imul, torch.mul, operator.truediv,
                   'add', 'add_', 'mul', 'mul_', 'div', 'div_', scale_passing_relevance}
@@ -102,10 +104,16 @@ SIGN_KEEPING_OPTIONS = {'rounding_mode', 'divide'}
 
 def writes_in_place(node):
     '''Whether the fx node (a function or method call) writes its result into its first argument (``add_``,
-    ``F.relu(..., inplace=True)``, ``x += y``).'''
+    ``torch.relu_``, ``F.relu(..., inplace=True)``, ``x += y``; not ``operator.and_``, which is ``&``).'''
     target = node.target
-    return (target in IN_PLACE_FUNCTIONS or node.kwargs.get('inplace', False)
-            or (isinstance(target, str) and target.endswith('_')))
+    if node.op not in ('call_function', 'call_method'):
+        return False
+    if target in IN_PLACE_FUNCTIONS or node.kwargs.get('inplace', False):
+        return True
+    if isinstance(target, str):
+        return target.endswith('_') and not target.startswith('__')
+    return getattr(target, '__module__', None) not in ('_operator', 'operator') and getattr(
+        target, '__name__', '').endswith('_')
 
 
 def constant_sign(value):
