@@ -122,7 +122,6 @@ def test_command_line_names_the_allocator_settings(monkeypatch):
     assert provenance.command_line([]) == 'THP_MEM_ALLOC_ENABLE=1 python benchmarks/speed_interleaved.py'
 
 
-
 def test_allocators_script_records_each_setting(tmp_path):
     # one process per allocator setting, each table's command naming its settings (the ratios are compared across
     # these files, so a file that said "defaults" for a run with other settings would mislead)
@@ -141,6 +140,7 @@ def test_allocators_script_records_each_setting(tmp_path):
         'MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=68719476736 python ')
     assert sorted(path.name for path in tmp_path.glob('*.md')) == [
         f'speed-interleaved-allocators-{name}.md' for name in ('default', 'glibc-keep', 'thp')]
+
 
 def test_levers_smoke(tmp_path, monkeypatch):
     # the table's plumbing, with torch.compile replaced by the eager function (so 'compiled' here is the eager tail
@@ -168,7 +168,7 @@ def test_levers_compiled_tail_gives_the_eager_tails_bits():
         assert torch.equal(compiled(layer.grad, layer.z_plus), layer.eager_tail())
 
 
-@pytest.mark.skipif(not (default_data_root() / 'CIFAR10-JPEG').is_dir() and not (default_data_root() / 'CIFAR10').is_dir(),
+@pytest.mark.skipif(not any((default_data_root() / name).is_dir() for name in ('CIFAR10-JPEG', 'CIFAR10')),
                     reason=f'needs CIFAR-10 under {default_data_root()} (set ZENNIT_BNFUSE_DATA)')
 def test_throughput_smoke(tmp_path):
     import throughput

@@ -65,7 +65,6 @@ def test_mixing_in_a_signed_tensor_or_a_negative_constant_gives_signed():
     assert signs_of(forward) == [SIGNED] * 5 + [UNKNOWN]
 
 
-
 def test_add_with_alpha_counts_alpha_as_an_operand():
     # torch.add(a, b, alpha=-1) is a - b: signed although both operands are non-negative
     def forward(self, x):
@@ -79,6 +78,7 @@ def test_add_with_alpha_counts_alpha_as_an_operand():
     # in place into a non-negative tensor: the analysis gives up
     model = Layers(lambda self, x: self.probe[0](self.relu(x).add_(F.relu(self.conv(x)), alpha=-1)))
     assert SignAnalysis(torch.fx.Tracer().trace(model), model).gave_up is not None
+
 
 def test_an_unknown_function_gives_unknown():
     assert signs_of(lambda self, x: self.probe[0](torch.erf(self.relu(x)))) == [UNKNOWN]

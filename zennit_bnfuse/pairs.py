@@ -71,7 +71,6 @@ class LeafTracer(torch.fx.Tracer):
         return super().is_leaf_module(module, module_qualified_name)
 
 
-
 def trace_on_copy(model, make_tracer=LeafTracer):
     """The fx graph of ``model``'s forward, traced on a copy of ``model`` that shares its parameters and buffers.
 
@@ -131,6 +130,7 @@ def container_contents(attributes):
                 yield key, copy.copy(value)
             except Exception:  # a subclass whose copy needs more than its contents
                 continue
+
 
 class PairTracer(LeafTracer):
     """:py:class:`LeafTracer` for finding pairs: a timm norm-act layer is recorded as its BatchNorm part (a call of
