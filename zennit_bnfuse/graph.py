@@ -263,8 +263,8 @@ def ops_passed_by_gradient(graph_module):
     receiving = set()
     pending = [node for node in graph.nodes if node.op == 'output']
     # an in-place op changes the tensor it writes into, whether or not the forward uses its result
-    in_place = [node for node in graph.nodes if node.op in ('call_function', 'call_method') and node.args
-                and isinstance(node.args[0], torch.fx.Node) and writes_in_place(node)]
+    in_place = [node for node in graph.nodes
+                if writes_in_place(node) and node.args and isinstance(node.args[0], torch.fx.Node)]
     while pending:
         while pending:
             node = pending.pop()

@@ -9,6 +9,7 @@ import itertools
 import operator
 import warnings
 from collections import Counter
+from contextlib import contextmanager
 
 import torch
 import torch.fx
@@ -71,30 +72,20 @@ class LeafTracer(torch.fx.Tracer):
         return super().is_leaf_module(module, module_qualified_name)
 
 
-def trace_on_copy(model, make_tracer=LeafTracer):
-    """The fx graph of ``model``'s forward, traced on a copy of ``model`` that shares its parameters and buffers.
+@contextmanager
+def tracing_copy(model):
+    """A module to trace in place of ``model``: a copy that shares its parameters and buffers.
 
     Tracing runs the forward's Python with fx proxies in place of tensors: what the forward writes into its modules'
     attributes (a feature kept for later, a cache keyed by device, a call counter) lands in the copy, not in the
     user's model. The copy shares the parameters and buffers (:py:func:`~zennit_bnfuse.replacements.model_copy`
-    copies the rest). The graph names modules and attributes by their dotted path, the same in the copy. A model
-    that cannot be deep-copied is traced itself, and each module's attributes are put back afterwards, with the
-    contents of its dicts, lists and sets (what lies deeper, and tensors changed in place, are not).
+    copies the rest) and names its modules as ``model`` does, so a graph traced on it names ``model``'s modules. A
+    model that cannot be deep-copied is given itself, and each module's attributes are put back when the context
+    ends, with the contents of its dicts, lists and sets (what lies deeper, and tensors changed in place, are not).
 
-    Parameters
-    ----------
-    model: :py:obj:`torch.nn.Module`
-    make_tracer: callable, optional
-        ``make_tracer(root) -> torch.fx.Tracer`` for the module that is traced (the copy).
-
-    Returns
-    -------
-    :py:class:`torch.fx.Graph`
-
-    Raises
+    Yields
     ------
-    Exception
-        Whatever fx raises for a forward it cannot trace.
+    :py:obj:`torch.nn.Module`
     """
     # the parameters and buffers are shared (fx reads them as proxies); other tensors are copied, as a forward may
     # change them in place (``self.count += 1``)
@@ -104,10 +95,11 @@ def trace_on_copy(model, make_tracer=LeafTracer):
     except TypeError:  # objects deepcopy does not handle (locks, open files, ...)
         traced = None
     if traced is not None:
-        return make_tracer(traced).trace(traced)
+        yield traced
+        return
     attributes = [(module, dict(vars(module)), dict(container_contents(vars(module)))) for module in model.modules()]
     try:
-        return make_tracer(model).trace(model)
+        yield model
     finally:
         for module, before, contents in attributes:
             vars(module).clear()
@@ -228,15 +220,16 @@ def find_fusable_pairs(model, example_inputs=None):
     if not batch_norms and not standardized:
         return report
 
-    try:
-        graphs = [('', trace_on_copy(model, lambda root: PairTracer()))]
-    except Exception as error:  # fx raises many kinds of errors for untraceable code
-        report.traced = False
-        report.trace_error = f'{type(error).__name__}: {error}'.splitlines()[0]
-        graphs = [
-            (name, trace_on_copy(module, lambda root: PairTracer(leaf_parent=root)))
-            for name, module in modules.items() if isinstance(module, torch.nn.Sequential)
-        ]
+    with tracing_copy(model) as traced:
+        try:
+            graphs = [('', PairTracer().trace(traced))]
+        except Exception as error:  # fx raises many kinds of errors for untraceable code
+            report.traced = False
+            report.trace_error = f'{type(error).__name__}: {error}'.splitlines()[0]
+            graphs = [
+                (name, PairTracer(leaf_parent=module).trace(module))
+                for name, module in traced.named_modules() if isinstance(module, torch.nn.Sequential)
+            ]
 
     aliases = Counter(id(module) for _, module in model.named_modules(remove_duplicate=False))
     decided = {}

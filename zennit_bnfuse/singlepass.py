@@ -41,7 +41,7 @@ from .checks import check_composite, check_model
 from .graph import LRPTracer
 from .graph_layers import AddOperands
 from .layers import BiasMapConvMixin, FoldedLayerMixin, ThresholdReLU
-from .pairs import trace_on_copy
+from .pairs import tracing_copy
 from .registration import forget_call
 from .signs import NON_NEGATIVE, UNKNOWN, SignAnalysis
 
@@ -729,7 +729,11 @@ def module_input_signs(module, fixed=False):
     if cached is not None and cached[0] == key:
         return cached[1]
     try:
-        graph = module.graph if isinstance(module, torch.fx.GraphModule) else trace_on_copy(module, LRPTracer)
+        if isinstance(module, torch.fx.GraphModule):
+            graph = module.graph
+        else:
+            with tracing_copy(module) as traced:
+                graph = LRPTracer().trace(traced)
     except Exception as error:  # fx raises many kinds of errors for untraceable code
         result = {}, f'the forward could not be traced ({type(error).__name__}: {str(error).splitlines()[0]})'
     else:
