@@ -96,6 +96,56 @@ def test_every_rule_equals_zennit(name, sign):
     assert torch.equal(single, zennit)
 
 
+FLAT_LAYERS = {
+    'conv1d': lambda: torch.nn.Conv1d(3, 4, 5, padding=2),
+    'conv2d-strided': lambda: torch.nn.Conv2d(3, 4, 7, stride=2, padding=3),
+    'conv2d-grouped-dilated': lambda: torch.nn.Conv2d(4, 6, 3, padding=2, dilation=2, groups=2),
+    'conv3d': lambda: torch.nn.Conv3d(2, 3, 3, padding=1),
+    'conv-transpose2d': lambda: torch.nn.ConvTranspose2d(3, 4, 3, stride=2, padding=1, output_padding=1),
+}
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+@pytest.mark.parametrize('name, layout', [(name, 'contiguous') for name in sorted(FLAT_LAYERS)] + [
+    (name, 'channels-last') for name in sorted(FLAT_LAYERS) if name.endswith('2d') or '2d-' in name])
+def test_flat_counts_one_sample_and_equals_zennit(name, layout, dtype, monkeypatch):
+    # Flat's output (ones in, ones as weights) is the same count for every sample: it is computed for one sample
+    torch.manual_seed(4)
+    layer = FLAT_LAYERS[name]().to(dtype)
+    model = torch.nn.Sequential(layer, torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.LazyLinear(3).to(dtype))
+    shape = {1: (5, layer.in_channels, 9), 2: (5, layer.in_channels, 9, 8), 3: (5, layer.in_channels, 5, 6, 4)}
+    input = torch.randn(shape[len(layer.kernel_size)], dtype=dtype, generator=torch.Generator().manual_seed(5))
+    model(input)
+    if layout == 'channels-last':
+        model, input = model.to(memory_format=torch.channels_last), input.to(memory_format=torch.channels_last)
+    shapes = []
+    counting = singlepass.modified_convolution
+    monkeypatch.setattr(singlepass, 'modified_convolution', lambda module, modifier, input, cache=None: (
+        shapes.append((module, tuple(input.shape))) or counting(module, modifier, input, cache)))
+    composite = (lambda: LayerMapComposite([(torch.nn.ReLU, Pass()), (torch.nn.Linear, Epsilon()),
+                                            (torch.nn.modules.conv._ConvNd, Flat())]))
+    zennit, single = both(model, composite, input, [0, 1, 2, 0, 1])
+    assert zennit.abs().sum() > 0 and torch.equal(single, zennit)
+    assert shapes == [(layer, (1,) + input.shape[1:])]
+
+
+@pytest.mark.parametrize('dtype, channels, expected', [
+    # a 3x3 kernel over 28 channels sums 252 ones, over 29 channels 261: bfloat16 holds integers up to 256 exactly
+    (torch.bfloat16, 28, True), (torch.bfloat16, 29, False), (torch.float16, 227, True), (torch.float16, 228, False),
+    (torch.float32, 29, True),
+])
+def test_flat_counts_per_sample_only_where_the_dtype_holds_them(dtype, channels, expected):
+    layer = torch.nn.Conv2d(channels, 2, 3).to(dtype)
+    input = torch.ones(2, channels, 4, 4, dtype=dtype)
+    assert singlepass.counts_per_sample(Flat(), layer, input) is expected
+    # no batch dimension, another rule, or a Flat whose input modifier is not Zennit's: the general path
+    assert not singlepass.counts_per_sample(Flat(), layer, input[0])
+    assert not singlepass.counts_per_sample(WSquare(), layer, input)
+    rule = Flat()
+    rule.input_modifiers = [lambda input: 2 * torch.ones_like(input)]
+    assert not singlepass.counts_per_sample(rule, layer, input)
+
+
 def test_zplus_runs_one_half_on_non_negative_input():
     rule = ZPlus()
     clamped = []
@@ -120,10 +170,11 @@ def test_zplus_runs_one_half_on_non_negative_input():
 def test_normalizer_only_for_known_rules_and_stabilizers():
     output = torch.tensor([-2., -0., 0., 3.], dtype=torch.float64)
     grad = torch.ones(4, dtype=torch.float64)
-    for rule in (Epsilon(epsilon=0.5), Norm(stabilizer=0.5), ZPlus(stabilizer=0.5)):
+    for rule in (Epsilon(epsilon=0.5), Norm(stabilizer=0.5), ZPlus(stabilizer=0.5), Flat(stabilizer=0.5),
+                 WSquare(stabilizer=0.5)):
         assert torch.equal(normalizer(rule)(grad, output), 1 / torch.tensor([-2.5, 0.5, 0.5, 3.5],
                                                                             dtype=torch.float64))
-    assert normalizer(Flat()) is None and normalizer(AlphaBeta()) is None
+    assert normalizer(AlphaBeta()) is None and normalizer(Gamma()) is None
     assert normalizer(Epsilon(epsilon=lambda output: output + 1.)) is None
 
 

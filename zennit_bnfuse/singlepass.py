@@ -15,6 +15,8 @@ instead:
   exactly zero. Which inputs cannot be negative is read from the traced graph (:py:mod:`zennit_bnfuse.signs`), so a
   GPU does not synchronise per layer; only where the graph cannot tell (the model's input, untraceable models) is
   the data checked;
+- ``Flat`` on a convolution computes its output (a count of the input entries each output reads, the same for every
+  sample) for one sample and broadcasts it, where the dtype holds those counts exactly;
 - residual additions written as :py:class:`~zennit_bnfuse.layers.AddOperands` get the ``Sum`` rule without stacking
   their operands;
 - ``Pass`` hands the relevance through without the activation's own backward.
@@ -30,12 +32,13 @@ SinglePass each call's own (as Zennit does for a copy of the module per call). D
 (``create_graph=True``) raises a RuntimeError.
 '''
 import inspect
+import math
 import weakref
 from typing import NamedTuple
 
 import torch
 from zennit.core import BasicHook, Composite, Hook, ParamMod, RemovableHandle, RemovableHandleList, Stabilizer
-from zennit.rules import Epsilon, NoMod, Norm, Pass, ZPlus
+from zennit.rules import Epsilon, Flat, NoMod, Norm, Pass, WSquare, ZPlus
 
 from .checks import check_composite, check_model
 from .graph import LRPTracer
@@ -100,9 +103,10 @@ def has_identity_params(param_modifier, module=None):
 
 
 def stabilizer_epsilon(rule):
-    '''The epsilon of Zennit's default stabiliser in the gradient mapper of an ``Epsilon``, ``Norm`` or ``ZPlus``
-    rule, or None for other rules or stabilisers.'''
-    if type(rule) not in (Epsilon, Norm, ZPlus):
+    '''The epsilon of Zennit's default stabiliser in the gradient mapper of an ``Epsilon``, ``Norm``, ``ZPlus``,
+    ``Flat`` or ``WSquare`` rule (each divides the output relevance by the stabilised first output), or None for other
+    rules or stabilisers.'''
+    if type(rule) not in (Epsilon, Norm, ZPlus, Flat, WSquare):
         return None
     stabilizer = inspect.getclosurevars(rule.gradient_mapper).nonlocals.get('stabilizer_fn')
     if type(stabilizer) is not Stabilizer or stabilizer.clip or stabilizer.norm_scale:
@@ -120,8 +124,8 @@ def stabilized(output, epsilon):
 
 
 def normalizer(rule):
-    '''For Zennit's ``Epsilon``, ``Norm`` and ``ZPlus``, whose gradient mapper divides the output relevance by the
-    stabilised sum of the outputs, a function ``(grad_output, output) -> grad_output / stabilised output`` computing
+    '''For Zennit's ``Epsilon``, ``Norm``, ``ZPlus``, ``Flat`` and ``WSquare``, whose gradient mapper divides the
+    output relevance by the stabilised first output (``ZPlus``: the sum of the outputs), a function ``(grad_output, output) -> grad_output / stabilised output`` computing
     the same numbers in fewer passes (see :py:func:`stabilized`); None for other rules or stabilisers.'''
     epsilon = stabilizer_epsilon(rule)
     if epsilon is None:
@@ -289,6 +293,8 @@ def convolution_relevance(rule, module, input, grad_output, normalize=None, non_
         The relevance of ``input``, same shape.
     '''
     input = input.detach()
+    if normalize is not None and counts_per_sample(rule, module, input):
+        return flat_relevance(rule, module, input, grad_output, normalize.epsilon, cache)
     modifiers = list(zip(rule.input_modifiers, rule.param_modifiers, rule.output_modifiers))
     zplus = type(rule) is ZPlus
     one_half = zplus and (is_non_negative(input) if non_negative is None else non_negative)
@@ -323,6 +329,51 @@ def convolution_relevance(rule, module, input, grad_output, normalize=None, non_
         # ZPlus's reducer, inputs[0] * gradients[0] + inputs[1] * gradients[1], into the gradients (ours)
         return gradients[0].mul_(inputs[0]).add_(gradients[1].mul_(inputs[1]))
     return rule.reducer(inputs, gradients)
+
+
+def counts_per_sample(rule, module, input):
+    '''Whether Zennit's ``Flat`` on the plain convolution ``module`` (:py:func:`is_plain_convolution`) can be computed
+    by :py:func:`flat_relevance`: ``input`` has a batch dimension and every output of the layer under the rule (ones in,
+    weights of ones or zeros, zero bias) is a count the dtype holds exactly, so that its sums are the same numbers in
+    any order and for any batch size.'''
+    if type(rule) is not Flat or len(rule.input_modifiers) != 1 or rule.input_modifiers[0] is not torch.ones_like:
+        return False
+    if input.dim() != len(module.kernel_size) + 2 or not input.dtype.is_floating_point:
+        return False
+    # the most entries one output sums: input channels per group times kernel taps
+    terms = module.in_channels // module.groups * math.prod(module.kernel_size)
+    return terms <= 2 ** (1 - math.log2(torch.finfo(input.dtype).eps))  # 2 ** significand bits: exact integers
+
+
+def flat_relevance(rule, module, input, grad_output, epsilon, cache=None):
+    '''Zennit's ``Flat`` (with its default stabiliser) on a convolution for which :py:func:`counts_per_sample`
+    holds, the same numbers with one new tensor shaped like the output instead of seven: the layer's output under the
+    rule does not depend on the input's values, so it is computed for one sample of ones and broadcast over the batch;
+    it is non-negative, so the stabiliser adds ``+epsilon``.
+
+    Parameters
+    ----------
+    rule: :py:class:`zennit.rules.Flat`
+    module: :py:obj:`torch.nn.Module`
+    input, grad_output: :py:obj:`torch.Tensor`
+        The input ``(N, C_in, ...)`` (only its shape and layout are read) and the relevance of the output
+        ``(N, C_out, ...)``.
+    epsilon: float
+        The stabiliser's epsilon.
+    cache: dict, optional
+        See :py:func:`modified_convolution`.
+
+    Returns
+    -------
+    :py:obj:`torch.Tensor`
+        The relevance of ``input``, same shape.
+    '''
+    ones = torch.ones_like(input[:1])
+    counts, weight = modified_convolution(module, rule.param_modifiers[0], ones, cache)
+    if rule.output_modifiers[0](counts) is not counts:
+        return rule_relevance(rule, module, input, grad_output)
+    gradient = convolution_input_gradient(module, input, weight, torch.div(grad_output, counts.add_(epsilon)))
+    return rule.reducer([ones.expand_as(input)], [gradient])
 
 
 def zplus_relevance(rule, module, input, grad_output, normalize=None, non_negative=None):
