@@ -4,7 +4,8 @@
 # pages (THP_MEM_ALLOC_ENABLE=1); glibc told to keep freed memory; jemalloc and tcmalloc through LD_PRELOAD where
 # they are installed (Debian/Ubuntu: apt install libjemalloc2 libtcmalloc-minimal4). Each run writes
 # benchmarks/results/speed-interleaved-allocators-<name>.md/.json with the command (settings included), machine and
-# date; the ratios within a run are the ones to compare.
+# date; the ratios within a run are the ones to compare. Exits 1, naming them, when any run failed (the others still
+# run).
 #
 #     bash benchmarks/allocators.sh                       # resnet50 at batch 16, 5 repeats
 #     MODELS=resnet50 BATCHES=1,16 REPEATS=3 PYTHON=.venv/bin/python bash benchmarks/allocators.sh
@@ -16,12 +17,14 @@ LIBRARIES=${LIBRARIES:-/usr/lib/x86_64-linux-gnu}
 ARGUMENTS=(--methods floor,composite --models "${MODELS:-resnet50}" --batches "${BATCHES:-16}"
            --repeats "${REPEATS:-5}" --input-size "${INPUT_SIZE:-224}" ${OUT:+--out "$OUT"})
 
+FAILED=()
+
 run() {  # name, then environment settings (NAME=value ...)
     local name=$1
     shift
     echo "== $name: $*"
     env "$@" "$PYTHON" benchmarks/speed_interleaved.py "${ARGUMENTS[@]}" --tag "speed-interleaved-allocators-$name" \
-        | grep -F '| ≤ '  # the target rows
+        | grep -F '| ≤ ' || FAILED+=("$name")  # the target rows
 }
 
 run default
@@ -34,3 +37,7 @@ for library in jemalloc:libjemalloc.so.2 tcmalloc:libtcmalloc_minimal.so.4; do
         echo "== ${library%%:*}: $LIBRARIES/${library#*:} not installed, left out"
     fi
 done
+if [ ${#FAILED[@]} -gt 0 ]; then
+    echo "failed: ${FAILED[*]}" >&2
+    exit 1
+fi

@@ -142,6 +142,18 @@ def test_allocators_script_records_each_setting(tmp_path):
         f'speed-interleaved-allocators-{name}.md' for name in ('default', 'glibc-keep', 'thp')]
 
 
+def test_allocators_script_fails_naming_the_failed_runs(tmp_path):
+    # a run that fails (here every run: a Python that exits 1) fails the script, which still tries the others
+    script = Path(__file__).parents[1] / 'benchmarks' / 'allocators.sh'
+    failing = tmp_path / 'python'
+    failing.write_text('#!/bin/sh\necho "no torch here" >&2\nexit 1\n')
+    failing.chmod(0o755)
+    environment = {'PATH': os.environ['PATH'], 'PYTHON': str(failing), 'LIBRARIES': str(tmp_path / 'none')}
+    result = subprocess.run(['bash', str(script)], env=environment, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert 'failed: default thp glibc-keep' in result.stderr and result.stdout.count('== ') == 5
+
+
 def test_levers_smoke(tmp_path, monkeypatch):
     # the table's plumbing, with torch.compile replaced by the eager function (so 'compiled' here is the eager tail
     # against itself; the compiled kernel's bits are the next test's)
