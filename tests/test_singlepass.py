@@ -6,7 +6,7 @@ import torch
 import torchvision
 from zennit.attribution import Gradient
 from zennit.composites import EpsilonAlpha2Beta1Flat, EpsilonGammaBox, EpsilonPlusFlat, LayerMapComposite
-from zennit.core import Composite, Stabilizer
+from zennit.core import Composite, ParamMod, Stabilizer
 from zennit.layer import Sum
 from zennit.rules import AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, ReLUGuidedBackprop, WSquare, ZBox, ZPlus
 
@@ -144,6 +144,11 @@ def test_flat_counts_per_sample_only_where_the_dtype_holds_them(dtype, channels,
     rule = Flat()
     rule.input_modifiers = [lambda input: 2 * torch.ones_like(input)]
     assert not singlepass.counts_per_sample(rule, layer, input)
+    # nor one whose weights are not Flat's ones
+    rule = Flat()
+    rule.param_modifiers = [ParamMod(lambda param, name: param / 3)]
+    assert not singlepass.counts_per_sample(rule, layer, input)
+    assert singlepass.counts_per_sample(Flat(zero_params=['weight']), layer, input) is expected
 
 
 def test_zplus_runs_one_half_on_non_negative_input():
@@ -185,8 +190,8 @@ def test_stabilized_is_zennits_stabilizer_bit_for_bit():
     expected = Stabilizer(epsilon=0.25)(output)
     result = stabilized(output, 0.25)
     # the input is left as it was, signs of zeros included
-    assert result.data_ptr() != output.data_ptr() and torch.equal(output[:4], torch.tensor([-2., -0., 0., 3.],
-                                                                                            dtype=torch.float64))
+    assert result.data_ptr() != output.data_ptr()
+    assert torch.equal(output[:4], torch.tensor([-2., -0., 0., 3.], dtype=torch.float64))
     assert output[:4].signbit().tolist() == [True, True, False, False]
     assert torch.equal(result[:-1], expected[:-1]) and torch.equal(result.signbit(), expected.signbit())
     assert torch.isnan(result[-1]) and torch.isnan(expected[-1])
@@ -394,7 +399,6 @@ def test_composite_lrp_engines_agree_on_densenet(composite):
     assert zennit.abs().sum() > 0 and torch.equal(single, zennit)
 
 
-
 class ScaledDifference(torch.nn.Module):
     '''Two ReLU branches joined by ``torch.add(a, b, alpha=...)`` (a - b for alpha=-1), then a conv: z+ on a signed
     input, although both operands of the addition are non-negative.'''
@@ -422,6 +426,7 @@ def test_add_with_alpha_runs_both_halves_of_zplus_where_the_sum_is_signed(alpha)
     assert zennit.abs().sum() > 0 and torch.equal(single, zennit)
     assert torch.equal(CompositeLRP(model, EpsilonPlusFlat()).attribute(images, target=[1, 3]),
                        CompositeLRP(model, EpsilonPlusFlat(), engine='zennit').attribute(images, target=[1, 3]))
+
 
 class Broadcast(torch.nn.Module):
     '''A residual addition of a conv's output and a per-channel mean that broadcasts against it.'''

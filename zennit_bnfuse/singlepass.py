@@ -52,6 +52,8 @@ from .signs import NON_NEGATIVE, UNKNOWN, SignAnalysis
 PASS, OPERANDS, THRESHOLD, REUSED, GRAPH, CONV, GENERIC = (
     'pass', 'operands', 'threshold', 'reused', 'graph', 'conv', 'generic')
 FALLBACK = 'fallback'
+# the code of Zennit's Flat parameter modifier (parameters to ones; its ParamMod zeroes the bias)
+FLAT_WEIGHTS = Flat().param_modifiers[0].modifier.__code__
 # the forward methods under which a convolution is ``conv(input, weight) + bias`` with the module's own settings
 CONV_FORWARDS = {cls.forward for cls in (
     torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d,
@@ -125,8 +127,9 @@ def stabilized(output, epsilon):
 
 def normalizer(rule):
     '''For Zennit's ``Epsilon``, ``Norm``, ``ZPlus``, ``Flat`` and ``WSquare``, whose gradient mapper divides the
-    output relevance by the stabilised first output (``ZPlus``: the sum of the outputs), a function ``(grad_output, output) -> grad_output / stabilised output`` computing
-    the same numbers in fewer passes (see :py:func:`stabilized`); None for other rules or stabilisers.'''
+    output relevance by the stabilised first output (``ZPlus``: the sum of the outputs), a function
+    ``(grad_output, output) -> grad_output / stabilised output`` computing the same numbers in fewer passes (see
+    :py:func:`stabilized`); None for other rules or stabilisers.'''
     epsilon = stabilizer_epsilon(rule)
     if epsilon is None:
         return None
@@ -336,8 +339,12 @@ def counts_per_sample(rule, module, input):
     by :py:func:`flat_relevance`: ``input`` has a batch dimension and every output of the layer under the rule (ones in,
     weights of ones or zeros, zero bias) is a count the dtype holds exactly, so that its sums are the same numbers in
     any order and for any batch size.'''
-    if type(rule) is not Flat or len(rule.input_modifiers) != 1 or rule.input_modifiers[0] is not torch.ones_like:
+    if (type(rule) is not Flat or len(rule.input_modifiers) != 1 or len(rule.param_modifiers) != 1
+            or rule.input_modifiers[0] is not torch.ones_like):
         return False
+    param_modifier = rule.param_modifiers[0]
+    if type(param_modifier) is not ParamMod or getattr(param_modifier.modifier, '__code__', None) is not FLAT_WEIGHTS:
+        return False  # not Flat's own weights of ones
     if input.dim() != len(module.kernel_size) + 2 or not input.dtype.is_floating_point:
         return False
     # the most entries one output sums: input channels per group times kernel taps
