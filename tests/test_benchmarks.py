@@ -154,6 +154,40 @@ def test_allocators_script_fails_naming_the_failed_runs(tmp_path):
     assert 'failed: default thp glibc-keep' in result.stderr and result.stdout.count('== ') == 5
 
 
+def test_large_allocations_count_new_tensors_only():
+    from allocations import LargeAllocations
+    a, b, c = (torch.ones(1024) for _ in range(3))
+    with LargeAllocations(threshold=a.untyped_storage().nbytes()) as allocations:
+        torch.add(a, b)  # new: counted
+        a.add_(b)  # in place
+        torch.mul(a, b, out=c)  # into a given tensor
+        a.view(32, 32)  # a view of a's memory
+        a[:10].clone()  # new, but below the threshold
+        torch.cat([a, b])  # new, twice the threshold: counted
+    assert sum(allocations.counts.values()) == 2
+    assert {operator for operator, _ in allocations.counts} == {'add', 'cat'}
+    assert sum(allocations.bytes.values()) == 3 * a.untyped_storage().nbytes()
+
+
+def test_allocations_smoke(tmp_path):
+    import allocations
+    from speed_interleaved import METHODS
+    allocations.main(['--models', 'resnet18', '--batches', '2', '--input-size', '32', '--threshold', '0.1',
+                      '--repeats', '2', '--out', str(tmp_path), '--tag', 'smoke'])
+    rows = json.loads((tmp_path / 'smoke.json').read_text())['results']
+    assert [row['method'] for row in rows] == [METHODS['floor'][0], METHODS['composite'][0]]
+    floor, composite = rows
+    assert floor['allocations'] > 0 and composite['allocations'] > 0
+    assert len(composite['page_faults_per_call']) == 2
+    # SinglePass's own allocations are attributed to its lines; the floor (the fused model's gradient) has none
+    assert any(site['caller'].startswith('zennit_bnfuse/singlepass.py:') for site in composite['by_site'])
+    assert not any(site['caller'].startswith('zennit_bnfuse/singlepass.py:') for site in floor['by_site'])
+    assert any(site['caller'] == 'autograd / the model' for site in floor['by_site'])
+    assert sum(site['count'] for site in composite['by_site']) == composite['allocations']
+    # two tables, each with a header and a separator row
+    assert len(table_rows(tmp_path / 'smoke.md')) == 4 + 2 + len(floor['by_site']) + len(composite['by_site'])
+
+
 def test_levers_smoke(tmp_path, monkeypatch):
     # the table's plumbing, with torch.compile replaced by the eager function (so 'compiled' here is the eager tail
     # against itself; the compiled kernel's bits are the next test's)
