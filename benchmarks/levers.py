@@ -5,8 +5,8 @@ SinglePass computes z+ on a convolution whose input cannot be negative (after a 
 ``conv(x, W) + b`` in the forward pass; in the backward step ``z+ = conv(x, W+) + b+``, ``g / (z+ + epsilon)`` (in
 place, two passes), the input gradient of that (``aten.convolution_backward``) and its product with ``x``. For every
 plain convolution of the fused model whose input has no negative entry (the first convolution, on the image, is
-left out: EpsilonPlusFlat gives it the flat rule), with the layer's real input from one forward pass of random images and a random relevance of its output,
-each repeat times, in turn and summed over the layers:
+left out: EpsilonPlusFlat gives it the flat rule), with the layer's real input from one forward pass of random images
+and a random relevance of its output, each repeat times, in turn and summed over the layers:
 
 - the two convolutions as today (``W``, then ``W+``) against one convolution with ``[W; W+]`` stacked along the
   output channels (its two halves are views);

@@ -28,7 +28,6 @@ report and figures from the results file after a change to their layout.
 import argparse
 import copy
 import hashlib
-import json
 import os
 import time
 from pathlib import Path
@@ -61,6 +60,7 @@ from study_design import (
 from study_report import read_results, report_markdown, results_json, rounded, write_figures
 
 RESULTS = Path(__file__).parent / 'results'
+
 
 def conv_batch_norms(model):
     '''Names of the model's BatchNorms of conv feature maps (BatchNorm2d/3d, wherever they sit): the ones claim 2

@@ -190,8 +190,8 @@ def report_markdown(summary, args, command, host, date, rewritten=None):
                      f'in these tables** ({", ".join(missing)}); every verdict below is over the units present')
     lines += [f'- models and seeds: {", ".join(sorted({key.rsplit(" seed ", 1)[0] for key in summary["checks"]}))}; '
               f'seeds {", ".join(map(str, summary["seeds"]))}; {args.images} images per model and seed',
-              '- run time per model and seed (s): ' + ', '.join(f'{key} {value["seconds"]}'
-                                                              for key, value in summary['checks'].items())]
+              '- run time per model and seed (s): ' + ', '.join(
+                  f'{key} {value["seconds"]}' for key, value in summary['checks'].items())]
     lines += unit_provenance(summary['checks']) + ['']
     lines += ['<details><summary>The protocol, as declared before the numbers</summary>', '', protocol.strip(), '',
               '</details>', '']

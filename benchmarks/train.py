@@ -158,7 +158,8 @@ def write_results(records):
         path = weights_path(entry['model'], entry['seed'])
         size = path.stat().st_size / 1e6 if path.is_file() else float('nan')
         lines.append(f'| {entry["model"]} | {entry["seed"]} | {100 * entry["test_accuracy"]:.2f}% | '
-                     f'{entry["epochs"]} | {entry.get("precision", "float32")} | {entry["parameters"]:,} | {size:.2f} MB | '
+                     f'{entry["epochs"]} | {entry.get("precision", "float32")} | {entry["parameters"]:,} | '
+                     f'{size:.2f} MB | '
                      f'{entry["train_seconds"]} s | {entry["date"]} |')
     lines += ['', 'Commands and machines:', '']
     for entry in rows:

@@ -241,7 +241,6 @@ def test_prepared_copy_cached_and_rebuilt_on_change():
     assert lrp.prepared.builds == 3
 
 
-
 @pytest.mark.parametrize('explainer', [FusedLRP, lambda model: CompositeLRP(model, EpsilonPlusFlat())],
                          ids=['FusedLRP', 'CompositeLRP'])
 def test_prepared_copy_rebuilt_when_hooks_or_forward_change(explainer):
@@ -277,6 +276,7 @@ def test_float16_refused_where_captum_epsilon_underflows(engine):
     relevance = FusedLRP(model, handling='naive', rules=rules, engine=engine).attribute(input, target=0)
     torch.testing.assert_close(relevance.double(), torch.tensor([[0., 0.], [-2., 16.]], dtype=torch.float64),
                                atol=0.05, rtol=0.01)
+
 
 class TwoInputs(torch.nn.Module):
     def __init__(self):

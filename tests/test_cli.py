@@ -242,6 +242,8 @@ CASES = {
         r'--out .*out holds files bnfuse does not write \(relevance-mnist-cnn-bn\.pt/, thesis\.tex\); --overwrite '
         r'replaces only bnfuse outputs: choose a new or empty folder'),
 }
+
+
 def float_tiff(tmp):
     path = tmp / 'f.tif'
     Image.fromarray(np.linspace(0, 2, 28 * 28, dtype=np.float32).reshape(28, 28)).save(path)
@@ -319,8 +321,8 @@ def test_demo_writes_valid_files(tmp_path):
 
 
 def test_column_order_is_the_same_in_demo_and_explain(tmp_path, capsys):
-    status, _, error = in_process(capsys, *explain('--images', DIGIT, '--handling', 'naive, fused', '--out',
-                                                     tmp_path / 'out'))
+    status, _, error = in_process(
+        capsys, *explain('--images', DIGIT, '--handling', 'naive, fused', '--out', tmp_path / 'out'))
     assert status == 0, error
     assert list(torch.load(tmp_path / 'out' / 'relevance-mnist-cnn-bn.pt', weights_only=True)) == ['fused', 'naive']
     metrics = json.loads((tmp_path / 'out' / 'metrics.json').read_text())

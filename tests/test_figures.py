@@ -57,8 +57,8 @@ def overlaps(first, second):
         min(first.y1, second.y1) - max(first.y0, second.y0) > 1
 
 
-@pytest.mark.parametrize('count, columns, truncated', [(1, 1, False), (1, 3, False), (2, 3, False), (6, 3, False),
-                                                        (8, 3, True)])
+@pytest.mark.parametrize('count, columns, truncated', [
+    (1, 1, False), (1, 3, False), (2, 3, False), (6, 3, False), (8, 3, True)])
 def test_no_text_overlaps(count, columns, truncated):
     images, relevance = inputs(count + 4 * truncated, COLUMNS[:columns])
     figure = heatmap_figure(images, relevance, ['label'] * count, 'cifar10-vgg-bn, EpsilonPlusFlat')

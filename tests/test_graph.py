@@ -301,7 +301,8 @@ def test_number_arguments_are_not_signals():
     assert [type(module) for module in called_modules(prepared)] == [torch.nn.Linear, Addition_Module]
 
 
-class Chained(torch.nn.Module):
+class ChainedLinear(torch.nn.Module):
+    '''Two residual additions of linear layers, the second adding to the first.'''
     def __init__(self):
         super().__init__()
         self.first, self.second = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
@@ -314,7 +315,7 @@ class Chained(torch.nn.Module):
 @pytest.mark.parametrize('residual', ['captum', 'zennit', 'operands'])
 def test_every_residual_kind_makes_additions_modules(residual):
     # including an addition of a residual sum
-    prepared, _ = lrp_graph(Chained(), residual=residual)
+    prepared, _ = lrp_graph(ChainedLinear(), residual=residual)
     kinds = {'captum': Addition_Module, 'zennit': Sum, 'operands': AddOperands}
     assert sum(type(module) is kinds[residual] for module in prepared.modules()) == 2
     assert not [node for node in prepared.graph.nodes if node.target in (operator.add, torch.add)]

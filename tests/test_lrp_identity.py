@@ -69,7 +69,8 @@ def explainer(engine, model, handling):
     :py:func:`epsilon_composite`; BatchNorms left in the model get the epsilon rule too.'''
     if engine == 'FusedLRP':
         return FusedLRP(model, handling=handling,
-                        rules={key: EpsilonRule(EPSILON) for key in (*EPSILON_RULE_TYPES, *BATCH_NORM_TYPES, ThresholdReLU)})
+                        rules={key: EpsilonRule(EPSILON)
+                               for key in (*EPSILON_RULE_TYPES, *BATCH_NORM_TYPES, ThresholdReLU)})
     return CompositeLRP(model, epsilon_composite(), handling=handling, batch_norm_rule=Epsilon(EPSILON))
 
 

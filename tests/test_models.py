@@ -3,7 +3,9 @@ import pytest
 import torch
 
 from zennit_bnfuse.evaluation.data import default_data_root, load_dataset, load_tensors
-from zennit_bnfuse.evaluation.models import INPUT_SHAPES, MODELS, build, dataset_of, fold_normalization, pretrained, weights_path
+from zennit_bnfuse.evaluation.models import (
+    INPUT_SHAPES, MODELS, build, dataset_of, fold_normalization, pretrained, weights_path,
+)
 
 from conftest import randomize_batch_norms
 

@@ -32,7 +32,8 @@ def test_names_handlings_captum_rules_and_all_axes(shipped):
     model, images, targets = shipped
     inputs, labels = images.numpy(), targets.numpy()
     full = explain_func(model=model, inputs=inputs, targets=labels, composite='captum', reduce_axes=None)
-    np.testing.assert_allclose(full, FusedLRP(model).attribute(images, target=targets).detach().numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(full, FusedLRP(model).attribute(images, target=targets).detach().numpy(),
+                               rtol=1e-5, atol=1e-7)
     fused = explain_func(model=model, inputs=inputs, targets=labels, composite='epsilon-plus-flat')
     naive = explain_func(model=model, inputs=inputs, targets=labels, composite='epsilon-plus-flat', handling='naive')
     assert fused.shape == naive.shape == (4, 1, 28, 28) and not np.allclose(fused, naive)

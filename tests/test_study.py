@@ -93,7 +93,8 @@ def test_torchrun_two_processes_give_the_same_tables(tmp_path):
 def unit(scores, duplicates=None):
     '''A hand-made unit: ``scores`` maps a method key to its per-image primary metric.'''
     return {'methods': {key: {'metrics': {'road_abpc': list(values)}} for key, values in scores.items()},
-            'duplicates': duplicates or {}, 'not_applicable': {}, 'image': list(range(len(next(iter(scores.values())))))}
+            'duplicates': duplicates or {}, 'not_applicable': {},
+            'image': list(range(len(next(iter(scores.values())))))}
 
 
 def settings():
@@ -104,8 +105,8 @@ def test_comparisons_follow_the_declared_rules():
     '''fused beats unfused in both seeds by a clear margin -> better; a duplicate -> identical; the baselines are
     compared in their own family; one seed going the other way -> mixed.'''
     rng = np.random.default_rng(0)
-    fused, unfused = method_key('trained', 'epsilon-plus-flat', 'fused'), method_key('trained', 'epsilon-plus-flat',
-                                                                                      'unfused')
+    fused = method_key('trained', 'epsilon-plus-flat', 'fused')
+    unfused = method_key('trained', 'epsilon-plus-flat', 'unfused')
 
     def scores(shift):
         base = rng.normal(1, .1, 200)
@@ -160,8 +161,8 @@ def test_negative_scales_repeating_the_trained_model_are_counted_once():
 
 def test_a_tiny_effect_is_no_difference():
     '''Significant but below 1% of fused's median: no difference (the protocol's minimum effect).'''
-    fused, unfused = method_key('trained', 'epsilon-plus-flat', 'fused'), method_key('trained', 'epsilon-plus-flat',
-                                                                                      'unfused')
+    fused = method_key('trained', 'epsilon-plus-flat', 'fused')
+    unfused = method_key('trained', 'epsilon-plus-flat', 'unfused')
     base = np.linspace(1, 2, 300)
     units = {('mnist-cnn-bn', 0): unit({fused: base + 1e-3, unfused: base, 'random': base, 'gradient-x-input': base})}
     plan, _ = comparison_plan(units, settings())

@@ -181,4 +181,3 @@ def test_output_error_compares_structures_and_non_finite_entries():
     assert output_error(one, torch.tensor([1., 2., float('inf')], dtype=torch.float64)) == float('inf')
     assert output_error((one, one), (one,)) == float('inf')
     assert output_error(one[:2], one) == float('inf')
-

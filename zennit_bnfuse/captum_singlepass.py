@@ -319,8 +319,8 @@ class RuleHooks:
             if not input.requires_grad:
                 return output
             # the input's hook hands on this relevance (in place of everything that reaches the input)
-            return RelevanceNode.apply(lambda grad_output: (cell.append(grad_output) or grad_output,),
-                                      (output.detach(),), input)
+            return RelevanceNode.apply(
+                lambda grad_output: (cell.append(grad_output) or grad_output,), (output.detach(),), input)
         rule = self.rule
         rule._has_single_input = len(inputs) == 1
         if self.name in self.engine.in_node:

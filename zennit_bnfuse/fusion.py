@@ -4,7 +4,7 @@ from dataclasses import replace
 from .checks import check_model
 from .pairs import find_fusable_pairs
 from .report import UnfusedBatchNorm
-from .replacements import replaced_copy, replacement_modules, set_module  # noqa: F401 (set_module: graph.py)
+from .replacements import replaced_copy, replacement_modules
 
 
 def fuse(model, example_inputs=None, include=None):
@@ -79,8 +79,8 @@ def selected(model, report, include):
         if unknown:
             raise ValueError(f'include names {", ".join(map(repr, unknown))}, which '
                              f'{"is not a BatchNorm" if len(unknown) == 1 else "are not BatchNorms"} of the model')
-        include = lambda name, module: name in names  # noqa: E731
     modules = dict(model.named_modules())
-    chosen = [entry for entry in report.fused if include(entry.bn, modules[entry.bn])]
+    chosen = [entry for entry in report.fused
+              if (include(entry.bn, modules[entry.bn]) if callable(include) else entry.bn in names)]
     left = [UnfusedBatchNorm(entry.bn, 'not selected by `include`') for entry in report.fused if entry not in chosen]
     return replace(report, fused=chosen, unfused=[*report.unfused, *left])

@@ -38,11 +38,11 @@ import torchvision
 from captum.attr._utils.custom_modules import Addition_Module
 from zennit.layer import Sum
 
-from .fusion import set_module
 from .graph_layers import (
     AddOperands, MeanReduction, SumReduction, is_norm_act, scale_passing_relevance, split_norm_act,
 )
 from .pairs import LeafTracer
+from .replacements import set_module
 from .signs import writes_in_place
 
 ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
