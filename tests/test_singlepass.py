@@ -149,6 +149,55 @@ def test_flat_counts_per_sample_only_where_the_dtype_holds_them(dtype, channels,
     rule.param_modifiers = [ParamMod(lambda param, name: param / 3)]
     assert not singlepass.counts_per_sample(rule, layer, input)
     assert singlepass.counts_per_sample(Flat(zero_params=['weight']), layer, input) is expected
+    # nor Flat's modifier on fewer parameters (the others, a bias among them, stay as they are)
+    for keys in (['weight'], ['bias'], []):
+        rule = Flat()
+        rule.param_modifiers[0].param_keys = keys
+        assert not singlepass.counts_per_sample(rule, layer, input)
+
+
+def flat_with(param_keys=None, output_modifier=None):
+    rule = Flat(stabilizer=0.5)
+    if param_keys is not None:
+        rule.param_modifiers[0].param_keys = param_keys
+    if output_modifier is not None:
+        rule.output_modifiers = [output_modifier]
+    return rule
+
+
+@pytest.mark.parametrize('rule', [
+    lambda: flat_with(param_keys=['weight']), lambda: flat_with(param_keys=[]),
+    lambda: flat_with(output_modifier=lambda output: output * 2),
+    lambda: flat_with(output_modifier=lambda output: output.mul_(2)),  # in place: not the identity either
+    lambda: WSquare(), lambda: ZPlus(), lambda: Epsilon()], ids=[
+    'flat-weight-only', 'flat-no-parameters', 'flat-output-times-2', 'flat-output-times-2-in-place', 'wsquare',
+    'zplus', 'epsilon'])
+@pytest.mark.parametrize('layer', ['conv', 'linear'])
+def test_modified_flat_and_output_modifiers_equal_zennit(rule, layer):
+    # Flat on fewer parameters sums the layer's own (a bias of -20 makes outputs negative); an output modifier
+    # that doubles, in place or not, enters Zennit's graph
+    torch.manual_seed(6)
+    first = torch.nn.Conv2d(3, 4, 3, padding=1) if layer == 'conv' else torch.nn.Linear(3 * 8 * 8, 4)
+    with torch.no_grad():
+        first.bias.fill_(-20.)
+    model = torch.nn.Sequential(*([] if layer == 'conv' else [torch.nn.Flatten()]), first, torch.nn.Flatten(),
+                                torch.nn.LazyLinear(2)).double()
+    input = torch.randn(3, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    model(input)
+
+    def composite():
+        return LayerMapComposite([(type(first), rule())])
+    zennit, single = both(model, composite, input, [0, 1, 0])
+    assert zennit.abs().sum() > 0 and torch.equal(single, zennit)
+
+
+def test_returns_its_argument_leaves_the_argument_alone():
+    output = torch.ones(2, 3)
+    assert singlepass.returns_its_argument(lambda tensor: tensor, output)
+    assert not singlepass.returns_its_argument(lambda tensor: tensor.mul_(2), output)
+    assert not singlepass.returns_its_argument(lambda tensor: tensor * 1, output)
+    assert not singlepass.returns_its_argument(lambda tensor: tensor[:, 5], output)  # fails on the probe
+    assert torch.equal(output, torch.ones(2, 3)) and output._version == 0
 
 
 def test_zplus_runs_one_half_on_non_negative_input():

@@ -191,6 +191,18 @@ def modified_forward(module, param_modifier, input):
         return modified.forward(input)
 
 
+def returns_its_argument(modifier, like):
+    '''Whether the input or output modifier ``modifier`` of a Zennit rule is the identity: it returns its argument,
+    unchanged. Tried on an empty tensor shaped like ``like`` past its first dimension, so that a modifier working in
+    place changes nothing of the caller's; a modifier that fails on it counts as not the identity.'''
+    probe = like.new_empty((0, *like.shape[1:]))
+    version = probe._version
+    try:
+        return modifier(probe) is probe and probe._version == version
+    except Exception:
+        return False
+
+
 def is_non_negative(input):
     '''Whether ``input`` has no negative (or NaN) entry; reads the data (on a GPU, a synchronisation).'''
     return input.numel() == 0 or bool(input.min() >= 0)
@@ -218,7 +230,8 @@ def rule_relevance(rule, module, input, grad_output):
     for input_modifier, param_modifier, output_modifier in zip(
             rule.input_modifiers, rule.param_modifiers, rule.output_modifiers):
         modified_input = input_modifier(input.detach()).requires_grad_()
-        outputs.append(output_modifier(modified_forward(module, param_modifier, modified_input)))
+        with torch.enable_grad():  # the output modifier is part of the graph differentiated below
+            outputs.append(output_modifier(modified_forward(module, param_modifier, modified_input)))
         inputs.append(modified_input)
     gradients = torch.autograd.grad(outputs, inputs, grad_outputs=rule.gradient_mapper(grad_output, outputs))
     return rule.reducer(inputs, gradients)
@@ -296,6 +309,8 @@ def convolution_relevance(rule, module, input, grad_output, normalize=None, non_
         The relevance of ``input``, same shape.
     '''
     input = input.detach()
+    if not all(returns_its_argument(modifier, grad_output) for modifier in rule.output_modifiers):
+        return rule_relevance(rule, module, input, grad_output)
     if normalize is not None and counts_per_sample(rule, module, input):
         return flat_relevance(rule, module, input, grad_output, normalize.epsilon, cache)
     modifiers = list(zip(rule.input_modifiers, rule.param_modifiers, rule.output_modifiers))
@@ -306,10 +321,8 @@ def convolution_relevance(rule, module, input, grad_output, normalize=None, non_
     else:
         inputs = [input_modifier(input) for input_modifier, _, _ in modifiers]
     outputs, weights = [], []
-    for modified_input, (_, param_modifier, output_modifier) in zip(inputs, modifiers):
+    for modified_input, (_, param_modifier, _) in zip(inputs, modifiers):
         output, weight = modified_convolution(module, param_modifier, modified_input, cache)
-        if output_modifier(output) is not output:
-            return rule_relevance(rule, module, input, grad_output)
         outputs.append(output)
         weights.append(weight)
     if normalize is None:
@@ -343,8 +356,9 @@ def counts_per_sample(rule, module, input):
             or rule.input_modifiers[0] is not torch.ones_like):
         return False
     param_modifier = rule.param_modifiers[0]
-    if type(param_modifier) is not ParamMod or getattr(param_modifier.modifier, '__code__', None) is not FLAT_WEIGHTS:
-        return False  # not Flat's own weights of ones
+    if (type(param_modifier) is not ParamMod or getattr(param_modifier.modifier, '__code__', None) is not FLAT_WEIGHTS
+            or param_modifier.param_keys is not None or 'bias' not in (param_modifier.zero_params or ())):
+        return False  # not Flat's own weights of ones on every parameter, bias zeroed
     if input.dim() != len(module.kernel_size) + 2 or not input.dtype.is_floating_point:
         return False
     # the most entries one output sums: input channels per group times kernel taps
@@ -377,8 +391,6 @@ def flat_relevance(rule, module, input, grad_output, epsilon, cache=None):
     '''
     ones = torch.ones_like(input[:1])
     counts, weight = modified_convolution(module, rule.param_modifiers[0], ones, cache)
-    if rule.output_modifiers[0](counts) is not counts:
-        return rule_relevance(rule, module, input, grad_output)
     gradient = convolution_input_gradient(module, input, weight, torch.div(grad_output, counts.add_(epsilon)))
     return rule.reducer([ones.expand_as(input)], [gradient])
 
@@ -389,7 +401,8 @@ def zplus_relevance(rule, module, input, grad_output, normalize=None, non_negati
     :py:func:`convolution_relevance`; without a ``normalize``, inputs with negative entries go to
     :py:func:`rule_relevance`.'''
     signed = not (is_non_negative(input) if non_negative is None else non_negative)
-    if signed and normalize is None:
+    if (signed and normalize is None) or not all(
+            returns_its_argument(modifier, grad_output) for modifier in rule.output_modifiers):
         return rule_relevance(rule, module, input, grad_output)
     if signed:
         inputs = [modifier(input.detach()).requires_grad_() for modifier in rule.input_modifiers]
@@ -661,7 +674,7 @@ class SinglePassHook(Hook):
         if plan == THRESHOLD:
             return threshold_function(module), (
                 passed_on + normalize.epsilon, input), passed_on
-        if plan == REUSED and rule.output_modifiers[0](output) is output:
+        if plan == REUSED:
             # the rule's forward is the forward itself: keep only the stabilised output (a new tensor, so in-place
             # operations after the module do not reach it)
             def reused_convolution(grad_output, denominator, input):
@@ -724,11 +737,13 @@ class SinglePassHook(Hook):
         return reused, (output, input), output.detach().clone()
 
     def reuses_forward(self, module, input):
-        '''Whether the rule's single set of input and parameter modifiers is the identity for ``module``, so the
-        module's own forward pass serves as the rule's.'''
+        '''Whether the rule's single set of input, parameter and output modifiers is the identity for ``module``, so
+        the module's own forward pass serves as the rule's.'''
         rule = self.rule
         return (isinstance(rule, BasicHook) and len(rule.input_modifiers) == 1
-                and has_identity_params(rule.param_modifiers[0], module) and rule.input_modifiers[0](input) is input)
+                and has_identity_params(rule.param_modifiers[0], module)
+                and returns_its_argument(rule.input_modifiers[0], input)
+                and returns_its_argument(rule.output_modifiers[0], input))
 
 
 HOOK_METHODS = ('pre_forward', 'post_forward', 'forward', 'pre_backward', 'backward')
