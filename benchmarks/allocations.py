@@ -22,23 +22,27 @@ import traceback
 from pathlib import Path
 
 import torch
+import zennit
 from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm.auto import tqdm
+
+import zennit_bnfuse
 
 from provenance import command_line, header, machine, today
 from speed import RESULTS, setup
 from speed_interleaved import METHODS
 
-PACKAGES = ('zennit_bnfuse', 'zennit')
+# the folders of this package and of Zennit, whose lines the tables name
+PACKAGES = tuple(Path(package.__file__).resolve().parent for package in (zennit_bnfuse, zennit))
 
 
 def caller():
     '''``file:line`` of the innermost frame of this package or of Zennit on the stack, or ``autograd / the model``
     where none is (autograd's own backward functions, the model's forward).'''
     for frame in reversed(traceback.extract_stack()):
-        parts = Path(frame.filename).parts
-        if any(package in parts for package in PACKAGES) and 'benchmarks' not in parts:
-            return f'{"/".join(parts[-2:])}:{frame.lineno}'
+        path = Path(frame.filename).resolve()
+        if any(path.is_relative_to(package) for package in PACKAGES):
+            return f'{"/".join(path.parts[-2:])}:{frame.lineno}'
     return 'autograd / the model'
 
 
@@ -51,9 +55,10 @@ class LargeAllocations(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        output = func(*args, **kwargs)
+        # the arguments' memory before the call: an ``out=`` tensor the operator resizes gets new memory
         given = {argument.untyped_storage().data_ptr() for argument in (*args, *kwargs.values())
                  if isinstance(argument, torch.Tensor)}
+        output = func(*args, **kwargs)
         for tensor in output if isinstance(output, (tuple, list)) else (output,):
             if not isinstance(tensor, torch.Tensor) or tensor.device.type != 'cpu':
                 continue

@@ -23,6 +23,11 @@ run() {  # name, then environment settings (NAME=value ...)
     local name=$1
     shift
     echo "== $name: $*"
+    if env "$@" "$PYTHON" -c '' 2>&1 | grep -q 'cannot be preloaded'; then  # ld.so only warns, and runs on glibc
+        echo "== $name: $* cannot be preloaded, not run"
+        FAILED+=("$name")
+        return
+    fi
     env "$@" "$PYTHON" benchmarks/speed_interleaved.py "${ARGUMENTS[@]}" --tag "speed-interleaved-allocators-$name" \
         | grep -F '| ≤ '  # the target rows (none for a model without a target)
     [ "${PIPESTATUS[0]}" -eq 0 ] || FAILED+=("$name")

@@ -152,6 +152,14 @@ def test_allocators_script_fails_naming_the_failed_runs(tmp_path):
     result = subprocess.run(['bash', str(script)], env=environment, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert 'failed: default thp glibc-keep' in result.stderr and result.stdout.count('== ') == 5
+    # an allocator library that is there but cannot be preloaded (ld.so would run the benchmark on glibc's malloc
+    # under the library's name) is not run, and counts as failed
+    for library in ('libjemalloc.so.2', 'libtcmalloc_minimal.so.4'):
+        (tmp_path / library).write_text('not a shared object')
+    environment.update(PYTHON=sys.executable, LIBRARIES=str(tmp_path), MODELS='no-such-model')
+    result = subprocess.run(['bash', str(script)], env=environment, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and 'failed: default thp glibc-keep jemalloc tcmalloc' in result.stderr
+    assert result.stdout.count('cannot be preloaded, not run') == 2
 
 
 def test_large_allocations_count_new_tensors_only():
@@ -164,9 +172,10 @@ def test_large_allocations_count_new_tensors_only():
         a.view(32, 32)  # a view of a's memory
         a[:10].clone()  # new, but below the threshold
         torch.cat([a, b])  # new, twice the threshold: counted
-    assert sum(allocations.counts.values()) == 2
-    assert {operator for operator, _ in allocations.counts} == {'add', 'cat'}
-    assert sum(allocations.bytes.values()) == 3 * a.untyped_storage().nbytes()
+        torch.mul(a, b, out=torch.empty(0))  # into a given tensor that had to grow: new memory, counted
+    assert sum(allocations.counts.values()) == 3
+    assert {operator for operator, _ in allocations.counts} == {'add', 'cat', 'mul'}
+    assert sum(allocations.bytes.values()) == 4 * a.untyped_storage().nbytes()
 
 
 def test_allocations_smoke(tmp_path):
