@@ -580,6 +580,22 @@ def test_cached_parameters_are_computed_again_when_the_weights_change():
                                rtol=0, atol=0)
     conv.weight = torch.nn.Parameter(torch.ones_like(conv.weight))  # replaced
     assert torch.equal(modified_convolution(conv, modifier, images, cache)[1], conv.weight)
+    # Module.to() swaps .data in the same Parameter without moving its version counter
+    conv.to(memory_format=torch.channels_last)
+    assert modified_convolution(conv, modifier, images, cache)[1].is_contiguous(memory_format=torch.channels_last)
+    conv.float()
+    output, weight = modified_convolution(conv, modifier, images.float(), cache)
+    assert weight.dtype == output.dtype == torch.float32
+
+
+def test_module_to_between_calls_equals_zennit():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(320, 2))
+    input = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(8))
+    composite = SinglePass(rule_composite(ZPlus())(), cache=True)
+    relevance(model, composite, input, [0, 1])
+    model.double()
+    assert torch.equal(relevance(model, composite, input.double(), [0, 1]),
+                       relevance(model, rule_composite(ZPlus())(), input.double(), [0, 1]))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')

@@ -249,8 +249,9 @@ def modified_convolution(module, param_modifier, input, cache=None):
     input: :py:obj:`torch.Tensor`
     cache: dict, optional
         Where to keep the modified parameters, by parameter modifier, for the next call: they are computed again
-        only when a parameter is replaced or changed in place (its version counter). Writes through ``.data`` are not
-        seen, so only for a model this package owns.
+        only when a parameter is replaced, changed in place (its version counter) or given new memory (its data
+        pointer, dtype and strides: ``Module.to()`` swaps ``.data``). Writes into the same memory through ``.data``
+        are not seen, so only for a model this package owns.
 
     Returns
     -------
@@ -260,12 +261,12 @@ def modified_convolution(module, param_modifier, input, cache=None):
     if cache is None or module.transposed:
         with torch.no_grad(), ParamMod.ensure(param_modifier)(module) as modified:
             return modified.forward(input), modified.weight.detach()
-    sources = tuple((parameter, parameter._version) for parameter in (module.weight, module.bias)
-                    if parameter is not None)
+    sources = tuple((parameter, (parameter._version, parameter.data_ptr(), parameter.dtype, parameter.stride()))
+                    for parameter in (module.weight, module.bias) if parameter is not None)
     cached = cache.get(param_modifier)
     if cached is None or len(cached[0]) != len(sources) or any(
-            parameter is not other or version != other_version
-            for (parameter, version), (other, other_version) in zip(sources, cached[0])):
+            parameter is not other or state != other_state
+            for (parameter, state), (other, other_state) in zip(sources, cached[0])):
         with torch.no_grad(), ParamMod.ensure(param_modifier)(module) as modified:
             bias = None if modified.bias is None else modified.bias.detach()
             cached = cache[param_modifier] = sources, (modified.weight.detach(), bias)
