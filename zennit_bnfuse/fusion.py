@@ -79,8 +79,10 @@ def selected(model, report, include):
         if unknown:
             raise ValueError(f'include names {", ".join(map(repr, unknown))}, which '
                              f'{"is not a BatchNorm" if len(unknown) == 1 else "are not BatchNorms"} of the model')
+
+        def include(name, module):
+            return name in names
     modules = dict(model.named_modules())
-    chosen = [entry for entry in report.fused
-              if (include(entry.bn, modules[entry.bn]) if callable(include) else entry.bn in names)]
+    chosen = [entry for entry in report.fused if include(entry.bn, modules[entry.bn])]
     left = [UnfusedBatchNorm(entry.bn, 'not selected by `include`') for entry in report.fused if entry not in chosen]
     return replace(report, fused=chosen, unfused=[*report.unfused, *left])

@@ -203,6 +203,11 @@ def returns_its_argument(modifier, like):
         return False
 
 
+def all_identity(modifiers, like):
+    '''Whether every modifier in ``modifiers`` is the identity (see :py:func:`returns_its_argument`).'''
+    return all(returns_its_argument(modifier, like) for modifier in modifiers)
+
+
 def is_non_negative(input):
     '''Whether ``input`` has no negative (or NaN) entry; reads the data (on a GPU, a synchronisation).'''
     return input.numel() == 0 or bool(input.min() >= 0)
@@ -310,7 +315,7 @@ def convolution_relevance(rule, module, input, grad_output, normalize=None, non_
         The relevance of ``input``, same shape.
     '''
     input = input.detach()
-    if not all(returns_its_argument(modifier, grad_output) for modifier in rule.output_modifiers):
+    if not all_identity(rule.output_modifiers, grad_output):
         return rule_relevance(rule, module, input, grad_output)
     if normalize is not None and counts_per_sample(rule, module, input):
         return flat_relevance(rule, module, input, grad_output, normalize.epsilon, cache)
@@ -402,8 +407,7 @@ def zplus_relevance(rule, module, input, grad_output, normalize=None, non_negati
     :py:func:`convolution_relevance`; without a ``normalize``, inputs with negative entries go to
     :py:func:`rule_relevance`.'''
     signed = not (is_non_negative(input) if non_negative is None else non_negative)
-    if (signed and normalize is None) or not all(
-            returns_its_argument(modifier, grad_output) for modifier in rule.output_modifiers):
+    if (signed and normalize is None) or not all_identity(rule.output_modifiers, grad_output):
         return rule_relevance(rule, module, input, grad_output)
     if signed:
         inputs = [modifier(input.detach()).requires_grad_() for modifier in rule.input_modifiers]
@@ -743,8 +747,7 @@ class SinglePassHook(Hook):
         rule = self.rule
         return (isinstance(rule, BasicHook) and len(rule.input_modifiers) == 1
                 and has_identity_params(rule.param_modifiers[0], module)
-                and returns_its_argument(rule.input_modifiers[0], input)
-                and returns_its_argument(rule.output_modifiers[0], input))
+                and all_identity((*rule.input_modifiers, *rule.output_modifiers), input))
 
 
 HOOK_METHODS = ('pre_forward', 'post_forward', 'forward', 'pre_backward', 'backward')
