@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # CompositeLRP against its floor under each memory allocator setting, one run after another (each a new process, as
 # an allocator is chosen when a process starts): glibc's malloc with its defaults; PyTorch asking for transparent huge
-# pages (THP_MEM_ALLOC_ENABLE=1); glibc told to keep freed memory; jemalloc and tcmalloc through LD_PRELOAD where
+# pages (THP_MEM_ALLOC_ENABLE=1); glibc told to keep freed memory (and, for comparison, the weaker setting
+# the docs gave before); jemalloc and tcmalloc through LD_PRELOAD where
 # they are installed (Debian/Ubuntu: apt install libjemalloc2 libtcmalloc-minimal4). Each run writes
 # benchmarks/results/speed-interleaved-allocators-<name>.md/.json with the command (settings included), machine and
 # date; the ratios within a run are the ones to compare. Exits 1, naming them, when any run failed (the others still
@@ -35,7 +36,12 @@ run() {  # name, then environment settings (NAME=value ...)
 
 run default
 run thp THP_MEM_ALLOC_ENABLE=1
-run glibc-keep MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=68719476736
+# glibc keeping freed memory: blocks up to 1 GiB from its heap rather than mapped for each (above the threshold a
+# block is mapped and unmapped every time), and up to 1 GiB of free heap kept rather than handed back
+run glibc-keep MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=1073741824
+# what the docs advised before: a 32 MiB threshold still maps every block of 32 MiB or more (resnet50's 49 MiB
+# feature maps at batch 16)
+run glibc-keep-below-32mib MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=68719476736
 for library in jemalloc:libjemalloc.so.2 tcmalloc:libtcmalloc_minimal.so.4; do
     if [ -e "$LIBRARIES/${library#*:}" ]; then
         run "${library%%:*}" LD_PRELOAD="$LIBRARIES/${library#*:}"

@@ -13,11 +13,16 @@ each method's time divided by the plain gradient's time in the same repeat. Meth
 - SinglePass as a Zennit composite with the FuseBatchNorm canonizer, entering and leaving its attributor context
   per call (canonizer apply + remove included, as for a user who makes one call per context).
 
+Each call's minor page faults are counted beside its times: memory the C library's allocator handed back to the
+system and asked for again is faulted in (and zeroed) page by page, which LRP, keeping more tensors than a gradient,
+can pay more of (see ``allocators.sh``).
+
 Writes ``benchmarks/results/speed-interleaved.md`` and ``.json``.
 
     python benchmarks/speed_interleaved.py
 '''
 import os
+import resource
 import statistics
 import time
 
@@ -121,20 +126,28 @@ def measure(arch, batch, device, repeats, input_size, methods=tuple(METHODS)):
         functions[name] = make(model, fused, input, target)
     seconds = {name: [] for name in functions}
     cpu_seconds = {name: [] for name in functions}
+    faults = {name: [] for name in functions}
     for function in functions.values():  # warm-up (and the prepared copies are built)
         function()
     synchronize(device)
     for _ in range(repeats):
         for name, function in functions.items():
-            start, cpu_start = time.perf_counter(), time.process_time()
+            start, cpu_start, faults_start = time.perf_counter(), time.process_time(), minor_page_faults()
             function()
             synchronize(device)
             seconds[name].append(time.perf_counter() - start)
             cpu_seconds[name].append(time.process_time() - cpu_start)
-    return {name: {'seconds': values, 'cpu_seconds': cpu_seconds[name],
+            faults[name].append(minor_page_faults() - faults_start)
+    return {name: {'seconds': values, 'cpu_seconds': cpu_seconds[name], 'minor_page_faults': faults[name],
                    'median_ratio': median_ratio(values, seconds[GRADIENT]),
                    'median_cpu_ratio': median_ratio(cpu_seconds[name], cpu_seconds[GRADIENT])}
             for name, values in seconds.items()}
+
+
+def minor_page_faults():
+    '''The minor page faults of this process so far: each first write to a page the allocator got from the system
+    (freshly mapped, or handed back and asked for again) is one.'''
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def median_ratio(values, references):
@@ -183,8 +196,17 @@ def write_report(results, command, args):
                          + ' | '.join(f'{rows[name][ratio_key]:.2f}' if name in rows else '-' for name in names)
                          + f' | {1000 * gradient:.1f} ms |')
         lines.append('')
-    lines += ['## Targets', '', 'Median over repeats of the ratio of the two methods\' times in the same repeat, by '
-              'the wall clock and by process CPU time (rows without a target compare two methods).', '',
+    lines += ['## Minor page faults per call', '', 'The median over repeats: pages the call touched for the first time '
+              'since the allocator got them from the system (zeroed by the kernel on the way; a call that reuses '
+              'memory the allocator kept has none).', '',
+              '| model | batch | device | ' + ' | '.join(names) + ' | gradient (fused model) |',
+              '| --- | --- | --- | ' + ' | '.join('---' for _ in names) + ' | --- |']
+    for (arch, batch, device), rows in results.items():
+        lines.append(f'| {arch} | {batch} | {device} | ' + ' | '.join(
+            f'{statistics.median(rows[name]["minor_page_faults"]):,.0f}' if name in rows else '-'
+            for name in (*names, GRADIENT)) + ' |')
+    lines += ['', '## Targets', '', 'Median over repeats of the ratio of the two methods\' times in the same repeat, '
+              'by the wall clock and by process CPU time (rows without a target compare two methods).', '',
               '| model | batch | device | method | reference | ratio (wall) | ratio (CPU) | target | met (wall) |',
               '| --- | --- | --- | --- | --- | --- | --- | --- | --- |']
     for (arch, batch, device), rows in results.items():

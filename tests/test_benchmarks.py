@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -82,13 +83,20 @@ def test_speed_interleaved_smoke(tmp_path):
                             '--repeats', '2', '--input-size', '32', '--out', str(tmp_path), '--tag', 'smoke'])
     rows = json.loads((tmp_path / 'smoke.json').read_text())['results'][0]['rows']
     assert set(rows) == {speed_interleaved.GRADIENT, *(name for name, _ in speed_interleaved.METHODS.values())}
-    assert all(len(row['seconds']) == len(row['cpu_seconds']) == 2 and row['median_ratio'] > 0
+    assert all(len(row['seconds']) == len(row['cpu_seconds']) == len(row['minor_page_faults']) == 2
+               and row['median_ratio'] > 0 and all(isinstance(faults, int) and faults >= 0
+                                                   for faults in row['minor_page_faults'])
                for row in rows.values())
     assert rows['gradient (fused model)']['median_ratio'] == rows['gradient (fused model)']['median_cpu_ratio'] == 1
-    # one row per clock, the FusedLRP target (the z+ targets name other models) and the registration comparison
+    # one row per clock, the page faults, the FusedLRP target (the z+ targets name other models) and the
+    # registration comparison
     table = [line for line in table_rows(tmp_path / 'smoke.md') if line.startswith('| resnet18 | 1 | cpu |')]
-    assert len(table) == 4 and 'FusedLRP(), default engine' in table[2]
-    assert 'composite registered per call' in table[3] and table[3].endswith('| - | - |')
+    assert len(table) == 5 and 'FusedLRP(), default engine' in table[3]
+    faults = table[2].strip('|').split('|')[3:]
+    assert [int(cell.replace(',', '')) for cell in faults] == [
+        round(statistics.median(rows[name]['minor_page_faults']))
+        for name in (*(name for name, _ in speed_interleaved.METHODS.values()), speed_interleaved.GRADIENT)]
+    assert 'composite registered per call' in table[4] and table[4].endswith('| - | - |')
 
 
 def test_speed_interleaved_methods_subset(tmp_path):
@@ -133,13 +141,16 @@ def test_allocators_script_records_each_setting(tmp_path):
     assert result.returncode == 0, result.stderr
     assert 'jemalloc: ' + str(tmp_path / 'none' / 'libjemalloc.so.2') + ' not installed, left out' in result.stdout
     commands = {name: json.loads((tmp_path / f'speed-interleaved-allocators-{name}.json').read_text())['command']
-                for name in ('default', 'thp', 'glibc-keep')}
+                for name in ('default', 'thp', 'glibc-keep', 'glibc-keep-below-32mib')}
     assert commands['default'].startswith('python benchmarks/speed_interleaved.py --methods floor,composite')
     assert commands['thp'].startswith('THP_MEM_ALLOC_ENABLE=1 python ')
     assert commands['glibc-keep'].startswith(
+        'MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=1073741824 python ')
+    assert commands['glibc-keep-below-32mib'].startswith(
         'MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=68719476736 python ')
     assert sorted(path.name for path in tmp_path.glob('*.md')) == [
-        f'speed-interleaved-allocators-{name}.md' for name in ('default', 'glibc-keep', 'thp')]
+        f'speed-interleaved-allocators-{name}.md'
+        for name in ('default', 'glibc-keep-below-32mib', 'glibc-keep', 'thp')]
 
 
 def test_allocators_script_fails_naming_the_failed_runs(tmp_path):
@@ -151,14 +162,15 @@ def test_allocators_script_fails_naming_the_failed_runs(tmp_path):
     environment = {'PATH': os.environ['PATH'], 'PYTHON': str(failing), 'LIBRARIES': str(tmp_path / 'none')}
     result = subprocess.run(['bash', str(script)], env=environment, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
-    assert 'failed: default thp glibc-keep' in result.stderr and result.stdout.count('== ') == 5
+    assert 'failed: default thp glibc-keep glibc-keep-below-32mib' in result.stderr and result.stdout.count('== ') == 6
     # an allocator library that is there but cannot be preloaded (ld.so would run the benchmark on glibc's malloc
     # under the library's name) is not run, and counts as failed
     for library in ('libjemalloc.so.2', 'libtcmalloc_minimal.so.4'):
         (tmp_path / library).write_text('not a shared object')
     environment.update(PYTHON=sys.executable, LIBRARIES=str(tmp_path), MODELS='no-such-model')
     result = subprocess.run(['bash', str(script)], env=environment, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1 and 'failed: default thp glibc-keep jemalloc tcmalloc' in result.stderr
+    assert result.returncode == 1 and 'failed: default thp glibc-keep glibc-keep-below-32mib jemalloc tcmalloc' in (
+        result.stderr)
     assert result.stdout.count('cannot be preloaded, not run') == 2
 
 
