@@ -19,17 +19,18 @@ ARGUMENTS=(--methods floor,composite --models "${MODELS:-resnet50}" --batches "$
            --repeats "${REPEATS:-5}" --input-size "${INPUT_SIZE:-224}" ${OUT:+--out "$OUT"})
 
 FAILED=()
+EXTRA=()  # more arguments for the next run
 
 run() {  # name, then environment settings (NAME=value ...)
     local name=$1
     shift
-    echo "== $name: $*"
+    echo "== $name: $* ${EXTRA[*]}"
     if env "$@" "$PYTHON" -c '' 2>&1 | grep -q 'cannot be preloaded'; then  # ld.so only warns, and runs on glibc
         echo "== $name: $* cannot be preloaded, not run"
         FAILED+=("$name")
         return
     fi
-    env "$@" "$PYTHON" benchmarks/speed_interleaved.py "${ARGUMENTS[@]}" --tag "speed-interleaved-allocators-$name" \
+    env "$@" "$PYTHON" benchmarks/speed_interleaved.py "${ARGUMENTS[@]}" "${EXTRA[@]}" --tag "speed-interleaved-allocators-$name" \
         | grep -F '| ≤ '  # the target rows (none for a model without a target)
     [ "${PIPESTATUS[0]}" -eq 0 ] || FAILED+=("$name")
 }
@@ -42,6 +43,10 @@ run glibc-keep MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=10737418
 # what the docs advised before: a 32 MiB threshold still maps every block of 32 MiB or more (resnet50's 49 MiB
 # feature maps at batch 16)
 run glibc-keep-below-32mib MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=68719476736
+# the same as glibc-keep, set from inside the process by zennit_bnfuse.keep_freed_memory() (as in a notebook)
+EXTRA=(--keep-freed-memory)
+run keep-freed-memory
+EXTRA=()
 for library in jemalloc:libjemalloc.so.2 tcmalloc:libtcmalloc_minimal.so.4; do
     if [ -e "$LIBRARIES/${library#*:}" ]; then
         run "${library%%:*}" LD_PRELOAD="$LIBRARIES/${library#*:}"

@@ -337,10 +337,10 @@ def write_tables(lines, results, command, host, date, args):
 
 
 def parse_arguments(argv, repeats, tag, doc, methods=None, memory=False, models=MODELS, batches='1,16',
-                    extra='resnet50:8'):
+                    extra='resnet50:8', keep_memory=False):
     '''The options shared by the speed benchmarks, with their defaults for ``repeats``, ``tag``, ``models``,
     ``batches`` and ``extra``; given the names of a script's ``methods``, ``--methods`` to time only some of them;
-    with ``memory``, ``--memory``.'''
+    with ``memory``, ``--memory``; with ``keep_memory``, ``--keep-freed-memory``.'''
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     if memory:
         parser.add_argument('--memory', choices=('subprocess', 'none'), default='subprocess',
@@ -351,6 +351,9 @@ def parse_arguments(argv, repeats, tag, doc, methods=None, memory=False, models=
     parser.add_argument('--models', default=','.join(models),
                         help='torchvision model names, or timm/NAME for timm models (timm installed)')
     parser.add_argument('--batches', default=batches)
+    if keep_memory:
+        parser.add_argument('--keep-freed-memory', action='store_true',
+                            help='call zennit_bnfuse.keep_freed_memory() first (glibc keeps what it frees)')
     parser.add_argument('--extra', default=extra, help='more model:batch pairs (the canonizer target)')
     parser.add_argument('--devices', default='cpu,cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--repeats', type=int, default=repeats)

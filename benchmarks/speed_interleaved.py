@@ -30,7 +30,7 @@ import torch
 from zennit.attribution import Gradient
 from zennit.composites import EpsilonPlusFlat
 
-from zennit_bnfuse import CompositeLRP, FuseBatchNorm, FusedLRP, SinglePass
+from zennit_bnfuse import CompositeLRP, FuseBatchNorm, FusedLRP, SinglePass, keep_freed_memory
 from zennit_bnfuse.evaluation.composites import epsilon
 
 from provenance import ALLOCATOR_VARIABLES, command_line, header, machine, today
@@ -179,7 +179,7 @@ def write_report(results, command, args):
         'CompositeLRP and the single-pass Captum engine for FusedLRP',
         '- each call is timed by the wall clock and by the process\'s CPU time (which leaves out the time other '
         'processes on a shared machine hold the CPU); the first table is wall-clock, the second CPU time',
-        '- memory allocator: ' + ('the settings in the command' if any(
+        '- memory allocator: ' + ('the settings in the command' if args.keep_freed_memory or any(
             os.environ.get(name) for name in ALLOCATOR_VARIABLES) else 'the C library\'s malloc with its defaults; '
             'where it hands freed memory back to the system, the next call faults it in again, page by page, and '
             'LRP, which keeps more tensors than a gradient, pays more of that (docs/howto/singlepass.md, "Speed")'),
@@ -224,7 +224,9 @@ def write_report(results, command, args):
 
 def main(argv=None):
     args = parse_arguments(argv, repeats=5, tag='speed-interleaved', doc=__doc__, methods=METHODS,
-                           models=MODELS + TIMM_MODELS, batches='1,8,16', extra='')
+                           models=MODELS + TIMM_MODELS, batches='1,8,16', extra='', keep_memory=True)
+    if args.keep_freed_memory:
+        keep_freed_memory()
     methods = tuple(args.methods.split(','))
     command = command_line(argv)
     run_configurations(args, lambda *config: measure(*config, methods=methods),

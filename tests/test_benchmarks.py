@@ -141,16 +141,20 @@ def test_allocators_script_records_each_setting(tmp_path):
     assert result.returncode == 0, result.stderr
     assert 'jemalloc: ' + str(tmp_path / 'none' / 'libjemalloc.so.2') + ' not installed, left out' in result.stdout
     commands = {name: json.loads((tmp_path / f'speed-interleaved-allocators-{name}.json').read_text())['command']
-                for name in ('default', 'thp', 'glibc-keep', 'glibc-keep-below-32mib')}
+                for name in ('default', 'thp', 'glibc-keep', 'glibc-keep-below-32mib', 'keep-freed-memory')}
     assert commands['default'].startswith('python benchmarks/speed_interleaved.py --methods floor,composite')
     assert commands['thp'].startswith('THP_MEM_ALLOC_ENABLE=1 python ')
     assert commands['glibc-keep'].startswith(
         'MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=1073741824 python ')
     assert commands['glibc-keep-below-32mib'].startswith(
         'MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=68719476736 python ')
+    # the one set inside the process says so in its command, with no settings before it
+    assert commands['keep-freed-memory'].startswith('python benchmarks/speed_interleaved.py ')
+    assert commands['keep-freed-memory'].endswith(
+        '--keep-freed-memory --tag speed-interleaved-allocators-keep-freed-memory')
     assert sorted(path.name for path in tmp_path.glob('*.md')) == [
         f'speed-interleaved-allocators-{name}.md'
-        for name in ('default', 'glibc-keep-below-32mib', 'glibc-keep', 'thp')]
+        for name in ('default', 'glibc-keep-below-32mib', 'glibc-keep', 'keep-freed-memory', 'thp')]
 
 
 def test_allocators_script_fails_naming_the_failed_runs(tmp_path):
@@ -162,15 +166,16 @@ def test_allocators_script_fails_naming_the_failed_runs(tmp_path):
     environment = {'PATH': os.environ['PATH'], 'PYTHON': str(failing), 'LIBRARIES': str(tmp_path / 'none')}
     result = subprocess.run(['bash', str(script)], env=environment, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
-    assert 'failed: default thp glibc-keep glibc-keep-below-32mib' in result.stderr and result.stdout.count('== ') == 6
+    assert 'failed: default thp glibc-keep glibc-keep-below-32mib keep-freed-memory' in result.stderr
+    assert result.stdout.count('== ') == 7
     # an allocator library that is there but cannot be preloaded (ld.so would run the benchmark on glibc's malloc
     # under the library's name) is not run, and counts as failed
     for library in ('libjemalloc.so.2', 'libtcmalloc_minimal.so.4'):
         (tmp_path / library).write_text('not a shared object')
     environment.update(PYTHON=sys.executable, LIBRARIES=str(tmp_path), MODELS='no-such-model')
     result = subprocess.run(['bash', str(script)], env=environment, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1 and 'failed: default thp glibc-keep glibc-keep-below-32mib jemalloc tcmalloc' in (
-        result.stderr)
+    assert result.returncode == 1 and (
+        'failed: default thp glibc-keep glibc-keep-below-32mib keep-freed-memory jemalloc tcmalloc' in result.stderr)
     assert result.stdout.count('cannot be preloaded, not run') == 2
 
 

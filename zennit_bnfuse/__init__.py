@@ -4,6 +4,7 @@ from .canonizers import FuseBatchNorm
 from .fusion import fuse
 from .handling import ALL_HANDLINGS, HANDLINGS, BatchNormHandling, bn_handling
 from .layers import ThresholdReLU
+from .memory import keep_freed_memory
 from .pairs import find_fusable_pairs
 from .quantus_interop import explain_func
 from .report import FusedBatchNorm, FusionReport, UnfusedBatchNorm
@@ -25,4 +26,5 @@ __all__ = [
     'explain_func',
     'find_fusable_pairs',
     'fuse',
+    'keep_freed_memory',
 ]
