@@ -30,8 +30,9 @@ run() {  # name, then environment settings (NAME=value ...)
         FAILED+=("$name")
         return
     fi
+    # print the target rows (none for a model without a target)
     env "$@" "$PYTHON" benchmarks/speed_interleaved.py "${ARGUMENTS[@]}" "${EXTRA[@]}" \
-        --tag "speed-interleaved-allocators-$name" | grep -F '| ≤ '  # the target rows (none for a model without a target)
+        --tag "speed-interleaved-allocators-$name" | grep -F '| ≤ '
     [ "${PIPESTATUS[0]}" -eq 0 ] || FAILED+=("$name")
 }
 
