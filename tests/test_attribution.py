@@ -263,6 +263,61 @@ def test_prepared_copy_rebuilt_when_hooks_or_forward_change(explainer):
     assert not torch.allclose(shifted, before)
 
 
+class Gated(torch.nn.Module):
+    """TinyNet's layers, with plain attributes the forward reads: a flag that skips the BatchNorm, a scale and a
+    tensor held as an attribute, not a buffer."""
+    def __init__(self):
+        super().__init__()
+        self.net = TinyNet()
+        self.use_bn = True
+        self.scale = 1.
+        self.offset = torch.zeros(2, dtype=torch.float64)
+
+    def forward(self, x):
+        net = self.net
+        hidden = net.fc1(x)
+        hidden = net.bn(hidden) if self.use_bn else hidden
+        return net.fc2(net.relu(hidden * self.scale + self.offset))
+
+
+@pytest.mark.parametrize('explainer', [FusedLRP, lambda model: CompositeLRP(model, EpsilonPlusFlat())],
+                         ids=['FusedLRP', 'CompositeLRP'])
+def test_prepared_copy_rebuilt_when_a_plain_attribute_changes(explainer):
+    # each change below leaves every parameter, buffer, hook and module as it was; only what forward reads differs
+    model = Gated()
+    input = torch.ones(1, 2, dtype=torch.float64)
+    lrp = explainer(model)
+    seen = [lrp.attribute(input, target=0)]
+    changes = [lambda: setattr(model, 'scale', 3.), lambda: setattr(model, 'use_bn', False),
+               lambda: model.offset.add_(1.), lambda: setattr(model, 'offset', torch.full((2,), 2., dtype=torch.float64))]
+    for builds, change in enumerate(changes, start=2):
+        change()
+        relevance, delta = lrp.attribute(input, target=0, return_convergence_delta=True)
+        assert lrp.prepared.builds == builds
+        assert torch.equal(relevance, explainer(model).attribute(input, target=0))
+        # the convergence delta is measured against the model's output now
+        torch.testing.assert_close(relevance.sum() + delta[0], model(input)[0, 0])
+        assert not any(torch.equal(relevance, before) for before in seen[-1:])
+        seen.append(relevance)
+    lrp.attribute(input, target=0)
+    assert lrp.prepared.builds == len(changes) + 1
+
+
+def test_canonizer_follows_a_plain_attribute():
+    # the canonizer keeps its folds between contexts; a flag that stops the forward calling the BatchNorm must not
+    # leave the BatchNorm's fold in place
+    model = Gated()
+    input = torch.ones(1, 2, dtype=torch.float64)
+    canonizer = FuseBatchNorm()
+    composite = EpsilonPlusFlat(canonizers=[canonizer])
+    for use_bn in (True, False):
+        model.use_bn = use_bn
+        expected = model(input)
+        with Gradient(model, composite) as attributor:
+            output, _ = attributor(input, torch.ones(1, 1, dtype=torch.float64))
+        assert torch.equal(output, expected)
+
+
 @pytest.mark.parametrize('engine', ['singlepass', 'captum'])
 def test_float16_refused_where_captum_epsilon_underflows(engine):
     # Captum's epsilon 1e-9 is 0 in float16: a layer output of exactly 0 gives 0 / 0, and the NaN fills the relevance

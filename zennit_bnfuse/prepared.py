@@ -1,5 +1,11 @@
 '''A cached LRP-ready copy of a user's model, rebuilt only when the model changes.'''
+import torch
+
 from .handling import bn_handling
+
+# what every nn.Module keeps in its __dict__ (parameters, buffers, children, hook dicts, the training flag)
+MODULE_INTERNALS = frozenset(vars(torch.nn.Module()))
+SCALAR_TYPES = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
 
 
 def model_fingerprint(model):
@@ -9,7 +15,9 @@ def model_fingerprint(model):
     bumps a tensor's version counter; replacing a tensor or module changes its identity; ``.to()`` changes the data
     pointer, device or dtype; a module's settings (``eps``, ``padding``, ...) show in its ``extra_repr()``; adding or
     removing a hook changes the keys of the module's hook dicts (each handle has its own id), and so does assigning a
-    ``forward`` to a module instance. Writes through ``tensor.data`` are not tracked by PyTorch and are not seen.
+    ``forward`` to a module instance; any other attribute a ``forward`` may read (a flag, a scale, a tensor held as a
+plain attribute) is compared by value, or by identity and version for tensors and other objects. Writes through
+``tensor.data`` are not tracked by PyTorch and are not seen.
 
     Parameters
     ----------
@@ -25,8 +33,30 @@ def model_fingerprint(model):
         for name, tensor in (*model.named_parameters(), *model.named_buffers())
     )
     modules = tuple((name, id(module), module.training, module.extra_repr(), hook_keys(module),
-                     vars(module).get('forward')) for name, module in model.named_modules())
+                     vars(module).get('forward'), attribute_values(module)) for name, module in model.named_modules())
     return tensors, modules
+
+
+def attribute_values(module):
+    '''The attributes ``module`` holds besides what every :py:class:`torch.nn.Module` keeps, each as a hashable value
+    that changes when the attribute changes: scalars and strings as themselves, tensors by identity, version, data
+    pointer, dtype, device and shape, tuples, lists and dicts item by item, any other object by identity.'''
+    return tuple((key, value_fingerprint(value)) for key, value in vars(module).items()
+                 if key not in MODULE_INTERNALS and key != 'forward')
+
+
+def value_fingerprint(value, depth=0):
+    '''A hashable stand-in for ``value`` that changes when it does (see :py:func:`attribute_values`).'''
+    if isinstance(value, SCALAR_TYPES):
+        return value
+    if isinstance(value, torch.Tensor):
+        return ('tensor', id(value), value._version, value.data_ptr(), value.dtype, value.device, tuple(value.shape))
+    if depth < 4 and isinstance(value, (tuple, list)):
+        return (type(value).__name__, tuple(value_fingerprint(item, depth + 1) for item in value))
+    if depth < 4 and isinstance(value, dict):
+        return ('dict', tuple((value_fingerprint(key, depth + 1), value_fingerprint(item, depth + 1))
+                              for key, item in value.items()))
+    return ('object', type(value).__qualname__, id(value))
 
 
 def hook_keys(module):
