@@ -142,6 +142,13 @@ def must_fuse():
         lambda self, x: torch.sigmoid(self.bn(torch.cat([self.conv1(x), self.conv2(x)], dim=1))),
         conv1=torch.nn.Conv2d(3, 2, 3), conv2=torch.nn.Conv2d(3, 3, 3, bias=False), bn=torch.nn.BatchNorm2d(5)),
         2, 3, 5, 5), {'bn': ('conv1', 'after')})
+    for function, dim in ((torch.cat, 'dim'), (torch.concat, 'dim'), (torch.concatenate, 'axis')):
+        # every operand by keyword: the traced node has no positional args
+        cases[f'{function.__name__}-by-keyword-bn'] = (*prepared(Lambda(
+            lambda self, x, function=function, dim=dim: self.bn(function(
+                tensors=[self.conv1(x), self.conv2(x)], **{dim: 1})),
+            conv1=torch.nn.Conv2d(3, 2, 3), conv2=torch.nn.Conv2d(3, 3, 3), bn=torch.nn.BatchNorm2d(5)),
+            2, 3, 5, 5), {'bn': ('conv1', 'after')})
     # the channel dim counted from the end (BatchNorm2d: 4-d input)
     cases['cat-of-convs-on-dim-minus-3-bn'] = (*prepared(Lambda(
         lambda self, x: torch.sigmoid(self.bn(torch.cat([self.conv1(x), self.conv2(x)], dim=-3))),

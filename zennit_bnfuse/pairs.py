@@ -148,6 +148,13 @@ class PairTracer(LeafTracer):
         return output
 
 
+def cat_operands(node):
+    '''The tensors and the dim of the concatenation ``node`` (``torch.cat``, ``torch.concat`` or
+    ``torch.concatenate``), whether given by position or by keyword (``tensors=``, ``dim=`` or ``axis=``).'''
+    arguments = dict(zip(('tensors', 'dim'), node.args), **node.kwargs)
+    return arguments.get('tensors'), arguments.get('dim', arguments.get('axis', 0))
+
+
 def input_rank(batch_norm):
     '''The number of dims of ``batch_norm``'s input where its type fixes it (4 for 2d, 5 for 3d BatchNorms), or
     None (BatchNorm1d takes 2 or 3).'''
@@ -468,7 +475,7 @@ class _GraphAnalysis:
             if problem:
                 return None, problem
             return FusedBatchNorm(name, self.name(source), 'after', tuple(reversed(via))), None
-        parts = list(source.args[0])
+        parts = list(cat_operands(source)[0])
         problem = None
         if len(source.users) > 1:
             problem = f'its output also feeds {self.describe_users(source, exclude=consumer)}'
@@ -497,8 +504,7 @@ class _GraphAnalysis:
         tensors of a known ``rank``).'''
         if not isinstance(node, torch.fx.Node) or node.op != 'call_function' or node.target not in CAT_FUNCTIONS:
             return False
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get('dim', 0)
-        tensors = node.args[0] if node.args else node.kwargs.get('tensors')
+        tensors, dim = cat_operands(node)
         return dim in (1, None if rank is None else 1 - rank) and isinstance(tensors, (list, tuple)) and all(
             isinstance(tensor, torch.fx.Node) for tensor in tensors)
 
