@@ -1,5 +1,6 @@
 '''Tests for the Captum-style classes FusedLRP and CompositeLRP, in Captum's style: tiny models, exact tensors.'''
 import matplotlib
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -547,6 +548,39 @@ def test_target_out_of_range_names_the_valid_range(cls, target, value, snapshot)
     # the next call runs as usual (hooks and rules were removed)
     relevance = lrp.attribute(torch.ones(2, 2, dtype=torch.float64), target=0)
     assert torch.equal(relevance, tiny_lrp(cls).attribute(torch.ones(2, 2, dtype=torch.float64), target=0))
+
+
+@pytest.mark.parametrize('cls', ['fused', 'composite'])
+@pytest.mark.parametrize('target, plain', [
+    (np.int64(0), 0), ([np.int32(0), np.int64(0)], [0, 0]), ((np.int16(0),), (0,)), ([(np.int64(0),)] * 2, [(0,)] * 2)])
+def test_numpy_integer_targets_work_as_python_ints(cls, target, plain):
+    # Captum asserts on a NumPy integer; Quantus and numpy label arrays give them
+    input = torch.ones(2, 2, dtype=torch.float64)
+    relevance, delta = tiny_lrp(cls).attribute(input, target=target, return_convergence_delta=True)
+    expected, expected_delta = tiny_lrp(cls).attribute(input, target=plain, return_convergence_delta=True)
+    assert torch.equal(relevance, expected) and torch.equal(delta, expected_delta)
+
+
+class TupleOutput(torch.nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        self.net, self.kind = TinyNet(), kind
+
+    def forward(self, x):
+        logits = self.net(x)
+        return {'logits': logits} if self.kind == 'dict' else (logits, x)
+
+
+@pytest.mark.parametrize('cls', [FusedLRP, lambda model: CompositeLRP(model, EpsilonPlusFlat())],
+                         ids=['FusedLRP', 'CompositeLRP'])
+@pytest.mark.parametrize('kind', ['tuple', 'dict'])
+def test_output_that_is_not_a_tensor_is_refused(cls, kind, snapshot):
+    model = TupleOutput(kind)
+    before = snapshot(model)
+    with pytest.raises(TypeError, match=rf'^TupleOutput\.forward returns a {kind}, not a tensor; LRP explains one '
+                       r'output tensor: pass a model that returns the logits'):
+        cls(model).attribute(torch.ones(2, 2, dtype=torch.float64), target=0)
+    before.assert_unchanged()
 
 
 @pytest.mark.parametrize('cls', ['fused', 'composite'])

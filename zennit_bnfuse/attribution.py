@@ -28,7 +28,7 @@ from zennit.types import Activation
 
 from .canonizers import FuseBatchNorm
 from .captum_singlepass import CaptumSinglePass, called_layers
-from .checks import check_composite, check_inputs, check_model, checked_forward
+from .checks import check_composite, check_inputs, check_model, checked_forward, plain_target
 from .fold import BATCH_NORM_TYPES, is_batch_norm
 from .layers import ThresholdReLU
 from .graph_layers import SumReduction
@@ -384,6 +384,7 @@ class FusedLRP(LRP):
             a rule's epsilon is 0 in the inputs' dtype (see :py:func:`check_stabilizers`).
         '''
         check_inputs(inputs)
+        target = plain_target(target)
         prepared = self._prepared_model()
         input_tuple = _format_tensor_into_tuples(inputs)
         if len(input_tuple[0]) == 0:
@@ -557,6 +558,7 @@ class CompositeLRP(GradientAttribution):
         The parameters, return value and errors are those of :py:meth:`FusedLRP.attribute` (without ``verbose``).
         '''
         check_inputs(inputs)
+        target = plain_target(target)
         is_tuple = _is_tuple(inputs)
         inputs = tuple(input.detach().requires_grad_(True) for input in _format_tensor_into_tuples(inputs))
         prepared = self.prepared.get()

@@ -119,6 +119,16 @@ def target_indices(target, batch):
         f'example) or an integer tensor, not {target!r}.')
 
 
+def plain_target(target):
+    '''``target`` with each NumPy integer (alone, in a tuple or in a list) made a Python int, which is what Captum
+    takes; anything else unchanged (:py:func:`check_target` judges it).'''
+    if is_index(target):
+        return int(target)
+    if isinstance(target, (tuple, list)):
+        return type(target)(plain_target(item) for item in target)
+    return target
+
+
 def check_target(target, output):
     '''Raise unless ``target`` selects entries that exist in ``output`` (Captum's forms of ``target``), counting
     indices from 0: a negative index, which Python would count from the end, is almost always a mistake.
@@ -186,8 +196,12 @@ def checked_forward(model, inputs, target):
 
     def hook(module, args, output):
         running.pop()
-        if isinstance(output, torch.Tensor):
-            check_target(target, output)
+        if not isinstance(output, torch.Tensor):
+            raise TypeError(
+                f'{type(model).__name__}.forward returns a {type(output).__name__}, not a tensor; LRP explains one '
+                'output tensor: pass a model that returns the logits (for example a wrapper module whose forward '
+                'picks them from the output).')
+        check_target(target, output)
 
     handles = [model.register_forward_pre_hook(pre_hook), model.register_forward_hook(hook)]
     try:
