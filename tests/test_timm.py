@@ -216,6 +216,33 @@ def test_standardized_conv_without_batch_norm_becomes_plain_for_lrp():
     torch.testing.assert_close(fused(input), reading(input), rtol=0, atol=0)
 
 
+def standardized_conv_models():
+    """Models whose weight-standardised convs cannot be made plain, and the name of the first."""
+    from timm.models.nfnet import NormFreeBlock
+    block = torch.nn.Sequential(  # timm marks NormFreeBlock untraceable: the trace keeps it whole
+        NormFreeBlock(4, 8, act_layer=torch.nn.ReLU), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+        torch.nn.Linear(8, 2))
+    reading = torch.nn.Sequential(
+        Lambda(lambda self, x: self.conv(x) * self.conv.weight.mean(), conv=StdConv2d(4, 3, 3)),
+        torch.nn.Flatten(), torch.nn.Linear(12, 2))
+    return {'inside-NormFreeBlock': (block, '0.downsample.conv'), 'weight-read-by-forward': (reading, '0.conv')}
+
+
+@pytest.mark.parametrize('case', ['inside-NormFreeBlock', 'weight-read-by-forward'])
+@pytest.mark.parametrize('explainer', [FusedLRP, lambda model: CompositeLRP(model, EpsilonPlusFlat()),
+                                       lambda model: CompositeLRP(model, EpsilonPlusFlat(), handling='unfused')],
+                         ids=['FusedLRP', 'CompositeLRP', 'CompositeLRP-unfused'])
+def test_standardized_conv_left_standardizing_is_refused(case, explainer, snapshot):
+    # a rule's modified weight would be standardised again: the relevance would silently not follow the rule
+    model, name = standardized_conv_models()[case]
+    model = model.double().eval()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=rf'^`{re.escape(name)}` \((Scaled)?StdConv2d\) standardises its weight in its '
+                       r'forward, so LRP rules that modify the weight would be standardised again'):
+        explainer(model).attribute(torch.rand(1, 4, 2, 2, dtype=torch.float64), target=0)
+    before.assert_unchanged()
+
+
 def test_timm_linear_folds(snapshot):
     model, input = prepared(torch.nn.Sequential(
         torch.nn.BatchNorm1d(5), TimmLinear(5, 4), torch.nn.BatchNorm1d(4)), 3, 5)

@@ -13,7 +13,7 @@ from typing import Callable
 
 from zennit.canonizers import SequentialMergeBatchNorm
 
-from .fold import check_batch_norm, is_batch_norm
+from .fold import check_batch_norm, is_batch_norm, timm_layers
 from .fusion import fuse
 from .graph import lrp_graph
 from .pairs import find_fusable_pairs
@@ -146,8 +146,36 @@ class BatchNormHandling:
             :py:func:`zennit_merged` for the others.
         '''
         owned, report = self.make_copy(model, example_inputs)
+        refuse_standardizing_convs(owned)
         prepared, copies = lrp_graph(owned, residual=residual)
         return prepared, copies, report
+
+
+def refuse_standardizing_convs(model):
+    '''Raise if ``model`` (a prepared copy) still holds one of timm's weight-standardised convolutions.
+
+    Such a layer standardises its weight in every forward, so an LRP rule that modifies the weight (z+, gamma, flat)
+    would have the modified weight standardised again and the relevance would not follow the rule. Fusion makes them
+    plain convolutions where the traced forward only calls them; the others are refused here.
+
+    Raises
+    ------
+    ValueError
+        Naming the first such layer and why it was not made plain.
+    '''
+    extension = timm_layers()
+    if extension is None:
+        return
+    for name, module in model.named_modules():
+        if type(module) in extension.STANDARDIZED_CONV_TYPES:
+            raise ValueError(
+                f'`{name}` ({type(module).__name__}) standardises its weight in its forward, so LRP rules that modify '
+                'the weight would be standardised again and its relevance would not follow them. zennit_bnfuse makes '
+                'such a layer a plain convolution with its standardised weight only under the fused handling and where '
+                'the traced forward calls the layer and reads nothing else of it; here it is not (the forward was not '
+                'traced, the layer runs inside a block torch.fx keeps whole, such as timm\'s NormFreeBlock, or the '
+                'forward reads its weight). Replace it by a torch.nn.Conv2d holding its standardised weight '
+                '(zennit_bnfuse.timm_layers.standardized_weight) before explaining the model.')
 
 
 HANDLINGS = {
