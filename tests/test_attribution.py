@@ -1,4 +1,5 @@
 '''Tests for the Captum-style classes FusedLRP and CompositeLRP, in Captum's style: tiny models, exact tensors.'''
+import copy
 import matplotlib
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from zennit.rules import Epsilon
 from zennit.torchvision import ResNetCanonizer
 
 from conftest import randomize_batch_norms
-from zennit_bnfuse import CompositeLRP, FuseBatchNorm, FusedLRP, ThresholdReLU
+from zennit_bnfuse import CompositeLRP, FuseBatchNorm, FusedLRP, SinglePass, ThresholdReLU
 
 matplotlib.use('Agg')
 
@@ -413,6 +414,39 @@ def test_captum_miscounts_resnet18_residuals():
     ours_total = FusedLRP(model).attribute(input, target=4).sum().item()
     assert abs(captum_total) > 1e6 * abs(output)
     assert abs(ours_total) < 10 * abs(output)
+
+
+class ConvUsedTwice(torch.nn.Module):
+    """``conv`` runs twice; with ``unrolled``, its second use is a separate copy ``conv_again``."""
+    def __init__(self, unrolled=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.fc = torch.nn.Conv2d(2, 2, 3, padding=1), torch.nn.Linear(2, 2)
+        self.conv_again = copy.deepcopy(self.conv) if unrolled else self.conv
+        self.double().eval()
+
+    def forward(self, x):
+        x = torch.relu(self.conv_again(torch.relu(self.conv(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize('single_pass', [False, True])
+def test_rule_by_name_reaches_every_use_of_a_reused_module(single_pass):
+    # the prepared copy has one module per use (conv, conv_1); a name the user gives must reach both
+    from zennit.composites import NameMapComposite
+    from zennit.rules import Gamma
+
+    def composite(names):
+        composite = NameMapComposite([(['fc'], Epsilon()), (names, Gamma(gamma=1.))])
+        return SinglePass(composite) if single_pass else composite
+
+    input = torch.randn(2, 2, 5, 5, dtype=torch.float64)
+    relevance = CompositeLRP(ConvUsedTwice(), composite(['conv'])).attribute(input, target=1)
+    unrolled = ConvUsedTwice(unrolled=True)
+    both = CompositeLRP(unrolled, composite(['conv', 'conv_again'])).attribute(input, target=1)
+    first = CompositeLRP(unrolled, composite(['conv'])).attribute(input, target=1)
+    torch.testing.assert_close(relevance, both, rtol=1e-12, atol=1e-15)
+    assert not torch.allclose(relevance, first)
 
 
 def test_reused_relu_gets_one_copy_per_use():

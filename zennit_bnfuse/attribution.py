@@ -565,7 +565,8 @@ class CompositeLRP(GradientAttribution):
         if len(inputs[0]) == 0:
             relevance, output = empty_batch_attribution(prepared, inputs, target, additional_forward_args)
         else:
-            with checked_forward(prepared, inputs, target), self.registration.call(prepared), torch.enable_grad():
+            with checked_forward(prepared, inputs, target), self.registration.call(prepared, self.prepared.copies), \
+                    torch.enable_grad():
                 output = _run_forward(prepared, inputs, target, additional_forward_args)
                 relevance = torch.autograd.grad(output, inputs, grad_outputs=output.detach())
         relevance = _format_output(is_tuple, relevance)

@@ -36,6 +36,30 @@ def forget_call(hook):
     hook.tensor_handles.remove()
 
 
+@contextmanager
+def users_names(composite, names):
+    '''Within the context, ``composite``'s ``module_map`` gets, for each module named in ``names``, the name mapped
+    to there instead of the module's own.'''
+    if not names:
+        yield
+        return
+    missing = object()
+    own = vars(composite).get('module_map', missing)
+    module_map = composite.module_map
+
+    def renamed(ctx, name, module):
+        return module_map(ctx, names.get(name, name), module)
+
+    composite.module_map = renamed
+    try:
+        yield
+    finally:
+        if own is missing:
+            del composite.module_map
+        else:
+            composite.module_map = own
+
+
 class KeptRegistration:
     '''``composite`` registered on the model of the last :py:meth:`call`, and kept there, inactive, between calls.
 
@@ -77,8 +101,17 @@ class KeptRegistration:
             hook.active = value
 
     @contextmanager
-    def call(self, model):
+    def call(self, model, names=None):
         '''Register the composite on ``model`` unless it is there already, and switch its hooks on for the context.
+
+        Parameters
+        ----------
+        model: :py:obj:`torch.nn.Module`
+            The model to register on.
+        names: dict[str, str], optional
+            For modules of ``model`` whose name is not the user's (the copies of a reused module in a prepared
+            model), the user's name: the composite's ``module_map`` sees that one, so that a rule chosen by name
+            (Zennit's ``NameMapComposite``) reaches every use of the module.
 
         Yields
         ------
@@ -87,7 +120,8 @@ class KeptRegistration:
         '''
         if not self.registered_on(model):
             self.remove()
-            self.composite.register(model)
+            with users_names(self.composite, names or {}):
+                self.composite.register(model)
             self.model_ref = weakref.ref(model)
             self.token = self.composite.handles[0] if self.composite.handles else None
             self.hooks = zennit_hooks(model)
