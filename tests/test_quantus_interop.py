@@ -49,6 +49,26 @@ def test_errors(shipped):
         explain_func(model=model, inputs=images.numpy(), targets=targets.numpy(), reduce_axes=(0, 1))
     with pytest.raises(TypeError, match='torch.nn.Module'):
         explain_func(model='model', inputs=images.numpy(), targets=targets.numpy())
+    one_hot = np.eye(10)[targets.numpy()]
+    with pytest.raises(ValueError, match=r'^targets must hold one class index per example, not an array of shape '
+                       r'\(4, 10\) \(for one-hot labels pass labels\.argmax\(1\)\)\.$'):
+        explain_func(model=model, inputs=images.numpy(), targets=one_hot)
+    with pytest.raises(ValueError, match=r'^targets must be class indices; \[1\.9, 0\.0\] holds a value that is not '):
+        explain_func(model=model, inputs=images.numpy()[:2], targets=np.array([1.9, 0.]))
+
+
+def test_whole_float_and_column_targets_are_indices(shipped):
+    model, images, targets = shipped
+    expected = explain_func(model=model, inputs=images.numpy(), targets=targets.numpy())
+    for form in (targets.numpy().astype(np.float32), targets.numpy()[:, None]):
+        np.testing.assert_array_equal(explain_func(model=model, inputs=images.numpy(), targets=form), expected)
+
+
+def test_unknown_keyword_is_named_in_a_warning(shipped):
+    model, images, targets = shipped
+    with pytest.warns(UserWarning, match=r'^explain_func ignores the keyword\(s\) composit; it takes composite, '):
+        relevance = explain_func(model=model, inputs=images.numpy(), targets=targets.numpy(), composit='naive')
+    np.testing.assert_array_equal(relevance, explain_func(model=model, inputs=images.numpy(), targets=targets.numpy()))
 
 
 def test_quantus_faithfulness_metric_through_explain_func(shipped, snapshot):

@@ -10,6 +10,8 @@ expect a numpy array of attributions back::
     scores = metric(model=model, x_batch=images, y_batch=labels, explain_func=explain_func,
                     explain_func_kwargs={'composite': 'epsilon-plus-flat', 'handling': 'fused'})
 '''
+import warnings
+
 import numpy as np
 import torch
 from zennit.core import Composite
@@ -74,7 +76,7 @@ def explain_func(model, inputs, targets, composite='epsilon-plus-flat', handling
     keepdims: bool
         Keep the summed axes with size 1 (Quantus' default).
     **kwargs:
-        Other keywords Quantus passes (ignored).
+        Other keywords: ignored, with a warning that names them.
 
     Returns
     -------
@@ -87,8 +89,8 @@ def explain_func(model, inputs, targets, composite='epsilon-plus-flat', handling
     TypeError
         If ``model`` is not a :py:obj:`torch.nn.Module` or ``composite`` is neither a Composite nor a known name.
     ValueError
-        If ``reduce_axes`` contains the batch axis 0, ``handling`` or a composite name is unknown, or the targets do
-        not fit the model's outputs.
+        If ``reduce_axes`` contains the batch axis 0, ``handling`` or a composite name is unknown, or the targets are
+        not one whole class index per example or do not fit the model's outputs.
 
     Examples
     --------
@@ -113,7 +115,17 @@ def explain_func(model, inputs, targets, composite='epsilon-plus-flat', handling
     parameter = next(model.parameters(), None)
     if parameter is not None and parameter.is_floating_point():
         inputs = inputs.to(parameter.dtype)
+    if kwargs:
+        warnings.warn(f'explain_func ignores the keyword(s) {", ".join(sorted(kwargs))}; it takes composite, handling, '
+                      'rules, low, high, device, reduce_axes and keepdims (a misspelt one falls back to its default).',
+                      stacklevel=2)
     targets = torch.as_tensor(np.asarray(targets) if not isinstance(targets, torch.Tensor) else targets)
+    if targets.ndim > 1 and targets[0].numel() > 1:
+        raise ValueError(f'targets must hold one class index per example, not an array of shape '
+                         f'{tuple(targets.shape)} (for one-hot labels pass labels.argmax(1)).')
+    if (targets.is_floating_point() or targets.is_complex()) and not torch.equal(targets, targets.round()):
+        raise ValueError(f'targets must be class indices; {targets.reshape(-1).tolist()[:8]} holds a value that is '
+                         'not a whole number.')
     targets = targets.to(device=device, dtype=torch.long).reshape(-1)
     if targets.numel() == 1 and len(inputs) != 1:
         targets = targets.expand(len(inputs))
