@@ -141,14 +141,32 @@ class BatchNormHandling:
         Raises
         ------
         ValueError
-            Under every handling, if a BatchNorm is in training mode or has invalid statistics (see
+            Under every handling, if a module is in training mode or a BatchNorm has invalid statistics (see
             :py:func:`zennit_bnfuse.fold.check_batch_norm`); see :py:func:`zennit_bnfuse.fuse` and
             :py:func:`zennit_merged` for the others.
         '''
         owned, report = self.make_copy(model, example_inputs)
+        refuse_training_mode(owned)
         refuse_standardizing_convs(owned)
         prepared, copies = lrp_graph(owned, residual=residual)
         return prepared, copies, report
+
+
+def refuse_training_mode(model):
+    '''Raise if a module of ``model`` is in training mode, where Dropout, DropPath and BatchNorm change the output from
+    call to call and the relevance would explain a random network.
+
+    Raises
+    ------
+    ValueError
+        Naming the first such module.
+    '''
+    for name, module in model.named_modules():
+        if module.training:
+            raise ValueError(
+                f'`{name or type(model).__name__}` ({type(module).__name__}) is in training mode, where Dropout, '
+                'DropPath and BatchNorm give a different output on every call. Call model.eval() before explaining '
+                'the model.')
 
 
 def refuse_standardizing_convs(model):
