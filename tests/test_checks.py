@@ -1,4 +1,5 @@
 '''Tests for the argument checks (zennit_bnfuse.checks) and the entry points that use them.'''
+import re
 import warnings
 
 import numpy
@@ -55,6 +56,26 @@ def test_torchscript_refused_by_every_entry_point(entry, kind):
     where = 'its submodule `1` is a RecursiveScriptModule' if kind == 'submodule' else 'the model is a'
     with pytest.raises(TypeError, match=rf'^{caller.replace("(", r"[(]").replace(")", r"[)]")} got a TorchScript '
                        rf'module: {where}.*Pass the original torch\.nn\.Module'):
+        call(model)
+    assert all(torch.equal(value, state[key]) for key, value in model.state_dict().items())
+
+
+@pytest.mark.parametrize('kind', ['DataParallel', 'compile', 'submodule'])
+@pytest.mark.parametrize('entry', sorted(ENTRY_POINTS))
+def test_wrappers_refused_naming_the_module_to_pass(entry, kind):
+    # torch.fx cannot trace the wrappers' forward: nothing would be folded and residual sums would get no rule
+    inner = conv_net()
+    model = {'DataParallel': lambda: torch.nn.DataParallel(inner), 'compile': lambda: torch.compile(inner),
+             'submodule': lambda: torch.nn.Sequential(torch.nn.DataParallel(inner))}[kind]()
+    state = {key: value.clone() for key, value in model.state_dict().items()}
+    call, caller = ENTRY_POINTS[entry]
+    kind_name, where, attribute = {
+        'DataParallel': ('DataParallel', 'the model is', 'model.module'),
+        'compile': ('OptimizedModule', 'the model is', 'model._orig_mod'),
+        'submodule': ('DataParallel', 'its submodule `0` is', '0.module')}[kind]
+    with pytest.raises(TypeError, match=rf'^{caller.replace("(", r"[(]").replace(")", r"[)]")} got a wrapped module: '
+                       rf'{where} a {kind_name}, whose forward torch\.fx cannot trace .* Pass the module it wraps, '
+                       rf'`{re.escape(attribute)}`: it holds the same parameters\.$'):
         call(model)
     assert all(torch.equal(value, state[key]) for key, value in model.state_dict().items())
 

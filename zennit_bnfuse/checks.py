@@ -9,7 +9,7 @@ from .layers import FoldedInputError
 
 
 def check_model(model, caller):
-    '''Raise unless ``model`` is a :py:obj:`torch.nn.Module` with no TorchScript module in it.
+    '''Raise unless ``model`` is a :py:obj:`torch.nn.Module` with no TorchScript module or wrapper in it.
 
     A TorchScript module (``torch.jit.script`` or ``torch.jit.trace``) runs compiled code: torch.fx cannot trace it,
     replacing its submodules does not change what it computes and hooks on them do not run, so its BatchNorms would
@@ -25,10 +25,21 @@ def check_model(model, caller):
     Raises
     ------
     TypeError
-        If ``model`` is not a module, or it or one of its submodules is a :py:obj:`torch.jit.ScriptModule`.
+        If ``model`` is not a module, or it or one of its submodules is a :py:obj:`torch.jit.ScriptModule`, a
+        :py:class:`torch.nn.DataParallel`, a :py:class:`~torch.nn.parallel.DistributedDataParallel` or a
+        :py:func:`torch.compile` wrapper (the message names the module to pass instead).
     '''
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f'{caller} expects the model as a torch.nn.Module, not {type(model).__name__}.')
+    wrapped = next(((name, module) for name, module in model.named_modules() if wrapper_attribute(module)), None)
+    if wrapped is not None:
+        name, module = wrapped
+        where = 'the model is' if not name else f'its submodule `{name}` is'
+        attribute = wrapper_attribute(module)
+        raise TypeError(
+            f'{caller} got a wrapped module: {where} a {type(module).__name__}, whose forward torch.fx cannot trace '
+            f'(its BatchNorms would stay unfused and residual sums get no rule). Pass the module it wraps, '
+            f'`{name + "." if name else "model."}{attribute}`: it holds the same parameters.')
     scripted = next(((name, module) for name, module in model.named_modules()
                      if isinstance(module, torch.jit.ScriptModule)), None)
     if scripted is not None:
@@ -38,6 +49,17 @@ def check_model(model, caller):
             f'{caller} got a TorchScript module: {where} a {type(module).__name__} (from torch.jit.script or '
             'torch.jit.trace), whose compiled forward cannot be traced, have its BatchNorms replaced or run LRP '
             'hooks. Pass the original torch.nn.Module, before torch.jit.script/torch.jit.trace.')
+
+
+def wrapper_attribute(module):
+    '''The attribute holding the wrapped module if ``module`` is :py:class:`torch.nn.DataParallel`,
+    :py:class:`~torch.nn.parallel.DistributedDataParallel` (``'module'``) or what :py:func:`torch.compile` returns
+    (``'_orig_mod'``), else None.'''
+    if isinstance(module, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+        return 'module'
+    if type(module).__name__ == 'OptimizedModule' and isinstance(getattr(module, '_orig_mod', None), torch.nn.Module):
+        return '_orig_mod'
+    return None
 
 
 def check_composite(composite, caller):
