@@ -290,8 +290,8 @@ def test_prepared_copy_rebuilt_when_a_plain_attribute_changes(explainer):
     input = torch.ones(1, 2, dtype=torch.float64)
     lrp = explainer(model)
     seen = [lrp.attribute(input, target=0)]
-    changes = [lambda: setattr(model, 'scale', 3.), lambda: setattr(model, 'use_bn', False), lambda: model.offset.add_(1.),
-               lambda: setattr(model, 'offset', torch.full((2,), 2., dtype=torch.float64))]
+    changes = [lambda: setattr(model, 'scale', 3.), lambda: setattr(model, 'use_bn', False),
+               lambda: model.offset.add_(1.), lambda: setattr(model, 'offset', torch.full((2,), 2.).double())]
     for builds, change in enumerate(changes, start=2):
         change()
         relevance, delta = lrp.attribute(input, target=0, return_convergence_delta=True)
