@@ -596,18 +596,16 @@ def test_numpy_integer_targets_work_as_python_ints(cls, target, plain):
 
 
 @pytest.mark.parametrize('cls', ['fused', 'composite'])
-@pytest.mark.parametrize('which', ['root', 'dropout'])
-def test_training_mode_without_batch_norm_is_refused(cls, which, snapshot):
-    # an active Dropout gives a different relevance on every call; no BatchNorm is there to catch it
-    model = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.ReLU(), torch.nn.Dropout(.5), torch.nn.Linear(4, 1))
-    model.double().eval()
-    module = model if which == 'root' else model[2]
-    module.train()
+@pytest.mark.parametrize('dropout', [torch.nn.Dropout(.5), torch.nn.AlphaDropout(.5)], ids=['Dropout', 'AlphaDropout'])
+def test_dropout_in_training_mode_is_refused(cls, dropout, snapshot):
+    # an active dropout gives a different relevance on every call; no BatchNorm is there to catch it
+    model = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.ReLU(), dropout, torch.nn.Linear(4, 1)).double()
+    model.eval()
+    model[2].train()
     before = snapshot(model)
-    name, kind = ('Sequential', 'Sequential') if which == 'root' else ('2', 'Dropout')
-    lrp = FusedLRP(model) if cls == 'fused' else CompositeLRP(model, EpsilonPlusFlat())
-    with pytest.raises(ValueError, match=rf'^`{name}` \({kind}\) is in training mode, where Dropout, DropPath and '
-                       r'BatchNorm give a different output on every call\. Call model\.eval\(\) before explaining'):
+    lrp = FusedLRP(model, rules={type(dropout): None}) if cls == 'fused' else CompositeLRP(model, EpsilonPlusFlat())
+    with pytest.raises(ValueError, match=rf'^`2` \({type(dropout).__name__}\) is in training mode, where it drops a '
+                       r'random part of its input on every call .* Call model\.eval\(\) before explaining'):
         lrp.attribute(torch.ones(2, 2, dtype=torch.float64), target=0)
     before.assert_unchanged()
     model.eval()

@@ -11,6 +11,7 @@
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 from zennit.canonizers import SequentialMergeBatchNorm
 
 from .fold import check_batch_norm, is_batch_norm, timm_layers
@@ -141,8 +142,8 @@ class BatchNormHandling:
         Raises
         ------
         ValueError
-            Under every handling, if a module is in training mode or a BatchNorm has invalid statistics (see
-            :py:func:`zennit_bnfuse.fold.check_batch_norm`); see :py:func:`zennit_bnfuse.fuse` and
+            Under every handling, if a BatchNorm or dropout is in training mode or a BatchNorm has invalid statistics
+            (see :py:func:`zennit_bnfuse.fold.check_batch_norm`); see :py:func:`zennit_bnfuse.fuse` and
             :py:func:`zennit_merged` for the others.
         '''
         owned, report = self.make_copy(model, example_inputs)
@@ -153,8 +154,10 @@ class BatchNormHandling:
 
 
 def refuse_training_mode(model):
-    '''Raise if a module of ``model`` is in training mode, where Dropout, DropPath and BatchNorm change the output from
-    call to call and the relevance would explain a random network.
+    '''Raise if a dropout of ``model`` (torch's Dropout family, timm's DropPath and DropBlock: any module whose type
+    name contains ``Drop``) is in training mode, where it zeroes a random part of its input on every call and the
+    relevance would explain a random network. (A BatchNorm in training mode is refused where it is checked for
+    fusion.)
 
     Raises
     ------
@@ -162,10 +165,11 @@ def refuse_training_mode(model):
         Naming the first such module.
     '''
     for name, module in model.named_modules():
-        if module.training:
+        if module.training and (isinstance(module, torch.nn.modules.dropout._DropoutNd)
+                                or 'Drop' in type(module).__name__):
             raise ValueError(
-                f'`{name or type(model).__name__}` ({type(module).__name__}) is in training mode, where Dropout, '
-                'DropPath and BatchNorm give a different output on every call. Call model.eval() before explaining '
+                f'`{name}` ({type(module).__name__}) is in training mode, where it drops a random part of its input '
+                'on every call and the relevance would change from call to call. Call model.eval() before explaining '
                 'the model.')
 
 
