@@ -19,6 +19,8 @@ from zennit_bnfuse import CompositeLRP, FuseBatchNorm, FusedLRP, SinglePass, Thr
 matplotlib.use('Agg')
 
 DEVICES = ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
+EACH_EXPLAINER = pytest.mark.parametrize(
+    'explainer', [FusedLRP, lambda model: CompositeLRP(model, EpsilonPlusFlat())], ids=['FusedLRP', 'CompositeLRP'])
 
 
 class TinyNet(torch.nn.Module):
@@ -243,8 +245,7 @@ def test_prepared_copy_cached_and_rebuilt_on_change():
     assert lrp.prepared.builds == 3
 
 
-@pytest.mark.parametrize('explainer', [FusedLRP, lambda model: CompositeLRP(model, EpsilonPlusFlat())],
-                         ids=['FusedLRP', 'CompositeLRP'])
+@EACH_EXPLAINER
 def test_prepared_copy_rebuilt_when_hooks_or_forward_change(explainer):
     # the model's function changes without any tensor changing: the cached copy must follow it
     model = TinyNet()
@@ -282,8 +283,7 @@ class Gated(torch.nn.Module):
         return net.fc2(net.relu(hidden * self.scale + self.offset))
 
 
-@pytest.mark.parametrize('explainer', [FusedLRP, lambda model: CompositeLRP(model, EpsilonPlusFlat())],
-                         ids=['FusedLRP', 'CompositeLRP'])
+@EACH_EXPLAINER
 def test_prepared_copy_rebuilt_when_a_plain_attribute_changes(explainer):
     # each change below leaves every parameter, buffer, hook and module as it was; only what forward reads differs
     model = Gated()
@@ -623,15 +623,14 @@ class TupleOutput(torch.nn.Module):
         return {'logits': logits} if self.kind == 'dict' else (logits, x)
 
 
-@pytest.mark.parametrize('cls', [FusedLRP, lambda model: CompositeLRP(model, EpsilonPlusFlat())],
-                         ids=['FusedLRP', 'CompositeLRP'])
+@EACH_EXPLAINER
 @pytest.mark.parametrize('kind', ['tuple', 'dict'])
-def test_output_that_is_not_a_tensor_is_refused(cls, kind, snapshot):
+def test_output_that_is_not_a_tensor_is_refused(explainer, kind, snapshot):
     model = TupleOutput(kind)
     before = snapshot(model)
     with pytest.raises(TypeError, match=rf'^TupleOutput\.forward returns a {kind}, not a tensor; LRP explains one '
                        r'output tensor: pass a model that returns the logits'):
-        cls(model).attribute(torch.ones(2, 2, dtype=torch.float64), target=0)
+        explainer(model).attribute(torch.ones(2, 2, dtype=torch.float64), target=0)
     before.assert_unchanged()
 
 
