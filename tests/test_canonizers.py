@@ -173,6 +173,22 @@ def test_reapplying_reuses_fused_modules_until_the_model_changes():
         torch.testing.assert_close(model(input), expected, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize('case', ['functional-forward', 'cat-of-convs-bn'])
+def test_change_to_a_fused_module_inside_a_context_does_not_reach_the_next(case):
+    # inside the context the model holds the canonizer's fused modules: a change to them is lost with them on exit
+    # (as with Zennit's own canonizers), and must not come back in the next context
+    model, input, _ = must_fuse()[case]
+    with torch.no_grad():
+        expected = model(input)
+    composite = Composite(canonizers=[FuseBatchNorm()])
+    with composite.context(model), torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(0.)
+    with composite.context(model), torch.no_grad():
+        torch.testing.assert_close(model(input), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(model(input).detach(), expected, rtol=0, atol=0)
+
+
 def batch_norm_relu_conv():
     '''BN -> ReLU -> conv, float64, with negative scales, so the BatchNorm folds through the ReLU.'''
     torch.manual_seed(0)

@@ -16,6 +16,11 @@ from .replacements import replacement_modules, set_module
 DEFAULT = object()
 
 
+def replacements_fingerprint(replacements):
+    '''The :py:func:`~zennit_bnfuse.prepared.model_fingerprint` of each replacement module, by name.'''
+    return tuple((name, model_fingerprint(module)) for name, module in replacements.items())
+
+
 class FuseBatchNorm(Canonizer):
     '''Canonizer that folds every BatchNorm it can into a neighbouring Linear/Conv/ConvTranspose layer.
 
@@ -100,11 +105,14 @@ class FuseBatchNorm(Canonizer):
         check_model(root_module, 'FuseBatchNorm')
         fingerprint = model_fingerprint(root_module)
         cached = self._cache.get(root_module)
-        if cached is None or cached[0] != fingerprint:
+        # the replacements are reused only as they were built: a change made to them inside an earlier context (an
+        # in-place weight update, .double()) would otherwise reach the next one
+        if cached is None or cached[0] != fingerprint or cached[3] != replacements_fingerprint(cached[2]):
             report = find_fusable_pairs(root_module, self.example_inputs)
-            cached = (fingerprint, report, replacement_modules(root_module, report))
+            replacements = replacement_modules(root_module, report)
+            cached = (fingerprint, report, replacements, replacements_fingerprint(replacements))
             self._cache[root_module] = cached
-        _, self.report, replacements = cached
+        _, self.report, replacements, _ = cached
         instance = self.copy()
         instance.report = self.report
         instance.register(root_module, replacements)
