@@ -194,6 +194,22 @@ def test_unfusable_batchnorm_gets_chosen_rule():
     assert not torch.allclose(identity, default)
 
 
+def test_rule_for_a_folded_batchnorm_is_refused(snapshot):
+    # the BatchNorm is folded into the conv: no layer is left to take its rule
+    model = randomize_batch_norms(torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.Flatten(),
+        torch.nn.Linear(16, 2)).double())
+    input = torch.rand(1, 3, 4, 4, dtype=torch.float64)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"^rules names '1', which is folded into `0`: it has no layer of its own to "
+                       r"take the rule, which would never apply\. Give the rule to the layer it was folded into, or "
+                       r"pass handling='unfused' to keep the BatchNorm as a layer\.$"):
+        FusedLRP(model, rules={'1': IdentityRule()}).attribute(input, target=0)
+    before.assert_unchanged()
+    kept = FusedLRP(model, rules={'1': IdentityRule()}, handling='unfused').attribute(input, target=0)
+    assert not torch.allclose(kept, FusedLRP(model, handling='unfused').attribute(input, target=0))
+
+
 def test_unsupported_layer_raises_captum_style_type_error():
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.PixelShuffle(1),
                                 torch.nn.Flatten(), torch.nn.Linear(8, 2)).eval()

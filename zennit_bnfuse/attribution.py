@@ -314,10 +314,26 @@ class FusedLRP(LRP):
                 # the single-pass engine's activations work on the tensors between layers, where Captum's hooks
                 # work on clones
                 out_of_place(prepared)
+            self.refuse_rules_for_folded(prepared)
             self._build = self.prepared.builds
         self.own_rules = {name: module.rule for name, module in self.model.named_modules()
                           if getattr(module, 'rule', None) is not None}
         return prepared
+
+    def refuse_rules_for_folded(self, prepared):
+        '''Raise if ``rules`` names a BatchNorm that was folded away: it has no layer in ``prepared`` to take the
+        rule, which would never apply.'''
+        present = {self.prepared.original_name(name) for name, _ in prepared.named_modules()}
+        report = self.prepared.report
+        for key in self.rules:
+            if isinstance(key, str) and key not in present:
+                folds = [item for item in (report.fused if report is not None else []) if item.bn == key]
+                into = f'is folded into {", ".join(f"`{layer}`" for layer in folds[0].layers)}' if folds else (
+                    'is not in the prepared model')
+                raise ValueError(
+                    f'rules names {key!r}, which {into}: it has no layer of its own to take the rule, which would '
+                    'never apply. Give the rule to the layer it was folded into, or pass handling=\'unfused\' to '
+                    'keep the BatchNorm as a layer.')
 
     def choose_rule(self, name, module):
         '''The rule for the prepared model's module ``name``: a fresh Captum rule, or None to pass relevance.
