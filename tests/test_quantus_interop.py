@@ -99,3 +99,20 @@ def test_quantus_randomisation_metric_through_explain_func(shipped, snapshot):
     scores = np.asarray(scores, dtype=float)
     assert scores.shape == (4,) and np.isfinite(scores).all() and (scores < .9).all()
     before.assert_unchanged()
+
+
+def test_rules_changed_in_place_are_used(shipped):
+    from captum.attr._utils.lrp_rules import EpsilonRule, GammaRule
+    model, images, targets = shipped
+    inputs, labels = images.numpy(), targets.numpy()
+    rules = {}
+    plain = explain_func(model=model, inputs=inputs, targets=labels, composite='captum', rules=rules)
+    rules[torch.nn.Conv2d] = GammaRule()
+    gamma = explain_func(model=model, inputs=inputs, targets=labels, composite='captum', rules=rules)
+    expected = FusedLRP(model, rules={torch.nn.Conv2d: GammaRule()}).attribute(images, target=targets)
+    np.testing.assert_allclose(gamma, expected.sum(dim=1, keepdim=True).detach().numpy(), rtol=1e-5, atol=1e-7)
+    assert not np.allclose(gamma, plain)
+    rules[torch.nn.Conv2d] = EpsilonRule()
+    np.testing.assert_allclose(
+        explain_func(model=model, inputs=inputs, targets=labels, composite='captum', rules=rules), plain,
+        rtol=1e-5, atol=1e-7)

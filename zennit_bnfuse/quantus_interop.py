@@ -27,7 +27,9 @@ _LAST = {}
 def _attribution(model, composite, handling, rules, low, high):
     '''The :py:class:`~zennit_bnfuse.CompositeLRP` or :py:class:`~zennit_bnfuse.FusedLRP` for these settings,
     reused from the last call where possible.'''
-    key = (id(model), composite if isinstance(composite, str) else id(composite), handling, id(rules), low, high)
+    # the rules by content: a dict changed in place between calls gives a new FusedLRP
+    entries = None if rules is None else tuple((key, id(rule)) for key, rule in dict(rules).items())
+    key = (id(model), composite if isinstance(composite, str) else id(composite), handling, entries, low, high)
     if _LAST.get('key') == key and _LAST['model'] is model:
         return _LAST['attribution']
     if composite == 'captum':
