@@ -163,6 +163,19 @@ def test_check_target_none_for_one_output_per_example():
     check_target(None, torch.zeros(2))
 
 
+@pytest.mark.parametrize('cls', ['FusedLRP', 'CompositeLRP'])
+def test_empty_batch_with_target_none(cls):
+    # found by the fuzz test: the check of target=None read the first example of an empty output
+    check_target(None, torch.zeros(0, 1))
+    with pytest.raises(ValueError, match=r'^target is None, but the model output has shape \(0, 3\)'):
+        check_target(None, torch.zeros(0, 3))
+    model = fuzz_model('valid')
+    lrp = FusedLRP(model) if cls == 'FusedLRP' else CompositeLRP(model, EpsilonPlusFlat())
+    with pytest.raises(ValueError, match=r'^target is None, but the model output has shape \(0, 3\), more than one '):
+        lrp.attribute(torch.rand(0, 1, 4, 4, dtype=torch.float64), target=None)
+    assert lrp.attribute(torch.rand(0, 1, 4, 4, dtype=torch.float64), target=0).shape == (0, 1, 4, 4)
+
+
 def test_checked_forward_names_model_and_input_shapes_and_keeps_the_cause():
     model = torch.nn.Sequential(torch.nn.Linear(3, 2))
     input = torch.ones(4, 5)

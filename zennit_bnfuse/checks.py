@@ -1,4 +1,5 @@
 '''Checks of what users pass to the public API, each raising an error that names the argument and the fix.'''
+import math
 import numbers
 from contextlib import contextmanager
 
@@ -172,7 +173,7 @@ def check_target(target, output):
     '''
     shape = tuple(output.shape)
     if target is None:
-        if output.ndim > 1 and output[0].numel() != 1:
+        if output.ndim > 1 and math.prod(shape[1:]) != 1:
             raise ValueError(f'target is None, but the model output has shape {shape}, more than one value per '
                              f'example; pass the class to explain, for example target=0 (0 to {shape[1] - 1}).')
         return
