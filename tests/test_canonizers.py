@@ -160,8 +160,10 @@ def test_reapplying_reuses_fused_modules_until_the_model_changes():
     model, input, _ = must_fuse()['functional-forward']
     canonizer = FuseBatchNorm()
     composite = Composite(canonizers=[canonizer])
-    with composite.context(model):
+    with composite.context(model), torch.no_grad():
         first = model.conv
+        model(input)  # builds the conv's bias map (derived state, dropped on exit)
+        assert first.bias is not None
     with composite.context(model):
         assert model.conv is first
     with torch.no_grad():

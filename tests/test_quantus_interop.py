@@ -62,6 +62,9 @@ def test_whole_float_and_column_targets_are_indices(shipped):
     expected = explain_func(model=model, inputs=images.numpy(), targets=targets.numpy())
     for form in (targets.numpy().astype(np.float32), targets.numpy()[:, None]):
         np.testing.assert_array_equal(explain_func(model=model, inputs=images.numpy(), targets=form), expected)
+    # an empty batch with a column of targets (the shape check reads the shape, not a first example)
+    empty = explain_func(model=model, inputs=images.numpy()[:0], targets=targets.numpy()[:0, None])
+    assert empty.shape == (0, 1, 28, 28)
 
 
 def test_unknown_keyword_is_named_in_a_warning(shipped):

@@ -6,7 +6,7 @@ from zennit.core import Hook
 from zennit.rules import Epsilon
 
 from .checks import check_model
-from .layers import ThresholdReLU
+from .layers import BiasMapConvMixin, ThresholdReLU
 from .pairs import find_fusable_pairs
 from .prepared import model_fingerprint
 from .replacements import replacement_modules, set_module
@@ -141,6 +141,11 @@ class FuseBatchNorm(Canonizer):
             handle.remove()
         self.handles.clear()
         for name, module in reversed(list(self.originals.items())):
+            # a bias map is derived state (rebuilt on the next forward): dropped, the replacement is again as built
+            # and the next context reuses it
+            for part in self.root.get_submodule(name).modules():
+                if isinstance(part, BiasMapConvMixin):
+                    part.drop_bias_map()
             set_module(self.root, name, module)
         self.originals.clear()
         self.root = None

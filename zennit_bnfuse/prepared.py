@@ -16,8 +16,8 @@ def model_fingerprint(model):
     pointer, device or dtype; a module's settings (``eps``, ``padding``, ...) show in its ``extra_repr()``; adding or
     removing a hook changes the keys of the module's hook dicts (each handle has its own id), and so does assigning a
     ``forward`` to a module instance; any other attribute a ``forward`` may read (a flag, a scale, a tensor held as a
-plain attribute) is compared by value, or by identity and version for tensors and other objects. Writes through
-``tensor.data`` are not tracked by PyTorch and are not seen.
+    plain attribute) is compared by value, or by identity and version for tensors and other objects. Writes through
+    ``tensor.data`` are not tracked by PyTorch and are not seen.
 
     Parameters
     ----------

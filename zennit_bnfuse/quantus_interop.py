@@ -10,6 +10,7 @@ expect a numpy array of attributions back::
     scores = metric(model=model, x_batch=images, y_batch=labels, explain_func=explain_func,
                     explain_func_kwargs={'composite': 'epsilon-plus-flat', 'handling': 'fused'})
 '''
+import math
 import warnings
 
 import numpy as np
@@ -122,7 +123,7 @@ def explain_func(model, inputs, targets, composite='epsilon-plus-flat', handling
                       'rules, low, high, device, reduce_axes and keepdims (a misspelt one falls back to its default).',
                       stacklevel=2)
     targets = torch.as_tensor(np.asarray(targets) if not isinstance(targets, torch.Tensor) else targets)
-    if targets.ndim > 1 and targets[0].numel() > 1:
+    if math.prod(targets.shape[1:]) > 1:
         raise ValueError(f'targets must hold one class index per example, not an array of shape '
                          f'{tuple(targets.shape)} (for one-hot labels pass labels.argmax(1)).')
     if (targets.is_floating_point() or targets.is_complex()) and not torch.equal(targets, targets.round()):
