@@ -176,6 +176,79 @@ def test_ops_without_a_rule_are_reported(op, passed):
     assert [op_name(node) for node in ops_passed_by_gradient(prepared)] == [passed]
 
 
+class HeldWeights(torch.nn.Module):
+    '''Functional layers whose weights the model holds: a blur (a fixed depthwise filter held as a buffer, as in timm's
+    BlurPool2d), a conv with a bias, relu, a transposed conv with output padding, a global mean and a linear layer.'''
+    def __init__(self):
+        super().__init__()
+        self.register_buffer('blur', torch.tensor([1., 2., 1.]).outer(torch.tensor([1., 2., 1.])).expand(2, 1, 3, 3)
+                             / 16, persistent=False)
+        self.weight = torch.nn.Parameter(torch.randn(3, 2, 3, 3))
+        self.bias = torch.nn.Parameter(torch.randn(3))
+        self.up = torch.nn.Parameter(torch.randn(3, 2, 2, 2))  # (in, out / groups, *kernel)
+        self.fc_weight = torch.nn.Parameter(torch.randn(4, 2))
+        self.fc_bias = torch.nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        x = F.conv2d(F.pad(x, (1, 1, 1, 1), mode='reflect'), self.blur, stride=2, groups=2)
+        x = torch.relu(F.conv2d(x, self.weight, self.bias, padding=1))
+        x = F.conv_transpose2d(x, self.up, None, 2, 0, 1)
+        return F.linear(x.mean((2, 3)), weight=self.fc_weight, bias=self.fc_bias)
+
+
+def test_functional_layers_with_held_weights_become_layers():
+    torch.manual_seed(0)
+    model = HeldWeights().double().eval()
+    input = torch.rand(2, 2, 6, 6, dtype=torch.float64)
+    prepared, _ = lrp_graph(copy.deepcopy(model))
+    assert torch.equal(prepared(input), model(input))
+    layers = [module for module in called_modules(prepared) if not isinstance(module, (torch.nn.ReLU, SumReduction))]
+    assert [repr(layer) for layer in layers] == [
+        'Conv2d(2, 2, kernel_size=(3, 3), stride=(2, 2), groups=2, bias=False)',
+        'Conv2d(2, 3, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1))',
+        'ConvTranspose2d(3, 2, kernel_size=(2, 2), stride=(2, 2), output_padding=(1, 1), bias=False)',
+        'Linear(in_features=2, out_features=4, bias=True)']
+    assert ops_passed_by_gradient(prepared) == []
+    # new parameter objects on the same values: a rule that rewrites one layer's weight changes no other tensor
+    assert not any(layer.weight is tensor for layer in layers for tensor in prepared.parameters(recurse=False))
+    assert torch.equal(layers[0].weight, model.blur) and not layers[0].weight.requires_grad
+    assert torch.equal(layers[1].bias, model.bias) and layers[1].bias.requires_grad
+
+
+class ComputedWeight(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(2, 2, 1, 1))
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight.expand(2, 2, 1, 1) * 2)
+
+
+def test_functional_layer_with_a_weight_computed_in_the_forward_is_reported():
+    with pytest.warns(UserWarning, match='1 functional op\\(s\\) by their plain gradient.*: conv2d x1'):
+        prepared, _ = lrp_graph(ComputedWeight())
+    assert [op_name(node) for node in ops_passed_by_gradient(prepared)] == ['conv2d']
+
+
+@pytest.mark.parametrize('engine', ['fused', 'composite'])
+def test_functional_layers_with_held_weights_keep_the_identity(engine):
+    '''LRP-epsilon with a negligible epsilon equals gradient x input: the functional layers got the epsilon rule
+    (passing relevance by their plain gradient breaks it: the blur's gradient is no relevance).'''
+    torch.manual_seed(0)
+    model = HeldWeights().double().eval()
+    input = torch.rand(1, 2, 6, 6, dtype=torch.float64, requires_grad=True)
+    output = model(input)
+    target = output.argmax().item()
+    expected = torch.autograd.grad(output[0, target], input)[0] * input
+    if engine == 'fused':
+        lrp = FusedLRP(model, rules={key: EpsilonRule(1e-15) for key in (
+            torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Linear, SumReduction)})
+    else:
+        lrp = epsilon(engine, model)
+    relevance = lrp.attribute(input.detach(), target=target)
+    torch.testing.assert_close(relevance, expected, rtol=1e-9, atol=1e-12)
+
+
 class Gated(torch.nn.Module):
     '''conv -> relu -> squeeze-and-excitation gate -> * 0.5 -> / 4 -> layer scale -> global mean -> linear, every
     layer without a bias (so LRP-epsilon conserves relevance exactly).'''

@@ -32,7 +32,8 @@ EPSILON = 1e-15
 TOLERANCE = 1e-9
 
 # (source, name, input size, slow); the zoo's models (benchmarks/zoo.py) whose activations are positively
-# homogeneous, shufflenet (it pools with x.mean([2, 3])) and timm families with ReLU or LeakyReLU
+# homogeneous, shufflenet (it pools with x.mean([2, 3])) and timm families with ReLU or LeakyReLU (resnetblur18
+# blurs with a functional conv on a filter it holds)
 MODELS = [
     ('torchvision', 'resnet18', 32, False), ('torchvision', 'densenet121', 32, False),
     ('torchvision', 'shufflenet_v2_x0_5', 32, False), ('torchvision', 'mnasnet1_0', 32, False),
@@ -40,7 +41,7 @@ MODELS = [
     ('torchvision', 'resnet50', 32, True), ('torchvision', 'resnext50_32x4d', 32, True),
     ('torchvision', 'wide_resnet50_2', 32, True), ('torchvision', 'inception_v3', 75, True),
     ('timm', 'resnet26d', 32, False), ('timm', 'dla34', 32, False), ('timm', 'regnetx_002', 32, False),
-    ('timm', 'vovnet39a', 32, False), ('timm', 'cspresnet50', 32, False),
+    ('timm', 'vovnet39a', 32, False), ('timm', 'cspresnet50', 32, False), ('timm', 'resnetblur18', 32, False),
     ('timm', 'densenet121', 32, True), ('timm', 'dpn68', 32, True), ('timm', 'res2net50_14w_8s', 32, True),
     ('timm', 'repvgg_a0', 32, True),
 ]

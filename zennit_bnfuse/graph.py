@@ -13,6 +13,8 @@ one stored input for several uses. :py:func:`lrp_graph` rewrites the traced forw
   (subclasses of Zennit's ``Sum``);
 - ``F.avg_pool*``, ``F.max_pool*``, ``F.adaptive_avg_pool*`` and ``F.adaptive_max_pool*`` become the torch.nn
   pooling modules, and functional activations (``F.relu``, ``torch.sigmoid``, ...) the torch.nn activations;
+- ``F.linear``, ``F.conv*`` and ``F.conv_transpose*`` with a weight (and bias) the model holds as it is, such as the
+  fixed filter of timm's ``BlurPool2d``, become the torch.nn layer with that weight;
 - a product with a constant (``x * 0.5``, ``x * self.gamma``, ``x / 6``) or with a gate (``x * sigmoid(...)``, as in
   squeeze-and-excitation blocks) becomes
   :py:func:`~zennit_bnfuse.graph_layers.scale_passing_relevance`: the relevance passes to ``x`` unchanged and none
@@ -23,7 +25,8 @@ one stored input for several uses. :py:func:`lrp_graph` rewrites the traced forw
   not calls).
 
 Ops that still pass relevance by their gradient although it is not a relevance (a product of two signals, a
-functional convolution, ``layer_norm``, in-place ops whose input is read again, ...) are listed in a warning.
+functional convolution with a weight computed in the forward, ``layer_norm``, in-place ops whose input is read again,
+...) are listed in a warning.
 '''
 import copy
 import operator
@@ -123,6 +126,57 @@ REDUCTION_SPECS = {
 }
 MODULE_SPECS = {**pooling_specs(), **activation_specs(), **REDUCTION_SPECS}
 
+
+def layer_specs():
+    '''Functional layers (torch.nn.functional; torch's own functions are the same objects) -> :py:class:`ModuleSpec`
+    whose arguments start with ``weight`` and ``bias``.'''
+    specs = {F.linear: ModuleSpec('linear', torch.nn.Linear, ('weight', 'bias'))}
+    for dims in (1, 2, 3):
+        specs[getattr(F, f'conv{dims}d')] = ModuleSpec(
+            f'conv{dims}d', getattr(torch.nn, f'Conv{dims}d'),
+            ('weight', 'bias', 'stride', 'padding', 'dilation', 'groups'))
+        specs[getattr(F, f'conv_transpose{dims}d')] = ModuleSpec(
+            f'conv_transpose{dims}d', getattr(torch.nn, f'ConvTranspose{dims}d'),
+            ('weight', 'bias', 'stride', 'padding', 'output_padding', 'groups', 'dilation'))
+    return specs
+
+
+LAYER_SPECS = layer_specs()
+
+
+def layer_with_weight(layer_type, weight, bias, geometry):
+    '''A ``layer_type`` (Linear, Conv or ConvTranspose of any dims) that computes ``F.<layer>(input, weight, bias,
+    **geometry)``: its parameters are new Parameter objects on ``weight``'s and ``bias``'s data (a rule that changes
+    one layer's weight changes no other), ``requires_grad`` as theirs.
+
+    Parameters
+    ----------
+    layer_type: type
+        ``torch.nn.Linear``, ``torch.nn.Conv{1,2,3}d`` or ``torch.nn.ConvTranspose{1,2,3}d``.
+    weight: :py:obj:`torch.Tensor`
+        Shaped as ``layer_type``'s weight: ``(out, in)``, ``(out, in / groups, *kernel)`` or, transposed,
+        ``(in, out / groups, *kernel)``.
+    bias: :py:obj:`torch.Tensor` or None
+        Shaped ``(out,)``.
+    geometry: dict
+        The functional's other arguments by name (``stride``, ``padding``, ``groups``, ...).
+    '''
+    if layer_type is torch.nn.Linear:
+        sizes = {'in_features': weight.shape[1], 'out_features': weight.shape[0]}
+    else:
+        groups = geometry.get('groups', 1)
+        transposed = issubclass(layer_type, torch.nn.modules.conv._ConvTransposeNd)
+        inputs, outputs = weight.shape[:2]
+        inputs, outputs = (inputs, outputs * groups) if transposed else (outputs * groups, inputs)
+        sizes = {'in_channels': inputs, 'out_channels': outputs, 'kernel_size': tuple(weight.shape[2:])}
+    with torch.device('meta'):  # the parameters are replaced: nothing to initialise
+        layer = layer_type(**sizes, **geometry, bias=bias is not None)
+    layer.weight = torch.nn.Parameter(weight.detach(), requires_grad=weight.requires_grad)
+    if bias is not None:
+        layer.bias = torch.nn.Parameter(bias.detach(), requires_grad=bias.requires_grad)
+    return layer
+
+
 # products: function or method -> whether it divides
 PRODUCTS = {operator.mul: False, operator.imul: False, torch.mul: False, operator.truediv: True,
             operator.itruediv: True, torch.div: True, torch.true_divide: True,
@@ -219,14 +273,20 @@ def scope_of(node):
     return stack[next(reversed(stack))][0] if stack else ''
 
 
-def bind_arguments(node, names):
-    '''The arguments of a call after its input, by name, or None where one is not in ``names`` or is computed in
-    the graph (a module needs them fixed).'''
+def held_tensor(model, target):
+    '''The tensor ``model`` holds under the dotted name ``target`` (a ``get_attr`` node's target).'''
+    scope, _, name = target.rpartition('.')
+    return getattr(model.get_submodule(scope), name)
+
+
+def bind_arguments(node, names, tensors=()):
+    '''The arguments of a call after its input, by name, or None where one is not in ``names`` or one not named in
+    ``tensors`` is computed in the graph (a module needs them fixed).'''
     if len(node.args) - 1 > len(names) or any(key not in names for key in node.kwargs):
         return None
     arguments = {**dict(zip(names, node.args[1:])), **node.kwargs}
     computed = []
-    torch.fx.node.map_arg(tuple(arguments.values()), computed.append)
+    torch.fx.node.map_arg(tuple(value for key, value in arguments.items() if key not in tensors), computed.append)
     return None if computed else arguments
 
 
@@ -336,6 +396,8 @@ class GraphRewrite:
                 replacement = self.residual_add(node)
             elif key in MODULE_SPECS:
                 replacement = self.functional_module(node, MODULE_SPECS[key])
+            elif key in LAYER_SPECS:
+                replacement = self.functional_layer(node, LAYER_SPECS[key])
             elif key in PRODUCTS:
                 replacement = self.product(node, PRODUCTS[key], signals)
             else:
@@ -343,6 +405,9 @@ class GraphRewrite:
             if replacement is not None:
                 signals.add(replacement)
                 node.replace_all_uses_with(replacement)
+                self.graph.erase_node(node)
+        for node in list(self.graph.nodes):  # weights a new layer holds now
+            if node.op == 'get_attr' and not node.users:
                 self.graph.erase_node(node)
 
     def add_module(self, node, base, module):
@@ -378,6 +443,22 @@ class GraphRewrite:
         with self.graph.inserting_before(node):
             return self.graph.call_module(self.add_module(node, spec.name, spec.module_type(**arguments)),
                                           node.args[:1])
+
+    def functional_layer(self, node, spec):
+        '''A call of a new Linear/Conv/ConvTranspose layer in place of the functional layer ``node`` whose weight
+        (and bias) the model holds as it is (a parameter or buffer), or None where one is computed in the forward or
+        another argument is.'''
+        arguments = bind_arguments(node, spec.arguments, tensors=('weight', 'bias'))
+        if arguments is None:
+            return None
+        weight, bias = (arguments.pop(key, None) for key in ('weight', 'bias'))
+        if weight is None or not all(isinstance(tensor, torch.fx.Node) and tensor.op == 'get_attr'
+                                     for tensor in (weight, bias) if tensor is not None):
+            return None
+        weight, bias = (None if tensor is None else held_tensor(self.model, tensor.target) for tensor in (weight, bias))
+        with self.graph.inserting_before(node):
+            layer = layer_with_weight(spec.module_type, weight, bias, arguments)
+            return self.graph.call_module(self.add_module(node, spec.name, layer), node.args[:1])
 
     def product(self, node, divide, signals):
         '''``signal * factor`` (or ``/``) as :py:func:`~zennit_bnfuse.graph_layers.scale_passing_relevance` where
