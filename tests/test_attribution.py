@@ -9,7 +9,7 @@ from captum.attr import LRP
 from captum.attr._utils.lrp_rules import EpsilonRule, GammaRule, IdentityRule
 from zennit.attribution import Gradient
 from zennit.canonizers import CompositeCanonizer, SequentialMergeBatchNorm
-from zennit.composites import EpsilonAlpha2Beta1Flat, EpsilonPlusFlat, LayerMapComposite
+from zennit.composites import EpsilonAlpha2Beta1Flat, EpsilonPlusFlat, LayerMapComposite, MixedComposite
 from zennit.rules import Epsilon
 from zennit.torchvision import ResNetCanonizer
 
@@ -218,6 +218,68 @@ def test_unsupported_layer_raises_captum_style_type_error():
         FusedLRP(model).attribute(torch.rand(1, 1, 4, 4), target=0)
     relevance = FusedLRP(model, rules={torch.nn.PixelShuffle: None}).attribute(torch.rand(1, 1, 4, 4), target=0)
     assert relevance.shape == (1, 1, 4, 4)
+
+
+class CallsGroupNorm(torch.nn.GroupNorm):
+    '''A GroupNorm subclass whose forward calls ``F.group_norm`` itself, as timm's GroupNorm does (fx would trace
+    through it).'''
+    def forward(self, x):
+        return torch.nn.functional.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+class GroupNormed(torch.nn.Module):
+    '''conv -> norm -> relu -> conv -> norm (the same module again) -> mean -> linear.'''
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 4, 3)
+        self.norm = CallsGroupNorm(2, 4)
+        self.conv2 = torch.nn.Conv2d(4, 4, 1)
+        self.fc = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = self.norm(self.conv2(torch.relu(self.norm(self.conv(x)))))
+        return self.fc(x.mean((2, 3)))
+
+
+def group_normed():
+    torch.manual_seed(0)
+    return GroupNormed().double().eval(), torch.rand(2, 2, 6, 6, dtype=torch.float64)
+
+
+@pytest.mark.filterwarnings('ignore:Input Tensor 0 did not already require gradients')
+@pytest.mark.filterwarnings('error')
+def test_group_norm_subclass_gets_a_rule_or_a_type_error():
+    '''A normalisation layer other than BatchNorm is one module to LRP, subclasses included: FusedLRP raises Captum's
+    error for a layer without a rule, and a rule given for torch's type reaches the subclass.'''
+    model, input = group_normed()
+    with pytest.raises(TypeError, match=r'Module `norm` of type test_attribution\.CallsGroupNorm has no rule defined'):
+        FusedLRP(model).attribute(input, target=0)
+    relevance = FusedLRP(model, rules={torch.nn.GroupNorm: EpsilonRule()}).attribute(input, target=0)
+    assert relevance.shape == input.shape
+
+
+def mapped_group_norm():
+    '''EpsilonPlusFlat with Epsilon for every GroupNorm.'''
+    return MixedComposite([LayerMapComposite([(torch.nn.GroupNorm, Epsilon())]), EpsilonPlusFlat()])
+
+
+@pytest.mark.filterwarnings('error')
+def test_composite_without_a_rule_for_group_norm_warns_once():
+    model, input = group_normed()
+    lrp = CompositeLRP(model, EpsilonPlusFlat())
+    with pytest.warns(UserWarning) as caught:
+        lrp.attribute(input, target=0)
+    assert [str(warning.message) for warning in caught] == [
+        'zennit_bnfuse: the composite gives no rule to 1 normalisation layer(s) that are not BatchNorms (`norm`; the '
+        'first is a CallsGroupNorm), so LRP passes relevance through them by their plain gradient, which is not a '
+        'relevance: it carries the gradient of the statistics they normalise by. Give them a rule that fits the layer '
+        'in the composite, by type (a LayerMapComposite in a MixedComposite ahead of yours) or by name '
+        '(NameMapComposite).']
+    assert caught[0].filename == __file__
+    lrp.attribute(input, target=1)  # once per prepared copy
+    mapped = [CompositeLRP(model, mapped_group_norm(), engine=engine).attribute(input, target=0)
+              for engine in ('singlepass', 'zennit')]
+    assert torch.equal(*mapped)
 
 
 def test_bad_rules_argument():

@@ -7,6 +7,8 @@ import copy
 import difflib
 import functools
 import math
+import warnings
+import weakref
 from collections import defaultdict
 
 import torch
@@ -33,7 +35,8 @@ from .fold import BATCH_NORM_TYPES, is_batch_norm
 from .layers import ThresholdReLU
 from .graph_layers import SumReduction
 from .prepared import PreparedModel
-from .registration import KeptRegistration
+from .pairs import OTHER_NORM_TYPES
+from .registration import KeptRegistration, modules_without_rule
 from .singlepass import SinglePass
 
 # leaves that get Captum's EpsilonRule by default: every affine map (reductions: zennit_bnfuse.graph_layers)
@@ -550,6 +553,26 @@ class CompositeLRP(GradientAttribution):
             self.composite = SinglePass(self.composite, cache=True)
         # the prepared copy is ours: the composite stays registered on it between calls
         self.registration = KeptRegistration(self.composite)
+        self.checked_copy = None  # weak reference to the prepared copy whose rules were checked
+
+    def warn_unruled_norms(self, prepared):
+        '''Warn, once per prepared copy, about normalisation layers other than BatchNorms (GroupNorm, LayerNorm, ...,
+        see :py:data:`~zennit_bnfuse.pairs.OTHER_NORM_TYPES`) that the composite, registered on ``prepared``, gave no
+        rule.'''
+        if self.checked_copy is not None and self.checked_copy() is prepared:
+            return
+        self.checked_copy = weakref.ref(prepared)
+        unruled = modules_without_rule(prepared, OTHER_NORM_TYPES)
+        if unruled:
+            names = list(dict.fromkeys(map(self.prepared.original_name, unruled)))
+            kind = type(prepared.get_submodule(unruled[0])).__name__
+            warnings.warn(
+                f'zennit_bnfuse: the composite gives no rule to {len(names)} normalisation layer(s) that are not '
+                f'BatchNorms ({", ".join(f"`{name}`" for name in names[:5])}{", ..." if len(names) > 5 else ""}; '
+                f'the first is a {kind}), so LRP passes relevance through them by their plain gradient, which is not a '
+                'relevance: it carries the gradient of the statistics they normalise by. Give them a rule that fits '
+                'the layer in the composite, by type (a LayerMapComposite in a MixedComposite ahead of yours) or by '
+                'name (NameMapComposite).', stacklevel=4)
 
     @property
     def fallbacks(self):
@@ -583,6 +606,7 @@ class CompositeLRP(GradientAttribution):
         else:
             with checked_forward(prepared, inputs, target), self.registration.call(prepared, self.prepared.copies), \
                     torch.enable_grad():
+                self.warn_unruled_norms(prepared)
                 output = _run_forward(prepared, inputs, target, additional_forward_args)
                 relevance = torch.autograd.grad(output, inputs, grad_outputs=output.detach())
         relevance = _format_output(is_tuple, relevance)

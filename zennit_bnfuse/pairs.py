@@ -51,12 +51,19 @@ EVAL_IDENTITY_MODULES = (
     torch.nn.AlphaDropout, torch.nn.FeatureAlphaDropout,
 )
 CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
+# normalisation layers other than BatchNorm (their subclasses included, such as timm's GroupNorm, LayerNorm2d and
+# GroupNormAct): they normalise by statistics of their own input (InstanceNorm with running statistics by stored ones),
+# so no fold crosses them, and LRP must see each as one module that gets a rule of its own
+OTHER_NORM_TYPES = tuple(norm for norm in (
+    torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.modules.instancenorm._InstanceNorm, torch.nn.LocalResponseNorm,
+    getattr(torch.nn, 'RMSNorm', None)) if norm is not None)
 
 
 class LeafTracer(torch.fx.Tracer):
     """fx tracer that keeps every BatchNorm (torchvision's FrozenBatchNorm2d and timm's norm-act layers included),
-    every Linear/Conv layer and its subclasses (and layers timm builds in their place), the modules of this package,
-    timm's 'same'-padded pooling and, if given, every child of ``leaf_parent`` as one ``call_module`` node."""
+    every Linear/Conv layer and its subclasses (and layers timm builds in their place), every other normalisation layer
+    (:py:data:`OTHER_NORM_TYPES`), the modules of this package, timm's 'same'-padded pooling and, if given, every child
+    of ``leaf_parent`` as one ``call_module`` node."""
     def __init__(self, leaf_parent=None, **kwargs):
         super().__init__(**kwargs)
         self.leaf_parent = leaf_parent
@@ -64,7 +71,8 @@ class LeafTracer(torch.fx.Tracer):
     def is_leaf_module(self, module, module_qualified_name):
         if self.leaf_parent is not None:
             return any(module is child for child in self.leaf_parent.children())
-        if is_batch_norm(module) or isinstance(module, ThresholdReLU) or is_layer_like(module):
+        if (is_batch_norm(module) or isinstance(module, (ThresholdReLU, *OTHER_NORM_TYPES))
+                or is_layer_like(module)):
             return True
         extension = timm_layers()
         if extension is not None and type(module) in extension.SCALE_COMMUTING_MODULES:

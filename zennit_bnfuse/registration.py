@@ -12,16 +12,26 @@ from contextlib import contextmanager
 from zennit.core import Hook
 
 
+def module_hooks(module):
+    '''The Zennit hooks whose forward hooks are registered on ``module`` itself.'''
+    for function in (*module._forward_pre_hooks.values(), *module._forward_hooks.values()):
+        owner = getattr(function, '__self__', None)
+        if isinstance(owner, Hook):
+            yield owner
+
+
 def zennit_hooks(model):
     '''Every Zennit hook whose forward hooks are registered on a module of ``model``: the composite's, and those its
     canonizers register themselves (:py:class:`~zennit_bnfuse.FuseBatchNorm`'s ``threshold_rule``), each once.'''
-    hooks = {}
-    for module in model.modules():
-        for function in (*module._forward_pre_hooks.values(), *module._forward_hooks.values()):
-            owner = getattr(function, '__self__', None)
-            if isinstance(owner, Hook):
-                hooks[id(owner)] = owner
+    hooks = {id(hook): hook for module in model.modules() for hook in module_hooks(module)}
     return list(hooks.values())
+
+
+def modules_without_rule(model, types):
+    '''The names of the modules of ``model`` that are instances of ``types`` and have no Zennit hook registered on
+    them (the composite gave them no rule), in ``named_modules`` order.'''
+    return [name for name, module in model.named_modules()
+            if isinstance(module, types) and next(module_hooks(module), None) is None]
 
 
 def forget_call(hook):
