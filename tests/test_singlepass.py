@@ -298,6 +298,27 @@ def test_inactive_gives_the_plain_gradient():
     assert torch.equal(inactive, plain)
 
 
+@pytest.mark.parametrize('outer, inner', [
+    (EpsilonPlusFlat, lambda: SinglePass(EpsilonPlusFlat())),  # Zennit's hook found nothing stored: KeyError
+    (lambda: SinglePass(EpsilonPlusFlat()), EpsilonPlusFlat),  # the same KeyError
+    (lambda: SinglePass(EpsilonPlusFlat()), lambda: SinglePass(EpsilonPlusFlat())),  # one rule on the other's
+], ids=['zennit-then-singlepass', 'singlepass-then-zennit', 'singlepass-twice'])
+def test_two_composites_on_one_model_raise(outer, inner):
+    model = small_net()
+    images = torch.rand(1, 2, 6, 6, dtype=torch.float64)
+    with Gradient(model, outer()) as attributor:
+        with pytest.raises(RuntimeError, match=r"SinglePass: module `0` \(Conv2d\) has the active hook of another "
+                                               r"Zennit rule \(Flat\) registered too.*one composite at a time"):
+            relevance(model, inner(), images, [0])
+        # an inactive composite passes the gradient unchanged and is no obstacle
+        other = outer()
+        with other.context(model), other.inactive():
+            inside = attributor(images, torch.eye(3, dtype=torch.float64)[[0]])[1]
+    zennit, single_pass = both(model, EpsilonPlusFlat, images, [0])
+    assert torch.equal(inside, zennit) and torch.equal(single_pass, zennit)
+    assert not any(module._forward_pre_hooks or module._forward_hooks for module in model.modules())
+
+
 class OwnBackward(Epsilon):
     def backward(self, module, grad_input, grad_output):
         return grad_output

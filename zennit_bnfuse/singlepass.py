@@ -45,7 +45,7 @@ from .graph import LRPTracer
 from .graph_layers import AddOperands
 from .layers import BiasMapConvMixin, FoldedLayerMixin, ThresholdReLU
 from .pairs import tracing_copy
-from .registration import forget_call
+from .registration import forget_call, module_hooks
 from .signs import NON_NEGATIVE, UNKNOWN, SignAnalysis
 
 # how a call is computed (see SinglePassHook.plan)
@@ -593,6 +593,8 @@ class SinglePassHook(Hook):
         if not self.active:
             self.calls.append(None)
             return None
+        if len(module._forward_pre_hooks) > 1:  # someone else's hooks too (Zennit's register two per module)
+            self.refuse_other_rules(module)
         reason = self.unsupported(module, args, kwargs)
         if reason is not None:
             self.fall_back(reason)
@@ -609,6 +611,26 @@ class SinglePassHook(Hook):
         # an in-place module writes to a copy where a backward node keeps its input (Zennit's hooks always copy)
         in_place = getattr(module, 'inplace', False)
         return tuple(arg.detach().clone() if in_place and self.is_saved(arg) else arg.detach() for arg in args), kwargs
+
+    def refuse_other_rules(self, module):
+        '''Raise if an active Zennit hook other than this one is registered on ``module``.
+
+        Raises
+        ------
+        RuntimeError
+            If one is: a second composite registered on the same model (an attributor's context inside another's),
+            whose rule would be applied on top of this one's, or whose hook finds nothing stored when SinglePass
+            computes the relevance (Zennit's ``KeyError: 'grad_output'``).
+        '''
+        other = next((hook for hook in module_hooks(module) if hook is not self and hook.active), None)
+        if other is not None:
+            rule = type(getattr(other, 'rule', other)).__name__
+            raise RuntimeError(
+                f'SinglePass: module `{self.name}` ({type(module).__name__}) has the active hook of another Zennit '
+                f'rule ({rule}) registered too, from a second composite on the same model (or a canonizer\'s rule for '
+                'a module the composite gives a rule as well); the rules would be applied one on top of the other. '
+                'Register one composite at a time: leave the other attributor\'s context, or call its composite\'s '
+                'remove(), first.')
 
     def is_saved(self, tensor):
         '''Whether a backward node of this composite keeps a tensor in ``tensor``'s memory.'''
