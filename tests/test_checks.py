@@ -80,6 +80,27 @@ def test_wrappers_refused_naming_the_module_to_pass(entry, kind):
     assert all(torch.equal(value, state[key]) for key, value in model.state_dict().items())
 
 
+def lazy_net():
+    ''':py:func:`conv_net` with a LazyConv2d and a LazyLinear.'''
+    return torch.nn.Sequential(torch.nn.LazyConv2d(2, 3), torch.nn.BatchNorm2d(2), torch.nn.ReLU(), torch.nn.Flatten(),
+                               torch.nn.LazyLinear(3)).eval()
+
+
+@pytest.mark.parametrize('entry', sorted(ENTRY_POINTS))
+def test_uninitialised_lazy_modules_refused_until_the_first_forward(entry):
+    # before, fuse() said the LazyConv2d was 'a subclass whose forward may differ' and the others raised torch's
+    # error about a data_ptr, naming no module
+    model = lazy_net()
+    call, caller = ENTRY_POINTS[entry]
+    with pytest.raises(ValueError, match=rf'^{caller.replace("(", r"[(]").replace(")", r"[)]")} got a model with '
+                       r'uninitialised parameters: its submodule `0` is a LazyConv2d, .* Run the model once on an '
+                       r'example batch \(model\(example\)\) before passing it'):
+        call(model)
+    model(torch.rand(1, 1, 4, 4))  # the lazy modules become a Conv2d and a Linear
+    assert len(fuse(model)[1].fused) == 1
+    call(model)
+
+
 @pytest.mark.parametrize('entry', sorted(ENTRY_POINTS))
 @pytest.mark.parametrize('model', [None, 'resnet18', conv_net().state_dict()])
 def test_non_module_refused_by_every_entry_point(entry, model):

@@ -29,6 +29,9 @@ def check_model(model, caller):
         If ``model`` is not a module, or it or one of its submodules is a :py:obj:`torch.jit.ScriptModule`, a
         :py:class:`torch.nn.DataParallel`, a :py:class:`~torch.nn.parallel.DistributedDataParallel` or a
         :py:func:`torch.compile` wrapper (the message names the module to pass instead).
+    ValueError
+        If a lazy module of ``model`` (``torch.nn.LazyConv2d``, ``LazyLinear``, ...) has not been run yet: its
+        parameters have no shape, so nothing can be folded into them or read from them.
     '''
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f'{caller} expects the model as a torch.nn.Module, not {type(model).__name__}.')
@@ -50,6 +53,16 @@ def check_model(model, caller):
             f'{caller} got a TorchScript module: {where} a {type(module).__name__} (from torch.jit.script or '
             'torch.jit.trace), whose compiled forward cannot be traced, have its BatchNorms replaced or run LRP '
             'hooks. Pass the original torch.nn.Module, before torch.jit.script/torch.jit.trace.')
+    lazy = next(((name, module) for name, module in model.named_modules()
+                 if isinstance(module, torch.nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params()),
+                None)
+    if lazy is not None:
+        name, module = lazy
+        where = 'the model is' if not name else f'its submodule `{name}` is'
+        raise ValueError(
+            f'{caller} got a model with uninitialised parameters: {where} a {type(module).__name__}, whose parameters '
+            'take their shapes from its first forward. Run the model once on an example batch (model(example)) '
+            f'before passing it to {caller}.')
 
 
 def wrapper_attribute(module):
