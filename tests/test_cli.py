@@ -106,6 +106,13 @@ def squeezenet_weights(tmp):
     return path
 
 
+def whole_model(tmp):
+    '''A file written by torch.save(model), not torch.save(model.state_dict()).'''
+    path = tmp / 'whole.pt'
+    torch.save(torch.nn.Sequential(torch.nn.Linear(2, 2)), path)
+    return path
+
+
 def nan_statistics(tmp):
     from zennit_bnfuse.evaluation.models import pretrained
     state = pretrained('mnist-cnn-bn').state_dict()
@@ -194,6 +201,10 @@ CASES = {
     'not weights': (lambda tmp: ('report', '--model', 'mnist-cnn-bn', '--weights', write(tmp, 'w.pt', b'no')), 1,
                     r'cannot read weights from .*w\.pt \(.*\); pass a file written by '
                     r'torch\.save\(model\.state_dict\(\), FILE\)'),
+    'a whole model': (lambda tmp: ('report', '--model', 'mnist-cnn-bn', '--weights', whole_model(tmp)), 1,
+                      r'.*whole\.pt holds a pickled torch\.nn\.modules\.container\.Sequential, not only tensors \(a '
+                      r'whole model saved with torch\.save\(model\)\?\); bnfuse loads tensors only, .* pass '
+                      r'torch\.save\(model\.state_dict\(\), FILE\)'),
     'weights do not fit': (lambda tmp: ('report', '--model', 'mnist-cnn-bn', '--weights',
                                         ROOT / 'zennit_bnfuse' / 'evaluation' / 'weights' / 'mnist-cnn.pt'), 1,
                            r'the weights in .*mnist-cnn\.pt do not fit mnist-cnn-bn: 10 missing \(bn1\.weight, .*\)\. '

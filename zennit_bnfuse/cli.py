@@ -13,6 +13,7 @@ import contextlib
 import fnmatch
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -115,6 +116,12 @@ def read_weights(path):
     try:
         state = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as error:  # torch raises many kinds for files that are not state_dicts
+        pickled = re.search(r'Unsupported global: GLOBAL ([\w.]+)', str(error))
+        if pickled:  # a whole model (torch.save(model)) or a checkpoint with other objects
+            raise CommandError(
+                f'{path} holds a pickled {pickled.group(1)}, not only tensors (a whole model saved with '
+                'torch.save(model)?); bnfuse loads tensors only, as unpickling objects can run code from the file. '
+                'Load it where you trust it and pass torch.save(model.state_dict(), FILE)') from None
         raise CommandError(f'cannot read weights from {path} ({type(error).__name__}); pass a file written by '
                            'torch.save(model.state_dict(), FILE)') from None
     if isinstance(state, dict) and 'state_dict' in state and isinstance(state['state_dict'], dict):
