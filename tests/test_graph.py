@@ -215,19 +215,31 @@ def test_functional_layers_with_held_weights_become_layers():
     assert torch.equal(layers[1].bias, model.bias) and layers[1].bias.requires_grad
 
 
-class ComputedWeight(torch.nn.Module):
-    def __init__(self):
+class UnheldWeight(torch.nn.Module):
+    '''A functional layer no torch.nn layer computes as it is: its weight computed in the forward, or a bias of
+    another shape (F.linear broadcasts a scalar bias).'''
+    def __init__(self, op):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.ones(2, 2, 1, 1))
+        self.matrix = torch.nn.Parameter(torch.ones(2, 2))
+        self.scalar = torch.nn.Parameter(torch.tensor(.5))
+        self.op = op
 
     def forward(self, x):
-        return F.conv2d(x, self.weight.expand(2, 2, 1, 1) * 2)
+        return self.op(self, x)
 
 
-def test_functional_layer_with_a_weight_computed_in_the_forward_is_reported():
-    with pytest.warns(UserWarning, match='1 functional op\\(s\\) by their plain gradient.*: conv2d x1'):
-        prepared, _ = lrp_graph(ComputedWeight())
-    assert [op_name(node) for node in ops_passed_by_gradient(prepared)] == ['conv2d']
+@pytest.mark.parametrize('op, passed', [
+    (lambda self, x: F.conv2d(x, self.weight.expand(2, 2, 1, 1) * 2), 'conv2d'),
+    (lambda self, x: F.linear(x, self.matrix, self.scalar), 'linear'),
+])
+def test_functional_layer_without_a_held_weight_is_reported(op, passed):
+    model = UnheldWeight(op)
+    with pytest.warns(UserWarning, match=f'1 functional op\\(s\\) by their plain gradient.*: {passed} x1'):
+        prepared, _ = lrp_graph(model)
+    assert [op_name(node) for node in ops_passed_by_gradient(prepared)] == [passed]
+    input = torch.rand(1, 2, 3, 3) if passed == 'conv2d' else torch.rand(3, 2)
+    assert torch.equal(prepared(input), model(input))
 
 
 @pytest.mark.parametrize('engine', ['fused', 'composite'])

@@ -456,6 +456,10 @@ class GraphRewrite:
                                      for tensor in (weight, bias) if tensor is not None):
             return None
         weight, bias = (None if tensor is None else held_tensor(self.model, tensor.target) for tensor in (weight, bias))
+        # the op checks the shapes when it runs: a weight the layer cannot hold is left to it
+        rank = 2 if spec.module_type is torch.nn.Linear else int(spec.name[-2]) + 2  # conv{N}d: (out, in, *N dims)
+        if weight.dim() != rank or (bias is not None and bias.dim() != 1):
+            return None
         with self.graph.inserting_before(node):
             layer = layer_with_weight(spec.module_type, weight, bias, arguments)
             return self.graph.call_module(self.add_module(node, spec.name, layer), node.args[:1])
