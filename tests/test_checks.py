@@ -80,6 +80,38 @@ def test_wrappers_refused_naming_the_module_to_pass(entry, kind):
     assert all(torch.equal(value, state[key]) for key, value in model.state_dict().items())
 
 
+COPYING_ENTRY_POINTS = {
+    'fuse': (lambda model: fuse(model)[0], 'fuse()'),
+    'FusedLRP': (lambda model: FusedLRP(model, engine='captum'), 'FusedLRP'),
+    'CompositeLRP': (lambda model: CompositeLRP(model, EpsilonPlusFlat()), 'CompositeLRP'),
+}
+
+
+@pytest.mark.parametrize('when', ['built', 'called'])
+@pytest.mark.parametrize('entry', sorted(COPYING_ENTRY_POINTS))
+def test_a_composite_registered_on_the_model_is_refused(entry, when, snapshot):
+    # the copy carried the composite's hooks, still active: FusedLRP's relevance summed to 12.9 for a logit of -0.003
+    model = conv_net().eval()
+    input = torch.rand(1, 1, 4, 4, dtype=torch.float64)
+    make, caller = COPYING_ENTRY_POINTS[entry]
+    made = None if when == 'built' else make(model)
+    expected = None if entry == 'fuse' else make(model).attribute(input, target=0)
+    composite = EpsilonPlusFlat()
+    composite.register(model)  # what entering `with Gradient(model, composite)` does
+    before = snapshot(model)
+    message = (rf'^{caller.replace("(", r"[(]").replace(")", r"[)]")} got a model with a Zennit composite registered '
+               r'on it: its submodule `0` \(Conv2d\) has the hooks of a Flat rule\..*Remove the composite first')
+    with pytest.raises(ValueError, match=message):
+        if made is None or entry == 'fuse':
+            make(model)
+        else:
+            made.attribute(input, target=0)
+    before.assert_unchanged()
+    composite.remove()
+    if entry != 'fuse':
+        assert torch.equal((made or make(model)).attribute(input, target=0), expected)
+
+
 def lazy_net():
     ''':py:func:`conv_net` with a LazyConv2d and a LazyLinear.'''
     return torch.nn.Sequential(torch.nn.LazyConv2d(2, 3), torch.nn.BatchNorm2d(2), torch.nn.ReLU(), torch.nn.Flatten(),

@@ -7,6 +7,7 @@ import torch
 from zennit.core import Composite
 
 from .layers import FoldedInputError
+from .registration import module_hooks
 
 
 def check_model(model, caller):
@@ -63,6 +64,34 @@ def check_model(model, caller):
             f'{caller} got a model with uninitialised parameters: {where} a {type(module).__name__}, whose parameters '
             'take their shapes from its first forward. Run the model once on an example batch (model(example)) '
             f'before passing it to {caller}.')
+
+
+def refuse_zennit_hooks(model, caller):
+    '''Raise if a Zennit rule's hooks are registered on ``model`` or a submodule: a composite registered on it (inside
+    an attributor's ``with`` block, or registered and never removed). ``caller`` works on a copy of the model, which
+    would carry the hooks, so that their rules would act on top of its own.
+
+    Parameters
+    ----------
+    model: :py:obj:`torch.nn.Module`
+        The user's model.
+    caller: str
+        For the message (e.g. ``'FusedLRP'``).
+
+    Raises
+    ------
+    ValueError
+        If such a hook is registered, naming the module, the rule and the fix.
+    '''
+    for name, module in model.named_modules():
+        hook = next(module_hooks(module), None)
+        if hook is not None:
+            where = 'the model' if not name else f'its submodule `{name}`'
+            raise ValueError(
+                f'{caller} got a model with a Zennit composite registered on it: {where} ({type(module).__name__}) has '
+                f'the hooks of a {type(getattr(hook, "rule", hook)).__name__} rule. {caller} works on a copy of the '
+                'model, which would carry them, so their rules would act on top of its own. Remove the composite '
+                'first: leave the attributor\'s `with` block, or call the composite\'s remove().')
 
 
 def wrapper_attribute(module):

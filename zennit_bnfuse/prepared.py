@@ -1,6 +1,7 @@
 '''A cached LRP-ready copy of a user's model, rebuilt only when the model changes.'''
 import torch
 
+from .checks import refuse_zennit_hooks
 from .handling import bn_handling
 
 # what every nn.Module keeps in its __dict__ (parameters, buffers, children, hook dicts, the training flag)
@@ -80,6 +81,14 @@ class PreparedModel:
         ``'captum'``, ``'zennit'`` or ``'operands'``, see :py:func:`zennit_bnfuse.graph.lrp_graph`.
     example_inputs: :py:obj:`torch.Tensor` or tuple, optional
         Forward arguments to check the folds on, see :py:func:`zennit_bnfuse.fuse`.
+    caller: str, optional
+        The class that uses the copy, for error messages.
+
+    Raises
+    ------
+    ValueError
+        Here and in :py:meth:`get`, if a Zennit composite is registered on ``model`` (see
+        :py:func:`~zennit_bnfuse.checks.refuse_zennit_hooks`).
 
     Attributes
     ----------
@@ -90,8 +99,10 @@ class PreparedModel:
     copies: dict[str, str]
         For each copy of a reused module in the prepared model, the name of the original.
     '''
-    def __init__(self, model, handling='fused', residual='captum', example_inputs=None):
+    def __init__(self, model, handling='fused', residual='captum', example_inputs=None, caller='PreparedModel'):
+        refuse_zennit_hooks(model, caller)
         self.model = model
+        self.caller = caller
         self.handling = bn_handling(handling)
         self.residual = residual
         self.example_inputs = example_inputs
@@ -103,6 +114,7 @@ class PreparedModel:
 
     def get(self):
         '''The prepared model, rebuilt if the user's model changed since the last call.'''
+        refuse_zennit_hooks(self.model, self.caller)
         fingerprint = model_fingerprint(self.model)
         if self._prepared is None or fingerprint != self._fingerprint:
             self._prepared, self.copies, self.report = self.handling.prepare(
