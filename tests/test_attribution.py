@@ -271,7 +271,7 @@ def test_composite_without_a_rule_for_group_norm_warns_once():
         lrp.attribute(input, target=0)
     assert [str(warning.message) for warning in caught] == [
         'zennit_bnfuse: the composite gives no rule to 1 normalisation layer(s) that are not BatchNorms (`norm`; the '
-        'first is a CallsGroupNorm), so LRP passes relevance through them by their plain gradient, which is not a '
+        'first of type CallsGroupNorm), so LRP passes relevance through them by their plain gradient, which is not a '
         'relevance: it carries the gradient of the statistics they normalise by. Give them a rule that fits the layer '
         'in the composite, by type (a LayerMapComposite in a MixedComposite ahead of yours) or by name '
         '(NameMapComposite).']

@@ -243,6 +243,22 @@ def test_standardized_conv_left_standardizing_is_refused(case, explainer, snapsh
     before.assert_unchanged()
 
 
+@pytest.mark.parametrize('norm', ['EvoNorm2dB0', 'EvoNorm2dS0', 'FilterResponseNormTlu2d', 'RmsNorm2d', 'SimpleNorm2d',
+                                  'GroupNorm', 'LayerNorm2d', 'GroupNormAct'])
+def test_timm_norms_are_one_module_that_needs_a_rule(norm):
+    '''timm's normalisation layers, whether or not they subclass torch's: fx traced through those that do not and
+    LRP passed relevance through their arithmetic by its gradient; now FusedLRP asks for a rule, naming the layer.'''
+    groups = {'GroupNorm': {'num_groups': 2}, 'GroupNormAct': {'num_groups': 2}, 'EvoNorm2dS0': {'groups': 2}}
+    layer = getattr(timm.layers, norm)(4, **groups.get(norm, {}))
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), layer, torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(4, 2)).double().eval()
+    input = torch.rand(1, 2, 6, 6, dtype=torch.float64)
+    with pytest.raises(TypeError, match=rf'Module `1` of type timm\.layers\.[a-z_]+\.{norm} has no rule defined'):
+        FusedLRP(model).attribute(input, target=0)
+    with pytest.warns(UserWarning, match=rf'no rule to 1 normalisation layer\(s\) .*\(`1`; the first of type {norm}\)'):
+        CompositeLRP(model, EpsilonPlusFlat()).attribute(input, target=0)
+
+
 def test_timm_linear_folds(snapshot):
     model, input = prepared(torch.nn.Sequential(
         torch.nn.BatchNorm1d(5), TimmLinear(5, 4), torch.nn.BatchNorm1d(4)), 3, 5)

@@ -35,7 +35,7 @@ from .fold import BATCH_NORM_TYPES, is_batch_norm
 from .layers import ThresholdReLU
 from .graph_layers import SumReduction
 from .prepared import PreparedModel
-from .pairs import OTHER_NORM_TYPES
+from .pairs import other_norm_types
 from .registration import KeptRegistration, modules_without_rule
 from .singlepass import SinglePass
 
@@ -302,7 +302,8 @@ class FusedLRP(LRP):
                     f'the rule for {key!r} must be a Captum PropagationRule instance (e.g. EpsilonRule()) or None, '
                     f'not {rule!r}')
         check_rule_names(model, self.rules)
-        self.prepared = PreparedModel(model, handling, residual='captum', example_inputs=example_inputs)
+        self.prepared = PreparedModel(model, handling, residual='captum', example_inputs=example_inputs,
+                                      caller='FusedLRP')
         self.own_rules = {}
         self._build = None
 
@@ -535,7 +536,8 @@ class CompositeLRP(GradientAttribution):
         # Zennit's hooks take one input per module, so residual additions stack their operands for them; SinglePass
         # adds them as they are
         residual = 'operands' if self.engine == 'singlepass' else 'zennit'
-        self.prepared = PreparedModel(model, handling, residual=residual, example_inputs=example_inputs)
+        self.prepared = PreparedModel(model, handling, residual=residual, example_inputs=example_inputs,
+                                      caller='CompositeLRP')
         merging = batch_norm_canonizers(composite.canonizers)
         if merging and not self.prepared.handling.fuses:
             raise ValueError(
@@ -557,22 +559,22 @@ class CompositeLRP(GradientAttribution):
 
     def warn_unruled_norms(self, prepared):
         '''Warn, once per prepared copy, about normalisation layers other than BatchNorms (GroupNorm, LayerNorm, ...,
-        see :py:data:`~zennit_bnfuse.pairs.OTHER_NORM_TYPES`) that the composite, registered on ``prepared``, gave no
+        see :py:func:`~zennit_bnfuse.pairs.other_norm_types`) that the composite, registered on ``prepared``, gave no
         rule.'''
         if self.checked_copy is not None and self.checked_copy() is prepared:
             return
         self.checked_copy = weakref.ref(prepared)
-        unruled = modules_without_rule(prepared, OTHER_NORM_TYPES)
+        unruled = modules_without_rule(prepared, other_norm_types())
         if unruled:
             names = list(dict.fromkeys(map(self.prepared.original_name, unruled)))
             kind = type(prepared.get_submodule(unruled[0])).__name__
             warnings.warn(
                 f'zennit_bnfuse: the composite gives no rule to {len(names)} normalisation layer(s) that are not '
                 f'BatchNorms ({", ".join(f"`{name}`" for name in names[:5])}{", ..." if len(names) > 5 else ""}; '
-                f'the first is a {kind}), so LRP passes relevance through them by their plain gradient, which is not a '
-                'relevance: it carries the gradient of the statistics they normalise by. Give them a rule that fits '
-                'the layer in the composite, by type (a LayerMapComposite in a MixedComposite ahead of yours) or by '
-                'name (NameMapComposite).', stacklevel=4)
+                f'the first of type {kind}), so LRP passes relevance through them by their plain gradient, which is '
+                'not a relevance: it carries the gradient of the statistics they normalise by. Give them a rule that '
+                'fits the layer in the composite, by type (a LayerMapComposite in a MixedComposite ahead of yours) or '
+                'by name (NameMapComposite).', stacklevel=4)
 
     @property
     def fallbacks(self):

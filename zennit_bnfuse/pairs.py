@@ -53,16 +53,23 @@ EVAL_IDENTITY_MODULES = (
 CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
 # normalisation layers other than BatchNorm (their subclasses included, such as timm's GroupNorm, LayerNorm2d and
 # GroupNormAct): they normalise by statistics of their own input (InstanceNorm with running statistics by stored ones),
-# so no fold crosses them, and LRP must see each as one module that gets a rule of its own
+# so no fold crosses them, and LRP must see each as one module that gets a rule of its own (see other_norm_types)
 OTHER_NORM_TYPES = tuple(norm for norm in (
     torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.modules.instancenorm._InstanceNorm, torch.nn.LocalResponseNorm,
     getattr(torch.nn, 'RMSNorm', None)) if norm is not None)
 
 
+def other_norm_types():
+    ''':py:data:`OTHER_NORM_TYPES`, with timm's normalisation layers that do not subclass torch's (EvoNorm,
+    FilterResponseNorm, RmsNorm, SimpleNorm) once timm is imported.'''
+    extension = timm_layers()
+    return OTHER_NORM_TYPES if extension is None else OTHER_NORM_TYPES + extension.OTHER_NORM_TYPES
+
+
 class LeafTracer(torch.fx.Tracer):
     """fx tracer that keeps every BatchNorm (torchvision's FrozenBatchNorm2d and timm's norm-act layers included),
     every Linear/Conv layer and its subclasses (and layers timm builds in their place), every other normalisation layer
-    (:py:data:`OTHER_NORM_TYPES`), the modules of this package, timm's 'same'-padded pooling and, if given, every child
+    (:py:func:`other_norm_types`), the modules of this package, timm's 'same'-padded pooling and, if given, every child
     of ``leaf_parent`` as one ``call_module`` node."""
     def __init__(self, leaf_parent=None, **kwargs):
         super().__init__(**kwargs)
@@ -71,7 +78,7 @@ class LeafTracer(torch.fx.Tracer):
     def is_leaf_module(self, module, module_qualified_name):
         if self.leaf_parent is not None:
             return any(module is child for child in self.leaf_parent.children())
-        if (is_batch_norm(module) or isinstance(module, (ThresholdReLU, *OTHER_NORM_TYPES))
+        if (is_batch_norm(module) or isinstance(module, (ThresholdReLU, *other_norm_types()))
                 or is_layer_like(module)):
             return True
         extension = timm_layers()

@@ -13,6 +13,7 @@
 import copy
 from collections import OrderedDict
 
+import timm.layers
 import torch
 from timm.layers import (
     BatchNormAct2d, CondConv2d, Conv2dSame, FrozenBatchNormAct2d, ScaledStdConv2d, ScaledStdConv2dSame,
@@ -42,6 +43,12 @@ STANDARDIZED_CONV_TYPES = (StdConv2d, StdConv2dSame, ScaledStdConv2d, ScaledStdC
 FOLDABLE_VARIANT_TYPES = (Conv2dSame, TimmLinear, *STANDARDIZED_CONV_TYPES)
 # pooling a non-negative per-channel scale moves through: zero padding for the average, -inf for the maximum
 SCALE_COMMUTING_MODULES = (AvgPool2dSame, MaxPool2dSame)
+# timm's normalisation layers that are not subclasses of torch's (their subclasses, the Fp32 and Act variants, are
+# instances): they normalise by statistics of their input, like those in zennit_bnfuse.pairs.OTHER_NORM_TYPES
+OTHER_NORM_TYPES = tuple(getattr(timm.layers, name) for name in (
+    'EvoNorm2dB0', 'EvoNorm2dB1', 'EvoNorm2dB2', 'EvoNorm2dS0', 'EvoNorm2dS1', 'EvoNorm2dS2',
+    'FilterResponseNormAct2d', 'FilterResponseNormTlu2d', 'RmsNorm', 'RmsNorm2d', 'RmsNormFp32', 'RmsNorm2dFp32',
+    'SimpleNorm', 'SimpleNorm2d', 'SimpleNormFp32', 'SimpleNorm2dFp32') if hasattr(timm.layers, name))
 
 REFUSED_LAYER_REASONS = {
     CondConv2d: 'mixes its expert kernels and biases per example with routing weights that need not sum to 1, so a '
