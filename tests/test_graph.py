@@ -12,6 +12,7 @@ from zennit.layer import Sum
 from zennit.rules import Epsilon
 from zennit.types import Convolution
 
+from fusion_cases import Lambda
 from zennit_bnfuse import CompositeLRP, FusedLRP
 from zennit_bnfuse.graph import lrp_graph, op_name, ops_passed_by_gradient
 from zennit_bnfuse.graph_layers import AddOperands, MeanReduction, SumReduction, scale_passing_relevance
@@ -178,7 +179,8 @@ def test_ops_without_a_rule_are_reported(op, passed):
 
 class HeldWeights(torch.nn.Module):
     '''Functional layers whose weights the model holds: a blur (a fixed depthwise filter held as a buffer, as in timm's
-    BlurPool2d), a conv with a bias, relu, a transposed conv with output padding, a global mean and a linear layer.'''
+    BlurPool2d), a conv with a bias, relu, a transposed conv with output padding, a global mean, a product with a
+    matrix and a linear layer.'''
     def __init__(self):
         super().__init__()
         self.register_buffer('blur', torch.tensor([1., 2., 1.]).outer(torch.tensor([1., 2., 1.])).expand(2, 1, 3, 3)
@@ -186,14 +188,15 @@ class HeldWeights(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.randn(3, 2, 3, 3))
         self.bias = torch.nn.Parameter(torch.randn(3))
         self.up = torch.nn.Parameter(torch.randn(3, 2, 2, 2))  # (in, out / groups, *kernel)
-        self.fc_weight = torch.nn.Parameter(torch.randn(4, 2))
+        self.projection = torch.nn.Parameter(torch.randn(2, 3))
+        self.fc_weight = torch.nn.Parameter(torch.randn(4, 3))
         self.fc_bias = torch.nn.Parameter(torch.randn(4))
 
     def forward(self, x):
         x = F.conv2d(F.pad(x, (1, 1, 1, 1), mode='reflect'), self.blur, stride=2, groups=2)
         x = torch.relu(F.conv2d(x, self.weight, self.bias, padding=1))
         x = F.conv_transpose2d(x, self.up, None, 2, 0, 1)
-        return F.linear(x.mean((2, 3)), weight=self.fc_weight, bias=self.fc_bias)
+        return F.linear(x.mean((2, 3)) @ self.projection, weight=self.fc_weight, bias=self.fc_bias)
 
 
 def test_functional_layers_with_held_weights_become_layers():
@@ -207,12 +210,37 @@ def test_functional_layers_with_held_weights_become_layers():
         'Conv2d(2, 2, kernel_size=(3, 3), stride=(2, 2), groups=2, bias=False)',
         'Conv2d(2, 3, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1))',
         'ConvTranspose2d(3, 2, kernel_size=(2, 2), stride=(2, 2), output_padding=(1, 1), bias=False)',
-        'Linear(in_features=2, out_features=4, bias=True)']
+        'Linear(in_features=2, out_features=3, bias=False)', 'Linear(in_features=3, out_features=4, bias=True)']
     assert ops_passed_by_gradient(prepared) == []
     # new parameter objects on the same values: a rule that rewrites one layer's weight changes no other tensor
     assert not any(layer.weight is tensor for layer in layers for tensor in prepared.parameters(recurse=False))
     assert torch.equal(layers[0].weight, model.blur) and not layers[0].weight.requires_grad
     assert torch.equal(layers[1].bias, model.bias) and layers[1].bias.requires_grad
+
+
+MATMULS = {'@': operator.matmul, 'torch.matmul': torch.matmul, 'Tensor.matmul': lambda x, matrix: x.matmul(matrix),
+           'torch.mm': torch.mm}
+
+
+@pytest.mark.parametrize('op, shape', [
+    pytest.param(MATMULS[name], shape, id=f'{name}-{len(shape)}d') for name in MATMULS
+    for shape in ([(2, 3)] if name == 'torch.mm' else [(3,), (2, 3), (2, 5, 3)])])
+def test_product_with_a_held_matrix_becomes_a_linear_layer(op, shape):
+    model = Lambda(lambda self, x: op(x, self.matrix))
+    model.matrix = torch.nn.Parameter(torch.randn(3, 4, dtype=torch.float64))
+    input = torch.randn(*shape, dtype=torch.float64)
+    prepared, _ = lrp_graph(model)
+    assert torch.equal(prepared(input), model(input))
+    assert [repr(layer) for layer in called_modules(prepared)] == ['Linear(in_features=3, out_features=4, bias=False)']
+    assert ops_passed_by_gradient(prepared) == []
+
+
+def test_product_of_a_held_matrix_with_a_signal_stays_functional():
+    '''``W @ x`` mixes the signal along its first dims, which no Linear does.'''
+    model = Lambda(lambda self, x: self.matrix @ x)
+    model.matrix = torch.nn.Parameter(torch.randn(4, 2, dtype=torch.float64))
+    with pytest.warns(UserWarning, match=r'by their plain gradient.*: matmul x1'):
+        lrp_graph(model)
 
 
 class UnheldWeight(torch.nn.Module):

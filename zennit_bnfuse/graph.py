@@ -14,7 +14,8 @@ one stored input for several uses. :py:func:`lrp_graph` rewrites the traced forw
 - ``F.avg_pool*``, ``F.max_pool*``, ``F.adaptive_avg_pool*`` and ``F.adaptive_max_pool*`` become the torch.nn
   pooling modules, and functional activations (``F.relu``, ``torch.sigmoid``, ...) the torch.nn activations;
 - ``F.linear``, ``F.conv*`` and ``F.conv_transpose*`` with a weight (and bias) the model holds as it is, such as the
-  fixed filter of timm's ``BlurPool2d``, become the torch.nn layer with that weight;
+  fixed filter of timm's ``BlurPool2d``, become the torch.nn layer with that weight, and ``x @ W`` (``matmul``,
+  ``mm``) with a held matrix ``W`` a ``Linear`` with weight ``W.T``;
 - a product with a constant (``x * 0.5``, ``x * self.gamma``, ``x / 6``) or with a gate (``x * sigmoid(...)``, as in
   squeeze-and-excitation blocks) becomes
   :py:func:`~zennit_bnfuse.graph_layers.scale_passing_relevance`: the relevance passes to ``x`` unchanged and none
@@ -142,6 +143,8 @@ def layer_specs():
 
 
 LAYER_SPECS = layer_specs()
+# signal @ held matrix
+MATMULS = {operator.matmul, torch.matmul, torch.mm, 'matmul', 'mm'}
 
 
 def layer_with_weight(layer_type, weight, bias, geometry):
@@ -398,6 +401,8 @@ class GraphRewrite:
                 replacement = self.functional_module(node, MODULE_SPECS[key])
             elif key in LAYER_SPECS:
                 replacement = self.functional_layer(node, LAYER_SPECS[key])
+            elif key in MATMULS:
+                replacement = self.held_matmul(node, signals)
             elif key in PRODUCTS:
                 replacement = self.product(node, PRODUCTS[key], signals)
             else:
@@ -463,6 +468,21 @@ class GraphRewrite:
         with self.graph.inserting_before(node):
             layer = layer_with_weight(spec.module_type, weight, bias, arguments)
             return self.graph.call_module(self.add_module(node, spec.name, layer), node.args[:1])
+
+    def held_matmul(self, node, signals):
+        '''``x @ W`` as ``Linear`` with weight ``W.T`` (a view: new Parameter, same memory) where ``x`` is a signal and
+        ``W`` a matrix the model holds as it is; None otherwise (``W @ x`` mixes another dim).'''
+        if len(node.args) != 2 or node.kwargs:
+            return None
+        signal, matrix = node.args
+        if signal not in signals or not isinstance(matrix, torch.fx.Node) or matrix.op != 'get_attr':
+            return None
+        matrix = held_tensor(self.model, matrix.target)
+        if matrix.dim() != 2:
+            return None
+        with self.graph.inserting_before(node):
+            layer = layer_with_weight(torch.nn.Linear, matrix.t(), None, {})
+            return self.graph.call_module(self.add_module(node, 'matmul', layer), (signal,))
 
     def product(self, node, divide, signals):
         '''``signal * factor`` (or ``/``) as :py:func:`~zennit_bnfuse.graph_layers.scale_passing_relevance` where
