@@ -100,7 +100,7 @@ def test_a_composite_registered_on_the_model_is_refused(entry, when, snapshot):
     composite.register(model)  # what entering `with Gradient(model, composite)` does
     before = snapshot(model)
     message = (rf'^{caller.replace("(", r"[(]").replace(")", r"[)]")} got a model with a Zennit composite registered '
-               r'on it: its submodule `0` \(Conv2d\) has the hooks of a Flat rule\..*Remove the composite first')
+               r'on it: its submodule `0` is a Conv2d with the hooks of a Flat rule\..*Remove the composite first')
     with pytest.raises(ValueError, match=message):
         if made is None or entry == 'fuse':
             make(model)

@@ -36,34 +36,38 @@ def check_model(model, caller):
     '''
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f'{caller} expects the model as a torch.nn.Module, not {type(model).__name__}.')
-    wrapped = next(((name, module) for name, module in model.named_modules() if wrapper_attribute(module)), None)
+    wrapped = first_module(model, wrapper_attribute)
     if wrapped is not None:
-        name, module = wrapped
-        where = 'the model is' if not name else f'its submodule `{name}` is'
+        name, module, where = wrapped
         attribute = wrapper_attribute(module)
         raise TypeError(
             f'{caller} got a wrapped module: {where} a {type(module).__name__}, whose forward torch.fx cannot trace '
             f'(its BatchNorms would stay unfused and residual sums get no rule). Pass the module it wraps, '
             f'`{name + "." if name else "model."}{attribute}`: it holds the same parameters.')
-    scripted = next(((name, module) for name, module in model.named_modules()
-                     if isinstance(module, torch.jit.ScriptModule)), None)
+    scripted = first_module(model, lambda module: isinstance(module, torch.jit.ScriptModule))
     if scripted is not None:
-        name, module = scripted
-        where = 'the model is' if not name else f'its submodule `{name}` is'
+        _, module, where = scripted
         raise TypeError(
             f'{caller} got a TorchScript module: {where} a {type(module).__name__} (from torch.jit.script or '
             'torch.jit.trace), whose compiled forward cannot be traced, have its BatchNorms replaced or run LRP '
             'hooks. Pass the original torch.nn.Module, before torch.jit.script/torch.jit.trace.')
-    lazy = next(((name, module) for name, module in model.named_modules()
-                 if isinstance(module, torch.nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params()),
-                None)
+    lazy = first_module(model, lambda module: isinstance(module, torch.nn.modules.lazy.LazyModuleMixin)
+                        and module.has_uninitialized_params())
     if lazy is not None:
-        name, module = lazy
-        where = 'the model is' if not name else f'its submodule `{name}` is'
+        _, module, where = lazy
         raise ValueError(
             f'{caller} got a model with uninitialised parameters: {where} a {type(module).__name__}, whose parameters '
             'take their shapes from its first forward. Run the model once on an example batch (model(example)) '
             f'before passing it to {caller}.')
+
+
+def first_module(model, predicate):
+    '''``(name, module, where)`` for the first module of ``model`` (itself included) for which ``predicate`` holds,
+    ``where`` naming it for a message (``'the model is'`` or ``'its submodule `name` is'``); None if none does.'''
+    for name, module in model.named_modules():
+        if predicate(module):
+            return name, module, 'the model is' if not name else f'its submodule `{name}` is'
+    return None
 
 
 def refuse_zennit_hooks(model, caller):
@@ -83,15 +87,15 @@ def refuse_zennit_hooks(model, caller):
     ValueError
         If such a hook is registered, naming the module, the rule and the fix.
     '''
-    for name, module in model.named_modules():
-        hook = next(module_hooks(module), None)
-        if hook is not None:
-            where = 'the model' if not name else f'its submodule `{name}`'
-            raise ValueError(
-                f'{caller} got a model with a Zennit composite registered on it: {where} ({type(module).__name__}) has '
-                f'the hooks of a {type(getattr(hook, "rule", hook)).__name__} rule. {caller} works on a copy of the '
-                'model, which would carry them, so their rules would act on top of its own. Remove the composite '
-                'first: leave the attributor\'s `with` block, or call the composite\'s remove().')
+    hooked = first_module(model, lambda module: next(module_hooks(module), None) is not None)
+    if hooked is not None:
+        _, module, where = hooked
+        hook = next(module_hooks(module))
+        raise ValueError(
+            f'{caller} got a model with a Zennit composite registered on it: {where} a {type(module).__name__} with '
+            f'the hooks of a {type(getattr(hook, "rule", hook)).__name__} rule. {caller} works on a copy of the '
+            'model, which would carry them, so their rules would act on top of its own. Remove the composite first: '
+            'leave the attributor\'s `with` block, or call the composite\'s remove().')
 
 
 def wrapper_attribute(module):
