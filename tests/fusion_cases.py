@@ -118,6 +118,10 @@ def must_fuse():
     cases['frozen-bn'] = (*prepared(torch.nn.Sequential(
         FrozenBatchNorm2d(3), torch.nn.Conv2d(3, 4, 3, padding=1, bias=False), FrozenBatchNorm2d(4)), 2, 3, 5, 5),
         {'0': ('1', 'before'), '2': ('1', 'after')})
+    # an in-place write into the BatchNorm's input before it reads it: the identity it leaves reads the same
+    cases['bn-input-written-in-place-before'] = (*prepared(Lambda(
+        lambda self, x: (lambda y: self.conv(self.bn(torch.relu_(y))))(x * 1.), bn=torch.nn.BatchNorm2d(3),
+        conv=torch.nn.Conv2d(3, 2, 3, padding=1)), 2, 3, 5, 5), {'bn': ('conv', 'before')})
     cases['conv-bn-conv-folds-before'] = (*prepared(torch.nn.Sequential(
         torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Conv2d(4, 2, 3)), 2, 3, 7, 7),
         {'1': ('0', 'after')})
@@ -209,6 +213,15 @@ def must_not_fuse():
         lambda self, x: (lambda h: self.conv(h) + h)(F.relu(self.bn(x))), bn=torch.nn.BatchNorm2d(3),
         conv=torch.nn.Conv2d(3, 3, 1)), 2, 3, 5, 5),
         {'bn': r'output of `F\.relu` feeds 2 ops \(`conv` \(Conv2d\), `\+`\), and `\+` follows, through which'})
+    # folded away, the BatchNorm would pass on its input itself, which is written in place after it is read
+    cases['bn-input-written-in-place-after'] = (*prepared(Lambda(
+        lambda self, x: (lambda y: self.conv(self.bn(y)) + self.act(y))(x * 1.), bn=torch.nn.BatchNorm2d(3),
+        act=torch.nn.ReLU(inplace=True), conv=torch.nn.Conv2d(3, 3, 3, padding=1)), 2, 3, 5, 5),
+        {'bn': r'`act` \(ReLU\) writes in place into its input after it reads it'})
+    cases['bn-input-view-written-in-place-after'] = (*prepared(Lambda(
+        lambda self, x: (lambda y: (lambda z: [y.flatten().add_(1.), self.conv(z)][1])(self.bn(y)))(x * 1.),
+        bn=torch.nn.BatchNorm2d(3), conv=torch.nn.Conv2d(3, 3, 3, padding=1)), 2, 3, 5, 5),
+        {'bn': r'`\.add_\(\)` writes in place into its input after it reads it'})
     cases['shared-with-and-without-relu'] = (*prepared(Lambda(
         lambda self, x: (lambda h: self.conv1(h) + self.conv2(F.relu(h)))(self.bn(x)), bn=torch.nn.BatchNorm2d(3),
         conv1=torch.nn.Conv2d(3, 2, 1), conv2=torch.nn.Conv2d(3, 2, 1)), 2, 3, 5, 5),
