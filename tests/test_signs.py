@@ -65,6 +65,22 @@ def test_mixing_in_a_signed_tensor_or_a_negative_constant_gives_signed():
     assert signs_of(forward) == [SIGNED] * 5 + [UNKNOWN]
 
 
+def test_average_pooling_with_a_divisor_that_may_be_negative_gives_signed():
+    # a negative divisor_override flips the sign: SinglePass skipped the negative half of z+ after it (110x off Zennit)
+    def forward(self, x):
+        relu = self.relu(x)
+        self.probe[0](F.avg_pool2d(relu, 2, divisor_override=-4))
+        self.probe[1](F.avg_pool2d(relu, 2, 2, 0, False, True, -4))
+        self.probe[2](F.avg_pool2d(relu, 2, divisor_override=x.shape[-1] - 9))  # computed: may be negative
+        self.probe[3](self.negating(relu))
+        self.probe[4](F.avg_pool2d(relu, 2, divisor_override=4))
+        return self.probe[5](self.averaging(relu))
+    model = Layers(forward)
+    model.negating, model.averaging = torch.nn.AvgPool2d(2, divisor_override=-4), torch.nn.AvgPool2d(2)
+    signs = input_signs(model)
+    assert [signs[f'probe.{index}'] for index in range(6)] == [SIGNED] * 4 + [NON_NEGATIVE] * 2
+
+
 def test_add_with_alpha_counts_alpha_as_an_operand():
     # torch.add(a, b, alpha=-1) is a - b: signed although both operands are non-negative
     def forward(self, x):

@@ -76,6 +76,8 @@ PRESERVING_METHODS = {
     'select', 'chunk', 'split', 'unbind', 'movedim', 'add', 'add_', 'mul', 'mul_', 'div', 'div_', 'float', 'double',
     'half', 'bfloat16', 'to', 'type_as',
 }
+# average pooling that takes a divisor_override (its 7th argument): a negative one flips the sign
+AVERAGE_POOLING_FUNCTIONS = {F.avg_pool2d, F.avg_pool3d}
 SIGNED_FUNCTIONS = {
     F.linear, F.conv1d, F.conv2d, F.conv3d, F.batch_norm, torch.tanh, F.tanh, operator.sub, operator.isub,
     operator.neg, torch.sub, torch.neg,
@@ -114,6 +116,13 @@ def writes_in_place(node):
         return target.endswith('_') and not target.startswith('__')
     return getattr(target, '__module__', None) not in ('_operator', 'operator') and getattr(
         target, '__name__', '').endswith('_')
+
+
+def divisor_may_be_negative(node):
+    '''Whether the functional average pooling ``node`` is given a ``divisor_override`` that is not a positive number
+    (a negative one flips the sign; one computed in the forward may be negative).'''
+    value = node.kwargs.get('divisor_override', node.args[6] if len(node.args) > 6 else None)
+    return value is not None and not (isinstance(value, Real) and value > 0)
 
 
 def constant_sign(value):
@@ -224,6 +233,8 @@ class SignAnalysis:
             mutated = inputs[0] if getattr(module, 'inplace', False) and inputs else None
             if kind in NON_NEGATIVE_MODULES:
                 return NON_NEGATIVE, [], mutated, True
+            if (getattr(module, 'divisor_override', None) or 0) < 0:  # an average pooling that negates
+                return SIGNED, [], mutated, False
             if kind in PRESERVING_MODULES:
                 aliases = inputs[:1] if kind in ALIASING_MODULES else []
                 return combined([self.signs.get(other, UNKNOWN) for other in inputs]), aliases, mutated, True
@@ -240,6 +251,8 @@ class SignAnalysis:
             return self.signs.get(source, UNKNOWN), [source], None, True
         if target in NON_NEGATIVE_FUNCTIONS or target in NON_NEGATIVE_METHODS or self.is_clamp_at_zero(node):
             return NON_NEGATIVE, [], mutated, True
+        if target in AVERAGE_POOLING_FUNCTIONS and divisor_may_be_negative(node):
+            return SIGNED, [], mutated, False
         if target in PRESERVING_FUNCTIONS or target in PRESERVING_METHODS:
             sign = combined(self.operand_signs(node, target))
             aliases = inputs[:1] if target in ALIASING_FUNCTIONS or target in ALIASING_METHODS else []
