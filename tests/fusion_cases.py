@@ -122,6 +122,10 @@ def must_fuse():
     cases['bn-input-written-in-place-before'] = (*prepared(Lambda(
         lambda self, x: (lambda y: self.conv(self.bn(torch.relu_(y))))(x * 1.), bn=torch.nn.BatchNorm2d(3),
         conv=torch.nn.Conv2d(3, 2, 3, padding=1)), 2, 3, 5, 5), {'bn': ('conv', 'before')})
+    # torch's eval-mode forward reads the running statistics wherever they exist, whatever the flag says
+    model, input = prepared(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)), 2, 3, 5, 5)
+    model[1].track_running_stats = False
+    cases['bn-flag-off-after-training'] = (model, input, {'1': ('0', 'after')})
     cases['conv-bn-conv-folds-before'] = (*prepared(torch.nn.Sequential(
         torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Conv2d(4, 2, 3)), 2, 3, 7, 7),
         {'1': ('0', 'after')})

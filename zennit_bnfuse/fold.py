@@ -47,10 +47,12 @@ def is_batch_norm(module):
 
 
 def has_running_stats(batch_norm):
-    '''Whether ``batch_norm`` normalises by running statistics in eval mode, i.e. is a fixed affine map.'''
+    '''Whether ``batch_norm`` normalises by running statistics in eval mode, i.e. is a fixed affine map: it holds both
+    buffers, whatever its ``track_running_stats`` flag says (torch's eval-mode forward reads the buffers where they
+    exist; a flag set to False after training leaves them).'''
     if is_frozen(batch_norm):
         return True
-    return batch_norm.track_running_stats and batch_norm.running_mean is not None
+    return batch_norm.running_mean is not None and batch_norm.running_var is not None
 
 
 def check_batch_norm(name, batch_norm):

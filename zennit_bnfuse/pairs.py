@@ -453,8 +453,9 @@ class _GraphAnalysis:
             return UnfusedBatchNorm(name, problem)
         if not has_running_stats(batch_norm):
             return UnfusedBatchNorm(
-                name, 'it has no running statistics (track_running_stats=False), so it normalises every batch by '
-                'its own statistics, which no fixed layer can reproduce')
+                name, 'it has no running statistics (its running_mean and running_var are None, as with '
+                'track_running_stats=False), so it normalises every batch by its own statistics, which no fixed '
+                'layer can reproduce')
         problem = self.usage_problem(node)
         if problem:
             return UnfusedBatchNorm(name, problem)
