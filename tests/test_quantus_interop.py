@@ -6,7 +6,9 @@ import torch
 from zennit.composites import EpsilonPlusFlat
 
 from zennit_bnfuse import CompositeLRP, FusedLRP, explain_func
+from zennit_bnfuse.evaluation.composites import COMPOSITES
 from zennit_bnfuse.evaluation.data import demo_images
+from zennit_bnfuse.evaluation.explain import relevance_by_handling
 from zennit_bnfuse.evaluation.models import pretrained
 
 
@@ -39,6 +41,18 @@ def test_names_handlings_captum_rules_and_all_axes(shipped):
     assert fused.shape == naive.shape == (4, 1, 28, 28) and not np.allclose(fused, naive)
     one_target = explain_func(model=model, inputs=inputs[:2], targets=3, composite='epsilon-plus-flat')
     assert one_target.shape == (2, 1, 28, 28)
+
+
+@pytest.mark.parametrize('composite', sorted(COMPOSITES))
+def test_bnfuse_explain_computes_what_explain_func_and_the_study_do(shipped, composite):
+    # bnfuse explain left the BatchNorms that 'unfused' keeps under LRP-epsilon for the bias-free composites (the
+    # study and explain_func pass them relevance unchanged): its heatmaps were 100% of their maximum off
+    model, images, targets = shipped
+    relevance = relevance_by_handling(model, images, targets, composite, 0., 1., ('fused', 'unfused'), progress=False)
+    for handling in ('fused', 'unfused'):
+        expected = explain_func(model=model, inputs=images.numpy(), targets=targets.numpy(), composite=composite,
+                                handling=handling)
+        np.testing.assert_array_equal(relevance[handling].sum(dim=1, keepdim=True).detach().numpy(), expected)
 
 
 def test_errors(shipped):

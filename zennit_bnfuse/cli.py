@@ -23,7 +23,7 @@ import torch
 import torchvision
 from torchvision.transforms.functional import resize
 
-from .evaluation.composites import COMPOSITES, DISPLAY_NAMES, make_composite
+from .evaluation.composites import COMPOSITES, DISPLAY_NAMES
 from .evaluation.data import (
     DATA_ROOT_VARIABLE, DATASETS, UnsupportedImage, default_data_root, demo_images, first_missing, load_tensors,
     read_image, unit_range,
@@ -292,8 +292,7 @@ def explain_to_outputs(loaded, images, composite, handlings, target, device, pat
     else:
         targets = torch.full((len(images),), target, device=device)
     low, high = loaded.box(device)
-    relevance = relevance_by_handling(loaded.model, inputs, targets, lambda: make_composite(composite, low, high),
-                                      handlings, progress=progress)
+    relevance = relevance_by_handling(loaded.model, inputs, targets, composite, low, high, handlings, progress=progress)
     summary = faithfulness_summary(loaded.model, inputs, targets, relevance, patch_size, progress=progress)
     return targets, relevance, summary
 

@@ -4,6 +4,7 @@ from tqdm.auto import tqdm
 
 from ..attribution import CompositeLRP
 from ..handling import HANDLINGS
+from .composites import batch_norm_rule, make_composite
 from .metrics import mean_ci, region_perturbation
 
 
@@ -13,9 +14,11 @@ def predicted_classes(model, images, batch_size=256):
         return torch.cat([model(batch).argmax(dim=1) for batch in images.split(batch_size)])
 
 
-def relevance_by_handling(model, images, targets, composite_factory, handlings=tuple(HANDLINGS), batch_size=64,
-                          progress=True):
-    '''LRP relevance of ``images`` for ``targets`` under each BatchNorm handling.
+def relevance_by_handling(model, images, targets, composite, low=None, high=None, handlings=tuple(HANDLINGS),
+                          batch_size=64, progress=True):
+    '''LRP relevance of ``images`` for ``targets`` under each BatchNorm handling, as the study computes it: the
+    composite ``composite`` names, with the rule :py:func:`~zennit_bnfuse.evaluation.composites.batch_norm_rule`
+    gives the BatchNorms each handling keeps.
 
     Parameters
     ----------
@@ -25,8 +28,10 @@ def relevance_by_handling(model, images, targets, composite_factory, handlings=t
         ``(N, C, H, W)``.
     targets: :py:obj:`torch.Tensor`
         ``(N,)`` class indices.
-    composite_factory: callable
-        Returns a new Zennit composite (one per handling).
+    composite: str
+        A key of :py:data:`~zennit_bnfuse.evaluation.composites.COMPOSITES`.
+    low, high: float or :py:obj:`torch.Tensor`, optional
+        The input box of ``epsilon-gamma-box`` (see :py:func:`~zennit_bnfuse.evaluation.composites.make_composite`).
     handlings: sequence of str
     batch_size: int
     progress: bool
@@ -41,7 +46,8 @@ def relevance_by_handling(model, images, targets, composite_factory, handlings=t
     batches = list(zip(images.split(batch_size), targets.split(batch_size)))
     with tqdm(total=len(handlings) * len(batches), desc='explaining', disable=not progress, leave=False) as bar:
         for handling in handlings:
-            lrp = CompositeLRP(model, composite_factory(), handling=handling)
+            lrp = CompositeLRP(model, make_composite(composite, low, high), handling=handling,
+                               batch_norm_rule=batch_norm_rule(composite, handling))
             parts = []
             for batch, target in batches:
                 parts.append(lrp.attribute(batch, target=target))
