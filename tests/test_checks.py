@@ -11,6 +11,7 @@ from zennit.composites import EpsilonPlusFlat
 from zennit.core import Composite
 
 from conftest import randomize_batch_norms
+from fusion_cases import Lambda
 from zennit_bnfuse import CompositeLRP, FuseBatchNorm, FusedLRP, SinglePass, find_fusable_pairs, fuse
 from zennit_bnfuse.checks import check_composite, check_inputs, check_model, check_target, checked_forward
 
@@ -209,6 +210,20 @@ def test_check_target_accepts_valid_targets(target):
 def test_check_target_rejects(target, error, message):
     with pytest.raises(error, match=message):
         check_target(target, OUTPUT)
+
+
+def test_check_target_needs_one_index_per_output_dim():
+    # an int on an output of shape (N, 2, 3) selected 3 values, whose sum CompositeLRP explained without a word
+    output = torch.zeros(2, 2, 3)
+    check_target((1, 2), output)
+    check_target([(0, 1), (1, 2)], output)
+    for target in (1, [1, 0], torch.tensor([1, 0])):
+        with pytest.raises(ValueError, match=r'^target 1 selects 3 values per example of the model output of shape '
+                                             r'\(2, 2, 3\); give one index per dim after the batch, for example '
+                                             r'target=\(1, 0\)\.$'):
+            check_target(target, output)
+    with pytest.raises(ValueError, match=r'^target 1 selects 3 values'):
+        CompositeLRP(Lambda(lambda self, x: x.view(-1, 2, 3)), EpsilonPlusFlat()).attribute(torch.rand(2, 6), 1)
 
 
 def test_check_target_none_for_one_output_per_example():

@@ -214,8 +214,9 @@ def check_target(target, output):
     TypeError
         If ``target`` has a type Captum does not take.
     ValueError
-        If an index is negative or too large (the message gives the valid range), the number of per-example
-        targets is not the batch size, or ``target`` is None where the model gives more than one value per example.
+        If an index is negative or too large (the message gives the valid range), a target has more or fewer indices
+        than the output has dims after the batch, the number of per-example targets is not the batch size, or
+        ``target`` is None where the model gives more than one value per example.
     '''
     shape = tuple(output.shape)
     if target is None:
@@ -227,6 +228,13 @@ def check_target(target, output):
         if len(index) > len(shape) - 1:
             raise ValueError(f'target {index if len(index) > 1 else index[0]!r} has {len(index)} indices, but the '
                              f'model output of shape {shape} has {len(shape) - 1} dim(s) after the batch.')
+        if len(index) < len(shape) - 1:
+            # Captum's own LRP fails here; summing the selected entries would explain a sum nobody asked for
+            example = tuple(index) + (0,) * (len(shape) - 1 - len(index))
+            raise ValueError(
+                f'target {index if len(index) > 1 else index[0]!r} selects {math.prod(shape[1 + len(index):])} '
+                f'values per example of the model output of shape {shape}; give one index per dim after the batch, '
+                f'for example target={example!r}.')
         for dim, value in enumerate(index, start=1):
             if not 0 <= value < shape[dim]:
                 raise ValueError(
