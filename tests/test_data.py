@@ -68,6 +68,30 @@ def test_missing_data_names_the_folder_and_the_variable(tmp_path):
         load_dataset('mnist', tmp_path)
 
 
+def cifar_tree(root, classes):
+    '''A CIFAR-10 JPEG test tree with one 32x32 image per class folder, each of the value of its position.'''
+    for index, name in enumerate(classes):
+        folder = root / 'CIFAR10-JPEG' / 'test' / name
+        folder.mkdir(parents=True)
+        Image.fromarray(np.full((32, 32, 3), index * 20, dtype=np.uint8)).save(folder / '0.png')
+
+
+def test_cifar_folders_are_labelled_by_their_names(tmp_path):
+    # ImageFolder numbers the folders it finds: a tree with cat/ and dog/ only labelled them 0 and 1, not 3 and 5
+    cifar_tree(tmp_path, ['cat', 'dog'])
+    (tmp_path / 'CIFAR10-JPEG' / 'test' / '.ipynb_checkpoints').mkdir()
+    images, labels = load_tensors('cifar10', tmp_path, progress=False)
+    assert labels.tolist() == [3, 5] and images.shape == (2, 3, 32, 32)
+
+
+def test_cifar_folder_that_is_not_a_class_is_refused(tmp_path):
+    # an extra folder got a label of its own and shifted the labels after it (truck became 10)
+    cifar_tree(tmp_path, ['aaa_misc', 'airplane', 'truck'])
+    with pytest.raises(ValueError, match=r'test holds folders that are not CIFAR-10 classes \(aaa_misc\), which '
+                                         r'would get labels of their own; keep one folder per class, named airplane'):
+        load_tensors('cifar10', tmp_path, progress=False)
+
+
 def test_limit_must_be_positive(tmp_path):
     with pytest.raises(ValueError, match='limit must be 1 or more, not 0'):
         load_tensors('mnist', tmp_path, limit=0)

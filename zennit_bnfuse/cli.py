@@ -227,7 +227,7 @@ def dataset_images(dataset, loaded, data_root, count, download=False):
         raise CommandError(f'{loaded.name} takes {dataset_of(loaded.name)} images, not {dataset}')
     try:
         images, _ = load_tensors(dataset, data_root, train=False, download=download, limit=count)
-    except FileNotFoundError as error:
+    except (FileNotFoundError, ValueError) as error:  # ValueError: a CIFAR-10 tree with other folders
         raise CommandError(str(error)) from None
     if len(images) < count:
         print(f'bnfuse: note: --n {count} is more than the {len(images)} {dataset} test images; explaining all '

@@ -15,6 +15,8 @@ from torchvision.transforms import ToTensor
 from torchvision.transforms.functional import pil_to_tensor
 from tqdm.auto import tqdm
 
+from .models import CIFAR10_CLASSES
+
 DATASETS = ('mnist', 'cifar10')
 DATA_ROOT_VARIABLE = 'ZENNIT_BNFUSE_DATA'
 # what torchvision's downloads create under the data root, per dataset
@@ -75,13 +77,36 @@ def first_missing(path):
     return missing
 
 
+class CIFAR10Folder(torchvision.datasets.ImageFolder):
+    '''CIFAR-10 as an ImageFolder tree (``<class name>/<image>``) whose labels are CIFAR-10's class indices, found by
+    folder name (a tree with some of the classes keeps their labels); hidden folders are left out.
+
+    Raises
+    ------
+    ValueError
+        If a folder is not named after a CIFAR-10 class (ImageFolder would number it among them and shift every
+        label after it).
+    '''
+    def find_classes(self, directory):
+        names = sorted(entry.name for entry in os.scandir(directory)
+                       if entry.is_dir() and not entry.name.startswith('.'))
+        unknown = [name for name in names if name not in CIFAR10_CLASSES]
+        if unknown:
+            raise ValueError(
+                f'{directory} holds folders that are not CIFAR-10 classes ({", ".join(unknown)}), which would get '
+                f'labels of their own; keep one folder per class, named {", ".join(CIFAR10_CLASSES)}.')
+        if not names:
+            raise FileNotFoundError(f'{directory} holds no class folder')
+        return names, {name: CIFAR10_CLASSES.index(name) for name in names}
+
+
 def open_dataset(dataset, root, train):
     '''The torchvision dataset, as it is on disk (RuntimeError from torchvision if it is not there).'''
     if dataset == 'mnist':
         return torchvision.datasets.MNIST(root, train=train, transform=ToTensor())
     folder = root / 'CIFAR10-JPEG' / ('train' if train else 'test')
     if folder.is_dir():
-        return torchvision.datasets.ImageFolder(folder, transform=ToTensor())
+        return CIFAR10Folder(folder, transform=ToTensor())
     return torchvision.datasets.CIFAR10(root, train=train, transform=ToTensor())
 
 
