@@ -71,6 +71,24 @@ def test_errors():
         perturbation_masks(torch.zeros(1, 1, 2, 2), order='random')
 
 
+@pytest.mark.parametrize('curve', [perturbation_curve, road_curve])
+def test_non_finite_relevance_and_mismatched_batches_are_refused(curve):
+    # NaN relevance was ranked as if it were constant (ABPC 0), infinite relevance gave finite scores, and 2 targets
+    # for 3 images gave 2 results
+    images = torch.rand(3, 1, 4, 4)
+    targets = torch.tensor([0, 1, 0])
+    for value in (float('nan'), float('inf'), -float('inf')):
+        relevance = torch.rand(3, 1, 4, 4)
+        relevance[1, 0, 2, 3] = value
+        with pytest.raises(ValueError, match=r'^the relevance of image\(s\) \[1\] holds NaN or infinite values'):
+            curve(PixelSum(), images, relevance, targets)
+    with pytest.raises(ValueError, match=r'^got 2 targets for 3 images; give one class per image'):
+        curve(PixelSum(), images, images, targets[:2])
+    with pytest.raises(ValueError, match=r'^relevance of shape \(2, 1, 4, 4\) does not fit inputs of shape '
+                                         r'\(3, 1, 4, 4\)'):
+        curve(PixelSum(), images, images[:2], targets)
+
+
 def test_noise_baseline_fixed_per_image_seed():
     inputs = torch.zeros(4, 3, 2, 2)
     whole = perturbation_baseline(inputs, 'noise', noise_range=(-1., 1.), seeds=[10, 11, 12, 13])

@@ -89,10 +89,16 @@ def ranked_masks(scores, counts, order='morf'):
     Raises
     ------
     ValueError
-        If ``order`` is neither ``'morf'`` nor ``'lerf'``.
+        If ``order`` is neither ``'morf'`` nor ``'lerf'``, or a score is not finite (NaN or infinite relevance has
+        no ranking: the metric would score an arbitrary order).
     '''
     if order not in ORDERS:
         raise ValueError(f'order must be one of {ORDERS}, not {order!r}')
+    finite = torch.isfinite(scores).all(dim=1)
+    if not bool(finite.all()):
+        images = (~finite).nonzero().flatten().tolist()
+        raise ValueError(f'the relevance of image(s) {images} holds NaN or infinite values, which have no ranking; '
+                         'fix the explanation (a model or rule that overflows?) before scoring it')
     count, units = scores.shape
     ranking = scores.argsort(dim=1, descending=(order == 'morf'), stable=True)
     rank = torch.empty_like(ranking)
@@ -324,6 +330,22 @@ def curve_scores(model, targets, points, perturbed, output='logit', batch_size=5
     return torch.cat(scores).reshape(count, points)
 
 
+def check_batch(inputs, relevance, targets):
+    '''Raise unless ``relevance`` has one map per image of ``inputs``, of its size, and ``targets`` one class each.
+
+    Raises
+    ------
+    ValueError
+        Naming the shapes that disagree.
+    '''
+    if relevance.shape[0] != inputs.shape[0] or relevance.shape[-2:] != inputs.shape[-2:]:
+        raise ValueError(f'relevance of shape {tuple(relevance.shape)} does not fit inputs of shape '
+                         f'{tuple(inputs.shape)}: give one map of the image size per image')
+    if torch.as_tensor(targets).reshape(-1).shape[0] != inputs.shape[0]:
+        raise ValueError(f'got {torch.as_tensor(targets).numel()} targets for {inputs.shape[0]} images; give one '
+                         'class per image')
+
+
 def perturbation_curve(model, inputs, relevance, targets, order='morf', patch_size=1, patches_per_step=1,
                        steps=None, baseline='zero', channel_mean=None, blur_sigma=BLUR_SIGMA, noise_range=(0., 1.),
                        seeds=None, output='logit', batch_size=512):
@@ -351,6 +373,7 @@ def perturbation_curve(model, inputs, relevance, targets, order='morf', patch_si
     :py:obj:`torch.Tensor`
         ``(N, steps + 1)``: the score of the unperturbed input, then after each step.
     '''
+    check_batch(inputs, relevance, targets)
     masks = perturbation_masks(relevance, order, patch_size, patches_per_step, steps)
     values = perturbation_baseline(inputs, baseline, channel_mean, blur_sigma, noise_range, seeds)
 
@@ -618,6 +641,7 @@ def road_curve(model, inputs, relevance, targets, order='morf', percentages=ROAD
     :py:obj:`torch.Tensor`
         ``(N, len(percentages) + 1)``: the score of the unperturbed input, then at each percentage.
     '''
+    check_batch(inputs, relevance, targets)
     masks = road_masks(relevance, order, percentages)
     seeds = torch.as_tensor(range(len(inputs)) if seeds is None else seeds)
 
