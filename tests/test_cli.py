@@ -122,6 +122,16 @@ def nan_statistics(tmp):
     return path
 
 
+def nan_weight(tmp):
+    '''The shipped mnist-cnn-bn with an infinite convolution weight (the model computes NaN with it).'''
+    from zennit_bnfuse.evaluation.models import pretrained
+    state = pretrained('mnist-cnn-bn').state_dict()
+    state['conv1.weight'][0, 0, 0, 0] = float('inf')
+    path = tmp / 'inf.pt'
+    torch.save(state, path)
+    return path
+
+
 def occupied(tmp, *names):
     '''An existing --out folder holding ``names`` (a trailing / makes a folder).'''
     out = tmp / 'out'
@@ -210,7 +220,11 @@ CASES = {
                            r'the weights in .*mnist-cnn\.pt do not fit mnist-cnn-bn: 10 missing \(bn1\.weight, .*\)\. '
                            r'Pass weights saved from that architecture'),
     'non-finite statistics': (lambda tmp: explain('--weights', nan_statistics(tmp), '--images', DIGIT), 1,
-                              r"BatchNorm 'bn1' has non-finite values in 'running_var'.*"),
+                              r'the weights in .* hold NaN or infinite values \(bn1\.running_var\); fix or retrain '
+                              r'the model before explaining it'),
+    'non-finite weight': (lambda tmp: explain('--weights', nan_weight(tmp), '--images', DIGIT), 1,
+                          r'the weights in .* hold NaN or infinite values \(conv1\.weight\); fix or retrain the model '
+                          r'before explaining it'),
     'missing image': (lambda tmp: explain('--images', tmp / 'none.png'), 1, r'image file not found: .*none\.png'),
     'not an image': (lambda tmp: explain('--images', write(tmp, 'notes.png', b'not an image')), 1,
                      r'cannot read .*notes\.png as an image \(UnidentifiedImageError: .*\); pass PNG or JPEG files'),

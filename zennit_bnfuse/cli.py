@@ -128,6 +128,10 @@ def read_weights(path):
         state = state['state_dict']
     if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
         raise CommandError(f'{path} does not hold a state_dict; save one with torch.save(model.state_dict(), FILE)')
+    broken = [key for key, value in state.items() if value.is_floating_point() and not bool(value.isfinite().all())]
+    if broken:  # the model would compute NaN, and every heatmap and metric with it
+        raise CommandError(f'the weights in {path} hold NaN or infinite values ({listed(broken)}); fix or retrain '
+                           'the model before explaining it')
     return state
 
 
