@@ -7,7 +7,7 @@ from urllib.error import URLError
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision.transforms.functional import to_tensor
 
 from zennit_bnfuse.evaluation import data
@@ -148,6 +148,18 @@ MODES = {
                                                .tobytes()), tmp, '.tif'),
              expected((255 - COLOURS.astype(float)) * (255 - GRAYS[..., None].astype(float)) / 255, 255)),
 }
+
+
+@pytest.mark.parametrize('orientation', range(1, 9))
+def test_exif_orientation_turns_the_image_upright(orientation, tmp_path):
+    # a phone photo stored sideways (Orientation=6: turn 90 degrees clockwise to view) was explained sideways
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / 'oriented.png'
+    Image.fromarray(COLOURS).save(path, exif=exif)
+    with Image.open(path) as image:
+        upright = np.asarray(ImageOps.exif_transpose(image))
+    assert np.array_equal(read_image(path).permute(1, 2, 0).numpy(), upright)
 
 
 def write(path, content):

@@ -232,6 +232,16 @@ ALPHA_MODES = {'LA': 'L', 'RGBA': 'RGB', 'La': 'L', 'RGBa': 'RGB'}
 CONVERTED = {'1': 'L', 'CMYK': 'RGB', 'YCbCr': 'RGB', 'LAB': 'RGB', 'HSV': 'RGB', 'RGBX': 'RGB'}
 
 
+EXIF_ORIENTATION = 0x0112
+# EXIF orientation -> how to turn a (C, H, W) tensor of the stored pixels upright, as PIL's ImageOps.exif_transpose
+# turns the image (on the tensor, since image_tensor reads how the file stores its pixels before they are decoded)
+UPRIGHT = {
+    2: lambda tensor: tensor.flip(-1), 3: lambda tensor: tensor.flip(-1, -2), 4: lambda tensor: tensor.flip(-2),
+    5: lambda tensor: tensor.transpose(-1, -2), 6: lambda tensor: torch.rot90(tensor, -1, (-2, -1)),
+    7: lambda tensor: tensor.transpose(-1, -2).flip(-1, -2), 8: lambda tensor: torch.rot90(tensor, 1, (-2, -1)),
+}
+
+
 class UnsupportedImage(ValueError):
     '''An image file whose pixels cannot be mapped to [0, 1] without guessing; the message names the file and the
     fix.'''
@@ -335,7 +345,8 @@ def unit_range(tensor):
 
 
 def read_image(path):
-    '''An image file as a ``(C, H, W)`` tensor, as :py:func:`image_tensor` returns it.
+    '''An image file as a ``(C, H, W)`` tensor, as :py:func:`image_tensor` returns it, turned upright as its EXIF
+    orientation says (what image viewers show; phone cameras store photos sideways with that tag).
 
     Parameters
     ----------
@@ -359,7 +370,8 @@ def read_image(path):
         raise FileNotFoundError(f'image file not found: {path}')
     try:
         with Image.open(path) as image:
-            return image_tensor(image, path)
+            orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+            return UPRIGHT.get(orientation, lambda tensor: tensor)(image_tensor(image, path))
     except UnsupportedImage:
         raise
     except Image.DecompressionBombError as error:
