@@ -71,6 +71,37 @@ def test_errors(shipped):
         explain_func(model=model, inputs=images.numpy()[:2], targets=np.array([1.9, 0.]))
 
 
+def test_what_the_captum_classes_refuse_is_refused(shipped):
+    '''Before: uint8 images were cast to float unscaled (relevance 200x too large), booleans were classes, rules
+    with a Zennit composite were ignored, low above high was taken, and axes out of range or targets=None raised
+    bare IndexError/TypeError.'''
+    model, images, targets = shipped
+    inputs, labels = images.numpy(), targets.numpy()
+    with pytest.raises(TypeError, match=r'^inputs has dtype torch\.uint8; explain_func takes the floating-point'):
+        explain_func(model=model, inputs=(inputs * 255).astype(np.uint8), targets=labels)
+    with pytest.raises(TypeError, match=r'^targets must be class indices, not booleans'):
+        explain_func(model=model, inputs=inputs[:2], targets=np.array([True, False]))
+    with pytest.raises(ValueError, match=r"^rules are Captum rules for composite='captum'"):
+        explain_func(model=model, inputs=inputs, targets=labels, rules={'conv1': None})
+    with pytest.raises(ValueError, match=r'^low must not be above high'):
+        explain_func(model=model, inputs=inputs, targets=labels, composite='epsilon-gamma-box', low=1., high=0.)
+    with pytest.raises(ValueError, match=r'^reduce_axes \(5,\) names an axis the inputs \(of 4 axes\) do not have'):
+        explain_func(model=model, inputs=inputs, targets=labels, reduce_axes=(5,))
+    with pytest.raises(ValueError, match=r'^explain_func needs targets'):
+        explain_func(model=model, inputs=inputs, targets=None)
+    assert explain_func(model=model, inputs=inputs, targets=labels, reduce_axes=1).shape == (4, 1, 28, 28)
+
+
+def test_bounds_given_as_tensors_are_compared_by_value(shipped):
+    # the cache compared its key with ==, which is ambiguous for tensors: the second call raised a RuntimeError
+    model, images, targets = shipped
+    calls = [explain_func(model=model, inputs=images.numpy(), targets=targets.numpy(), composite='epsilon-gamma-box',
+                          low=torch.zeros(1, 1, 28, 28) + shift, high=np.ones((1, 1, 28, 28)))
+             for shift in (0., 0., -1.)]
+    np.testing.assert_array_equal(calls[0], calls[1])
+    assert not np.array_equal(calls[0], calls[2])
+
+
 def test_whole_float_and_column_targets_are_indices(shipped):
     model, images, targets = shipped
     expected = explain_func(model=model, inputs=images.numpy(), targets=targets.numpy())

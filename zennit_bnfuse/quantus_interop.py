@@ -25,16 +25,27 @@ from .attribution import CompositeLRP, FusedLRP
 _LAST = {}
 
 
+def bound_key(value):
+    '''An input bound (a number, tensor or array, per channel for normalised inputs) by its values and shape, to
+    compare as part of a cache key.'''
+    array = np.asarray(value.detach().cpu() if isinstance(value, torch.Tensor) else value, dtype=float)
+    return array.shape, tuple(array.reshape(-1).tolist())
+
+
 def _attribution(model, composite, handling, rules, low, high):
     '''The :py:class:`~zennit_bnfuse.CompositeLRP` or :py:class:`~zennit_bnfuse.FusedLRP` for these settings,
     reused from the last call where possible.'''
     # the rules by content: a dict changed in place between calls gives a new FusedLRP
     entries = None if rules is None else tuple((key, id(rule)) for key, rule in dict(rules).items())
-    key = (id(model), composite if isinstance(composite, str) else id(composite), handling, entries, low, high)
+    key = (id(model), composite if isinstance(composite, str) else id(composite), handling, entries,
+           bound_key(low), bound_key(high))
     if _LAST.get('key') == key and _LAST['model'] is model:
         return _LAST['attribution']
     if composite == 'captum':
         attribution = FusedLRP(model, rules=rules, handling=handling)
+    elif rules is not None:
+        raise ValueError('rules are Captum rules for composite=\'captum\'; a Zennit composite brings its own rules '
+                         f'(got rules with composite={composite!r})')
     else:
         rule = None
         if isinstance(composite, str):
@@ -90,10 +101,12 @@ def explain_func(model, inputs, targets, composite='epsilon-plus-flat', handling
     Raises
     ------
     TypeError
-        If ``model`` is not a :py:obj:`torch.nn.Module` or ``composite`` is neither a Composite nor a known name.
+        If ``model`` is not a :py:obj:`torch.nn.Module`, ``composite`` is neither a Composite nor a known name, the
+        inputs are not floating-point or the targets are booleans.
     ValueError
-        If ``reduce_axes`` contains the batch axis 0, ``handling`` or a composite name is unknown, or the targets are
-        not one whole class index per example or do not fit the model's outputs.
+        If ``reduce_axes`` names the batch axis 0 or an axis the inputs lack, ``handling`` or a composite name is
+        unknown, ``rules`` come with a composite other than ``'captum'``, ``low`` is above ``high``, or the targets
+        are missing, not one whole class index per example or do not fit the model's outputs.
 
     Examples
     --------
@@ -108,13 +121,22 @@ def explain_func(model, inputs, targets, composite='epsilon-plus-flat', handling
     '''
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f'model must be a torch.nn.Module, not {type(model).__name__}')
-    reduce_axes = tuple(reduce_axes or ())
-    if any(axis % np.ndim(inputs) == 0 for axis in reduce_axes):
+    reduce_axes = (reduce_axes,) if isinstance(reduce_axes, int) else tuple(reduce_axes or ())
+    dims = np.ndim(inputs)
+    if any(not -dims <= axis < dims for axis in reduce_axes):
+        raise ValueError(f'reduce_axes {reduce_axes} names an axis the inputs (of {dims} axes) do not have')
+    if any(axis % dims == 0 for axis in reduce_axes):
         raise ValueError('reduce_axes must not contain the batch axis 0')
+    if targets is None:
+        raise ValueError('explain_func needs targets, the class to explain per example (Quantus passes y_batch)')
     if device is None:
         device = next(model.parameters(), torch.empty(0)).device
     inputs = torch.as_tensor(np.asarray(inputs) if not isinstance(inputs, torch.Tensor) else inputs)
-    inputs = inputs.to(device=device, dtype=torch.get_default_dtype() if not inputs.is_floating_point() else None)
+    if not inputs.is_floating_point():
+        # an 8-bit image cast as it is would be explained at 255 times the scale the model was trained on
+        raise TypeError(f'inputs has dtype {inputs.dtype}; explain_func takes the floating-point inputs the model '
+                        'takes (8-bit images: convert them as the model\'s training did, e.g. images / 255)')
+    inputs = inputs.to(device=device)
     parameter = next(model.parameters(), None)
     if parameter is not None and parameter.is_floating_point():
         inputs = inputs.to(parameter.dtype)
@@ -123,6 +145,8 @@ def explain_func(model, inputs, targets, composite='epsilon-plus-flat', handling
                       'rules, low, high, device, reduce_axes and keepdims (a misspelt one falls back to its default).',
                       stacklevel=2)
     targets = torch.as_tensor(np.asarray(targets) if not isinstance(targets, torch.Tensor) else targets)
+    if targets.dtype == torch.bool:
+        raise TypeError('targets must be class indices, not booleans (True would explain class 1)')
     if math.prod(targets.shape[1:]) > 1:
         raise ValueError(f'targets must hold one class index per example, not an array of shape '
                          f'{tuple(targets.shape)} (for one-hot labels pass labels.argmax(1)).')

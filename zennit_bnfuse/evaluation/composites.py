@@ -120,8 +120,11 @@ def make_composite(name, low=0., high=1.):
     Raises
     ------
     ValueError
-        If ``name`` is unknown.
+        If ``name`` is unknown, or ``low`` is above ``high`` somewhere.
     '''
+    if bool((torch.as_tensor(low) > torch.as_tensor(high)).any()):
+        raise ValueError(f'low must not be above high (the input box of the first layer\'s ZBox rule), got low={low} '
+                         f'and high={high}')
     try:
         return COMPOSITES[name](low, high)
     except KeyError:
