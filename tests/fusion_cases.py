@@ -82,6 +82,20 @@ class FunctionalRelu(torch.nn.Module):
         return self.conv(F.max_pool2d(F.relu(self.bn(x)), 2))
 
 
+class AugmentedInput(torch.nn.Module):
+    '''BN -> conv, the BN's input then changed by an augmented assignment (in place on a tensor), and added.'''
+    def __init__(self):
+        super().__init__()
+        self.bn = torch.nn.BatchNorm2d(3)
+        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        x = x * 1.
+        y = self.bn(x)
+        x += 1.
+        return self.conv(y) + x
+
+
 def must_fuse():
     '''Cases that must fold, as ``{case id: (model, input, folds)}``.'''
     cases = {}
@@ -222,6 +236,8 @@ def must_not_fuse():
         lambda self, x: (lambda y: self.conv(self.bn(y)) + self.act(y))(x * 1.), bn=torch.nn.BatchNorm2d(3),
         act=torch.nn.ReLU(inplace=True), conv=torch.nn.Conv2d(3, 3, 3, padding=1)), 2, 3, 5, 5),
         {'bn': r'`act` \(ReLU\) writes in place into its input after it reads it'})
+    cases['bn-input-augmented-after'] = (*prepared(AugmentedInput(), 2, 3, 5, 5),
+                                         {'bn': r'`\+=` writes in place into its input after it reads it'})
     cases['bn-input-view-written-in-place-after'] = (*prepared(Lambda(
         lambda self, x: (lambda y: (lambda z: [y.flatten().add_(1.), self.conv(z)][1])(self.bn(y)))(x * 1.),
         bn=torch.nn.BatchNorm2d(3), conv=torch.nn.Conv2d(3, 3, 3, padding=1)), 2, 3, 5, 5),

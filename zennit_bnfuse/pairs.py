@@ -140,11 +140,26 @@ def container_contents(attributes):
                 continue
 
 
+class InPlaceProxy(torch.fx.Proxy):
+    '''An fx proxy that records an augmented assignment (``x += y``, ``x *= y``, ...) as the in-place operator
+    (``operator.iadd``, ...). A plain proxy has no ``__iadd__``, so Python falls back to ``x = x + y`` and the graph
+    shows a new tensor where the forward writes into ``x``, which every tensor sharing its memory sees. For analysis
+    only: generated code would rebind the variable of an immutable operand (an int from a shape).'''
+
+
+for _name in ('iadd', 'isub', 'imul', 'itruediv', 'ifloordiv', 'imod', 'ipow', 'imatmul', 'iand', 'ior', 'ixor',
+              'ilshift', 'irshift'):
+    def _in_place(self, other, operation=getattr(operator, _name)):
+        return self.tracer.create_proxy('call_function', operation, (self, other), {})
+    setattr(InPlaceProxy, f'__{_name}__', _in_place)
+
+
 class PairTracer(LeafTracer):
     """:py:class:`LeafTracer` for finding pairs: a timm norm-act layer is recorded as its BatchNorm part (a call of
     the layer itself) followed by calls of its ``drop`` and ``act`` modules, which is what its eval-mode forward
     computes (see :py:mod:`zennit_bnfuse.timm_layers`); the modules and functions timm marks as untraceable are kept
-    whole. The graph is for analysis only: running it would apply ``drop`` and ``act`` twice."""
+    whole, and augmented assignments are recorded as the in-place operators they are (:py:class:`InPlaceProxy`).
+    The graph is for analysis only: running it would apply ``drop`` and ``act`` twice."""
     def __init__(self, leaf_parent=None):
         extension = timm_layers()
         functions = () if extension is None else extension.notrace_functions()
@@ -155,6 +170,9 @@ class PairTracer(LeafTracer):
         if self.leaf_parent is None and type(module) in self.notrace_modules:
             return True
         return super().is_leaf_module(module, module_qualified_name)
+
+    def proxy(self, node):
+        return InPlaceProxy(node, self)
 
     def call_module(self, module, forward, args, kwargs):
         output = super().call_module(module, forward, args, kwargs)
