@@ -440,6 +440,23 @@ def test_explain_torchvision_with_user_weights(tmp_path):
     assert 'BatchNorm fusion: 20 of 20 folded' in (out / 'report-torchvision-resnet18.txt').read_text()
 
 
+@pytest.mark.parametrize('layout', ['sorted keys', 'DataParallel', 'checkpoint'])
+def test_torchvision_weights_as_training_scripts_save_them(layout, tmp_path, capsys):
+    # sorted keys: the classes were read from the last weight in the file's order ('fc.weight is (10, 512) in the
+    # file, (512, 512) in the model'); DataParallel's 'module.' prefix and a checkpoint dict were refused
+    import torchvision
+    state = torchvision.models.squeezenet1_1(weights=None, num_classes=7).state_dict()
+    state = {'sorted keys': lambda: dict(sorted(state.items())),
+             'DataParallel': lambda: {f'module.{key}': value for key, value in state.items()},
+             'checkpoint': lambda: {'epoch': 3, 'model': state}}[layout]()
+    torch.save(state, tmp_path / 'weights.pt')
+    status, stdout, error = in_process(capsys, 'report', '--model', 'torchvision:squeezenet1_1', '--weights',
+                                       tmp_path / 'weights.pt')
+    assert status == 0, error
+    loaded = cli.load_model('torchvision:squeezenet1_1', tmp_path / 'weights.pt')
+    assert loaded.model.classifier[1].out_channels == 7
+
+
 def test_overwrite_replaces_the_earlier_run_entirely(tmp_path, capsys):
     out = tmp_path / 'out'
     assert in_process(capsys, *explain('--images', DIGIT, '--handling', 'fused', '--out', out))[0] == 0

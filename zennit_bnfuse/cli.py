@@ -124,8 +124,14 @@ def read_weights(path):
                 'Load it where you trust it and pass torch.save(model.state_dict(), FILE)') from None
         raise CommandError(f'cannot read weights from {path} ({type(error).__name__}); pass a file written by '
                            'torch.save(model.state_dict(), FILE)') from None
-    if isinstance(state, dict) and 'state_dict' in state and isinstance(state['state_dict'], dict):
-        state = state['state_dict']
+    # a checkpoint that holds the state_dict under a key, as training scripts save it
+    for key in ('state_dict', 'model_state_dict', 'model'):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if isinstance(state, dict) and state and all(isinstance(key, str) and key.startswith('module.') for key in state):
+        # saved from DataParallel or DistributedDataParallel: the wrapped model's keys, prefixed
+        state = {key[len('module.'):]: value for key, value in state.items()}
     if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
         raise CommandError(f'{path} does not hold a state_dict; save one with torch.save(model.state_dict(), FILE)')
     broken = [key for key, value in state.items() if value.is_floating_point() and not bool(value.isfinite().all())]
@@ -158,6 +164,16 @@ def load_state(model, state, description, path):
     model.load_state_dict(state)
 
 
+def classifier_key(arch, kwargs):
+    '''The state_dict key of torchvision classifier ``arch``'s last conv or linear weight, its classifier (``fc``,
+    ``classifier.1``, ``heads.head``, ...), from the architecture built on the meta device (nothing allocated); the
+    order of a weights file's keys need not be the model's.'''
+    with torch.device('meta'):
+        reference = getattr(torchvision.models, arch)(weights=None, **kwargs)
+    keys = [key for key, value in reference.state_dict().items() if key.endswith('weight') and value.ndim >= 2]
+    return keys[-1] if keys else None
+
+
 def load_model(name, weights=None, size=None, device='cpu', untrained=False):
     '''A shipped model or ``torchvision:<arch>`` with user weights, as a :py:class:`LoadedModel`.
 
@@ -173,11 +189,10 @@ def load_model(name, weights=None, size=None, device='cpu', untrained=False):
             raise CommandError(f'{name} needs --weights FILE (a state_dict you trained); weights are never '
                                'downloaded')
         state = read_weights(weights) if weights is not None else {}
-        classifier = [value for key, value in state.items() if key.endswith('weight') and value.ndim >= 2]
-        # the last conv or linear weight is the classifier's (fc, classifier.1, heads.head, ...)
-        kwargs = {'num_classes': classifier[-1].shape[0]} if classifier else {}
-        if arch in INIT_WEIGHTS_ARCHS:
-            kwargs.update(init_weights=False)
+        kwargs = {'init_weights': False} if arch in INIT_WEIGHTS_ARCHS else {}
+        head = classifier_key(arch, kwargs)
+        if head in state:
+            kwargs.update(num_classes=state[head].shape[0])
         if arch == 'inception_v3' and weights is not None:
             kwargs.update(aux_logits=any(key.startswith('AuxLogits.') for key in state))
         model = getattr(torchvision.models, arch)(weights=None, **kwargs)
