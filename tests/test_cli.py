@@ -164,6 +164,10 @@ CASES = {
                             r'argument --patch-size: must be 1 or more, not -4 \(see bnfuse explain --help\)'),
     'size zero': (lambda tmp: ('explain', '--model', 'torchvision:resnet18', '--images', DIGIT, '--size', '0'), 2,
                   r'argument --size: must be 1 or more, not 0 \(see bnfuse explain --help\)'),
+    'size too large': (lambda tmp: ('explain', '--model', 'torchvision:resnet18', '--images', DIGIT, '--size',
+                                    '1000000'), 2,  # a traceback from allocating a blank input of that size
+                       r'argument --size: 1000000 is more than 4096 pixels a side, .* pass the size the model was '
+                       r'trained at \(see bnfuse explain --help\)'),
     'model missing': (lambda tmp: ('explain', '--dataset', 'mnist'), 2,
                       r'the following arguments are required: --model \(see bnfuse explain --help\)'),
     'unknown dataset': (lambda tmp: explain('--dataset', 'svhn'), 2,

@@ -66,6 +66,20 @@ def positive_int(text):
     return value
 
 
+# the largest --size: one 4096 x 4096 RGB image in float32 is 200 MB, and every step of the perturbation curves
+# evaluates a batch of them
+MAX_SIZE = 4096
+
+
+def image_size(text):
+    '''An argparse type: an image side of 1 to :py:data:`MAX_SIZE` pixels.'''
+    value = positive_int(text)
+    if value > MAX_SIZE:
+        raise argparse.ArgumentTypeError(f'{value} is more than {MAX_SIZE} pixels a side, more than an explanation '
+                                         'needs and than memory holds; pass the size the model was trained at')
+    return value
+
+
 def imagenet_statistics(device):
     '''ImageNet's per-channel mean and standard deviation, each ``(1, 3, 1, 1)``.'''
     return (torch.tensor(IMAGENET_MEAN, device=device).reshape(1, 3, 1, 1),
@@ -641,7 +655,7 @@ def parser():
     explain.add_argument('--handling', default=','.join(HANDLINGS),
                          help=f'comma-separated BatchNorm handlings, from {", ".join(HANDLINGS)} (default: all)')
     explain.add_argument('--target', type=int, help='class to explain (default: the predicted class)')
-    explain.add_argument('--size', type=positive_int,
+    explain.add_argument('--size', type=image_size,
                          help='input size for torchvision models (default 224); shipped models take their own')
     explain.add_argument('--patch-size', type=positive_int,
                          help='perturbation patch size, must divide the image size (default 4, or 16 above 64 px)')
