@@ -212,6 +212,16 @@ def test_check_target_rejects(target, error, message):
         check_target(target, OUTPUT)
 
 
+@pytest.mark.parametrize('dtype', [torch.uint8, torch.int8, torch.int16, torch.int32])
+@pytest.mark.parametrize('explainer', [FusedLRP, lambda model: CompositeLRP(model, EpsilonPlusFlat())],
+                         ids=['FusedLRP', 'CompositeLRP'])
+def test_integer_target_tensors_of_every_dtype(dtype, explainer):
+    # a uint8 target tensor failed in Captum's gather ('Expected dtype int32/int64')
+    model, input = conv_net().eval(), torch.rand(2, 1, 4, 4, dtype=torch.float64)
+    expected = explainer(model).attribute(input, target=torch.tensor([2, 0]))
+    assert torch.equal(explainer(model).attribute(input, target=torch.tensor([2, 0], dtype=dtype)), expected)
+
+
 def test_check_target_needs_one_index_per_output_dim():
     # an int on an output of shape (N, 2, 3) selected 3 values, whose sum CompositeLRP explained without a word
     output = torch.zeros(2, 2, 3)

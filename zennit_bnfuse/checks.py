@@ -189,10 +189,14 @@ def target_indices(target, batch):
 
 
 def plain_target(target):
-    '''``target`` with each NumPy integer (alone, in a tuple or in a list) made a Python int, which is what Captum
-    takes; anything else unchanged (:py:func:`check_target` judges it).'''
+    '''``target`` with each NumPy integer (alone, in a tuple or in a list) made a Python int and an integer tensor of
+    another dtype (uint8, int32, ...) made int64, which is what Captum takes; anything else unchanged
+    (:py:func:`check_target` judges it).'''
     if is_index(target):
         return int(target)
+    if isinstance(target, torch.Tensor) and not target.is_floating_point() and not target.is_complex() \
+            and target.dtype not in (torch.bool, torch.int64):
+        return target.long()
     if isinstance(target, (tuple, list)):
         return type(target)(plain_target(item) for item in target)
     return target
