@@ -135,6 +135,15 @@ def test_uninitialised_lazy_modules_refused_until_the_first_forward(entry):
 
 
 @pytest.mark.parametrize('entry', sorted(ENTRY_POINTS))
+def test_a_model_on_the_meta_device_is_refused(entry):
+    # fuse() and FuseBatchNorm raised 'Tensor.item() cannot be called on meta tensors' from a statistics check
+    call, caller = ENTRY_POINTS[entry]
+    with pytest.raises(ValueError, match=rf'^{caller.replace("(", r"[(]").replace(")", r"[)]")} got a model on the '
+                       r'meta device: `0\.weight` has a shape but no values'):
+        call(conv_net().to('meta'))
+
+
+@pytest.mark.parametrize('entry', sorted(ENTRY_POINTS))
 @pytest.mark.parametrize('model', [None, 'resnet18', conv_net().state_dict()])
 def test_non_module_refused_by_every_entry_point(entry, model):
     call, caller = ENTRY_POINTS[entry]

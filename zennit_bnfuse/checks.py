@@ -1,4 +1,5 @@
 '''Checks of what users pass to the public API, each raising an error that names the argument and the fix.'''
+import itertools
 import math
 import numbers
 from contextlib import contextmanager
@@ -32,7 +33,8 @@ def check_model(model, caller):
         :py:func:`torch.compile` wrapper (the message names the module to pass instead).
     ValueError
         If a lazy module of ``model`` (``torch.nn.LazyConv2d``, ``LazyLinear``, ...) has not been run yet: its
-        parameters have no shape, so nothing can be folded into them or read from them.
+        parameters have no shape, so nothing can be folded into them or read from them; or a parameter or buffer is
+        on the meta device (it has no values).
     '''
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f'{caller} expects the model as a torch.nn.Module, not {type(model).__name__}.')
@@ -59,6 +61,12 @@ def check_model(model, caller):
             f'{caller} got a model with uninitialised parameters: {where} a {type(module).__name__}, whose parameters '
             'take their shapes from its first forward. Run the model once on an example batch (model(example)) '
             f'before passing it to {caller}.')
+    empty = next((name for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers())
+                  if tensor.is_meta), None)
+    if empty is not None:
+        raise ValueError(
+            f'{caller} got a model on the meta device: `{empty}` has a shape but no values, so there is nothing to '
+            'fold or explain. Give it values first (model.to_empty(device=\'cpu\'), then load_state_dict).')
 
 
 def first_module(model, predicate):
