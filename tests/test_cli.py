@@ -175,6 +175,12 @@ CASES = {
     # problems with the input (exit 1)
     'unknown model': (lambda tmp: ('explain', '--model', 'resnet', '--dataset', 'mnist'), 1,
                       r"unknown model 'resnet'; choose one of mnist-cnn-bn.*torchvision:<arch> with --weights FILE"),
+    'model in capitals': (lambda tmp: ('report', '--model', 'MNIST-CNN-BN'), 1,
+                          r"unknown model 'MNIST-CNN-BN' \(did you mean 'mnist-cnn-bn'\?\); choose one of .*"),
+    'torchvision arch without prefix': (lambda tmp: ('report', '--model', 'resnet18'), 1,
+                                        r"unknown model 'resnet18' \(did you mean 'torchvision:resnet18'\?\); .*"),
+    'torchvision typo': (lambda tmp: ('report', '--model', 'torchvision:resnt18'), 1,
+                         r"unknown torchvision classifier 'resnt18' \(did you mean 'resnet18'\?\); see .*"),
     'unknown composite': (lambda tmp: explain('--images', DIGIT, '--composite', 'lrp'), 1,
                           r"unknown composite 'lrp'; choose one of epsilon, .*"),
     'unknown handling': (lambda tmp: explain('--images', DIGIT, '--handling', 'merged'), 1,
@@ -230,6 +236,8 @@ CASES = {
                           r'the weights in .* hold NaN or infinite values \(conv1\.weight\); fix or retrain the model '
                           r'before explaining it'),
     'missing image': (lambda tmp: explain('--images', tmp / 'none.png'), 1, r'image file not found: .*none\.png'),
+    'folder as image': (lambda tmp: explain('--images', tmp), 1,
+                        r'.* is a folder; --images takes image files \(e\.g\. .*\*\.png\)'),
     'not an image': (lambda tmp: explain('--images', write(tmp, 'notes.png', b'not an image')), 1,
                      r'cannot read .*notes\.png as an image \(UnidentifiedImageError: .*\); pass PNG or JPEG files'),
     'huge image': (lambda tmp: explain('--images', huge_png(tmp)), 1,
@@ -459,6 +467,16 @@ def test_torchvision_weights_as_training_scripts_save_them(layout, tmp_path, cap
     assert status == 0, error
     loaded = cli.load_model('torchvision:squeezenet1_1', tmp_path / 'weights.pt')
     assert loaded.model.classifier[1].out_channels == 7
+
+
+@pytest.mark.parametrize('aux_logits', [False, True])
+def test_googlenet_weights_with_or_without_auxiliary_classifiers(aux_logits, tmp_path):
+    # without them it was refused as 'not that architecture' (inception_v3's were already handled)
+    import torchvision
+    torch.save(torchvision.models.googlenet(weights=None, aux_logits=aux_logits, init_weights=False,
+                                            num_classes=5).state_dict(), tmp_path / 'googlenet.pt')
+    loaded = cli.load_model('torchvision:googlenet', tmp_path / 'googlenet.pt')
+    assert (loaded.model.aux1 is not None) == aux_logits and loaded.model.fc.out_features == 5
 
 
 def test_overwrite_replaces_the_earlier_run_entirely(tmp_path, capsys):

@@ -10,6 +10,7 @@ folder always holds the files of exactly one run.
 '''
 import argparse
 import contextlib
+import difflib
 import fnmatch
 import json
 import os
@@ -178,6 +179,17 @@ def load_state(model, state, description, path):
     model.load_state_dict(state)
 
 
+# torchvision classifiers with auxiliary classifiers (aux_logits), by the prefix of their keys
+AUX_PREFIXES = {'inception_v3': 'AuxLogits.', 'googlenet': 'aux1.'}
+
+
+def did_you_mean(name, choices):
+    '''`` (did you mean 'x'?)`` for the choice closest to ``name``, ignoring case, or an empty string.'''
+    lowered = {choice.lower(): choice for choice in choices}
+    close = difflib.get_close_matches(name.lower(), lowered, n=1, cutoff=.75)
+    return f' (did you mean {lowered[close[0]]!r}?)' if close else ''
+
+
 def classifier_key(arch, kwargs):
     '''The state_dict key of torchvision classifier ``arch``'s last conv or linear weight, its classifier (``fc``,
     ``classifier.1``, ``heads.head``, ...), from the architecture built on the meta device (nothing allocated); the
@@ -196,9 +208,10 @@ def load_model(name, weights=None, size=None, device='cpu', untrained=False):
     '''
     if name.startswith('torchvision:'):
         arch = name.split(':', 1)[1]
-        if arch not in torchvision.models.list_models(module=torchvision.models):
-            raise CommandError(f'unknown torchvision classifier {arch!r}; see torchvision.models.list_models(), '
-                               'e.g. torchvision:resnet18')
+        architectures = torchvision.models.list_models(module=torchvision.models)
+        if arch not in architectures:
+            raise CommandError(f'unknown torchvision classifier {arch!r}{did_you_mean(arch, architectures)}; see '
+                               'torchvision.models.list_models(), e.g. torchvision:resnet18')
         if weights is None and not untrained:
             raise CommandError(f'{name} needs --weights FILE (a state_dict you trained); weights are never '
                                'downloaded')
@@ -207,15 +220,18 @@ def load_model(name, weights=None, size=None, device='cpu', untrained=False):
         head = classifier_key(arch, kwargs)
         if head in state:
             kwargs.update(num_classes=state[head].shape[0])
-        if arch == 'inception_v3' and weights is not None:
-            kwargs.update(aux_logits=any(key.startswith('AuxLogits.') for key in state))
+        if arch in AUX_PREFIXES and weights is not None:  # trained with or without the auxiliary classifiers
+            kwargs.update(aux_logits=any(key.startswith(AUX_PREFIXES[arch]) for key in state))
         model = getattr(torchvision.models, arch)(weights=None, **kwargs)
         if weights is not None:
             load_state(model, state, name, weights)
         size = 224 if size is None else size
         return LoadedModel(name, model.to(device).eval(), (3, size, size), True, None)
     if name not in MODELS:
-        raise CommandError(f'unknown model {name!r}; choose one of {", ".join(MODELS)} or torchvision:<arch> '
+        architectures = torchvision.models.list_models(module=torchvision.models)
+        choices = [*MODELS, *(f'torchvision:{arch}' for arch in architectures)]
+        guess = did_you_mean(f'torchvision:{name}' if name.lower() in architectures else name, choices)
+        raise CommandError(f'unknown model {name!r}{guess}; choose one of {", ".join(MODELS)} or torchvision:<arch> '
                            'with --weights FILE')
     if size is not None:
         shape = INPUT_SHAPES[dataset_of(name)]
@@ -561,6 +577,8 @@ def command_explain(args):
     if args.images and args.n is not None:
         raise CommandError('--n counts dataset images; with --images every file given is explained: leave --n out')
     for path in args.images or ():
+        if Path(path).is_dir():
+            raise CommandError(f'{path} is a folder; --images takes image files (e.g. {Path(path) / "*.png"})')
         if not Path(path).is_file():
             raise CommandError(f'image file not found: {path}')
     with StagedOutput(args.out, args.overwrite) as output:
