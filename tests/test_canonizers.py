@@ -1,4 +1,5 @@
 '''Tests for the Zennit canonizer FuseBatchNorm: exact inside the context, bit-for-bit restore outside.'''
+import copy
 from importlib.metadata import version
 
 import pytest
@@ -122,6 +123,30 @@ def test_with_zennit_resnet_canonizer(order, snapshot):
     assert relevance.shape == input.shape and torch.isfinite(relevance).all()
     assert ((output - expected).abs().max() / expected.abs().max()) < 1e-5
     before.assert_unchanged()
+
+
+def converted_inside(convert):
+    '''A BN -> conv -> BN -> ReLU -> conv model (folds before, after and through the ReLU), ``convert`` applied to
+    it inside a FuseBatchNorm context, and the same model converted without one.'''
+    torch.manual_seed(0)
+    model = randomize_batch_norms(torch.nn.Sequential(
+        torch.nn.BatchNorm2d(3), torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+        torch.nn.Conv2d(4, 2, 3)).eval())
+    expected = convert(copy.deepcopy(model))
+    with EpsilonPlusFlat(canonizers=[FuseBatchNorm()]).context(model):
+        convert(model)
+    return model, expected
+
+
+@pytest.mark.parametrize('convert', [lambda model: model.double(), lambda model: model.to(torch.bfloat16),
+                                     lambda model: model.train()], ids=['double', 'bfloat16', 'train'])
+def test_what_is_done_to_the_model_inside_a_context_is_done_to_the_originals(convert):
+    # the swapped-out originals stayed float32 (the model then raised 'Input type (double) and bias type (float)
+    # should be the same') and in eval mode
+    model, expected = converted_inside(convert)
+    assert [(module.training, tensor.dtype) for module in model.modules() for tensor in module.parameters(False)] == \
+        [(module.training, tensor.dtype) for module in expected.modules() for tensor in module.parameters(False)]
+    assert all(torch.equal(value, expected.state_dict()[key]) for key, value in model.state_dict().items())
 
 
 def test_rules_land_on_fused_modules():

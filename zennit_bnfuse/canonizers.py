@@ -1,4 +1,5 @@
 '''The Zennit canonizer that fuses BatchNorms for the duration of an attribution.'''
+import itertools
 import weakref
 
 from zennit.canonizers import Canonizer
@@ -14,6 +15,14 @@ from .replacements import replacement_modules, set_module
 
 # the default of FuseBatchNorm's threshold_rule (None means: register no rule)
 DEFAULT = object()
+
+
+def tensor_state(module):
+    '''``(dtype, device, training)`` of ``module``: its first floating-point parameter or buffer's (None, None
+    without one) and its mode.'''
+    tensor = next((tensor for tensor in itertools.chain(module.parameters(), module.buffers())
+                   if tensor.is_floating_point()), None)
+    return (None, None, module.training) if tensor is None else (tensor.dtype, tensor.device, module.training)
 
 
 def replacements_fingerprint(replacements):
@@ -79,6 +88,7 @@ class FuseBatchNorm(Canonizer):
         self.report = None
         self.root = None
         self.originals = {}
+        self.built = {}  # name -> tensor_state of each replacement when put in place
         self._cache = weakref.WeakKeyDictionary()
 
     def apply(self, root_module):
@@ -123,6 +133,7 @@ class FuseBatchNorm(Canonizer):
         register ``threshold_rule`` on the thresholded ReLUs among them.'''
         self.root = root_module
         modules = dict(root_module.named_modules())
+        self.built = {name: tensor_state(module) for name, module in replacements.items()}
         try:
             for name, module in replacements.items():
                 self.originals[name] = modules[name]
@@ -136,10 +147,14 @@ class FuseBatchNorm(Canonizer):
             raise
 
     def remove(self):
-        '''Remove the rules it registered and put the original modules back.'''
+        '''Remove the rules it registered and put the original modules back, with what was done to the model inside
+        the context (``model.double()``, ``.to(device)``, ``.train()``) done to them too: the replacements went
+        through it in their place.'''
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+        if self.root is not None:
+            self.follow_changes()
         for name, module in reversed(list(self.originals.items())):
             # a bias map is derived state (rebuilt on the next forward): dropped, the replacement is again as built
             # and the next context reuses it
@@ -149,6 +164,23 @@ class FuseBatchNorm(Canonizer):
             set_module(self.root, name, module)
         self.originals.clear()
         self.root = None
+
+    def follow_changes(self):
+        '''Convert each original module as its replacement was converted inside the context (its dtype, device and
+        mode); a replacement without tensors (what a folded BatchNorm leaves) follows the layer it went into.'''
+        partners = {} if self.report is None else {entry.bn: entry.layer for entry in self.report.fused}
+        now = {name: tensor_state(self.root.get_submodule(name)) for name in self.originals}
+        for name, original in self.originals.items():
+            dtype, device, training = now[name]
+            if dtype is None and partners.get(name) in now:
+                dtype, device = now[partners[name]][:2]
+                built = self.built[partners[name]][:2]
+            else:
+                built = self.built[name][:2]
+            if dtype is not None and (dtype, device) != built:
+                original.to(device=device, dtype=dtype)
+            if training != self.built[name][2]:
+                original.train(training)
 
     def copy(self):
         '''A new, unapplied instance with the same example inputs and threshold rule.'''
