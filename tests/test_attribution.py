@@ -413,6 +413,14 @@ def test_float16_refused_where_captum_epsilon_underflows(engine):
                                atol=0.05, rtol=0.01)
 
 
+@pytest.mark.parametrize('engine', ['singlepass', 'captum'])
+def test_float16_inputs_to_a_float32_model_are_named_as_the_mismatch(engine):
+    # the stabiliser check read the inputs' dtype and blamed Captum's epsilon, which the float32 layers hold
+    with pytest.raises(ValueError, match=r'^TinyNet could not compute its output for inputs of shape \(2, 2\) '
+                                         r'torch\.float16: .*Pass inputs of the shape and dtype the model takes'):
+        FusedLRP(TinyNet(), engine=engine).attribute(torch.ones(2, 2, dtype=torch.float16), target=0)
+
+
 class TwoInputs(torch.nn.Module):
     def __init__(self):
         super().__init__()

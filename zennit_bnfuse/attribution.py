@@ -412,7 +412,9 @@ class FusedLRP(LRP):
             relevance = _format_output(_is_tuple(inputs), relevance)
             return (relevance, output) if return_convergence_delta else relevance
         self.fallbacks = []
-        dtype = input_tuple[0].dtype
+        # what the layers compute in: the model's dtype (inputs of another dtype fail in the forward, which says so)
+        dtype = next((tensor.dtype for tensor in prepared.parameters() if tensor.is_floating_point()),
+                     input_tuple[0].dtype)
         if self.engine == 'singlepass':
             engine = CaptumSinglePass(prepared, self.choose_rule, autograd_types=RESHAPE_TYPES)
             check_stabilizers(engine.rules, dtype)
