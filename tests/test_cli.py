@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, event, given, settings, strategies as st
 from PIL import Image
 
 from zennit_bnfuse import cli
-from zennit_bnfuse.evaluation.data import DATA_ROOT_VARIABLE, default_data_root
+from zennit_bnfuse.evaluation.data import DATA_ROOT_VARIABLE, default_data_root, read_image, unit_range
 from zennit_bnfuse.handling import HANDLINGS
 
 ROOT = Path(__file__).parent.parent
@@ -467,6 +467,16 @@ def test_torchvision_weights_as_training_scripts_save_them(layout, tmp_path, cap
     assert status == 0, error
     loaded = cli.load_model('torchvision:squeezenet1_1', tmp_path / 'weights.pt')
     assert loaded.model.classifier[1].out_channels == 7
+
+
+def test_grey_images_are_rgb_for_torchvision_models(tmp_path):
+    # refused as '1 channel(s)', while --dataset mnist gave the same models the same digits in RGB
+    import torchvision
+    torch.save(torchvision.models.squeezenet1_1(weights=None, num_classes=10).state_dict(), tmp_path / 'w.pt')
+    loaded = cli.load_model('torchvision:squeezenet1_1', tmp_path / 'w.pt', size=28)
+    grey = cli.read_images([DIGIT], loaded)
+    expected = unit_range(cli.resize(read_image(DIGIT).expand(3, -1, -1), [28, 28], antialias=True))
+    assert grey.shape == (1, 3, 28, 28) and torch.equal(grey[0], expected)
 
 
 @pytest.mark.parametrize('aux_logits', [False, True])

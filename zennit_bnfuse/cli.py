@@ -257,6 +257,8 @@ def read_images(paths, loaded):
             tensor = read_image(path)
         except (FileNotFoundError, UnsupportedImage) as error:
             raise CommandError(str(error)) from None
+        if loaded.normalize and tensor.shape[0] == 1 and channels == 3:
+            tensor = tensor.expand(3, -1, -1)  # a grey image in RGB, as --dataset mnist gives torchvision models
         if tensor.shape[0] != channels:
             kind = {1: 'grayscale (1 channel)', 3: 'RGB (3 channels)'}.get(channels, f'{channels} channels')
             raise CommandError(f'{path} has {tensor.shape[0]} channel(s) but {loaded.name} takes {kind} images; '
