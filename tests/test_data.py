@@ -68,6 +68,21 @@ def test_missing_data_names_the_folder_and_the_variable(tmp_path):
         load_dataset('mnist', tmp_path)
 
 
+def test_partial_mnist_names_what_is_missing(tmp_path):
+    # torchvision reads all four idx files for either split: a folder with the test files only was 'not found'
+    raw = tmp_path / 'MNIST' / 'raw'
+    raw.mkdir(parents=True)
+    for name in ('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte'):
+        (raw / name).write_bytes(b'')
+    with pytest.raises(FileNotFoundError, match=r'MNIST/raw/ lacks train-images-idx3-ubyte, train-labels-idx1-ubyte, '
+                                                r'which torchvision needs for either split'):
+        load_dataset('mnist', tmp_path)
+    for name in ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'):
+        (raw / name).write_bytes(b'')
+    with pytest.raises(FileNotFoundError, match=r'the four idx files are there, so one may be cut short or damaged'):
+        load_dataset('mnist', tmp_path)
+
+
 def cifar_tree(root, classes):
     '''A CIFAR-10 JPEG test tree with one 32x32 image per class folder, each of the value of its position.'''
     for index, name in enumerate(classes):

@@ -77,6 +77,10 @@ def first_missing(path):
     return missing
 
 
+class UnlabelledFolder(ValueError):
+    '''A folder in the CIFAR-10 JPEG tree that is not named after a CIFAR-10 class.'''
+
+
 class CIFAR10Folder(torchvision.datasets.ImageFolder):
     '''CIFAR-10 as an ImageFolder tree (``<class name>/<image>``) whose labels are CIFAR-10's class indices, found by
     folder name (a tree with some of the classes keeps their labels); hidden folders are left out.
@@ -92,7 +96,7 @@ class CIFAR10Folder(torchvision.datasets.ImageFolder):
                        if entry.is_dir() and not entry.name.startswith('.'))
         unknown = [name for name in names if name not in CIFAR10_CLASSES]
         if unknown:
-            raise ValueError(
+            raise UnlabelledFolder(
                 f'{directory} holds folders that are not CIFAR-10 classes ({", ".join(unknown)}), which would get '
                 f'labels of their own; keep one folder per class, named {", ".join(CIFAR10_CLASSES)}.')
         if not names:
@@ -135,6 +139,23 @@ def download_dataset(dataset, root, train):
     print(messages.getvalue(), end='')
 
 
+MNIST_FILES = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte', 't10k-images-idx3-ubyte',
+               't10k-labels-idx1-ubyte')
+
+
+def missing_files(dataset, root):
+    '''For MNIST with some idx files in place: ``'; MNIST/raw/ lacks ...'`` naming the others (torchvision reads all
+    four, whichever split is asked for), or ``'; ... are all there: one may be cut short'``; else an empty string.'''
+    raw = root / 'MNIST' / 'raw'
+    present = [name for name in MNIST_FILES if (raw / name).is_file()]
+    if dataset != 'mnist' or not present:
+        return ''
+    missing = [name for name in MNIST_FILES if name not in present]
+    if missing:
+        return f'; MNIST/raw/ lacks {", ".join(missing)}, which torchvision needs for either split'
+    return '; the four idx files are there, so one may be cut short or damaged'
+
+
 def load_dataset(dataset, root=None, train=False, download=False):
     '''A torchvision dataset of ``(image in [0, 1], label)`` pairs.
 
@@ -170,11 +191,14 @@ def load_dataset(dataset, root=None, train=False, download=False):
     split = 'train' if train else 'test'
     try:
         return open_dataset(dataset, root, train)
-    except (RuntimeError, OSError):  # torchvision's "Dataset not found" errors
+    except UnlabelledFolder:
+        raise
+    except (RuntimeError, OSError, ValueError):  # torchvision's "Dataset not found", and what damaged files give
         if not download:
             raise FileNotFoundError(
-                f'{dataset} ({split}) not found under {root} (looked for {LAYOUTS[dataset]}); pass --data-root or '
-                f'set {DATA_ROOT_VARIABLE} to the folder that holds them, or --download to fetch them') from None
+                f'{dataset} ({split}) not found under {root} (looked for {LAYOUTS[dataset]}'
+                f'{missing_files(dataset, root)}); pass --data-root or set {DATA_ROOT_VARIABLE} to the folder that '
+                'holds them, or --download to fetch them') from None
     download_dataset(dataset, root, train)
     return open_dataset(dataset, root, train)
 
