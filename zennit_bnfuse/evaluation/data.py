@@ -87,8 +87,8 @@ class CIFAR10Folder(torchvision.datasets.ImageFolder):
 
     Raises
     ------
-    ValueError
-        If a folder is not named after a CIFAR-10 class (ImageFolder would number it among them and shift every
+    UnlabelledFolder
+        A ValueError, if a folder is not named after a CIFAR-10 class (ImageFolder would number it among them and shift every
         label after it).
     '''
     def find_classes(self, directory):
