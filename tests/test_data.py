@@ -83,6 +83,16 @@ def test_partial_mnist_names_what_is_missing(tmp_path):
         load_dataset('mnist', tmp_path)
 
 
+def test_an_animation_is_refused(tmp_path):
+    # its first frame was explained without a word
+    frames = [Image.fromarray(np.full((4, 4), value, dtype=np.uint8)) for value in (0, 255)]
+    frames[0].save(tmp_path / 'moving.gif', save_all=True, append_images=frames[1:])
+    with pytest.raises(UnsupportedImage, match=r'moving\.gif holds 2 frames; pass one image'):
+        read_image(tmp_path / 'moving.gif')
+    frames[0].save(tmp_path / 'still.gif')
+    assert read_image(tmp_path / 'still.gif').shape[-2:] == (4, 4)
+
+
 def cifar_tree(root, classes):
     '''A CIFAR-10 JPEG test tree with one 32x32 image per class folder, each of the value of its position.'''
     for index, name in enumerate(classes):

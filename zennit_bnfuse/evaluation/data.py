@@ -88,8 +88,8 @@ class CIFAR10Folder(torchvision.datasets.ImageFolder):
     Raises
     ------
     UnlabelledFolder
-        A ValueError, if a folder is not named after a CIFAR-10 class (ImageFolder would number it among them and shift every
-        label after it).
+        A ValueError, if a folder is not named after a CIFAR-10 class (ImageFolder would number it among them and
+        shift every label after it).
     '''
     def find_classes(self, directory):
         names = sorted(entry.name for entry in os.scandir(directory)
@@ -386,14 +386,18 @@ def read_image(path):
     FileNotFoundError
         If ``path`` is not a file.
     UnsupportedImage
-        If PIL cannot decode the file, it is too large to decode safely (PIL's decompression bomb limit), or its
-        mode is refused by :py:func:`image_tensor`.
+        If PIL cannot decode the file, it is too large to decode safely (PIL's decompression bomb limit), it holds
+        several frames (an animated GIF, a multi-page TIFF), or its mode is refused by :py:func:`image_tensor`.
     '''
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f'image file not found: {path}')
     try:
         with Image.open(path) as image:
+            frames = getattr(image, 'n_frames', 1)
+            if frames > 1:  # an animation or a multi-page file: which frame is meant is not ours to guess
+                raise UnsupportedImage(f'{path} holds {frames} frames; pass one image (save the frame you mean as '
+                                       'PNG)')
             orientation = image.getexif().get(EXIF_ORIENTATION, 1)
             return UPRIGHT.get(orientation, lambda tensor: tensor)(image_tensor(image, path))
     except UnsupportedImage:
