@@ -81,6 +81,21 @@ def test_average_pooling_with_a_divisor_that_may_be_negative_gives_signed():
     assert [signs[f'probe.{index}'] for index in range(6)] == [SIGNED] * 4 + [NON_NEGATIVE] * 2
 
 
+def test_softplus_with_a_negative_beta_and_clamp_with_max_below_min_give_signed_or_unknown():
+    # softplus with beta < 0 is never positive; clamp(x, 0, -1) is -1 everywhere: both counted as non-negative
+    def forward(self, x):
+        relu = self.relu(x)
+        self.probe[0](F.softplus(relu, beta=-1.))
+        self.probe[1](self.negative(relu))
+        self.probe[2](torch.clamp(relu, 0., -1.))
+        self.probe[3](torch.clamp(relu, 0., 2.))
+        return self.probe[4](F.softplus(x, 2.))
+    model = Layers(forward)
+    model.negative = torch.nn.Softplus(beta=-1.)
+    signs = input_signs(model)
+    assert [signs[f'probe.{index}'] for index in range(5)] == [SIGNED, SIGNED, UNKNOWN, NON_NEGATIVE, NON_NEGATIVE]
+
+
 def test_add_with_alpha_counts_alpha_as_an_operand():
     # torch.add(a, b, alpha=-1) is a - b: signed although both operands are non-negative
     def forward(self, x):

@@ -3,6 +3,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from zennit.attribution import Gradient
 from zennit.composites import EpsilonAlpha2Beta1Flat, EpsilonGammaBox, EpsilonPlusFlat, LayerMapComposite
@@ -317,6 +318,88 @@ def test_two_composites_on_one_model_raise(outer, inner):
     zennit, single_pass = both(model, EpsilonPlusFlat, images, [0])
     assert torch.equal(inside, zennit) and torch.equal(single_pass, zennit)
     assert not any(module._forward_pre_hooks or module._forward_hooks for module in model.modules())
+
+
+class Aliased(torch.nn.Module):
+    '''linear -> ReLU6, kept under a second name, then changed in place through the first (``h += ...``; ReLU's own
+    backward would need the output it changes).'''
+    def __init__(self):
+        super().__init__()
+        self.l1, self.branch, self.l3, self.l4 = (torch.nn.Linear(6, 6) for _ in range(4))
+        self.act = torch.nn.ReLU6()
+
+    def forward(self, x):
+        h = self.act(self.l1(x))
+        skip = h
+        h += self.branch(x)  # skip sees it: l4's input may be negative
+        return self.l3(h) + self.l4(skip)
+
+
+class Configured(torch.nn.Module):
+    '''linear -> ReLU or tanh, as a config object says -> linear.'''
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = torch.nn.Linear(6, 6), torch.nn.Linear(6, 6)
+        self.config = type('Config', (), {})()
+        self.config.activation = 'relu'
+
+    def forward(self, x):
+        h = self.l1(x)
+        return self.l2(torch.relu(h) if self.config.activation == 'relu' else torch.tanh(h))
+
+
+def shifted_relu_output(model):
+    '''A user's forward hook moves the ReLU's output below 0.'''
+    model[1].register_forward_hook(lambda module, input, output: output - .5)
+    return model
+
+
+def shifted_input(model):
+    '''A user's pre-hook on the second linear layer moves its input below 0.'''
+    model[2].register_forward_pre_hook(lambda module, input: (input[0] - .5,))
+    return model
+
+
+def leaky_instance(model):
+    '''The ReLU instance's forward replaced by a leaky one.'''
+    model[1].forward = lambda input: F.leaky_relu(input, .3)
+    return model
+
+
+@pytest.mark.parametrize('make', [
+    Aliased, lambda: shifted_relu_output(linear_relu_linear()), lambda: shifted_input(linear_relu_linear()),
+    lambda: leaky_instance(linear_relu_linear())], ids=['augmented-assignment', 'forward-hook', 'pre-hook',
+                                                        'forward-override'])
+def test_what_makes_a_relu_output_negative_is_seen(make):
+    # the sign analysis took these inputs as non-negative and z+ skipped their negative half: 0.49 to 1.03 relative
+    # off Zennit's hooks
+    torch.manual_seed(0)
+    model = make().double().eval()
+    zennit, single_pass = both(model, rule_composite(ZPlus()), torch.randn(3, 6, dtype=torch.float64), [0, 1, 2])
+    assert torch.equal(single_pass, zennit)
+
+
+def linear_relu_linear():
+    return torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.ReLU(), torch.nn.Linear(6, 6))
+
+
+def test_signs_follow_a_config_object_changed_in_place():
+    # the signs were cached by the modules' plain attributes only: after config.activation = 'tanh' a new SinglePass
+    # reused the ReLU's signs (2.6 relative off Zennit)
+    torch.manual_seed(0)
+    model = Configured().double().eval()
+    input = torch.randn(3, 6, dtype=torch.float64)
+    for activation in ('relu', 'tanh'):
+        model.config.activation = activation
+        zennit, single_pass = both(model, rule_composite(ZPlus()), input, [0, 1, 2])
+        assert torch.equal(single_pass, zennit), activation
+
+
+@pytest.mark.parametrize('rule', [Epsilon(-.1), ZPlus(stabilizer=-.01)], ids=['Epsilon', 'ZPlus'])
+def test_negative_stabilizer_epsilon_equals_zennit(rule):
+    # z + sign(z) * epsilon moves outputs towards 0 for a negative epsilon; copysign and z+'s +epsilon did not
+    zennit, single_pass = both(small_net(), rule_composite(rule), torch.randn(2, 2, 6, 6, dtype=torch.float64), [0, 1])
+    assert torch.equal(single_pass, zennit)
 
 
 class OwnBackward(Epsilon):

@@ -45,11 +45,14 @@ from zennit.layer import Sum
 from .graph_layers import (
     AddOperands, MeanReduction, SumReduction, is_norm_act, scale_passing_relevance, split_norm_act,
 )
-from .pairs import LeafTracer
+from .pairs import InPlaceProxy, LeafTracer
 from .replacements import set_module
 from .signs import writes_in_place
 
 ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+# augmented assignments -> the operator fx records for them on a proxy that has none
+OUT_OF_PLACE = {getattr(operator, f'i{name.rstrip("_")}'): getattr(operator, name) for name in (
+    'add', 'sub', 'mul', 'truediv', 'floordiv', 'mod', 'pow', 'matmul', 'and_', 'or_', 'xor', 'lshift', 'rshift')}
 SHAPE_OPS = {'size', 'dim', 'numel'}
 SHAPE_ATTRIBUTES = {'shape', 'ndim', 'dtype', 'device', 'layout', 'is_cuda'}
 # what a residual addition can become (the ``residual`` argument of lrp_graph)
@@ -205,11 +208,25 @@ EXACT_METHODS = {*RESHAPE_METHODS, 'unflatten', 'repeat', 'chunk', 'split', 'nar
 
 class LRPTracer(LeafTracer):
     ''':py:class:`~zennit_bnfuse.pairs.LeafTracer` that also keeps Zennit's ``Sum``, Captum's ``Addition_Module``
-    and timm's norm-act modules as leaves.'''
+    and timm's norm-act modules as leaves, and records an augmented assignment on a tensor (``x += y``) as the
+    in-place operator it is (:py:class:`~zennit_bnfuse.pairs.InPlaceProxy`): every tensor sharing ``x``'s memory sees
+    the write, in the model and in the graph module. On anything else (an int from a shape, a number argument) it stays
+    the out-of-place operator fx records, as generated code would rebind the operand's name.'''
     def is_leaf_module(self, module, module_qualified_name):
         if isinstance(module, (Sum, Addition_Module)) or is_norm_act(module):
             return True
         return super().is_leaf_module(module, module_qualified_name)
+
+    def proxy(self, node):
+        return InPlaceProxy(node, self)
+
+    def trace(self, root, concrete_args=None):
+        graph = super().trace(root, concrete_args)
+        signals = signal_nodes(graph)
+        for node in graph.nodes:
+            if node.op == 'call_function' and node.target in OUT_OF_PLACE and node.args[0] not in signals:
+                node.target = OUT_OF_PLACE[node.target]
+        return graph
 
 
 def is_number_argument(node):

@@ -41,7 +41,8 @@ def model_fingerprint(model):
 def attribute_values(module):
     '''The attributes ``module`` holds besides what every :py:class:`torch.nn.Module` keeps, each as a hashable value
     that changes when the attribute changes: scalars and strings as themselves, tensors by identity, version, data
-    pointer, dtype, device and shape, tuples, lists and dicts item by item, any other object by identity.'''
+    pointer, dtype, device and shape, tuples, lists and dicts item by item, plain objects (a config) by identity and
+    their attributes, any other object (a module, a class) by identity; four levels deep.'''
     return tuple((key, value_fingerprint(value)) for key, value in vars(module).items()
                  if key not in MODULE_INTERNALS and key != 'forward')
 
@@ -57,6 +58,9 @@ def value_fingerprint(value, depth=0):
     if depth < 4 and isinstance(value, dict):
         return ('dict', tuple((value_fingerprint(key, depth + 1), value_fingerprint(item, depth + 1))
                               for key, item in value.items()))
+    state = vars(value) if hasattr(value, '__dict__') and not isinstance(value, (torch.nn.Module, type)) else None
+    if depth < 4 and state:  # a plain object (a config): what the forward reads from it may change in place
+        return ('object', type(value).__qualname__, id(value), value_fingerprint(dict(state), depth + 1))
     return ('object', type(value).__qualname__, id(value))
 
 

@@ -24,6 +24,7 @@ import torch.fx
 import torch.nn.functional as F
 import torchvision.ops
 from captum.attr._utils.custom_modules import Addition_Module
+from zennit.core import Hook
 from zennit.layer import Sum
 
 from .graph_layers import AddOperands, MeanReduction, SumReduction, scale_passing_relevance
@@ -123,6 +124,20 @@ def divisor_may_be_negative(node):
     (a negative one flips the sign; one computed in the forward may be negative).'''
     value = node.kwargs.get('divisor_override', node.args[6] if len(node.args) > 6 else None)
     return value is not None and not (isinstance(value, Real) and value > 0)
+
+
+def own_hooks(module, pre=False):
+    '''The handle ids of ``module``'s forward hooks (``pre``: forward pre-hooks) other than Zennit rules' (which leave
+    the values as they are): a user's hook may change its output (its input).'''
+    hooks = module._forward_pre_hooks if pre else module._forward_hooks
+    return tuple(key for key, hook in hooks.items() if not isinstance(getattr(hook, '__self__', None), Hook))
+
+
+def positive_option(node, name, position, default):
+    '''Whether the option ``name`` (or the argument at ``position``) of a call node is a positive number, with
+    ``default`` where it is not given.'''
+    value = node.kwargs.get(name, node.args[position] if len(node.args) > position else default)
+    return isinstance(value, Real) and not isinstance(value, bool) and value > 0
 
 
 def constant_sign(value):
@@ -231,6 +246,10 @@ class SignAnalysis:
             module = self.root.get_submodule(node.target)
             kind = type(module)
             mutated = inputs[0] if getattr(module, 'inplace', False) and inputs else None
+            if 'forward' in vars(module) or own_hooks(module):  # not what its type computes
+                return UNKNOWN, inputs, mutated, False
+            if kind is torch.nn.Softplus and not module.beta > 0:  # 1 / beta * log(1 + exp(beta * x)) <= 0
+                return SIGNED, [], mutated, False
             if kind in NON_NEGATIVE_MODULES:
                 return NON_NEGATIVE, [], mutated, True
             if (getattr(module, 'divisor_override', None) or 0) < 0:  # an average pooling that negates
@@ -249,6 +268,8 @@ class SignAnalysis:
             # one operand of broadcast_tensors: that operand's sign and memory
             source = node.args[0].args[node.args[1]]
             return self.signs.get(source, UNKNOWN), [source], None, True
+        if target is F.softplus and not positive_option(node, 'beta', 1, default=1.):
+            return SIGNED, [], mutated, False
         if target in NON_NEGATIVE_FUNCTIONS or target in NON_NEGATIVE_METHODS or self.is_clamp_at_zero(node):
             return NON_NEGATIVE, [], mutated, True
         if target in AVERAGE_POOLING_FUNCTIONS and divisor_may_be_negative(node):
@@ -263,11 +284,14 @@ class SignAnalysis:
 
     @staticmethod
     def is_clamp_at_zero(node):
-        '''Whether ``node`` is ``clamp``/``clamp_min`` with a non-negative lower bound (function or method).'''
+        '''Whether ``node`` is ``clamp``/``clamp_min`` with a non-negative lower bound and no upper bound below it
+        (function or method; torch gives the upper bound everywhere where it is below the lower).'''
         if node.target not in (torch.clamp, torch.clamp_min, 'clamp', 'clamp_', 'clamp_min', 'clamp_min_'):
             return False
         low = node.kwargs.get('min', node.args[1] if len(node.args) > 1 else None)
-        return constant_sign(low) == NON_NEGATIVE
+        high = node.kwargs.get('max', node.args[2] if len(node.args) > 2 else None)
+        return constant_sign(low) == NON_NEGATIVE and (
+            high is None or (isinstance(high, Real) and not isinstance(high, bool) and high >= low))
 
     def module_inputs(self):
         '''For each module the graph calls, the sign of its first input over all its calls: non-negative if every
@@ -278,5 +302,7 @@ class SignAnalysis:
                 continue
             nodes = flat_nodes(node.args[0])
             input_sign = combined([self.signs.get(other, UNKNOWN) for other in nodes]) if nodes else UNKNOWN
+            if own_hooks(self.root.get_submodule(node.target), pre=True):  # may change what the module gets
+                input_sign = UNKNOWN
             result[node.target] = combined([result[node.target], input_sign]) if node.target in result else input_sign
         return result

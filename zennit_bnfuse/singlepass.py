@@ -45,8 +45,9 @@ from .graph import LRPTracer
 from .graph_layers import AddOperands
 from .layers import BiasMapConvMixin, FoldedLayerMixin, ThresholdReLU
 from .pairs import tracing_copy
+from .prepared import attribute_values
 from .registration import forget_call, module_hooks
-from .signs import NON_NEGATIVE, UNKNOWN, SignAnalysis
+from .signs import NON_NEGATIVE, UNKNOWN, SignAnalysis, own_hooks
 
 # how a call is computed (see SinglePassHook.plan)
 PASS, OPERANDS, THRESHOLD, REUSED, GRAPH, CONV, GENERIC = (
@@ -107,13 +108,14 @@ def has_identity_params(param_modifier, module=None):
 def stabilizer_epsilon(rule):
     '''The epsilon of Zennit's default stabiliser in the gradient mapper of an ``Epsilon``, ``Norm``, ``ZPlus``,
     ``Flat`` or ``WSquare`` rule (each divides the output relevance by the stabilised first output), or None for other
-    rules or stabilisers.'''
+    rules, stabilisers and negative epsilons.'''
     if type(rule) not in (Epsilon, Norm, ZPlus, Flat, WSquare):
         return None
     stabilizer = inspect.getclosurevars(rule.gradient_mapper).nonlocals.get('stabilizer_fn')
     if type(stabilizer) is not Stabilizer or stabilizer.clip or stabilizer.norm_scale:
         return None
-    return stabilizer.epsilon
+    # a negative epsilon moves outputs towards 0, which the faster paths (copysign, z+'s +epsilon) do not do
+    return stabilizer.epsilon if stabilizer.epsilon >= 0 else None
 
 
 def stabilized(output, epsilon):
@@ -803,13 +805,13 @@ _SIGNS = weakref.WeakKeyDictionary()
 
 
 def structure_key(module):
-    '''A value that changes when ``module``'s traced graph could: its modules' types, plain attributes (flags such
-    as ``inplace`` or torchvision's ``use_res_connect``) and forward overrides, and a GraphModule's code.'''
+    '''A value that changes when ``module``'s traced graph or what the sign analysis reads could: its modules' types,
+    attributes (flags such as ``inplace`` or torchvision's ``use_res_connect``, config objects; see
+    :py:func:`~zennit_bnfuse.prepared.attribute_values`), forward overrides and hooks, and a GraphModule's code.'''
     key = [getattr(module, 'code', None)] if isinstance(module, torch.fx.GraphModule) else []
     for name, child in module.named_modules():
-        plain = [(attribute, value) for attribute, value in vars(child).items()
-                 if isinstance(value, (bool, int, float, str, tuple, type(None)))]
-        key.append((name, type(child), vars(child).get('forward'), plain))
+        key.append((name, type(child), vars(child).get('forward'), attribute_values(child), own_hooks(child),
+                    own_hooks(child, pre=True)))
     return key
 
 
