@@ -45,7 +45,7 @@ from zennit.layer import Sum
 from .graph_layers import (
     AddOperands, MeanReduction, SumReduction, is_norm_act, scale_passing_relevance, split_norm_act,
 )
-from .pairs import InPlaceProxy, LeafTracer
+from .pairs import LeafTracer
 from .replacements import set_module
 from .signs import writes_in_place
 
@@ -208,17 +208,14 @@ EXACT_METHODS = {*RESHAPE_METHODS, 'unflatten', 'repeat', 'chunk', 'split', 'nar
 
 class LRPTracer(LeafTracer):
     ''':py:class:`~zennit_bnfuse.pairs.LeafTracer` that also keeps Zennit's ``Sum``, Captum's ``Addition_Module``
-    and timm's norm-act modules as leaves, and records an augmented assignment on a tensor (``x += y``) as the
-    in-place operator it is (:py:class:`~zennit_bnfuse.pairs.InPlaceProxy`): every tensor sharing ``x``'s memory sees
-    the write, in the model and in the graph module. On anything else (an int from a shape, a number argument) it stays
-    the out-of-place operator fx records, as generated code would rebind the operand's name.'''
+    and timm's norm-act modules as leaves. An augmented assignment on a tensor (``x += y``) stays the in-place
+    operator the base records (:py:class:`~zennit_bnfuse.pairs.InPlaceProxy`): every tensor sharing ``x``'s memory
+    sees the write, in the model and in the graph module. On anything else (an int from a shape, a number argument)
+    it becomes the out-of-place operator again, as generated code would rebind the operand's name.'''
     def is_leaf_module(self, module, module_qualified_name):
         if isinstance(module, (Sum, Addition_Module)) or is_norm_act(module):
             return True
         return super().is_leaf_module(module, module_qualified_name)
-
-    def proxy(self, node):
-        return InPlaceProxy(node, self)
 
     def trace(self, root, concrete_args=None):
         graph = super().trace(root, concrete_args)
@@ -291,12 +288,6 @@ def scope_of(node):
     module 'path@1', the entry's first item is its real path.'''
     stack = node.meta.get('nn_module_stack') or {}
     return stack[next(reversed(stack))][0] if stack else ''
-
-
-def held_tensor(model, target):
-    '''The tensor ``model`` holds under the dotted name ``target`` (a ``get_attr`` node's target).'''
-    scope, _, name = target.rpartition('.')
-    return getattr(model.get_submodule(scope), name)
 
 
 def bind_arguments(node, names, tensors=()):
@@ -477,7 +468,8 @@ class GraphRewrite:
         if weight is None or not all(isinstance(tensor, torch.fx.Node) and tensor.op == 'get_attr'
                                      for tensor in (weight, bias) if tensor is not None):
             return None
-        weight, bias = (None if tensor is None else held_tensor(self.model, tensor.target) for tensor in (weight, bias))
+        weight, bias = (None if tensor is None else operator.attrgetter(tensor.target)(self.model)
+                        for tensor in (weight, bias))
         # the op checks the shapes when it runs: a weight the layer cannot hold is left to it
         rank = 2 if spec.module_type is torch.nn.Linear else int(spec.name[-2]) + 2  # conv{N}d: (out, in, *N dims)
         if weight.dim() != rank or (bias is not None and bias.dim() != 1):
@@ -494,7 +486,7 @@ class GraphRewrite:
         signal, matrix = node.args
         if signal not in signals or not isinstance(matrix, torch.fx.Node) or matrix.op != 'get_attr':
             return None
-        matrix = held_tensor(self.model, matrix.target)
+        matrix = operator.attrgetter(matrix.target)(self.model)
         if matrix.dim() != 2:
             return None
         with self.graph.inserting_before(node):

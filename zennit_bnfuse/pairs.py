@@ -67,14 +67,33 @@ def other_norm_types():
     return OTHER_NORM_TYPES if extension is None else OTHER_NORM_TYPES + extension.OTHER_NORM_TYPES
 
 
+class InPlaceProxy(torch.fx.Proxy):
+    '''An fx proxy that records an augmented assignment (``x += y``, ``x *= y``, ...) as the in-place operator
+    (``operator.iadd``, ...). A plain proxy has no ``__iadd__``, so Python falls back to ``x = x + y`` and the graph
+    shows a new tensor where the forward writes into ``x``, which every tensor sharing its memory sees. Generated code
+    would rebind the variable of an immutable operand (an int from a shape): a graph that runs turns those back into
+    the out-of-place operator (:py:class:`~zennit_bnfuse.graph.LRPTracer`).'''
+
+
+for _name in ('iadd', 'isub', 'imul', 'itruediv', 'ifloordiv', 'imod', 'ipow', 'imatmul', 'iand', 'ior', 'ixor',
+              'ilshift', 'irshift'):
+    def _in_place(self, other, operation=getattr(operator, _name)):
+        return self.tracer.create_proxy('call_function', operation, (self, other), {})
+    setattr(InPlaceProxy, f'__{_name}__', _in_place)
+
+
 class LeafTracer(torch.fx.Tracer):
     """fx tracer that keeps every BatchNorm (torchvision's FrozenBatchNorm2d and timm's norm-act layers included),
     every Linear/Conv layer and its subclasses (and layers timm builds in their place), every other normalisation layer
     (:py:func:`other_norm_types`), the modules of this package, timm's 'same'-padded pooling and, if given, every child
-    of ``leaf_parent`` as one ``call_module`` node."""
+    of ``leaf_parent`` as one ``call_module`` node; augmented assignments are recorded as in-place operators
+    (:py:class:`InPlaceProxy`)."""
     def __init__(self, leaf_parent=None, **kwargs):
         super().__init__(**kwargs)
         self.leaf_parent = leaf_parent
+
+    def proxy(self, node):
+        return InPlaceProxy(node, self)
 
     def is_leaf_module(self, module, module_qualified_name):
         if self.leaf_parent is not None:
@@ -140,20 +159,6 @@ def container_contents(attributes):
                 continue
 
 
-class InPlaceProxy(torch.fx.Proxy):
-    '''An fx proxy that records an augmented assignment (``x += y``, ``x *= y``, ...) as the in-place operator
-    (``operator.iadd``, ...). A plain proxy has no ``__iadd__``, so Python falls back to ``x = x + y`` and the graph
-    shows a new tensor where the forward writes into ``x``, which every tensor sharing its memory sees. For analysis
-    only: generated code would rebind the variable of an immutable operand (an int from a shape).'''
-
-
-for _name in ('iadd', 'isub', 'imul', 'itruediv', 'ifloordiv', 'imod', 'ipow', 'imatmul', 'iand', 'ior', 'ixor',
-              'ilshift', 'irshift'):
-    def _in_place(self, other, operation=getattr(operator, _name)):
-        return self.tracer.create_proxy('call_function', operation, (self, other), {})
-    setattr(InPlaceProxy, f'__{_name}__', _in_place)
-
-
 class PairTracer(LeafTracer):
     """:py:class:`LeafTracer` for finding pairs: a timm norm-act layer is recorded as its BatchNorm part (a call of
     the layer itself) followed by calls of its ``drop`` and ``act`` modules, which is what its eval-mode forward
@@ -170,9 +175,6 @@ class PairTracer(LeafTracer):
         if self.leaf_parent is None and type(module) in self.notrace_modules:
             return True
         return super().is_leaf_module(module, module_qualified_name)
-
-    def proxy(self, node):
-        return InPlaceProxy(node, self)
 
     def call_module(self, module, forward, args, kwargs):
         output = super().call_module(module, forward, args, kwargs)

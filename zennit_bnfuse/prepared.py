@@ -118,9 +118,10 @@ class PreparedModel:
 
     def get(self):
         '''The prepared model, rebuilt if the user's model changed since the last call.'''
-        refuse_zennit_hooks(self.model, self.caller)
         fingerprint = model_fingerprint(self.model)
         if self._prepared is None or fingerprint != self._fingerprint:
+            # registering a composite adds hooks, which changes the fingerprint: checked where the copy is made
+            refuse_zennit_hooks(self.model, self.caller)
             self._prepared, self.copies, self.report = self.handling.prepare(
                 self.model, self.residual, self.example_inputs)
             self._fingerprint = fingerprint

@@ -341,9 +341,9 @@ def check_batch(inputs, relevance, targets):
     if relevance.shape[0] != inputs.shape[0] or relevance.shape[-2:] != inputs.shape[-2:]:
         raise ValueError(f'relevance of shape {tuple(relevance.shape)} does not fit inputs of shape '
                          f'{tuple(inputs.shape)}: give one map of the image size per image')
-    if torch.as_tensor(targets).reshape(-1).shape[0] != inputs.shape[0]:
-        raise ValueError(f'got {torch.as_tensor(targets).numel()} targets for {inputs.shape[0]} images; give one '
-                         'class per image')
+    count = torch.as_tensor(targets).numel()
+    if count != inputs.shape[0]:
+        raise ValueError(f'got {count} targets for {inputs.shape[0]} images; give one class per image')
 
 
 def perturbation_curve(model, inputs, relevance, targets, order='morf', patch_size=1, patches_per_step=1,
