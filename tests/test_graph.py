@@ -432,3 +432,61 @@ def test_every_residual_kind_makes_additions_modules(residual):
     kinds = {'captum': Addition_Module, 'zennit': Sum, 'operands': AddOperands}
     assert sum(type(module) is kinds[residual] for module in prepared.modules()) == 2
     assert not [node for node in prepared.graph.nodes if node.target in (operator.add, torch.add)]
+
+
+class WrittenInPlace(torch.nn.Module):
+    '''A residual sum written ``hidden += branch(hidden)`` (``hidden + branch(hidden)`` without ``in_place``); with
+    ``read``, a tensor sharing the written memory is read after the write: ``'view'`` a view taken before it,
+    ``'base'`` the tensor whose view is written into.'''
+    def __init__(self, read=None, in_place=True):
+        super().__init__()
+        self.read, self.in_place = read, in_place
+        self.conv, self.branch = torch.nn.Conv2d(2, 2, 3, padding=1), torch.nn.Conv2d(2, 2, 3, padding=1)
+        self.linear = torch.nn.Linear(72, 3)
+
+    def forward(self, x):
+        hidden = self.conv(x)
+        flat = hidden.flatten(1)
+        written = hidden[:, :1] if self.read == 'base' else hidden
+        if self.in_place:
+            written += self.branch(hidden)[:, :written.shape[1]]
+        else:
+            written = written + self.branch(hidden)[:, :written.shape[1]]
+        return self.linear(torch.relu(flat if self.read else written.flatten(1)))
+
+
+def test_in_place_sum_after_its_operands_are_read_becomes_a_module():
+    torch.manual_seed(0)
+    model = WrittenInPlace().double().eval()
+    input = torch.rand(2, 2, 6, 6, dtype=torch.float64)
+    prepared, _ = lrp_graph(copy.deepcopy(model))
+    assert torch.equal(prepared(input), model(input))
+    assert ops_passed_by_gradient(prepared) == []
+    assert [type(module) for module in called_modules(prepared)].count(Addition_Module) == 1
+
+
+@pytest.mark.parametrize('read', ['view', 'base'])
+def test_in_place_op_whose_memory_is_read_later_stays_in_place(read):
+    '''Made an op with a new output, the add would leave ``flat`` without the sum: the graph module would compute
+    something else than the model.'''
+    torch.manual_seed(0)
+    model = WrittenInPlace(read).double().eval()
+    input = torch.rand(2, 2, 6, 6, dtype=torch.float64)
+    with pytest.warns(UserWarning, match=r'plain gradient.*: iadd x1'):
+        prepared, _ = lrp_graph(copy.deepcopy(model))
+    assert torch.equal(prepared(input), model(input))
+
+
+@pytest.mark.parametrize('engine', ['fused', 'composite'])
+def test_in_place_sum_keeps_the_identity(engine):
+    '''LRP-epsilon with a negligible epsilon equals gradient x input where the residual sum is written in place
+    (CompositeLRP raised autograd's in-place error, FusedLRP passed the sum's relevance by its gradient).'''
+    torch.manual_seed(0)
+    model = WrittenInPlace().double().eval()
+    input = torch.rand(1, 2, 6, 6, dtype=torch.float64, requires_grad=True)
+    reference = WrittenInPlace(in_place=False).double().eval()
+    reference.load_state_dict(model.state_dict())
+    output = reference(input)  # autograd cannot differentiate the model: the branch keeps the input the add changes
+    expected = torch.autograd.grad(output[0, 1], input)[0] * input
+    relevance = epsilon(engine, model).attribute(input.detach(), target=1)
+    torch.testing.assert_close(relevance, expected, rtol=1e-9, atol=1e-12)

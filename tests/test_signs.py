@@ -5,7 +5,8 @@ import torch.nn.functional as F
 
 from zennit_bnfuse.graph_layers import AddOperands
 from zennit_bnfuse.layers import ThresholdReLU
-from zennit_bnfuse.signs import NON_NEGATIVE, SIGNED, UNKNOWN, SignAnalysis, writes_in_place
+from zennit_bnfuse.aliasing import writes_in_place
+from zennit_bnfuse.signs import NON_NEGATIVE, SIGNED, UNKNOWN, SignAnalysis
 
 
 def input_signs(model):

@@ -812,3 +812,40 @@ def test_not_a_composite_is_refused_by_name(composite):
     # an instance is needed: the class itself or None used to fail later with an AttributeError
     with pytest.raises(TypeError, match='SinglePass expects a Zennit composite .* not (NoneType|type)'):
         singlepass.SinglePass(composite)
+
+
+class WrittenAfterRead(torch.nn.Module):
+    '''Layers whose input the forward writes into in place after they read it: a residual sum written
+    ``hidden += branch(hidden)``, and ``flat``, a view of the sum, scaled in place after ``linear`` read it.
+    ``traceable=False`` adds control flow on the data.'''
+    def __init__(self, traceable=True):
+        super().__init__()
+        torch.manual_seed(0)
+        self.traceable = traceable
+        self.conv, self.branch = torch.nn.Conv2d(2, 3, 3, padding=1), torch.nn.Conv2d(3, 3, 3, padding=1)
+        self.linear, self.head = torch.nn.Linear(48, 2), torch.nn.Linear(48, 2)
+
+    def forward(self, input):
+        hidden = self.conv(input)
+        hidden += self.branch(hidden)
+        flat = hidden.flatten(1)
+        output = self.linear(flat)
+        if not self.traceable and flat.sum() > 0:
+            output = output * 1.
+        flat.mul_(2.)
+        return output + self.head(torch.relu(flat))
+
+
+@pytest.mark.parametrize('traceable', [True, False])
+@pytest.mark.parametrize('composite', [EpsilonPlusFlat, EpsilonAlpha2Beta1Flat])
+def test_input_written_in_place_after_the_layer_read_it_equals_zennit(traceable, composite):
+    '''SinglePass keeps a copy of those layers' inputs, as Zennit's hooks do of every input (it raised autograd's
+    in-place error); where the forward cannot be traced, of every input.'''
+    model = WrittenAfterRead(traceable).double().eval()
+    input = torch.rand(2, 2, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    single_pass = SinglePass(composite())
+    single = relevance(model, single_pass, input, [0, 1])
+    assert torch.equal(single, relevance(model, composite(), input, [0, 1]))
+    with Gradient(model, single_pass):
+        copied = sorted(hook.name for hook in single_pass.hook_refs if hook.copies_input)
+    assert copied == (['branch', 'linear'] if traceable else ['branch', 'conv', 'head', 'linear'])

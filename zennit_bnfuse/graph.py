@@ -42,12 +42,12 @@ import torchvision
 from captum.attr._utils.custom_modules import Addition_Module
 from zennit.layer import Sum
 
+from .aliasing import memory_group, modules_of, read_after, writes_in_place
 from .graph_layers import (
     AddOperands, MeanReduction, SumReduction, is_norm_act, scale_passing_relevance, split_norm_act,
 )
 from .pairs import LeafTracer
 from .replacements import set_module
-from .signs import writes_in_place
 
 ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 # augmented assignments -> the operator fx records for them on a proxy that has none
@@ -331,9 +331,10 @@ def ops_passed_by_gradient(graph_module):
     '''
     graph = graph_module.graph
     signals = signal_nodes(graph)
+    module_of = modules_of(graph_module)
     receiving = set()
     pending = [node for node in graph.nodes if node.op == 'output']
-    # an in-place op changes the tensor it writes into, whether or not the forward uses its result
+    # an in-place op changes the tensors sharing the memory it writes into, whether or not the forward uses its result
     in_place = [node for node in graph.nodes
                 if writes_in_place(node) and node.args and isinstance(node.args[0], torch.fx.Node)]
     while pending:
@@ -343,7 +344,8 @@ def ops_passed_by_gradient(graph_module):
                 continue
             receiving.add(node)
             pending.extend(node.args[:1] if node.target is scale_passing_relevance else node.all_input_nodes)
-        pending = [node for node in in_place if node not in receiving and node.args[0] in receiving]
+        pending = [node for node in in_place if node not in receiving and not receiving.isdisjoint(
+            memory_group(node.args[0], module_of))]
     return [node for node in graph.nodes
             if node.op in ('call_function', 'call_method') and node in receiving and node in signals
             and op_key(node) not in EXACT_FUNCTIONS | EXACT_METHODS]
@@ -357,6 +359,7 @@ class GraphRewrite:
         self.graph = graph
         self.residual = residual
         self.copies = {}
+        self.module_of = modules_of(model)
 
     def split_norm_acts(self):
         '''Remove ``Identity`` calls and call timm's norm-act modules as a plain BatchNorm, then drop and act.'''
@@ -399,8 +402,8 @@ class GraphRewrite:
                     self.copies[name] = node.target
                     node.target = name
                 continue
-            if node not in signals or (writes_in_place(node) and len(node.args[0].users) > 1):
-                # an op that writes into a tensor read elsewhere cannot become an op with a new output
+            if node not in signals or (writes_in_place(node) and read_after(node, self.module_of)):
+                # an op that writes into memory read later cannot become an op with a new output
                 continue
             if (key in ADD_FUNCTIONS and len(node.args) == 2 and not node.kwargs
                     and all(arg in signals for arg in node.args)):
@@ -451,7 +454,7 @@ class GraphRewrite:
         if arguments is None or arguments.get('return_indices') or arguments.get('dtype') is not None:
             return None
         arguments.pop('dtype', None)
-        if arguments.pop('inplace', False) and len(node.args[0].users) > 1:
+        if arguments.pop('inplace', False) and read_after(node, self.module_of):
             return None
         with self.graph.inserting_before(node):
             return self.graph.call_module(self.add_module(node, spec.name, spec.module_type(**arguments)),

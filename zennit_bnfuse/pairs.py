@@ -17,11 +17,11 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .fold import FOLDABLE_BATCH_NORM_TYPES, batch_norm_affine, check_batch_norm, has_running_stats, is_batch_norm, \
     relu_fold, timm_layers
+from .aliasing import written_after
 from .checks import check_model
 from .layers import ThresholdReLU, is_layer_like, layer_kind_problem
 from .replacements import model_copy
 from .report import FusedBatchNorm, FusionReport, UnfusedBatchNorm
-from .signs import ALIASING_FUNCTIONS, ALIASING_METHODS, ALIASING_MODULES, writes_in_place
 from .verification import check_folds, refuse_unproven
 
 
@@ -491,11 +491,11 @@ class _GraphAnalysis:
             after_reason = relu_fold_problem(batch_norm)
         if fold is not None and fold.side == 'before' and source is not None:
             # folded away, the BatchNorm leaves an identity: its output is its input, no longer a copy
-            writer = self.written_after(node, source)
+            writer = written_after(node, source, self.module)
             if writer is not None:
-                after_reason = (f'{writer} writes in place into its input after it reads it; folded into the next '
-                                'layer, the BatchNorm would pass on its input as it is, and the layer would read the '
-                                'written values')
+                after_reason = (f'{self.describe(writer)} writes in place into its input after it reads it; folded '
+                                'into the next layer, the BatchNorm would pass on its input as it is, and the layer '
+                                'would read the written values')
         if fold is not None and after_reason is None:
             claimed_inputs.update(fold.layers)
             return fold
@@ -565,34 +565,6 @@ class _GraphAnalysis:
         if len(source.users) > 1:
             return f'the output of `{self.name(source)}` also feeds {self.describe_users(source, exclude=consumer)}'
         return None
-
-    def written_after(self, node, source):
-        '''An op after ``node`` in the graph that writes in place into the memory of ``source`` (or of a tensor it
-        is a view of, or that is a view of it, through the views the graph shows), described, or None.'''
-        order = {other: index for index, other in enumerate(self.graph.nodes)}
-        while self.aliases_first_argument(source):
-            source = source.args[0]
-        group, pending = {source}, [source]
-        while pending:
-            current = pending.pop()
-            for user in current.users:
-                if user is node or not user.args or user.args[0] is not current:
-                    continue
-                if order[user] > order[node] and (
-                        writes_in_place(user) or getattr(self.module(user), 'inplace', False)):
-                    return self.describe(user)
-                if user not in group and (self.aliases_first_argument(user) or writes_in_place(user)):
-                    group.add(user)
-                    pending.append(user)
-        return None
-
-    def aliases_first_argument(self, node):
-        '''Whether ``node`` may return a view of its first argument (or the argument itself).'''
-        if not isinstance(node, torch.fx.Node) or not node.args or not isinstance(node.args[0], torch.fx.Node):
-            return False
-        if node.op == 'call_module':
-            return isinstance(self.module(node), ALIASING_MODULES) or getattr(self.module(node), 'inplace', False)
-        return node.op in ('call_function', 'call_method') and node.target in ALIASING_FUNCTIONS | ALIASING_METHODS
 
     def next_fold(self, node, name, channels, claimed_inputs):
         """Follow the BatchNorm's output to the layers that read it: ``(FusedBatchNorm, None)`` or

@@ -27,6 +27,7 @@ from captum.attr._utils.custom_modules import Addition_Module
 from zennit.core import Hook
 from zennit.layer import Sum
 
+from .aliasing import ALIASING_FUNCTIONS, ALIASING_METHODS, ALIASING_MODULES, writes_in_place
 from .graph_layers import AddOperands, MeanReduction, SumReduction, scale_passing_relevance
 from .layers import FOLDABLE_LAYER_TYPES, ThresholdReLU
 
@@ -53,9 +54,6 @@ PRESERVING_MODULES = (
 )
 # modules whose output may be negative; their output is a new tensor
 SIGNED_MODULES = (*FOLDABLE_LAYER_TYPES, torch.nn.modules.batchnorm._BatchNorm, torch.nn.Tanh, torch.nn.Hardtanh)
-# modules that may return their input or a view of it
-ALIASING_MODULES = (torch.nn.Flatten, torch.nn.Unflatten, torch.nn.Identity, torch.nn.Dropout, torch.nn.Dropout1d,
-                    torch.nn.Dropout2d, torch.nn.Dropout3d, torchvision.ops.StochasticDepth)
 
 NON_NEGATIVE_FUNCTIONS = {
     torch.relu, torch.relu_, F.relu, F.relu_, F.relu6, torch.sigmoid, F.sigmoid, F.softmax, torch.softmax,
@@ -84,39 +82,12 @@ SIGNED_FUNCTIONS = {
     operator.neg, torch.sub, torch.neg,
 }
 SIGNED_METHODS = {'sub', 'sub_', 'neg', 'neg_', 'tanh', 'tanh_'}
-# functions and methods that return a view of their first tensor argument (or of each, for broadcast_tensors)
-ALIASING_FUNCTIONS = {
-    torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,
-    torch.broadcast_tensors, operator.getitem, F.dropout, torchvision.ops.stochastic_depth,
-}
-ALIASING_METHODS = {
-    'view', 'view_as', 'reshape', 'reshape_as', 'flatten', 'unflatten', 'permute', 'transpose', 't', 'squeeze',
-    'unsqueeze', 'expand', 'expand_as', 'contiguous', 'detach', 'narrow', 'select', 'chunk', 'split', 'unbind',
-    'movedim', 'to', 'float', 'double', 'half', 'bfloat16', 'type_as',
-}
-IN_PLACE_FUNCTIONS = {torch.relu_, F.relu_, operator.iadd, operator.isub, operator.imul, operator.itruediv,
-                      operator.ifloordiv, operator.imod, operator.ipow, operator.imatmul, operator.iand, operator.ior,
-                      operator.ixor, operator.ilshift, operator.irshift}
 # arguments that are not tensors the result is computed from (shapes, dims, options)
 DATA_ARGUMENTS = {operator.add, operator.iadd, torch.add, operator.mul, operator.imul, torch.mul, operator.truediv,
                   'add', 'add_', 'mul', 'mul_', 'div', 'div_', scale_passing_relevance}
 # keyword options of those that keep a result of non-negative operands non-negative; any other keyword (``alpha``,
 # which scales add's second operand, ``out``) counts as an operand, by its sign or as unknown
 SIGN_KEEPING_OPTIONS = {'rounding_mode', 'divide'}
-
-
-def writes_in_place(node):
-    '''Whether the fx node (a function or method call) writes its result into its first argument (``add_``,
-    ``torch.relu_``, ``F.relu(..., inplace=True)``, ``x += y``; not ``operator.and_``, which is ``&``).'''
-    target = node.target
-    if node.op not in ('call_function', 'call_method'):
-        return False
-    if target in IN_PLACE_FUNCTIONS or node.kwargs.get('inplace', False):
-        return True
-    if isinstance(target, str):
-        return target.endswith('_') and not target.startswith('__')
-    return getattr(target, '__module__', None) not in ('_operator', 'operator') and getattr(
-        target, '__name__', '').endswith('_')
 
 
 def divisor_may_be_negative(node):

@@ -40,6 +40,7 @@ import torch
 from zennit.core import BasicHook, Composite, Hook, ParamMod, RemovableHandle, RemovableHandleList, Stabilizer
 from zennit.rules import Epsilon, Flat, NoMod, Norm, Pass, WSquare, ZPlus
 
+from .aliasing import inputs_written_after, modules_of
 from .checks import check_composite, check_model
 from .graph import LRPTracer
 from .graph_layers import AddOperands
@@ -509,6 +510,9 @@ class SinglePassHook(Hook):
     input_sign: str
         What the graph says about the sign of the module's input (see :py:mod:`zennit_bnfuse.signs`); set by
         :py:class:`SinglePass` when it registers.
+    copies_input: bool
+        Whether the backward pass reads a copy of the module's input: where an op after the module may write into it
+        in place (or the graph cannot tell); set by :py:class:`SinglePass` when it registers.
     '''
     def __init__(self, rule, name=None, fallbacks=None, normalize=None, parameter_cache=None, saved=None):
         self.zennit_hook = None
@@ -523,8 +527,9 @@ class SinglePassHook(Hook):
         # the rule's normalizer; copies for further modules take it over instead of reading the rule again
         self.normalize = normalizer(rule) if normalize is None else normalize
         self.input_sign = UNKNOWN
+        self.copies_input = True
         self.fallback_reason = None
-        self.calls = []  # one entry per call in progress: None, FALLBACK or (original inputs, plan)
+        self.calls = []  # one entry per call in progress: None, FALLBACK or (original inputs, kept inputs, plan)
 
     @property
     def active(self):
@@ -607,9 +612,14 @@ class SinglePassHook(Hook):
             self.calls.append(None)
             return None
         plan = self.plan(module, args)
-        self.calls.append((args, plan))
+        kept = args
+        if self.copies_input:
+            # an op after the module writes into its input: the backward pass reads a copy (Zennit's hooks always
+            # copy); under GRAPH the module runs on it, so that its own graph reads the copy too
+            kept = tuple(arg.clone() if plan == GRAPH else arg.detach().clone() for arg in args)
+        self.calls.append((args, kept, plan))
         if plan == GRAPH:
-            return None
+            return None if kept is args else (kept, kwargs)
         # an in-place module writes to a copy where a backward node keeps its input (Zennit's hooks always copy)
         in_place = getattr(module, 'inplace', False)
         return tuple(arg.detach().clone() if in_place and self.is_saved(arg) else arg.detach() for arg in args), kwargs
@@ -651,14 +661,14 @@ class SinglePassHook(Hook):
             return None
         if call == FALLBACK:
             return self.zennit_forward(module, args, output)
-        originals, plan = call
+        originals, kept, plan = call
         if not isinstance(output, torch.Tensor):
             # the module ran on a detached input: run it again under Zennit's hook
             self.fall_back(f'returns {type(output).__name__}, not a tensor')
             post_input = self.zennit_hook.pre_forward(module, originals)
             post_input = post_input if isinstance(post_input, tuple) else (post_input,)
             return self.zennit_forward(module, post_input, module.forward(*post_input, **kwargs))
-        relevance_fn, saved, passed_on = self.relevance_function(module, originals, output, plan)
+        relevance_fn, saved, passed_on = self.relevance_function(module, kept, output, plan)
         for tensor in saved:
             self.saved[tensor.untyped_storage().data_ptr()] = tensor
         return RelevanceNode.apply(relevance_fn, (passed_on, *saved), *originals)
@@ -817,7 +827,8 @@ def structure_key(module):
 
 def module_input_signs(module, fixed=False):
     '''The sign of each module's input (by name) as the graph of ``module``'s forward says (see
-    :py:mod:`zennit_bnfuse.signs`), and why the graph says nothing, if it does not (else None).
+    :py:mod:`zennit_bnfuse.signs`), why the graph says nothing, if it does not (else None), and the names of the
+    modules whose input an op after them writes into in place (None if the graph says nothing).
 
     A GraphModule's own graph is used; other modules are traced with the tracer of
     :py:func:`zennit_bnfuse.graph.lrp_graph`. The result is kept until the module's structure changes
@@ -836,10 +847,10 @@ def module_input_signs(module, fixed=False):
             with tracing_copy(module) as traced:
                 graph = LRPTracer().trace(traced)
     except Exception as error:  # fx raises many kinds of errors for untraceable code
-        result = {}, f'the forward could not be traced ({type(error).__name__}: {str(error).splitlines()[0]})'
+        result = {}, f'the forward could not be traced ({type(error).__name__}: {str(error).splitlines()[0]})', None
     else:
         analysis = SignAnalysis(graph, module)
-        result = analysis.module_inputs(), analysis.gave_up
+        result = analysis.module_inputs(), analysis.gave_up, inputs_written_after(graph, modules_of(module))
     _SIGNS[module] = (key, result)
     return result
 
@@ -930,7 +941,7 @@ class SinglePass(Composite):
         self.fallbacks.clear()
         for canonizer in self.canonizers:
             self.handles += canonizer.apply(module)
-        signs, self.sign_note = module_input_signs(module, fixed=self.cache)
+        signs, self.sign_note, written = module_input_signs(module, fixed=self.cache)
         self.data_checked = []
         ctx = {}
         for name, child in module.named_modules():
@@ -940,6 +951,7 @@ class SinglePass(Composite):
             hook = template.copy()
             if isinstance(hook, SinglePassHook):
                 hook.input_sign = signs.get(name, UNKNOWN)
+                hook.copies_input = written is None or name in written
                 if hook.input_sign == UNKNOWN and type(hook.rule) is ZPlus and is_affine_layer(child):
                     self.data_checked.append(name)
             self.hook_refs.add(hook)

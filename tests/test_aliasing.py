@@ -1,0 +1,65 @@
+'''Tests for which tensors of a traced forward share memory (zennit_bnfuse.aliasing).'''
+import pytest
+import torch
+import torch.fx
+
+from fusion_cases import Lambda
+from zennit_bnfuse.aliasing import inputs_written_after, memory_group, modules_of, read_after, written_after
+from zennit_bnfuse.graph import LRPTracer
+
+
+def traced(forward):
+    '''The graph of ``Lambda(forward)`` and the ``module_of`` for it.'''
+    model = Lambda(lambda module, x: forward(x))
+    return LRPTracer().trace(model), modules_of(model)
+
+
+def node(graph, name):
+    return next(node for node in graph.nodes if node.name == name)
+
+
+@pytest.mark.parametrize('forward, expected', [
+    (lambda x: (x * 1).add_(1), False),  # written into a new tensor nobody else reads
+    (lambda x: [y := x * 1, z := y.add_(1), z.relu()][2], False),  # read after the write through its own result
+    (lambda x: [y := x * 1, y.add_(1), y.relu()][2], True),  # read after the write through the tensor written into
+    (lambda x: [y := x * 1, v := y.view(-1), y.add_(1), v][3], True),  # a view taken before it is read after
+    (lambda x: [y := x * 1, y[0].add_(1), y][2], True),  # the tensor whose view it writes into is read after
+    (lambda x: [y := x * 1, a := y.chunk(2)[0], y.add_(1), a][3], True),  # through a split
+    (lambda x: [y := x * 1, z := y.exp(), y.add_(1), z][3], False),  # read after, but only by a new tensor
+    (lambda x: [y := x * 1, y.T.add_(1), y][2], True),  # ``.T`` is a view
+    (lambda x: x.add_(1), True),  # the forward's input: the caller sees the write
+])
+def test_read_after(forward, expected):
+    graph, module_of = traced(forward)
+    writer = next(node for node in graph.nodes if node.target == 'add_')
+    assert read_after(writer, module_of) is expected
+
+
+def test_memory_group_follows_views_both_ways():
+    graph, module_of = traced(lambda x: [y := x * 1, v := y.view(-1), v[:2].add_(1), y.exp()][3])
+    names = {node.name for node in memory_group(node(graph, 'getitem'), module_of)}
+    assert names == {'mul', 'view', 'getitem', 'add_'}
+
+
+class Written(torch.nn.Module):
+    '''``first`` reads a tensor an in-place ReLU and ``+=`` write into later; ``second`` reads it after both.'''
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+        self.relu = torch.nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        hidden = x * 2
+        out = self.first(hidden)
+        hidden = self.relu(hidden)
+        hidden += 1
+        return out + self.second(hidden)
+
+
+def test_written_after_names_the_first_writer():
+    model = Written()
+    graph = LRPTracer().trace(model)
+    first, second = node(graph, 'first'), node(graph, 'second')
+    assert written_after(first, first.args[0], modules_of(model)).name == 'relu'
+    assert written_after(second, second.args[0], modules_of(model)) is None
+    assert inputs_written_after(graph, modules_of(model)) == {'first', 'relu'}  # relu's by `+=`
