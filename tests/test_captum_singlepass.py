@@ -312,6 +312,20 @@ def test_functional_operations_after_changed_weights_fall_back_to_captum():
                                        'Captum\'s hooks')
 
 
+@pytest.mark.parametrize('hook', [lambda module, args, output: output * 3, lambda module, args, output: output + .1])
+def test_layer_with_a_forward_hook_of_its_own_falls_back_to_captum(hook):
+    '''The single pass computed the conv's relevance from its weights, not from the output the hook made (a third of
+    Captum's for ``* 3``).'''
+    model = Tiny().double()
+    model.conv2.register_forward_hook(hook)
+    input = torch.rand(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    single, captum, lrp = both_engines(model, None, input, [0, 1])
+    assert_same(single, captum, torch.float64)
+    assert [(entry.module, entry.reason) for entry in lrp.fallbacks] == [(
+        'conv2', 'has a forward hook of its own, which may change the output that the rule\'s relevance is computed '
+                 'from; every layer runs on Captum\'s hooks')]
+
+
 def test_changed_values_read_ignores_linear_functions():
     graph = torch.fx.symbolic_trace(SignalProduct()).graph
     assert changed_values_read(graph, {'left': EpsilonRule(), 'right': EpsilonRule(), 'linear': GammaRule()}) is None

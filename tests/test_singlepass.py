@@ -493,6 +493,20 @@ class PairNet(torch.nn.Module):
         return self.last(first)
 
 
+@pytest.mark.parametrize('hook', [lambda module, args, output: output * 3, lambda module, args, output: output + .1])
+def test_module_with_a_forward_hook_of_its_own_falls_back_per_module(hook):
+    '''SinglePass computed the conv's relevance from its weights, not from the output the hook made (a third of
+    Zennit's for ``* 3``).'''
+    model = small_net()
+    model[2].register_forward_hook(hook)
+    input = torch.rand(2, 2, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    single_pass = SinglePass(EpsilonPlusFlat())
+    zennit = relevance(model, EpsilonPlusFlat(), input, [0, 2])
+    assert torch.equal(relevance(model, single_pass, input, [0, 2]), zennit)
+    assert [(entry.module, entry.reason) for entry in single_pass.fallbacks] == [
+        ('2', 'has a forward hook of its own, which may change the output the rule does not compute')]
+
+
 def test_module_returning_a_tuple_falls_back_per_module():
     composite = SinglePass(LayerMapComposite([(Pair, Pass()), (torch.nn.Linear, Epsilon())]))
     input = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)

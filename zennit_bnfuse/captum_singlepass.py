@@ -49,6 +49,7 @@ from captum.attr._utils.custom_modules import Addition_Module
 from captum.attr._utils.lrp_rules import Alpha1_Beta0_Rule, EpsilonRule, GammaRule, IdentityRule, PropagationRule
 
 from .graph_layers import scale_passing_relevance
+from .signs import own_hooks
 from .singlepass import (
     Fallback, RelevanceNode, convolution_input_gradient, is_plain_convolution, stabilized, sum_relevance,
 )
@@ -442,6 +443,11 @@ class CaptumSinglePass:
 
     def whole_model_fallback(self):
         '''Why the model must run on Captum's own hooks, or None.'''
+        hooked = next((name for name, module in self.layers if own_hooks(module)), None)
+        if hooked is not None:
+            return Fallback(hooked, self.rules[hooked], 'has a forward hook of its own, which may change the output '
+                                                        'that the rule\'s relevance is computed from; every layer runs '
+                                                        'on Captum\'s hooks')
         for name, rule in self.rules.items():
             if rule is not None and own_methods(rule, PROCEDURE_METHODS):
                 return Fallback(name, rule, f'{type(rule).__name__} brings its own '

@@ -581,6 +581,8 @@ class SinglePassHook(Hook):
         '''Why SinglePass does not compute this call, or None.'''
         if self.fallback_reason is not None:
             return self.fallback_reason
+        if own_hooks(module):
+            return 'has a forward hook of its own, which may change the output the rule does not compute'
         if kwargs:
             return 'called with keyword arguments'
         if not args or not all(isinstance(arg, torch.Tensor) for arg in args):
