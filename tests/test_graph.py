@@ -490,3 +490,32 @@ def test_in_place_sum_keeps_the_identity(engine):
     expected = torch.autograd.grad(output[0, 1], input)[0] * input
     relevance = epsilon(engine, model).attribute(input.detach(), target=1)
     torch.testing.assert_close(relevance, expected, rtol=1e-9, atol=1e-12)
+
+
+class Tempered(torch.nn.Module):
+    '''conv -> relu -> residual conv -> linear, with a temperature its forward hook divides the logits by.'''
+    def __init__(self):
+        super().__init__()
+        self.conv, self.residual = torch.nn.Conv2d(2, 2, 3), torch.nn.Conv2d(2, 2, 3, padding=1)
+        self.linear, self.temperature = torch.nn.Linear(32, 3), 2.
+
+    def forward(self, x):
+        hidden = torch.relu(self.conv(x))
+        return self.linear((hidden + self.residual(hidden)).flatten(1))
+
+
+@pytest.mark.parametrize('engine', ['fused', 'fused-captum', 'composite', 'composite-zennit'])
+def test_forward_hooks_on_the_model_itself_run_on_the_prepared_copy(engine):
+    '''The GraphModule dropped them: the copy computed logits twice the model's, and the convergence delta, taken on
+    the copy, did not show it.'''
+    torch.manual_seed(0)
+    model = Tempered().double().eval()
+    model.register_forward_pre_hook(lambda module, args, kwargs: ((args[0] * .5,), kwargs), with_kwargs=True)
+    model.register_forward_hook(lambda module, args, output: output / module.temperature)
+    input = torch.rand(2, 2, 6, 6, dtype=torch.float64)
+    kind, _, own = engine.partition('-')
+    lrp = (FusedLRP(model, engine=own or 'singlepass') if kind == 'fused'
+           else CompositeLRP(model, EpsilonPlusFlat(), engine=own or 'singlepass'))
+    with pytest.warns(UserWarning, match='Tempered has forward hooks .* registered on the model itself'):
+        relevance, delta = lrp.attribute(input, target=1, return_convergence_delta=True)
+    torch.testing.assert_close(relevance.sum((1, 2, 3)) + delta, model(input)[:, 1], rtol=1e-12, atol=1e-12)

@@ -48,6 +48,7 @@ from captum._utils.common import _run_forward
 from captum.attr._utils.custom_modules import Addition_Module
 from captum.attr._utils.lrp_rules import Alpha1_Beta0_Rule, EpsilonRule, GammaRule, IdentityRule, PropagationRule
 
+from .graph import carry_forward_hooks
 from .graph_layers import scale_passing_relevance
 from .signs import own_hooks
 from .singlepass import (
@@ -233,6 +234,7 @@ def without_clones(model, left_out):
             graph.erase_node(node)
     graph.lint()
     forward = torch.fx.GraphModule(model, graph, class_name=type(model).__name__)
+    carry_forward_hooks(model, forward)
     _FORWARDS[model] = (key, forward)
     return forward
 

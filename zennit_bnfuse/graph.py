@@ -30,6 +30,7 @@ functional convolution with a weight computed in the forward, ``layer_norm``, in
 ...) are listed in a warning.
 '''
 import copy
+import functools
 import operator
 import warnings
 from collections import Counter
@@ -224,6 +225,25 @@ class LRPTracer(LeafTracer):
             if node.op == 'call_function' and node.target in OUT_OF_PLACE and node.args[0] not in signals:
                 node.target = OUT_OF_PLACE[node.target]
         return graph
+
+
+def carry_forward_hooks(source, target):
+    '''Register the forward pre-hooks and forward hooks of ``source`` on ``target``, a GraphModule that computes
+    ``source``'s forward (which does not take them over), in their order and with their options; each is called with
+    ``source`` as its module, whose attributes it may read. Returns how many there were.'''
+    for key, hook in source._forward_pre_hooks.items():
+        target.register_forward_pre_hook(functools.partial(called_on, hook, source),
+                                         with_kwargs=key in source._forward_pre_hooks_with_kwargs)
+    for key, hook in source._forward_hooks.items():
+        target.register_forward_hook(functools.partial(called_on, hook, source),
+                                     with_kwargs=key in source._forward_hooks_with_kwargs,
+                                     always_call=key in source._forward_hooks_always_called)
+    return len(source._forward_pre_hooks) + len(source._forward_hooks)
+
+
+def called_on(hook, module, _, *arguments):
+    '''``hook`` called with ``module`` in place of the module it is registered on.'''
+    return hook(module, *arguments)
 
 
 def is_number_argument(node):
@@ -587,6 +607,14 @@ def lrp_graph(model, residual='captum'):
         rewrite.clone_shared_inputs()
     graph.lint()
     result = torch.fx.GraphModule(model, graph, class_name=type(model).__name__)
+    if carry_forward_hooks(model, result):
+        warnings.warn(
+            f'zennit_bnfuse: {type(model).__name__} has forward hooks (or pre-hooks) registered on the model itself; '
+            'they run on the prepared copy as on the model, and LRP passes relevance through what they compute by '
+            'its plain gradient, which no LRP rule governs. Make them modules of the model and give those a rule, '
+            'or make sure their gradient is the relevance you mean.',
+            stacklevel=2,
+        )
     passed = ops_passed_by_gradient(result)
     if passed:
         counts = ', '.join(f'{name} x{count}' for name, count in Counter(map(op_name, passed)).items())
