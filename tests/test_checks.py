@@ -113,6 +113,43 @@ def test_a_composite_registered_on_the_model_is_refused(entry, when, snapshot):
         assert torch.equal((made or make(model)).attribute(input, target=0), expected)
 
 
+GLOBAL_HOOKS = {
+    'register_module_forward_hook': lambda module, args, output: output * 1.5 if isinstance(
+        module, torch.nn.Conv2d) else None,
+    'register_module_forward_pre_hook': lambda module, args: None,
+    'register_module_full_backward_hook': lambda module, grad_input, grad_output: None,
+    'register_module_full_backward_pre_hook': lambda module, grad_output: None,
+}
+FOLDING_ENTRY_POINTS = {
+    **COPYING_ENTRY_POINTS,
+    'FusedLRP': (lambda model: FusedLRP(model).attribute(torch.rand(1, 1, 4, 4, dtype=torch.float64), target=0),
+                 'FusedLRP'),
+    'CompositeLRP': (lambda model: CompositeLRP(model, EpsilonPlusFlat()).attribute(
+        torch.rand(1, 1, 4, 4, dtype=torch.float64), target=0), 'CompositeLRP'),
+    'Gradient': (lambda model: Gradient(model, EpsilonPlusFlat(canonizers=[FuseBatchNorm()])).__enter__(),
+                 'FuseBatchNorm'),
+}
+
+
+@pytest.mark.parametrize('hook', sorted(GLOBAL_HOOKS))
+@pytest.mark.parametrize('entry', sorted(FOLDING_ENTRY_POINTS))
+def test_global_module_hooks_are_refused_where_the_model_is_folded_or_prepared(entry, hook, snapshot):
+    '''They run on the copy's modules, which compute other things: a forward hook scaling every Conv2d's output ran on
+    conv + BatchNorm, and the fused logits were 4e-2 off the model's.'''
+    model = conv_net().eval()
+    before = snapshot(model)
+    make, caller = FOLDING_ENTRY_POINTS[entry]
+    handle = getattr(torch.nn.modules.module, hook)(GLOBAL_HOOKS[hook])
+    try:
+        with pytest.raises(RuntimeError, match=rf'^{caller.replace("(", r"[(]").replace(")", r"[)]")} cannot work '
+                                               rf'while global module hooks are registered \({hook} of '
+                                               r'torch\.nn\.modules\.module\).*Remove them first'):
+            make(model)
+    finally:
+        handle.remove()
+    before.assert_unchanged()
+
+
 def lazy_net():
     ''':py:func:`conv_net` with a LazyConv2d and a LazyLinear.'''
     return torch.nn.Sequential(torch.nn.LazyConv2d(2, 3), torch.nn.BatchNorm2d(2), torch.nn.ReLU(), torch.nn.Flatten(),

@@ -507,6 +507,22 @@ def test_module_with_a_forward_hook_of_its_own_falls_back_per_module(hook):
         ('2', 'has a forward hook of its own, which may change the output the rule does not compute')]
 
 
+def test_global_module_hooks_send_every_module_to_zennit():
+    model = small_net()
+    input = torch.rand(2, 2, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, output: output * 1.5 if isinstance(module, torch.nn.Conv2d) else None)
+    try:
+        single_pass = SinglePass(EpsilonPlusFlat())
+        zennit = relevance(model, EpsilonPlusFlat(), input, [0, 2])
+        assert torch.equal(relevance(model, single_pass, input, [0, 2]), zennit)
+    finally:
+        handle.remove()
+    assert {entry.reason for entry in single_pass.fallbacks} == {
+        'global module hooks are registered (register_module_forward_hook), which may change its output'}
+    assert len(single_pass.fallbacks) == 6  # every module with a rule: 2 convs, 2 ReLUs, the pooling, the linear
+
+
 def test_module_returning_a_tuple_falls_back_per_module():
     composite = SinglePass(LayerMapComposite([(Pair, Pass()), (torch.nn.Linear, Epsilon())]))
     input = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)

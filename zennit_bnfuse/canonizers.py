@@ -6,7 +6,7 @@ from zennit.canonizers import Canonizer
 from zennit.core import Hook
 from zennit.rules import Epsilon
 
-from .checks import check_model
+from .checks import check_model, refuse_global_hooks
 from .layers import BiasMapConvMixin, ThresholdReLU
 from .pairs import find_fusable_pairs
 from .prepared import model_fingerprint
@@ -113,6 +113,7 @@ class FuseBatchNorm(Canonizer):
             the model is unchanged then.
         '''
         check_model(root_module, 'FuseBatchNorm')
+        refuse_global_hooks('FuseBatchNorm')
         fingerprint = model_fingerprint(root_module)
         cached = self._cache.get(root_module)
         # the replacements are reused only as they were built: a change made to them inside an earlier context (an

@@ -69,6 +69,43 @@ def check_model(model, caller):
             'fold or explain. Give it values first (model.to_empty(device=\'cpu\'), then load_state_dict).')
 
 
+# torch's hooks for every module call (torch.nn.modules.module.register_module_forward_hook and the like)
+GLOBAL_HOOKS = {
+    '_global_forward_pre_hooks': 'register_module_forward_pre_hook',
+    '_global_forward_hooks': 'register_module_forward_hook',
+    '_global_backward_pre_hooks': 'register_module_full_backward_pre_hook',
+    '_global_backward_hooks': 'register_module_full_backward_hook',
+}
+
+
+def global_hooks():
+    '''The functions of ``torch.nn.modules.module`` that registered the global module hooks registered now (the hooks
+    every module call runs).'''
+    return [function for name, function in GLOBAL_HOOKS.items()
+            if getattr(torch.nn.modules.module, name, None)]
+
+
+def refuse_global_hooks(caller):
+    '''Raise if global module hooks are registered (:py:func:`global_hooks`). ``caller`` works on a fused or prepared
+    copy of the model, whose modules compute other things than the model's (a folded layer computes its BatchNorm
+    too, a residual sum becomes a module); the hooks, which run on every module call, would see (and may change) other
+    values there than in the model.
+
+    Raises
+    ------
+    RuntimeError
+        If one is, naming the function that registered it and the fix.
+    '''
+    registered = global_hooks()
+    if registered:
+        raise RuntimeError(
+            f'{caller} cannot work while global module hooks are registered ({", ".join(registered)} of '
+            'torch.nn.modules.module): they run on every module call, and the modules of the fused or prepared copy '
+            'compute other things than the model\'s (a folded layer computes its BatchNorm too), so the hooks would '
+            'see, and may change, other values than in the model. Remove them first (the handle their registration '
+            'returned has a remove()).')
+
+
 def first_module(model, predicate):
     '''``(name, module, where)`` for the first module of ``model`` (itself included) for which ``predicate`` holds,
     ``where`` naming it for a message (``'the model is'`` or ``'its submodule `name` is'``); None if none does.'''

@@ -1,7 +1,7 @@
 '''``fuse(model)``, which returns a fused copy of a model and the report of what was folded.'''
 from dataclasses import replace
 
-from .checks import check_model, refuse_zennit_hooks
+from .checks import check_model, refuse_global_hooks, refuse_zennit_hooks
 from .pairs import find_fusable_pairs
 from .report import UnfusedBatchNorm
 from .replacements import replaced_copy, replacement_modules
@@ -54,6 +54,7 @@ def fuse(model, example_inputs=None, include=None):
     '''
     check_model(model, 'fuse()')
     refuse_zennit_hooks(model, 'fuse()')
+    refuse_global_hooks('fuse()')
     report = find_fusable_pairs(model, example_inputs)
     if include is not None:
         report = selected(model, report, include)

@@ -1,7 +1,7 @@
 '''A cached LRP-ready copy of a user's model, rebuilt only when the model changes.'''
 import torch
 
-from .checks import refuse_zennit_hooks
+from .checks import refuse_global_hooks, refuse_zennit_hooks
 from .handling import bn_handling
 
 # what every nn.Module keeps in its __dict__ (parameters, buffers, children, hook dicts, the training flag)
@@ -118,6 +118,7 @@ class PreparedModel:
 
     def get(self):
         '''The prepared model, rebuilt if the user's model changed since the last call.'''
+        refuse_global_hooks(self.caller)
         fingerprint = model_fingerprint(self.model)
         if self._prepared is None or fingerprint != self._fingerprint:
             # registering a composite adds hooks, which changes the fingerprint: checked where the copy is made

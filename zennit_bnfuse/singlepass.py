@@ -41,7 +41,7 @@ from zennit.core import BasicHook, Composite, Hook, ParamMod, RemovableHandle, R
 from zennit.rules import Epsilon, Flat, NoMod, Norm, Pass, WSquare, ZPlus
 
 from .aliasing import inputs_written_after, modules_of
-from .checks import check_composite, check_model
+from .checks import check_composite, check_model, global_hooks
 from .graph import LRPTracer
 from .graph_layers import AddOperands
 from .layers import BiasMapConvMixin, FoldedLayerMixin, ThresholdReLU
@@ -583,6 +583,8 @@ class SinglePassHook(Hook):
             return self.fallback_reason
         if own_hooks(module):
             return 'has a forward hook of its own, which may change the output the rule does not compute'
+        if global_hooks():
+            return f'global module hooks are registered ({", ".join(global_hooks())}), which may change its output'
         if kwargs:
             return 'called with keyword arguments'
         if not args or not all(isinstance(arg, torch.Tensor) for arg in args):
