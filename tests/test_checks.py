@@ -219,6 +219,24 @@ def test_check_inputs(inputs, error, message):
         check_inputs(inputs)
 
 
+def inference_tensor():
+    with torch.inference_mode():
+        return torch.rand(1, 1, 4, 4, dtype=torch.float64)
+
+
+@pytest.mark.parametrize('explainer', ['FusedLRP', 'CompositeLRP'])
+def test_inference_mode_is_named(explainer):
+    '''Before: torch's "element 0 of tensors does not require grad", or a message blaming the input's shape.'''
+    lrp = FusedLRP(conv_net().eval()) if explainer == 'FusedLRP' else CompositeLRP(conv_net().eval(), EpsilonPlusFlat())
+    with pytest.raises(ValueError, match=r'^inputs\[1\] was made under torch\.inference_mode\(\).*'
+                                         r'\(inputs\[1\]\.clone\(\)\)'):
+        lrp.attribute((torch.rand(1, 1, 4, 4, dtype=torch.float64), inference_tensor()), target=0)
+    with pytest.raises(RuntimeError, match=r'^attribute\(\) was called inside torch\.inference_mode\(\)'):
+        with torch.inference_mode():
+            lrp.attribute(torch.rand(1, 1, 4, 4, dtype=torch.float64), target=0)
+    assert lrp.attribute(inference_tensor().clone(), target=0).shape == (1, 1, 4, 4)
+
+
 def test_check_inputs_accepts_tensors_and_tuples():
     check_inputs(torch.ones(2, 3))
     check_inputs((torch.ones(2, 3), torch.zeros(2, dtype=torch.float16)))

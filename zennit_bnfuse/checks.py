@@ -175,8 +175,15 @@ def check_inputs(inputs):
     TypeError
         If an input is not a tensor or not floating point (relevance is a derivative by the inputs).
     ValueError
-        If there is no input, an input has no batch dim, or the batch sizes differ.
+        If there is no input, an input has no batch dim or was made under :py:func:`torch.inference_mode`, or the
+        batch sizes differ.
+    RuntimeError
+        If called inside :py:func:`torch.inference_mode`.
     '''
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError('attribute() was called inside torch.inference_mode(), where autograd records nothing; '
+                           'relevance is computed by a backward pass. Call it outside the inference_mode block '
+                           '(torch.no_grad() around it is fine).')
     tensors = inputs if isinstance(inputs, tuple) else (inputs,)
     if not tensors:
         raise ValueError('inputs is an empty tuple; pass a tensor, or a tuple of tensors, with the batch on dim 0.')
@@ -188,6 +195,9 @@ def check_inputs(inputs):
         if not tensor.is_floating_point():
             raise TypeError(f'{what} has dtype {tensor.dtype}; relevance is computed from the derivative by the '
                             'inputs, which needs floating-point inputs (for example inputs.float()).')
+        if tensor.is_inference():
+            raise ValueError(f'{what} was made under torch.inference_mode(), and autograd cannot record operations on '
+                             f'it; pass a copy made outside inference_mode ({what}.clone()).')
         if tensor.ndim == 0:
             raise ValueError(f'{what} is a 0-dim tensor; inputs need the batch on dim 0 (for one example, '
                              'inputs[None]).')
