@@ -1,6 +1,8 @@
 '''The study's analysis: per-method summaries, the declared comparisons (Wilcoxon per seed, Holm over each family,
 bootstrap intervals, win rates), verdicts and the claims' readings, from the per-image results of
 ``benchmarks/study.py``.'''
+from dataclasses import replace
+
 import numpy as np
 
 from zennit_bnfuse.evaluation.metrics import BASELINES
@@ -90,6 +92,15 @@ def same_as_trained(model_units, regime, composite, handling):
 
 
 REPEATS_TRAINED = 'same relevance as (a) as trained (counted once, under (a))'
+NOT_MEASURABLE = ('not measurable: ROAD ABPC is 0 on every image under both handlings (MoRF and LeRF remove the '
+                  'pixels in the same order: the heatmaps rank no pixel above another, as a Flat rule on the only '
+                  'layer that sees the input makes them)')
+
+
+def ranks_nothing(model_units, key):
+    '''Whether a method's primary metric (ROAD ABPC) is exactly 0 on every image of every seed: its MoRF and LeRF
+    curves coincide, so its heatmaps order no pixel before another (a constant heatmap) and ROAD measures nothing.'''
+    return all(resolve(unit, key) is not None and not np.any(values(unit, key, PRIMARY)) for unit in model_units)
 
 
 def comparison_plan(units, args):
@@ -129,6 +140,10 @@ def comparison_plan(units, args):
                     if all(same_as_trained(model_units, regime, composite, handling)
                            for handling in ('fused', opponent)):
                         excluded.append((name, regime, composite, opponent, REPEATS_TRAINED))
+                        continue
+                    if all(ranks_nothing(model_units, method_key(regime, composite, handling))
+                           for handling in ('fused', opponent)):
+                        excluded.append((name, regime, composite, opponent, NOT_MEASURABLE))
                         continue
                     if opponent == 'zennit' and all(
                             identical(unit, key, method_key(regime, composite, 'naive')) for unit in model_units):
@@ -171,7 +186,9 @@ def compare(units, plan, metric, seeds):
             row['verdict'] = 'identical'
             rows.append(row)
             continue
-        comparisons = [per_seed[item][seed] for seed in model_seeds]
+        # a seed where both arms gave bitwise the same relevance is outside that seed's Holm family: no difference
+        comparisons = [per_seed[item][seed] if seed in per_seed.get(item, {})
+                       else same_relevance(units[(name, seed)], arm_key, metric) for seed in model_seeds]
         effects = [MIN_EFFECT_SHARE * float(np.median(np.abs(values(units[(name, seed)], arm_key, metric))))
                    for seed in model_seeds]
         pooled = hierarchical_comparison([values(units[(name, seed)], arm_key, metric) for seed in model_seeds],
@@ -183,6 +200,13 @@ def compare(units, plan, metric, seeds):
                    pooled=pooled.as_dict())
         rows.append(row)
     return rows
+
+
+def same_relevance(unit, key, metric):
+    '''The comparison of a method with one that gave bitwise the same relevance in a seed: every difference 0, p = 1
+    (no evidence of a difference, outside the seed's Holm family).'''
+    sample = values(unit, key, metric)
+    return replace(paired_comparison(sample, sample), p_holm=1.)
 
 
 def claim_verdicts(primary, args):

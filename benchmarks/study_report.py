@@ -286,6 +286,9 @@ def report_markdown(summary, args, command, host, date, rewritten=None):
             lasts = [seed['median_per_layer'][-1] for seed in per_seed.values() if seed['median_per_layer']]
             if tops:
                 lines.append(f'| {key} | {fmt(float(np.mean(tops)))} | {fmt(float(np.mean(lasts)))} |')
+        if any(line.endswith('| - | - |') for line in lines):
+            lines += ['', 'A `-` is a correlation that is not defined: heatmaps whose |relevance| is the same at every '
+                      'pixel (the Flat rule on the first layer of an MLP, under EpsilonPlusFlat, makes them so).']
         lines.append('')
 
     lines += ['## Checks', '']

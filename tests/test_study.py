@@ -36,6 +36,9 @@ def test_quick_study_end_to_end(tmp_path):
                     '## Cascading randomisation', '## Checks', 'The protocol, as declared before the numbers'):
         assert section in text, section
     assert '**Claim 1' in text and '**Claim 2' in text and '- command: `python ' in text
+    # EpsilonPlusFlat's heatmaps on the MLP are constant: ROAD and the randomisation check measure nothing there
+    assert 'not measurable: ROAD ABPC is 0 on every image under both handlings' in text
+    assert 'A `-` is a correlation that is not defined' in text
     # each unit names the command that computed it (kept in the cache, so later reports still name it)
     computed = [line for line in text.splitlines() if line.startswith('  - `python ')]
     assert len(computed) == 1 and '--fresh' in computed[0] and 'mnist-cnn-bn seed 0 (' in computed[0]
@@ -157,6 +160,38 @@ def test_negative_scales_repeating_the_trained_model_are_counted_once():
     assert ('mnist-cnn-bn', 'negative-scales', 'epsilon-plus-flat', 'unfused',
             'same relevance as (a) as trained (counted once, under (a))') in excluded
     assert ('primary', 'mnist-cnn-bn', 'trained', 'epsilon-plus-flat', 'fused', 'unfused') in plan
+
+
+def test_a_pair_identical_in_one_seed_only_gets_no_difference_there():
+    '''compare() raised KeyError: the identical seed is outside the Holm family, and its comparison was missing.'''
+    rng = np.random.default_rng(2)
+    fused = method_key('trained', 'epsilon-plus-flat', 'fused')
+    unfused = method_key('trained', 'epsilon-plus-flat', 'unfused')
+    base = rng.normal(1, .1, 100)
+    scores = {fused: base + .2, unfused: base, 'random': base - 1, 'gradient-x-input': base - 1}
+    units = {('mnist-cnn-bn', 0): unit({key: value for key, value in scores.items() if key != unfused},
+                                       duplicates={unfused: fused}),
+             ('mnist-cnn-bn', 1): unit(scores)}
+    plan, _ = comparison_plan(units, settings())
+    row, = compare(units, [item for item in plan if item[0] == 'primary'], 'road_abpc', [0, 1])
+    assert [(seed['outcome'], seed['p_holm']) for seed in row['per_seed'].values()] == [
+        ('none', 1.), ('better', row['per_seed'][1]['p_holm'])]
+    assert row['verdict'] == 'no difference'
+
+
+@pytest.mark.parametrize('flat_handlings, measurable', [(('fused', 'unfused'), False), (('unfused',), True)])
+def test_a_comparison_of_heatmaps_that_rank_no_pixel_is_not_measurable(flat_handlings, measurable):
+    '''EpsilonPlusFlat on an MLP: constant heatmaps, ABPC exactly 0 on every image under every handling; the
+    comparison said "no difference" and counted for claim 2.'''
+    rng = np.random.default_rng(3)
+    scores = {method_key('trained', 'epsilon-plus-flat', handling): (
+        np.zeros(50) if handling in flat_handlings else rng.normal(1, .1, 50)) for handling in ('fused', 'unfused')}
+    scores.update({'random': rng.normal(0, .1, 50), 'gradient-x-input': rng.normal(0, .1, 50)})
+    units = {('mnist-mlp-bn', seed): unit(scores) for seed in (0, 1)}
+    plan, excluded = comparison_plan(units, settings())
+    assert (('primary', 'mnist-mlp-bn', 'trained', 'epsilon-plus-flat', 'fused', 'unfused') in plan) is measurable
+    assert [reason.startswith('not measurable: ROAD ABPC is 0 on every image under both handlings')
+            for *_, reason in excluded] == ([] if measurable else [True])
 
 
 def test_a_tiny_effect_is_no_difference():
