@@ -22,7 +22,7 @@ from quantus.functions.perturb_func import noisy_linear_imputation as quantus_no
 
 from zennit_bnfuse import CompositeLRP
 from zennit_bnfuse.evaluation.composites import make_composite
-from zennit_bnfuse.evaluation.data import load_tensors
+from zennit_bnfuse.evaluation.data import default_data_root, load_tensors
 from zennit_bnfuse.evaluation.explain import predicted_classes
 from zennit_bnfuse.evaluation.metrics import (
     BASELINES, ROAD_PERCENTAGES, noisy_linear_imputation, region_perturbation, road, road_masks,
@@ -52,7 +52,7 @@ def measure(args):
     '''All timings, in seconds for ``args.images`` images (or the stated subset).'''
     model = pretrained(args.model)
     dataset = dataset_of(args.model)
-    images, _ = load_tensors(dataset, limit=args.images)
+    images, _ = load_tensors(dataset, args.data_root, download=args.download, limit=args.images)
     targets = predicted_classes(model, images)
     relevance, seconds = timed(lambda: torch.cat([
         explain(model, batch, target) for batch, target in zip(images.split(64), targets.split(64))]))
@@ -90,13 +90,19 @@ def comparison_seconds():
     return timed(lambda: paired_comparison(rng.normal(size=1000), rng.normal(size=1000)))[1]
 
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--model', default='cifar10-vgg-bn')
     parser.add_argument('--images', type=int, default=1000)
     parser.add_argument('--quantus-images', type=int, default=50, help='images for timing Quantus\' imputation')
     parser.add_argument('--randomisation-images', type=int, default=200)
-    args = parser.parse_args(argv)
+    parser.add_argument('--data-root', default=str(default_data_root()))
+    parser.add_argument('--download', action='store_true', help='let torchvision download missing data')
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     load_before = os.getloadavg()[0]
     costs = measure(args)
     load = f'load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after (other processes share the CPUs)'

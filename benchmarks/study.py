@@ -437,6 +437,7 @@ def parse_args(argv=None):
                         help='images (the first of each model) for the randomisation check; 0 skips it')
     parser.add_argument('--heatmap-models', default='mnist-cnn-bn,cifar10-vgg-bn,cifar10-preact-resnet')
     parser.add_argument('--data-root', default=str(default_data_root()))
+    parser.add_argument('--download', action='store_true', help='let torchvision download missing data')
     parser.add_argument('--batch-size', type=int, default=100, help='images per attribution batch')
     parser.add_argument('--eval-batch-size', type=int, default=1000, help='perturbed images per forward pass')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
@@ -483,7 +484,8 @@ def parse_args(argv=None):
 
 def load_data(dataset, args, progress):
     '''The study's images of ``dataset``, their labels and the per-channel mean of its test set.'''
-    images, labels = load_tensors(dataset, args.data_root, train=False, limit=args.images, progress=progress)
+    images, labels = load_tensors(dataset, args.data_root, train=False, download=args.download, limit=args.images,
+                                  progress=progress)
     everything, _ = load_tensors(dataset, args.data_root, train=False, progress=progress)
     return images, labels, everything.mean(dim=(0, 2, 3))
 
