@@ -278,3 +278,22 @@ def test_data_loading_benchmarks_take_the_options_their_message_names(script, tm
     with pytest.raises(FileNotFoundError, match=rf'not found under {tmp_path}.*pass --data-root.*or --download'):
         module.main(argv)
     assert module.parse_args(['--download']).download
+
+
+def test_road_tie_breaking_keeps_every_strict_order():
+    from road_ties import tie_breaking
+    relevance = torch.tensor([[[[3., 0.], [0., -1e-3]]], [[[0., 0.], [0., 0.]]]], dtype=torch.float64)
+    broken = tie_breaking(relevance).flatten(1)
+    assert broken.unique(dim=1).shape == broken.shape  # no ties left
+    assert torch.equal(broken[0].argsort(), torch.tensor([3, 1, 2, 0])) or torch.equal(
+        broken[0].argsort(), torch.tensor([3, 2, 1, 0]))
+    assert (broken[0] - relevance.flatten(1)[0]).abs().max() < 1e-8
+
+
+@needs_data
+def test_road_ties_smoke(tmp_path):
+    import road_ties
+    road_ties.main(['--images', '2', '--composites', 'captum-epsilon', '--handlings', 'fused', '--out', str(tmp_path)])
+    text = (tmp_path / 'road-ties.md').read_text()
+    assert '- command: `python' in text and '| captum-epsilon | fused |' in text
+    assert json.loads((tmp_path / 'road-ties.json').read_text())['rows'][0]['zero_share'] > 0
