@@ -242,6 +242,17 @@ def must_not_fuse():
         lambda self, x: (lambda y: (lambda z: [y.flatten().add_(1.), self.conv(z)][1])(self.bn(y)))(x * 1.),
         bn=torch.nn.BatchNorm2d(3), conv=torch.nn.Conv2d(3, 3, 3, padding=1)), 2, 3, 5, 5),
         {'bn': r'`\.add_\(\)` writes in place into its input after it reads it'})
+    # writes the alias analysis learnt from a review: through views it did not know, into ``out=``, by ``x[i] = v``
+    for name, write, writer in [
+            ('ravel', lambda y: y.ravel().mul_(3.), r'`\.mul_\(\)`'),
+            ('as-strided', lambda y: torch.as_strided(y, y.shape, y.stride()).mul_(3.), r'`\.mul_\(\)`'),
+            ('atleast-2d', lambda y: torch.atleast_2d(y).mul_(3.), r'`\.mul_\(\)`'),
+            ('out', lambda y: torch.add(y, 1., out=y), r'`torch\.add`'),
+            ('setitem', lambda y: y.__setitem__((slice(None), 0), 0.), r'`\.__setitem__\(\)`')]:
+        cases[f'bn-input-written-after-{name}'] = (*prepared(Lambda(
+            lambda self, x, write=write: (lambda y: (lambda z: [write(y), self.conv(z)][1])(self.bn(y)))(x * 1.),
+            bn=torch.nn.BatchNorm2d(3), conv=torch.nn.Conv2d(3, 3, 3, padding=1)), 2, 3, 5, 5),
+            {'bn': writer + r' writes in place into its input after it reads it'})
     cases['shared-with-and-without-relu'] = (*prepared(Lambda(
         lambda self, x: (lambda h: self.conv1(h) + self.conv2(F.relu(h)))(self.bn(x)), bn=torch.nn.BatchNorm2d(3),
         conv1=torch.nn.Conv2d(3, 2, 1), conv2=torch.nn.Conv2d(3, 2, 1)), 2, 3, 5, 5),

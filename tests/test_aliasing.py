@@ -4,7 +4,9 @@ import torch
 import torch.fx
 
 from fusion_cases import Lambda
-from zennit_bnfuse.aliasing import inputs_written_after, memory_group, modules_of, read_after, written_after
+from zennit_bnfuse.aliasing import (
+    inputs_written_after, keep_write_in_result, memory_group, modules_of, read_after, written_after,
+)
 from zennit_bnfuse.graph import LRPTracer
 
 
@@ -28,11 +30,37 @@ def node(graph, name):
     (lambda x: [y := x * 1, z := y.exp(), y.add_(1), z][3], False),  # read after, but only by a new tensor
     (lambda x: [y := x * 1, y.T.add_(1), y][2], True),  # ``.T`` is a view
     (lambda x: x.add_(1), True),  # the forward's input: the caller sees the write
+    # views no list named: the schema says so (ravel, as_strided, hsplit), or the op may return its input
+    (lambda x: [y := x * 1, v := y.ravel(), y.add_(1), v][3], True),
+    (lambda x: [y := x * 1, v := torch.as_strided(y, y.shape, y.stride()), y.add_(1), v][3], True),
+    (lambda x: [y := x * 1, v := torch.hsplit(y, 2)[0], y.add_(1), v][3], True),
+    (lambda x: [y := x * 1, v := torch.atleast_2d(y), y.add_(1), v][3], True),
+    (lambda x: [y := x * 1, v := torch.nn.functional.alpha_dropout(y), y.add_(1), v][3], True),
 ])
 def test_read_after(forward, expected):
     graph, module_of = traced(forward)
     writer = next(node for node in graph.nodes if node.target == 'add_')
     assert read_after(writer, module_of) is expected
+
+
+@pytest.mark.parametrize('forward, writer', [
+    (lambda x: [y := x * 1, z := y.exp(), torch.add(y, 1, out=y), z][3], 'add'),
+    (lambda x: [y := x * 1, z := y.exp(), y.__setitem__(0, 0.), z][3], 'setitem'),
+    (lambda x: [y := x * 1, z := y.exp(), y.ravel().mul_(2.), z][3], 'mul_'),
+])
+def test_written_after_sees_out_arguments_setitem_and_views_the_schemas_name(forward, writer):
+    graph, module_of = traced(forward)
+    exp = node(graph, 'exp')
+    assert written_after(exp, exp.args[0], module_of).name == writer
+
+
+def test_later_reads_by_name_are_given_the_result_of_the_write():
+    graph, module_of = traced(lambda x: [y := x * 1, y.relu_(), y.exp()][2])
+    relu = node(graph, 'relu_')
+    assert read_after(relu, module_of) and keep_write_in_result(relu, module_of)
+    assert node(graph, 'exp').args == (relu,) and not read_after(relu, module_of)
+    graph, module_of = traced(lambda x: [y := x * 1, v := y.view(-1), y.relu_(), v.exp()][3])
+    assert not keep_write_in_result(node(graph, 'relu_'), module_of)  # a view taken before it is read after
 
 
 def test_memory_group_follows_views_both_ways():

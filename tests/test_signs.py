@@ -1,11 +1,12 @@
 '''Tests for the sign analysis: which module inputs of a traced forward cannot be negative.'''
+import pytest
 import torch
 import torch.fx
 import torch.nn.functional as F
 
+from zennit_bnfuse.aliasing import writes_in_place
 from zennit_bnfuse.graph_layers import AddOperands
 from zennit_bnfuse.layers import ThresholdReLU
-from zennit_bnfuse.aliasing import writes_in_place
 from zennit_bnfuse.signs import NON_NEGATIVE, SIGNED, UNKNOWN, SignAnalysis
 
 
@@ -109,6 +110,16 @@ def test_add_with_alpha_counts_alpha_as_an_operand():
     assert signs_of(forward) == [SIGNED, SIGNED, NON_NEGATIVE, NON_NEGATIVE, UNKNOWN]
     # in place into a non-negative tensor: the analysis gives up
     model = Layers(lambda self, x: self.probe[0](self.relu(x).add_(F.relu(self.conv(x)), alpha=-1)))
+    assert SignAnalysis(torch.fx.Tracer().trace(model), model).gave_up is not None
+
+
+@pytest.mark.parametrize('write', [
+    lambda relu: relu.__setitem__(0, -1.), lambda relu: torch.sub(relu, 2., out=relu),
+    lambda relu: relu.ravel().sub_(2.)], ids=['setitem', 'out', 'through-ravel'])
+def test_writes_into_a_non_negative_tensor_are_seen(write):
+    '''``x[i] = v``, ``out=`` and a write through a view no list named were not seen: the probe's input counted as
+    non-negative, so z+ would have skipped its negative half.'''
+    model = Layers(lambda self, x: [relu := self.relu(x), write(relu), self.probe[0](relu)][2])
     assert SignAnalysis(torch.fx.Tracer().trace(model), model).gave_up is not None
 
 

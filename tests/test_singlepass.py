@@ -879,3 +879,31 @@ def test_input_written_in_place_after_the_layer_read_it_equals_zennit(traceable,
     with Gradient(model, single_pass):
         copied = sorted(hook.name for hook in single_pass.hook_refs if hook.copies_input)
     assert copied == (['branch', 'linear'] if traceable else ['branch', 'conv', 'head', 'linear'])
+
+
+class WrittenThroughView(torch.nn.Module):
+    '''``mid`` reads ``hidden``, which ``write`` changes in place afterwards (through a view the schemas name, or by
+    ``x[i] = v``).'''
+    def __init__(self, write):
+        super().__init__()
+        torch.manual_seed(0)
+        self.write = write
+        self.first, self.mid, self.head = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)
+
+    def forward(self, input):
+        hidden = self.first(input)
+        output = self.mid(hidden)
+        self.write(hidden)
+        return self.head(output + hidden)
+
+
+@pytest.mark.parametrize('write', [
+    lambda hidden: hidden.ravel().mul_(3.), lambda hidden: torch.as_strided(hidden, (2, 2), (1, 1)).mul_(3.),
+    lambda hidden: torch.hsplit(hidden, 2)[0].mul_(3.), lambda hidden: hidden.__setitem__((slice(None), 0), 0.)],
+    ids=['ravel', 'as_strided', 'hsplit', 'setitem'])
+def test_input_written_through_a_view_or_out_equals_zennit(write):
+    '''SinglePass raised autograd's in-place error: the alias analysis knew neither the view nor the write.'''
+    model = WrittenThroughView(write).double().eval()
+    input = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    zennit, single = both(model, rule_composite(Epsilon()), input, [0, 1, 0])
+    assert torch.equal(single, zennit)

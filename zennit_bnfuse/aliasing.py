@@ -1,19 +1,22 @@
-'''Which tensors of a traced forward share memory, and which in-place operations write into memory that is read
-elsewhere.
+'''Which tensors of a traced forward share memory, and which operations write into memory that is read elsewhere.
 
 Three parts of the package ask this of a :py:mod:`torch.fx` graph:
 
 - the folds: a BatchNorm folded into the layer after it leaves an identity, so its output becomes its input, which an
-  in-place op after it must not write into (:py:func:`written_after`);
-- the LRP graph: an in-place op (``x += y``) can become an op with a new output, which LRP gives a rule, where nothing
-  reads the memory it writes into afterwards (:py:func:`read_after`);
+  op after it must not write into (:py:func:`written_after`);
+- the LRP graph: an in-place op (``x += y``, ``ReLU(inplace=True)``) can become an op with a new output, which LRP
+  gives a rule, where nothing reads the memory it writes into afterwards but through its result
+  (:py:func:`keep_write_in_result`);
 - :py:class:`~zennit_bnfuse.SinglePass`: a module's input kept for the backward pass must be copied where an op after
-  the module writes into it (:py:func:`written_after`).
+  the module writes into it (:py:func:`inputs_written_after`).
 
-Memory is followed through the views the graph shows (:py:func:`may_alias`): known view ops, modules that may return
-their input, and in-place results.
+Memory is followed through what each node's result may share (:py:func:`aliased_arguments`): views (the lists below,
+and every operator whose schema returns an alias), ops that may return an input itself, ``out=`` tensors, in-place
+results, and ops the analysis does not know. Writes are in-place ops, ``x[i] = v`` and ``out=``
+(:py:func:`written_tensors`); writes through ``tensor.data`` outside the traced forward are not seen.
 '''
 import builtins
+import functools
 import operator
 
 import torch
@@ -21,9 +24,11 @@ import torch.fx
 import torch.nn.functional as F
 import torchvision.ops
 
+from .graph_layers import scale_passing_relevance
+
 # modules that may return their input or a view of it
-ALIASING_MODULES = (torch.nn.Flatten, torch.nn.Unflatten, torch.nn.Identity, torch.nn.Dropout, torch.nn.Dropout1d,
-                    torch.nn.Dropout2d, torch.nn.Dropout3d, torchvision.ops.StochasticDepth)
+ALIASING_MODULES = (torch.nn.Flatten, torch.nn.Unflatten, torch.nn.Identity, torch.nn.modules.dropout._DropoutNd,
+                    torchvision.ops.StochasticDepth)
 # functions and methods that may return a view of their first tensor argument (or of each, for broadcast_tensors)
 ALIASING_FUNCTIONS = {
     torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,
@@ -40,6 +45,22 @@ ALIASING_METHODS = {
     'movedim', 'to', 'float', 'double', 'half', 'bfloat16', 'type_as', 'tensor_split', 'moveaxis', 'swapaxes',
     'swapdims', 'diagonal', 'unfold', 'as_strided', 'type', 'cpu', 'cuda',
 }
+# ops that may return one of their inputs itself, though their schemas do not say so (or there is none)
+MAY_RETURN_INPUT = {
+    'atleast_1d', 'atleast_2d', 'atleast_3d', 'type_as', 'expand_as', 'view_as', 'reshape_as', 'dropout', 'dropout1d',
+    'dropout2d', 'dropout3d', 'alpha_dropout', 'feature_alpha_dropout', 'feature_dropout', 'contiguous', 'to', 'type',
+    'float', 'double', 'half', 'bfloat16', 'cpu', 'cuda', 'stochastic_depth',
+}
+# ops whose result shares memory with each of their tensor arguments, not only the first
+EACH_ARGUMENT = {torch.broadcast_tensors, torch.atleast_1d, torch.atleast_2d, torch.atleast_3d, torch.meshgrid}
+# Python's operators on tensors, and this package's relevance-passing product: new tensors
+NEW_TENSOR_FUNCTIONS = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.mod, operator.pow,
+    operator.matmul, operator.neg, operator.pos, operator.abs, operator.invert, operator.and_, operator.or_,
+    operator.xor, operator.lshift, operator.rshift, operator.eq, operator.ne, operator.lt, operator.le, operator.gt,
+    operator.ge, scale_passing_relevance,
+}
+SETITEM = {operator.setitem, '__setitem__'}
 IN_PLACE_FUNCTIONS = {torch.relu_, F.relu_, operator.iadd, operator.isub, operator.imul, operator.itruediv,
                       operator.ifloordiv, operator.imod, operator.ipow, operator.imatmul, operator.iand, operator.ior,
                       operator.ixor, operator.ilshift, operator.irshift}
@@ -65,46 +86,101 @@ def modules_of(root):
     return lambda node: root.get_submodule(node.target)
 
 
-def writes_into_input(node, module_of):
-    '''Whether ``node`` writes into its first argument: an in-place function or method, or a module with
-    ``inplace=True`` (``module_of`` maps a ``call_module`` node to its module).'''
+def written_tensors(node, module_of):
+    '''The nodes whose memory ``node`` writes into: its first argument for an in-place op (a function or method,
+    ``x[i] = v`` as ``__setitem__``, a module with ``inplace=True``), and the tensors given as ``out=``
+    (``module_of`` maps a ``call_module`` node to its module).'''
     if node.op == 'call_module':
-        return bool(getattr(module_of(node), 'inplace', False))
-    return writes_in_place(node)
+        return node.args[:1] if getattr(module_of(node), 'inplace', False) else ()
+    if node.op not in ('call_function', 'call_method'):
+        return ()
+    written = flat_nodes(node.kwargs.get('out'))
+    if node.args and isinstance(node.args[0], torch.fx.Node) and (
+            writes_in_place(node) or node.target in SETITEM):
+        written.insert(0, node.args[0])
+    return written
+
+
+def flat_nodes(value):
+    '''The fx nodes in an argument (nested lists and tuples included).'''
+    if isinstance(value, torch.fx.Node):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [node for item in value for node in flat_nodes(item)]
+    return []
+
+
+@functools.lru_cache(maxsize=None)
+def returns_alias(name):
+    '''Whether an overload of ``aten::name`` that writes into nothing returns an alias of an input (its schema says
+    ``Tensor(a)``); None if there is no such operator.'''
+    schemas = [schema for schema in torch._C._jit_get_schemas_for_operator(f'aten::{name}')
+               if not any(argument.alias_info is not None and argument.alias_info.is_write
+                          for argument in schema.arguments)]
+    if not schemas:
+        return None
+    return any(value.alias_info is not None for schema in schemas for value in schema.returns)
 
 
 def may_alias(node, module_of):
-    '''Whether ``node`` may return its first argument, a view of it or an in-place result on it (``module_of`` as
-    for :py:func:`writes_into_input`).'''
+    '''Whether ``node``'s result may share memory with its tensor arguments (:py:func:`aliased_arguments`): a view,
+    an in-place result, an op that may return its input (dropout in eval, ``atleast_2d``), or an op the analysis
+    does not know; ``module_of`` as for :py:func:`written_tensors`.'''
     if not isinstance(node, torch.fx.Node) or not node.args or not isinstance(node.args[0], torch.fx.Node):
         return False
     if node.op == 'call_module':
-        return isinstance(module_of(node), ALIASING_MODULES) or writes_into_input(node, module_of)
-    if node.target is builtins.getattr:
+        return isinstance(module_of(node), ALIASING_MODULES) or bool(written_tensors(node, module_of))
+    if node.op not in ('call_function', 'call_method'):
+        return False
+    target = node.target
+    if target is builtins.getattr:
         return len(node.args) > 1 and node.args[1] in VIEW_ATTRIBUTES
-    return node.op in ('call_function', 'call_method') and (
-        node.target in ALIASING_FUNCTIONS or node.target in ALIASING_METHODS or writes_in_place(node))
+    if target in ALIASING_FUNCTIONS or target in ALIASING_METHODS or writes_in_place(node):
+        return True
+    if target in NEW_TENSOR_FUNCTIONS:
+        return False
+    name = target if isinstance(target, str) else getattr(target, '__name__', '')
+    if name in MAY_RETURN_INPUT:
+        return True
+    alias = returns_alias(name)
+    return alias is None or alias  # an op the schemas do not know may alias
+
+
+def aliased_arguments(node, module_of):
+    '''The nodes whose memory ``node``'s result may share: the ``out=`` tensors, and where :py:func:`may_alias`,
+    its first argument (every tensor argument of ops that return each of them).'''
+    aliased = flat_nodes(node.kwargs.get('out')) if node.op in ('call_function', 'call_method') else []
+    if may_alias(node, module_of):
+        aliased += flat_nodes(node.args) if node.target in EACH_ARGUMENT else node.args[:1]
+    return aliased
 
 
 def views_of(node, module_of):
-    '''``node`` and the nodes reached from it through :py:func:`may_alias` (its views, their views, in-place results
-    on any of them), in the order found.'''
-    found, pending = [node], [node]
+    '''``node`` and the nodes reached from it through :py:func:`aliased_arguments` (its views, their views, in-place
+    results on any of them), in the order found.'''
+    found, pending = {node: None}, [node]
     while pending:
         current = pending.pop()
         for user in current.users:
-            if user not in found and user.args and user.args[0] is current and may_alias(user, module_of):
-                found.append(user)
+            if user not in found and current in aliased_arguments(user, module_of):
+                found[user] = None
                 pending.append(user)
-    return found
+    return list(found)
 
 
 def memory_group(node, module_of):
-    '''The nodes whose tensors may share ``node``'s memory, as far as the graph shows: the tensor ``node`` is a view
-    of (through :py:func:`may_alias`) and :py:func:`views_of` that.'''
-    while may_alias(node, module_of):
-        node = node.args[0]
-    return views_of(node, module_of)
+    '''The nodes whose tensors may share ``node``'s memory, as far as the graph shows: every node connected to it
+    through :py:func:`aliased_arguments`, in either direction (what it is a view of, its views, their other views).'''
+    found, pending = {node: None}, [node]
+    while pending:
+        current = pending.pop()
+        neighbours = [*aliased_arguments(current, module_of),
+                      *(user for user in current.users if current in aliased_arguments(user, module_of))]
+        for other in neighbours:
+            if other not in found:
+                found[other] = None
+                pending.append(other)
+    return list(found)
 
 
 def graph_order(graph):
@@ -112,34 +188,74 @@ def graph_order(graph):
     return {node: index for index, node in enumerate(graph.nodes)}
 
 
-def written_after(node, source, module_of, order=None):
-    '''The first op after ``node`` in the graph that writes in place into the memory of ``source`` (or of a tensor
-    sharing it, see :py:func:`memory_group`), or None. ``order``: :py:func:`graph_order` of the graph, if known.'''
-    order = graph_order(node.graph) if order is None else order
-    writers = [member for member in memory_group(source, module_of)
-               if order[member] > order[node] and writes_into_input(member, module_of)]
-    return min(writers, key=order.__getitem__, default=None)
+def writers(graph, module_of):
+    '''``(node, nodes it writes into)`` for every node of ``graph`` that writes into memory, in graph order.'''
+    found = []
+    for node in graph.nodes:
+        written = written_tensors(node, module_of)
+        if written:
+            found.append((node, written))
+    return found
 
 
-def read_after(node, module_of, order=None):
-    '''Whether the memory that the in-place op ``node`` writes into is read after it other than through ``node``'s
-    result (and views of that), or belongs to the forward's inputs or the module's attributes, whose owner sees the
-    write: if not, ``node`` may write into a new tensor instead. ``order`` as for :py:func:`written_after`.'''
+def written_after(node, source, module_of, order=None, writing=None):
+    '''The first op after ``node`` in the graph that writes into the memory of ``source`` (or of a tensor sharing it,
+    see :py:func:`memory_group`), or None. ``order`` (:py:func:`graph_order`) and ``writing`` (:py:func:`writers`)
+    of the graph, if known.'''
     order = graph_order(node.graph) if order is None else order
+    writing = writers(node.graph, module_of) if writing is None else writing
+    later = [(writer, written) for writer, written in writing if order[writer] > order[node]]
+    if not later:
+        return None
+    group = set(memory_group(source, module_of))
+    return next((writer for writer, written in later if not group.isdisjoint(written)), None)
+
+
+def later_readers(node, module_of):
+    '''The readers after ``node`` of each tensor sharing the memory ``node`` writes into, other than its result (and
+    views of that): ``{tensor: [readers]}``; None where that memory belongs to the forward's inputs or the module's
+    attributes, whose owner sees the write.'''
+    order = graph_order(node.graph)
     through_result = set(views_of(node, module_of))
-    for member in memory_group(node.args[0], module_of):
-        if member in through_result:
-            continue
+    group = {member for written in written_tensors(node, module_of) for member in memory_group(written, module_of)}
+    readers = {}
+    for member in group - through_result:
         if member.op in ('placeholder', 'get_attr'):
-            return True
-        if any(order[user] > order[node] for user in member.users if user not in through_result):
-            return True
-    return False
+            return None
+        readers[member] = [user for user in member.users if user not in through_result and order[user] > order[node]]
+    return readers
+
+
+def read_after(node, module_of):
+    '''Whether the memory that ``node`` writes into is seen after it other than through ``node``'s result (see
+    :py:func:`later_readers`).'''
+    readers = later_readers(node, module_of)
+    return readers is None or any(readers.values())
+
+
+def keep_write_in_result(node, module_of):
+    '''Make what the in-place op ``node`` writes visible only through its result, where that can be done, so that it
+    may write into a new tensor instead: nothing to do where :py:func:`read_after` finds no reader; where only the
+    tensor it writes into is read after it (by name, not through a view taken before it), its later readers are
+    given ``node``'s result instead. Returns whether ``node``'s write is now seen through its result only.'''
+    written = written_tensors(node, module_of)
+    readers = later_readers(node, module_of)
+    if len(written) != 1 or node.target in SETITEM or readers is None:
+        return False
+    target, = written
+    if any(users for member, users in readers.items() if member is not target):
+        return False
+    for user in readers.get(target, ()):
+        user.replace_input_with(target, node)
+    return True
 
 
 def inputs_written_after(graph, module_of):
-    '''The targets of the ``call_module`` nodes of ``graph`` whose input an op after the call writes into in place
-    (see :py:func:`written_after`).'''
+    '''The targets of the ``call_module`` nodes of ``graph`` whose input an op after the call writes into (see
+    :py:func:`written_after`).'''
+    writing = writers(graph, module_of)
+    if not writing:
+        return set()
     order = graph_order(graph)
     return {node.target for node in graph.nodes if node.op == 'call_module' and any(
-        written_after(node, source, module_of, order) is not None for source in node.all_input_nodes)}
+        written_after(node, source, module_of, order, writing) is not None for source in node.all_input_nodes)}

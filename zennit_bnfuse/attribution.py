@@ -314,9 +314,10 @@ class FusedLRP(LRP):
             # the copy carries copies of the user's rule attributes; the user's modules are read on every call
             for module in prepared.modules():
                 vars(module).pop('rule', None)
-            if self.engine == 'singlepass':
+            if self.engine == 'singlepass' and not isinstance(prepared, torch.fx.GraphModule):
                 # the single-pass engine's activations work on the tensors between layers, where Captum's hooks
-                # work on clones
+                # work on clones (in a traced copy, the rewrite made every in-place module whose write nothing
+                # reads through other tensors out of place; see zennit_bnfuse.graph)
                 out_of_place(prepared)
             self.refuse_rules_for_folded(prepared)
             self._build = self.prepared.builds

@@ -445,6 +445,11 @@ class CaptumSinglePass:
 
     def whole_model_fallback(self):
         '''Why the model must run on Captum's own hooks, or None.'''
+        writing = next((name for name, module in self.layers if getattr(module, 'inplace', None) is True), None)
+        if writing is not None:
+            return Fallback(writing, self.rules[writing], 'writes in place into its input, which the forward reads '
+                                                          'again through other tensors; every layer runs on Captum\'s '
+                                                          'hooks')
         hooked = next((name for name, module in self.layers if own_hooks(module)), None)
         if hooked is not None:
             return Fallback(hooked, self.rules[hooked], 'has a forward hook of its own, which may change the output '

@@ -43,7 +43,7 @@ import torchvision
 from captum.attr._utils.custom_modules import Addition_Module
 from zennit.layer import Sum
 
-from .aliasing import memory_group, modules_of, read_after, writes_in_place
+from .aliasing import keep_write_in_result, may_alias, memory_group, modules_of, writers, writes_in_place
 from .graph_layers import (
     AddOperands, MeanReduction, SumReduction, is_norm_act, scale_passing_relevance, split_norm_act,
 )
@@ -355,8 +355,7 @@ def ops_passed_by_gradient(graph_module):
     receiving = set()
     pending = [node for node in graph.nodes if node.op == 'output']
     # an in-place op changes the tensors sharing the memory it writes into, whether or not the forward uses its result
-    in_place = [node for node in graph.nodes
-                if writes_in_place(node) and node.args and isinstance(node.args[0], torch.fx.Node)]
+    in_place = writers(graph, module_of)
     while pending:
         while pending:
             node = pending.pop()
@@ -364,8 +363,8 @@ def ops_passed_by_gradient(graph_module):
                 continue
             receiving.add(node)
             pending.extend(node.args[:1] if node.target is scale_passing_relevance else node.all_input_nodes)
-        pending = [node for node in in_place if node not in receiving and not receiving.isdisjoint(
-            memory_group(node.args[0], module_of))]
+        pending = [node for node, written in in_place if node not in receiving and any(
+            not receiving.isdisjoint(memory_group(tensor, module_of)) for tensor in written)]
     return [node for node in graph.nodes
             if node.op in ('call_function', 'call_method') and node in receiving and node in signals
             and op_key(node) not in EXACT_FUNCTIONS | EXACT_METHODS]
@@ -422,8 +421,8 @@ class GraphRewrite:
                     self.copies[name] = node.target
                     node.target = name
                 continue
-            if node not in signals or (writes_in_place(node) and read_after(node, self.module_of)):
-                # an op that writes into memory read later cannot become an op with a new output
+            if node not in signals or (writes_in_place(node) and not keep_write_in_result(node, self.module_of)):
+                # an op that writes into memory read later through other tensors cannot become one with a new output
                 continue
             if (key in ADD_FUNCTIONS and len(node.args) == 2 and not node.kwargs
                     and all(arg in signals for arg in node.args)):
@@ -442,6 +441,11 @@ class GraphRewrite:
                 signals.add(replacement)
                 node.replace_all_uses_with(replacement)
                 self.graph.erase_node(node)
+        for node in list(self.graph.nodes):  # in-place modules (one per call now): the same values in a new tensor
+            module = self.model.get_submodule(node.target) if node.op == 'call_module' else None
+            if (getattr(module, 'inplace', None) is True and type(module).__module__.startswith('torch.nn')
+                    and node in signals and keep_write_in_result(node, self.module_of)):
+                module.inplace = False
         for node in list(self.graph.nodes):  # weights a new layer holds now
             if node.op == 'get_attr' and not node.users:
                 self.graph.erase_node(node)
@@ -474,7 +478,7 @@ class GraphRewrite:
         if arguments is None or arguments.get('return_indices') or arguments.get('dtype') is not None:
             return None
         arguments.pop('dtype', None)
-        if arguments.pop('inplace', False) and read_after(node, self.module_of):
+        if arguments.pop('inplace', False) and not keep_write_in_result(node, self.module_of):
             return None
         with self.graph.inserting_before(node):
             return self.graph.call_module(self.add_module(node, spec.name, spec.module_type(**arguments)),
@@ -544,6 +548,8 @@ class GraphRewrite:
         for node in list(self.graph.nodes):
             if node.op != 'call_module':
                 continue
+            if may_alias(node, self.module_of):
+                continue  # it writes into its input or returns it: a copy would take the write or the view away
             for arg in dict.fromkeys(node.all_input_nodes):
                 if arg in signals and len(arg.users) > 1:
                     with self.graph.inserting_before(node):
@@ -613,6 +619,17 @@ def lrp_graph(model, residual='captum'):
             'they run on the prepared copy as on the model, and LRP passes relevance through what they compute by '
             'its plain gradient, which no LRP rule governs. Make them modules of the model and give those a rule, '
             'or make sure their gradient is the relevance you mean.',
+            stacklevel=2,
+        )
+    writing = [node.target for node in graph.nodes if node.op == 'call_module'
+               and getattr(result.get_submodule(node.target), 'inplace', None) is True]
+    if writing:
+        warnings.warn(
+            f'zennit_bnfuse: in the forward of {type(model).__name__}, {len(writing)} module(s) with inplace=True '
+            f'write into a tensor that the forward reads again through a view taken before (first: `{writing[0]}`); '
+            'LRP hooks may hand a module a copy of its input (Zennit\'s always do), and the write then reaches '
+            'nothing the forward reads later, so the relevance may explain another function. Set inplace=False on '
+            'them.',
             stacklevel=2,
         )
     passed = ops_passed_by_gradient(result)

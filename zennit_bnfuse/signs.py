@@ -27,7 +27,9 @@ from captum.attr._utils.custom_modules import Addition_Module
 from zennit.core import Hook
 from zennit.layer import Sum
 
-from .aliasing import ALIASING_FUNCTIONS, ALIASING_METHODS, ALIASING_MODULES, writes_in_place
+from .aliasing import (
+    ALIASING_FUNCTIONS, ALIASING_METHODS, ALIASING_MODULES, flat_nodes, modules_of, writes_in_place, written_tensors,
+)
 from .graph_layers import AddOperands, MeanReduction, SumReduction, scale_passing_relevance
 from .layers import FOLDABLE_LAYER_TYPES, ThresholdReLU
 
@@ -125,15 +127,6 @@ def combined(signs):
     return UNKNOWN if UNKNOWN in signs else SIGNED
 
 
-def flat_nodes(value):
-    '''The fx nodes in an argument (nested lists and tuples included).'''
-    if isinstance(value, torch.fx.Node):
-        return [value]
-    if isinstance(value, (list, tuple)):
-        return [node for item in value for node in flat_nodes(item)]
-    return []
-
-
 class SignAnalysis:
     '''The sign of every tensor node of ``graph`` (see the module docstring) and the sign of each module's input.
 
@@ -155,14 +148,19 @@ class SignAnalysis:
         self.signs = {}
         self.groups = {}  # node -> representative of the nodes sharing its memory
         self.gave_up = None
+        module_of = modules_of(root)
         for node in graph.nodes:
             sign, aliases, mutated, preserving = self.visit(node)
             self.signs[node] = sign
             for other in aliases:
                 self.union(node, other)
-            if mutated is not None:
-                self.union(node, mutated)
-                if not preserving and self.group_has_non_negative(mutated):
+            # what it writes into besides: ``out=`` tensors, ``x[i] = v``; values of any sign
+            written = [(tensor, tensor is mutated and preserving) for tensor in written_tensors(node, module_of)]
+            if mutated is not None and not written:
+                written = [(mutated, preserving)]
+            for tensor, keeps_signs in written:
+                self.union(node, tensor)
+                if not keeps_signs and self.group_has_non_negative(tensor):
                     self.gave_up = f'`{node.name}` writes in place into memory that a non-negative tensor uses'
         if self.gave_up is not None:
             self.signs = dict.fromkeys(self.signs, UNKNOWN)
