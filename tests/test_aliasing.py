@@ -91,3 +91,10 @@ def test_written_after_names_the_first_writer():
     assert written_after(first, first.args[0], modules_of(model)).name == 'relu'
     assert written_after(second, second.args[0], modules_of(model)) is None
     assert inputs_written_after(graph, modules_of(model)) == {'first', 'relu'}  # relu's by `+=`
+
+
+def test_items_of_broadcast_tensors_share_memory_with_their_own_argument_only():
+    graph, module_of = traced(lambda x: [a := x * 1, b := x * 2, pair := torch.broadcast_tensors(a, b),
+                                         pair[0] + pair[1]][3])
+    names = {node.name for node in memory_group(node(graph, 'mul'), module_of)}
+    assert 'mul_1' not in names and 'getitem' in names and 'getitem_1' not in names

@@ -148,10 +148,19 @@ def may_alias(node, module_of):
 
 def aliased_arguments(node, module_of):
     '''The nodes whose memory ``node``'s result may share: the ``out=`` tensors, and where :py:func:`may_alias`,
-    its first argument (every tensor argument of ops that return each of them).'''
+    its first argument (for an item of ops that return a view of each argument, such as ``broadcast_tensors``, that
+    item's argument).'''
     aliased = flat_nodes(node.kwargs.get('out')) if node.op in ('call_function', 'call_method') else []
+    source = node.args[0] if node.target is operator.getitem and node.args else None
+    if isinstance(source, torch.fx.Node) and source.target in EACH_ARGUMENT and isinstance(node.args[1], int):
+        # one item of ``broadcast_tensors(a, b)``: a view of its own argument only
+        tensors = flat_nodes(source.args)
+        if len(tensors) > 1:
+            return aliased + tensors[node.args[1]:][:1]
     if may_alias(node, module_of):
-        aliased += flat_nodes(node.args) if node.target in EACH_ARGUMENT else node.args[:1]
+        if node.target in EACH_ARGUMENT and len(flat_nodes(node.args)) > 1:
+            return aliased  # a tuple of views, each of its own argument (see above)
+        aliased += node.args[:1]
     return aliased
 
 
@@ -161,11 +170,18 @@ def views_of(node, module_of):
     found, pending = {node: None}, [node]
     while pending:
         current = pending.pop()
-        for user in current.users:
+        for user in item_users(current):
             if user not in found and current in aliased_arguments(user, module_of):
                 found[user] = None
                 pending.append(user)
     return list(found)
+
+
+def item_users(node):
+    '''The users of ``node``, and for those that return a tuple of views of each argument (``broadcast_tensors``),
+    the users of the tuple (its items).'''
+    return [other for user in node.users
+            for other in (user, *(user.users if user.target in EACH_ARGUMENT else ()))]
 
 
 def memory_group(node, module_of):
@@ -175,7 +191,7 @@ def memory_group(node, module_of):
     while pending:
         current = pending.pop()
         neighbours = [*aliased_arguments(current, module_of),
-                      *(user for user in current.users if current in aliased_arguments(user, module_of))]
+                      *(user for user in item_users(current) if current in aliased_arguments(user, module_of))]
         for other in neighbours:
             if other not in found:
                 found[other] = None
@@ -212,9 +228,9 @@ def written_after(node, source, module_of, order=None, writing=None):
 
 
 def later_readers(node, module_of):
-    '''The readers after ``node`` of each tensor sharing the memory ``node`` writes into, other than its result (and
-    views of that): ``{tensor: [readers]}``; None where that memory belongs to the forward's inputs or the module's
-    attributes, whose owner sees the write.'''
+    '''The readers after ``node`` of each tensor made before it that shares the memory ``node`` writes into, other
+    than its result (and views of that): ``{tensor: [readers]}``; None where that memory belongs to the forward's
+    inputs or the module's attributes, whose owner sees the write.'''
     order = graph_order(node.graph)
     through_result = set(views_of(node, module_of))
     group = {member for written in written_tensors(node, module_of) for member in memory_group(written, module_of)}
@@ -222,6 +238,8 @@ def later_readers(node, module_of):
     for member in group - through_result:
         if member.op in ('placeholder', 'get_attr'):
             return None
+        if order[member] > order[node]:
+            continue  # made after the write, from a tensor it reads after it: counted as that tensor's reader
         readers[member] = [user for user in member.users if user not in through_result and order[user] > order[node]]
     return readers
 

@@ -43,7 +43,9 @@ import torchvision
 from captum.attr._utils.custom_modules import Addition_Module
 from zennit.layer import Sum
 
-from .aliasing import keep_write_in_result, may_alias, memory_group, modules_of, writers, writes_in_place
+from .aliasing import (
+    keep_write_in_result, may_alias, memory_group, modules_of, writers, writes_in_place, written_after, written_tensors,
+)
 from .graph_layers import (
     AddOperands, MeanReduction, SumReduction, is_norm_act, scale_passing_relevance, split_norm_act,
 )
@@ -54,6 +56,15 @@ ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 # augmented assignments -> the operator fx records for them on a proxy that has none
 OUT_OF_PLACE = {getattr(operator, f'i{name.rstrip("_")}'): getattr(operator, name) for name in (
     'add', 'sub', 'mul', 'truediv', 'floordiv', 'mod', 'pow', 'matmul', 'and_', 'or_', 'xor', 'lshift', 'rshift')}
+# in-place methods (and torch / torch.nn.functional functions) whose name without the trailing _ computes the same
+# values into a new tensor
+IN_PLACE_WITH_OUT_OF_PLACE = {
+    'add_', 'sub_', 'mul_', 'div_', 'true_divide_', 'pow_', 'neg_', 'abs_', 'exp_', 'log_', 'sqrt_', 'rsqrt_',
+    'square_', 'reciprocal_', 'sign_', 'floor_', 'ceil_', 'round_', 'clamp_', 'clamp_min_', 'clamp_max_', 'clip_',
+    'relu_', 'sigmoid_', 'tanh_', 'hardtanh_', 'leaky_relu_', 'elu_', 'celu_', 'selu_', 'rrelu_', 'threshold_',
+    'nan_to_num_', 'masked_fill_', 'masked_scatter_', 'index_put_', 'index_add_', 'index_fill_', 'scatter_',
+    'scatter_add_', 'addcmul_', 'addcdiv_', 'lerp_',
+}
 SHAPE_OPS = {'size', 'dim', 'numel'}
 SHAPE_ATTRIBUTES = {'shape', 'ndim', 'dtype', 'device', 'layout', 'is_cuda'}
 # what a residual addition can become (the ``residual`` argument of lrp_graph)
@@ -246,6 +257,26 @@ def called_on(hook, module, _, *arguments):
     return hook(module, *arguments)
 
 
+def without_write(node):
+    '''Make the in-place op ``node`` (``x += y``, ``x.clamp_(...)``, ``torch.relu_(x)``, ``F.relu(x, inplace=True)``)
+    compute the same values into a new tensor, where its out-of-place form is known; only for an op whose write is
+    seen through its result only (:py:func:`~zennit_bnfuse.aliasing.keep_write_in_result`).'''
+    target = node.target
+    if node.op == 'call_method' and target in IN_PLACE_WITH_OUT_OF_PLACE:
+        node.target = target[:-1]
+    elif node.op != 'call_function':
+        return
+    elif target in OUT_OF_PLACE:
+        node.target = OUT_OF_PLACE[target]
+    elif node.kwargs.get('inplace') is True:
+        node.kwargs = {**node.kwargs, 'inplace': False}
+    elif getattr(target, '__name__', None) in IN_PLACE_WITH_OUT_OF_PLACE:
+        for namespace in (torch, F):
+            if getattr(namespace, target.__name__, None) is target and hasattr(namespace, target.__name__[:-1]):
+                node.target = getattr(namespace, target.__name__[:-1])
+                return
+
+
 def is_number_argument(node):
     """Whether ``node`` is a forward argument whose default value is a number (a setting such as ``scale=1.``,
     not a tensor)."""
@@ -411,7 +442,6 @@ class GraphRewrite:
         signals = signal_nodes(self.graph)
         uses = Counter()
         for node in list(self.graph.nodes):
-            key = op_key(node)
             if node.op == 'call_module':
                 uses[node.target] += 1
                 if uses[node.target] > 1:
@@ -421,9 +451,13 @@ class GraphRewrite:
                     self.copies[name] = node.target
                     node.target = name
                 continue
-            if node not in signals or (writes_in_place(node) and not keep_write_in_result(node, self.module_of)):
-                # an op that writes into memory read later through other tensors cannot become one with a new output
+            if node not in signals:
                 continue
+            if writes_in_place(node):
+                if not keep_write_in_result(node, self.module_of):
+                    continue  # it writes into memory read later through other tensors: it stays in place
+                without_write(node)
+            key = op_key(node)
             if (key in ADD_FUNCTIONS and len(node.args) == 2 and not node.kwargs
                     and all(arg in signals for arg in node.args)):
                 replacement = self.residual_add(node)
@@ -548,8 +582,11 @@ class GraphRewrite:
         for node in list(self.graph.nodes):
             if node.op != 'call_module':
                 continue
-            if may_alias(node, self.module_of):
-                continue  # it writes into its input or returns it: a copy would take the write or the view away
+            if written_tensors(node, self.module_of) or (may_alias(node, self.module_of) and any(
+                    written_after(node, arg, self.module_of) for arg in node.all_input_nodes)):
+                # it writes into its input, or returns a view of it that a later write changes: a copy would take
+                # the write or the view away
+                continue
             for arg in dict.fromkeys(node.all_input_nodes):
                 if arg in signals and len(arg.users) > 1:
                     with self.graph.inserting_before(node):
