@@ -655,3 +655,42 @@ def test_dropout_reading_a_shared_tensor_gets_its_own_copy_for_captum():
     expected = torch.autograd.grad(model(input)[0, 1], input)[0] * input
     relevance = epsilon('fused', model).attribute(input.detach(), target=1)
     torch.testing.assert_close(relevance, expected, rtol=1e-9, atol=1e-12)
+
+
+class ResultReadsOriginal(torch.nn.Module):
+    '''``y = h.relu_()`` then an op on ``y`` that also reads ``h`` (the same tensor in the model): ``y.add_(h)``
+    (``'method'``) or ``y += h`` (``'augmented'``); ``rebound``: ``2 * relu(h)`` written out of place.'''
+    def __init__(self, kind, rebound=False):
+        super().__init__()
+        self.kind, self.rebound = kind, rebound
+        self.conv, self.head = torch.nn.Conv2d(2, 3, 3, padding=1), torch.nn.Linear(108, 3)
+
+    def forward(self, x):
+        hidden = self.conv(x)
+        if self.rebound:
+            result = torch.relu(hidden)
+            result = result + result
+        else:
+            result = hidden.relu_()
+            if self.kind == 'method':
+                result.add_(hidden)
+            else:
+                result += hidden
+        return self.head(result.flatten(1))
+
+
+@pytest.mark.parametrize('kind', ['method', 'augmented'])
+@pytest.mark.parametrize('engine', ['fused', 'composite'])
+def test_op_on_the_result_that_reads_the_written_tensor_reads_the_result(kind, engine):
+    '''The rewrite made relu_ out of place but left the add reading the tensor before the ReLU: relu(h) + h, 1.07 off
+    the model's output.'''
+    torch.manual_seed(0)
+    model = ResultReadsOriginal(kind).double().eval()
+    reference = ResultReadsOriginal(kind, rebound=True).double().eval()
+    reference.load_state_dict(model.state_dict())
+    input = torch.rand(1, 2, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) - .3
+    prepared_as_model(model)
+    input.requires_grad_(True)
+    expected = torch.autograd.grad(reference(input)[0, 1], input)[0] * input
+    relevance = epsilon(engine, model).attribute(input.detach(), target=1)
+    torch.testing.assert_close(relevance, expected, rtol=1e-9, atol=1e-12)

@@ -240,7 +240,9 @@ def later_readers(node, module_of):
             return None
         if order[member] > order[node]:
             continue  # made after the write, from a tensor it reads after it: counted as that tensor's reader
-        readers[member] = [user for user in member.users if user not in through_result and order[user] > order[node]]
+        # a later op on the result that reads this tensor too (``y = h.relu_(); y.add_(h)``) reads it as well
+        readers[member] = [user for user in member.users if order[user] > order[node]
+                           and not (user in through_result and member in aliased_arguments(user, module_of))]
     return readers
 
 

@@ -52,7 +52,7 @@ from .graph_layers import (
 from .pairs import LeafTracer
 from .replacements import set_module
 
-ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add, 'add'}
 # augmented assignments -> the operator fx records for them on a proxy that has none
 OUT_OF_PLACE = {getattr(operator, f'i{name.rstrip("_")}'): getattr(operator, name) for name in (
     'add', 'sub', 'mul', 'truediv', 'floordiv', 'mod', 'pow', 'matmul', 'and_', 'or_', 'xor', 'lshift', 'rshift')}
