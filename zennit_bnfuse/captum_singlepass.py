@@ -401,8 +401,9 @@ class CaptumSinglePass:
     Parameters
     ----------
     model: :py:obj:`torch.nn.Module`
-        The model (a prepared copy: in-place activations make no difference, but Captum's own hooks, where they run
-        instead, change the layers' weights for the duration of a call).
+        The model (a prepared copy, whose in-place modules the rewrite made out of place where it could; a module
+        left in place sends the whole model to Captum's own hooks, which change the layers' weights for the duration
+        of a call).
     choose_rule: callable
         ``(name, module) -> rule or None``, a new rule per call, as :py:class:`zennit_bnfuse.FusedLRP` gives them.
     autograd_types: tuple[type], optional
