@@ -44,7 +44,8 @@ from captum.attr._utils.custom_modules import Addition_Module
 from zennit.layer import Sum
 
 from .aliasing import (
-    keep_write_in_result, may_alias, memory_group, modules_of, writers, writes_in_place, written_after, written_tensors,
+    keep_write_in_result, may_alias, memory_group, modules_of, read_after, writers, writes_in_place, written_after,
+    written_tensors,
 )
 from .graph_layers import (
     AddOperands, MeanReduction, SumReduction, is_norm_act, scale_passing_relevance, split_norm_act,
@@ -410,6 +411,7 @@ class GraphRewrite:
         self.residual = residual
         self.copies = {}
         self.module_of = modules_of(model)
+        self.kept_in_place = []  # in-place modules whose write other tensors read later
 
     def split_norm_acts(self):
         '''Remove ``Identity`` calls and call timm's norm-act modules as a plain BatchNorm, then drop and act.'''
@@ -475,11 +477,19 @@ class GraphRewrite:
                 signals.add(replacement)
                 node.replace_all_uses_with(replacement)
                 self.graph.erase_node(node)
-        for node in list(self.graph.nodes):  # in-place modules (one per call now): the same values in a new tensor
+        for node in list(self.graph.nodes):  # in-place modules, one per call now
             module = self.model.get_submodule(node.target) if node.op == 'call_module' else None
-            if (getattr(module, 'inplace', None) is True and type(module).__module__.startswith('torch.nn')
-                    and node in signals and keep_write_in_result(node, self.module_of)):
-                module.inplace = False
+            if (getattr(module, 'inplace', None) is not True or not type(module).__module__.startswith('torch.nn')
+                    or node not in signals):
+                continue
+            if not read_after(node, self.module_of):
+                # nothing sees the write but through its result: Captum's hooks need a new tensor, the single pass
+                # and Zennit's hooks handle it in place (and save an allocation)
+                module.inplace = self.residual != 'captum'
+            elif keep_write_in_result(node, self.module_of):
+                module.inplace = False  # the same values in a new tensor, which later readers read now
+            else:
+                self.kept_in_place.append(node.target)
         for node in list(self.graph.nodes):  # weights a new layer holds now
             if node.op == 'get_attr' and not node.users:
                 self.graph.erase_node(node)
@@ -658,8 +668,7 @@ def lrp_graph(model, residual='captum'):
             'or make sure their gradient is the relevance you mean.',
             stacklevel=2,
         )
-    writing = [node.target for node in graph.nodes if node.op == 'call_module'
-               and getattr(result.get_submodule(node.target), 'inplace', None) is True]
+    writing = rewrite.kept_in_place
     if writing:
         warnings.warn(
             f'zennit_bnfuse: in the forward of {type(model).__name__}, {len(writing)} module(s) with inplace=True '
