@@ -326,6 +326,38 @@ def test_layer_with_a_forward_hook_of_its_own_falls_back_to_captum(hook):
                  'from; every layer runs on Captum\'s hooks')]
 
 
+class UntraceableInPlace(torch.nn.Module):
+    '''Control flow on the data (fx cannot trace it), and a ReLU(inplace=True) whose result the forward drops: it
+    reads the rectified tensor by name.'''
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.relu, self.linear = torch.nn.Conv2d(2, 3, 3, padding=1), torch.nn.ReLU(inplace=True), \
+            torch.nn.Linear(48, 2)
+
+    def forward(self, input):
+        if input.sum() > 0:
+            input = input * 1.
+        hidden = self.conv(input)
+        self.relu(hidden)
+        return self.linear(hidden.flatten(1))
+
+
+def test_untraceable_forward_with_in_place_modules_runs_on_captums_hooks():
+    '''FusedLRP switched every inplace flag off in a copy it could not trace: the copy computed another function
+    (0.58 relative off the model's output) and the relevance was 1.21 relative off gradient x input.'''
+    model = UntraceableInPlace().double()
+    input = torch.rand(2, 2, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    rules = {torch.nn.Conv2d: EpsilonRule(1e-15), torch.nn.Linear: EpsilonRule(1e-15)}
+    with pytest.warns(UserWarning, match='could not trace'):
+        single, captum, lrp = both_engines(model, rules, input, [0, 1])
+    assert_same(single, captum, torch.float64)
+    assert torch.equal(lrp.prepared.get()(input), model(input))
+    assert [(entry.module, entry.reason) for entry in lrp.fallbacks] == [(
+        'relu', 'writes in place into its input, and the forward could not be traced to tell whether it reads the '
+                'write again; every layer runs on Captum\'s hooks')]
+
+
 def test_changed_values_read_ignores_linear_functions():
     graph = torch.fx.symbolic_trace(SignalProduct()).graph
     assert changed_values_read(graph, {'left': EpsilonRule(), 'right': EpsilonRule(), 'linear': GammaRule()}) is None

@@ -147,14 +147,6 @@ def check_stabilizers(rules, dtype):
                 'EpsilonRule(epsilon=1e-4), ...}}).')
 
 
-def out_of_place(model):
-    '''Switch off ``inplace`` on every torch.nn module of ``model`` that has it (activations, dropout): the same
-    values, computed into new tensors. Only for a model this package owns (a prepared copy).'''
-    for module in model.modules():
-        if getattr(module, 'inplace', None) is True and type(module).__module__.startswith('torch.nn'):
-            module.inplace = False
-
-
 def batch_norm_canonizers(canonizers):
     '''The names of the canonizers among ``canonizers`` (Zennit's ``CompositeCanonizer`` opened) that fold
     BatchNorms into layers: :py:class:`~zennit_bnfuse.FuseBatchNorm` and Zennit's ``MergeBatchNorm`` family.'''
@@ -314,11 +306,6 @@ class FusedLRP(LRP):
             # the copy carries copies of the user's rule attributes; the user's modules are read on every call
             for module in prepared.modules():
                 vars(module).pop('rule', None)
-            if self.engine == 'singlepass' and not isinstance(prepared, torch.fx.GraphModule):
-                # the single-pass engine's activations work on the tensors between layers, where Captum's hooks
-                # work on clones (in a traced copy, the rewrite made every in-place module whose write nothing
-                # reads through other tensors out of place; see zennit_bnfuse.graph)
-                out_of_place(prepared)
             self.refuse_rules_for_folded(prepared)
             self._build = self.prepared.builds
         self.own_rules = {name: module.rule for name, module in self.model.named_modules()

@@ -448,9 +448,11 @@ class CaptumSinglePass:
         '''Why the model must run on Captum's own hooks, or None.'''
         writing = next((name for name, module in self.layers if getattr(module, 'inplace', None) is True), None)
         if writing is not None:
-            return Fallback(writing, self.rules[writing], 'writes in place into its input, which the forward reads '
-                                                          'again through other tensors; every layer runs on Captum\'s '
-                                                          'hooks')
+            # the rewrite of a traced copy made every in-place module it could out of place (zennit_bnfuse.graph)
+            why = ('which the forward reads again through other tensors' if isinstance(self.model, torch.fx.GraphModule)
+                   else 'and the forward could not be traced to tell whether it reads the write again')
+            return Fallback(writing, self.rules[writing], f'writes in place into its input, {why}; every layer runs '
+                                                          'on Captum\'s hooks')
         hooked = next((name for name, module in self.layers if own_hooks(module)), None)
         if hooked is not None:
             return Fallback(hooked, self.rules[hooked], 'has a forward hook of its own, which may change the output '
