@@ -61,6 +61,8 @@ NEW_TENSOR_FUNCTIONS = {
     operator.ge, scale_passing_relevance,
 }
 SETITEM = {operator.setitem, '__setitem__'}
+# a keyword argument not given (None is a value later_readers returns)
+NOT_GIVEN = object()
 IN_PLACE_FUNCTIONS = {torch.relu_, F.relu_, operator.iadd, operator.isub, operator.imul, operator.itruediv,
                       operator.ifloordiv, operator.imod, operator.ipow, operator.imatmul, operator.iand, operator.ior,
                       operator.ixor, operator.ilshift, operator.irshift}
@@ -246,20 +248,21 @@ def later_readers(node, module_of):
     return readers
 
 
-def read_after(node, module_of):
+def read_after(node, module_of, readers=NOT_GIVEN):
     '''Whether the memory that ``node`` writes into is seen after it other than through ``node``'s result (see
-    :py:func:`later_readers`).'''
-    readers = later_readers(node, module_of)
+    :py:func:`later_readers`; ``readers``: its result for ``node``, if known).'''
+    readers = later_readers(node, module_of) if readers is NOT_GIVEN else readers
     return readers is None or any(readers.values())
 
 
-def keep_write_in_result(node, module_of):
+def keep_write_in_result(node, module_of, readers=NOT_GIVEN):
     '''Make what the in-place op ``node`` writes visible only through its result, where that can be done, so that it
     may write into a new tensor instead: nothing to do where :py:func:`read_after` finds no reader; where only the
     tensor it writes into is read after it (by name, not through a view taken before it), its later readers are
-    given ``node``'s result instead. Returns whether ``node``'s write is now seen through its result only.'''
+    given ``node``'s result instead. Returns whether ``node``'s write is now seen through its result only.
+    ``readers``: :py:func:`later_readers` of ``node``, if known.'''
     written = written_tensors(node, module_of)
-    readers = later_readers(node, module_of)
+    readers = later_readers(node, module_of) if readers is NOT_GIVEN else readers
     if len(written) != 1 or node.target in SETITEM or readers is None:
         return False
     target, = written

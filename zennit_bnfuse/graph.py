@@ -44,8 +44,8 @@ from captum.attr._utils.custom_modules import Addition_Module
 from zennit.layer import Sum
 
 from .aliasing import (
-    keep_write_in_result, may_alias, memory_group, modules_of, read_after, writers, writes_in_place, written_after,
-    written_tensors,
+    keep_write_in_result, later_readers, may_alias, memory_group, modules_of, read_after, writers, writes_in_place,
+    written_after, written_tensors,
 )
 from .graph_layers import (
     AddOperands, MeanReduction, SumReduction, is_norm_act, scale_passing_relevance, split_norm_act,
@@ -482,11 +482,12 @@ class GraphRewrite:
             if (getattr(module, 'inplace', None) is not True or not type(module).__module__.startswith('torch.nn')
                     or node not in signals):
                 continue
-            if not read_after(node, self.module_of):
+            readers = later_readers(node, self.module_of)
+            if not read_after(node, self.module_of, readers):
                 # nothing sees the write but through its result: Captum's hooks need a new tensor, the single pass
                 # and Zennit's hooks handle it in place (and save an allocation)
                 module.inplace = self.residual != 'captum'
-            elif keep_write_in_result(node, self.module_of):
+            elif keep_write_in_result(node, self.module_of, readers):
                 module.inplace = False  # the same values in a new tensor, which later readers read now
             else:
                 self.kept_in_place.append(node.target)
