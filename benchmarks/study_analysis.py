@@ -1,15 +1,13 @@
 '''The study's analysis: per-method summaries, the declared comparisons (Wilcoxon per seed, Holm over each family,
 bootstrap intervals, win rates), verdicts and the claims' readings, from the per-image results of
 ``benchmarks/study.py``.'''
-from dataclasses import replace
-
 import numpy as np
 
 from zennit_bnfuse.evaluation.metrics import BASELINES
 from zennit_bnfuse.evaluation.models import MODELS
 from zennit_bnfuse.evaluation.statistics import (
-    bootstrap_mean_intervals, hierarchical_comparison, holm_adjust, paired_comparison, quantile_summary, seed_outcome,
-    verdict,
+    PairedComparison, bootstrap_mean_intervals, hierarchical_comparison, holm_adjust, paired_comparison,
+    quantile_summary, seed_outcome, verdict,
 )
 
 from study_design import (
@@ -205,8 +203,9 @@ def compare(units, plan, metric, seeds):
 def same_relevance(unit, key, metric):
     '''The comparison of a method with one that gave bitwise the same relevance in a seed: every difference 0, p = 1
     (no evidence of a difference, outside the seed's Holm family).'''
-    sample = values(unit, key, metric)
-    return replace(paired_comparison(sample, sample), p_holm=1.)
+    n = len(values(unit, key, metric))
+    return PairedComparison(n=n, seeds=1, mean_difference=0., median_difference=0., mean_interval=(0., 0.),
+                            median_interval=(0., 0.), win_rate=.5, higher_is_better=True, p_value=1., p_holm=1.)
 
 
 def claim_verdicts(primary, args):
