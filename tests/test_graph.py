@@ -261,6 +261,7 @@ class UnheldWeight(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.ones(2, 2, 1, 1))
         self.matrix = torch.nn.Parameter(torch.ones(2, 2))
         self.scalar = torch.nn.Parameter(torch.tensor(.5))
+        self.vector = torch.nn.Parameter(torch.ones(2))
         self.op = op
 
     def forward(self, x):
@@ -270,6 +271,7 @@ class UnheldWeight(torch.nn.Module):
 @pytest.mark.parametrize('op, passed', [
     (lambda self, x: F.conv2d(x, self.weight.expand(2, 2, 1, 1) * 2), 'conv2d'),
     (lambda self, x: F.linear(x, self.matrix, self.scalar), 'linear'),
+    (lambda self, x: F.linear(x, self.vector), 'linear'),  # a weight of a rank nn.Linear cannot hold
 ])
 def test_functional_layer_without_a_held_weight_is_reported(op, passed):
     model = UnheldWeight(op)

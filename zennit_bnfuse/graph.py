@@ -84,10 +84,14 @@ class ModuleSpec:
         Called with the op's arguments after the input, by name.
     arguments: tuple[str, ...]
         The names of the op's arguments after the input, in order.
+    weight_rank: int or None
+        For a functional layer, the rank of the weight its module holds (2 for ``linear``, ``dims + 2`` for a
+        convolution); None for other ops.
     '''
     name: str
     module_type: type
     arguments: tuple = ()
+    weight_rank: int = None
 
 
 def pooling_specs():
@@ -147,14 +151,14 @@ MODULE_SPECS = {**pooling_specs(), **activation_specs(), **REDUCTION_SPECS}
 def layer_specs():
     '''Functional layers (torch.nn.functional; torch's own functions are the same objects) -> :py:class:`ModuleSpec`
     whose arguments start with ``weight`` and ``bias``.'''
-    specs = {F.linear: ModuleSpec('linear', torch.nn.Linear, ('weight', 'bias'))}
+    specs = {F.linear: ModuleSpec('linear', torch.nn.Linear, ('weight', 'bias'), weight_rank=2)}
     for dims in (1, 2, 3):
         specs[getattr(F, f'conv{dims}d')] = ModuleSpec(
             f'conv{dims}d', getattr(torch.nn, f'Conv{dims}d'),
-            ('weight', 'bias', 'stride', 'padding', 'dilation', 'groups'))
+            ('weight', 'bias', 'stride', 'padding', 'dilation', 'groups'), weight_rank=dims + 2)
         specs[getattr(F, f'conv_transpose{dims}d')] = ModuleSpec(
             f'conv_transpose{dims}d', getattr(torch.nn, f'ConvTranspose{dims}d'),
-            ('weight', 'bias', 'stride', 'padding', 'output_padding', 'groups', 'dilation'))
+            ('weight', 'bias', 'stride', 'padding', 'output_padding', 'groups', 'dilation'), weight_rank=dims + 2)
     return specs
 
 
@@ -543,8 +547,7 @@ class GraphRewrite:
         weight, bias = (None if tensor is None else operator.attrgetter(tensor.target)(self.model)
                         for tensor in (weight, bias))
         # the op checks the shapes when it runs: a weight the layer cannot hold is left to it
-        rank = 2 if spec.module_type is torch.nn.Linear else int(spec.name[-2]) + 2  # conv{N}d: (out, in, *N dims)
-        if weight.dim() != rank or (bias is not None and bias.dim() != 1):
+        if weight.dim() != spec.weight_rank or (bias is not None and bias.dim() != 1):
             return None
         with self.graph.inserting_before(node):
             layer = layer_with_weight(spec.module_type, weight, bias, arguments)
