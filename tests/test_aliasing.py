@@ -36,6 +36,9 @@ def node(graph, name):
     (lambda x: [y := x * 1, v := torch.hsplit(y, 2)[0], y.add_(1), v][3], True),
     (lambda x: [y := x * 1, v := torch.atleast_2d(y), y.add_(1), v][3], True),
     (lambda x: [y := x * 1, v := torch.nn.functional.alpha_dropout(y), y.add_(1), v][3], True),
+    # a view taken before whose shape, dtype or device only is read after: no write changes those
+    (lambda x: [y := x * 1, v := y.view(-1), y.add_(1), x.new_ones(v.size(0), v.dim()).to(v.dtype)][3], False),
+    (lambda x: [y := x * 1, v := y.view(-1), y.add_(1), x.new_ones(v.shape).to(v.device)][3], False),
 ])
 def test_read_after(forward, expected):
     graph, module_of = traced(forward)

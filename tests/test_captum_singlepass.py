@@ -255,9 +255,34 @@ def test_layers_called_with_more_than_their_tensor_keep_captums_hooks():
     graph = torch.fx.symbolic_trace(SizedUpsampling()).graph
     modules = dict(SizedUpsampling().named_modules())
     rules = {name: EpsilonRule() for name in ('pre', 'down', 'up', 'linear')}
-    # `up` reads its input and a size; `down` reads a tensor that the size also reads; `pre` reads the model's input
-    # only (Captum's own LRP cannot run this model: its input hook takes the size for a tensor)
-    assert in_node_layers(graph, rules, modules)[0] == {'pre'}
+    # `up` reads its input and a size; `down` reads a tensor that the size also reads, which takes no gradient; `pre`
+    # reads the model's input only (Captum's own LRP cannot run this model: its input hook takes the size for a
+    # tensor)
+    assert in_node_layers(graph, rules, modules)[0] == {'pre', 'down'}
+
+
+class SizeRead(torch.nn.Module):
+    '''A conv whose input a size and a dtype are also read from (``flatten`` by the batch size; ``h += y`` made out
+    of place reads the dtype it writes into).'''
+    def __init__(self):
+        super().__init__()
+        self.pre, self.down = torch.nn.Conv2d(2, 2, 1), torch.nn.Conv2d(2, 2, 3, padding=1)
+        self.linear = torch.nn.Linear(2 * 8 * 8, 2)
+
+    def forward(self, input):
+        hidden = self.pre(input)
+        hidden += self.down(hidden)
+        return self.linear(hidden.view(hidden.size(0), -1))
+
+
+def test_layers_whose_input_a_size_is_read_from_are_computed_in_their_node():
+    '''The reads of the size and dtype kept the conv and the residual add on Captum's hooks.'''
+    torch.manual_seed(0)
+    input = torch.rand(2, 2, 8, 8, dtype=torch.float64)
+    single, captum, lrp = both_engines(SizeRead().double(), {}, input, [0, 1])
+    assert_same(single, captum, torch.float64)
+    prepared = lrp._prepared_model()
+    assert CaptumSinglePass(prepared, lrp.choose_rule).in_node == {'pre', 'down', 'residual_add'}
 
 
 class HalvedEpsilon(EpsilonRule):

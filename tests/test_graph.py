@@ -498,6 +498,35 @@ def test_in_place_sum_keeps_the_identity(engine):
     torch.testing.assert_close(relevance, expected, rtol=1e-9, atol=1e-12)
 
 
+class PromotedInPlace(torch.nn.Module):
+    '''A float32 residual sum ``hidden += branch(hidden)`` whose branch computes in float64: in place, the sum
+    stays float32.'''
+    def __init__(self):
+        super().__init__()
+        self.conv, self.linear = torch.nn.Conv2d(2, 2, 3, padding=1), torch.nn.Linear(72, 3)
+        self.branch = torch.nn.Conv2d(2, 2, 3, padding=1).double()
+
+    def forward(self, x):
+        hidden = self.conv(x)
+        hidden += self.branch(hidden.double())
+        return self.linear(hidden.flatten(1))
+
+
+@pytest.mark.parametrize('engine', ['fused', 'fused-captum', 'composite', 'composite-zennit'])
+def test_in_place_op_made_out_of_place_keeps_the_dtype_it_writes_into(engine):
+    '''Out of place, ``hidden + branch`` was float64, and the float32 linear layer after it raised.'''
+    torch.manual_seed(0)
+    model = PromotedInPlace().eval()
+    input = torch.rand(2, 2, 6, 6)
+    prepared, _ = lrp_graph(copy.deepcopy(model))
+    assert torch.equal(prepared(input), model(input))
+    kind, _, own = engine.partition('-')
+    lrp = (FusedLRP(model, engine=own or 'singlepass') if kind == 'fused'
+           else CompositeLRP(model, EpsilonPlusFlat(), engine=own or 'singlepass'))
+    relevance, delta = lrp.attribute(input, target=1, return_convergence_delta=True)
+    assert relevance.dtype == torch.float32 and relevance.shape == input.shape
+
+
 class Tempered(torch.nn.Module):
     '''conv -> relu -> residual conv -> linear, with a temperature its forward hook divides the logits by.'''
     def __init__(self):

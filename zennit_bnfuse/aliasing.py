@@ -61,6 +61,9 @@ NEW_TENSOR_FUNCTIONS = {
     operator.ge, scale_passing_relevance,
 }
 SETITEM = {operator.setitem, '__setitem__'}
+# what reads a tensor's shape, dtype or device, not its values
+SHAPE_OPS = {'size', 'dim', 'numel'}
+SHAPE_ATTRIBUTES = {'shape', 'ndim', 'dtype', 'device', 'layout', 'is_cuda'}
 # a keyword argument not given (None is a value later_readers returns)
 NOT_GIVEN = object()
 IN_PLACE_FUNCTIONS = {torch.relu_, F.relu_, operator.iadd, operator.isub, operator.imul, operator.itruediv,
@@ -80,6 +83,14 @@ def writes_in_place(node):
         return target.endswith('_') and not target.startswith('__')
     return getattr(target, '__module__', None) not in ('_operator', 'operator') and getattr(
         target, '__name__', '').endswith('_')
+
+
+def reads_metadata(node):
+    '''Whether the fx node reads its tensor's shape, size, dtype or device only (``x.size(0)``, ``x.shape``,
+    ``x.dtype``), which no write into the tensor's memory changes.'''
+    return ((node.op == 'call_method' and node.target in SHAPE_OPS)
+            or (node.op == 'call_function' and node.target is builtins.getattr and len(node.args) > 1
+                and node.args[1] in SHAPE_ATTRIBUTES))
 
 
 def modules_of(root):
@@ -243,7 +254,7 @@ def later_readers(node, module_of):
         if order[member] > order[node]:
             continue  # made after the write, from a tensor it reads after it: counted as that tensor's reader
         # a later op on the result that reads this tensor too (``y = h.relu_(); y.add_(h)``) reads it as well
-        readers[member] = [user for user in member.users if order[user] > order[node]
+        readers[member] = [user for user in member.users if order[user] > order[node] and not reads_metadata(user)
                            and not (user in through_result and member in aliased_arguments(user, module_of))]
     return readers
 

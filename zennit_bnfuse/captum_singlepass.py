@@ -48,7 +48,7 @@ from captum._utils.common import _run_forward
 from captum.attr._utils.custom_modules import Addition_Module
 from captum.attr._utils.lrp_rules import Alpha1_Beta0_Rule, EpsilonRule, GammaRule, IdentityRule, PropagationRule
 
-from .graph import carry_forward_hooks
+from .graph import carry_forward_hooks, shape_nodes
 from .graph_layers import scale_passing_relevance
 from .signs import own_hooks
 from .singlepass import (
@@ -134,7 +134,10 @@ def changed_values_read(graph, rules):
         The rule (or None) of each module the graph calls, by name.
     '''
     dependent, changed = set(), {}  # changed: node -> the layer whose changed weights its second-pass value reflects
+    shapes = shape_nodes(graph)  # a shape or dtype is the same in both passes and has no gradient
     for node in graph.nodes:
+        if node in shapes:
+            continue
         inputs = node.all_input_nodes
         if node.op == 'placeholder' or any(other in dependent for other in inputs):
             dependent.add(node)
@@ -189,12 +192,17 @@ def in_node_layers(graph, rules, modules):
               and computed_in_node(rules[node.target], modules[node.target]) and not node.kwargs
               and len(node.args) == (2 if isinstance(modules[node.target], Addition_Module) else 1)
               and all(isinstance(arg, torch.fx.Node) for arg in node.args)}
+    shapes = shape_nodes(graph)  # readers of a shape or dtype get no gradient
+
+    def readers(node):
+        return [user for user in node.users if user not in shapes]
+
     changed = True
     while changed:
         # a layer whose input another op reads keeps Captum's hooks; that may leave a tensor of another layer shared
         changed = False
         for node in list(chosen):
-            if any(user not in chosen for input in node.all_input_nodes for user in input.users):
+            if any(user not in chosen for input in node.all_input_nodes for user in readers(input)):
                 chosen.discard(node)
                 changed = True
 
@@ -203,11 +211,11 @@ def in_node_layers(graph, rules, modules):
 
     left_out = set()
     for node in graph.nodes:
-        readers = list(node.users)
-        if len(readers) > 1 and all(
-                reader in chosen or (is_clone(reader) and all(user in chosen for user in reader.users))
-                for reader in readers):
-            left_out.update(reader.name for reader in readers if is_clone(reader))
+        tensor_readers = readers(node)
+        if len(tensor_readers) > 1 and all(
+                reader in chosen or (is_clone(reader) and all(user in chosen for user in readers(reader)))
+                for reader in tensor_readers):
+            left_out.update(reader.name for reader in tensor_readers if is_clone(reader))
     return {node.target for node in chosen}, left_out
 
 

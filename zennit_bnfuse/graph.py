@@ -44,8 +44,8 @@ from captum.attr._utils.custom_modules import Addition_Module
 from zennit.layer import Sum
 
 from .aliasing import (
-    keep_write_in_result, later_readers, may_alias, memory_group, modules_of, read_after, writers, writes_in_place,
-    written_after, written_tensors,
+    keep_write_in_result, later_readers, may_alias, memory_group, modules_of, read_after, reads_metadata, writers,
+    writes_in_place, written_after, written_tensors,
 )
 from .graph_layers import (
     AddOperands, MeanReduction, SumReduction, is_norm_act, scale_passing_relevance, split_norm_act,
@@ -66,8 +66,6 @@ IN_PLACE_WITH_OUT_OF_PLACE = {
     'nan_to_num_', 'masked_fill_', 'masked_scatter_', 'index_put_', 'index_add_', 'index_fill_', 'scatter_',
     'scatter_add_', 'addcmul_', 'addcdiv_', 'lerp_',
 }
-SHAPE_OPS = {'size', 'dim', 'numel'}
-SHAPE_ATTRIBUTES = {'shape', 'ndim', 'dtype', 'device', 'layout', 'is_cuda'}
 # what a residual addition can become (the ``residual`` argument of lrp_graph)
 RESIDUALS = ('captum', 'zennit', 'operands')
 
@@ -295,9 +293,7 @@ def shape_nodes(graph):
     for node in graph.nodes:
         if node.op not in ('call_function', 'call_method'):
             continue
-        if ((node.op == 'call_method' and node.target in SHAPE_OPS)
-                or (node.target is getattr and node.args[1] in SHAPE_ATTRIBUTES)
-                or (node.all_input_nodes and all(arg in shapes for arg in node.all_input_nodes))):
+        if (reads_metadata(node) or (node.all_input_nodes and all(arg in shapes for arg in node.all_input_nodes))):
             shapes.add(node)
     return shapes
 
@@ -459,9 +455,11 @@ class GraphRewrite:
                 continue
             if node not in signals:
                 continue
+            dtype = None
             if writes_in_place(node):
                 if not keep_write_in_result(node, self.module_of):
                     continue  # it writes into memory read later through other tensors: it stays in place
+                dtype = self.written_dtype(node)
                 without_write(node)
             key = op_key(node)
             if (key in ADD_FUNCTIONS and len(node.args) == 2 and not node.kwargs
@@ -481,6 +479,8 @@ class GraphRewrite:
                 signals.add(replacement)
                 node.replace_all_uses_with(replacement)
                 self.graph.erase_node(node)
+            if dtype is not None:
+                signals.add(self.cast_result(replacement or node, dtype))
         for node in list(self.graph.nodes):  # in-place modules, one per call now
             module = self.model.get_submodule(node.target) if node.op == 'call_module' else None
             if (getattr(module, 'inplace', None) is not True or not type(module).__module__.startswith('torch.nn')
@@ -498,6 +498,23 @@ class GraphRewrite:
         for node in list(self.graph.nodes):  # weights a new layer holds now
             if node.op == 'get_attr' and not node.users:
                 self.graph.erase_node(node)
+
+    def written_dtype(self, node):
+        '''A new node, before the in-place op ``node``, reading the dtype of the tensor it writes into, where the op
+        has several tensor operands (its out-of-place form may compute in a promoted dtype: a float32 ``h += y`` with
+        a float64 ``y`` stays float32, ``h + y`` is float64); None for an op of one tensor.'''
+        if len(node.all_input_nodes) < 2:
+            return None
+        with self.graph.inserting_before(node):
+            return self.graph.call_function(getattr, (node.args[0], 'dtype'))
+
+    def cast_result(self, result, dtype):
+        '''Make every reader of ``result`` read it cast to the dtype the node ``dtype`` gives (no copy where it has
+        that dtype); returns the cast.'''
+        with self.graph.inserting_after(result):
+            cast = self.graph.call_method('to', (result, dtype))
+        result.replace_all_uses_with(cast, delete_user_cb=lambda user: user is not cast)
+        return cast
 
     def add_module(self, node, base, module):
         '''Register ``module`` under a free name starting with ``base`` in the module ``node`` is written in.'''
@@ -602,9 +619,11 @@ class GraphRewrite:
                 # the write or the view away
                 continue
             for arg in dict.fromkeys(node.all_input_nodes):
-                if arg in signals and len(arg.users) > 1:
+                # readers of a shape or dtype hand no relevance back
+                if arg in signals and sum(user in signals for user in arg.users) > 1:
                     with self.graph.inserting_before(node):
                         clone = self.graph.call_method('clone', (arg,))
+                    signals.add(clone)
                     node.replace_input_with(arg, clone)
 
 
