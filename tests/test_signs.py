@@ -98,6 +98,25 @@ def test_softplus_with_a_negative_beta_and_clamp_with_max_below_min_give_signed_
     assert [signs[f'probe.{index}'] for index in range(5)] == [SIGNED, SIGNED, UNKNOWN, NON_NEGATIVE, NON_NEGATIVE]
 
 
+def test_softplus_with_a_negative_threshold_gives_signed():
+    '''Softplus returns x itself where beta * x > threshold: negative entries for a negative threshold and a signed
+    input. SinglePass skipped the negative half of z+ after it (4x off Zennit).'''
+    def forward(self, x):
+        conv, relu = self.conv(x), self.relu(x)
+        self.probe[0](F.softplus(conv, 1., -3.))
+        self.probe[1](self.negative(conv))
+        self.probe[2](F.softplus(conv, threshold=x.shape[-1] - 9))  # computed: may be negative
+        self.probe[3](F.softplus(conv, threshold=0.))
+        self.probe[4](self.negative(relu))  # x or log(1 + exp(x)): non-negative where x is
+        return self.probe[5](F.softplus(relu, threshold=x.shape[-1] - 9))
+    model = Layers(forward)
+    model.negative = torch.nn.Softplus(threshold=-3.)
+    signs = input_signs(model)
+    assert [signs[f'probe.{index}'] for index in range(6)] == [SIGNED] * 3 + [NON_NEGATIVE] * 3
+    input = torch.linspace(-2, 0, 5)
+    assert (F.softplus(input, 1., -3.) < 0).any()  # the premise
+
+
 def test_add_with_alpha_counts_alpha_as_an_operand():
     # torch.add(a, b, alpha=-1) is a - b: signed although both operands are non-negative
     def forward(self, x):

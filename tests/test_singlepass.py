@@ -7,9 +7,11 @@ import torch.nn.functional as F
 import torchvision
 from zennit.attribution import Gradient
 from zennit.composites import EpsilonAlpha2Beta1Flat, EpsilonGammaBox, EpsilonPlusFlat, LayerMapComposite
-from zennit.core import Composite, ParamMod, Stabilizer
+from zennit.core import BasicHook, Composite, ParamMod, Stabilizer
 from zennit.layer import Sum
-from zennit.rules import AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, ReLUGuidedBackprop, WSquare, ZBox, ZPlus
+from zennit.rules import (
+    AlphaBeta, ClampMod, Epsilon, Flat, Gamma, Norm, Pass, ReLUGuidedBackprop, WSquare, ZBox, ZPlus,
+)
 
 from conftest import randomize_batch_norms
 from zennit_bnfuse import CompositeLRP, FuseBatchNorm, singlepass
@@ -205,8 +207,8 @@ def test_zplus_runs_one_half_on_non_negative_input():
     rule = ZPlus()
     clamped = []
 
-    def counting(modifier):
-        return lambda input: clamped.append(input.shape) or modifier(input)
+    def counting(modifier):  # SinglePass tries each modifier on an empty tensor once (returns_its_argument)
+        return lambda input: (input.numel() and clamped.append(input.shape)) or modifier(input)
     rule.input_modifiers = [counting(modifier) for modifier in rule.input_modifiers]
     model = small_net()
     images = torch.rand(2, 2, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
@@ -233,12 +235,14 @@ def test_normalizer_only_for_known_rules_and_stabilizers():
     assert normalizer(Epsilon(epsilon=lambda output: output + 1.)) is None
 
 
-def test_stabilized_is_zennits_stabilizer_bit_for_bit():
-    # one new tensor instead of three, the same bits: signed zeros get +epsilon, infinities and NaN stay
+@pytest.mark.parametrize('epsilon', [.25, -.25])
+def test_stabilized_is_zennits_stabilizer_bit_for_bit(epsilon):
+    # one new tensor instead of three, the same bits: signed zeros get +epsilon, infinities and NaN stay; a negative
+    # epsilon moves outputs towards 0 (Zennit's and Captum's z + sign(z) * epsilon, sign(0) = 1)
     output = torch.tensor([-2., -0., 0., 3., -1e-30, float('inf'), -float('inf'), float('nan')],
                           dtype=torch.float64)
-    expected = Stabilizer(epsilon=0.25)(output)
-    result = stabilized(output, 0.25)
+    expected = Stabilizer(epsilon=epsilon)(output)
+    result = stabilized(output, epsilon)
     # the input is left as it was, signs of zeros included
     assert result.data_ptr() != output.data_ptr()
     assert torch.equal(output[:4], torch.tensor([-2., -0., 0., 3.], dtype=torch.float64))
@@ -668,8 +672,10 @@ def test_signed_inputs_run_both_halves_without_reading_the_data(monkeypatch):
         input))
     rule = ZPlus()
     clamped = []
-    rule.input_modifiers = [lambda input, modifier=modifier: clamped.append(tuple(input.shape)) or modifier(input)
-                            for modifier in rule.input_modifiers]
+    # SinglePass tries each modifier on an empty tensor once (returns_its_argument)
+    rule.input_modifiers = [
+        lambda input, modifier=modifier: (input.numel() and clamped.append(tuple(input.shape))) or modifier(input)
+        for modifier in rule.input_modifiers]
     images = torch.rand(1, 2, 4, 4, dtype=torch.float64)
     composite = SinglePass(LayerMapComposite([(torch.nn.Conv2d, rule)]))
     single = relevance(model, composite, images, [0])
@@ -907,3 +913,100 @@ def test_input_written_through_a_view_or_out_equals_zennit(write):
     input = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     zennit, single = both(model, rule_composite(Epsilon()), input, [0, 1, 0])
     assert torch.equal(single, zennit)
+
+
+class ScaledConv(torch.nn.Conv2d):
+    '''A convolution whose own ``_conv_forward`` doubles the weights: not torch's convolution of its weights.'''
+    def _conv_forward(self, input, weight, bias):
+        return super()._conv_forward(input, 2. * weight, bias)
+
+
+@pytest.mark.parametrize('rule', [Epsilon(), ZPlus(), Flat(), Gamma(gamma=.25)], ids=lambda rule: type(rule).__name__)
+def test_convolution_subclass_with_its_own_conv_forward_equals_zennit(rule):
+    '''The convolution paths differentiated torch's convolution of the module's weights: half of Zennit's relevance.'''
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), torch.nn.ReLU(), ScaledConv(4, 4, 3), torch.nn.ReLU(),
+                                torch.nn.Flatten(), torch.nn.Linear(16, 3)).double().eval()
+    zennit, single = both(model, rule_composite(rule), torch.randn(3, 2, 6, 6, dtype=torch.float64), [0, 1, 2])
+    assert zennit.abs().sum() > 0 and torch.equal(single, zennit)
+    assert not singlepass.is_plain_convolution(model[2]) and singlepass.is_plain_convolution(model[0])
+
+
+@pytest.mark.parametrize('rule', [Epsilon(), ZPlus(), Flat()], ids=lambda rule: type(rule).__name__)
+@pytest.mark.parametrize('dims', [1, 2])
+def test_unbatched_convolution_input_equals_zennit(rule, dims):
+    '''torch's convolutions take an input without a batch dimension; the single pass raised torch's shape error.'''
+    torch.manual_seed(1)
+    conv = getattr(torch.nn, f'Conv{dims}d')
+    model = torch.nn.Sequential(conv(3, 4, 3), torch.nn.ReLU(), conv(4, 2, 3)).double().eval()
+    input = torch.randn(3, *(7,) * dims, dtype=torch.float64)
+    grad_output = torch.randn(2, *(3,) * dims, dtype=torch.float64)
+    results = []
+    for composite in (rule_composite(rule)(), SinglePass(rule_composite(rule)())):
+        with Gradient(model, composite) as attributor:
+            results.append(attributor(input, grad_output)[1])
+    assert results[0].abs().sum() > 0 and torch.equal(*results)
+
+
+def test_rule_whose_input_modifiers_return_their_argument_falls_back():
+    '''Zennit's hook hands every such modifier the sum of all the outputs' gradients (they are one tensor to
+    autograd); the single pass gave each its own (0.94 relative off).'''
+    def rule():
+        return BasicHook(param_modifiers=[ClampMod(min=0.), ClampMod(max=0., zero_params=['bias'])],
+                         gradient_mapper=lambda out_grad, outputs: [out_grad / (sum(outputs) + 1e-6)] * len(outputs))
+    composite = LayerMapComposite([(torch.nn.Conv2d, rule()), (torch.nn.Linear, Epsilon()),
+                                   (torch.nn.ReLU, Pass())])
+    input = torch.randn(3, 2, 6, 6, dtype=torch.float64)
+    zennit, single = both(small_net(), lambda: composite, input, [0, 1, 2])
+    assert zennit.abs().sum() > 0 and torch.equal(single, zennit)
+    single_pass = SinglePass(composite)
+    relevance(small_net(), single_pass, input, [0, 1, 2])
+    assert [item.module for item in single_pass.fallbacks] == ['0', '2']
+    assert single_pass.fallbacks[0].reason.startswith('its rule has several input modifiers that return their argument')
+
+
+def test_random_module_in_training_mode_falls_back():
+    '''Zennit's hook runs a dropout layer again in the backward pass, with a new mask; the single pass reused the
+    forward's (4.4 relative off).'''
+    def model():
+        torch.manual_seed(3)
+        return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Dropout(.5),
+                                   torch.nn.Linear(8, 3)).double().train()
+    composite = LayerMapComposite([(torch.nn.Linear, Epsilon()), (torch.nn.Dropout, Norm()), (torch.nn.ReLU, Pass())])
+    input = torch.randn(5, 6, dtype=torch.float64)
+    torch.manual_seed(9)
+    zennit = relevance(model(), composite, input, [0, 1, 2, 0, 1])
+    single_pass = SinglePass(composite)
+    torch.manual_seed(9)
+    single = relevance(model(), single_pass, input, [0, 1, 2, 0, 1])
+    assert zennit.abs().sum() > 0 and torch.equal(single, zennit)
+    assert [item.module for item in single_pass.fallbacks] == ['2']
+    assert single_pass.fallbacks[0].reason.startswith('is random in training mode')
+
+
+class BranchesOnTraining(torch.nn.Module):
+    '''conv -> ReLU (in eval mode only) -> conv: the second conv's input is signed in training mode.'''
+    def __init__(self):
+        super().__init__()
+        self.first, self.relu, self.second = torch.nn.Conv2d(2, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 3)
+
+    def forward(self, x):
+        hidden = self.first(x)
+        if not self.training:
+            hidden = self.relu(hidden)
+        return self.second(hidden).flatten(1)
+
+
+def test_training_mode_switched_inside_the_context_reads_signs_from_the_data():
+    '''The signs come from the forward traced when the composite registers; after model.train() inside the context,
+    z+ skipped the negative half of the second conv's signed input (42.6 relative off).'''
+    torch.manual_seed(2)
+    model = BranchesOnTraining().double().eval()
+    input, grad_output = torch.randn(3, 2, 7, 7, dtype=torch.float64), torch.randn(3, 18, dtype=torch.float64)
+    results = []
+    for composite in (rule_composite(ZPlus())(), SinglePass(rule_composite(ZPlus())())):
+        with Gradient(model, composite) as attributor:
+            model.train()
+            results.append(attributor(input, grad_output)[1])
+        model.eval()
+    assert results[0].abs().sum() > 0 and torch.equal(*results)

@@ -106,11 +106,23 @@ def own_hooks(module, pre=False):
     return tuple(key for key, hook in hooks.items() if not isinstance(getattr(hook, '__self__', None), Hook))
 
 
-def positive_option(node, name, position, default):
-    '''Whether the option ``name`` (or the argument at ``position``) of a call node is a positive number, with
-    ``default`` where it is not given.'''
+def option(node, name, position, default):
+    '''The option ``name`` (or the argument at ``position``) of a call node, ``default`` where it is not given; None
+    for a value that is not a number (computed in the forward).'''
     value = node.kwargs.get(name, node.args[position] if len(node.args) > position else default)
-    return isinstance(value, Real) and not isinstance(value, bool) and value > 0
+    return value if isinstance(value, Real) and not isinstance(value, bool) else None
+
+
+def positive_option(node, name, position, default):
+    '''Whether the option (see :py:func:`option`) is a positive number.'''
+    value = option(node, name, position, default)
+    return value is not None and value > 0
+
+
+def non_negative_option(node, name, position, default):
+    '''Whether the option (see :py:func:`option`) is a number of at least 0.'''
+    value = option(node, name, position, default)
+    return value is not None and value >= 0
 
 
 def constant_sign(value):
@@ -219,6 +231,8 @@ class SignAnalysis:
                 return UNKNOWN, inputs, mutated, False
             if kind is torch.nn.Softplus and not module.beta > 0:  # 1 / beta * log(1 + exp(beta * x)) <= 0
                 return SIGNED, [], mutated, False
+            if kind is torch.nn.Softplus and module.threshold < 0:  # x itself where beta * x > threshold
+                return combined([self.signs.get(other, UNKNOWN) for other in inputs]), [], mutated, False
             if kind in NON_NEGATIVE_MODULES:
                 return NON_NEGATIVE, [], mutated, True
             if (getattr(module, 'divisor_override', None) or 0) < 0:  # an average pooling that negates
@@ -239,6 +253,8 @@ class SignAnalysis:
             return self.signs.get(source, UNKNOWN), [source], None, True
         if target is F.softplus and not positive_option(node, 'beta', 1, default=1.):
             return SIGNED, [], mutated, False
+        if target is F.softplus and not non_negative_option(node, 'threshold', 2, default=20.):
+            return combined(self.operand_signs(node, target)), [], mutated, False
         if target in NON_NEGATIVE_FUNCTIONS or target in NON_NEGATIVE_METHODS or self.is_clamp_at_zero(node):
             return NON_NEGATIVE, [], mutated, True
         if target in AVERAGE_POOLING_FUNCTIONS and divisor_may_be_negative(node):

@@ -37,6 +37,7 @@ import weakref
 from typing import NamedTuple
 
 import torch
+import torchvision.ops
 from zennit.core import BasicHook, Composite, Hook, ParamMod, RemovableHandle, RemovableHandleList, Stabilizer
 from zennit.rules import Epsilon, Flat, NoMod, Norm, Pass, WSquare, ZPlus
 
@@ -60,6 +61,11 @@ FLAT_WEIGHTS = Flat().param_modifiers[0].modifier.__code__
 CONV_FORWARDS = {cls.forward for cls in (
     torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d,
     torch.nn.ConvTranspose3d, BiasMapConvMixin)}
+RANDOM_IN_TRAINING = (torch.nn.modules.dropout._DropoutNd, torch.nn.RReLU, torchvision.ops.StochasticDepth)
+# the methods those forwards call, as torch defines them (a subclass may override one: ``_conv_forward`` with scaled
+# weights)
+CONV_HELPERS = {torch.nn.Conv1d._conv_forward, torch.nn.Conv2d._conv_forward, torch.nn.Conv3d._conv_forward,
+                torch.nn.modules.conv._ConvNd._conv_forward, torch.nn.modules.conv._ConvTransposeNd._output_padding}
 
 
 class Fallback(NamedTuple):
@@ -122,10 +128,14 @@ def stabilizer_epsilon(rule):
 def stabilized(output, epsilon):
     '''``output`` plus ``epsilon`` with the sign of each entry (``+epsilon`` for zeros of either sign): Zennit's default
     stabiliser, bit for bit, in three fast passes instead of six and one new tensor (``output + 0.0`` turns ``-0.0``
-    into ``+0.0``, whose sign ``copysign`` then gives to ``epsilon``, in the same memory); no graph is recorded.'''
+    into ``+0.0``, whose sign ``copysign`` then gives to ``epsilon``, in the same memory); no graph is recorded. Also
+    Captum's ``z + sign(z) * epsilon``, which for a negative ``epsilon`` moves ``z`` towards 0 (one pass more).'''
     output = output.detach()
     denominator = output + 0.0
-    return torch.copysign(denominator.new_full((), epsilon), denominator, out=denominator).add_(output)
+    torch.copysign(denominator.new_full((), abs(epsilon)), denominator, out=denominator)
+    if epsilon < 0:  # sign(z) * epsilon moves z towards 0
+        denominator.neg_()
+    return denominator.add_(output)
 
 
 def normalizer(rule):
@@ -158,11 +168,18 @@ def computing_forward(cls):
                 if 'forward' in vars(klass) and klass is not FoldedLayerMixin)
 
 
+def calls_torchs(module, name):
+    '''Whether ``module`` has no method ``name`` or torch's own (see :py:data:`CONV_HELPERS`).'''
+    method = getattr(module, name, None)
+    return method is None or getattr(method, '__func__', None) in CONV_HELPERS
+
+
 def is_plain_convolution(module):
     '''Whether ``module``'s forward is ``conv(input, weight) + bias`` with its own stride, padding (zeros, given as
     numbers), dilation and groups, so that :py:func:`convolution_input_gradient` is its input gradient.'''
     return (is_affine_layer(module) and isinstance(module, torch.nn.modules.conv._ConvNd)
             and computing_forward(type(module)) in CONV_FORWARDS and 'forward' not in vars(module)
+            and all(calls_torchs(module, name) for name in ('_conv_forward', '_output_padding'))
             and module.padding_mode == 'zeros' and not isinstance(module.padding, str))
 
 
@@ -175,13 +192,16 @@ def convolution_input_gradient(module, input, weight, grad_output):
     module: :py:obj:`torch.nn.Module`
         A convolution for which :py:func:`is_plain_convolution` holds.
     input, weight, grad_output: :py:obj:`torch.Tensor`
-        The input ``(N, C_in, ...)``, the (modified) weight and the gradient of the output.
+        The input ``(N, C_in, ...)`` (or ``(C_in, ...)``, unbatched, as torch's convolutions take it), the (modified)
+        weight and the gradient of the output.
 
     Returns
     -------
     :py:obj:`torch.Tensor`
         Shaped like ``input``.
     '''
+    if input.dim() < weight.dim():  # unbatched: the backward kernel wants a batch of one
+        return convolution_input_gradient(module, input[None], weight, grad_output[None])[0]
     return torch.ops.aten.convolution_backward(
         grad_output, input, weight, None, module.stride, module.padding, module.dilation, module.transposed,
         module.output_padding, module.groups, [True, False, False])[0]
@@ -209,6 +229,13 @@ def returns_its_argument(modifier, like):
 def all_identity(modifiers, like):
     '''Whether every modifier in ``modifiers`` is the identity (see :py:func:`returns_its_argument`).'''
     return all(returns_its_argument(modifier, like) for modifier in modifiers)
+
+
+def is_random_in_training(module):
+    '''Whether ``module`` draws random numbers in training mode: torch's dropout layers and ``RReLU``,
+    torchvision's ``StochasticDepth``, timm's ``DropPath`` and ``DropBlock2d``.'''
+    return isinstance(module, RANDOM_IN_TRAINING) or (
+        type(module).__module__.startswith('timm.') and type(module).__name__ in ('DropPath', 'DropBlock2d'))
 
 
 def is_non_negative(input):
@@ -529,6 +556,10 @@ class SinglePassHook(Hook):
         self.input_sign = UNKNOWN
         self.copies_input = True
         self.fallback_reason = None
+        self.shares_input = None  # whether several input modifiers return their argument (read at the first call)
+        # (the model, its training flag, the module's) when SinglePass registered: input_sign and copies_input hold
+        # while the flags are as they were (a forward may branch on them)
+        self.registered_modes = None
         self.calls = []  # one entry per call in progress: None, FALLBACK or (original inputs, kept inputs, plan)
 
     @property
@@ -591,7 +622,26 @@ class SinglePassHook(Hook):
             return 'called with an input that is not a tensor'
         if len(args) > 1 and not self.sums_operands(module, args):
             return f'called with {len(args)} inputs'
+        if not isinstance(self.rule, Pass) and module.training and is_random_in_training(module):
+            return ('is random in training mode: Zennit\'s hook runs it again in the backward pass, drawing new random '
+                    'numbers, where the single pass would reuse the forward\'s')
+        if self.shares_input is None:
+            self.shares_input = (isinstance(self.rule, BasicHook) and len(self.rule.input_modifiers) > 1 and sum(
+                returns_its_argument(modifier, args[0]) for modifier in self.rule.input_modifiers) > 1)
+        if self.shares_input:
+            return ('its rule has several input modifiers that return their argument itself: Zennit\'s hook then '
+                    'differentiates all the rule\'s outputs with respect to that one tensor, and hands each modifier '
+                    'the sum of their gradients')
         return None
+
+    def graph_holds(self, module):
+        '''Whether what the traced graph says (``input_sign``, ``copies_input``) holds for this call: the model and
+        ``module`` are in the training mode they were in when SinglePass registered (a forward may branch on it).'''
+        if self.registered_modes is None:
+            return True
+        root, root_training, training = self.registered_modes
+        root = root()
+        return root is not None and root.training == root_training and module.training == training
 
     def sums_operands(self, module, args):
         '''Whether this is :py:class:`~zennit_bnfuse.layers.AddOperands` under Zennit's ``Epsilon`` or ``Norm``
@@ -617,7 +667,7 @@ class SinglePassHook(Hook):
             return None
         plan = self.plan(module, args)
         kept = args
-        if self.copies_input:
+        if self.copies_input or not self.graph_holds(module):
             # an op after the module writes into its input: the backward pass reads a copy (Zennit's hooks always
             # copy); under GRAPH the module runs on it, so that its own graph reads the copy too
             kept = tuple(arg.clone() if plan == GRAPH else arg.detach().clone() for arg in args)
@@ -727,7 +777,8 @@ class SinglePassHook(Hook):
             return reused_convolution, (stabilized(passed_on, normalize.epsilon), input), passed_on
         if plan in (GRAPH, REUSED):
             return self.graph_function(module, input, output)
-        non_negative = None if self.input_sign == UNKNOWN else self.input_sign == NON_NEGATIVE
+        sign = self.input_sign if self.graph_holds(module) else UNKNOWN
+        non_negative = None if sign == UNKNOWN else sign == NON_NEGATIVE
         if plan == CONV:
             cache = None if self.parameter_cache is None else self.parameter_cache.setdefault(module, {})
             return (lambda grad_output, input: (convolution_relevance(
@@ -956,6 +1007,7 @@ class SinglePass(Composite):
             if isinstance(hook, SinglePassHook):
                 hook.input_sign = signs.get(name, UNKNOWN)
                 hook.copies_input = written is None or name in written
+                hook.registered_modes = (weakref.ref(module), module.training, child.training)
                 if hook.input_sign == UNKNOWN and type(hook.rule) is ZPlus and is_affine_layer(child):
                     self.data_checked.append(name)
             self.hook_refs.add(hook)
