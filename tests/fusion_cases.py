@@ -289,6 +289,17 @@ def must_not_fuse():
     model, input = prepared(torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3), torch.nn.BatchNorm2d(3)), 2, 3, 5, 5)
     model[1].register_forward_hook(lambda module, args, output: output * 2)
     cases['batch-norm-with-hook'] = (model, input, {'1': r'`1` has forward or backward hooks'})
+    # a fold across the boundary of a block with hooks changes what they see (timm's FeatureHookNet hooks blocks)
+    model, input = prepared(torch.nn.Sequential(torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3)),
+                                                torch.nn.BatchNorm2d(3), torch.nn.Sigmoid()), 2, 3, 5, 5)
+    model[0].register_forward_hook(lambda module, args, output: None)
+    cases['hooked-block-holding-the-layer-only'] = (model, input, {
+        '1': r'`0` \(Sequential\) has forward or backward hooks and holds `0\.0` but not `1`'})
+    model, input = prepared(torch.nn.Sequential(
+        torch.nn.BatchNorm2d(3), torch.nn.ReLU(), torch.nn.Conv2d(3, 2, 1)), 2, 3, 5, 5)
+    model[1].register_forward_hook(lambda module, args, output: None)
+    cases['hooked-relu-between-batch-norm-and-layer'] = (model, input, {
+        '0': r'`1` \(ReLU\), between it and the layer, has forward or backward hooks'})
     cases['linear-then-batchnorm2d'] = (*prepared(torch.nn.Sequential(
         torch.nn.Linear(4, 3), torch.nn.BatchNorm2d(3)), 2, 3, 5, 4),
         {'1': r'`0` is a Linear, whose features are on the last dim'})

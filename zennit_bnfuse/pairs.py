@@ -329,6 +329,12 @@ def find_fusable_pairs(model, example_inputs=None):
     return report
 
 
+def ancestors(name):
+    '''The names of the modules holding the module named ``name`` (``'a.b.c'``: ``''``, ``'a'``, ``'a.b'``).'''
+    parts = name.split('.')
+    return ['.'.join(parts[:length]) for length in range(len(parts))]
+
+
 def has_hooks(module):
     '''Whether ``module`` has forward, forward-pre or backward hooks of its own.'''
     return any(getattr(module, key, None) for key in (
@@ -426,6 +432,32 @@ class _GraphAnalysis:
             return f'`{name}` has forward or backward hooks (weight_norm or your own), which fusion would bypass'
         return None
 
+    def descriptions(self, nodes):
+        '''The descriptions of ``nodes`` (:py:meth:`describe`), as a tuple.'''
+        return tuple(self.describe(node) for node in nodes)
+
+    def hook_problem(self, batch_norm, layers, via):
+        '''Why hooks stop folding the BatchNorm named ``batch_norm`` into the ``layers`` (names) past the ``via`` nodes
+        (a ReLU, a dropout), or None: one of the ``via`` modules has hooks, or a module that holds some of the
+        BatchNorm, layers and ``via`` modules but not all (a block whose output or input the fold changes: timm's
+        ``FeatureHookNet`` hooks such blocks).'''
+        names = [batch_norm, *layers, *(self.name(node) for node in via if node.op == 'call_module')]
+        for node in via:
+            if node.op == 'call_module' and has_hooks(self.module(node)):
+                return (f'{self.describe(node)}, between it and the layer, has forward or backward hooks, which would '
+                        'see other values after the fold')
+        holders = [set(ancestors(name)) for name in names]
+        changed = set.union(*holders) - set.intersection(*holders)
+        hooked = [holder for holder in sorted(changed) if holder in self.modules and has_hooks(self.modules[holder])]
+        if hooked:
+            module = self.modules[hooked[0]]
+            inside = [name for name in names if name.startswith(f'{hooked[0]}.')]
+            outside = [name for name in names if name not in inside]
+            return (f'`{hooked[0]}` ({type(module).__name__}) has forward or backward hooks and holds '
+                    f'{", ".join(f"`{name}`" for name in inside)} but not {", ".join(f"`{name}`" for name in outside)}'
+                    ': the fold would change what its hooks see')
+        return None
+
     def layer_problem(self, node, channels, input_node=None, flatten=False):
         """Why the layer called by ``node`` cannot take a fold of ``channels`` channels, or None.
 
@@ -513,12 +545,13 @@ class _GraphAnalysis:
         consumer, via = node, []
         while self.is_eval_identity(source) and len(source.users) == 1 and source.args:
             consumer, source = source, source.args[0]
-            via.append(self.describe(consumer))
+            via.append(consumer)
         if not self.is_channel_cat(source, input_rank(self.module(node))):
-            problem = self.previous_problem(source, consumer, node, channels)
+            problem = self.previous_problem(source, consumer, node, channels) or self.hook_problem(
+                name, [self.name(source)], via)
             if problem:
                 return None, problem
-            return FusedBatchNorm(name, self.name(source), 'after', tuple(reversed(via))), None
+            return FusedBatchNorm(name, self.name(source), 'after', self.descriptions(reversed(via))), None
         parts = list(cat_operands(source)[0])
         problem = None
         if len(source.users) > 1:
@@ -540,8 +573,11 @@ class _GraphAnalysis:
             return None, (f'its input comes from {self.describe(source)}, not a conv/linear layer, and cannot be '
                           f'split among the tensors it concatenates: {problem}')
         names = [self.name(part) for part in parts]
-        via = (self.describe(source), *reversed(via))
-        return FusedBatchNorm(name, names[0], 'after', via, tuple(names[1:])), None
+        problem = self.hook_problem(name, names, via)
+        if problem:
+            return None, problem
+        return FusedBatchNorm(name, names[0], 'after', self.descriptions([source, *reversed(via)]),
+                              tuple(names[1:])), None
 
     def is_channel_cat(self, node, rank=None):
         '''Whether ``node`` concatenates a list of tensors along dim 1 (``1 - rank`` counted from the end, for
@@ -587,8 +623,11 @@ class _GraphAnalysis:
         for layer in names:
             if layer in claimed_inputs:
                 return None, f'`{layer}` already takes another fold on its input'
+        problem = self.hook_problem(name, names, via)
+        if problem:
+            return None, problem
         side = 'before-relu' if found[0][1] else 'before'
-        return FusedBatchNorm(name, names[0], side, tuple(dict.fromkeys(via)), tuple(names[1:])), None
+        return FusedBatchNorm(name, names[0], side, self.descriptions(dict.fromkeys(via)), tuple(names[1:])), None
 
     def follow(self, node, current, channels, rectified, flatten, found, via):
         '''Walk from ``current`` to every layer that reads it (see :py:meth:`next_fold`), appending ``(layer name,
@@ -623,7 +662,7 @@ class _GraphAnalysis:
             step = self.commuting_step(user, flatten)
             if step is None:
                 return f'{self.describe(user)} follows, through which its scale cannot move'
-        via.append(self.describe(user))
+        via.append(user)
         return self.follow(node, user, channels, rectified or self.is_relu(user),
                            flatten or step == 'flatten', found, via)
 
