@@ -390,3 +390,36 @@ def test_feature_hook_net_features_stay_exact(snapshot):
         for block in hooked:
             assert len({name.startswith(f'{block}.') for name in (fold.bn, *fold.layers)}) == 1, (fold, block)
     before.assert_unchanged()
+
+
+class ActivatedUntraceable(torch.nn.Module):
+    '''conv -> ``act`` -> linear, with control flow on the data: torch.fx cannot trace it, so the activation stays a
+    module of its own (a traced forward inlines it).'''
+    def __init__(self, act):
+        super().__init__()
+        self.conv, self.act, self.linear = torch.nn.Conv2d(2, 3, 3), act, torch.nn.Linear(48, 2)
+
+    def forward(self, x):
+        hidden = self.act(self.conv(x))
+        if hidden.sum() > 1e9:
+            hidden = hidden * 2
+        return self.linear(hidden.flatten(1))
+
+
+@pytest.mark.filterwarnings('ignore:zennit_bnfuse. could not trace')
+@pytest.mark.parametrize('engine', ['singlepass', 'captum'])
+@pytest.mark.parametrize('timm_act, torch_act', [
+    (lambda: timm.layers.activations.Sigmoid(), lambda: torch.nn.Sigmoid()),
+    (lambda: timm.layers.activations.GELUTanh(), lambda: torch.nn.GELU(approximate='tanh')),
+    (lambda: timm.layers.activations.Tanh(), lambda: torch.nn.Tanh()),
+], ids=['Sigmoid', 'GELUTanh', 'Tanh'])
+def test_timm_activation_modules_pass_relevance_as_torchs_do(timm_act, torch_act, engine):
+    '''FusedLRP raised "no rule defined" for timm's own activation modules where the forward cannot be traced
+    (efficientvit_m0, efficientvit_l1).'''
+    relevance = []
+    for act in (timm_act, torch_act):
+        torch.manual_seed(0)
+        model = ActivatedUntraceable(act()).double()
+        input = torch.randn(2, 2, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        relevance.append(FusedLRP(model, engine=engine).attribute(input, target=1))
+    assert relevance[1].abs().sum() > 0 and torch.equal(*relevance)

@@ -31,7 +31,7 @@ from zennit.types import Activation
 from .canonizers import FuseBatchNorm
 from .captum_singlepass import CaptumSinglePass, called_layers
 from .checks import check_composite, check_inputs, check_model, checked_forward, plain_target
-from .fold import BATCH_NORM_TYPES, is_batch_norm
+from .fold import BATCH_NORM_TYPES, is_batch_norm, timm_layers
 from .layers import ThresholdReLU
 from .graph_layers import SumReduction
 from .prepared import PreparedModel
@@ -45,16 +45,24 @@ EPSILON_RULE_TYPES = (
     torch.nn.modules.pooling._MaxPoolNd, torch.nn.modules.pooling._AdaptiveAvgPoolNd,
     torch.nn.modules.pooling._AdaptiveMaxPoolNd, Addition_Module, SumReduction,
 )
-# leaves relevance passes unchanged: elementwise activations, dropout, identity and reshapes
-RESHAPE_TYPES = (torch.nn.Flatten, torch.nn.Unflatten)
-PASS_THROUGH_TYPES = (torch.nn.Identity, torch.nn.modules.dropout._DropoutNd, *RESHAPE_TYPES)
+# leaves whose gradient maps relevance as LRP-epsilon does: reshapes, and paddings, whose outputs are copies of input
+# entries (weight 1: each copy's relevance goes back whole) or constants (a bias: their relevance stays there)
+PADDING_TYPES = tuple(getattr(torch.nn.modules.padding, f'_{kind}PadNd')
+                      for kind in ('Constant', 'Reflection', 'Replication', 'Circular'))
+AUTOGRAD_TYPES = (torch.nn.Flatten, torch.nn.Unflatten, *PADDING_TYPES)
+# leaves relevance passes unchanged: elementwise activations, dropout, identity, and those above
+PASS_THROUGH_TYPES = (torch.nn.Identity, torch.nn.modules.dropout._DropoutNd, *AUTOGRAD_TYPES)
 
 
 def is_pass_through(module):
-    '''Whether LRP passes relevance through ``module`` unchanged by default.'''
+    '''Whether LRP passes relevance through ``module`` unchanged by default (or by its gradient, for
+    :py:data:`AUTOGRAD_TYPES`): activations (Zennit's ``Activation`` types, and timm's own activation modules), dropout,
+    identity, reshapes and paddings.'''
     if isinstance(module, torch.nn.MultiheadAttention):
         return False
-    return isinstance(module, (Activation, *PASS_THROUGH_TYPES))
+    extension = timm_layers()
+    activations = () if extension is None else extension.ACTIVATION_TYPES
+    return isinstance(module, (Activation, *activations, *PASS_THROUGH_TYPES))
 
 
 def convergence_delta(attributions, output):
@@ -199,8 +207,8 @@ class _RuleLRP(LRP):
 
     def _register_forward_hooks(self):
         for name, layer in self.named_layers:
-            if isinstance(layer, RESHAPE_TYPES) and layer.rule is None:
-                continue  # plain autograd reshapes the relevance
+            if isinstance(layer, AUTOGRAD_TYPES) and layer.rule is None:
+                continue  # plain autograd reshapes (or pads) the relevance
             if layer.rule is None:
                 self.backward_handles.extend(_register_backward_hook(layer, self.pass_through_hook(name), self))
             else:
@@ -404,7 +412,7 @@ class FusedLRP(LRP):
         dtype = next((tensor.dtype for tensor in prepared.parameters() if tensor.is_floating_point()),
                      input_tuple[0].dtype)
         if self.engine == 'singlepass':
-            engine = CaptumSinglePass(prepared, self.choose_rule, autograd_types=RESHAPE_TYPES)
+            engine = CaptumSinglePass(prepared, self.choose_rule, autograd_types=AUTOGRAD_TYPES)
             check_stabilizers(engine.rules, dtype)
             self.fallbacks = engine.fallbacks
             if engine.fallback is None:

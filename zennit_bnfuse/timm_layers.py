@@ -50,6 +50,12 @@ OTHER_NORM_TYPES = tuple(getattr(timm.layers, name) for name in (
     'FilterResponseNormAct2d', 'FilterResponseNormTlu2d', 'RmsNorm', 'RmsNorm2d', 'RmsNormFp32', 'RmsNorm2dFp32',
     'SimpleNorm', 'SimpleNorm2d', 'SimpleNormFp32', 'SimpleNorm2dFp32') if hasattr(timm.layers, name))
 
+# timm's own elementwise activation modules (not subclasses of torch's), which LRP passes relevance through as it does
+# torch's activations
+ACTIVATION_TYPES = tuple(getattr(timm.layers.activations, name) for name in (
+    'GELU', 'GELUTanh', 'HardMish', 'HardSigmoid', 'HardSwish', 'Mish', 'PReLU', 'QuickGELU', 'Sigmoid', 'Swish',
+    'Tanh') if hasattr(timm.layers.activations, name))
+
 REFUSED_LAYER_REASONS = {
     CondConv2d: 'mixes its expert kernels and biases per example with routing weights that need not sum to 1, so a '
                 'BatchNorm\'s shift has no place in its parameters',
