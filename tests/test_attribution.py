@@ -890,26 +890,29 @@ def test_composite_lrp_refuses_a_canonizer_that_folds_the_batch_norms_the_handli
                        CompositeLRP(TinyNet(), EpsilonPlusFlat()).attribute(input, target=0))
 
 
-PADDINGS = {
-    'zero': lambda: torch.nn.ZeroPad2d(1), 'constant': lambda: torch.nn.ConstantPad2d((1, 2, 0, 1), 1.5),
-    'reflection': lambda: torch.nn.ReflectionPad2d(1), 'replication': lambda: torch.nn.ReplicationPad2d(2),
-    'circular': lambda: torch.nn.CircularPad2d(1),
+RESIZING = {
+    'zero-pad': lambda: torch.nn.ZeroPad2d(1), 'constant-pad': lambda: torch.nn.ConstantPad2d((1, 2, 0, 1), 1.5),
+    'reflection-pad': lambda: torch.nn.ReflectionPad2d(1), 'replication-pad': lambda: torch.nn.ReplicationPad2d(2),
+    'circular-pad': lambda: torch.nn.CircularPad2d(1), 'nearest': lambda: torch.nn.Upsample(scale_factor=2),
+    'bilinear': lambda: torch.nn.Upsample(size=(9, 7), mode='bilinear', align_corners=True),
+    'bicubic': lambda: torch.nn.Upsample(scale_factor=2, mode='bicubic'),
 }
 
 
 @pytest.mark.parametrize('engine', ['singlepass', 'captum'])
-@pytest.mark.parametrize('padding', sorted(PADDINGS))
-def test_padding_modules_keep_the_identity(padding, engine):
-    '''FusedLRP raised "no rule defined" for padding modules (timm's nasnet, resnetv2); their gradient hands each copy's
-    relevance back whole and leaves the constants' where they are, as LRP-epsilon does: LRP-epsilon with a negligible
-    epsilon equals gradient x input.'''
+@pytest.mark.parametrize('resizing', sorted(RESIZING))
+def test_padding_and_upsampling_modules_keep_the_identity(resizing, engine):
+    '''FusedLRP raised "no rule defined" for padding modules (timm's nasnet, resnetv2) and Upsample (hrnet). A
+    padding's gradient hands each copy's relevance back whole and leaves the constants' where they are, as LRP-epsilon
+    does; an upsampling is a linear map, which gets EpsilonRule: LRP-epsilon with a negligible epsilon equals gradient
+    x input.'''
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.ReLU(), PADDINGS[padding](),
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.ReLU(), RESIZING[resizing](),
                                 torch.nn.Conv2d(3, 2, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2)).double()
     input = torch.randn(2, 2, 6, 6, dtype=torch.float64, requires_grad=True)
     output = model(input)
     expected = torch.autograd.grad(output[:, 1].sum(), input)[0] * input
-    rules = {torch.nn.Conv2d: EpsilonRule(1e-15), torch.nn.Linear: EpsilonRule(1e-15)}
+    rules = {layer: EpsilonRule(1e-15) for layer in (torch.nn.Conv2d, torch.nn.Linear, torch.nn.Upsample)}
     relevance = FusedLRP(model, rules=rules, engine=engine).attribute(input.detach(), target=1)
     torch.testing.assert_close(relevance, expected, rtol=1e-9, atol=1e-12 * expected.abs().max().item())
     with pytest.raises(TypeError, match='has no rule defined'):  # Captum's own LRP

@@ -43,7 +43,7 @@ from .singlepass import SinglePass
 EPSILON_RULE_TYPES = (
     torch.nn.Linear, torch.nn.modules.conv._ConvNd, torch.nn.modules.pooling._AvgPoolNd,
     torch.nn.modules.pooling._MaxPoolNd, torch.nn.modules.pooling._AdaptiveAvgPoolNd,
-    torch.nn.modules.pooling._AdaptiveMaxPoolNd, Addition_Module, SumReduction,
+    torch.nn.modules.pooling._AdaptiveMaxPoolNd, Addition_Module, SumReduction, torch.nn.Upsample,
 )
 # leaves whose gradient maps relevance as LRP-epsilon does: reshapes, and paddings, whose outputs are copies of input
 # entries (weight 1: each copy's relevance goes back whole) or constants (a bias: their relevance stays there)
