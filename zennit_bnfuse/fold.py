@@ -110,13 +110,13 @@ def batch_norm_affine(batch_norm):
     tuple[:py:obj:`torch.Tensor`, :py:obj:`torch.Tensor`]
         ``(scale, shift)``, each of shape ``(C,)`` in float64 on the module's device.
     '''
-    mean = batch_norm.running_mean.double()
-    scale = torch.rsqrt(batch_norm.running_var.double() + batch_norm.eps)
-    if batch_norm.weight is not None:
-        scale = scale * batch_norm.weight.double()
+    mean = batch_norm.running_mean.detach().double()
+    scale = torch.rsqrt(batch_norm.running_var.detach().double() + batch_norm.eps)
+    if batch_norm.weight is not None:  # detached: a fused layer's tensors carry no graph of the BatchNorm's
+        scale = scale * batch_norm.weight.detach().double()
     shift = -mean * scale
     if batch_norm.bias is not None:
-        shift = shift + batch_norm.bias.double()
+        shift = shift + batch_norm.bias.detach().double()
     return scale, shift
 
 

@@ -427,13 +427,15 @@ def folded_layer(layer, before=None, after=None, name='', batch_norms=()):
 
     dtype = layer.weight.dtype
     requires_grad = layer.weight.requires_grad
-    new.weight = torch.nn.Parameter(weight.to(dtype), requires_grad)
+    # copies: in float64, ``.double()`` and ``.to(dtype)`` return the layer's own tensors (its bias, where only a
+    # BatchNorm before it folds), which the fused layer must not share
+    new.weight = torch.nn.Parameter(weight.to(dtype, copy=True), requires_grad)
     if border_kernel is None:
         if before is not None or after is not None:
             new.__class__ = folded_type(new)
             new.folded_layer_name = name
             new.folded_batch_norms = tuple(batch_norms)
-        new.bias = None if bias is None else torch.nn.Parameter(bias.to(dtype), requires_grad)
+        new.bias = None if bias is None else torch.nn.Parameter(bias.to(dtype, copy=True), requires_grad)
         return new
 
     new.__class__ = bias_map_type(new)
@@ -442,8 +444,8 @@ def folded_layer(layer, before=None, after=None, name='', batch_norms=()):
     new.bias = None
     if base_bias is None:
         base_bias = torch.zeros_like(bias)
-    new.register_buffer('border_kernel', border_kernel.to(dtype))
-    new.register_buffer('base_bias', base_bias.to(dtype))
+    new.register_buffer('border_kernel', border_kernel.to(dtype, copy=True))
+    new.register_buffer('base_bias', base_bias.to(dtype, copy=True))
     new.bias_map_input_size = None
     return new
 
