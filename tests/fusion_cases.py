@@ -181,6 +181,21 @@ def must_fuse():
         lambda self, x: (lambda h: self.conv(h) + self.shortcut(h))(self.bn(x)), bn=torch.nn.BatchNorm2d(3),
         conv=torch.nn.Conv2d(3, 2, 3, padding=1), shortcut=torch.nn.Conv2d(3, 2, 1)), 2, 3, 5, 5),
         {'bn': ('conv', 'before')})
+    # hooks that see nothing the fold changes: a forward pre-hook on a block whose output the fold changes, hooks on
+    # blocks that share one activation module, each folding inside itself
+    model, input = prepared(torch.nn.Sequential(torch.nn.Sequential(
+        torch.nn.Conv2d(3, 3, 3), torch.nn.ReLU(), torch.nn.BatchNorm2d(3)), torch.nn.Conv2d(3, 2, 1)), 2, 3, 5, 5)
+    model[0].register_forward_pre_hook(lambda module, args: None)
+    cases['pre-hooked-block-holding-the-batch-norm-only'] = (model, input, {'0.2': ('1', 'before')})
+    relu = torch.nn.ReLU()
+    blocks = [Lambda(lambda self, x: self.conv(self.act(self.bn(x))), bn=torch.nn.BatchNorm2d(3), act=relu,
+                     conv=torch.nn.Conv2d(3, 3, 1)) for _ in range(2)]
+    model, input = prepared(torch.nn.Sequential(*blocks), 2, 3, 5, 5)
+    for block in model:
+        block.register_forward_hook(lambda module, args, output: None)
+    cases['hooked-blocks-sharing-an-activation'] = (
+        with_scales(with_scales(model, '0.bn', [1., .5, 2.]), '1.bn', [.3, 1., 1.]), input,
+        {'0.bn': ('0.conv', 'before-relu'), '1.bn': ('1.conv', 'before-relu')})
     return cases
 
 
@@ -289,17 +304,25 @@ def must_not_fuse():
     model, input = prepared(torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3), torch.nn.BatchNorm2d(3)), 2, 3, 5, 5)
     model[1].register_forward_hook(lambda module, args, output: output * 2)
     cases['batch-norm-with-hook'] = (model, input, {'1': r'`1` has forward or backward hooks'})
-    # a fold across the boundary of a block with hooks changes what they see (timm's FeatureHookNet hooks blocks)
+    # folds that change what hooks see: a block holding the layer but not the BatchNorm (timm's FeatureHookNet hooks
+    # blocks), an activation between them, as a module or as a function in a module, a module that is the identity
+    # in eval mode (timm's DropPath: no node of its own)
     model, input = prepared(torch.nn.Sequential(torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3)),
                                                 torch.nn.BatchNorm2d(3), torch.nn.Sigmoid()), 2, 3, 5, 5)
     model[0].register_forward_hook(lambda module, args, output: None)
     cases['hooked-block-holding-the-layer-only'] = (model, input, {
-        '1': r'`0` \(Sequential\) has forward or backward hooks and holds `0\.0` but not `1`'})
-    model, input = prepared(torch.nn.Sequential(
-        torch.nn.BatchNorm2d(3), torch.nn.ReLU(), torch.nn.Conv2d(3, 2, 1)), 2, 3, 5, 5)
+        '1': r'`0` \(Sequential\) has hooks that see `0\.0` \(Conv2d\), whose values the fold would change'})
+    for name, activation in (('relu', torch.nn.ReLU()), ('functional-relu', Lambda(lambda self, x: F.relu(x)))):
+        model, input = prepared(torch.nn.Sequential(
+            torch.nn.BatchNorm2d(3), activation, torch.nn.Conv2d(3, 2, 1)), 2, 3, 5, 5)
+        model[1].register_forward_hook(lambda module, args, output: None)
+        cases[f'hooked-{name}-between-batch-norm-and-layer'] = (model, input, {
+            '0': r'`1` \((ReLU|Lambda)\) has hooks that see `0` \(BatchNorm2d\)'})
+    model, input = prepared(torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3), Lambda(
+        lambda self, x: x * 2 if self.training else x), torch.nn.BatchNorm2d(3), torch.nn.Sigmoid()), 2, 3, 5, 5)
     model[1].register_forward_hook(lambda module, args, output: None)
-    cases['hooked-relu-between-batch-norm-and-layer'] = (model, input, {
-        '0': r'`1` \(ReLU\), between it and the layer, has forward or backward hooks'})
+    cases['hooked-eval-identity-between-layer-and-batch-norm'] = (model, input, {
+        '2': r'`1` \(Lambda\) has hooks that see `0` \(Conv2d\)'})
     cases['linear-then-batchnorm2d'] = (*prepared(torch.nn.Sequential(
         torch.nn.Linear(4, 3), torch.nn.BatchNorm2d(3)), 2, 3, 5, 4),
         {'1': r'`0` is a Linear, whose features are on the last dim'})

@@ -16,7 +16,7 @@ from conftest import randomize_batch_norms
 from fusion_cases import must_fuse, must_not_fuse, rank_dependent_cases
 from zennit_bnfuse import FuseBatchNorm
 from zennit_bnfuse.fold import is_batch_norm
-from zennit_bnfuse.layers import FoldedInputError
+from zennit_bnfuse.layers import FoldedInputError, FoldedTrainingError
 
 CASES = {**{key: value[:2] for key, value in must_fuse().items()},
          **{key: value[:2] for key, value in must_not_fuse().items()}}
@@ -259,4 +259,18 @@ def test_threshold_relu_gets_the_canonizers_rule_inside_any_composite(snapshot):
     assert (naive - expected).abs().max() > 1e-3 * expected.abs().max()
     with pytest.raises(TypeError, match='threshold_rule must be a Zennit rule'):
         FuseBatchNorm(threshold_rule=Epsilon)
+    before.assert_unchanged()
+
+
+def test_training_mode_inside_the_context_raises_where_a_batch_norm_was_folded(snapshot):
+    '''model.train() inside the context left the folded BatchNorms normalising by their running statistics: the
+    model computed 0.96 relative off what it computes in training mode, without a word.'''
+    model, input, _ = must_fuse()['functional-forward']
+    before = snapshot(model)
+    with Composite(canonizers=[FuseBatchNorm()]).context(model):
+        model.train()
+        with pytest.raises(FoldedTrainingError, match='normalises by each batch\'s statistics'):
+            model(input)
+    assert model.training
+    model.eval()
     before.assert_unchanged()

@@ -16,7 +16,7 @@ from fusion_cases import BATCH_NORM, CONV, CONV_TRANSPOSE, Lambda, must_fuse, mu
 from zennit_bnfuse import find_fusable_pairs, fuse
 from zennit_bnfuse.evaluation.models import build
 from zennit_bnfuse.fold import is_batch_norm, timm_layers
-from zennit_bnfuse.layers import FOLDABLE_LAYER_TYPES, FoldedInputError
+from zennit_bnfuse.layers import FOLDABLE_LAYER_TYPES, FoldedInputError, FoldedTrainingError
 
 FUSE_CASES = must_fuse()
 NO_FUSE_CASES = must_not_fuse()
@@ -295,3 +295,20 @@ def test_rank_check_drops_a_shared_fold_whichever_layer_raises():
     _, report = fuse(model, example_inputs=torch.randn(2, 3, 3, dtype=torch.float64))
     assert not report.fused and re.search(r'folded into `first`, `second`.*gets an input of shape \(2, 3, 3\)',
                                           report.unfused[0].reason)
+
+
+def test_fused_layer_in_training_mode_raises_unless_its_batch_norms_are_frozen():
+    '''In training mode a BatchNorm normalises by each batch's statistics: the fused copy (and the model inside the
+    canonizer's context after model.train()) computed with the running ones, 0.96 relative off the model.'''
+    model, input, _ = FUSE_CASES['functional-forward']
+    fused, _ = fuse(model)
+    fused.train()
+    message = r'`conv` \(Conv2d\) has BatchNorm `bn_in`, `bn_out` folded into it, which in training mode normalises'
+    with pytest.raises(FoldedTrainingError, match=message):
+        fused(input)
+    torch.manual_seed(0)
+    frozen = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), FrozenBatchNorm2d(4)).double()
+    fused, report = fuse(frozen)
+    assert len(report.fused) == 1
+    input = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    torch.testing.assert_close(fused.train()(input), frozen.train()(input), rtol=0, atol=1e-12)

@@ -1010,3 +1010,19 @@ def test_training_mode_switched_inside_the_context_reads_signs_from_the_data():
             results.append(attributor(input, grad_output)[1])
         model.eval()
     assert results[0].abs().sum() > 0 and torch.equal(*results)
+
+
+def test_registration_that_raises_leaves_the_model_as_it_was(snapshot):
+    '''The canonizer had fused the model when the composite's module_map raised: the model kept its fused modules.'''
+    model = randomize_batch_norms(torchvision.models.resnet18(weights=None).double())
+    before = snapshot(model)
+
+    def module_map(ctx, name, module):
+        if name == 'layer2':
+            raise RuntimeError('no rule for layer2')
+        return Epsilon() if isinstance(module, LAYERS) else None
+    composite = SinglePass(Composite(module_map=module_map, canonizers=[FuseBatchNorm()]))
+    with pytest.raises(RuntimeError, match='no rule for layer2'):
+        composite.register(model)
+    before.assert_unchanged()
+    assert not any(module._forward_hooks or module._forward_pre_hooks for module in model.modules())

@@ -14,6 +14,11 @@ FOLDABLE_LAYER_TYPES = (
 )
 
 
+class FoldedTrainingError(RuntimeError):
+    '''A layer with BatchNorms folded into it was called in training mode, where those BatchNorms normalise by each
+    batch's statistics, which no fixed layer can.'''
+
+
 class FoldedInputError(ValueError):
     '''A layer with BatchNorms folded into it was called with an input on which the folds are not exact.
 
@@ -54,9 +59,13 @@ class FoldedLayerMixin:
         The layer's name in its model (empty if not known).
     folded_batch_norms: tuple[str, ...]
         Names of the BatchNorms folded into the layer.
+    batch_statistics: tuple[str, ...]
+        Names of those that normalise by each batch's statistics in training mode (not frozen ones): in training mode
+        the layer raises :py:class:`FoldedTrainingError`, as it cannot compute what they did.
     '''
     folded_layer_name = ''
     folded_batch_norms = ()
+    batch_statistics = ()
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -69,7 +78,16 @@ class FoldedLayerMixin:
         ------
         FoldedInputError
             If ``input.ndim`` is not ``weight.ndim``; the message names the layer, its BatchNorms and what to do.
+        FoldedTrainingError
+            If the layer is in training mode and a BatchNorm folded into it is not frozen.
         '''
+        if self.training and self.batch_statistics:
+            raise FoldedTrainingError(
+                f'`{self.folded_layer_name or self.base_name}` ({self.base_name}) has BatchNorm '
+                f'{", ".join(f"`{name}`" for name in self.batch_statistics)} folded into it, which in training mode '
+                'normalises by each batch\'s statistics; the folded layer holds the running statistics only, so it '
+                'cannot compute what the model does in training mode. Call .eval() on the model, or train the model '
+                'itself (leave the FuseBatchNorm context first, or train the original rather than the fused copy).')
         check_folded_input(input, self.weight.ndim, self.base_name, self.folded_layer_name, self.folded_batch_norms)
         return super().forward(input)
 

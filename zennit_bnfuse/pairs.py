@@ -10,6 +10,7 @@ import operator
 import warnings
 from collections import Counter
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 import torch.fx
@@ -159,6 +160,22 @@ def container_contents(attributes):
                 continue
 
 
+class HookedCall(NamedTuple):
+    '''A call of a module with hooks in a traced forward: what its hooks see.'''
+    name: str
+    inputs: list  # the nodes it is called with
+    outputs: list  # the nodes it returns (its own node, or nodes of its traced forward; its input for an identity)
+    sees_output: bool  # False where its hooks are forward pre-hooks only
+
+
+def proxy_nodes(value):
+    '''The fx nodes of the proxies in ``value`` (nested tuples, lists and dicts included).'''
+    nodes = []
+    torch.fx.node.map_aggregate(value, lambda item: nodes.append(item.node) if isinstance(item, torch.fx.Proxy)
+                                else None)
+    return nodes
+
+
 class PairTracer(LeafTracer):
     """:py:class:`LeafTracer` for finding pairs: a timm norm-act layer is recorded as its BatchNorm part (a call of
     the layer itself) followed by calls of its ``drop`` and ``act`` modules, which is what its eval-mode forward
@@ -170,6 +187,7 @@ class PairTracer(LeafTracer):
         functions = () if extension is None else extension.notrace_functions()
         super().__init__(leaf_parent, autowrap_functions=functions)
         self.notrace_modules = () if extension is None else extension.notrace_modules()
+        self.hooked_calls = []  # a HookedCall per call of a module with hooks, leaf or traced through
 
     def is_leaf_module(self, module, module_qualified_name):
         if self.leaf_parent is None and type(module) in self.notrace_modules:
@@ -181,6 +199,10 @@ class PairTracer(LeafTracer):
         if type(module) not in FOLDABLE_BATCH_NORM_TYPES and batch_norm_kind_problem(module) is None:
             for _, child in timm_layers().norm_act_tail(module):
                 output = self.call_module(child, child.forward, (output,), {})
+        if has_hooks(module):
+            self.hooked_calls.append(HookedCall(
+                self.path_of_module(module), proxy_nodes((args, kwargs)), proxy_nodes(output),
+                any(getattr(module, key) for key in ('_forward_hooks', '_backward_hooks', '_backward_pre_hooks'))))
         return output
 
 
@@ -265,20 +287,22 @@ def find_fusable_pairs(model, example_inputs=None):
 
     with tracing_copy(model) as traced:
         try:
-            graphs = [('', PairTracer().trace(traced))]
+            tracer = PairTracer()
+            graphs = [('', tracer.trace(traced), tracer.hooked_calls)]
         except Exception as error:  # fx raises many kinds of errors for untraceable code
             report.traced = False
             report.trace_error = f'{type(error).__name__}: {error}'.splitlines()[0]
-            graphs = [
-                (name, PairTracer(leaf_parent=module).trace(module))
-                for name, module in traced.named_modules() if isinstance(module, torch.nn.Sequential)
-            ]
+            graphs = []
+            for name, module in traced.named_modules():
+                if isinstance(module, torch.nn.Sequential):
+                    tracer = PairTracer(leaf_parent=module)
+                    graphs.append((name, tracer.trace(module), tracer.hooked_calls))
 
     aliases = Counter(id(module) for _, module in model.named_modules(remove_duplicate=False))
     decided = {}
     called, read_directly = set(), set()
-    for prefix, graph in graphs:
-        analysis = _GraphAnalysis(graph, prefix, modules, aliases)
+    for prefix, graph, hooked_calls in graphs:
+        analysis = _GraphAnalysis(graph, prefix, modules, aliases, hooked_calls)
         analysis.decide(decided)
         called.update(analysis.calls)
         read_directly.update(analysis.read_directly)
@@ -327,12 +351,6 @@ def find_fusable_pairs(model, example_inputs=None):
         warnings.warn(f'zennit_bnfuse: could not trace the forward of {type(model).__name__} with torch.fx '
                       f'({report.trace_error}); {done} (see the report).', stacklevel=2)
     return report
-
-
-def ancestors(name):
-    '''The names of the modules holding the module named ``name`` (``'a.b.c'``: ``''``, ``'a'``, ``'a.b'``).'''
-    parts = name.split('.')
-    return ['.'.join(parts[:length]) for length in range(len(parts))]
 
 
 def has_hooks(module):
@@ -387,9 +405,12 @@ class _GraphAnalysis:
         All named modules of the model.
     aliases: Counter
         How many names each module (by id) is registered under.
+    hooked_calls: list[:py:class:`HookedCall`]
+        The calls of modules with hooks the tracer saw.
     '''
-    def __init__(self, graph, prefix, modules, aliases):
+    def __init__(self, graph, prefix, modules, aliases, hooked_calls=()):
         self.graph = graph
+        self.hooked_calls = hooked_calls
         self.prefix = f'{prefix}.' if prefix else ''
         self.modules = modules
         self.aliases = aliases
@@ -436,26 +457,17 @@ class _GraphAnalysis:
         '''The descriptions of ``nodes`` (:py:meth:`describe`), as a tuple.'''
         return tuple(self.describe(node) for node in nodes)
 
-    def hook_problem(self, batch_norm, layers, via):
-        '''Why hooks stop folding the BatchNorm named ``batch_norm`` into the ``layers`` (names) past the ``via`` nodes
-        (a ReLU, a dropout), or None: one of the ``via`` modules has hooks, or a module that holds some of the
-        BatchNorm, layers and ``via`` modules but not all (a block whose output or input the fold changes: timm's
-        ``FeatureHookNet`` hooks such blocks).'''
-        names = [batch_norm, *layers, *(self.name(node) for node in via if node.op == 'call_module')]
-        for node in via:
-            if node.op == 'call_module' and has_hooks(self.module(node)):
-                return (f'{self.describe(node)}, between it and the layer, has forward or backward hooks, which would '
-                        'see other values after the fold')
-        holders = [set(ancestors(name)) for name in names]
-        changed = set.union(*holders) - set.intersection(*holders)
-        hooked = [holder for holder in sorted(changed) if holder in self.modules and has_hooks(self.modules[holder])]
-        if hooked:
-            module = self.modules[hooked[0]]
-            inside = [name for name in names if name.startswith(f'{hooked[0]}.')]
-            outside = [name for name in names if name not in inside]
-            return (f'`{hooked[0]}` ({type(module).__name__}) has forward or backward hooks and holds '
-                    f'{", ".join(f"`{name}`" for name in inside)} but not {", ".join(f"`{name}`" for name in outside)}'
-                    ': the fold would change what its hooks see')
+    def hook_problem(self, changed):
+        '''Why hooks stop a fold that changes the values of the ``changed`` nodes, or None: a module with hooks sees
+        one of them (as its input, or as its output unless its hooks are forward pre-hooks only). Such a module is a
+        ReLU or dropout between the BatchNorm and the layer, or a block holding one of them but not the other (timm's
+        ``FeatureHookNet`` hooks blocks).'''
+        for call in self.hooked_calls:
+            seen = [node for node in (*call.inputs, *(call.outputs if call.sees_output else ())) if node in changed]
+            if seen:
+                name = self.prefix + call.name
+                return (f'`{name}` ({type(self.modules[name]).__name__}) has hooks that see '
+                        f'{self.describe(seen[0])}, whose values the fold would change')
         return None
 
     def layer_problem(self, node, channels, input_node=None, flatten=False):
@@ -547,8 +559,7 @@ class _GraphAnalysis:
             consumer, source = source, source.args[0]
             via.append(consumer)
         if not self.is_channel_cat(source, input_rank(self.module(node))):
-            problem = self.previous_problem(source, consumer, node, channels) or self.hook_problem(
-                name, [self.name(source)], via)
+            problem = self.previous_problem(source, consumer, node, channels) or self.hook_problem({source, *via})
             if problem:
                 return None, problem
             return FusedBatchNorm(name, self.name(source), 'after', self.descriptions(reversed(via))), None
@@ -573,7 +584,7 @@ class _GraphAnalysis:
             return None, (f'its input comes from {self.describe(source)}, not a conv/linear layer, and cannot be '
                           f'split among the tensors it concatenates: {problem}')
         names = [self.name(part) for part in parts]
-        problem = self.hook_problem(name, names, via)
+        problem = self.hook_problem({source, *parts, *via})
         if problem:
             return None, problem
         return FusedBatchNorm(name, names[0], 'after', self.descriptions([source, *reversed(via)]),
@@ -623,7 +634,7 @@ class _GraphAnalysis:
         for layer in names:
             if layer in claimed_inputs:
                 return None, f'`{layer}` already takes another fold on its input'
-        problem = self.hook_problem(name, names, via)
+        problem = self.hook_problem({node, *via})
         if problem:
             return None, problem
         side = 'before-relu' if found[0][1] else 'before'

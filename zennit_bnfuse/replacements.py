@@ -4,7 +4,7 @@ import copy
 
 import torch
 
-from .fold import batch_norm_affine, channel_range, timm_layers
+from .fold import batch_norm_affine, channel_range, is_frozen, timm_layers
 from .layers import folded_layer, threshold_relu_for
 
 
@@ -31,11 +31,13 @@ def replacement_modules(model, report):
         Module name -> replacement module.
     """
     modules = dict(model.named_modules())
-    inputs, outputs, replacements, batch_norms = {}, {}, {}, {}
+    inputs, outputs, replacements, batch_norms, batch_statistics = {}, {}, {}, {}, {}
     for fold in report.fused:
         batch_norm = modules[fold.bn]
         for name in fold.layers:
             batch_norms.setdefault(name, []).append(fold.bn)
+            if not is_frozen(batch_norm):
+                batch_statistics.setdefault(name, []).append(fold.bn)
         if fold.side == 'after':
             start = 0
             for name in fold.layers:
@@ -70,6 +72,8 @@ def replacement_modules(model, report):
                 before = tuple(value.repeat_interleave(repeats) for value in before)
         replacements[name] = folded_layer(layer, before=before, after=outputs.get(name), name=name,
                                           batch_norms=batch_norms.get(name, ()))
+        if name in batch_statistics:
+            replacements[name].batch_statistics = tuple(batch_statistics[name])
         # not train(): the norm-act remainders hold copies of the user's drop and act with their own flags
         replacements[name].training = layer.training
     return replacements

@@ -994,8 +994,18 @@ class SinglePass(Composite):
         check_model(module, 'SinglePass')
         self.remove()
         self.fallbacks.clear()
-        for canonizer in self.canonizers:
-            self.handles += canonizer.apply(module)
+        try:
+            for canonizer in self.canonizers:
+                self.handles += canonizer.apply(module)
+            self.register_hooks(module)
+        except BaseException:
+            # a canonizer or the composite's module_map raised: the model gets its modules back, without hooks
+            self.remove()
+            raise
+
+    def register_hooks(self, module):
+        '''Read the input signs from the graph of ``module``'s forward and register a hook per module with a rule
+        (see :py:meth:`register`).'''
         signs, self.sign_note, written = module_input_signs(module, fixed=self.cache)
         self.data_checked = []
         ctx = {}
