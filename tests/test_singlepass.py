@@ -997,19 +997,34 @@ class BranchesOnTraining(torch.nn.Module):
         return self.second(hidden).flatten(1)
 
 
-def test_training_mode_switched_inside_the_context_reads_signs_from_the_data():
-    '''The signs come from the forward traced when the composite registers; after model.train() inside the context,
-    z+ skipped the negative half of the second conv's signed input (42.6 relative off).'''
+class ShiftedInTraining(torch.nn.Module):
+    '''Subtracts 0.5 in training mode only.'''
+    def forward(self, x):
+        return x - .5 if self.training else x
+
+
+@pytest.mark.parametrize('switched', ['model', 'module in between'])
+def test_training_mode_switched_inside_the_context_reads_signs_from_the_data(switched):
+    '''The signs come from the forward traced when the composite registers; after model.train() inside the context
+    (or .train() on a module between two layers), z+ skipped the negative half of the second conv's signed input
+    (42.6 and 9.3 relative off).'''
     torch.manual_seed(2)
-    model = BranchesOnTraining().double().eval()
+    if switched == 'model':
+        model = BranchesOnTraining().double().eval()
+        switch = model
+    else:
+        model = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), torch.nn.ReLU(), ShiftedInTraining(),
+                                    torch.nn.Conv2d(4, 2, 3), torch.nn.Flatten()).double().eval()
+        switch = model[2]
     input, grad_output = torch.randn(3, 2, 7, 7, dtype=torch.float64), torch.randn(3, 18, dtype=torch.float64)
     results = []
     for composite in (rule_composite(ZPlus())(), SinglePass(rule_composite(ZPlus())())):
         with Gradient(model, composite) as attributor:
-            model.train()
+            switch.train()
             results.append(attributor(input, grad_output)[1])
         model.eval()
     assert results[0].abs().sum() > 0 and torch.equal(*results)
+    assert not any(module._forward_pre_hooks for module in model.modules())  # the watch is gone too
 
 
 def test_registration_that_raises_leaves_the_model_as_it_was(snapshot):

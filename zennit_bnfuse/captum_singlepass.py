@@ -48,7 +48,8 @@ from captum._utils.common import _run_forward
 from captum.attr._utils.custom_modules import Addition_Module
 from captum.attr._utils.lrp_rules import Alpha1_Beta0_Rule, EpsilonRule, GammaRule, IdentityRule, PropagationRule
 
-from .graph import carry_forward_hooks, shape_nodes
+from .aliasing import reads_metadata
+from .graph import carry_forward_hooks
 from .graph_layers import scale_passing_relevance
 from .signs import own_hooks
 from .singlepass import (
@@ -134,9 +135,8 @@ def changed_values_read(graph, rules):
         The rule (or None) of each module the graph calls, by name.
     '''
     dependent, changed = set(), {}  # changed: node -> the layer whose changed weights its second-pass value reflects
-    shapes = shape_nodes(graph)  # a shape or dtype is the same in both passes and has no gradient
     for node in graph.nodes:
-        if node in shapes:
+        if reads_metadata(node):  # a shape or dtype is the same in both passes and has no gradient
             continue
         inputs = node.all_input_nodes
         if node.op == 'placeholder' or any(other in dependent for other in inputs):
@@ -192,10 +192,9 @@ def in_node_layers(graph, rules, modules):
               and computed_in_node(rules[node.target], modules[node.target]) and not node.kwargs
               and len(node.args) == (2 if isinstance(modules[node.target], Addition_Module) else 1)
               and all(isinstance(arg, torch.fx.Node) for arg in node.args)}
-    shapes = shape_nodes(graph)  # readers of a shape or dtype get no gradient
 
-    def readers(node):
-        return [user for user in node.users if user not in shapes]
+    def readers(node):  # readers of a shape or dtype get no gradient
+        return [user for user in node.users if not reads_metadata(user)]
 
     changed = True
     while changed:

@@ -620,10 +620,9 @@ class GraphRewrite:
                 continue
             for arg in dict.fromkeys(node.all_input_nodes):
                 # readers of a shape or dtype hand no relevance back
-                if arg in signals and sum(user in signals for user in arg.users) > 1:
+                if arg in signals and sum(not reads_metadata(user) for user in arg.users) > 1:
                     with self.graph.inserting_before(node):
                         clone = self.graph.call_method('clone', (arg,))
-                    signals.add(clone)
                     node.replace_input_with(arg, clone)
 
 

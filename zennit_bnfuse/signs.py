@@ -99,14 +99,20 @@ def divisor_may_be_negative(node):
     return value is not None and not (isinstance(value, Real) and value > 0)
 
 
+class ValueKeepingHook:
+    '''Base of this package's own module hooks that change no value (:py:func:`own_hooks` leaves them out, as it
+    does Zennit's rules').'''
+
+
 def own_hooks(module, pre=False):
-    '''The handle ids of ``module``'s forward hooks (``pre``: forward pre-hooks) other than Zennit rules' (which leave
-    the values as they are): a user's hook may change its output (its input).'''
+    '''The handle ids of ``module``'s forward hooks (``pre``: forward pre-hooks) other than Zennit rules' and this
+    package's (which leave the values as they are): a user's hook may change its output (its input).'''
     hooks = module._forward_pre_hooks if pre else module._forward_hooks
-    return tuple(key for key, hook in hooks.items() if not isinstance(getattr(hook, '__self__', None), Hook))
+    return tuple(key for key, hook in hooks.items()
+                 if not isinstance(getattr(hook, '__self__', None), (Hook, ValueKeepingHook)))
 
 
-def option(node, name, position, default):
+def numeric_option(node, name, position, default):
     '''The option ``name`` (or the argument at ``position``) of a call node, ``default`` where it is not given; None
     for a value that is not a number (computed in the forward).'''
     value = node.kwargs.get(name, node.args[position] if len(node.args) > position else default)
@@ -114,14 +120,14 @@ def option(node, name, position, default):
 
 
 def positive_option(node, name, position, default):
-    '''Whether the option (see :py:func:`option`) is a positive number.'''
-    value = option(node, name, position, default)
+    '''Whether the option (see :py:func:`numeric_option`) is a positive number.'''
+    value = numeric_option(node, name, position, default)
     return value is not None and value > 0
 
 
 def non_negative_option(node, name, position, default):
-    '''Whether the option (see :py:func:`option`) is a number of at least 0.'''
-    value = option(node, name, position, default)
+    '''Whether the option (see :py:func:`numeric_option`) is a number of at least 0.'''
+    value = numeric_option(node, name, position, default)
     return value is not None and value >= 0
 
 

@@ -44,12 +44,13 @@ from zennit.rules import Epsilon, Flat, NoMod, Norm, Pass, WSquare, ZPlus
 from .aliasing import inputs_written_after, modules_of
 from .checks import check_composite, check_model, global_hooks
 from .graph import LRPTracer
+from .fold import timm_layers
 from .graph_layers import AddOperands
 from .layers import BiasMapConvMixin, FoldedLayerMixin, ThresholdReLU
 from .pairs import tracing_copy
 from .prepared import attribute_values
 from .registration import forget_call, module_hooks
-from .signs import NON_NEGATIVE, UNKNOWN, SignAnalysis, own_hooks
+from .signs import NON_NEGATIVE, UNKNOWN, SignAnalysis, ValueKeepingHook, own_hooks
 
 # how a call is computed (see SinglePassHook.plan)
 PASS, OPERANDS, THRESHOLD, REUSED, GRAPH, CONV, GENERIC = (
@@ -168,7 +169,7 @@ def computing_forward(cls):
                 if 'forward' in vars(klass) and klass is not FoldedLayerMixin)
 
 
-def calls_torchs(module, name):
+def uses_torchs_method(module, name):
     '''Whether ``module`` has no method ``name`` or torch's own (see :py:data:`CONV_HELPERS`).'''
     method = getattr(module, name, None)
     return method is None or getattr(method, '__func__', None) in CONV_HELPERS
@@ -179,7 +180,7 @@ def is_plain_convolution(module):
     numbers), dilation and groups, so that :py:func:`convolution_input_gradient` is its input gradient.'''
     return (is_affine_layer(module) and isinstance(module, torch.nn.modules.conv._ConvNd)
             and computing_forward(type(module)) in CONV_FORWARDS and 'forward' not in vars(module)
-            and all(calls_torchs(module, name) for name in ('_conv_forward', '_output_padding'))
+            and all(uses_torchs_method(module, name) for name in ('_conv_forward', '_output_padding'))
             and module.padding_mode == 'zeros' and not isinstance(module.padding, str))
 
 
@@ -234,8 +235,8 @@ def all_identity(modifiers, like):
 def is_random_in_training(module):
     '''Whether ``module`` draws random numbers in training mode: torch's dropout layers and ``RReLU``,
     torchvision's ``StochasticDepth``, timm's ``DropPath`` and ``DropBlock2d``.'''
-    return isinstance(module, RANDOM_IN_TRAINING) or (
-        type(module).__module__.startswith('timm.') and type(module).__name__ in ('DropPath', 'DropBlock2d'))
+    extension = timm_layers()
+    return isinstance(module, RANDOM_IN_TRAINING + (() if extension is None else extension.RANDOM_IN_TRAINING))
 
 
 def is_non_negative(input):
@@ -557,9 +558,9 @@ class SinglePassHook(Hook):
         self.copies_input = True
         self.fallback_reason = None
         self.shares_input = None  # whether several input modifiers return their argument (read at the first call)
-        # (the model, its training flag, the module's) when SinglePass registered: input_sign and copies_input hold
-        # while the flags are as they were (a forward may branch on them)
-        self.registered_modes = None
+        # the model's ModeWatch and the module's training flag when SinglePass registered: input_sign and copies_input
+        # hold while the flags are as they were (a forward may branch on them)
+        self.mode_watch, self.registered_training = None, None
         self.calls = []  # one entry per call in progress: None, FALLBACK or (original inputs, kept inputs, plan)
 
     @property
@@ -635,13 +636,10 @@ class SinglePassHook(Hook):
         return None
 
     def graph_holds(self, module):
-        '''Whether what the traced graph says (``input_sign``, ``copies_input``) holds for this call: the model and
-        ``module`` are in the training mode they were in when SinglePass registered (a forward may branch on it).'''
-        if self.registered_modes is None:
-            return True
-        root, root_training, training = self.registered_modes
-        root = root()
-        return root is not None and root.training == root_training and module.training == training
+        '''Whether what the traced graph says (``input_sign``, ``copies_input``) holds for this call: the model's
+        modules, as its last forward found them (:py:class:`ModeWatch`), and ``module`` are in the training mode they
+        were in when SinglePass registered (a forward may branch on it).'''
+        return self.mode_watch is None or (self.mode_watch.holds and module.training == self.registered_training)
 
     def sums_operands(self, module, args):
         '''Whether this is :py:class:`~zennit_bnfuse.layers.AddOperands` under Zennit's ``Epsilon`` or ``Norm``
@@ -910,6 +908,25 @@ def module_input_signs(module, fixed=False):
     return result
 
 
+class ModeWatch(ValueKeepingHook):
+    '''Whether every module of a model is in the training mode it was in when SinglePass traced the model's forward,
+    checked once per forward of the model (a forward pre-hook on it, :py:meth:`check`).
+
+    Attributes
+    ----------
+    holds: bool
+        Whether they were at the model's last forward (True before the first).
+    '''
+    def __init__(self, model):
+        self.modules = list(model.modules())
+        self.modes = [module.training for module in self.modules]
+        self.holds = True
+
+    def check(self, model, args):
+        '''Set :py:attr:`holds` for this forward.'''
+        self.holds = all(module.training == mode for module, mode in zip(self.modules, self.modes))
+
+
 class SinglePass(Composite):
     '''A composite with the rules and canonizers of ``composite``, each rule computed in a single pass.
 
@@ -1008,6 +1025,9 @@ class SinglePass(Composite):
         (see :py:meth:`register`).'''
         signs, self.sign_note, written = module_input_signs(module, fixed=self.cache)
         self.data_checked = []
+        mode_watch = ModeWatch(module)
+        # first among the model's pre-hooks: a rule on the model itself reads what it found
+        self.handles.append(module.register_forward_pre_hook(mode_watch.check, prepend=True))
         ctx = {}
         for name, child in module.named_modules():
             template = self.module_map(ctx, name, child)
@@ -1017,7 +1037,7 @@ class SinglePass(Composite):
             if isinstance(hook, SinglePassHook):
                 hook.input_sign = signs.get(name, UNKNOWN)
                 hook.copies_input = written is None or name in written
-                hook.registered_modes = (weakref.ref(module), module.training, child.training)
+                hook.mode_watch, hook.registered_training = mode_watch, child.training
                 if hook.input_sign == UNKNOWN and type(hook.rule) is ZPlus and is_affine_layer(child):
                     self.data_checked.append(name)
             self.hook_refs.add(hook)
