@@ -965,14 +965,20 @@ def test_rule_whose_input_modifiers_return_their_argument_falls_back():
     assert single_pass.fallbacks[0].reason.startswith('its rule has several input modifiers that return their argument')
 
 
-def test_random_module_in_training_mode_falls_back():
-    '''Zennit's hook runs a dropout layer again in the backward pass, with a new mask; the single pass reused the
-    forward's (4.4 relative off).'''
+def timm_drop_path():
+    return pytest.importorskip('timm').layers.DropPath(.5)
+
+
+@pytest.mark.parametrize('random_module', [lambda: torch.nn.Dropout(.5), timm_drop_path], ids=['dropout', 'drop-path'])
+def test_random_module_in_training_mode_falls_back(random_module):
+    '''Zennit's hook runs a dropout layer (timm's DropPath) again in the backward pass, with a new mask; the single
+    pass reused the forward's (4.4 relative off).'''
     def model():
         torch.manual_seed(3)
-        return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Dropout(.5),
+        return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), random_module(),
                                    torch.nn.Linear(8, 3)).double().train()
-    composite = LayerMapComposite([(torch.nn.Linear, Epsilon()), (torch.nn.Dropout, Norm()), (torch.nn.ReLU, Pass())])
+    composite = LayerMapComposite([(torch.nn.Linear, Epsilon()), (type(random_module()), Norm()),
+                                   (torch.nn.ReLU, Pass())])
     input = torch.randn(5, 6, dtype=torch.float64)
     torch.manual_seed(9)
     zennit = relevance(model(), composite, input, [0, 1, 2, 0, 1])

@@ -6,7 +6,7 @@ import torch
 
 from conftest import randomize_batch_norms
 from fusion_cases import Lambda, prepared, with_scales
-from zennit_bnfuse import CompositeLRP, FuseBatchNorm, FusedLRP, SinglePass, find_fusable_pairs, fuse
+from zennit_bnfuse import CompositeLRP, FuseBatchNorm, FusedLRP, find_fusable_pairs, fuse
 from zennit_bnfuse.fold import is_batch_norm
 from zennit_bnfuse.layers import BiasMapConv2d, FoldedLinear, ThresholdReLU
 
@@ -17,8 +17,7 @@ from timm.layers import (  # noqa: E402 (after the skip)
     create_conv2d, freeze_batch_norm_2d,
 )
 from zennit.attribution import Gradient  # noqa: E402
-from zennit.composites import EpsilonPlusFlat, LayerMapComposite  # noqa: E402
-from zennit.rules import Epsilon, Norm, Pass  # noqa: E402
+from zennit.composites import EpsilonPlusFlat  # noqa: E402
 from zennit.core import Composite  # noqa: E402
 
 from zennit_bnfuse.timm_layers import BiasMapConv2dSame, FoldedConv2dSame  # noqa: E402
@@ -424,22 +423,3 @@ def test_timm_activation_modules_pass_relevance_as_torchs_do(timm_act, torch_act
         input = torch.randn(2, 2, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
         relevance.append(FusedLRP(model, engine=engine).attribute(input, target=1))
     assert relevance[1].abs().sum() > 0 and torch.equal(*relevance)
-
-
-def test_drop_path_in_training_mode_falls_back_to_zennits_hook():
-    '''Zennit's hook runs a DropPath again in the backward pass, with a new mask; the single pass would reuse the
-    forward's.'''
-    def model():
-        torch.manual_seed(3)
-        return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), timm.layers.DropPath(.5),
-                                   torch.nn.Linear(8, 3)).double().train()
-    composite = LayerMapComposite([(torch.nn.Linear, Epsilon()), (timm.layers.DropPath, Norm()),
-                                   (torch.nn.ReLU, Pass())])
-    input, grad_output = torch.randn(5, 6, dtype=torch.float64), torch.eye(3, dtype=torch.float64)[[0, 1, 2, 0, 1]]
-    single_pass, results = SinglePass(composite), []
-    for each in (composite, single_pass):
-        torch.manual_seed(9)
-        with Gradient(model(), each) as attributor:
-            results.append(attributor(input, grad_output)[1])
-    assert results[0].abs().sum() > 0 and torch.equal(*results)
-    assert [item.module for item in single_pass.fallbacks] == ['2']
