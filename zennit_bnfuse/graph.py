@@ -293,7 +293,7 @@ def shape_nodes(graph):
     for node in graph.nodes:
         if node.op not in ('call_function', 'call_method'):
             continue
-        if (reads_metadata(node) or (node.all_input_nodes and all(arg in shapes for arg in node.all_input_nodes))):
+        if reads_metadata(node) or (node.all_input_nodes and all(arg in shapes for arg in node.all_input_nodes)):
             shapes.add(node)
     return shapes
 

@@ -43,8 +43,8 @@ from zennit.rules import Epsilon, Flat, NoMod, Norm, Pass, WSquare, ZPlus
 
 from .aliasing import inputs_written_after, modules_of
 from .checks import check_composite, check_model, global_hooks
-from .graph import LRPTracer
 from .fold import timm_layers
+from .graph import LRPTracer
 from .graph_layers import AddOperands
 from .layers import BiasMapConvMixin, FoldedLayerMixin, ThresholdReLU
 from .pairs import tracing_copy
