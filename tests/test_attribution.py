@@ -208,6 +208,11 @@ def test_rule_for_a_folded_batchnorm_is_refused(snapshot):
     before.assert_unchanged()
     kept = FusedLRP(model, rules={'1': IdentityRule()}, handling='unfused').attribute(input, target=0)
     assert not torch.allclose(kept, FusedLRP(model, handling='unfused').attribute(input, target=0))
+    # set Captum's way, as an attribute of the module, the rule was ignored without a word
+    model = copy.deepcopy(model)
+    model[1].rule = IdentityRule()
+    with pytest.raises(ValueError, match=r"^a `rule` attribute is set on '1', which is folded into `0`"):
+        FusedLRP(model).attribute(input, target=0)
 
 
 def test_unsupported_layer_raises_captum_style_type_error():
@@ -917,3 +922,52 @@ def test_padding_and_upsampling_modules_keep_the_identity(resizing, engine):
     torch.testing.assert_close(relevance, expected, rtol=1e-9, atol=1e-12 * expected.abs().max().item())
     with pytest.raises(TypeError, match='has no rule defined'):  # Captum's own LRP
         LRP(model).attribute(input.detach(), target=1)
+
+
+class Masked(torch.nn.Module):
+    '''conv -> relu -> linear, times a ``mask`` where one is given (checked by its type or for None).'''
+    def __init__(self, check):
+        super().__init__()
+        self.check = check
+        self.conv, self.linear = torch.nn.Conv2d(2, 3, 3), torch.nn.Linear(48, 2)
+
+    def forward(self, x, mask=None):
+        hidden = torch.relu(self.conv(x)).flatten(1)
+        if (isinstance(mask, torch.Tensor) if self.check == 'type' else mask is not None):
+            hidden = hidden * mask
+        return self.linear(hidden)
+
+
+@EACH_EXPLAINER
+@pytest.mark.parametrize('check', ['type', 'none'])
+def test_branches_on_additional_arguments_the_trace_cannot_follow_are_refused(check, explainer):
+    '''torch.fx traces every argument as a proxy: `isinstance(mask, torch.Tensor)` took the branch without the mask
+    (the relevance explained the unmasked model, without a word), `mask is not None` the one with it (None then
+    failed inside the generated code).'''
+    torch.manual_seed(0)
+    model = Masked(check).double().eval()
+    input, mask = torch.rand(3, 2, 6, 6, dtype=torch.float64), torch.zeros(3, 48, dtype=torch.float64)
+    lrp = explainer(model)
+    if check == 'type':
+        with pytest.raises(ValueError, match='does not read its argument `mask`, for which a tensor was given'):
+            lrp.attribute(input, target=0, additional_forward_args=(mask,))
+        assert lrp.attribute(input, target=0).shape == input.shape  # no mask: the traced branch
+    else:
+        with pytest.raises(ValueError, match='computes with its argument `mask`, which is None'):
+            lrp.attribute(input, target=0)
+        relevance, delta = lrp.attribute(input, target=0, additional_forward_args=(mask,),
+                                         return_convergence_delta=True)
+        assert torch.equal(relevance, torch.zeros_like(relevance))  # the mask zeroes every path from the input
+
+
+@EACH_EXPLAINER
+def test_a_one_element_target_tensor_is_one_index_for_every_example(explainer):
+    '''Captum takes it so (its NoiseTunnel hands it on unexpanded); it was refused for batches of more than one.'''
+    torch.manual_seed(0)
+    model = Masked('none').double().eval()
+    input = torch.rand(3, 2, 6, 6, dtype=torch.float64)
+    mask = torch.ones(3, 48, dtype=torch.float64)
+    lrp = explainer(model)
+    expected = lrp.attribute(input, target=1, additional_forward_args=(mask,))
+    assert torch.equal(lrp.attribute(input, target=torch.tensor([1]), additional_forward_args=(mask,)), expected)
+

@@ -30,7 +30,9 @@ from zennit.types import Activation
 
 from .canonizers import FuseBatchNorm
 from .captum_singlepass import CaptumSinglePass, called_layers
-from .checks import check_composite, check_inputs, check_model, checked_forward, plain_target
+from .checks import (
+    check_additional_arguments, check_composite, check_inputs, check_model, checked_forward, plain_target,
+)
 from .fold import BATCH_NORM_TYPES, is_batch_norm, timm_layers
 from .layers import ThresholdReLU
 from .graph_layers import SumReduction
@@ -306,6 +308,7 @@ class FusedLRP(LRP):
                                       caller='FusedLRP')
         self.own_rules = {}
         self._build = None
+        self._present = set()  # the user's names of the modules the prepared copy holds
 
     def _prepared_model(self):
         '''The prepared copy, and the ``rule`` attributes the user set on their modules now (Captum's way).'''
@@ -314,24 +317,25 @@ class FusedLRP(LRP):
             # the copy carries copies of the user's rule attributes; the user's modules are read on every call
             for module in prepared.modules():
                 vars(module).pop('rule', None)
-            self.refuse_rules_for_folded(prepared)
+            self._present = {self.prepared.original_name(name) for name, _ in prepared.named_modules()}
+            self.refuse_rules_for_folded(self.rules, 'rules names')
             self._build = self.prepared.builds
         self.own_rules = {name: module.rule for name, module in self.model.named_modules()
                           if getattr(module, 'rule', None) is not None}
+        self.refuse_rules_for_folded(self.own_rules, 'a `rule` attribute is set on')
         return prepared
 
-    def refuse_rules_for_folded(self, prepared):
-        '''Raise if ``rules`` names a BatchNorm that was folded away: it has no layer in ``prepared`` to take the
-        rule, which would never apply.'''
-        present = {self.prepared.original_name(name) for name, _ in prepared.named_modules()}
+    def refuse_rules_for_folded(self, rules, given):
+        '''Raise if ``rules`` (by name; ``given`` says how, for the message) names a BatchNorm that was folded away:
+        it has no layer in the prepared copy to take the rule, which would never apply.'''
         report = self.prepared.report
-        for key in self.rules:
-            if isinstance(key, str) and key not in present:
+        for key in rules:
+            if isinstance(key, str) and key not in self._present:
                 folds = [item for item in (report.fused if report is not None else []) if item.bn == key]
                 into = f'is folded into {", ".join(f"`{layer}`" for layer in folds[0].layers)}' if folds else (
                     'is not in the prepared model')
                 raise ValueError(
-                    f'rules names {key!r}, which {into}: it has no layer of its own to take the rule, which would '
+                    f'{given} {key!r}, which {into}: it has no layer of its own to take the rule, which would '
                     'never apply. Give the rule to the layer it was folded into, or pass handling=\'unfused\' to '
                     'keep the BatchNorm as a layer.')
 
@@ -403,6 +407,7 @@ class FusedLRP(LRP):
         target = plain_target(target)
         prepared = self._prepared_model()
         input_tuple = _format_tensor_into_tuples(inputs)
+        check_additional_arguments(prepared, input_tuple, additional_forward_args, 'FusedLRP')
         if len(input_tuple[0]) == 0:
             relevance, output = empty_batch_attribution(prepared, input_tuple, target, additional_forward_args)
             relevance = _format_output(_is_tuple(inputs), relevance)
@@ -601,6 +606,7 @@ class CompositeLRP(GradientAttribution):
         is_tuple = _is_tuple(inputs)
         inputs = tuple(input.detach().requires_grad_(True) for input in _format_tensor_into_tuples(inputs))
         prepared = self.prepared.get()
+        check_additional_arguments(prepared, inputs, additional_forward_args, 'CompositeLRP')
         if len(inputs[0]) == 0:
             relevance, output = empty_batch_attribution(prepared, inputs, target, additional_forward_args)
         else:

@@ -249,8 +249,11 @@ def plain_target(target):
     (:py:func:`check_target` judges it).'''
     if is_index(target):
         return int(target)
-    if isinstance(target, torch.Tensor) and not target.is_floating_point() and not target.is_complex() \
-            and target.dtype not in (torch.bool, torch.int64):
+    integral = isinstance(target, torch.Tensor) and not target.is_floating_point() and not target.is_complex() \
+        and target.dtype is not torch.bool
+    if integral and target.numel() == 1:
+        return int(target.item())  # one index for every example, as Captum's _select_targets takes it
+    if integral and target.dtype is not torch.int64:
         return target.long()
     if isinstance(target, (tuple, list)):
         return type(target)(plain_target(item) for item in target)
@@ -353,3 +356,52 @@ def checked_forward(model, inputs, target):
     finally:
         for handle in handles:
             handle.remove()
+
+
+def check_additional_arguments(prepared, inputs, additional_forward_args, caller):
+    '''Raise where the traced forward of ``prepared`` (a GraphModule; other models run their own forward) cannot
+    compute what the model computes with ``additional_forward_args``: torch.fx traced every argument as a tensor, so
+    the forward's checks on them (``isinstance(mask, torch.Tensor)``, ``mask is None``) took one branch for good.
+
+    Parameters
+    ----------
+    prepared: :py:obj:`torch.nn.Module`
+        The prepared copy.
+    inputs: tuple[:py:obj:`torch.Tensor`, ...]
+        The inputs, which come first among the forward's arguments.
+    additional_forward_args: object
+        As in Captum's ``attribute()``: None, one argument, or a tuple of them; the forward's defaults fill in the
+        arguments after them.
+    caller: str
+        The class, for the message.
+
+    Raises
+    ------
+    ValueError
+        If a tensor is given for an argument the traced forward never reads, or an argument it computes with is None
+        (given, or by default).
+    '''
+    if not isinstance(prepared, torch.fx.GraphModule):
+        return
+    arguments = () if additional_forward_args is None else (
+        additional_forward_args if isinstance(additional_forward_args, tuple) else (additional_forward_args,))
+    placeholders = [node for node in prepared.graph.nodes if node.op == 'placeholder'][len(inputs):]
+    for index, node in enumerate(placeholders):
+        if node.target.startswith('*'):
+            return  # *args and **kwargs: positions are not known
+        if index >= len(arguments) and not node.args:
+            continue  # not given, no default: the forward raises for the missing argument itself
+        value = arguments[index] if index < len(arguments) else node.args[0]  # given, or the default
+        if isinstance(value, torch.Tensor) and not node.users:
+            raise ValueError(
+                f'{caller}: the traced forward of the model does not read its argument `{node.target}`, for which a '
+                'tensor was given: torch.fx traces every argument as a tensor-like proxy, so a check such as '
+                f'`isinstance({node.target}, torch.Tensor)` took the branch that leaves it out, and the relevance '
+                f'would explain the model without it. Check `{node.target} is not None` instead of its type, or set it '
+                'as an attribute of the model before explaining it.')
+        if value is None and node.users:
+            raise ValueError(
+                f'{caller}: the traced forward of the model computes with its argument `{node.target}`, which is None '
+                '(given, or its default): torch.fx traces every argument as a tensor-like proxy, so a check such as '
+                f'`{node.target} is None` took the branch that uses it. Give it a value, or set it as an attribute of '
+                'the model and leave it out of additional_forward_args.')
