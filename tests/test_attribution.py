@@ -970,4 +970,3 @@ def test_a_one_element_target_tensor_is_one_index_for_every_example(explainer):
     lrp = explainer(model)
     expected = lrp.attribute(input, target=1, additional_forward_args=(mask,))
     assert torch.equal(lrp.attribute(input, target=torch.tensor([1]), additional_forward_args=(mask,)), expected)
-
