@@ -87,6 +87,13 @@ def test_non_finite_relevance_and_mismatched_batches_are_refused(curve):
     with pytest.raises(ValueError, match=r'^relevance of shape \(2, 1, 4, 4\) does not fit inputs of shape '
                                          r'\(3, 1, 4, 4\)'):
         curve(PixelSum(), images, images[:2], targets)
+    # a map without a channel axis (relevance.sum(1)) failed deep inside with a reshape or pooling error
+    with pytest.raises(ValueError, match=r'^relevance of shape \(3, 4, 4\) does not fit .* with a channel axis'):
+        curve(PixelSum(), images, images[:, 0], targets)
+    # finite float32 values whose channel sum overflows
+    relevance = torch.full((3, 3, 4, 4), 3e38)
+    with pytest.raises(ValueError, match=r'values whose sums over channels \(and patches\) overflow in its dtype'):
+        curve(PixelSum(), images.expand(3, 3, 4, 4), relevance, targets)
 
 
 def test_noise_baseline_fixed_per_image_seed():
@@ -114,6 +121,8 @@ def test_aopc_and_conservation():
     assert torch.equal(aopc(curve), torch.tensor([1., 0.]))
     relevance = torch.tensor([[1., 2.], [3., -1.]])
     assert torch.equal(conservation_error(relevance, torch.tensor([3., -4.])), torch.tensor([0., 1.5]))
+    # NaN where the output is 0, as relevance_gap (a huge finite number skewed means and maxima)
+    assert conservation_error(relevance, torch.tensor([0., -4.]))[0].isnan()
 
 
 def test_mean_ci():
@@ -161,6 +170,9 @@ def test_constant_and_mean_baselines():
     inputs = torch.rand(2, 3, 4, 4)
     assert torch.equal(perturbation_baseline(inputs, 'zero'), torch.zeros(1, 1, 1, 1))
     assert torch.equal(perturbation_baseline(inputs, .25), torch.full((1, 1, 1, 1), .25))
+    # NumPy scalars and one-element tensors were refused as unknown baselines
+    for value in (np.float32(.25), np.int64(2), torch.tensor(.25)):
+        assert torch.equal(perturbation_baseline(inputs, value), torch.full((1, 1, 1, 1), float(value)))
     mean = perturbation_baseline(inputs, 'mean', channel_mean=(.1, .2, .3))
     assert torch.equal(mean, torch.tensor([.1, .2, .3]).reshape(1, 3, 1, 1))
 

@@ -17,6 +17,7 @@ randomisation lives in :py:mod:`zennit_bnfuse.evaluation.randomisation`, paired 
 :py:mod:`zennit_bnfuse.evaluation.statistics`.
 '''
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -97,8 +98,9 @@ def ranked_masks(scores, counts, order='morf'):
     finite = torch.isfinite(scores).all(dim=1)
     if not bool(finite.all()):
         images = (~finite).nonzero().flatten().tolist()
-        raise ValueError(f'the relevance of image(s) {images} holds NaN or infinite values, which have no ranking; '
-                         'fix the explanation (a model or rule that overflows?) before scoring it')
+        raise ValueError(f'the relevance of image(s) {images} holds NaN or infinite values, or values whose sums over '
+                         'channels (and patches) overflow in its dtype, which have no ranking; fix the explanation (a '
+                         'model or rule that overflows?), or pass it in float64, before scoring it')
     count, units = scores.shape
     ranking = scores.argsort(dim=1, descending=(order == 'morf'), stable=True)
     rank = torch.empty_like(ranking)
@@ -249,8 +251,10 @@ def perturbation_baseline(inputs, baseline='zero', channel_mean=None, blur_sigma
     ValueError
         If ``baseline`` is unknown, or ``channel_mean`` is missing or has the wrong length for ``'mean'``.
     '''
-    if isinstance(baseline, (int, float)) and not isinstance(baseline, bool) or baseline == 'zero':
-        value = 0. if baseline == 'zero' else float(baseline)
+    if isinstance(baseline, torch.Tensor) and baseline.numel() == 1:
+        baseline = baseline.item()
+    if isinstance(baseline, numbers.Real) and not isinstance(baseline, bool) or baseline == 'zero':
+        value = 0. if isinstance(baseline, str) else float(baseline)
         return torch.full((1,) * inputs.ndim, value, dtype=inputs.dtype, device=inputs.device)
     if baseline == 'mean':
         if channel_mean is None:
@@ -338,9 +342,11 @@ def check_batch(inputs, relevance, targets):
     ValueError
         Naming the shapes that disagree.
     '''
-    if relevance.shape[0] != inputs.shape[0] or relevance.shape[-2:] != inputs.shape[-2:]:
+    if relevance.ndim != inputs.ndim or relevance.shape[0] != inputs.shape[0] \
+            or relevance.shape[-2:] != inputs.shape[-2:]:
         raise ValueError(f'relevance of shape {tuple(relevance.shape)} does not fit inputs of shape '
-                         f'{tuple(inputs.shape)}: give one map of the image size per image')
+                         f'{tuple(inputs.shape)}: give one map of the image size per image, with a channel axis '
+                         '((N, C, H, W), or (N, 1, H, W) for a map summed over channels)')
     count = torch.as_tensor(targets).numel()
     if count != inputs.shape[0]:
         raise ValueError(f'got {count} targets for {inputs.shape[0]} images; give one class per image')
@@ -350,6 +356,10 @@ def perturbation_curve(model, inputs, relevance, targets, order='morf', patch_si
                        steps=None, baseline='zero', channel_mean=None, blur_sigma=BLUR_SIGMA, noise_range=(0., 1.),
                        seeds=None, output='logit', batch_size=512):
     '''Region perturbation (pixel flipping for ``patch_size=1``): the target score after each step.
+
+    Pixels (patches) are ranked by their relevance summed over channels and removed with all their channels. Quantus'
+    ``PixelFlipping`` ranks and flips single channel values of per-channel relevance: pass it the channel sum to
+    compare.
 
     Parameters
     ----------
@@ -734,9 +744,10 @@ def conservation_error(relevance, output):
     Returns
     -------
     :py:obj:`torch.Tensor`
-        ``(N,)``; 0 for perfect conservation.
+        ``(N,)``; 0 for perfect conservation, NaN where the output is 0.
     '''
-    return (relevance.flatten(start_dim=1).sum(dim=1) - output) / output.abs().clamp(min=torch.finfo(output.dtype).tiny)
+    error = relevance.flatten(start_dim=1).sum(dim=1) - output
+    return torch.where(output != 0, error / output.abs(), torch.nan)
 
 
 def relevance_gap(relevance, output):
