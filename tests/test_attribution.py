@@ -196,6 +196,7 @@ def test_unfusable_batchnorm_gets_chosen_rule():
 
 def test_rule_for_a_folded_batchnorm_is_refused(snapshot):
     # the BatchNorm is folded into the conv: no layer is left to take its rule
+    torch.manual_seed(0)  # unseeded, every ReLU was dead in some runs (relevance all 0)
     model = randomize_batch_norms(torch.nn.Sequential(
         torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.Flatten(),
         torch.nn.Linear(16, 2)).double())
@@ -213,6 +214,22 @@ def test_rule_for_a_folded_batchnorm_is_refused(snapshot):
     model[1].rule = IdentityRule()
     with pytest.raises(ValueError, match=r"^a `rule` attribute is set on '1', which is folded into `0`"):
         FusedLRP(model).attribute(input, target=0)
+    # on a module the forward never calls (an auxiliary head, Captum's rule on every layer of a type), it is fine
+    del model[1].rule
+    with_head = WithUnusedHead(model)
+    with_head.head.rule = EpsilonRule()
+    torch.testing.assert_close(FusedLRP(with_head).attribute(input, target=0),
+                               FusedLRP(model).attribute(input, target=0), rtol=0, atol=0)
+
+
+class WithUnusedHead(torch.nn.Module):
+    '''``net``, and a linear head the forward never calls (as an auxiliary head in eval mode).'''
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.head = net, torch.nn.Linear(2, 2).double()
+
+    def forward(self, x):
+        return self.net(x)
 
 
 def test_unsupported_layer_raises_captum_style_type_error():

@@ -61,6 +61,21 @@ def test_torchscript_refused_by_every_entry_point(entry, kind):
     assert all(torch.equal(value, state[key]) for key, value in model.state_dict().items())
 
 
+@pytest.mark.parametrize('entry', sorted(ENTRY_POINTS))
+def test_a_deprecated_backward_hook_is_refused_by_every_entry_point(entry):
+    '''Tracing through a module with a register_backward_hook hook never ended (torch looks for a tensor in the
+    proxy it returns).'''
+    model = conv_net()
+    model[0] = torch.nn.Sequential(model[0])  # a block tracing goes through
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # deprecated
+        model[0].register_backward_hook(lambda module, grad_input, grad_output: None)
+    call, caller = ENTRY_POINTS[entry]
+    with pytest.raises(TypeError, match=rf'^{re.escape(caller)} got a model with a backward hook from the deprecated '
+                       r'register_backward_hook: its submodule `0` is a Sequential with one'):
+        call(model)
+
+
 @pytest.mark.parametrize('kind', ['DataParallel', 'compile', 'submodule'])
 @pytest.mark.parametrize('entry', sorted(ENTRY_POINTS))
 def test_wrappers_refused_naming_the_module_to_pass(entry, kind):

@@ -303,9 +303,18 @@ def test_fused_layer_in_training_mode_raises_unless_its_batch_norms_are_frozen()
     model, input, _ = FUSE_CASES['functional-forward']
     fused, _ = fuse(model)
     fused.train()
-    message = r'`conv` \(Conv2d\) has BatchNorm `bn_in`, `bn_out` folded into it, which in training mode normalises'
+    message = r'`conv` \(Conv2d\) has BatchNorm `bn_in`, `bn_out` folded into it, which is in training mode'
     with pytest.raises(FoldedTrainingError, match=message):
         fused(input)
+    # BatchNorms kept in eval mode while the rest trains (fine-tuning) normalise by their running statistics, as the
+    # fold does: the layer's own training flag raised here
+    for model_in_training in (model, fused):
+        model_in_training.train()
+        for module in model_in_training.modules():
+            if is_batch_norm(module) or isinstance(module, torch.nn.Identity):
+                module.eval()
+    torch.testing.assert_close(fused(input), model(input), rtol=0, atol=1e-10)
+    model.eval()
     torch.manual_seed(0)
     frozen = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), FrozenBatchNorm2d(4)).double()
     fused, report = fuse(frozen)

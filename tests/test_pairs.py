@@ -75,6 +75,29 @@ def test_untraceable_with_example_inputs_folds_what_they_confirm():
     assert 'a fold was kept only where it gave the model\'s output on example_inputs (2, 3, 5, 5)' in str(report)
 
 
+class SharedActivation(torch.nn.Module):
+    '''An untraceable forward (control flow on the data) around a Sequential whose ReLU is registered before it
+    under another name.'''
+    def __init__(self):
+        super().__init__()
+        self.act = torch.nn.ReLU()
+        self.seq = torch.nn.Sequential(torch.nn.BatchNorm2d(3), self.act, torch.nn.Conv2d(3, 4, 3))
+
+    def forward(self, x):
+        if x.sum() > 0:
+            x = self.seq(x)
+        return self.act(x)
+
+
+def test_untraceable_sequential_child_registered_first_under_another_name():
+    '''The Sequential's graph names its children under its own name (`seq.1`): KeyError, as the model's first name
+    for the ReLU is `act`.'''
+    model, input = prepared(SharedActivation(), 2, 3, 6, 6)
+    with pytest.warns(UserWarning, match='could not trace'):
+        report = find_fusable_pairs(model, example_inputs=input)
+    assert [(item.bn, item.layer, item.side) for item in report.fused] == [('seq.0', 'seq.2', 'before-relu')]
+
+
 def test_traceable_model_gives_no_warning():
     model, _, _ = FUSE_CASES['functional-forward']
     with warnings.catch_warnings():

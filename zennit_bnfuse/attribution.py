@@ -322,7 +322,12 @@ class FusedLRP(LRP):
             self._build = self.prepared.builds
         self.own_rules = {name: module.rule for name, module in self.model.named_modules()
                           if getattr(module, 'rule', None) is not None}
-        self.refuse_rules_for_folded(self.own_rules, 'a `rule` attribute is set on')
+        # set on every layer of a type (Captum's way), a rule may sit on a module the forward never calls (an
+        # auxiliary head): only a folded BatchNorm's is refused
+        report = self.prepared.report
+        folded = {item.bn for item in (report.fused if report is not None else [])}
+        self.refuse_rules_for_folded([name for name in self.own_rules if name in folded],
+                                     'a `rule` attribute is set on')
         return prepared
 
     def refuse_rules_for_folded(self, rules, given):

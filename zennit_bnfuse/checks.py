@@ -30,7 +30,8 @@ def check_model(model, caller):
     TypeError
         If ``model`` is not a module, or it or one of its submodules is a :py:obj:`torch.jit.ScriptModule`, a
         :py:class:`torch.nn.DataParallel`, a :py:class:`~torch.nn.parallel.DistributedDataParallel` or a
-        :py:func:`torch.compile` wrapper (the message names the module to pass instead).
+        :py:func:`torch.compile` wrapper (the message names the module to pass instead), or has a backward hook from
+        the deprecated ``register_backward_hook``, which tracing cannot pass.
     ValueError
         If a lazy module of ``model`` (``torch.nn.LazyConv2d``, ``LazyLinear``, ...) has not been run yet: its
         parameters have no shape, so nothing can be folded into them or read from them; or a parameter or buffer is
@@ -61,6 +62,14 @@ def check_model(model, caller):
             f'{caller} got a model with uninitialised parameters: {where} a {type(module).__name__}, whose parameters '
             'take their shapes from its first forward. Run the model once on an example batch (model(example)) '
             f'before passing it to {caller}.')
+    legacy = first_module(model, lambda module: bool(module._backward_hooks)
+                          and getattr(module, '_is_full_backward_hook', None) is False)
+    if legacy is not None:
+        _, module, where = legacy
+        raise TypeError(
+            f'{caller} got a model with a backward hook from the deprecated register_backward_hook: {where} a '
+            f'{type(module).__name__} with one. torch.fx cannot trace through a module with such a hook (torch looks '
+            'for a tensor in its output, which never comes). Register it with register_full_backward_hook instead.')
     empty = next((name for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers())
                   if tensor.is_meta), None)
     if empty is not None:

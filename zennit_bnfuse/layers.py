@@ -59,13 +59,15 @@ class FoldedLayerMixin:
         The layer's name in its model (empty if not known).
     folded_batch_norms: tuple[str, ...]
         Names of the BatchNorms folded into the layer.
-    batch_statistics: tuple[str, ...]
-        Names of those that normalise by each batch's statistics in training mode (not frozen ones): in training mode
-        the layer raises :py:class:`FoldedTrainingError`, as it cannot compute what they did.
+    batch_norm_stand_ins: tuple[tuple[str, :py:obj:`torch.nn.Module`], ...]
+        For each of those that normalises by each batch's statistics in training mode (not a frozen one), its name and
+        the module left in its place (an ``Identity`` or a :py:class:`ThresholdReLU`), whose training flag follows
+        ``model.train()`` and ``.eval()`` as the BatchNorm's would: where one is in training mode, the layer raises
+        :py:class:`FoldedTrainingError`, as it cannot compute what the BatchNorm would.
     '''
     folded_layer_name = ''
     folded_batch_norms = ()
-    batch_statistics = ()
+    batch_norm_stand_ins = ()
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -79,15 +81,16 @@ class FoldedLayerMixin:
         FoldedInputError
             If ``input.ndim`` is not ``weight.ndim``; the message names the layer, its BatchNorms and what to do.
         FoldedTrainingError
-            If the layer is in training mode and a BatchNorm folded into it is not frozen.
+            If a BatchNorm folded into it is in training mode (its stand-in is) and not frozen.
         '''
-        if self.training and self.batch_statistics:
+        training = [name for name, stand_in in self.batch_norm_stand_ins if stand_in.training]
+        if training:
             raise FoldedTrainingError(
                 f'`{self.folded_layer_name or self.base_name}` ({self.base_name}) has BatchNorm '
-                f'{", ".join(f"`{name}`" for name in self.batch_statistics)} folded into it, which in training mode '
+                f'{", ".join(f"`{name}`" for name in training)} folded into it, which is in training mode, where it '
                 'normalises by each batch\'s statistics; the folded layer holds the running statistics only, so it '
-                'cannot compute what the model does in training mode. Call .eval() on the model, or train the model '
-                'itself (leave the FuseBatchNorm context first, or train the original rather than the fused copy).')
+                'cannot compute what the model does. Call .eval() on the BatchNorms, or train the model itself '
+                '(leave the FuseBatchNorm context first, or train the original rather than the fused copy).')
         check_folded_input(input, self.weight.ndim, self.base_name, self.folded_layer_name, self.folded_batch_norms)
         return super().forward(input)
 

@@ -298,11 +298,13 @@ def find_fusable_pairs(model, example_inputs=None):
                     tracer = PairTracer(leaf_parent=module)
                     graphs.append((name, tracer.trace(module), tracer.hooked_calls))
 
-    aliases = Counter(id(module) for _, module in model.named_modules(remove_duplicate=False))
+    every_name = dict(model.named_modules(remove_duplicate=False))
+    aliases = Counter(id(module) for module in every_name.values())
     decided = {}
     called, read_directly = set(), set()
     for prefix, graph, hooked_calls in graphs:
-        analysis = _GraphAnalysis(graph, prefix, modules, aliases, hooked_calls)
+        # a Sequential's graph names its children under its own name, which may not be their first
+        analysis = _GraphAnalysis(graph, prefix, every_name, aliases, hooked_calls)
         analysis.decide(decided)
         called.update(analysis.calls)
         read_directly.update(analysis.read_directly)

@@ -31,13 +31,11 @@ def replacement_modules(model, report):
         Module name -> replacement module.
     """
     modules = dict(model.named_modules())
-    inputs, outputs, replacements, batch_norms, batch_statistics = {}, {}, {}, {}, {}
+    inputs, outputs, replacements, batch_norms, stand_ins = {}, {}, {}, {}, {}
     for fold in report.fused:
         batch_norm = modules[fold.bn]
         for name in fold.layers:
             batch_norms.setdefault(name, []).append(fold.bn)
-            if not is_frozen(batch_norm):
-                batch_statistics.setdefault(name, []).append(fold.bn)
         if fold.side == 'after':
             start = 0
             for name in fold.layers:
@@ -53,6 +51,9 @@ def replacement_modules(model, report):
             normalized, scale = threshold_relu_for(batch_norm)
             inputs.update(dict.fromkeys(fold.layers, (scale, torch.zeros_like(scale))))
         normalized.train(batch_norm.training)
+        if not is_frozen(batch_norm):
+            for name in fold.layers:
+                stand_ins.setdefault(name, []).append((fold.bn, normalized))
         extension = timm_layers()
         if extension is not None and extension.norm_act_tail(batch_norm) is not None:
             normalized = extension.norm_act_remainder(batch_norm, normalized)
@@ -72,8 +73,8 @@ def replacement_modules(model, report):
                 before = tuple(value.repeat_interleave(repeats) for value in before)
         replacements[name] = folded_layer(layer, before=before, after=outputs.get(name), name=name,
                                           batch_norms=batch_norms.get(name, ()))
-        if name in batch_statistics:
-            replacements[name].batch_statistics = tuple(batch_statistics[name])
+        if name in stand_ins:
+            replacements[name].batch_norm_stand_ins = tuple(stand_ins[name])
         # not train(): the norm-act remainders hold copies of the user's drop and act with their own flags
         replacements[name].training = layer.training
     return replacements
