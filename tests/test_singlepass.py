@@ -1047,3 +1047,21 @@ def test_registration_that_raises_leaves_the_model_as_it_was(snapshot):
         composite.register(model)
     before.assert_unchanged()
     assert not any(module._forward_hooks or module._forward_pre_hooks for module in model.modules())
+
+
+def test_a_submodule_called_outside_the_models_forward_reads_signs_from_the_data():
+    '''The graph of the model's forward says the second conv's input comes out of a ReLU; called on its own with a
+    signed input, z+ skipped the negative half (3.5 relative off Zennit).'''
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3),
+                                torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(16, 2)).double().eval()
+    signed = torch.randn(1, 4, 4, 4, dtype=torch.float64)
+    results = []
+    for composite in (EpsilonPlusFlat(), SinglePass(EpsilonPlusFlat())):
+        with Gradient(model, composite):
+            model(torch.rand(1, 3, 6, 6, dtype=torch.float64))
+            hidden = signed.clone().requires_grad_(True)
+            output = model[2](hidden)
+            output.backward(torch.ones_like(output))
+            results.append(hidden.grad)
+    assert results[0].abs().sum() > 0 and torch.equal(*results)

@@ -636,9 +636,9 @@ class SinglePassHook(Hook):
         return None
 
     def graph_holds(self, module):
-        '''Whether what the traced graph says (``input_sign``, ``copies_input``) holds for this call: the model's
-        modules, as its last forward found them (:py:class:`ModeWatch`), and ``module`` are in the training mode they
-        were in when SinglePass registered (a forward may branch on it).'''
+        '''Whether what the traced graph says (``input_sign``, ``copies_input``) holds for this call: it runs inside
+        a forward of the model, which found the model's modules in the training mode they were in when SinglePass
+        registered (:py:class:`ModeWatch`; a forward may branch on it), and ``module`` is in its mode too.'''
         return self.mode_watch is None or (self.mode_watch.holds and module.training == self.registered_training)
 
     def sums_operands(self, module, args):
@@ -909,22 +909,31 @@ def module_input_signs(module, fixed=False):
 
 
 class ModeWatch(ValueKeepingHook):
-    '''Whether every module of a model is in the training mode it was in when SinglePass traced the model's forward,
-    checked once per forward of the model (a forward pre-hook on it, :py:meth:`check`).
+    '''Whether the traced graph of a model's forward holds for the module calls of this moment: they run inside the
+    model's forward (a submodule called on its own gets other inputs), and every module is in the training mode it was
+    in when SinglePass traced the forward (checked once per forward of the model: :py:meth:`enter` is a forward
+    pre-hook on it, :py:meth:`leave` a forward hook).
 
     Attributes
     ----------
     holds: bool
-        Whether they were at the model's last forward (True before the first).
+        Whether a forward of the model is running and found the modes as traced.
     '''
     def __init__(self, model):
         self.modules = list(model.modules())
         self.modes = [module.training for module in self.modules]
-        self.holds = True
+        self.holds = False
+        self.depth = 0  # forwards of the model running (a forward that calls the model again)
 
-    def check(self, model, args):
+    def enter(self, model, args):
         '''Set :py:attr:`holds` for this forward.'''
+        self.depth += 1
         self.holds = all(module.training == mode for module, mode in zip(self.modules, self.modes))
+
+    def leave(self, model, args, output):
+        '''The forward is over: module calls until the next one are outside it.'''
+        self.depth -= 1
+        self.holds = self.holds and self.depth > 0
 
 
 class SinglePass(Composite):
@@ -1026,8 +1035,9 @@ class SinglePass(Composite):
         signs, self.sign_note, written = module_input_signs(module, fixed=self.cache)
         self.data_checked = []
         mode_watch = ModeWatch(module)
-        # first among the model's pre-hooks: a rule on the model itself reads what it found
-        self.handles.append(module.register_forward_pre_hook(mode_watch.check, prepend=True))
+        # first among the model's pre-hooks and last among its forward hooks: a rule on the model itself reads what
+        # it found
+        self.handles.append(module.register_forward_pre_hook(mode_watch.enter, prepend=True))
         ctx = {}
         for name, child in module.named_modules():
             template = self.module_map(ctx, name, child)
@@ -1042,3 +1052,4 @@ class SinglePass(Composite):
                     self.data_checked.append(name)
             self.hook_refs.add(hook)
             self.handles.append(hook.register(child))
+        self.handles.append(module.register_forward_hook(mode_watch.leave, always_call=True))
