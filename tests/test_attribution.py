@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from torchvision.ops import StochasticDepth
 from captum.attr import LRP
 from captum.attr._utils.lrp_rules import EpsilonRule, GammaRule, IdentityRule
 from zennit.attribution import Gradient
@@ -704,9 +705,11 @@ def test_numpy_integer_targets_work_as_python_ints(cls, target, plain):
 
 
 @pytest.mark.parametrize('cls', ['fused', 'composite'])
-@pytest.mark.parametrize('dropout', [torch.nn.Dropout(.5), torch.nn.AlphaDropout(.5)], ids=['Dropout', 'AlphaDropout'])
+@pytest.mark.parametrize('dropout', [torch.nn.Dropout(.5), torch.nn.AlphaDropout(.5), StochasticDepth(.5, 'row')],
+                         ids=['Dropout', 'AlphaDropout', 'StochasticDepth'])
 def test_dropout_in_training_mode_is_refused(cls, dropout, snapshot):
-    # an active dropout gives a different relevance on every call; no BatchNorm is there to catch it
+    # an active dropout gives a different relevance on every call; no BatchNorm is there to catch it (torchvision's
+    # StochasticDepth, whose name holds no "Drop", was not refused)
     model = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.ReLU(), dropout, torch.nn.Linear(4, 1)).double()
     model.eval()
     model[2].train()

@@ -459,8 +459,9 @@ class GraphRewrite:
             if writes_in_place(node):
                 if not keep_write_in_result(node, self.module_of):
                     continue  # it writes into memory read later through other tensors: it stays in place
-                dtype = self.written_dtype(node)
                 without_write(node)
+                if not writes_in_place(node):  # made out of place: it may compute in a promoted dtype
+                    dtype = self.written_dtype(node)
             key = op_key(node)
             if (key in ADD_FUNCTIONS and len(node.args) == 2 and not node.kwargs
                     and all(arg in signals for arg in node.args)):
@@ -500,9 +501,9 @@ class GraphRewrite:
                 self.graph.erase_node(node)
 
     def written_dtype(self, node):
-        '''A new node, before the in-place op ``node``, reading the dtype of the tensor it writes into, where the op
-        has several tensor operands (its out-of-place form may compute in a promoted dtype: a float32 ``h += y`` with
-        a float64 ``y`` stays float32, ``h + y`` is float64); None for an op of one tensor.'''
+        '''A new node, before ``node`` (an in-place op made out of place), reading the dtype of the tensor it wrote
+        into, where the op has several tensor operands (out of place, it may compute in a promoted dtype: a float32
+        ``h += y`` with a float64 ``y`` stays float32, ``h + y`` is float64); None for an op of one tensor.'''
         if len(node.all_input_nodes) < 2:
             return None
         with self.graph.inserting_before(node):

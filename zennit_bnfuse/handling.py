@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torchvision.ops
 from zennit.canonizers import SequentialMergeBatchNorm
 
 from .fold import check_batch_norm, is_batch_norm, timm_layers
@@ -153,11 +154,20 @@ class BatchNormHandling:
         return prepared, copies, report
 
 
+# modules that draw random numbers in training mode (besides any whose type name contains ``Drop``)
+RANDOM_IN_TRAINING = (torch.nn.modules.dropout._DropoutNd, torch.nn.RReLU, torchvision.ops.StochasticDepth)
+
+
+def is_random_in_training(module):
+    '''Whether ``module`` draws random numbers in training mode: torch's dropout layers and ``RReLU``, torchvision's
+    ``StochasticDepth``, and any module whose type name contains ``Drop`` (timm's ``DropPath`` and ``DropBlock2d``).'''
+    return isinstance(module, RANDOM_IN_TRAINING) or 'Drop' in type(module).__name__
+
+
 def refuse_training_mode(model):
-    '''Raise if a dropout of ``model`` (torch's Dropout family, timm's DropPath and DropBlock: any module whose type
-    name contains ``Drop``) is in training mode, where it zeroes a random part of its input on every call and the
-    relevance would explain a random network. (A BatchNorm in training mode is refused where it is checked for
-    fusion.)
+    '''Raise if a module of ``model`` that is random in training mode (:py:func:`is_random_in_training`: dropout,
+    stochastic depth) is in training mode, where it changes its input at random on every call and the relevance would
+    explain a random network. (A BatchNorm in training mode is refused where it is checked for fusion.)
 
     Raises
     ------
@@ -165,8 +175,7 @@ def refuse_training_mode(model):
         Naming the first such module.
     '''
     for name, module in model.named_modules():
-        if module.training and (isinstance(module, torch.nn.modules.dropout._DropoutNd)
-                                or 'Drop' in type(module).__name__):
+        if module.training and is_random_in_training(module):
             raise ValueError(
                 f'`{name}` ({type(module).__name__}) is in training mode, where it drops a random part of its input '
                 'on every call and the relevance would change from call to call. Call model.eval() before explaining '

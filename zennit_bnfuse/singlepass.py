@@ -37,15 +37,14 @@ import weakref
 from typing import NamedTuple
 
 import torch
-import torchvision.ops
 from zennit.core import BasicHook, Composite, Hook, ParamMod, RemovableHandle, RemovableHandleList, Stabilizer
 from zennit.rules import Epsilon, Flat, NoMod, Norm, Pass, WSquare, ZPlus
 
 from .aliasing import inputs_written_after, modules_of
 from .checks import check_composite, check_model, global_hooks
-from .fold import timm_layers
 from .graph import LRPTracer
 from .graph_layers import AddOperands
+from .handling import is_random_in_training
 from .layers import BiasMapConvMixin, FoldedLayerMixin, ThresholdReLU
 from .pairs import tracing_copy
 from .prepared import attribute_values
@@ -62,7 +61,6 @@ FLAT_WEIGHTS = Flat().param_modifiers[0].modifier.__code__
 CONV_FORWARDS = {cls.forward for cls in (
     torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d,
     torch.nn.ConvTranspose3d, BiasMapConvMixin)}
-RANDOM_IN_TRAINING = (torch.nn.modules.dropout._DropoutNd, torch.nn.RReLU, torchvision.ops.StochasticDepth)
 # the methods those forwards call, as torch defines them (a subclass may override one: ``_conv_forward`` with scaled
 # weights)
 CONV_HELPERS = {torch.nn.Conv1d._conv_forward, torch.nn.Conv2d._conv_forward, torch.nn.Conv3d._conv_forward,
@@ -230,13 +228,6 @@ def returns_its_argument(modifier, like):
 def all_identity(modifiers, like):
     '''Whether every modifier in ``modifiers`` is the identity (see :py:func:`returns_its_argument`).'''
     return all(returns_its_argument(modifier, like) for modifier in modifiers)
-
-
-def is_random_in_training(module):
-    '''Whether ``module`` draws random numbers in training mode: torch's dropout layers and ``RReLU``,
-    torchvision's ``StochasticDepth``, timm's ``DropPath`` and ``DropBlock2d``.'''
-    extension = timm_layers()
-    return isinstance(module, RANDOM_IN_TRAINING + (() if extension is None else extension.RANDOM_IN_TRAINING))
 
 
 def is_non_negative(input):
@@ -558,9 +549,8 @@ class SinglePassHook(Hook):
         self.copies_input = True
         self.fallback_reason = None
         self.shares_input = None  # whether several input modifiers return their argument (read at the first call)
-        # the model's ModeWatch and the module's training flag when SinglePass registered: input_sign and copies_input
-        # hold while the flags are as they were (a forward may branch on them)
-        self.mode_watch, self.registered_training = None, None
+        # the ModeWatch of the model SinglePass registered on: input_sign and copies_input hold while it does
+        self.mode_watch = None
         self.calls = []  # one entry per call in progress: None, FALLBACK or (original inputs, kept inputs, plan)
 
     @property
@@ -615,8 +605,9 @@ class SinglePassHook(Hook):
             return self.fallback_reason
         if own_hooks(module):
             return 'has a forward hook of its own, which may change the output the rule does not compute'
-        if global_hooks():
-            return f'global module hooks are registered ({", ".join(global_hooks())}), which may change its output'
+        registered = global_hooks()
+        if registered:
+            return f'global module hooks are registered ({", ".join(registered)}), which may change its output'
         if kwargs:
             return 'called with keyword arguments'
         if not args or not all(isinstance(arg, torch.Tensor) for arg in args):
@@ -637,9 +628,9 @@ class SinglePassHook(Hook):
 
     def graph_holds(self, module):
         '''Whether what the traced graph says (``input_sign``, ``copies_input``) holds for this call: it runs inside
-        a forward of the model, which found the model's modules in the training mode they were in when SinglePass
-        registered (:py:class:`ModeWatch`; a forward may branch on it), and ``module`` is in its mode too.'''
-        return self.mode_watch is None or (self.mode_watch.holds and module.training == self.registered_training)
+        a forward of the model, which found the model's modules, ``module`` among them, in the training mode they were
+        in when SinglePass registered (:py:class:`ModeWatch`; a forward may branch on it).'''
+        return self.mode_watch is None or self.mode_watch.holds
 
     def sums_operands(self, module, args):
         '''Whether this is :py:class:`~zennit_bnfuse.layers.AddOperands` under Zennit's ``Epsilon`` or ``Norm``
@@ -1047,7 +1038,7 @@ class SinglePass(Composite):
             if isinstance(hook, SinglePassHook):
                 hook.input_sign = signs.get(name, UNKNOWN)
                 hook.copies_input = written is None or name in written
-                hook.mode_watch, hook.registered_training = mode_watch, child.training
+                hook.mode_watch = mode_watch
                 if hook.input_sign == UNKNOWN and type(hook.rule) is ZPlus and is_affine_layer(child):
                     self.data_checked.append(name)
             self.hook_refs.add(hook)

@@ -56,9 +56,6 @@ ACTIVATION_TYPES = tuple(getattr(timm.layers.activations, name) for name in (
     'GELU', 'GELUTanh', 'HardMish', 'HardSigmoid', 'HardSwish', 'Mish', 'PReLU', 'QuickGELU', 'Sigmoid', 'Swish',
     'Tanh') if hasattr(timm.layers.activations, name))
 
-# modules that draw random numbers in training mode
-RANDOM_IN_TRAINING = (timm.layers.DropPath, timm.layers.DropBlock2d)
-
 REFUSED_LAYER_REASONS = {
     CondConv2d: 'mixes its expert kernels and biases per example with routing weights that need not sum to 1, so a '
                 'BatchNorm\'s shift has no place in its parameters',
