@@ -959,25 +959,34 @@ class Masked(torch.nn.Module):
 
 
 @EACH_EXPLAINER
-@pytest.mark.parametrize('check', ['type', 'none'])
-def test_branches_on_additional_arguments_the_trace_cannot_follow_are_refused(check, explainer):
-    '''torch.fx traces every argument as a proxy: `isinstance(mask, torch.Tensor)` took the branch without the mask
-    (the relevance explained the unmasked model, without a word), `mask is not None` the one with it (None then
-    failed inside the generated code).'''
+def test_a_type_check_on_a_tensor_argument_the_trace_cannot_follow_is_refused(explainer):
+    '''torch.fx traces a tensor argument as a proxy: `isinstance(mask, torch.Tensor)` took the branch without the
+    mask (the relevance explained the unmasked model, without a word).'''
     torch.manual_seed(0)
-    model = Masked(check).double().eval()
+    model = Masked('type').double().eval()
     input, mask = torch.rand(3, 2, 6, 6, dtype=torch.float64), torch.zeros(3, 48, dtype=torch.float64)
     lrp = explainer(model)
-    if check == 'type':
-        with pytest.raises(ValueError, match='does not read its argument `mask`, for which a tensor was given'):
-            lrp.attribute(input, target=0, additional_forward_args=(mask,))
-        assert lrp.attribute(input, target=0).shape == input.shape  # no mask: the traced branch
-    else:
-        with pytest.raises(ValueError, match='computes with its argument `mask`, which is None'):
-            lrp.attribute(input, target=0)
-        relevance, delta = lrp.attribute(input, target=0, additional_forward_args=(mask,),
-                                         return_convergence_delta=True)
-        assert torch.equal(relevance, torch.zeros_like(relevance))  # the mask zeroes every path from the input
+    with pytest.raises(ValueError, match='does not read its argument `mask`, for which a tensor was given'):
+        lrp.attribute(input, target=0, additional_forward_args=(mask,))
+    assert lrp.attribute(input, target=0).shape == input.shape  # no mask: the traced branch
+
+
+@EACH_EXPLAINER
+def test_an_optional_argument_is_traced_for_each_call(explainer):
+    '''`if mask is not None` was traced with a proxy for `mask`, so a call without it was refused (None failed inside
+    the generated code before that). Each call signature gets its own trace: the call without a mask explains the
+    unmasked model, the one with it the masked one.'''
+    torch.manual_seed(0)
+    model = Masked('none').double().eval()
+    unmasked = Masked('type').double().eval()
+    unmasked.load_state_dict(model.state_dict())
+    input, mask = torch.rand(3, 2, 6, 6, dtype=torch.float64), torch.zeros(3, 48, dtype=torch.float64)
+    lrp = explainer(model)
+    assert torch.equal(lrp.attribute(input, target=0), explainer(unmasked).attribute(input, target=0))
+    relevance = lrp.attribute(input, target=0, additional_forward_args=(mask,))
+    assert torch.equal(relevance, torch.zeros_like(relevance))  # the mask zeroes every path from the input
+    lrp.attribute(input, target=0, additional_forward_args=(None,))  # the default's signature: no new copy
+    assert lrp.prepared.builds == 2
 
 
 @EACH_EXPLAINER

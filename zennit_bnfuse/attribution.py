@@ -307,19 +307,20 @@ class FusedLRP(LRP):
         self.prepared = PreparedModel(model, handling, residual='captum', example_inputs=example_inputs,
                                       caller='FusedLRP')
         self.own_rules = {}
-        self._build = None
+        self._checked = None  # the prepared copy whose modules were read last
         self._present = set()  # the user's names of the modules the prepared copy holds
 
-    def _prepared_model(self):
-        '''The prepared copy, and the ``rule`` attributes the user set on their modules now (Captum's way).'''
-        prepared = self.prepared.get()
-        if self._build != self.prepared.builds:
+    def _prepared_model(self, num_inputs=1, additional_forward_args=None):
+        '''The prepared copy for this call (see :py:meth:`PreparedModel.get`), and the ``rule`` attributes the user
+        set on their modules now (Captum's way).'''
+        prepared = self.prepared.get(num_inputs, additional_forward_args)
+        if self._checked is not prepared:
             # the copy carries copies of the user's rule attributes; the user's modules are read on every call
             for module in prepared.modules():
                 vars(module).pop('rule', None)
             self._present = {self.prepared.original_name(name) for name, _ in prepared.named_modules()}
             self.refuse_rules_for_folded(self.rules, 'rules names')
-            self._build = self.prepared.builds
+            self._checked = prepared
         self.own_rules = {name: module.rule for name, module in self.model.named_modules()
                           if getattr(module, 'rule', None) is not None}
         # set on every layer of a type (Captum's way), a rule may sit on a module the forward never calls (an
@@ -410,8 +411,8 @@ class FusedLRP(LRP):
         '''
         check_inputs(inputs)
         target = plain_target(target)
-        prepared = self._prepared_model()
         input_tuple = _format_tensor_into_tuples(inputs)
+        prepared = self._prepared_model(len(input_tuple), additional_forward_args)
         check_additional_arguments(prepared, input_tuple, additional_forward_args, 'FusedLRP')
         if len(input_tuple[0]) == 0:
             relevance, output = empty_batch_attribution(prepared, input_tuple, target, additional_forward_args)
@@ -610,7 +611,7 @@ class CompositeLRP(GradientAttribution):
         target = plain_target(target)
         is_tuple = _is_tuple(inputs)
         inputs = tuple(input.detach().requires_grad_(True) for input in _format_tensor_into_tuples(inputs))
-        prepared = self.prepared.get()
+        prepared = self.prepared.get(len(inputs), additional_forward_args)
         check_additional_arguments(prepared, inputs, additional_forward_args, 'CompositeLRP')
         if len(inputs[0]) == 0:
             relevance, output = empty_batch_attribution(prepared, inputs, target, additional_forward_args)

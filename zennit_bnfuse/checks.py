@@ -9,6 +9,7 @@ from zennit.core import Composite
 
 from .layers import FoldedInputError
 from .registration import module_hooks
+from .specialization import as_argument_tuple
 
 
 def check_model(model, caller):
@@ -369,8 +370,10 @@ def checked_forward(model, inputs, target):
 
 def check_additional_arguments(prepared, inputs, additional_forward_args, caller):
     '''Raise where the traced forward of ``prepared`` (a GraphModule; other models run their own forward) cannot
-    compute what the model computes with ``additional_forward_args``: torch.fx traced every argument as a tensor, so
-    the forward's checks on them (``isinstance(mask, torch.Tensor)``, ``mask is None``) took one branch for good.
+    compute what the model computes with ``additional_forward_args``: torch.fx traced the tensors among them as
+    tensor-like proxies (the arguments that are not tensors as their values, see
+    :py:mod:`zennit_bnfuse.specialization`), so a check of a tensor argument's type (``isinstance(mask,
+    torch.Tensor)``) took the branch for something else.
 
     Parameters
     ----------
@@ -387,13 +390,11 @@ def check_additional_arguments(prepared, inputs, additional_forward_args, caller
     Raises
     ------
     ValueError
-        If a tensor is given for an argument the traced forward never reads, or an argument it computes with is None
-        (given, or by default).
+        If a tensor is given (or is the default) for an argument the traced forward never reads.
     '''
     if not isinstance(prepared, torch.fx.GraphModule):
         return
-    arguments = () if additional_forward_args is None else (
-        additional_forward_args if isinstance(additional_forward_args, tuple) else (additional_forward_args,))
+    arguments = as_argument_tuple(additional_forward_args)
     placeholders = [node for node in prepared.graph.nodes if node.op == 'placeholder'][len(inputs):]
     for index, node in enumerate(placeholders):
         if node.target.startswith('*'):
@@ -404,13 +405,7 @@ def check_additional_arguments(prepared, inputs, additional_forward_args, caller
         if isinstance(value, torch.Tensor) and not node.users:
             raise ValueError(
                 f'{caller}: the traced forward of the model does not read its argument `{node.target}`, for which a '
-                'tensor was given: torch.fx traces every argument as a tensor-like proxy, so a check such as '
+                'tensor was given: torch.fx traces a tensor argument as a tensor-like proxy, so a check such as '
                 f'`isinstance({node.target}, torch.Tensor)` took the branch that leaves it out, and the relevance '
                 f'would explain the model without it. Check `{node.target} is not None` instead of its type, or set it '
                 'as an attribute of the model before explaining it.')
-        if value is None and node.users:
-            raise ValueError(
-                f'{caller}: the traced forward of the model computes with its argument `{node.target}`, which is None '
-                '(given, or its default): torch.fx traces every argument as a tensor-like proxy, so a check such as '
-                f'`{node.target} is None` took the branch that uses it. Give it a value, or set it as an attribute of '
-                'the model and leave it out of additional_forward_args.')

@@ -7,7 +7,7 @@ from .report import UnfusedBatchNorm
 from .replacements import replaced_copy, replacement_modules
 
 
-def fuse(model, example_inputs=None, include=None):
+def fuse(model, example_inputs=None, include=None, concrete_args=None):
     '''Return a copy of ``model`` with every BatchNorm that can be folded exactly folded into a neighbouring layer.
 
     Parameters
@@ -21,6 +21,9 @@ def fuse(model, example_inputs=None, include=None):
     include: callable or collection of str, optional
         Which BatchNorms to fold: ``include(name, module) -> bool``, or their names; the others stay in place with
         the reason ``not selected``. Default: every BatchNorm that can be folded.
+    concrete_args: dict[str, object], optional
+        Arguments of the forward to decide the folds for as fixed values (torch.fx's ``concrete_args``, see
+        :py:func:`~zennit_bnfuse.pairs.find_fusable_pairs`); the fused copy is exact on calls with those values.
 
     Returns
     -------
@@ -55,7 +58,7 @@ def fuse(model, example_inputs=None, include=None):
     check_model(model, 'fuse()')
     refuse_zennit_hooks(model, 'fuse()')
     refuse_global_hooks('fuse()')
-    report = find_fusable_pairs(model, example_inputs)
+    report = find_fusable_pairs(model, example_inputs, concrete_args)
     if include is not None:
         report = selected(model, report, include)
     return replaced_copy(model, replacement_modules(model, report)), report

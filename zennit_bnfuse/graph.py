@@ -52,6 +52,7 @@ from .graph_layers import (
 )
 from .pairs import LeafTracer
 from .replacements import set_module
+from .specialization import remove_guards, unmark_wrapped_torch_functions
 
 ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add, 'add'}
 # augmented assignments -> the operator fx records for them on a proxy that has none
@@ -627,7 +628,7 @@ class GraphRewrite:
                     node.replace_input_with(arg, clone)
 
 
-def lrp_graph(model, residual='captum'):
+def lrp_graph(model, residual='captum', concrete_args=None):
     '''An fx GraphModule of ``model`` whose forward LRP can explain: functional ops that combine values are modules
     with rules, and every module call has its own module (see the module docstring for the full list).
 
@@ -645,6 +646,10 @@ def lrp_graph(model, residual='captum'):
         :py:class:`~zennit_bnfuse.graph_layers.AddOperands` ``()(a, b)``, a ``Sum`` that
         :py:class:`~zennit_bnfuse.SinglePass` computes as Zennit computes the stacked form, without the stack
         (Zennit's own hooks cannot: it has two inputs).
+    concrete_args: dict[str, object], optional
+        Arguments of the forward to trace as fixed values (torch.fx's ``concrete_args``); the result computes the
+        model's function for calls with those values only (it does not check them). By default every argument is
+        traced as a tensor.
 
     Returns
     -------
@@ -666,7 +671,8 @@ def lrp_graph(model, residual='captum'):
     if residual not in RESIDUALS:
         raise ValueError(f'residual must be one of {", ".join(map(repr, RESIDUALS))}, not {residual!r}')
     try:
-        graph = LRPTracer().trace(model)
+        graph = remove_guards(LRPTracer().trace(model, concrete_args), model, concrete_args or {})
+        unmark_wrapped_torch_functions(graph)
     except Exception as error:  # fx raises many kinds of errors for untraceable code
         warnings.warn(
             f'zennit_bnfuse: could not trace the forward of {type(model).__name__} ({type(error).__name__}: {error}); '

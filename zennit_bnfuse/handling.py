@@ -23,7 +23,7 @@ from .replacements import model_copy
 from .report import FusedBatchNorm, FusionReport, UnfusedBatchNorm
 
 
-def plain_copy(model, example_inputs=None):
+def plain_copy(model, example_inputs=None, concrete_args=None):
     '''A deep copy of ``model`` and no report (the handlings that leave BatchNorms in place).
 
     Raises
@@ -38,7 +38,7 @@ def plain_copy(model, example_inputs=None):
     return model_copy(model), None
 
 
-def zennit_merged(model, example_inputs=None):
+def zennit_merged(model, example_inputs=None, concrete_args=None):
     '''A copy of ``model`` with Zennit's ``SequentialMergeBatchNorm`` applied, if that keeps the model's function.
 
     Zennit pairs a BatchNorm with the leaf module registered right before it (module order, not the forward graph),
@@ -57,6 +57,9 @@ def zennit_merged(model, example_inputs=None):
     example_inputs: :py:obj:`torch.Tensor` or tuple, optional
         Forward arguments for the graph check of an untraceable model (see
         :py:func:`~zennit_bnfuse.pairs.find_fusable_pairs`); without them Zennit's merges there are refused.
+    concrete_args: dict[str, object], optional
+        Arguments of the forward to check the merges for as fixed values (see
+        :py:func:`~zennit_bnfuse.pairs.find_fusable_pairs`).
 
     Returns
     -------
@@ -70,7 +73,7 @@ def zennit_merged(model, example_inputs=None):
         If a BatchNorm is in training mode or has invalid statistics, or Zennit would merge a BatchNorm into a layer
         whose output is not (only) that BatchNorm's input.
     '''
-    graph_report = find_fusable_pairs(model, example_inputs)
+    graph_report = find_fusable_pairs(model, example_inputs, concrete_args)
     exact = {(entry.layer, entry.bn) for entry in graph_report.fused if entry.side == 'after'}
     merged = model_copy(model)
     names = {id(module): name for name, module in merged.named_modules()}
@@ -107,8 +110,8 @@ class BatchNormHandling:
     batch_norm_rule: str
         The rule a BatchNorm that is still in the model gets: ``'epsilon'`` or ``'pass'``.
     make_copy: callable
-        ``make_copy(model, example_inputs) -> (copy, report or None)``: the model copy LRP runs on, before the LRP
-        graph rewrite.
+        ``make_copy(model, example_inputs, concrete_args=None) -> (copy, report or None)``: the model copy LRP runs
+        on, before the LRP graph rewrite.
     '''
     name: str
     description: str
@@ -120,7 +123,7 @@ class BatchNormHandling:
         '''Whether BatchNorms are folded by this package before LRP runs.'''
         return self.name == 'fused'
 
-    def prepare(self, model, residual, example_inputs=None):
+    def prepare(self, model, residual, example_inputs=None, concrete_args=None):
         '''The LRP-ready copy of ``model`` for this handling; ``model`` is not changed.
 
         Parameters
@@ -133,6 +136,10 @@ class BatchNormHandling:
         example_inputs: :py:obj:`torch.Tensor` or tuple, optional
             For the ``fused`` and ``zennit`` handlings: forward arguments to check the folds on, see
             :py:func:`zennit_bnfuse.fuse`.
+        concrete_args: dict[str, object], optional
+            Arguments of the forward that the copy is made for as fixed values (torch.fx's ``concrete_args``): the
+            folds and the LRP graph follow the path the forward takes for them (see
+            :py:mod:`zennit_bnfuse.specialization`).
 
         Returns
         -------
@@ -147,10 +154,10 @@ class BatchNormHandling:
             (see :py:func:`zennit_bnfuse.fold.check_batch_norm`); see :py:func:`zennit_bnfuse.fuse` and
             :py:func:`zennit_merged` for the others.
         '''
-        owned, report = self.make_copy(model, example_inputs)
+        owned, report = self.make_copy(model, example_inputs, concrete_args=concrete_args)
         refuse_training_mode(owned)
         refuse_standardizing_convs(owned)
-        prepared, copies = lrp_graph(owned, residual=residual)
+        prepared, copies = lrp_graph(owned, residual=residual, concrete_args=concrete_args)
         return prepared, copies, report
 
 

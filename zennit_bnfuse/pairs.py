@@ -23,6 +23,7 @@ from .checks import check_model
 from .layers import ThresholdReLU, is_layer_like, layer_kind_problem
 from .replacements import model_copy
 from .report import FusedBatchNorm, FusionReport, UnfusedBatchNorm
+from .specialization import remove_guards
 from .verification import check_folds, refuse_unproven
 
 
@@ -244,7 +245,7 @@ def batch_norm_kind_problem(batch_norm):
             'apply an activation)')
 
 
-def find_fusable_pairs(model, example_inputs=None):
+def find_fusable_pairs(model, example_inputs=None, concrete_args=None):
     '''Find every BatchNorm of ``model`` that can be folded exactly, and say why the others cannot.
 
     Where the forward cannot be traced, the BatchNorms next to a conv/linear layer inside an ``nn.Sequential`` are
@@ -258,6 +259,10 @@ def find_fusable_pairs(model, example_inputs=None):
     example_inputs: :py:obj:`torch.Tensor` or tuple, optional
         Positional arguments of the model's forward. Where given, the folds are checked on them: each folded layer
         must get an input of the rank its fold assumes, and, for an untraced forward, the outputs must agree.
+    concrete_args: dict[str, object], optional
+        Arguments of the forward to trace as fixed values (torch.fx's ``concrete_args``): the folds are decided on
+        the path the forward takes for them (``mask=None`` for a forward with ``if mask is not None``). By default
+        every argument is traced as a tensor.
 
     Returns
     -------
@@ -288,7 +293,8 @@ def find_fusable_pairs(model, example_inputs=None):
     with tracing_copy(model) as traced:
         try:
             tracer = PairTracer()
-            graphs = [('', tracer.trace(traced), tracer.hooked_calls)]
+            graph = remove_guards(tracer.trace(traced, concrete_args), traced, concrete_args or {})
+            graphs = [('', graph, tracer.hooked_calls)]
         except Exception as error:  # fx raises many kinds of errors for untraceable code
             report.traced = False
             report.trace_error = f'{type(error).__name__}: {error}'.splitlines()[0]

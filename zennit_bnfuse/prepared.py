@@ -1,8 +1,11 @@
-'''A cached LRP-ready copy of a user's model, rebuilt only when the model changes.'''
+'''Cached LRP-ready copies of a user's model, one per call signature, rebuilt only when the model changes.'''
+from collections import OrderedDict
+
 import torch
 
 from .checks import refuse_global_hooks, refuse_zennit_hooks
 from .handling import bn_handling
+from .specialization import concrete_arguments, signature_key
 
 # what every nn.Module keeps in its __dict__ (parameters, buffers, children, hook dicts, the training flag)
 MODULE_INTERNALS = frozenset(vars(torch.nn.Module()))
@@ -72,8 +75,13 @@ def hook_keys(module):
 
 
 class PreparedModel:
-    '''The LRP-ready copy of ``model`` under a BatchNorm handling, built on first use and reused until ``model``
-    changes (see :py:func:`model_fingerprint`).
+    '''The LRP-ready copies of ``model`` under a BatchNorm handling, one per call signature, each built on first use
+    and reused until ``model`` changes (see :py:func:`model_fingerprint`).
+
+    A call signature is what a call gives the forward besides tensors: the arguments after the inputs that are not
+    tensors (None, bools, numbers, strings), given or left at their defaults, are traced as the values of the call
+    (see :py:mod:`zennit_bnfuse.specialization`), so that ``if mask is not None`` and ``x * scale`` compute what the
+    model computes for them. The :py:data:`MAX_SIGNATURES` copies used last are kept.
 
     Parameters
     ----------
@@ -97,12 +105,14 @@ class PreparedModel:
     Attributes
     ----------
     builds: int
-        How many times the copy was built.
+        How many times a copy was built.
     report: FusionReport or None
-        The fusion report of the last build (None unless the handling fuses).
+        The fusion report of the copy :py:meth:`get` returned last (None unless the handling fuses).
     copies: dict[str, str]
-        For each copy of a reused module in the prepared model, the name of the original.
+        For each copy of a reused module in the copy :py:meth:`get` returned last, the name of the original.
     '''
+    MAX_SIGNATURES = 8
+
     def __init__(self, model, handling='fused', residual='captum', example_inputs=None, caller='PreparedModel'):
         refuse_zennit_hooks(model, caller)
         self.model = model
@@ -113,21 +123,31 @@ class PreparedModel:
         self.builds = 0
         self.report = None
         self.copies = {}
-        self._prepared = None
+        self._built = OrderedDict()  # signature key -> (prepared, copies, report), the one used last at the end
         self._fingerprint = None
 
-    def get(self):
-        '''The prepared model, rebuilt if the user's model changed since the last call.'''
+    def get(self, num_inputs=1, additional_forward_args=None):
+        '''The prepared model for a call with ``num_inputs`` inputs and ``additional_forward_args`` (as in Captum's
+        ``attribute()``), built if the user's model changed since the last call or no copy for the call's signature
+        is kept.'''
         refuse_global_hooks(self.caller)
         fingerprint = model_fingerprint(self.model)
-        if self._prepared is None or fingerprint != self._fingerprint:
+        if fingerprint != self._fingerprint:
+            self._built.clear()
+        concrete_args = concrete_arguments(self.model, num_inputs, additional_forward_args)
+        key = signature_key(concrete_args)
+        if key not in self._built:
             # registering a composite adds hooks, which changes the fingerprint: checked where the copy is made
             refuse_zennit_hooks(self.model, self.caller)
-            self._prepared, self.copies, self.report = self.handling.prepare(
-                self.model, self.residual, self.example_inputs)
+            self._built[key] = self.handling.prepare(
+                self.model, self.residual, self.example_inputs, concrete_args=concrete_args)
             self._fingerprint = fingerprint
             self.builds += 1
-        return self._prepared
+            while len(self._built) > self.MAX_SIGNATURES:
+                self._built.popitem(last=False)
+        self._built.move_to_end(key)
+        prepared, self.copies, self.report = self._built[key]
+        return prepared
 
     def original_name(self, name):
         '''The user's name for a module of the prepared model (copies of reused modules map to the original).'''

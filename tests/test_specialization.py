@@ -1,0 +1,171 @@
+'''Tracing a forward per call signature: its arguments after the inputs that are not tensors as fixed values.'''
+import math
+import operator
+import warnings
+
+import pytest
+import torch
+import torch.fx
+from zennit.composites import EpsilonPlusFlat
+
+from conftest import randomize_batch_norms
+from zennit_bnfuse import CompositeLRP, FusedLRP, find_fusable_pairs, fuse
+from zennit_bnfuse.prepared import PreparedModel
+from zennit_bnfuse.specialization import concrete_arguments, remove_guards, signature_key
+
+EACH_EXPLAINER = pytest.mark.parametrize(
+    'explainer', [FusedLRP, lambda model: CompositeLRP(model, EpsilonPlusFlat())], ids=['fused', 'composite'])
+
+
+class Options(torch.nn.Module):
+    '''conv -> BatchNorm -> relu -> linear, with options after the input: a mask, a flag and a scale.'''
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.linear = torch.nn.Conv2d(2, 3, 3), torch.nn.BatchNorm2d(3), torch.nn.Linear(48, 2)
+
+    def forward(self, x, mask=None, flip=False, scale=1.):
+        hidden = torch.relu(self.bn(self.conv(x))).flatten(1)
+        if mask is not None:
+            hidden = hidden * mask
+        if flip:  # control flow on a proxy: not traceable
+            hidden = hidden.flip(-1)
+        return self.linear(hidden) * scale
+
+
+def options():
+    torch.manual_seed(0)
+    return randomize_batch_norms(Options()).double().eval()
+
+
+def test_concrete_arguments_are_the_non_tensors_given_or_by_default():
+    model, mask = Options(), torch.ones(48)
+    assert concrete_arguments(model, 1, None) == {'mask': None, 'flip': False, 'scale': 1.}
+    assert concrete_arguments(model, 1, (mask, True)) == {'flip': True, 'scale': 1.}
+    assert concrete_arguments(model, 1, mask) == {'flip': False, 'scale': 1.}  # one argument, not a tuple
+    assert concrete_arguments(model, 2, (True,)) == {'flip': True, 'scale': 1.}  # a second input
+    assert concrete_arguments(model, 1, (None, False, 2., 'too many')) == {}  # the forward raises for that
+
+    class Star(torch.nn.Module):
+        def forward(self, x, *rest, scale=1.):
+            return x
+
+    class Required(torch.nn.Module):
+        def forward(self, x, mask, scale=2):
+            return x
+    assert concrete_arguments(Star(), 1, (None,)) == {}  # positions not known
+    assert concrete_arguments(Required(), 1, None) == {'scale': 2}  # a missing argument stays a proxy
+
+
+def test_signature_key_tells_apart_what_computes_differently():
+    assert signature_key({'flag': True}) != signature_key({'flag': 1})
+    assert signature_key({'scale': 0.}) != signature_key({'scale': -0.})
+    assert signature_key({'scale': math.nan}) == signature_key({'scale': float('nan')})
+    assert signature_key({'a': 1, 'b': None}) == signature_key({'b': None, 'a': 1})
+    assert signature_key({'a': 1}) != signature_key({'a': 2})
+
+
+def test_remove_guards_keeps_the_forwards_own_assertions():
+    class Asserting(torch.nn.Module):
+        def forward(self, x, mask=None, scale=1.):
+            torch._assert(x.shape[0] > 0, 'empty')
+            return x * scale
+
+    model = Asserting()
+    concrete = {'mask': None, 'scale': 2.}
+    graph = torch.fx.Tracer().trace(model, concrete)
+    calls = [node.target for node in graph.nodes if node.op == 'call_function']
+    assert calls.count(torch._assert) == 2 and torch.fx._symbolic_trace._assert_is_none in calls
+    remove_guards(graph, model, concrete)
+    calls = [node.target for node in graph.nodes if node.op == 'call_function']
+    assert calls.count(torch._assert) == 1 and torch.fx._symbolic_trace._assert_is_none not in calls
+    assert all(not node.users for node in graph.nodes if node.op == 'placeholder' and node.target != 'x')
+    assert operator.mul in calls
+
+
+def test_find_fusable_pairs_decides_on_the_path_of_the_concrete_arguments():
+    '''A forward that reads the conv's output again for an optional argument: traced with a proxy for it, the
+    BatchNorm cannot take the conv's output alone; for a call without it, it can.'''
+    class Optional(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = torch.nn.Conv2d(2, 3, 3), torch.nn.BatchNorm2d(3)
+
+        def forward(self, x, extra=None):
+            hidden = self.conv(x)
+            out = self.bn(hidden)
+            return out if extra is None else out + hidden * extra
+
+    model = randomize_batch_norms(Optional()).eval()
+    assert [entry.side for entry in find_fusable_pairs(model).fused] != ['after']
+    report = find_fusable_pairs(model, concrete_args={'extra': None})
+    assert [(entry.bn, entry.layer, entry.side) for entry in report.fused] == [('bn', 'conv', 'after')]
+    fused, _ = fuse(model, concrete_args={'extra': None})
+    input = torch.rand(2, 2, 5, 5)
+    torch.testing.assert_close(fused(input), model(input))
+
+
+@EACH_EXPLAINER
+def test_control_flow_on_a_flag_is_traced(explainer):
+    '''`if flip:` on a proxy cannot be traced: the prepared copy was the untraced model (BatchNorm unfolded, a
+    warning). Traced with the call's value, both paths fold the BatchNorm and explain the model's function.'''
+    model = options()
+    input = torch.rand(3, 2, 6, 6, dtype=torch.float64)
+    lrp = explainer(model)
+    for flip in (False, True):
+        with warnings.catch_warnings():
+            warnings.filterwarnings('error', message='zennit_bnfuse: could not trace')
+            relevance, delta = lrp.attribute(input, target=1, additional_forward_args=(None, flip),
+                                             return_convergence_delta=True)
+        assert isinstance(lrp.prepared.get(1, (None, flip)), torch.fx.GraphModule)
+        assert [entry.bn for entry in lrp.prepared.report.fused] == ['bn']
+        torch.testing.assert_close(relevance.flatten(1).sum(1) + delta, model(input, None, flip)[:, 1])
+    assert lrp.prepared.builds == 2
+
+
+@EACH_EXPLAINER
+def test_a_number_argument_is_a_constant(explainer):
+    '''A number given after the inputs is part of the traced graph as a constant: the relevance of the output times
+    3 is 3 times the relevance, and the copy for each number is built once.'''
+    model = options()
+    input = torch.rand(3, 2, 6, 6, dtype=torch.float64)
+    lrp = explainer(model)
+    once = lrp.attribute(input, target=0)
+    thrice = lrp.attribute(input, target=0, additional_forward_args=(None, False, 3.))
+    torch.testing.assert_close(thrice, 3 * once, rtol=1e-12, atol=1e-15)
+    lrp.attribute(input, target=0)
+    assert lrp.prepared.builds == 2
+    # the graph does not read the number from its placeholder: it holds it
+    placeholders = [node for node in lrp.prepared.get(1, (None, False, 3.)).graph.nodes if node.op == 'placeholder']
+    assert all(not node.users for node in placeholders[1:])
+
+
+def test_prepared_copies_kept_per_signature_and_dropped_on_change():
+    model = options()
+    prepared = PreparedModel(model)
+    first = prepared.get(1, None)
+    assert prepared.get(1, (None,)) is first and prepared.builds == 1  # the default given: the same signature
+    flipped = prepared.get(1, (None, True))
+    assert flipped is not first and prepared.get(1, None) is first and prepared.builds == 2
+    for scale in range(PreparedModel.MAX_SIGNATURES):
+        prepared.get(1, (None, False, float(scale)))
+    builds = prepared.builds
+    assert prepared.get(1, (None, True)) is not flipped and prepared.builds == builds + 1  # the oldest was dropped
+    with torch.no_grad():
+        model.linear.weight.mul_(2.)
+    assert prepared.get(1, (None, True)) is not flipped and prepared.builds == builds + 2
+
+
+def test_a_users_graph_module_traced_for_none():
+    '''A GraphModule the user traced with concrete_args={'mask': None} checks `mask` with `_assert_is_none`, which
+    counted as a use of the argument (refused); given a tensor, re-tracing its code made a graph whose generated code
+    broke every later trace in the process (a KeyError in torch.fx).'''
+    model = options()
+    graph_module = torch.fx.symbolic_trace(model, concrete_args={'mask': None, 'flip': False})
+    input, mask = torch.rand(3, 2, 6, 6, dtype=torch.float64), torch.ones(3, 48, dtype=torch.float64)
+    lrp = FusedLRP(graph_module)
+    assert torch.equal(lrp.attribute(input, target=0), FusedLRP(model).attribute(input, target=0))
+    with pytest.raises(AssertionError, match='mask has been specialized to have value None'):
+        graph_module(input, mask)  # the model raises
+    with pytest.raises(AssertionError, match='mask has been specialized to have value None'):
+        lrp.attribute(input, target=0, additional_forward_args=(mask,))  # so does its explanation
+    assert find_fusable_pairs(model, concrete_args={'flip': False}).traced  # and tracing still works

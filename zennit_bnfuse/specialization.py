@@ -1,0 +1,116 @@
+'''Tracing a forward for one call: the arguments after the inputs that are not tensors as fixed values.
+
+torch.fx traces every argument of a forward as a tensor-like proxy, so a forward that checks an argument
+(``if mask is not None``, ``if flag``) or computes with a number (``x * scale``) is traced for one branch and with the
+number as an input. :py:class:`~zennit_bnfuse.prepared.PreparedModel` traces the forward once per *call signature*
+instead: every argument after the inputs that is not a tensor (None, a bool, a number, a string, a dtype or device)
+is given to the trace as the value of this call (``concrete_args``), and tensors stay proxies.
+'''
+import inspect
+import operator
+
+import torch
+
+# the values given to a trace as they are: their branches are taken and their numbers are constants of the graph
+CONCRETE_TYPES = (type(None), bool, int, float, complex, str, torch.dtype, torch.device)
+# what torch.fx records to check that a call brings the values a graph was traced for: None, or equal to the value
+ASSERT_IS_NONE = torch.fx._symbolic_trace._assert_is_none
+
+
+def as_argument_tuple(additional_forward_args):
+    '''Captum's ``additional_forward_args`` as the tuple of arguments it passes after the inputs: none for None, a
+    tuple as it is, anything else as one argument.'''
+    if additional_forward_args is None:
+        return ()
+    return additional_forward_args if isinstance(additional_forward_args, tuple) else (additional_forward_args,)
+
+
+def concrete_arguments(model, num_inputs, additional_forward_args):
+    '''The arguments of ``model``'s forward after its ``num_inputs`` inputs that a trace for this call takes as
+    fixed values: those given in ``additional_forward_args`` (or left at their defaults) that are not tensors.
+
+    Parameters
+    ----------
+    model: :py:obj:`torch.nn.Module`
+        The model whose forward (its class's, which torch.fx traces) is called.
+    num_inputs: int
+        How many positional arguments come first as the inputs.
+    additional_forward_args: object
+        As in Captum's ``attribute()``: None, one argument, or a tuple of them, passed by position after the inputs.
+
+    Returns
+    -------
+    dict[str, object]
+        Parameter name -> value, for torch.fx's ``concrete_args``; empty where the forward takes ``*args`` (the
+        positions are not known) or more arguments are given than it takes (the forward raises for that itself).
+    '''
+    arguments = as_argument_tuple(additional_forward_args)
+    parameters = forward_parameters(model)
+    if any(parameter.kind is parameter.VAR_POSITIONAL for parameter in parameters):
+        return {}
+    positional = [parameter for parameter in parameters
+                  if parameter.kind in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD)][num_inputs:]
+    if len(arguments) > len(positional):
+        return {}
+    concrete = {}
+    for index, parameter in enumerate(positional):
+        if index < len(arguments):
+            value = arguments[index]
+        elif parameter.default is not parameter.empty:
+            value = parameter.default
+        else:
+            continue  # missing: the forward raises for it
+        if isinstance(value, CONCRETE_TYPES):
+            concrete[parameter.name] = value
+    return concrete
+
+
+def signature_key(concrete_args):
+    '''A hashable key for ``concrete_args`` (see :py:func:`concrete_arguments`) that two calls share only where a
+    graph traced for one computes what the other computes: values compared with their types (``True`` is not ``1``),
+    floats and complex numbers by their text (``-0.0`` is not ``0.0``, ``nan`` is ``nan``).'''
+    return tuple(
+        (name, type(value), repr(value) if isinstance(value, (float, complex)) else value)
+        for name, value in sorted(concrete_args.items()))
+
+
+def unmark_wrapped_torch_functions(graph):
+    '''Clear the ``is_wrapped`` mark of ``graph``'s calls of torch's own functions; returns ``graph``.
+
+    Re-tracing the generated code of a GraphModule traced with ``concrete_args`` (a user's) records its
+    ``torch.fx._symbolic_trace._assert_is_none`` call as a wrapped function; the code torch.fx generates for such a
+    graph registers the function's dotted name for patching in globals that do not hold it, and every trace in the
+    process after that fails with a KeyError. The call itself stays (it raises where the model raises).'''
+    for node in graph.nodes:
+        if (node.op == 'call_function' and node.meta.get('is_wrapped')
+                and getattr(node.target, '__module__', '').split('.')[0] == 'torch'):
+            node.meta['is_wrapped'] = False
+    return graph
+
+
+def forward_parameters(model):
+    '''The parameters of the forward torch.fx traces for ``model`` (its class's), after ``self``.'''
+    return list(inspect.signature(type(model).forward).parameters.values())[1:]
+
+
+def remove_guards(graph, model, concrete_args):
+    '''Remove from ``graph``, traced from ``model`` with ``concrete_args``, the checks torch.fx records that a call
+    brings those values (``_assert_is_none`` and ``torch._assert`` of a comparison, on the placeholders of
+    ``concrete_args``): the graph is only run for calls with those values (see
+    :py:class:`~zennit_bnfuse.prepared.PreparedModel`), and the checks would read like computations to the analyses
+    that follow. Returns ``graph``.'''
+    placeholders = [node for node in graph.nodes if node.op == 'placeholder']
+    fixed = {placeholder for parameter, placeholder in zip(forward_parameters(model), placeholders)
+             if parameter.name in concrete_args}
+    for placeholder in fixed:
+        for user in list(placeholder.users):
+            if user.op != 'call_function':
+                continue
+            if user.target is ASSERT_IS_NONE:
+                graph.erase_node(user)
+            elif user.target is operator.eq and all(
+                    later.op == 'call_function' and later.target is torch._assert for later in user.users):
+                for later in list(user.users):
+                    graph.erase_node(later)
+                graph.erase_node(user)
+    return graph
