@@ -423,3 +423,16 @@ def test_timm_activation_modules_pass_relevance_as_torchs_do(timm_act, torch_act
         input = torch.randn(2, 2, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
         relevance.append(FusedLRP(model, engine=engine).attribute(input, target=1))
     assert relevance[1].abs().sum() > 0 and torch.equal(*relevance)
+
+
+def test_a_rule_for_a_folded_norm_act_layer_is_refused():
+    '''A folded norm-act layer keeps its name as a container of its drop and act, which takes no rule: a Captum rule
+    naming it was accepted and never applied (a folded plain BatchNorm's was refused).'''
+    from captum.attr._utils.lrp_rules import GammaRule
+    torch.manual_seed(0)
+    model = randomize_batch_norms(torch.nn.Sequential(
+        torch.nn.Conv2d(2, 3, 3), BatchNormAct2d(3), torch.nn.Flatten(), torch.nn.Linear(12, 2))).eval().double()
+    input = torch.rand(2, 2, 4, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"^rules names '1', which is folded into `0`: it has no layer of its own"):
+        FusedLRP(model, rules={'1': GammaRule()}).attribute(input, target=0)
+    assert FusedLRP(model, rules={'1.act': None}).attribute(input, target=0).shape == input.shape

@@ -308,7 +308,8 @@ class FusedLRP(LRP):
                                       caller='FusedLRP')
         self.own_rules = {}
         self._checked = None  # the prepared copy whose modules were read last
-        self._present = set()  # the user's names of the modules the prepared copy holds
+        # the user's names of the modules the prepared copy holds that take a rule of their own
+        self._present = set()
 
     def _prepared_model(self, num_inputs=1, additional_forward_args=None):
         '''The prepared copy for this call (see :py:meth:`PreparedModel.get`), and the ``rule`` attributes the user
@@ -318,7 +319,11 @@ class FusedLRP(LRP):
             # the copy carries copies of the user's rule attributes; the user's modules are read on every call
             for module in prepared.modules():
                 vars(module).pop('rule', None)
-            self._present = {self.prepared.original_name(name) for name, _ in prepared.named_modules()}
+            # a folded BatchNorm's name holds its ThresholdReLU (the shift before a ReLU, which takes a rule) or
+            # nothing of its own: an Identity, or timm's norm-act layer's drop and act in a container
+            folded = {item.bn for item in (self.prepared.report.fused if self.prepared.report is not None else [])}
+            self._present = {self.prepared.original_name(name) for name, module in prepared.named_modules()
+                             if name not in folded or isinstance(module, ThresholdReLU)}
             self.refuse_rules_for_folded(self.rules, 'rules names')
             self._checked = prepared
         self.own_rules = {name: module.rule for name, module in self.model.named_modules()
