@@ -3,7 +3,7 @@ from .attribution import CompositeLRP, FusedLRP
 from .canonizers import FuseBatchNorm
 from .fusion import fuse
 from .handling import ALL_HANDLINGS, HANDLINGS, BatchNormHandling, bn_handling
-from .layers import ThresholdReLU
+from .layers import FoldedInputError, FoldedTrainingError, ThresholdReLU
 from .memory import keep_freed_memory
 from .pairs import find_fusable_pairs
 from .quantus_interop import explain_func
@@ -16,6 +16,8 @@ __all__ = [
     'CompositeLRP',
     'FuseBatchNorm',
     'FusedBatchNorm',
+    'FoldedInputError',
+    'FoldedTrainingError',
     'FusedLRP',
     'FusionReport',
     'HANDLINGS',

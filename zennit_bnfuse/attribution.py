@@ -252,8 +252,9 @@ class FusedLRP(LRP):
         :py:class:`~zennit_bnfuse.ThresholdReLU` modules that BN -> ReLU folds leave; pass-through for activations,
         dropout, identity and flatten.
     handling: str, optional
-        ``'fused'`` (default), ``'unfused'`` (BatchNorm as an affine layer under EpsilonRule, Captum's default) or
-        ``'naive'`` (relevance passes BatchNorm); see :py:func:`zennit_bnfuse.bn_handling`.
+        ``'fused'`` (default), ``'unfused'`` (BatchNorm as an affine layer under EpsilonRule, Captum's default),
+        ``'naive'`` (relevance passes BatchNorm) or ``'zennit'`` (Zennit's ``SequentialMergeBatchNorm``, the rest
+        passed); see :py:func:`zennit_bnfuse.bn_handling`.
     example_inputs: :py:obj:`torch.Tensor` or tuple, optional
         Forward arguments to check the folds on (see :py:func:`zennit_bnfuse.fuse`); needed to fold anything where
         the forward cannot be traced with torch.fx.
@@ -408,11 +409,18 @@ class FusedLRP(LRP):
         Raises
         ------
         TypeError
-            If an input is not a floating-point tensor, or ``target`` has a type Captum does not take.
+            If an input is not a floating-point tensor, ``target`` has a type Captum does not take, the forward
+            returns something other than a tensor, a module has no rule (the message names the ``rules=`` entry to
+            add), or the model cannot be deep-copied.
         ValueError
             If ``target`` selects no output entry (a negative or too large index: the message gives the valid range),
-            the model cannot run on the inputs (the message names their shapes; the model's error is the cause), or
-            a rule's epsilon is 0 in the inputs' dtype (see :py:func:`check_stabilizers`).
+            the model cannot run on the inputs (the message names their shapes; the model's error is the cause), a
+            rule's epsilon is 0 in the inputs' dtype (see :py:func:`check_stabilizers`), a BatchNorm or dropout is
+            in training mode, a Zennit composite is registered on the model, a rule (``rules=`` or a ``rule``
+            attribute) names a BatchNorm that is folded, or a tensor is given for an argument the traced forward
+            never reads (see :py:func:`~zennit_bnfuse.checks.check_additional_arguments`).
+        RuntimeError
+            If called inside :py:func:`torch.inference_mode`, or global module hooks are registered.
         '''
         check_inputs(inputs)
         target = plain_target(target)
@@ -486,8 +494,8 @@ class CompositeLRP(GradientAttribution):
     composite: :py:obj:`zennit.core.Composite`
         For example ``EpsilonPlusFlat()``. Its canonizers run on the prepared copy.
     handling: str, optional
-        ``'fused'`` (default), ``'unfused'`` (BatchNorm under Zennit's Epsilon rule) or ``'naive'`` (``Pass``);
-        BatchNorms still in the model get the handling's rule ahead of the composite's own mapping.
+        ``'fused'`` (default), ``'unfused'`` (BatchNorm under Zennit's Epsilon rule), ``'naive'`` (``Pass``) or
+        ``'zennit'`` (Zennit's ``SequentialMergeBatchNorm``, the rest ``Pass``); BatchNorms still in the model get the handling's rule ahead of the composite's own mapping.
     batch_norm_rule: :py:obj:`zennit.core.Hook`, optional
         The rule for BatchNorms still in the model, and for the :py:class:`~zennit_bnfuse.ThresholdReLU` modules
         that ``BN -> ReLU -> layer`` folds leave (the BatchNorm's shift before the ReLU), instead of the handling's

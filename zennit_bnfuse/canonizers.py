@@ -107,10 +107,14 @@ class FuseBatchNorm(Canonizer):
         Raises
         ------
         TypeError
-            If ``root_module`` is not a torch.nn.Module or holds a TorchScript module (pass the original module).
+            If ``root_module`` is not a torch.nn.Module, holds a TorchScript module or a wrapper (``DataParallel``,
+            ``torch.compile``) or has a hook from the deprecated ``register_backward_hook`` (see
+            :py:func:`~zennit_bnfuse.checks.check_model`).
         ValueError
-            If a BatchNorm is in training mode or has invalid statistics, or the model raises on the example inputs;
-            the model is unchanged then.
+            If a BatchNorm is in training mode or has invalid statistics, a lazy module has not run yet, or the model
+            raises on the example inputs; the model is unchanged then.
+        RuntimeError
+            If global module hooks are registered.
         '''
         check_model(root_module, 'FuseBatchNorm')
         refuse_global_hooks('FuseBatchNorm')

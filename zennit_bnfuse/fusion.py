@@ -38,10 +38,17 @@ def fuse(model, example_inputs=None, include=None, concrete_args=None):
     Raises
     ------
     TypeError
-        If ``model`` is not a torch.nn.Module or holds a TorchScript module (pass the original module), or
-        ``example_inputs`` is not a tensor or tuple.
+        If ``model`` is not a torch.nn.Module, holds a TorchScript module or a wrapper (``DataParallel``,
+        ``torch.compile``), has a hook from the deprecated ``register_backward_hook`` (see
+        :py:func:`~zennit_bnfuse.checks.check_model`) or cannot be deep-copied; if ``example_inputs`` is not a tensor
+        or tuple, or ``include`` neither a function nor a collection of names.
     ValueError
-        If a BatchNorm is in training mode or has invalid statistics, or the model raises on ``example_inputs``.
+        If a BatchNorm is in training mode or has invalid statistics, a lazy module has not run yet or a parameter
+        is on the meta device, a Zennit composite is registered on ``model``, ``include`` names a module that is not
+        a BatchNorm, or the model raises on ``example_inputs``.
+    RuntimeError
+        If global module hooks are registered (``torch.nn.modules.module.register_module_forward_hook`` and the
+        like), which would run inside the fused copy too.
 
     Examples
     --------

@@ -76,7 +76,7 @@ def explain_func(model, inputs, targets, composite='epsilon-plus-flat', handling
         A Zennit composite, the name of one in :py:data:`zennit_bnfuse.evaluation.composites.COMPOSITES` (default
         ``'epsilon-plus-flat'``), or ``'captum'`` for Captum's rules through :py:class:`~zennit_bnfuse.FusedLRP`.
     handling: str
-        The BatchNorm handling: ``'fused'`` (default), ``'unfused'`` or ``'naive'`` (see
+        The BatchNorm handling: ``'fused'`` (default), ``'unfused'``, ``'naive'`` or ``'zennit'`` (see
         :py:func:`zennit_bnfuse.bn_handling`).
     rules: dict, optional
         Captum rules by module name or type, with ``composite='captum'`` (see :py:class:`~zennit_bnfuse.FusedLRP`).

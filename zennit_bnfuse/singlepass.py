@@ -1006,7 +1006,13 @@ class SinglePass(Composite):
         ------
         TypeError
             If ``module`` is not a torch.nn.Module or holds a TorchScript module, whose compiled forward runs no hooks
-            (pass the original module).
+            (pass the original module), or a wrapper (see :py:func:`~zennit_bnfuse.checks.check_model`).
+        ValueError
+            If a lazy module of ``module`` has not run yet, or a parameter is on the meta device.
+
+        A forward pass under the composite raises RuntimeError where a module has the active hook of another Zennit
+        composite too (see :py:meth:`SinglePassHook.refuse_other_rules`), and ``create_graph=True`` raises
+        RuntimeError in the backward pass (the relevance cannot be differentiated again).
         '''
         check_model(module, 'SinglePass')
         self.remove()
