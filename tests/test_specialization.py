@@ -1,8 +1,10 @@
 '''Tracing a forward per call signature: its arguments after the inputs that are not tensors as fixed values.'''
+import enum
 import math
 import operator
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.fx
@@ -52,8 +54,18 @@ def test_concrete_arguments_are_the_non_tensors_given_or_by_default():
     class Required(torch.nn.Module):
         def forward(self, x, mask, scale=2):
             return x
-    assert concrete_arguments(Star(), 1, (None,)) == {}  # positions not known
+
+    class Before(torch.nn.Module):
+        def forward(self, x, mask=None, *rest, scale=1., **options):
+            return x
+    assert concrete_arguments(Star(), 1, (None,)) == {'scale': 1.}  # keyword-only by default
+    assert concrete_arguments(Before(), 1, ()) == {'mask': None, 'scale': 1.}
+    assert concrete_arguments(Before(), 1, (None, 2.)) == {'mask': None, 'scale': 1.}  # 2. goes to *rest: a proxy
     assert concrete_arguments(Required(), 1, None) == {'scale': 2}  # a missing argument stays a proxy
+    # NumPy's scalars as the Python numbers they hold (np.float64 would be written into the graph's code as such)
+    fixed = concrete_arguments(model, 1, (None, np.bool_(True), np.float64(2.5)))
+    assert fixed == {'mask': None, 'flip': True, 'scale': 2.5} and type(fixed['scale']) is float
+    assert concrete_arguments(model, 1, (None, False, (1., 2.))) == {'mask': None, 'flip': False}  # tuples: proxies
 
 
 def test_signature_key_tells_apart_what_computes_differently():
@@ -169,3 +181,102 @@ def test_a_users_graph_module_traced_for_none():
     with pytest.raises(AssertionError, match='mask has been specialized to have value None'):
         lrp.attribute(input, target=0, additional_forward_args=(mask,))  # so does its explanation
     assert find_fusable_pairs(model, concrete_args={'flip': False}).traced  # and tracing still works
+
+
+class KeywordOnly(torch.nn.Module):
+    '''conv -> relu -> linear, times a keyword-only ``mask`` where one is given (after a ``*rest`` it ignores).'''
+    def __init__(self):
+        super().__init__()
+        self.conv, self.linear = torch.nn.Conv2d(2, 3, 3), torch.nn.Linear(48, 2)
+
+    def forward(self, x, *rest, mask=None):
+        hidden = torch.relu(self.conv(x)).flatten(1)
+        if mask is not None:
+            hidden = hidden * mask
+        return self.linear(hidden)
+
+
+class Unmasked(KeywordOnly):
+    def forward(self, x):
+        return self.linear(torch.relu(self.conv(x)).flatten(1))
+
+
+@EACH_EXPLAINER
+def test_keyword_only_and_numpy_arguments(explainer):
+    '''A keyword-only ``mask=None`` stayed a proxy (the call failed in the generated code with a TypeError); a NumPy
+    float was written into the graph's code as ``np.float64(2.5)`` (NameError), and a NumPy bool in ``if flip:``
+    left the forward untraced.'''
+    torch.manual_seed(0)
+    model = KeywordOnly().double().eval()
+    reference = Unmasked().double().eval()
+    reference.load_state_dict(model.state_dict())
+    input = torch.rand(3, 2, 6, 6, dtype=torch.float64)
+    assert torch.equal(explainer(model).attribute(input, target=0), explainer(reference).attribute(input, target=0))
+    with pytest.raises(ValueError, match=r'takes `\*rest` and then keyword-only arguments \(mask\)'):
+        explainer(model).attribute(input, target=0, additional_forward_args=(2.,))  # 2. would be taken as the mask
+    flipped = options()
+    lrp = explainer(flipped)
+    for numpy_value, value in ((np.float64(2.5), 2.5), (np.bool_(True), True)):
+        expected = explainer(flipped).attribute(input, target=0, additional_forward_args=(None, value))
+        with warnings.catch_warnings():
+            warnings.filterwarnings('error', message='zennit_bnfuse: could not trace')
+            actual = lrp.attribute(input, target=0, additional_forward_args=(None, numpy_value))
+        assert torch.equal(actual, expected)
+
+
+class UseMask(torch.nn.Module):
+    '''conv -> relu -> linear, times ``mask`` only where ``use_mask`` is set, or where the mask is a tensor.'''
+    def __init__(self, check='flag'):
+        super().__init__()
+        self.check = check
+        self.conv, self.linear = torch.nn.Conv2d(2, 3, 3), torch.nn.Linear(48, 2)
+
+    def forward(self, x, mask, use_mask=False):
+        hidden = torch.relu(self.conv(x)).flatten(1)
+        if use_mask if self.check == 'flag' else isinstance(mask, torch.Tensor):
+            hidden = hidden * mask
+        return self.linear(hidden)
+
+
+@EACH_EXPLAINER
+def test_a_tensor_the_call_leaves_unread_is_not_refused(explainer):
+    '''With the flag fixed, the traced forward rightly never reads ``mask``: that call was refused as if a type
+    check had dropped it. A type check on the tensor still is refused.'''
+    torch.manual_seed(0)
+    model = UseMask().double().eval()
+    input, mask = torch.rand(3, 2, 6, 6, dtype=torch.float64), torch.zeros(3, 48, dtype=torch.float64)
+    lrp = explainer(model)
+    unmasked = lrp.attribute(input, target=0, additional_forward_args=(mask, False))
+    assert unmasked.abs().sum() > 0
+    masked = lrp.attribute(input, target=0, additional_forward_args=(mask, True))
+    assert torch.equal(masked, torch.zeros_like(masked))
+    typed = UseMask('type').double().eval()
+    with pytest.raises(ValueError, match='does not read its argument `mask`, for which a tensor was given'):
+        explainer(typed).attribute(input, target=0, additional_forward_args=(mask,))
+
+
+class Mode(enum.IntEnum):
+    SUM, MAX = 0, 1
+
+
+class Pooled(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.linear = torch.nn.Conv2d(2, 3, 3), torch.nn.Linear(3, 2)
+
+    def forward(self, x, mode=Mode.SUM):
+        hidden = torch.relu(self.conv(x))
+        pooled = hidden.sum((2, 3)) if mode is Mode.SUM else hidden.amax((2, 3))
+        return self.linear(pooled)
+
+
+def test_an_enum_argument_is_traced_without_a_warning():
+    '''torch.fx warned on every build that it could not add a check for an enum value, which the user cannot act
+    on: the graph is only run for calls with that value.'''
+    torch.manual_seed(0)
+    model = Pooled().double().eval()
+    input = torch.rand(3, 2, 6, 6, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.filterwarnings('error', message='Was not able to add assertion')
+        relevance = FusedLRP(model).attribute(input, target=0, additional_forward_args=(Mode.SUM,))
+    assert relevance.shape == input.shape

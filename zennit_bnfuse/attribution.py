@@ -426,7 +426,9 @@ class FusedLRP(LRP):
         target = plain_target(target)
         input_tuple = _format_tensor_into_tuples(inputs)
         prepared = self._prepared_model(len(input_tuple), additional_forward_args)
-        check_additional_arguments(prepared, input_tuple, additional_forward_args, 'FusedLRP')
+        check_additional_arguments(prepared, self.model, len(input_tuple), additional_forward_args, 'FusedLRP',
+                                   functools.partial(self.prepared.reads_tensor_argument, len(input_tuple),
+                                                     additional_forward_args))
         if len(input_tuple[0]) == 0:
             relevance, output = empty_batch_attribution(prepared, input_tuple, target, additional_forward_args)
             relevance = _format_output(_is_tuple(inputs), relevance)
@@ -495,7 +497,8 @@ class CompositeLRP(GradientAttribution):
         For example ``EpsilonPlusFlat()``. Its canonizers run on the prepared copy.
     handling: str, optional
         ``'fused'`` (default), ``'unfused'`` (BatchNorm under Zennit's Epsilon rule), ``'naive'`` (``Pass``) or
-        ``'zennit'`` (Zennit's ``SequentialMergeBatchNorm``, the rest ``Pass``); BatchNorms still in the model get the handling's rule ahead of the composite's own mapping.
+        ``'zennit'`` (Zennit's ``SequentialMergeBatchNorm``, the rest ``Pass``); BatchNorms still in the model
+        get the handling's rule ahead of the composite's own mapping.
     batch_norm_rule: :py:obj:`zennit.core.Hook`, optional
         The rule for BatchNorms still in the model, and for the :py:class:`~zennit_bnfuse.ThresholdReLU` modules
         that ``BN -> ReLU -> layer`` folds leave (the BatchNorm's shift before the ReLU), instead of the handling's
@@ -625,7 +628,9 @@ class CompositeLRP(GradientAttribution):
         is_tuple = _is_tuple(inputs)
         inputs = tuple(input.detach().requires_grad_(True) for input in _format_tensor_into_tuples(inputs))
         prepared = self.prepared.get(len(inputs), additional_forward_args)
-        check_additional_arguments(prepared, inputs, additional_forward_args, 'CompositeLRP')
+        check_additional_arguments(prepared, self.model, len(inputs), additional_forward_args, 'CompositeLRP',
+                                   functools.partial(self.prepared.reads_tensor_argument, len(inputs),
+                                                     additional_forward_args))
         if len(inputs[0]) == 0:
             relevance, output = empty_batch_attribution(prepared, inputs, target, additional_forward_args)
         else:

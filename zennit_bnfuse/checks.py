@@ -9,7 +9,7 @@ from zennit.core import Composite
 
 from .layers import FoldedInputError
 from .registration import module_hooks
-from .specialization import as_argument_tuple
+from .specialization import as_argument_tuple, call_arguments, placeholder_parameters
 
 
 def check_model(model, caller):
@@ -368,9 +368,9 @@ def checked_forward(model, inputs, target):
             handle.remove()
 
 
-def check_additional_arguments(prepared, inputs, additional_forward_args, caller):
+def check_additional_arguments(prepared, model, num_inputs, additional_forward_args, caller, reads=None):
     '''Raise where the traced forward of ``prepared`` (a GraphModule; other models run their own forward) cannot
-    compute what the model computes with ``additional_forward_args``: torch.fx traced the tensors among them as
+    compute what ``model`` computes with ``additional_forward_args``: torch.fx traced the tensors among them as
     tensor-like proxies (the arguments that are not tensors as their values, see
     :py:mod:`zennit_bnfuse.specialization`), so a check of a tensor argument's type (``isinstance(mask,
     torch.Tensor)``) took the branch for something else.
@@ -378,34 +378,58 @@ def check_additional_arguments(prepared, inputs, additional_forward_args, caller
     Parameters
     ----------
     prepared: :py:obj:`torch.nn.Module`
-        The prepared copy.
-    inputs: tuple[:py:obj:`torch.Tensor`, ...]
-        The inputs, which come first among the forward's arguments.
+        The prepared copy of ``model``.
+    model: :py:obj:`torch.nn.Module`
+        The user's model, whose forward's parameters name the arguments.
+    num_inputs: int
+        How many inputs come first among the forward's arguments.
     additional_forward_args: object
         As in Captum's ``attribute()``: None, one argument, or a tuple of them; the forward's defaults fill in the
         arguments after them.
     caller: str
         The class, for the message.
+    reads: callable, optional
+        ``reads(name) -> bool``: whether ``model``'s forward computes with the tensor given for its argument ``name``
+        in this call (see :py:meth:`~zennit_bnfuse.prepared.PreparedModel.reads_tensor_argument`); where it does
+        not, the traced forward leaving it out is right. Without it, every such argument is refused.
 
     Raises
     ------
     ValueError
-        If a tensor is given (or is the default) for an argument the traced forward never reads.
+        If a tensor is given (or is the default) for an argument the traced forward never reads, and the forward
+        reads it; None for one it computes with (an argument traced as a proxy); or arguments for a ``*args`` that
+        keyword-only parameters follow (the traced forward takes those by position).
     '''
     if not isinstance(prepared, torch.fx.GraphModule):
         return
-    arguments = as_argument_tuple(additional_forward_args)
-    placeholders = [node for node in prepared.graph.nodes if node.op == 'placeholder'][len(inputs):]
-    for index, node in enumerate(placeholders):
-        if node.target.startswith('*'):
-            return  # *args and **kwargs: positions are not known
-        if index >= len(arguments) and not node.args:
-            continue  # not given, no default: the forward raises for the missing argument itself
-        value = arguments[index] if index < len(arguments) else node.args[0]  # given, or the default
-        if isinstance(value, torch.Tensor) and not node.users:
+    parameters = placeholder_parameters(model)
+    variable = next((parameter for parameter in parameters if parameter.kind is parameter.VAR_POSITIONAL), None)
+    keyword_only = [parameter.name for parameter in parameters if parameter.kind is parameter.KEYWORD_ONLY]
+    positional = sum(parameter.kind in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD)
+                     for parameter in parameters)
+    if variable is not None and keyword_only and num_inputs + len(as_argument_tuple(additional_forward_args)) > (
+            positional):
+        raise ValueError(
+            f'{caller}: the forward of the model takes `*{variable.name}` and then keyword-only arguments '
+            f'({", ".join(keyword_only)}); the forward torch.fx generates takes those by position, so the arguments '
+            f'given for `*{variable.name}` would fill them instead. Wrap the model in a module whose forward names '
+            'its arguments.')
+    values = call_arguments(model, num_inputs, additional_forward_args)
+    placeholders = [node for node in prepared.graph.nodes if node.op == 'placeholder']
+    for parameter, node in list(zip(placeholder_parameters(model), placeholders))[num_inputs:]:
+        if parameter.name not in values:
+            continue  # *args, **kwargs, or not given without a default: the forward raises for that itself
+        value, name = values[parameter.name], parameter.name
+        if isinstance(value, torch.Tensor) and not node.users and (reads is None or reads(name)):
             raise ValueError(
-                f'{caller}: the traced forward of the model does not read its argument `{node.target}`, for which a '
+                f'{caller}: the traced forward of the model does not read its argument `{name}`, for which a '
                 'tensor was given: torch.fx traces a tensor argument as a tensor-like proxy, so a check such as '
-                f'`isinstance({node.target}, torch.Tensor)` took the branch that leaves it out, and the relevance '
-                f'would explain the model without it. Check `{node.target} is not None` instead of its type, or set it '
-                'as an attribute of the model before explaining it.')
+                f'`isinstance({name}, torch.Tensor)` took the branch that leaves it out, and the relevance would '
+                f'explain the model without it. Check `{name} is not None` instead of its type, or set it as an '
+                'attribute of the model before explaining it.')
+        if value is None and node.users:
+            raise ValueError(
+                f'{caller}: the traced forward of the model computes with its argument `{name}`, which is None '
+                '(given, or its default): torch.fx traced it as a tensor-like proxy, so a check such as '
+                f'`{name} is None` took the branch that uses it. Give it a value, or set it as an attribute of '
+                'the model and leave it out of additional_forward_args.')

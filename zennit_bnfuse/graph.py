@@ -52,7 +52,7 @@ from .graph_layers import (
 )
 from .pairs import LeafTracer
 from .replacements import set_module
-from .specialization import remove_guards, unmark_wrapped_torch_functions
+from .specialization import trace_for_call
 
 ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add, 'add'}
 # augmented assignments -> the operator fx records for them on a proxy that has none
@@ -671,8 +671,7 @@ def lrp_graph(model, residual='captum', concrete_args=None):
     if residual not in RESIDUALS:
         raise ValueError(f'residual must be one of {", ".join(map(repr, RESIDUALS))}, not {residual!r}')
     try:
-        graph = remove_guards(LRPTracer().trace(model, concrete_args), model, concrete_args or {})
-        unmark_wrapped_torch_functions(graph)
+        graph = trace_for_call(LRPTracer(), model, concrete_args)
     except Exception as error:  # fx raises many kinds of errors for untraceable code
         warnings.warn(
             f'zennit_bnfuse: could not trace the forward of {type(model).__name__} ({type(error).__name__}: {error}); '

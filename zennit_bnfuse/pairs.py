@@ -23,7 +23,7 @@ from .checks import check_model
 from .layers import ThresholdReLU, is_layer_like, layer_kind_problem
 from .replacements import model_copy
 from .report import FusedBatchNorm, FusionReport, UnfusedBatchNorm
-from .specialization import remove_guards
+from .specialization import trace_for_call
 from .verification import check_folds, refuse_unproven
 
 
@@ -293,8 +293,7 @@ def find_fusable_pairs(model, example_inputs=None, concrete_args=None):
     with tracing_copy(model) as traced:
         try:
             tracer = PairTracer()
-            graph = remove_guards(tracer.trace(traced, concrete_args), traced, concrete_args or {})
-            graphs = [('', graph, tracer.hooked_calls)]
+            graphs = [('', trace_for_call(tracer, traced, concrete_args), tracer.hooked_calls)]
         except Exception as error:  # fx raises many kinds of errors for untraceable code
             report.traced = False
             report.trace_error = f'{type(error).__name__}: {error}'.splitlines()[0]

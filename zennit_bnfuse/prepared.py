@@ -4,8 +4,10 @@ from collections import OrderedDict
 import torch
 
 from .checks import refuse_global_hooks, refuse_zennit_hooks
+from .graph import LRPTracer
 from .handling import bn_handling
-from .specialization import concrete_arguments, signature_key
+from .pairs import tracing_copy
+from .specialization import call_arguments, concrete_arguments, signature_key, trace_for_call
 
 # what every nn.Module keeps in its __dict__ (parameters, buffers, children, hook dicts, the training flag)
 MODULE_INTERNALS = frozenset(vars(torch.nn.Module()))
@@ -72,6 +74,16 @@ def hook_keys(module):
     dict: they change whenever a hook is added or removed.'''
     return tuple((key, tuple(value)) for key, value in vars(module).items()
                  if key.endswith('hooks') and isinstance(value, dict) and value)
+
+
+def is_model_tensor(model, target):
+    '''Whether ``target`` (a dotted name) is a parameter or buffer of ``model``, not a constant a trace added.'''
+    module_name, _, attribute = target.rpartition('.')
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        return False
+    return attribute in module._parameters or attribute in module._buffers
 
 
 class PreparedModel:
@@ -148,6 +160,24 @@ class PreparedModel:
         self._built.move_to_end(key)
         prepared, self.copies, self.report = self._built[key]
         return prepared
+
+    def reads_tensor_argument(self, num_inputs, additional_forward_args, name):
+        '''Whether the forward of the model, in a call with ``num_inputs`` inputs and ``additional_forward_args``,
+        computes with its argument ``name``, a tensor there: traced with that tensor as a fixed value (where a check
+        such as ``isinstance(mask, torch.Tensor)`` sees a tensor), its graph holds a tensor constant more than
+        traced with the argument as a proxy.'''
+        concrete = concrete_arguments(self.model, num_inputs, additional_forward_args)
+        value = call_arguments(self.model, num_inputs, additional_forward_args)[name]
+        counts = []
+        for fixed in (concrete, {**concrete, name: value}):
+            with tracing_copy(self.model) as root:
+                try:
+                    graph = trace_for_call(LRPTracer(), root, fixed)
+                except Exception:  # fx raises many kinds of errors for untraceable code
+                    return True  # not known: the caller refuses
+                counts.append(sum(1 for node in graph.nodes if node.op == 'get_attr' and node.users
+                                  and not is_model_tensor(self.model, node.target)))
+        return counts[1] > counts[0]
 
     def original_name(self, name):
         '''The user's name for a module of the prepared model (copies of reused modules map to the original).'''

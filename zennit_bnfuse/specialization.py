@@ -8,10 +8,13 @@ is given to the trace as the value of this call (``concrete_args``), and tensors
 '''
 import inspect
 import operator
+import warnings
 
+import numpy as np
 import torch
 
 # the values given to a trace as they are: their branches are taken and their numbers are constants of the graph
+# (NumPy's scalars as the Python numbers they hold; tuples and lists stay proxies: torch.fx cannot fix them)
 CONCRETE_TYPES = (type(None), bool, int, float, complex, str, torch.dtype, torch.device)
 # what torch.fx records to check that a call brings the values a graph was traced for: None, or equal to the value
 ASSERT_IS_NONE = torch.fx._symbolic_trace._assert_is_none
@@ -23,6 +26,35 @@ def as_argument_tuple(additional_forward_args):
     if additional_forward_args is None:
         return ()
     return additional_forward_args if isinstance(additional_forward_args, tuple) else (additional_forward_args,)
+
+
+def call_arguments(model, num_inputs, additional_forward_args):
+    '''The values the parameters of ``model``'s forward after its ``num_inputs`` inputs get in a call with
+    ``additional_forward_args`` (given by position, as Captum passes them, else the default), by parameter name.
+
+    Parameters before a ``*args`` and keyword-only ones with a default are included; parameters that get neither
+    are left out (the forward raises for them), and so is everything where more arguments are given than the forward
+    takes by position without a ``*args`` (the forward raises for that).'''
+    arguments = as_argument_tuple(additional_forward_args)
+    parameters = forward_parameters(model)
+    positional = [parameter for parameter in parameters
+                  if parameter.kind in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD)][num_inputs:]
+    if len(arguments) > len(positional) and not any(
+            parameter.kind is parameter.VAR_POSITIONAL for parameter in parameters):
+        return {}
+    values = {parameter.name: argument for parameter, argument in zip(positional, arguments)}
+    values.update((parameter.name, parameter.default) for parameter in (*positional[len(arguments):], *(
+        parameter for parameter in parameters if parameter.kind is parameter.KEYWORD_ONLY))
+        if parameter.default is not parameter.empty)
+    return values
+
+
+def as_concrete(value):
+    '''``value`` as a trace takes it as a fixed value (a NumPy scalar as the Python number it holds), or None where
+    it stays a proxy; the second item says which.'''
+    if isinstance(value, np.generic) and not isinstance(value, (np.datetime64, np.timedelta64)):
+        value = value.item()
+    return value, isinstance(value, CONCRETE_TYPES)
 
 
 def concrete_arguments(model, num_inputs, additional_forward_args):
@@ -41,28 +73,26 @@ def concrete_arguments(model, num_inputs, additional_forward_args):
     Returns
     -------
     dict[str, object]
-        Parameter name -> value, for torch.fx's ``concrete_args``; empty where the forward takes ``*args`` (the
-        positions are not known) or more arguments are given than it takes (the forward raises for that itself).
+        Parameter name -> value, for torch.fx's ``concrete_args`` (see :py:func:`call_arguments` for which
+        parameters).
     '''
-    arguments = as_argument_tuple(additional_forward_args)
-    parameters = forward_parameters(model)
-    if any(parameter.kind is parameter.VAR_POSITIONAL for parameter in parameters):
-        return {}
-    positional = [parameter for parameter in parameters
-                  if parameter.kind in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD)][num_inputs:]
-    if len(arguments) > len(positional):
-        return {}
     concrete = {}
-    for index, parameter in enumerate(positional):
-        if index < len(arguments):
-            value = arguments[index]
-        elif parameter.default is not parameter.empty:
-            value = parameter.default
-        else:
-            continue  # missing: the forward raises for it
-        if isinstance(value, CONCRETE_TYPES):
-            concrete[parameter.name] = value
+    for name, value in call_arguments(model, num_inputs, additional_forward_args).items():
+        value, fixed = as_concrete(value)
+        if fixed:
+            concrete[name] = value
     return concrete
+
+
+def trace_for_call(tracer, root, concrete_args=None):
+    '''``tracer.trace(root, concrete_args)`` without the checks torch.fx records for ``concrete_args`` (see
+    :py:func:`remove_guards`) and without the ``is_wrapped`` marks that break later traces (see
+    :py:func:`unmark_wrapped_torch_functions`); torch.fx's warning that it could not add such a check (for values it
+    cannot compare, such as enums) is not shown, as the graph is only run for calls with these values.'''
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message='Was not able to add assertion')
+        graph = tracer.trace(root, concrete_args)
+    return unmark_wrapped_torch_functions(remove_guards(graph, root, concrete_args or {}))
 
 
 def signature_key(concrete_args):
@@ -93,6 +123,14 @@ def forward_parameters(model):
     return list(inspect.signature(type(model).forward).parameters.values())[1:]
 
 
+def placeholder_parameters(model):
+    '''The parameters of ``model``'s forward in the order of the placeholders torch.fx makes for them: positional,
+    keyword-only, then ``*args`` and ``**kwargs``.'''
+    order = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY,
+             inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    return sorted(forward_parameters(model), key=lambda parameter: order.index(parameter.kind))
+
+
 def remove_guards(graph, model, concrete_args):
     '''Remove from ``graph``, traced from ``model`` with ``concrete_args``, the checks torch.fx records that a call
     brings those values (``_assert_is_none`` and ``torch._assert`` of a comparison, on the placeholders of
@@ -100,7 +138,7 @@ def remove_guards(graph, model, concrete_args):
     :py:class:`~zennit_bnfuse.prepared.PreparedModel`), and the checks would read like computations to the analyses
     that follow. Returns ``graph``.'''
     placeholders = [node for node in graph.nodes if node.op == 'placeholder']
-    fixed = {placeholder for parameter, placeholder in zip(forward_parameters(model), placeholders)
+    fixed = {placeholder for parameter, placeholder in zip(placeholder_parameters(model), placeholders)
              if parameter.name in concrete_args}
     for placeholder in fixed:
         for user in list(placeholder.users):
