@@ -1002,6 +1002,10 @@ class SinglePass(Composite):
         any hook is registered: tracing runs the forward), and register a hook per module with a rule, as
         :py:meth:`zennit.core.Composite.register` does.
 
+        A forward pass under the composite raises RuntimeError where a module has the active hook of another Zennit
+        composite too (see :py:meth:`SinglePassHook.refuse_other_rules`), and ``create_graph=True`` raises
+        RuntimeError in the backward pass (the relevance cannot be differentiated again).
+
         Raises
         ------
         TypeError
@@ -1009,10 +1013,6 @@ class SinglePass(Composite):
             (pass the original module), or a wrapper (see :py:func:`~zennit_bnfuse.checks.check_model`).
         ValueError
             If a lazy module of ``module`` has not run yet, or a parameter is on the meta device.
-
-        A forward pass under the composite raises RuntimeError where a module has the active hook of another Zennit
-        composite too (see :py:meth:`SinglePassHook.refuse_other_rules`), and ``create_graph=True`` raises
-        RuntimeError in the backward pass (the relevance cannot be differentiated again).
         '''
         check_model(module, 'SinglePass')
         self.remove()
