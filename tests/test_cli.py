@@ -148,6 +148,22 @@ def explain(*args):
     return ('explain', '--model', 'mnist-cnn-bn', *args)
 
 
+def cifar_tree(tmp, name=None, content=None):
+    '''``explain`` of cifar10-vgg-bn on a CIFAR-10 JPEG tree in ``tmp/data`` with a 32x32 image in airplane/ and
+    cat/, and ``content`` (bytes, an array, or None for a folder) at ``name`` under test/.'''
+    test = tmp / 'data' / 'CIFAR10-JPEG' / 'test'
+    for folder in ('airplane', 'cat'):
+        (test / folder).mkdir(parents=True)
+        Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(test / folder / '0000.jpg')
+    if content is None and name is not None:
+        (test / name).mkdir()
+    elif isinstance(content, bytes):
+        (test / name).write_bytes(content)
+    elif content is not None:
+        Image.fromarray(content).save(test / name)
+    return ('explain', '--model', 'cifar10-vgg-bn', '--dataset', 'cifar10', '--data-root', tmp / 'data')
+
+
 # case -> (arguments from tmp_path, exit status, the error line after "bnfuse: error: "); explain cases get
 # --out tmp_path/out unless they give one
 CASES = {
@@ -168,6 +184,12 @@ CASES = {
                                     '1000000'), 2,  # a traceback from allocating a blank input of that size
                        r'argument --size: 1000000 is more than 4096 pixels a side, .* pass the size the model was '
                        r'trained at \(see bnfuse explain --help\)'),
+    'normalize unknown': (lambda tmp: ('explain', '--model', 'torchvision:resnet18', '--images', DIGIT, '--normalize',
+                                       'cifar10'), 2,
+                          r"argument --normalize: invalid choice: 'cifar10' \(choose from '?imagenet'?, '?none'?\) "
+                          r'\(see bnfuse explain --help\)'),
+    'argument of another command': (lambda tmp: ('report', '--model', 'mnist-cnn-bn', '--size', '64'), 2,
+                                    r'unrecognized arguments: --size 64 \(see bnfuse report --help\)'),
     'model missing': (lambda tmp: ('explain', '--dataset', 'mnist'), 2,
                       r'the following arguments are required: --model \(see bnfuse explain --help\)'),
     'unknown dataset': (lambda tmp: explain('--dataset', 'svhn'), 2,
@@ -197,6 +219,10 @@ CASES = {
     'size for a shipped model': (lambda tmp: explain('--images', DIGIT, '--size', '64'), 1,
                                  r'--size applies to torchvision:<arch> models only; mnist-cnn-bn takes 28x28 images: '
                                  r'leave --size out'),
+    'normalize for a shipped model': (lambda tmp: explain('--images', DIGIT, '--normalize', 'none'), 1,
+                                      r'--normalize applies to torchvision:<arch> models only; mnist-cnn-bn takes '
+                                      r'images in \[0, 1\] \(its normalisation is folded into its first layer\): '
+                                      r'leave --normalize out'),
     'target negative': (lambda tmp: explain('--images', DIGIT, '--target', '-1'), 1,
                         r'--target -1 is not a class of mnist-cnn-bn \(0 to 9\)'),
     'target too large': (lambda tmp: explain('--images', DIGIT, '--target', '10'), 1,
@@ -227,7 +253,7 @@ CASES = {
                       r'torch\.save\(model\.state_dict\(\), FILE\)'),
     'weights do not fit': (lambda tmp: ('report', '--model', 'mnist-cnn-bn', '--weights',
                                         ROOT / 'zennit_bnfuse' / 'evaluation' / 'weights' / 'mnist-cnn.pt'), 1,
-                           r'the weights in .*mnist-cnn\.pt do not fit mnist-cnn-bn: 10 missing \(bn1\.weight, .*\)\. '
+                           r'the weights in .*mnist-cnn\.pt do not fit mnist-cnn-bn: 8 missing \(bn1\.weight, .*\)\. '
                            r'Pass weights saved from that architecture'),
     'non-finite statistics': (lambda tmp: explain('--weights', nan_statistics(tmp), '--images', DIGIT), 1,
                               r'the weights in .* hold NaN or infinite values \(bn1\.running_var\); fix or retrain '
@@ -266,6 +292,19 @@ CASES = {
                                  r'train-images-idx3-ubyte\.gz; no network\?\) and left nothing behind; put '
                                  r'torchvision\'s MNIST/raw/ idx files into .*new/data by hand, or point --data-root '
                                  rf'or {DATA_ROOT_VARIABLE} to a folder that holds them'),
+    # a damaged CIFAR-10 JPEG tree: tracebacks from PIL and torch.stack, and 'not found' for an empty class folder
+    'corrupt image in the cifar10 tree': (lambda tmp: cifar_tree(tmp, 'cat/0001.jpg', b'not a jpeg'), 1,
+                                          r'cannot read .*data/CIFAR10-JPEG/test/cat/0001\.jpg as an image '
+                                          r'\(UnidentifiedImageError: .*\); the CIFAR-10 JPEG tree holds 32x32 images: '
+                                          r'replace or remove the file'),
+    'image of another size in the cifar10 tree': (
+        lambda tmp: cifar_tree(tmp, 'cat/0001.png', np.zeros((100, 300, 3), np.uint8)), 1,
+        r'.*data/CIFAR10-JPEG/test/cat/0001\.png is 300x100 pixels, but the CIFAR-10 JPEG tree holds 32x32 images: '
+        r'resize or remove it'),
+    'empty class folder in the cifar10 tree': (lambda tmp: cifar_tree(tmp, 'dog'), 1,
+                                               r'.*data/CIFAR10-JPEG/test: Found no valid file for the classes dog\. '
+                                               r'Supported extensions are: .*; put the images of each class into its '
+                                               r'folder, or remove the empty folder'),
     'out is a file': (lambda tmp: explain('--images', DIGIT, '--out', write(tmp, 'out.txt', b'x')), 1,
                       r'--out .*out\.txt is a file; pass a folder'),
     'out under a file': (lambda tmp: explain('--images', DIGIT, '--out', write(tmp, 'f', b'x') / 'a' / 'b'), 1,
@@ -379,6 +418,18 @@ def test_help_documents_the_data_variable_and_the_output_folder(capsys):
     assert 'input | fused | unfused | naive (always in this order)' in text
 
 
+def test_help_says_how_torchvision_inputs_are_normalised_and_which_images_n_takes(capsys):
+    # ImageNet's mean and std were applied to every torchvision:<arch> input without a word; --n said 'the first N'
+    # where the CIFAR-10 JPEG tree gives N spread over it
+    text = ' '.join(in_process(capsys, 'explain', '--help')[1].split())
+    assert 'torchvision:<arch> with --weights FILE (its inputs are resized to --size and normalised with ImageNet\'s ' \
+        'mean and std unless --normalize none)' in text
+    assert 'imagenet (default) subtracts ImageNet\'s mean (0.485, 0.456, 0.406)' in text
+    assert 'the first N of MNIST and of torchvision\'s CIFAR-10 files (cifar-10-batches-py); N spread evenly over ' \
+        'the CIFAR10-JPEG tree' in text
+    assert 'the first N test images' not in text
+
+
 def test_report(capsys):
     status, out, _ = in_process(capsys, 'report', '--model', 'mnist-mlp-bn')
     assert status == 0 and out.splitlines()[0] == 'BatchNorm fusion: 2 of 2 folded'
@@ -469,6 +520,66 @@ def test_torchvision_weights_as_training_scripts_save_them(layout, tmp_path, cap
     assert loaded.model.classifier[1].out_channels == 7
 
 
+@pytest.mark.parametrize('normalize', [None, 'imagenet', 'none'])
+def test_normalize_option_of_torchvision_models(normalize, tmp_path, capsys, monkeypatch):
+    # inputs were always normalised with ImageNet's statistics, also for weights trained on [0, 1]
+    import torchvision
+    torch.save(torchvision.models.squeezenet1_1(weights=None, num_classes=10).state_dict(), tmp_path / 'w.pt')
+    seen = []
+    forward = torchvision.models.SqueezeNet.forward
+    monkeypatch.setattr(torchvision.models.SqueezeNet, 'forward', lambda self, x: seen.append(x) or forward(self, x))
+    option = () if normalize is None else ('--normalize', normalize)
+    status, _, error = in_process(capsys, 'explain', '--model', 'torchvision:squeezenet1_1', '--weights',
+                                  tmp_path / 'w.pt', '--images', DEMO / 'cifar10-0-0.png', '--size', '32',
+                                  '--handling', 'fused', *option, '--out', tmp_path / 'out')
+    assert status == 0, error
+    image = unit_range(cli.resize(read_image(DEMO / 'cifar10-0-0.png'), [32, 32], antialias=True))
+    mean, std = cli.imagenet_statistics('cpu')
+    want = image[None] if normalize == 'none' else (image[None] - mean) / std
+    assert torch.allclose(seen[1], want, atol=1e-6)  # seen[0] is the blank input that counts the classes
+    settings = json.loads((tmp_path / 'out' / 'metrics.json').read_text())['settings']
+    assert settings['normalize'] == (normalize or 'imagenet')
+    fill = 'black' if normalize == 'none' else 'the ImageNet mean colour'
+    assert f'replaced by 0 in the model\'s input ({fill}' in (tmp_path / 'out' / 'metrics.md').read_text()
+
+
+@pytest.mark.parametrize('metadata', [False, True])
+def test_weights_without_batch_counters_are_loaded(metadata, tmp_path, capsys):
+    # refused as '6 missing (bn1.num_batches_tracked, ...)', though torch's load_state_dict takes such files
+    from zennit_bnfuse.evaluation.models import pretrained
+    state = pretrained('mnist-cnn-bn').state_dict()
+    for key in [key for key in state if key.endswith('num_batches_tracked')]:
+        del state[key]
+    if not metadata:  # rebuilt, as scripts that filter keys do: torch fills the counters in only without it
+        state = {key: value for key, value in state.items()}
+    torch.save(state, tmp_path / 'w.pt')
+    status, stdout, error = in_process(capsys, 'report', '--model', 'mnist-cnn-bn', '--weights', tmp_path / 'w.pt')
+    assert status == 0, error
+    loaded = cli.load_model('mnist-cnn-bn', tmp_path / 'w.pt')
+    assert torch.equal(loaded.model.state_dict()['conv1.weight'], state['conv1.weight'])
+
+
+def test_weights_and_target_are_recorded(tmp_path, capsys, monkeypatch):
+    # metrics.json and the heatmap title named neither the weights file nor a fixed --target
+    from zennit_bnfuse.evaluation import figures
+    from zennit_bnfuse.evaluation.models import pretrained
+    torch.save(pretrained('mnist-cnn-bn').state_dict(), tmp_path / 'mine.pt')
+    titles = []
+    draw = figures.heatmap_grid
+    monkeypatch.setattr(figures, 'heatmap_grid',
+                        lambda *args, **kwargs: titles.append(args[4]) or draw(*args, **kwargs))
+    for target, out in ((None, 'default'), (3, 'fixed')):
+        option = () if target is None else ('--target', target)
+        status, _, error = in_process(capsys, *explain('--weights', tmp_path / 'mine.pt', '--images', DIGIT,
+                                                       '--handling', 'fused', *option, '--out', tmp_path / out))
+        assert status == 0, error
+    settings = [json.loads((tmp_path / out / 'metrics.json').read_text())['settings'] for out in ('default', 'fixed')]
+    assert [(entry['weights'], entry['target']) for entry in settings] == [
+        ('mine.pt', 'predicted class'), ('mine.pt', 3)]
+    assert titles == ['mnist-cnn-bn (mine.pt), EpsilonPlusFlat', 'mnist-cnn-bn (mine.pt), EpsilonPlusFlat, target 3']
+    assert '- weights: mine.pt' in (tmp_path / 'fixed' / 'metrics.md').read_text()
+
+
 def test_grey_images_are_rgb_for_torchvision_models(tmp_path):
     # refused as '1 channel(s)', while --dataset mnist gave the same models the same digits in RGB
     import torchvision
@@ -519,7 +630,7 @@ def test_note_when_only_the_first_rows_are_drawn(tmp_path, capsys):
 
 
 def test_n_beyond_the_dataset_is_capped_with_a_note(tmp_path, capsys, monkeypatch):
-    def three_images(dataset, root, train, download, limit):
+    def three_images(dataset, root, train, download, limit, progress):
         return torch.rand(min(limit, 3), 1, 28, 28), torch.zeros(min(limit, 3), dtype=torch.long)
     monkeypatch.setattr(cli, 'load_tensors', three_images)
     status, _, error = in_process(capsys, *explain('--dataset', 'mnist', '--n', '1000000000', '--handling', 'fused',

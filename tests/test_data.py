@@ -93,6 +93,18 @@ def test_an_animation_is_refused(tmp_path):
     assert read_image(tmp_path / 'still.gif').shape[-2:] == (4, 4)
 
 
+def test_mpo_gives_its_photo(tmp_path):
+    # a phone camera's JPEG with an embedded preview (MPO) was refused as 'holds 2 frames'
+    preview = Image.fromarray(np.full((8, 12, 3), 200, dtype=np.uint8))
+    Image.fromarray(BLOCKS).save(tmp_path / 'phone.jpg', format='MPO', save_all=True, append_images=[preview],
+                                 quality=100, subsampling=0)
+    with Image.open(tmp_path / 'phone.jpg') as image:
+        assert image.format == 'MPO' and image.n_frames == 2
+    got = read_image(tmp_path / 'phone.jpg')
+    assert got.shape == (3, 16, 24)
+    assert (got.permute(1, 2, 0).int() - torch.from_numpy(BLOCKS).int()).abs().max() <= 3
+
+
 def cifar_tree(root, classes):
     '''A CIFAR-10 JPEG test tree with one 32x32 image per class folder, each of the value of its position.'''
     for index, name in enumerate(classes):
@@ -115,6 +127,46 @@ def test_cifar_folder_that_is_not_a_class_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r'test holds folders that are not CIFAR-10 classes \(aaa_misc\), which '
                                          r'would get labels of their own; keep one folder per class, named airplane'):
         load_tensors('cifar10', tmp_path, progress=False)
+
+
+@pytest.mark.parametrize('name, content, pattern', [
+    ('cat/1.jpg', b'not a jpeg', r'cannot read .*CIFAR10-JPEG/test/cat/1\.jpg as an image \(UnidentifiedImageError: '
+     r'.*\); the CIFAR-10 JPEG tree holds 32x32 images: replace or remove the file'),
+    ('cat/1.png', np.zeros((100, 300, 3), np.uint8), r'.*CIFAR10-JPEG/test/cat/1\.png is 300x100 pixels, but the '
+     r'CIFAR-10 JPEG tree holds 32x32 images: resize or remove it'),
+])
+def test_cifar_image_that_cannot_be_stacked_is_named(name, content, pattern, tmp_path):
+    # a traceback from PIL, or from torch.stack ('stack expects each tensor to be equal size')
+    cifar_tree(tmp_path, ['cat', 'dog'])
+    path = tmp_path / 'CIFAR10-JPEG' / 'test' / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        Image.fromarray(content).save(path)
+    with pytest.raises(data.UnusableFolder, match=pattern):
+        load_tensors('cifar10', tmp_path, progress=False)
+
+
+def test_cifar_class_folder_without_images_says_so(tmp_path):
+    # was 'cifar10 (test) not found under ...', without ImageFolder's reason
+    cifar_tree(tmp_path, ['cat'])
+    (tmp_path / 'CIFAR10-JPEG' / 'test' / 'dog').mkdir()
+    with pytest.raises(data.UnusableFolder, match=r'CIFAR10-JPEG/test: Found no valid file for the classes dog\. '
+                                                  r'Supported extensions are: .*; put the images of each class into '
+                                                  r'its folder, or remove the empty folder'):
+        load_tensors('cifar10', tmp_path, progress=False)
+
+
+def test_limit_on_the_cifar_tree_spreads_over_the_classes(tmp_path):
+    # as load_tensors documents it: the tree is sorted by class, so the first N would all be airplanes
+    for index, name in enumerate(('airplane', 'cat', 'dog')):
+        folder = tmp_path / 'CIFAR10-JPEG' / 'test' / name
+        folder.mkdir(parents=True)
+        for number in range(4):
+            Image.fromarray(np.full((32, 32, 3), index * 60 + number, dtype=np.uint8)).save(folder / f'{number}.png')
+    images, labels = load_tensors('cifar10', tmp_path, limit=3, progress=False)
+    assert labels.tolist() == [0, 3, 5] and images.shape == (3, 3, 32, 32)
+    assert 'spread evenly over it' in load_tensors.__doc__ and 'the first ``limit`` of MNIST' in load_tensors.__doc__
 
 
 def test_limit_must_be_positive(tmp_path):
@@ -165,6 +217,10 @@ MODES = {
                                                 transparency=7),
                               expected(np.array([(255, 0, 0), (10, 20, 30), (1, 2, 3)])[
                                   np.arange(35).reshape(5, 7) % 3], 255)),
+    'L colour key unused': (lambda tmp: saved(Image.fromarray(GRAYS | 1), tmp, transparency=0),
+                            expected(GRAYS | 1, 255)),
+    'RGB colour key unused': (lambda tmp: saved(Image.fromarray(COLOURS | 1), tmp, transparency=(0, 0, 0)),
+                              expected(COLOURS | 1, 255)),
     'LA opaque': (lambda tmp: saved(Image.fromarray(np.stack([GRAYS, np.full_like(GRAYS, 255)], -1)), tmp),
                   expected(GRAYS, 255)),
     'RGBA opaque': (lambda tmp: saved(Image.fromarray(np.concatenate([COLOURS, np.full_like(COLOURS[..., :1], 255)],
@@ -185,6 +241,28 @@ def test_exif_orientation_turns_the_image_upright(orientation, tmp_path):
     with Image.open(path) as image:
         upright = np.asarray(ImageOps.exif_transpose(image))
     assert np.array_equal(read_image(path).permute(1, 2, 0).numpy(), upright)
+
+
+# EXIF orientation -> the stored pixels of an upright (H, W, C) array, as the EXIF standard defines the tag
+STORED = {1: lambda upright: upright, 2: lambda upright: upright[:, ::-1], 3: lambda upright: upright[::-1, ::-1],
+          4: lambda upright: upright[::-1], 5: lambda upright: upright.swapaxes(0, 1),
+          6: lambda upright: np.rot90(upright, 1), 7: lambda upright: upright.swapaxes(0, 1)[::-1, ::-1],
+          8: lambda upright: np.rot90(upright, -1)}
+# 16x24 pixels in 8x8 blocks of one colour each, so that JPEG keeps them within a few levels
+BLOCKS = np.kron(RNG.integers(0, 256, (2, 3, 3), dtype=np.uint8), np.ones((8, 8, 1), dtype=np.uint8))
+
+
+@pytest.mark.parametrize('orientation', range(1, 9))
+@pytest.mark.parametrize('suffix, options, tolerance', [('.png', {}, 0), ('.tif', {}, 0),
+                                                        ('.jpg', {'quality': 100, 'subsampling': 0}, 3)])
+def test_exif_orientation_gives_the_upright_image_in_every_format(suffix, options, tolerance, orientation, tmp_path):
+    # TIFFs were turned twice: PIL turns them upright while decoding, and read_image turned them again
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    stored = Image.fromarray(np.ascontiguousarray(STORED[orientation](BLOCKS)))
+    got = read_image(saved(stored, tmp_path, suffix, exif=exif, **options))
+    assert got.shape == (3, 16, 24)
+    assert (got.permute(1, 2, 0).int() - torch.from_numpy(BLOCKS).int()).abs().max() <= tolerance
 
 
 def write(path, content):
@@ -236,6 +314,16 @@ REFUSED = {
                                                                   -1)), tmp), r'transparent pixel\(s\) \(mode LA\)'),
     'transparent palette entry used': (lambda tmp: saved(palette_image([(255, 0, 0), (10, 20, 30)])[0], tmp,
                                                          transparency=1), r'transparent pixel\(s\) \(mode RGBA\)'),
+    # a PNG tRNS colour key: the pixels of that value are transparent (was read as if opaque)
+    'L colour key used': (lambda tmp: saved(Image.fromarray(GRAYS), tmp, transparency=int(GRAYS[0, 0])),
+                          r'has [1-9]\d* transparent pixel\(s\) \(mode L with the transparent colour key \d+\) .*'
+                          r'flatten it onto a background first'),
+    'RGB colour key used': (lambda tmp: saved(Image.fromarray(COLOURS), tmp,
+                                              transparency=tuple(COLOURS[1, 2].tolist())),
+                            r'has [1-9]\d* transparent pixel\(s\) \(mode RGB with the transparent colour key '
+                            r'\(\d+, \d+, \d+\)\)'),
+    'I;16 colour key used': (lambda tmp: saved(Image.fromarray(DEEP), tmp, transparency=int(DEEP[4, 6])),
+                             r'has [1-9]\d* transparent pixel\(s\) \(mode I;16 with the transparent colour key'),
     'I without a bit depth': (lambda tmp: saved(Image.fromarray(DEEP.astype(np.int32) * 1000), tmp, '.tif'),
                               r'holds 32-bit integers \(PIL mode I\) without a declared range'),
     'F above 1': (lambda tmp: saved(Image.fromarray(DEEP.astype(np.float32)), tmp, '.tif'),

@@ -9,6 +9,7 @@ Every argument is checked before any model work. Outputs are written to a tempor
 folder always holds the files of exactly one run.
 '''
 import argparse
+import collections
 import contextlib
 import difflib
 import fnmatch
@@ -44,6 +45,8 @@ OUTPUT_PATTERNS = ('heatmaps-*.png', 'relevance-*.pt', 'report-*.txt', 'metrics.
 STAGING_PREFIX = '.bnfuse-partial-'
 # torchvision builders that warn unless told how to initialise weights
 INIT_WEIGHTS_ARCHS = ('googlenet', 'inception_v3')
+# --normalize: how torchvision:<arch> inputs in [0, 1] are normalised before the model
+NORMALIZATIONS = ('imagenet', 'none')
 
 
 class CommandError(Exception):
@@ -54,6 +57,16 @@ class Parser(argparse.ArgumentParser):
     '''An argument parser whose usage errors are one line, ``bnfuse: error: ...``, as all of bnfuse's errors.'''
     def error(self, message):
         self.exit(2, f'bnfuse: error: {message} (see {self.prog} --help)\n')
+
+    def parse_args(self, args=None, namespace=None):
+        '''As argparse's, but arguments a command does not take point to that command's ``--help`` (argparse
+        reports them from the top-level parser, after the command has parsed what it knows).'''
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = getattr(parsed, 'command', None)
+            where = f'{self.prog} {command}' if command else self.prog
+            self.exit(2, f'bnfuse: error: unrecognized arguments: {" ".join(extras)} (see {where} --help)\n')
+        return parsed
 
 
 def positive_int(text):
@@ -97,13 +110,17 @@ class LoadedModel:
         Takes prepared inputs.
     input_shape: tuple[int, int, int]
         ``(C, H, W)`` images must have (shipped models) or are resized to (torchvision models).
+    resized: bool
+        Whether images are resized to ``input_shape`` and grey images repeated to RGB (torchvision models), rather
+        than refused if they do not have it (shipped models).
     normalize: bool
-        Whether inputs are normalised with the ImageNet statistics before the model (torchvision models).
+        Whether inputs are normalised with the ImageNet statistics before the model (torchvision models, unless
+        ``--normalize none``).
     classes: sequence of str or None
     '''
-    def __init__(self, name, model, input_shape, normalize, classes):
-        self.name, self.model, self.input_shape, self.normalize, self.classes = \
-            name, model, input_shape, normalize, classes
+    def __init__(self, name, model, input_shape, resized, normalize, classes):
+        self.name, self.model, self.input_shape, self.resized, self.normalize, self.classes = \
+            name, model, input_shape, resized, normalize, classes
 
     def prepare(self, images):
         '''Images in [0, 1] as the model takes them.'''
@@ -163,9 +180,23 @@ def listed(keys, limit=3):
     return ', '.join(keys[:limit]) + more
 
 
+def with_batch_counts(state, expected):
+    '''``state`` with the BatchNorm counters (``*.num_batches_tracked``) it lacks taken from ``expected``, as
+    torch's ``load_state_dict`` fills them in for older state_dicts; they do not change what the model computes.'''
+    untracked = [key for key in expected if key.endswith('num_batches_tracked') and key not in state]
+    if not untracked:
+        return state
+    filled = collections.OrderedDict(state)
+    filled.update((key, expected[key]) for key in untracked)
+    if hasattr(state, '_metadata'):  # the modules' versions, which load_state_dict reads
+        filled._metadata = state._metadata
+    return filled
+
+
 def load_state(model, state, description, path):
     """Load ``state`` into ``model`` or raise a CommandError saying what does not fit."""
     expected = model.state_dict()
+    state = with_batch_counts(state, expected)
     missing = [key for key in expected if key not in state]
     unexpected = [key for key in state if key not in expected]
     reshaped = [f'{key} is {tuple(state[key].shape)} in the file, {tuple(expected[key].shape)} in the model'
@@ -200,11 +231,12 @@ def classifier_key(arch, kwargs):
     return keys[-1] if keys else None
 
 
-def load_model(name, weights=None, size=None, device='cpu', untrained=False):
+def load_model(name, weights=None, size=None, device='cpu', untrained=False, normalize=None):
     '''A shipped model or ``torchvision:<arch>`` with user weights, as a :py:class:`LoadedModel`.
 
     ``untrained=True`` allows ``torchvision:<arch>`` without weights (randomly initialised, for the fusion
-    report); ``size`` (default 224) applies to torchvision models only.
+    report); ``size`` (default 224) and ``normalize`` (one of :py:data:`NORMALIZATIONS`, default ``'imagenet'``)
+    apply to torchvision models only: shipped models take their own size and images in [0, 1].
     '''
     if name.startswith('torchvision:'):
         arch = name.split(':', 1)[1]
@@ -226,7 +258,7 @@ def load_model(name, weights=None, size=None, device='cpu', untrained=False):
         if weights is not None:
             load_state(model, state, name, weights)
         size = 224 if size is None else size
-        return LoadedModel(name, model.to(device).eval(), (3, size, size), True, None)
+        return LoadedModel(name, model.to(device).eval(), (3, size, size), True, normalize != 'none', None)
     if name not in MODELS:
         architectures = torchvision.models.list_models(module=torchvision.models)
         choices = [*MODELS, *(f'torchvision:{arch}' for arch in architectures)]
@@ -237,6 +269,9 @@ def load_model(name, weights=None, size=None, device='cpu', untrained=False):
         shape = INPUT_SHAPES[dataset_of(name)]
         raise CommandError(f'--size applies to torchvision:<arch> models only; {name} takes {shape[2]}x{shape[1]} '
                            'images: leave --size out')
+    if normalize is not None:
+        raise CommandError(f'--normalize applies to torchvision:<arch> models only; {name} takes images in [0, 1] '
+                           '(its normalisation is folded into its first layer): leave --normalize out')
     try:
         model = pretrained(name, device='cpu')
     except FileNotFoundError as error:
@@ -245,7 +280,7 @@ def load_model(name, weights=None, size=None, device='cpu', untrained=False):
         load_state(model, read_weights(weights), name, weights)
     dataset = dataset_of(name)
     classes = CIFAR10_CLASSES if dataset == 'cifar10' else MNIST_CLASSES
-    return LoadedModel(name, model.to(device).eval(), INPUT_SHAPES[dataset], False, classes)
+    return LoadedModel(name, model.to(device).eval(), INPUT_SHAPES[dataset], False, False, classes)
 
 
 def read_images(paths, loaded):
@@ -257,13 +292,13 @@ def read_images(paths, loaded):
             tensor = read_image(path)
         except (FileNotFoundError, UnsupportedImage) as error:
             raise CommandError(str(error)) from None
-        if loaded.normalize and tensor.shape[0] == 1 and channels == 3:
+        if loaded.resized and tensor.shape[0] == 1 and channels == 3:
             tensor = tensor.expand(3, -1, -1)  # a grey image in RGB, as --dataset mnist gives torchvision models
         if tensor.shape[0] != channels:
             kind = {1: 'grayscale (1 channel)', 3: 'RGB (3 channels)'}.get(channels, f'{channels} channels')
             raise CommandError(f'{path} has {tensor.shape[0]} channel(s) but {loaded.name} takes {kind} images; '
                                'convert it first')
-        if loaded.normalize:
+        if loaded.resized:
             tensor = resize(tensor, [height, width], antialias=True)
         elif tuple(tensor.shape[1:]) != (height, width):
             raise CommandError(f'{path} is {tensor.shape[2]}x{tensor.shape[1]} pixels but {loaded.name} takes '
@@ -273,17 +308,20 @@ def read_images(paths, loaded):
 
 
 def dataset_images(dataset, loaded, data_root, count, download=False):
-    '''The first ``count`` test images of ``dataset`` for the model (all of them, with a note, if it has fewer).'''
-    if not loaded.normalize and dataset != dataset_of(loaded.name):
+    '''``count`` test images of ``dataset`` for the model, as :py:func:`load_tensors` picks them (the first
+    ``count``, or spread evenly over the CIFAR-10 JPEG tree); all of them, with a note, if it has fewer.'''
+    if not loaded.resized and dataset != dataset_of(loaded.name):
         raise CommandError(f'{loaded.name} takes {dataset_of(loaded.name)} images, not {dataset}')
     try:
-        images, _ = load_tensors(dataset, data_root, train=False, download=download, limit=count)
+        # a progress bar only on a terminal, where an error message overwrites it
+        images, _ = load_tensors(dataset, data_root, train=False, download=download, limit=count,
+                                 progress=sys.stderr.isatty())
     except (FileNotFoundError, ValueError) as error:  # ValueError: a CIFAR-10 tree with other folders
         raise CommandError(str(error)) from None
     if len(images) < count:
         print(f'bnfuse: note: --n {count} is more than the {len(images)} {dataset} test images; explaining all '
               f'{len(images)}', file=sys.stderr)
-    if loaded.normalize:
+    if loaded.resized:
         images = resize(images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images,
                         list(loaded.input_shape[1:]), antialias=True)
     return images
@@ -348,8 +386,9 @@ def explain_to_outputs(loaded, images, composite, handlings, target, device, pat
     return targets, relevance, summary
 
 
-def write_outputs(out, name, loaded, images, targets, relevance, composite):
-    '''Heatmap grid and relevance tensors of one model in ``out``.
+def write_outputs(out, name, loaded, images, targets, relevance, composite, title=None):
+    '''Heatmap grid and relevance tensors of one model in ``out``; the grid's title is ``title`` (default: the
+    model and the composite).
 
     Returns
     -------
@@ -360,7 +399,7 @@ def write_outputs(out, name, loaded, images, targets, relevance, composite):
     figure = f'heatmaps-{name}.png'
     drawn = heatmap_grid(images, relevance, out / figure,
                          [loaded.class_name(target) for target in targets[:GRID_ROWS].tolist()],
-                         f'{loaded.name}, {DISPLAY_NAMES[composite]}', max_rows=GRID_ROWS)
+                         title or f'{loaded.name}, {DISPLAY_NAMES[composite]}', max_rows=GRID_ROWS)
     torch.save({handling: values.cpu() for handling, values in relevance.items()}, out / f'relevance-{name}.pt')
     if drawn == len(images):
         return []
@@ -372,11 +411,12 @@ def write_metrics(out, summaries, settings):
     '''metrics.json and metrics.md for all explained models.'''
     (out / 'metrics.json').write_text(json.dumps({'settings': settings, 'models': summaries}, indent=1) + '\n')
     patch = settings['patch size']
+    fill = ('the ImageNet mean colour, as the inputs are normalised with ImageNet\'s mean and std'
+            if settings.get('normalize') == 'imagenet' else 'black')
     text = ['# Faithfulness per BatchNorm handling', '',
             'Region perturbation of the explained class: the image is split into patches of '
             f'{patch}x{patch} pixels, ranked by their summed relevance; step by step 4 more patches are replaced by '
-            '0 in the model\'s input (black for the shipped models; the ImageNet mean colour for torchvision '
-            'models, whose inputs are normalised), and the explained logit is recorded after each step.', '',
+            f'0 in the model\'s input ({fill}), and the explained logit is recorded after each step.', '',
             '- **AOPC** (area over the perturbation curve): the mean drop of the logit from the unperturbed image '
             'over all steps. **MoRF** removes the most relevant patches first: higher is better (the heatmap found '
             'what the model uses). **LeRF** removes the least relevant first: lower is better.',
@@ -570,6 +610,22 @@ def command_demo(args):
     return 0
 
 
+def explain_settings(args, loaded, composite, patch_size, count):
+    '''The settings of an ``explain`` run, as metrics.json and metrics.md record them.'''
+    settings = {'model': args.model, 'weights': Path(args.weights).name if args.weights else 'shipped'}
+    if loaded.resized:  # torchvision:<arch>
+        settings['normalize'] = 'imagenet' if loaded.normalize else 'none'
+    return {**settings, 'composite': composite, 'target': 'predicted class' if args.target is None else args.target,
+            'patch size': patch_size, 'images': count}
+
+
+def figure_title(args, loaded, composite):
+    '''The title of the heatmap grid: the model, its weights file, the composite and a fixed --target.'''
+    weights = f' ({Path(args.weights).name})' if args.weights else ''
+    target = '' if args.target is None else f', target {loaded.class_name(args.target)}'
+    return f'{loaded.name}{weights}, {DISPLAY_NAMES[composite]}{target}'
+
+
 def command_explain(args):
     device = check_device(args.device)
     composite = check_composite(args.composite)
@@ -584,7 +640,7 @@ def command_explain(args):
         if not Path(path).is_file():
             raise CommandError(f'image file not found: {path}')
     with StagedOutput(args.out, args.overwrite) as output:
-        loaded = load_model(args.model, args.weights, args.size, device)
+        loaded = load_model(args.model, args.weights, args.size, device, normalize=args.normalize)
         target = check_target(args.target, loaded, output_classes(loaded, device))
         patch_size = choose_patch_size(args.patch_size, loaded.input_shape)
         report = fusion_report(loaded.model)
@@ -595,10 +651,11 @@ def command_explain(args):
         targets, relevance, summary = explain_to_outputs(loaded, images, composite, handlings, target, device,
                                                          patch_size)
         name = args.model.replace(':', '-')
+        settings = explain_settings(args, loaded, composite, patch_size, len(images))
         with output.writing() as folder:
-            notes = write_outputs(folder, name, loaded, images.to(device), targets, relevance, composite)
-            write_metrics(folder, {args.model: summary}, {'model': args.model, 'composite': composite,
-                                                          'patch size': patch_size, 'images': len(images)})
+            notes = write_outputs(folder, name, loaded, images.to(device), targets, relevance, composite,
+                                  figure_title(args, loaded, composite))
+            write_metrics(folder, {args.model: summary}, settings)
             (folder / f'report-{name}.txt').write_text(f'{report}\n')
             names = output.commit()
     print(summary_markdown(summary, args.model))
@@ -651,13 +708,20 @@ def parser():
 
     explain = commands.add_parser(
         'explain', help='heatmaps and metrics for your images or a dataset slice',
-        description='Explain a shipped model or torchvision:<arch> with your weights on image files or the first '
-        'N test images of a dataset. Writes heatmaps-NAME.png, relevance-NAME.pt (all relevance), metrics.json '
+        description='Explain a shipped model or torchvision:<arch> with your weights on image files or N test '
+        'images of a dataset (see --n). Writes heatmaps-NAME.png, relevance-NAME.pt (all relevance), metrics.json '
         'and metrics.md (AOPC/ABPC per handling, explained there) and report-NAME.txt (the fusion report). '
         + grid + ' ' + OUTPUT_HELP)
     explain.add_argument('--model', required=True,
-                         help=f'{", ".join(MODELS)}, or torchvision:<arch> with --weights FILE')
-    explain.add_argument('--weights', help='a state_dict file (required for torchvision:<arch>)')
+                         help=f'{", ".join(MODELS)}, or torchvision:<arch> with --weights FILE (its inputs are '
+                         'resized to --size and normalised with ImageNet\'s mean and std unless --normalize none)')
+    explain.add_argument('--weights', help='a state_dict file (required for torchvision:<arch>, which gets inputs '
+                         'normalised with ImageNet\'s mean and std, see --normalize)')
+    explain.add_argument('--normalize', choices=NORMALIZATIONS,
+                         help='for torchvision:<arch>: imagenet (default) subtracts ImageNet\'s mean '
+                         f'{IMAGENET_MEAN} from the images in [0, 1] and divides by its std {IMAGENET_STD}, as '
+                         'torchvision\'s ImageNet weights expect; none passes [0, 1]. Pass the normalisation the '
+                         'weights were trained with; shipped models take [0, 1]')
     source = explain.add_argument_group('images (one of)')
     source.add_argument('--images', nargs='+', metavar='FILE',
                         help='image files (PNG, JPEG, ...; 8- or 16-bit, grayscale, RGB or palette; transparent '
@@ -669,8 +733,10 @@ def parser():
     explain.add_argument('--download', action='store_true',
                          help='let torchvision download the dataset into --data-root if it is missing')
     explain.add_argument('--n', type=positive_int,
-                         help='number of dataset images (default 16; all of them, with a note, if the dataset has '
-                         'fewer)')
+                         help='number of dataset test images (default 16): the first N of MNIST and of torchvision\'s '
+                         'CIFAR-10 files (cifar-10-batches-py); N spread evenly over the CIFAR10-JPEG tree, which is '
+                         'sorted by class (so that 10 or more cover every class); all of them, with a note, if the '
+                         'dataset has fewer')
     explain.add_argument('--composite', default='epsilon-plus-flat', help=f'one of {", ".join(COMPOSITES)}')
     explain.add_argument('--handling', default=','.join(HANDLINGS),
                          help=f'comma-separated BatchNorm handlings, from {", ".join(HANDLINGS)} (default: all)')

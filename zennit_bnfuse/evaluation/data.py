@@ -15,7 +15,7 @@ from torchvision.transforms import ToTensor
 from torchvision.transforms.functional import pil_to_tensor
 from tqdm.auto import tqdm
 
-from .models import CIFAR10_CLASSES
+from .models import CIFAR10_CLASSES, INPUT_SHAPES
 
 DATASETS = ('mnist', 'cifar10')
 DATA_ROOT_VARIABLE = 'ZENNIT_BNFUSE_DATA'
@@ -77,7 +77,12 @@ def first_missing(path):
     return missing
 
 
-class UnlabelledFolder(ValueError):
+class UnusableFolder(ValueError):
+    '''A CIFAR-10 JPEG tree that is there but cannot be used as it is; the message names the folder or file and the
+    fix.'''
+
+
+class UnlabelledFolder(UnusableFolder):
     '''A folder in the CIFAR-10 JPEG tree that is not named after a CIFAR-10 class.'''
 
 
@@ -90,6 +95,8 @@ class CIFAR10Folder(torchvision.datasets.ImageFolder):
     UnlabelledFolder
         A ValueError, if a folder is not named after a CIFAR-10 class (ImageFolder would number it among them and
         shift every label after it).
+    UnusableFolder
+        A ValueError, if a class folder holds no image.
     '''
     def find_classes(self, directory):
         names = sorted(entry.name for entry in os.scandir(directory)
@@ -102,6 +109,31 @@ class CIFAR10Folder(torchvision.datasets.ImageFolder):
         if not names:
             raise FileNotFoundError(f'{directory} holds no class folder')
         return names, {name: CIFAR10_CLASSES.index(name) for name in names}
+
+    @staticmethod
+    def make_dataset(directory, *args, **kwargs):
+        try:
+            return torchvision.datasets.ImageFolder.make_dataset(directory, *args, **kwargs)
+        except FileNotFoundError as error:  # 'Found no valid file for the classes dog. Supported extensions are: ...'
+            raise UnusableFolder(f'{directory}: {error}; put the images of each class into its folder, or remove the '
+                                 'empty folder') from None
+
+    def checked(self, index):
+        '''Image ``index`` and its label, as ``self[index]`` gives them, or :py:class:`UnusableFolder` naming the
+        file if it cannot be read or is not 32x32.'''
+        path = self.samples[index][0]
+        try:
+            image, label = self[index]
+        except MemoryError:
+            raise
+        except Exception as error:  # PIL's decoders raise many kinds for broken or foreign files
+            reason = f'{type(error).__name__}: {error}'.splitlines()[0]
+            raise UnusableFolder(f'cannot read {path} as an image ({reason}); the CIFAR-10 JPEG tree holds 32x32 '
+                                 'images: replace or remove the file') from None
+        if tuple(image.shape[1:]) != INPUT_SHAPES['cifar10'][1:]:
+            raise UnusableFolder(f'{path} is {image.shape[2]}x{image.shape[1]} pixels, but the CIFAR-10 JPEG tree '
+                                 'holds 32x32 images: resize or remove it')
+        return image, label
 
 
 def open_dataset(dataset, root, train):
@@ -181,7 +213,8 @@ def load_dataset(dataset, root=None, train=False, download=False):
     Raises
     ------
     ValueError
-        For an unknown dataset name.
+        For an unknown dataset name; :py:class:`UnusableFolder` for a CIFAR-10 JPEG tree with a folder that is not
+        a class or a class folder without images.
     FileNotFoundError
         If the data is not under ``root`` and ``download`` is False, or the download failed.
     '''
@@ -191,7 +224,7 @@ def load_dataset(dataset, root=None, train=False, download=False):
     split = 'train' if train else 'test'
     try:
         return open_dataset(dataset, root, train)
-    except UnlabelledFolder:
+    except UnusableFolder:
         raise
     except (RuntimeError, OSError, ValueError):  # torchvision's "Dataset not found", and what damaged files give
         if not download:
@@ -211,7 +244,10 @@ def load_tensors(dataset, root=None, train=False, download=False, limit=None, pr
     dataset, root, train, download:
         As for :py:func:`load_dataset`.
     limit: int, optional
-        Only the first ``limit`` examples (all of them if the split has fewer).
+        Only ``limit`` examples (all of them if the split has fewer): the first ``limit`` of MNIST and of
+        torchvision's CIFAR-10 files (``cifar-10-batches-py``, in CIFAR-10's own order); from the CIFAR-10 JPEG
+        tree, which ImageFolder sorts by class, ``limit`` spread evenly over it (in class order; as many of each
+        class, within one, where the class folders hold as many images).
     progress: bool
         Show a progress bar while decoding images.
 
@@ -223,7 +259,8 @@ def load_tensors(dataset, root=None, train=False, download=False, limit=None, pr
     Raises
     ------
     ValueError
-        If ``limit`` is less than 1, or as :py:func:`load_dataset`.
+        If ``limit`` is less than 1, or as :py:func:`load_dataset`; :py:class:`UnusableFolder` naming an image of
+        the CIFAR-10 JPEG tree that cannot be read or is not 32x32.
     FileNotFoundError
         As :py:func:`load_dataset`.
     '''
@@ -244,7 +281,7 @@ def load_tensors(dataset, root=None, train=False, download=False, limit=None, pr
     images, labels = [], []
     for index in tqdm(indices, desc=f'loading {dataset} {"train" if train else "test"}', disable=not progress,
                       leave=False):
-        image, label = data[index]
+        image, label = data.checked(index)
         images.append(image)
         labels.append(label)
     return torch.stack(images), torch.tensor(labels)
@@ -257,8 +294,8 @@ CONVERTED = {'1': 'L', 'CMYK': 'RGB', 'YCbCr': 'RGB', 'LAB': 'RGB', 'HSV': 'RGB'
 
 
 EXIF_ORIENTATION = 0x0112
-# EXIF orientation -> how to turn a (C, H, W) tensor of the stored pixels upright, as PIL's ImageOps.exif_transpose
-# turns the image (on the tensor, since image_tensor reads how the file stores its pixels before they are decoded)
+# EXIF orientation -> how to turn a (C, H, W) tensor of the decoded pixels upright, as PIL's ImageOps.exif_transpose
+# turns the image (on the tensor of the decoded pixels)
 UPRIGHT = {
     2: lambda tensor: tensor.flip(-1), 3: lambda tensor: tensor.flip(-1, -2), 4: lambda tensor: tensor.flip(-2),
     5: lambda tensor: tensor.transpose(-1, -2), 6: lambda tensor: torch.rot90(tensor, -1, (-2, -1)),
@@ -278,16 +315,36 @@ def declares_16_bits(image):
     return image.format == 'PPM' or any(str(rawmode).startswith('I;16') for rawmode in rawmodes)
 
 
+def transparent(name, count, kind):
+    '''The :py:class:`UnsupportedImage` for ``count`` transparent pixels in image ``name`` of ``kind``.'''
+    return UnsupportedImage(
+        f'{name} has {count} transparent pixel(s) ({kind}) and the model needs every pixel\'s colour; flatten it '
+        'onto a background first (e.g. PIL\'s Image.alpha_composite)')
+
+
 def opaque(image, name):
     '''``image`` without its alpha channel, or :py:class:`UnsupportedImage` if any pixel is not fully opaque.'''
     if image.mode in ('La', 'RGBa'):  # premultiplied alpha: equal to straight alpha where opaque
         image = image.convert(image.mode[:-1] + 'A')
     alpha = np.asarray(image.getchannel('A'))
     if (alpha < 255).any():
-        raise UnsupportedImage(
-            f'{name} has {int((alpha < 255).sum())} transparent pixel(s) (mode {image.mode}) and the model needs '
-            'every pixel\'s colour; flatten it onto a background first (e.g. PIL\'s Image.alpha_composite)')
+        raise transparent(name, int((alpha < 255).sum()), f'mode {image.mode}')
     return image.convert(ALPHA_MODES[image.mode])
+
+
+def without_colour_key(image, name):
+    '''``image`` (loaded, not a palette image) if its colour key, if any, matches no pixel, else
+    :py:class:`UnsupportedImage`: a PNG's tRNS chunk makes the pixels of one grey value or RGB colour transparent
+    (``image.info['transparency']``).'''
+    key = image.info.get('transparency')
+    if key is None or image.mode in ('P', 'PA') or image.mode in ALPHA_MODES:
+        return image
+    values = np.asarray(image).astype(np.int64)  # bool for mode 1: 0 or 1, as the key
+    matches = values == np.asarray(key, dtype=np.int64)
+    count = int((matches.all(-1) if values.ndim == 3 else matches).sum())
+    if count:
+        raise transparent(name, count, f'mode {image.mode} with the transparent colour key {key}')
+    return image
 
 
 def image_tensor(image, name='image'):
@@ -297,7 +354,8 @@ def image_tensor(image, name='image'):
     ===========================================  ==========================================================
     mode                                         result
     ===========================================  ==========================================================
-    ``L``, ``RGB``                               as stored, uint8 (255 means 1)
+    ``L``, ``RGB``                               as stored, uint8 (255 means 1); refused if a colour key
+                                                 (PNG tRNS) makes any pixel transparent, as in every mode
     ``1`` (bilevel)                              0 or 255, uint8
     ``P``, ``PA`` (palette)                      the palette's colours: 1 channel if they are all gray, else 3
     ``LA``, ``RGBA``, ``La``, ``RGBa``           alpha dropped where every pixel is opaque, else refused
@@ -327,11 +385,12 @@ def image_tensor(image, name='image'):
     Raises
     ------
     UnsupportedImage
-        For transparent pixels, a 32-bit integer image without a declared bit depth, floats outside [0, 1] and
-        modes PIL has no conversion for.
+        For transparent pixels (by alpha, palette or colour key), a 32-bit integer image without a declared bit
+        depth, floats outside [0, 1] and modes PIL has no conversion for.
     '''
     sixteen_bits = image.mode == 'I' and declares_16_bits(image)
     image.load()
+    image = without_colour_key(image, name)
     if image.mode in ('P', 'PA'):
         image = image.convert('RGBA' if image.mode == 'PA' or 'transparency' in image.info else 'RGB')
         bands = np.asarray(image)
@@ -370,7 +429,8 @@ def unit_range(tensor):
 
 def read_image(path):
     '''An image file as a ``(C, H, W)`` tensor, as :py:func:`image_tensor` returns it, turned upright as its EXIF
-    orientation says (what image viewers show; phone cameras store photos sideways with that tag).
+    orientation says (what image viewers show; phone cameras store photos sideways with that tag). Of an MPO file
+    (a phone camera's JPEG with embedded previews), the photo: its first frame.
 
     Parameters
     ----------
@@ -387,7 +447,8 @@ def read_image(path):
         If ``path`` is not a file.
     UnsupportedImage
         If PIL cannot decode the file, it is too large to decode safely (PIL's decompression bomb limit), it holds
-        several frames (an animated GIF, a multi-page TIFF), or its mode is refused by :py:func:`image_tensor`.
+        several frames (an animated GIF, a multi-page TIFF; not an MPO), or its mode is refused by
+        :py:func:`image_tensor`.
     '''
     path = Path(path)
     if not path.is_file():
@@ -395,11 +456,15 @@ def read_image(path):
     try:
         with Image.open(path) as image:
             frames = getattr(image, 'n_frames', 1)
-            if frames > 1:  # an animation or a multi-page file: which frame is meant is not ours to guess
+            if frames > 1 and image.format != 'MPO':
+                # an animation or a multi-page file: which frame is meant is not ours to guess (an MPO, as phone
+                # cameras write, is the photo and its previews: frame 0, open now, is the photo)
                 raise UnsupportedImage(f'{path} holds {frames} frames; pass one image (save the frame you mean as '
                                        'PNG)')
+            tensor = image_tensor(image, path)
+            # read after decoding: PIL turns TIFF images upright while decoding them and then drops the tag
             orientation = image.getexif().get(EXIF_ORIENTATION, 1)
-            return UPRIGHT.get(orientation, lambda tensor: tensor)(image_tensor(image, path))
+            return UPRIGHT.get(orientation, lambda tensor: tensor)(tensor)
     except UnsupportedImage:
         raise
     except Image.DecompressionBombError as error:
