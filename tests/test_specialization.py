@@ -1,4 +1,5 @@
 '''Tracing a forward per call signature: its arguments after the inputs that are not tensors as fixed values.'''
+import copy
 import enum
 import math
 import operator
@@ -11,7 +12,7 @@ import torch.fx
 from zennit.composites import EpsilonPlusFlat
 
 from conftest import randomize_batch_norms
-from zennit_bnfuse import CompositeLRP, FusedLRP, find_fusable_pairs, fuse
+from zennit_bnfuse import CompositeLRP, FuseBatchNorm, FusedLRP, find_fusable_pairs, fuse
 from zennit_bnfuse.prepared import PreparedModel
 from zennit_bnfuse.specialization import concrete_arguments, remove_guards, signature_key
 
@@ -280,3 +281,42 @@ def test_an_enum_argument_is_traced_without_a_warning():
         warnings.filterwarnings('error', message='Was not able to add assertion')
         relevance = FusedLRP(model).attribute(input, target=0, additional_forward_args=(Mode.SUM,))
     assert relevance.shape == input.shape
+
+
+class Gate(torch.nn.Module):
+    '''conv, plus a skip conv where no mask is given, -> BatchNorm -> relu -> pool: the BatchNorm takes the conv's
+    output alone only where a mask is given.'''
+    def __init__(self):
+        super().__init__()
+        self.conv, self.skip, self.bn = torch.nn.Conv2d(2, 3, 3), torch.nn.Conv2d(2, 3, 3), torch.nn.BatchNorm2d(3)
+
+    def forward(self, x, mask=None):
+        hidden = self.conv(x)
+        if mask is None:
+            hidden = hidden + self.skip(x)
+        return torch.nn.functional.adaptive_avg_pool2d(torch.relu(self.bn(hidden)), 1).flatten(1)
+
+
+def test_fuse_keeps_only_folds_that_hold_with_the_defaults_too(snapshot):
+    '''Traced with a proxy for `mask`, the BatchNorm folds into `conv`; a call without a mask (the forward's default,
+    what Zennit's attributors make) adds the skip first, and the fused model was 0.14 off. The fold is now kept only
+    where the path with the defaults decides it alike.'''
+    torch.manual_seed(1)
+    model = randomize_batch_norms(Gate()).double().eval()
+    input = torch.randn(3, 2, 6, 6, dtype=torch.float64)
+    before = snapshot(model)
+    fused, report = fuse(model, example_inputs=input)
+    assert not report.fused and 'where it runs with mask=None' in report.unfused[0].reason
+    torch.testing.assert_close(fused(input), model(input), rtol=0, atol=0)
+    mask = torch.ones(1, dtype=torch.float64)
+    fused, report = fuse(model, concrete_args={'mask': mask})  # the path with a mask, as the caller asks
+    assert [(entry.bn, entry.layer) for entry in report.fused] == [('bn', 'conv')]
+    torch.testing.assert_close(fused(input, mask), model(input, mask))
+    canonized = copy.deepcopy(model)
+    handles = FuseBatchNorm().apply(canonized)
+    try:
+        torch.testing.assert_close(canonized(input), model(input), rtol=0, atol=0)
+    finally:
+        for handle in handles:
+            handle.remove()
+    before.assert_unchanged()

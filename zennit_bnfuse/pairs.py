@@ -23,8 +23,8 @@ from .checks import check_model
 from .layers import ThresholdReLU, is_layer_like, layer_kind_problem
 from .replacements import model_copy
 from .report import FusedBatchNorm, FusionReport, UnfusedBatchNorm
-from .specialization import trace_for_call
-from .verification import check_folds, refuse_unproven
+from .specialization import concrete_arguments, trace_for_call
+from .verification import as_input_tuple, check_folds, refuse_unproven
 
 
 TRANSPOSED_TYPES = (torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
@@ -262,7 +262,8 @@ def find_fusable_pairs(model, example_inputs=None, concrete_args=None):
     concrete_args: dict[str, object], optional
         Arguments of the forward to trace as fixed values (torch.fx's ``concrete_args``): the folds are decided on
         the path the forward takes for them (``mask=None`` for a forward with ``if mask is not None``). By default
-        every argument is traced as a tensor.
+        every argument is traced as a tensor, and where the forward has arguments that are not tensors by default
+        (or in ``example_inputs``), also with those values: a fold is kept only where both paths decide it alike.
 
     Returns
     -------
@@ -345,6 +346,11 @@ def find_fusable_pairs(model, example_inputs=None, concrete_args=None):
         else:
             report.unfused.append(UnfusedBatchNorm(
                 entry.bn, f'the forward could not be traced ({report.trace_error}); {entry.reason}'))
+    if report.traced and concrete_args is None:
+        arguments = () if example_inputs is None else as_input_tuple(example_inputs)
+        defaults = concrete_arguments(model, 0 if arguments else 1, arguments)
+        if defaults:
+            keep_common_folds(report, find_fusable_pairs(model, concrete_args=defaults), defaults)
     if example_inputs is not None:
         check_folds(model, report, example_inputs)
     elif not report.traced:
@@ -358,6 +364,19 @@ def find_fusable_pairs(model, example_inputs=None, concrete_args=None):
         warnings.warn(f'zennit_bnfuse: could not trace the forward of {type(model).__name__} with torch.fx '
                       f'({report.trace_error}); {done} (see the report).', stacklevel=2)
     return report
+
+
+def keep_common_folds(report, other, values):
+    '''Move the folds of ``report`` that ``other``, a report for the same model traced with the argument ``values``,
+    does not make alike to ``report.unfused``; the same for its standardised convolutions.'''
+    described = ', '.join(f'{name}={value!r}' for name, value in values.items())
+    unfused = [UnfusedBatchNorm(entry.bn, (
+        f'the forward decides its fold otherwise where it runs with {described} than with every argument a tensor, '
+        'so no fold is exact on both paths (FusedLRP and CompositeLRP trace each call with its own values; for '
+        'fuse(), pass concrete_args for the calls you make)')) for entry in report.fused if entry not in other.fused]
+    report.fused = [entry for entry in report.fused if entry in other.fused]
+    report.unfused.extend(unfused)
+    report.standardized = [name for name in report.standardized if name in other.standardized]
 
 
 def has_hooks(module):
