@@ -3,6 +3,7 @@ import copy
 import enum
 import math
 import operator
+import types
 import warnings
 
 import numpy as np
@@ -320,3 +321,45 @@ def test_fuse_keeps_only_folds_that_hold_with_the_defaults_too(snapshot):
         for handle in handles:
             handle.remove()
     before.assert_unchanged()
+
+
+def test_a_forward_assigned_on_the_instance_is_not_traced():
+    '''torch.fx traces the forward of the class: a forward assigned on the instance (scale fixed to 5) was explained
+    as the class's (relevance summing to the output at scale 2). Such a model is now left untraced, with a warning.'''
+    torch.manual_seed(0)
+    model = options()
+    model.forward = types.MethodType(lambda self, x, mask=None: Options.forward(self, x, mask, False, 5.), model)
+    input = torch.rand(3, 2, 6, 6, dtype=torch.float64)
+    with pytest.warns(UserWarning, match='assigned on the instance'):
+        relevance, delta = FusedLRP(model).attribute(input, target=0, return_convergence_delta=True)
+    torch.testing.assert_close(relevance.flatten(1).sum(1) + delta, model(input)[:, 0])
+    assert not find_fusable_pairs(model).traced
+
+
+class TensorDefault(torch.nn.Module):
+    '''relu(x * weight) -> linear, ``weight`` a tensor by default.'''
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 2).double()
+
+    def forward(self, x, weight=torch.tensor([2., -1., 3.], dtype=torch.float64)):
+        return self.linear(torch.relu(x * weight))
+
+
+def test_a_tensor_default_is_a_constant_of_the_call():
+    '''The generated code cannot take a tensor as a default: every call failed with NameError
+    (`_tensor_constant0`). Left out, the default is a constant of the traced forward (LRP-epsilon with a negligible
+    epsilon is gradient x input); given, the tensor is an input of the product, which LRP passes by its gradient,
+    with the warning that says so.'''
+    from captum.attr._utils.lrp_rules import EpsilonRule
+    torch.manual_seed(0)
+    model = TensorDefault()
+    input = torch.rand(4, 3, dtype=torch.float64)
+    lrp = FusedLRP(model, rules={torch.nn.Linear: EpsilonRule(1e-15)})
+    relevance = lrp.attribute(input, target=0)
+    leaf = input.clone().requires_grad_()
+    expected = torch.autograd.grad(model(leaf)[:, 0].sum(), leaf)[0] * input
+    torch.testing.assert_close(relevance, expected, rtol=1e-9, atol=1e-12)
+    with pytest.warns(UserWarning, match='passes relevance through 1 functional op'):
+        given = lrp.attribute(input, target=0, additional_forward_args=(torch.ones(3, dtype=torch.float64),))
+    assert given.shape == input.shape

@@ -97,6 +97,14 @@ class LeafTracer(torch.fx.Tracer):
     def proxy(self, node):
         return InPlaceProxy(node, self)
 
+    def trace(self, root, concrete_args=None):
+        '''As :py:meth:`torch.fx.Tracer.trace`; raises TypeError for a module whose ``forward`` is assigned on the
+        instance, which the model runs but torch.fx would not trace (it traces the class's).'''
+        if has_own_forward(root):
+            raise TypeError(f'the forward of {type(root).__name__} is assigned on the instance; torch.fx traces the '
+                            'forward of its class instead')
+        return super().trace(root, concrete_args)
+
     def is_leaf_module(self, module, module_qualified_name):
         if self.leaf_parent is not None:
             return any(module is child for child in self.leaf_parent.children())
@@ -300,7 +308,7 @@ def find_fusable_pairs(model, example_inputs=None, concrete_args=None):
             report.trace_error = f'{type(error).__name__}: {error}'.splitlines()[0]
             graphs = []
             for name, module in traced.named_modules():
-                if isinstance(module, torch.nn.Sequential):
+                if isinstance(module, torch.nn.Sequential) and not has_own_forward(module):
                     tracer = PairTracer(leaf_parent=module)
                     graphs.append((name, tracer.trace(module), tracer.hooked_calls))
 
@@ -377,6 +385,11 @@ def keep_common_folds(report, other, values):
     report.fused = [entry for entry in report.fused if entry in other.fused]
     report.unfused.extend(unfused)
     report.standardized = [name for name in report.standardized if name in other.standardized]
+
+
+def has_own_forward(module):
+    '''Whether ``module`` is a module with a ``forward`` assigned on the instance (``model.forward = ...``).'''
+    return isinstance(module, torch.nn.Module) and 'forward' in vars(module)
 
 
 def has_hooks(module):

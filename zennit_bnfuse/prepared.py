@@ -93,7 +93,7 @@ class PreparedModel:
     A call signature is what a call gives the forward besides tensors: the arguments after the inputs that are not
     tensors (None, bools, numbers, strings), given or left at their defaults, are traced as the values of the call
     (see :py:mod:`zennit_bnfuse.specialization`), so that ``if mask is not None`` and ``x * scale`` compute what the
-    model computes for them. The :py:data:`MAX_SIGNATURES` copies used last are kept.
+    model computes for them. The ``MAX_SIGNATURES`` (4) copies used last are kept, each a copy of the model.
 
     Parameters
     ----------
@@ -123,7 +123,7 @@ class PreparedModel:
     copies: dict[str, str]
         For each copy of a reused module in the copy :py:meth:`get` returned last, the name of the original.
     '''
-    MAX_SIGNATURES = 8
+    MAX_SIGNATURES = 4
 
     def __init__(self, model, handling='fused', residual='captum', example_inputs=None, caller='PreparedModel'):
         refuse_zennit_hooks(model, caller)

@@ -74,12 +74,14 @@ def concrete_arguments(model, num_inputs, additional_forward_args):
     -------
     dict[str, object]
         Parameter name -> value, for torch.fx's ``concrete_args`` (see :py:func:`call_arguments` for which
-        parameters).
+        parameters). A tensor that is a parameter's default, not given, is one too: a constant of the forward.
     '''
+    given = set(list(call_arguments(model, num_inputs, additional_forward_args))[
+        :len(as_argument_tuple(additional_forward_args))])
     concrete = {}
     for name, value in call_arguments(model, num_inputs, additional_forward_args).items():
         value, fixed = as_concrete(value)
-        if fixed:
+        if fixed or (isinstance(value, torch.Tensor) and name not in given):
             concrete[name] = value
     return concrete
 
@@ -92,6 +94,13 @@ def trace_for_call(tracer, root, concrete_args=None):
     with warnings.catch_warnings():
         warnings.filterwarnings('ignore', message='Was not able to add assertion')
         graph = tracer.trace(root, concrete_args)
+    for node in list(graph.nodes):
+        if node.op == 'placeholder' and node.args and isinstance(node.args[0], torch.fx.Node):
+            # a tensor default (torch.fx makes it a constant of the graph, which the generated code cannot take as a
+            # default): the trace holds it as a constant where the call leaves it out (see concrete_arguments)
+            default, node.args = node.args[0], (None,)
+            if not default.users:
+                graph.erase_node(default)
     return unmark_wrapped_torch_functions(remove_guards(graph, root, concrete_args or {}))
 
 
@@ -100,8 +109,9 @@ def signature_key(concrete_args):
     graph traced for one computes what the other computes: values compared with their types (``True`` is not ``1``),
     floats and complex numbers by their text (``-0.0`` is not ``0.0``, ``nan`` is ``nan``).'''
     return tuple(
-        (name, type(value), repr(value) if isinstance(value, (float, complex)) else value)
-        for name, value in sorted(concrete_args.items()))
+        (name, type(value), repr(value) if isinstance(value, (float, complex))
+         else id(value) if isinstance(value, torch.Tensor) else value)
+        for name, value in sorted(concrete_args.items(), key=lambda item: item[0]))
 
 
 def unmark_wrapped_torch_functions(graph):
