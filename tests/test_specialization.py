@@ -363,3 +363,17 @@ def test_a_tensor_default_is_a_constant_of_the_call():
     with pytest.warns(UserWarning, match='passes relevance through 1 functional op'):
         given = lrp.attribute(input, target=0, additional_forward_args=(torch.ones(3, dtype=torch.float64),))
     assert given.shape == input.shape
+
+
+def test_what_a_call_leaves_unread_is_traced_once_per_signature(monkeypatch):
+    '''Deciding that the forward rightly leaves a tensor unread takes two traces: once per call signature, not on
+    every call.'''
+    torch.manual_seed(0)
+    lrp = FusedLRP(UseMask().double().eval())
+    input, mask = torch.rand(3, 2, 6, 6, dtype=torch.float64), torch.zeros(3, 48, dtype=torch.float64)
+    traces = []
+    original = PreparedModel._traced_reads
+    monkeypatch.setattr(PreparedModel, '_traced_reads', lambda *args: traces.append(args) or original(*args))
+    for _ in range(3):
+        lrp.attribute(input, target=0, additional_forward_args=(mask, False))
+    assert len(traces) == 1

@@ -136,6 +136,7 @@ class PreparedModel:
         self.report = None
         self.copies = {}
         self._built = OrderedDict()  # signature key -> (prepared, copies, report), the one used last at the end
+        self._reads = {}  # (signature key, name, shape, dtype) -> what reads_tensor_argument found
         self._fingerprint = None
 
     def get(self, num_inputs=1, additional_forward_args=None):
@@ -146,6 +147,7 @@ class PreparedModel:
         fingerprint = model_fingerprint(self.model)
         if fingerprint != self._fingerprint:
             self._built.clear()
+            self._reads.clear()
         concrete_args = concrete_arguments(self.model, num_inputs, additional_forward_args)
         key = signature_key(concrete_args)
         if key not in self._built:
@@ -165,9 +167,17 @@ class PreparedModel:
         '''Whether the forward of the model, in a call with ``num_inputs`` inputs and ``additional_forward_args``,
         computes with its argument ``name``, a tensor there: traced with that tensor as a fixed value (where a check
         such as ``isinstance(mask, torch.Tensor)`` sees a tensor), its graph holds a tensor constant more than
-        traced with the argument as a proxy.'''
+        traced with the argument as a proxy. Kept for calls with the same signature and a tensor of the same shape
+        and dtype, until the model changes (call :py:meth:`get` first).'''
         concrete = concrete_arguments(self.model, num_inputs, additional_forward_args)
         value = call_arguments(self.model, num_inputs, additional_forward_args)[name]
+        key = (signature_key(concrete), name, tuple(value.shape), value.dtype)
+        if key not in self._reads:
+            self._reads[key] = self._traced_reads(concrete, name, value)
+        return self._reads[key]
+
+    def _traced_reads(self, concrete, name, value):
+        '''See :py:meth:`reads_tensor_argument`.'''
         counts = []
         for fixed in (concrete, {**concrete, name: value}):
             with tracing_copy(self.model) as root:
