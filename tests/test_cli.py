@@ -756,3 +756,10 @@ def check_random_run(folder, arguments, capsys):
         assert 'Traceback' not in error and len(lines) == 1 and lines[0].startswith('bnfuse: error: '), \
             (args, error)
         assert files_under(folder) == before, args
+
+
+@pytest.mark.parametrize('normalize', ['None', False, 'ImageNet'])
+def test_load_model_refuses_an_unknown_normalisation(normalize):
+    # from Python, any value but 'none' turned ImageNet normalisation on
+    with pytest.raises(cli.CommandError, match=r"--normalize must be one of imagenet, none, not"):
+        cli.load_model('torchvision:squeezenet1_1', untrained=True, normalize=normalize)

@@ -298,12 +298,22 @@ def test_other_modes_in_memory(mode, colour, want):
     assert torch.allclose(got, torch.tensor(want, dtype=torch.float64)[:, None, None].expand(-1, 2, 3), atol=1e-7)
 
 
-def bomb(tmp_path):
-    '''A PNG header declaring 14000 x 14000 pixels (PIL refuses it before decoding).'''
+def raw_png(path, width, height, depth, colour, rows=(), transparency=None):
+    '''A PNG written byte by byte: its header (``colour`` 0 grey, 2 RGB), a tRNS chunk holding ``transparency`` (the
+    colour key, packed) if given, and ``rows`` of packed samples (none: no image data).'''
     def chunk(kind, content):
         return struct.pack('>I', len(content)) + kind + content + struct.pack('>I', zlib.crc32(kind + content))
-    header = struct.pack('>IIBBBBB', 14000, 14000, 8, 0, 0, 0, 0)
-    return write(tmp_path / 'huge.png', b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', header) + chunk(b'IEND', b''))
+    data = b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', width, height, depth, colour, 0, 0, 0))
+    if transparency is not None:
+        data += chunk(b'tRNS', transparency)
+    if rows:
+        data += chunk(b'IDAT', zlib.compress(b''.join(b'\x00' + row for row in rows)))
+    return write(path, data + chunk(b'IEND', b''))
+
+
+def bomb(tmp_path):
+    '''A PNG header declaring 14000 x 14000 pixels (PIL refuses it before decoding).'''
+    return raw_png(tmp_path / 'huge.png', 14000, 14000, 8, 0)
 
 
 REFUSED = {
@@ -324,6 +334,13 @@ REFUSED = {
                             r'\(\d+, \d+, \d+\)\)'),
     'I;16 colour key used': (lambda tmp: saved(Image.fromarray(DEEP), tmp, transparency=int(DEEP[4, 6])),
                              r'has [1-9]\d* transparent pixel\(s\) \(mode I;16 with the transparent colour key'),
+    # stored in other than 8 bits, decoded to 8 by PIL, which keeps the key as stored (it matched no pixel)
+    '16-bit RGB colour key used': (lambda tmp: raw_png(
+        tmp / 'rgb16.png', 2, 1, 16, 2, [struct.pack('>6H', 0xFFFF, 0, 0, 0x1234, 0x1234, 0x1234)],
+        struct.pack('>3H', 0xFFFF, 0, 0)), r'has 1 transparent pixel\(s\) \(mode RGB with the transparent colour key'),
+    '2-bit grey colour key used': (lambda tmp: raw_png(tmp / 'grey2.png', 4, 1, 2, 0, [bytes([0b11000110])],
+                                                       struct.pack('>H', 3)),
+                                   r'has 1 transparent pixel\(s\) \(mode L with the transparent colour key 3\)'),
     'I without a bit depth': (lambda tmp: saved(Image.fromarray(DEEP.astype(np.int32) * 1000), tmp, '.tif'),
                               r'holds 32-bit integers \(PIL mode I\) without a declared range'),
     'F above 1': (lambda tmp: saved(Image.fromarray(DEEP.astype(np.float32)), tmp, '.tif'),

@@ -365,15 +365,54 @@ def test_a_tensor_default_is_a_constant_of_the_call():
     assert given.shape == input.shape
 
 
-def test_what_a_call_leaves_unread_is_traced_once_per_signature(monkeypatch):
-    '''Deciding that the forward rightly leaves a tensor unread takes two traces: once per call signature, not on
-    every call.'''
+class ScaledBy(torch.nn.Module):
+    '''conv -> relu -> linear, scaled by the sum of ``weight`` where it is a tensor with a non-zero entry (read as a
+    number: no tensor of it reaches the traced graph).'''
+    def __init__(self):
+        super().__init__()
+        self.conv, self.linear = torch.nn.Conv2d(2, 3, 3), torch.nn.Linear(48, 2)
+
+    def forward(self, x, weight):
+        hidden = torch.relu(self.conv(x)).flatten(1)
+        if isinstance(weight, torch.Tensor) and bool(weight.any()):
+            hidden = hidden * float(weight.sum())
+        return self.linear(hidden)
+
+
+@EACH_EXPLAINER
+def test_an_unread_tensor_is_accepted_only_where_the_copy_gives_the_models_output(explainer):
+    '''Whether the forward reads a tensor the traced graph leaves out was decided by a trace with the tensor as a
+    constant: a tensor read as a number left no constant, and the relevance explained the model without it (4 times
+    off); the answer, kept per shape, followed the values of the first call. The prepared copy's output on the call
+    decides now.'''
     torch.manual_seed(0)
-    lrp = FusedLRP(UseMask().double().eval())
-    input, mask = torch.rand(3, 2, 6, 6, dtype=torch.float64), torch.zeros(3, 48, dtype=torch.float64)
-    traces = []
-    original = PreparedModel._traced_reads
-    monkeypatch.setattr(PreparedModel, '_traced_reads', lambda *args: traces.append(args) or original(*args))
-    for _ in range(3):
-        lrp.attribute(input, target=0, additional_forward_args=(mask, False))
-    assert len(traces) == 1
+    lrp = explainer(ScaledBy().double().eval())
+    input = torch.rand(3, 2, 6, 6, dtype=torch.float64)
+    zeros, twos = torch.zeros(2, dtype=torch.float64), torch.full((2,), 2., dtype=torch.float64)
+    assert lrp.attribute(input, target=0, additional_forward_args=(zeros,)).abs().sum() > 0  # the model ignores it
+    with pytest.raises(ValueError, match='does not read its argument `weight`, for which a tensor was given, and does '
+                       'not give the model\'s output on this call'):
+        lrp.attribute(input, target=0, additional_forward_args=(twos,))
+
+
+class Branch(torch.nn.Module):
+    '''conv -> relu -> linear, plus a linear ``extra`` of the mask where one is given.'''
+    def __init__(self):
+        super().__init__()
+        self.conv, self.linear, self.extra = torch.nn.Conv2d(2, 3, 3), torch.nn.Linear(48, 2), torch.nn.Linear(48, 2)
+
+    def forward(self, x, mask=None):
+        output = self.linear(torch.relu(self.conv(x)).flatten(1))
+        return output if mask is None else output + self.extra(mask)
+
+
+def test_a_rule_for_a_module_only_another_call_runs_is_fine():
+    '''Each call signature has its own copy, which holds only the modules the call runs: a rule for `extra` made
+    every call without a mask raise (as if `extra` were a folded BatchNorm).'''
+    from captum.attr._utils.lrp_rules import EpsilonRule
+    torch.manual_seed(0)
+    model = Branch().double().eval()
+    input, mask = torch.rand(3, 2, 6, 6, dtype=torch.float64), torch.rand(3, 48, dtype=torch.float64)
+    lrp = FusedLRP(model, rules={'extra': EpsilonRule()})
+    assert torch.equal(lrp.attribute(input, target=0), FusedLRP(model).attribute(input, target=0))
+    assert lrp.attribute(input, target=0, additional_forward_args=(mask,)).shape == input.shape

@@ -316,36 +316,33 @@ class FusedLRP(LRP):
         '''The prepared copy for this call (see :py:meth:`PreparedModel.get`), and the ``rule`` attributes the user
         set on their modules now (Captum's way).'''
         prepared = self.prepared.get(num_inputs, additional_forward_args)
+        report = self.prepared.report
+        folded = {item.bn for item in (report.fused if report is not None else [])}
         if self._checked is not prepared:
             # the copy carries copies of the user's rule attributes; the user's modules are read on every call
             for module in prepared.modules():
                 vars(module).pop('rule', None)
             # a folded BatchNorm's name holds its ThresholdReLU (the shift before a ReLU, which takes a rule) or
             # nothing of its own: an Identity, or timm's norm-act layer's drop and act in a container
-            folded = {item.bn for item in (self.prepared.report.fused if self.prepared.report is not None else [])}
             self._present = {self.prepared.original_name(name) for name, module in prepared.named_modules()
                              if name not in folded or isinstance(module, ThresholdReLU)}
-            self.refuse_rules_for_folded(self.rules, 'rules names')
+            self.refuse_rules_for_folded([key for key in self.rules if key in folded], 'rules names')
             self._checked = prepared
         self.own_rules = {name: module.rule for name, module in self.model.named_modules()
                           if getattr(module, 'rule', None) is not None}
-        # set on every layer of a type (Captum's way), a rule may sit on a module the forward never calls (an
-        # auxiliary head): only a folded BatchNorm's is refused
-        report = self.prepared.report
-        folded = {item.bn for item in (report.fused if report is not None else [])}
+        # a rule may name a module this call does not run (an auxiliary head, a branch for other argument values;
+        # set on every layer of a type, Captum's way): only a folded BatchNorm's is refused
         self.refuse_rules_for_folded([name for name in self.own_rules if name in folded],
                                      'a `rule` attribute is set on')
         return prepared
 
-    def refuse_rules_for_folded(self, rules, given):
-        '''Raise if ``rules`` (by name; ``given`` says how, for the message) names a BatchNorm that was folded away:
-        it has no layer in the prepared copy to take the rule, which would never apply.'''
-        report = self.prepared.report
-        for key in rules:
-            if isinstance(key, str) and key not in self._present:
-                folds = [item for item in (report.fused if report is not None else []) if item.bn == key]
-                into = f'is folded into {", ".join(f"`{layer}`" for layer in folds[0].layers)}' if folds else (
-                    'is not in the prepared model')
+    def refuse_rules_for_folded(self, names, given):
+        '''Raise if a folded BatchNorm in ``names`` (given a rule; ``given`` says how, for the message) has no module
+        of its own left in the prepared copy to take the rule, which would never apply.'''
+        for key in names:
+            if key not in self._present:
+                folds = [item for item in self.prepared.report.fused if item.bn == key]
+                into = f'is folded into {", ".join(f"`{layer}`" for layer in folds[0].layers)}'
                 raise ValueError(
                     f'{given} {key!r}, which {into}: it has no layer of its own to take the rule, which would '
                     'never apply. Give the rule to the layer it was folded into, or pass handling=\'unfused\' to '
@@ -427,7 +424,7 @@ class FusedLRP(LRP):
         input_tuple = _format_tensor_into_tuples(inputs)
         prepared = self._prepared_model(len(input_tuple), additional_forward_args)
         check_additional_arguments(prepared, self.model, len(input_tuple), additional_forward_args, 'FusedLRP',
-                                   functools.partial(self.prepared.reads_tensor_argument, len(input_tuple),
+                                   functools.partial(self.prepared.computes_as_model, prepared, input_tuple,
                                                      additional_forward_args))
         if len(input_tuple[0]) == 0:
             relevance, output = empty_batch_attribution(prepared, input_tuple, target, additional_forward_args)
@@ -629,7 +626,7 @@ class CompositeLRP(GradientAttribution):
         inputs = tuple(input.detach().requires_grad_(True) for input in _format_tensor_into_tuples(inputs))
         prepared = self.prepared.get(len(inputs), additional_forward_args)
         check_additional_arguments(prepared, self.model, len(inputs), additional_forward_args, 'CompositeLRP',
-                                   functools.partial(self.prepared.reads_tensor_argument, len(inputs),
+                                   functools.partial(self.prepared.computes_as_model, prepared, inputs,
                                                      additional_forward_args))
         if len(inputs[0]) == 0:
             relevance, output = empty_batch_attribution(prepared, inputs, target, additional_forward_args)

@@ -368,7 +368,15 @@ def checked_forward(model, inputs, target):
             handle.remove()
 
 
-def check_additional_arguments(prepared, model, num_inputs, additional_forward_args, caller, reads=None):
+def agreeing(agrees):
+    '''``agrees()``, False where it is None or raises (see :py:func:`check_additional_arguments`).'''
+    try:
+        return agrees is not None and bool(agrees())
+    except Exception:  # the model's own forward failing on the call is for the call itself to report
+        return False
+
+
+def check_additional_arguments(prepared, model, num_inputs, additional_forward_args, caller, agrees=None):
     '''Raise where the traced forward of ``prepared`` (a GraphModule; other models run their own forward) cannot
     compute what ``model`` computes with ``additional_forward_args``: torch.fx traced the tensors among them as
     tensor-like proxies (the arguments that are not tensors as their values, see
@@ -388,17 +396,19 @@ def check_additional_arguments(prepared, model, num_inputs, additional_forward_a
         arguments after them.
     caller: str
         The class, for the message.
-    reads: callable, optional
-        ``reads(name) -> bool``: whether ``model``'s forward computes with the tensor given for its argument ``name``
-        in this call (see :py:meth:`~zennit_bnfuse.prepared.PreparedModel.reads_tensor_argument`); where it does
-        not, the traced forward leaving it out is right. Without it, every such argument is refused.
+    agrees: callable, optional
+        ``agrees() -> bool``: whether ``prepared`` gives ``model``'s output on this call (see
+        :py:meth:`~zennit_bnfuse.prepared.PreparedModel.computes_as_model`); where it does, the traced forward
+        leaving a tensor argument unread is right (the call's other values leave it out). Without it, or where it
+        raises, every such argument is refused.
 
     Raises
     ------
     ValueError
-        If a tensor is given (or is the default) for an argument the traced forward never reads, and the forward
-        reads it; None for one it computes with (an argument traced as a proxy); or arguments for a ``*args`` that
-        keyword-only parameters follow (the traced forward takes those by position).
+        If a tensor is given (or is the default) for an argument the traced forward never reads, and the prepared
+        copy does not give the model's output on this call; None for one it computes with (an argument traced as a
+        proxy); or arguments for a ``*args`` that keyword-only parameters follow (the traced forward takes those by
+        position).
     '''
     if not isinstance(prepared, torch.fx.GraphModule):
         return
@@ -410,26 +420,28 @@ def check_additional_arguments(prepared, model, num_inputs, additional_forward_a
     if variable is not None and keyword_only and num_inputs + len(as_argument_tuple(additional_forward_args)) > (
             positional):
         raise ValueError(
-            f'{caller}: the forward of the model takes `*{variable.name}` and then keyword-only arguments '
+            f'{caller}: the forward of {type(model).__name__} takes `*{variable.name}` and then keyword-only arguments '
             f'({", ".join(keyword_only)}); the forward torch.fx generates takes those by position, so the arguments '
             f'given for `*{variable.name}` would fill them instead. Wrap the model in a module whose forward names '
             'its arguments.')
     values = call_arguments(model, num_inputs, additional_forward_args)
     placeholders = [node for node in prepared.graph.nodes if node.op == 'placeholder']
-    for parameter, node in list(zip(placeholder_parameters(model), placeholders))[num_inputs:]:
+    for parameter, node in list(zip(parameters, placeholders))[num_inputs:]:
         if parameter.name not in values:
             continue  # *args, **kwargs, or not given without a default: the forward raises for that itself
         value, name = values[parameter.name], parameter.name
-        if isinstance(value, torch.Tensor) and not node.users and (reads is None or reads(name)):
+        if isinstance(value, torch.Tensor) and not node.users and not agreeing(agrees):
             raise ValueError(
-                f'{caller}: the traced forward of the model does not read its argument `{name}`, for which a '
-                'tensor was given: torch.fx traces a tensor argument as a tensor-like proxy, so a check such as '
-                f'`isinstance({name}, torch.Tensor)` took the branch that leaves it out, and the relevance would '
-                f'explain the model without it. Check `{name} is not None` instead of its type, or set it as an '
-                'attribute of the model before explaining it.')
+                f'{caller}: the traced forward of {type(model).__name__} does not read its argument `{name}`, for '
+                'which a tensor was given, and does not give the model\'s output on this call: torch.fx traces a '
+                f'tensor argument as a tensor-like proxy, so a check such as `isinstance({name}, torch.Tensor)` took '
+                'the branch that leaves it out, and the relevance would explain the model without it. Check '
+                f'`{name} is not None` instead of its type, or set it as an attribute of the model before explaining '
+                'it.')
         if value is None and node.users:
             raise ValueError(
-                f'{caller}: the traced forward of the model computes with its argument `{name}`, which is None '
+                f'{caller}: the traced forward of {type(model).__name__} computes with its argument `{name}`, which is '
+                'None '
                 '(given, or its default): torch.fx traced it as a tensor-like proxy, so a check such as '
                 f'`{name} is None` took the branch that uses it. Give it a value, or set it as an attribute of '
                 'the model and leave it out of additional_forward_args.')

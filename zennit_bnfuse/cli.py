@@ -237,7 +237,15 @@ def load_model(name, weights=None, size=None, device='cpu', untrained=False, nor
     ``untrained=True`` allows ``torchvision:<arch>`` without weights (randomly initialised, for the fusion
     report); ``size`` (default 224) and ``normalize`` (one of :py:data:`NORMALIZATIONS`, default ``'imagenet'``)
     apply to torchvision models only: shipped models take their own size and images in [0, 1].
+
+    Raises
+    ------
+    CommandError
+        For an unknown model, ``normalize`` not None nor one of :py:data:`NORMALIZATIONS`, ``size`` or
+        ``normalize`` given for a shipped model, or weights that do not fit.
     '''
+    if normalize is not None and normalize not in NORMALIZATIONS:
+        raise CommandError(f'--normalize must be one of {", ".join(NORMALIZATIONS)}, not {normalize!r}')
     if name.startswith('torchvision:'):
         arch = name.split(':', 1)[1]
         architectures = torchvision.models.list_models(module=torchvision.models)

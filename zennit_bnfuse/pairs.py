@@ -376,7 +376,15 @@ def find_fusable_pairs(model, example_inputs=None, concrete_args=None):
 
 def keep_common_folds(report, other, values):
     '''Move the folds of ``report`` that ``other``, a report for the same model traced with the argument ``values``,
-    does not make alike to ``report.unfused``; the same for its standardised convolutions.'''
+    does not make alike to ``report.unfused``; the same for its standardised convolutions.
+
+    Parameters
+    ----------
+    report, other: :py:class:`~zennit_bnfuse.report.FusionReport`
+        ``report`` is changed in place.
+    values: dict[str, object]
+        The ``concrete_args`` ``other`` was traced with, for the reason.
+    '''
     described = ', '.join(f'{name}={value!r}' for name, value in values.items())
     unfused = [UnfusedBatchNorm(entry.bn, (
         f'the forward decides its fold otherwise where it runs with {described} than with every argument a tensor, '

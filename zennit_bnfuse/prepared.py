@@ -4,10 +4,10 @@ from collections import OrderedDict
 import torch
 
 from .checks import refuse_global_hooks, refuse_zennit_hooks
-from .graph import LRPTracer
 from .handling import bn_handling
 from .pairs import tracing_copy
-from .specialization import call_arguments, concrete_arguments, signature_key, trace_for_call
+from .specialization import as_argument_tuple, concrete_arguments, signature_key
+from .verification import output_error, output_tensors
 
 # what every nn.Module keeps in its __dict__ (parameters, buffers, children, hook dicts, the training flag)
 MODULE_INTERNALS = frozenset(vars(torch.nn.Module()))
@@ -76,16 +76,6 @@ def hook_keys(module):
                  if key.endswith('hooks') and isinstance(value, dict) and value)
 
 
-def is_model_tensor(model, target):
-    '''Whether ``target`` (a dotted name) is a parameter or buffer of ``model``, not a constant a trace added.'''
-    module_name, _, attribute = target.rpartition('.')
-    try:
-        module = model.get_submodule(module_name)
-    except AttributeError:
-        return False
-    return attribute in module._parameters or attribute in module._buffers
-
-
 class PreparedModel:
     '''The LRP-ready copies of ``model`` under a BatchNorm handling, one per call signature, each built on first use
     and reused until ``model`` changes (see :py:func:`model_fingerprint`).
@@ -136,7 +126,6 @@ class PreparedModel:
         self.report = None
         self.copies = {}
         self._built = OrderedDict()  # signature key -> (prepared, copies, report), the one used last at the end
-        self._reads = {}  # (signature key, name, shape, dtype) -> what reads_tensor_argument found
         self._fingerprint = None
 
     def get(self, num_inputs=1, additional_forward_args=None):
@@ -147,7 +136,6 @@ class PreparedModel:
         fingerprint = model_fingerprint(self.model)
         if fingerprint != self._fingerprint:
             self._built.clear()
-            self._reads.clear()
         concrete_args = concrete_arguments(self.model, num_inputs, additional_forward_args)
         key = signature_key(concrete_args)
         if key not in self._built:
@@ -163,31 +151,31 @@ class PreparedModel:
         prepared, self.copies, self.report = self._built[key]
         return prepared
 
-    def reads_tensor_argument(self, num_inputs, additional_forward_args, name):
-        '''Whether the forward of the model, in a call with ``num_inputs`` inputs and ``additional_forward_args``,
-        computes with its argument ``name``, a tensor there: traced with that tensor as a fixed value (where a check
-        such as ``isinstance(mask, torch.Tensor)`` sees a tensor), its graph holds a tensor constant more than
-        traced with the argument as a proxy. Kept for calls with the same signature and a tensor of the same shape
-        and dtype, until the model changes (call :py:meth:`get` first).'''
-        concrete = concrete_arguments(self.model, num_inputs, additional_forward_args)
-        value = call_arguments(self.model, num_inputs, additional_forward_args)[name]
-        key = (signature_key(concrete), name, tuple(value.shape), value.dtype)
-        if key not in self._reads:
-            self._reads[key] = self._traced_reads(concrete, name, value)
-        return self._reads[key]
+    def computes_as_model(self, prepared, inputs, additional_forward_args):
+        '''Whether ``prepared`` (a copy :py:meth:`get` returned for this call) gives the model's output on ``inputs``
+        and ``additional_forward_args``: both run without gradients, the model as a copy (its forward may change
+        attributes), and agree to within the square root of the output dtype's epsilon relative to the largest
+        output value (the folds' rounding). Used where the traced forward leaves a tensor argument unread, which a
+        check of its type (``isinstance``) may have caused, or the call's other values rightly.
 
-    def _traced_reads(self, concrete, name, value):
-        '''See :py:meth:`reads_tensor_argument`.'''
-        counts = []
-        for fixed in (concrete, {**concrete, name: value}):
-            with tracing_copy(self.model) as root:
-                try:
-                    graph = trace_for_call(LRPTracer(), root, fixed)
-                except Exception:  # fx raises many kinds of errors for untraceable code
-                    return True  # not known: the caller refuses
-                counts.append(sum(1 for node in graph.nodes if node.op == 'get_attr' and node.users
-                                  and not is_model_tensor(self.model, node.target)))
-        return counts[1] > counts[0]
+        Parameters
+        ----------
+        prepared: :py:obj:`torch.nn.Module`
+        inputs: tuple[:py:obj:`torch.Tensor`, ...]
+        additional_forward_args: object
+            As in Captum's ``attribute()``.
+
+        Returns
+        -------
+        bool
+        '''
+        arguments = (*inputs, *as_argument_tuple(additional_forward_args))
+        with torch.no_grad():
+            with tracing_copy(self.model) as model:
+                expected = model(*arguments)
+            actual = prepared(*arguments)
+        floating = [tensor.dtype for tensor in output_tensors(expected) if tensor.is_floating_point()]
+        return output_error(actual, expected) <= torch.finfo(floating[0] if floating else torch.float32).eps ** .5
 
     def original_name(self, name):
         '''The user's name for a module of the prepared model (copies of reused modules map to the original).'''

@@ -76,10 +76,10 @@ def concrete_arguments(model, num_inputs, additional_forward_args):
         Parameter name -> value, for torch.fx's ``concrete_args`` (see :py:func:`call_arguments` for which
         parameters). A tensor that is a parameter's default, not given, is one too: a constant of the forward.
     '''
-    given = set(list(call_arguments(model, num_inputs, additional_forward_args))[
-        :len(as_argument_tuple(additional_forward_args))])
+    values = call_arguments(model, num_inputs, additional_forward_args)
+    given = set(list(values)[:len(as_argument_tuple(additional_forward_args))])  # the given come first
     concrete = {}
-    for name, value in call_arguments(model, num_inputs, additional_forward_args).items():
+    for name, value in values.items():
         value, fixed = as_concrete(value)
         if fixed or (isinstance(value, torch.Tensor) and name not in given):
             concrete[name] = value
@@ -90,7 +90,27 @@ def trace_for_call(tracer, root, concrete_args=None):
     '''``tracer.trace(root, concrete_args)`` without the checks torch.fx records for ``concrete_args`` (see
     :py:func:`remove_guards`) and without the ``is_wrapped`` marks that break later traces (see
     :py:func:`unmark_wrapped_torch_functions`); torch.fx's warning that it could not add such a check (for values it
-    cannot compare, such as enums) is not shown, as the graph is only run for calls with these values.'''
+    cannot compare, such as enums) is not shown, as the graph is only run for calls with these values. A tensor
+    default of the forward becomes a default of None: the call gives the tensor, or the trace holds the default as a
+    constant (see :py:func:`concrete_arguments`).
+
+    Parameters
+    ----------
+    tracer: :py:class:`torch.fx.Tracer`
+    root: :py:obj:`torch.nn.Module`
+    concrete_args: dict[str, object], optional
+        See :py:func:`concrete_arguments`.
+
+    Returns
+    -------
+    :py:class:`torch.fx.Graph`
+
+    Raises
+    ------
+    Exception
+        What the tracer raises for a forward it cannot trace (torch.fx raises many kinds; the tracers of this
+        package a TypeError for a forward assigned on the instance).
+    '''
     with warnings.catch_warnings():
         warnings.filterwarnings('ignore', message='Was not able to add assertion')
         graph = tracer.trace(root, concrete_args)

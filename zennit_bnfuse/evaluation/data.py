@@ -308,11 +308,27 @@ class UnsupportedImage(ValueError):
     fix.'''
 
 
+def raw_modes(image):
+    '''How the pixels of an image, not loaded yet, are stored (PIL's raw modes of its tiles, such as ``'L;2'``).'''
+    return [str(tile.args if isinstance(tile.args, str) else tile.args[0])
+            for tile in getattr(image, 'tile', ()) if tile.args]  # images made in memory have no tiles
+
+
 def declares_16_bits(image):
     '''Whether a mode ``'I'`` image, not loaded yet, was stored with 16 bits per pixel (0 .. 65535).'''
-    rawmodes = [tile.args if isinstance(tile.args, str) else tile.args[0] for tile in image.tile if tile.args]
     # PIL scales PGM files with maxval > 255 to 0 .. 65535
-    return image.format == 'PPM' or any(str(rawmode).startswith('I;16') for rawmode in rawmodes)
+    return image.format == 'PPM' or any(rawmode.startswith('I;16') for rawmode in raw_modes(image))
+
+
+def stored_bits(image):
+    '''The bits per sample of an ``'L'`` or ``'RGB'`` image, not loaded yet, that PIL stores with other than 8 and
+    decodes to 8 (1, 2 and 4-bit grey scaled up to 0 .. 255, 16-bit to its high byte), else 8.'''
+    for rawmode in raw_modes(image):
+        if image.mode == 'L' and rawmode in ('L;1', 'L;2', 'L;4'):
+            return int(rawmode[-1])
+        if image.mode in ('L', 'RGB') and ';16' in rawmode:
+            return 16
+    return 8
 
 
 def transparent(name, count, kind):
@@ -332,18 +348,25 @@ def opaque(image, name):
     return image.convert(ALPHA_MODES[image.mode])
 
 
-def without_colour_key(image, name):
+def without_colour_key(image, name, bits=8):
     '''``image`` (loaded, not a palette image) if its colour key, if any, matches no pixel, else
     :py:class:`UnsupportedImage`: a PNG's tRNS chunk makes the pixels of one grey value or RGB colour transparent
-    (``image.info['transparency']``).'''
-    key = image.info.get('transparency')
-    if key is None or image.mode in ('P', 'PA') or image.mode in ALPHA_MODES:
+    (``image.info['transparency']``, in the stored ``bits`` per sample, see :py:func:`stored_bits`: the key is
+    compared with the decoded pixels as PIL decoded them, a 16-bit key by its high byte, which may count pixels
+    whose low byte differs, so refusing rather than missing one).'''
+    stored = image.info.get('transparency')
+    if stored is None or image.mode in ('P', 'PA') or image.mode in ALPHA_MODES:
         return image
+    key = np.asarray(stored, dtype=np.int64)
+    if bits == 16:
+        key = key >> 8
+    elif bits < 8:
+        key = key * 255 // (2 ** bits - 1)
     values = np.asarray(image).astype(np.int64)  # bool for mode 1: 0 or 1, as the key
-    matches = values == np.asarray(key, dtype=np.int64)
+    matches = values == key
     count = int((matches.all(-1) if values.ndim == 3 else matches).sum())
     if count:
-        raise transparent(name, count, f'mode {image.mode} with the transparent colour key {key}')
+        raise transparent(name, count, f'mode {image.mode} with the transparent colour key {stored}')
     return image
 
 
@@ -389,8 +412,9 @@ def image_tensor(image, name='image'):
         depth, floats outside [0, 1] and modes PIL has no conversion for.
     '''
     sixteen_bits = image.mode == 'I' and declares_16_bits(image)
+    bits = stored_bits(image)
     image.load()
-    image = without_colour_key(image, name)
+    image = without_colour_key(image, name, bits)
     if image.mode in ('P', 'PA'):
         image = image.convert('RGBA' if image.mode == 'PA' or 'transparency' in image.info else 'RGB')
         bands = np.asarray(image)
