@@ -416,3 +416,29 @@ def test_a_rule_for_a_module_only_another_call_runs_is_fine():
     lrp = FusedLRP(model, rules={'extra': EpsilonRule()})
     assert torch.equal(lrp.attribute(input, target=0), FusedLRP(model).attribute(input, target=0))
     assert lrp.attribute(input, target=0, additional_forward_args=(mask,)).shape == input.shape
+
+
+class Shifted(torch.nn.Module):
+    '''conv -> BatchNorm -> relu -> pool, where an ``offset`` tensor given with a non-zero entry is added to the
+    conv's output before the BatchNorm: a path the trace (``offset`` a proxy: `isinstance` False) does not take.'''
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = torch.nn.Conv2d(2, 3, 3), torch.nn.BatchNorm2d(3)
+
+    def forward(self, x, offset):
+        hidden = self.conv(x)
+        if isinstance(offset, torch.Tensor) and bool(offset.any()):
+            hidden = hidden + self.conv(offset)
+        return torch.nn.functional.adaptive_avg_pool2d(torch.relu(self.bn(hidden)), 1).flatten(1)
+
+
+def test_example_inputs_check_folds_of_a_traced_forward_too(snapshot):
+    '''A traced graph proves its folds on the path it traced; on example_inputs the forward took another, where the
+    folded model was wrong (its output was compared only for untraced forwards).'''
+    torch.manual_seed(0)
+    model = randomize_batch_norms(Shifted()).double().eval()
+    input, offset = torch.rand(2, 2, 6, 6, dtype=torch.float64), torch.rand(2, 2, 6, 6, dtype=torch.float64)
+    assert [entry.bn for entry in fuse(model)[1].fused] == ['bn']  # on the traced path, the fold holds
+    fused, report = fuse(model, example_inputs=(input, offset))
+    assert not report.fused and 'the model output differs by' in report.unfused[0].reason
+    torch.testing.assert_close(fused(input, offset), model(input, offset), rtol=0, atol=0)

@@ -266,7 +266,8 @@ def find_fusable_pairs(model, example_inputs=None, concrete_args=None):
         The model in eval mode. It is not changed.
     example_inputs: :py:obj:`torch.Tensor` or tuple, optional
         Positional arguments of the model's forward. Where given, the folds are checked on them: each folded layer
-        must get an input of the rank its fold assumes, and, for an untraced forward, the outputs must agree.
+        must get an input of the rank its fold assumes, and the outputs must agree (see
+        :py:func:`~zennit_bnfuse.verification.check_folds`).
     concrete_args: dict[str, object], optional
         Arguments of the forward to trace as fixed values (torch.fx's ``concrete_args``): the folds are decided on
         the path the forward takes for them (``mask=None`` for a forward with ``if mask is not None``). By default

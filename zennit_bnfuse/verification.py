@@ -113,15 +113,14 @@ class FoldCheck:
         with torch.no_grad():
             return model(*self.inputs)
 
-    def problem(self, folds, compare):
-        '''Why the model with ``folds`` done is not the model on the example inputs, or None.
+    def problem(self, folds):
+        '''Why the model with ``folds`` done is not the model on the example inputs, or None: the error the fused
+        copy raises (a fused layer's rank check among them), or how far its output is from the model's.
 
         Parameters
         ----------
         folds: list[:py:class:`~zennit_bnfuse.report.FusedBatchNorm`]
             The folds to do.
-        compare: bool
-            Whether to compare the outputs; otherwise only errors (such as a fused layer's rank check) count.
 
         Returns
         -------
@@ -134,21 +133,21 @@ class FoldCheck:
             return error
         except Exception as error:  # any error the fused copy raises where the model did not
             return f'the model raises {type(error).__name__}: {error}'
-        if compare:
-            error = output_error(actual, self.expected)
-            if not error <= self.tolerance:
-                return (f'the model output differs by {error:.3g} relative to its largest value ({self.dtype}, '
-                        f'allowed {self.tolerance:.1g})')
+        error = output_error(actual, self.expected)
+        if not error <= self.tolerance:
+            return (f'the model output differs by {error:.3g} relative to its largest value ({self.dtype}, '
+                    f'allowed {self.tolerance:.1g})')
         return None
 
 
 def check_folds(model, report, example_inputs):
     '''Keep only the folds of ``report`` that hold on ``example_inputs``; move the others to ``report.unfused``.
 
-    Folds from a traced graph are checked for their layers' input ranks only (the graph proves the rest); folds of
-    an untraced model (``report.traced`` False) are also checked by comparing outputs. All folds are tried at once
-    first; where that fails, those of a layer whose rank check failed are dropped, and then the rest are tried one
-    by one, each on top of the folds kept so far, so that one bad fold does not discard the good ones.
+    Every fold is checked for its layers' input ranks and by comparing outputs: a traced graph proves its folds on
+    the path it traced, and the forward may take another for these inputs (a check of an argument's value); an
+    untraced model (``report.traced`` False) has no proof but this. All folds are tried at once first; where that
+    fails, those of a layer whose rank check failed are dropped, and then the rest are tried one by one, each on top
+    of the folds kept so far, so that one bad fold does not discard the good ones.
 
     Parameters
     ----------
@@ -165,7 +164,6 @@ def check_folds(model, report, example_inputs):
         See :py:class:`FoldCheck`.
     '''
     check = FoldCheck(model, example_inputs)
-    compare = not report.traced
     report.checked_on = f'example_inputs {check.description}, computed in {check.dtype}'
 
     def refusal(fold, problem):
@@ -179,15 +177,15 @@ def check_folds(model, report, example_inputs):
                                 f'({check.description}) {problem}')
 
     pending, refused = list(report.fused), []
-    problem = check.problem(pending, compare) if pending else None
+    problem = check.problem(pending) if pending else None
     while isinstance(problem, FoldedInputError):
         refused += [refusal(fold, problem) for fold in pending if problem.layer in fold.layers]
         pending = [fold for fold in pending if problem.layer not in fold.layers]
-        problem = check.problem(pending, compare) if pending else None
+        problem = check.problem(pending) if pending else None
     if problem is not None:
         kept = []
         for fold in pending:
-            problem = check.problem(kept + [fold], compare)
+            problem = check.problem(kept + [fold])
             if problem is None:
                 kept.append(fold)
             else:
