@@ -227,13 +227,16 @@ def test_keyword_only_and_numpy_arguments(explainer):
 
 
 class UseMask(torch.nn.Module):
-    '''conv -> relu -> linear, times ``mask`` only where ``use_mask`` is set, or where the mask is a tensor.'''
+    '''conv -> relu -> linear, times ``mask`` only where ``use_mask`` is set, or where the mask is a tensor; counts
+    its calls in a buffer.'''
     def __init__(self, check='flag'):
         super().__init__()
         self.check = check
         self.conv, self.linear = torch.nn.Conv2d(2, 3, 3), torch.nn.Linear(48, 2)
+        self.register_buffer('calls', torch.zeros(()))
 
     def forward(self, x, mask, use_mask=False):
+        self.calls += 1
         hidden = torch.relu(self.conv(x)).flatten(1)
         if use_mask if self.check == 'flag' else isinstance(mask, torch.Tensor):
             hidden = hidden * mask
@@ -249,7 +252,7 @@ def test_a_tensor_the_call_leaves_unread_is_not_refused(explainer):
     input, mask = torch.rand(3, 2, 6, 6, dtype=torch.float64), torch.zeros(3, 48, dtype=torch.float64)
     lrp = explainer(model)
     unmasked = lrp.attribute(input, target=0, additional_forward_args=(mask, False))
-    assert unmasked.abs().sum() > 0
+    assert unmasked.abs().sum() > 0 and model.calls == 0  # the check ran the model's forward on a copy
     masked = lrp.attribute(input, target=0, additional_forward_args=(mask, True))
     assert torch.equal(masked, torch.zeros_like(masked))
     typed = UseMask('type').double().eval()

@@ -5,7 +5,7 @@ import torch
 
 from .checks import refuse_global_hooks, refuse_zennit_hooks
 from .handling import bn_handling
-from .pairs import tracing_copy
+from .replacements import model_copy
 from .specialization import as_argument_tuple, concrete_arguments, signature_key
 from .verification import output_error, output_tensors
 
@@ -153,10 +153,11 @@ class PreparedModel:
 
     def computes_as_model(self, prepared, inputs, additional_forward_args):
         '''Whether ``prepared`` (a copy :py:meth:`get` returned for this call) gives the model's output on ``inputs``
-        and ``additional_forward_args``: both run without gradients, the model as a copy (its forward may change
-        attributes), and agree to within the square root of the output dtype's epsilon relative to the largest
-        output value (the folds' rounding). Used where the traced forward leaves a tensor argument unread, which a
-        check of its type (``isinstance``) may have caused, or the call's other values rightly.
+        and ``additional_forward_args``: both run without gradients, the model as a deep copy (its forward may change
+        its attributes or buffers in place), and agree to within the square root of the output dtype's epsilon
+        relative to the largest output value (the folds' rounding). Used where the traced forward leaves a tensor
+        argument unread, which a check of its type (``isinstance``) may have caused, or the call's other values
+        rightly.
 
         Parameters
         ----------
@@ -171,8 +172,7 @@ class PreparedModel:
         '''
         arguments = (*inputs, *as_argument_tuple(additional_forward_args))
         with torch.no_grad():
-            with tracing_copy(self.model) as model:
-                expected = model(*arguments)
+            expected = model_copy(self.model)(*arguments)
             actual = prepared(*arguments)
         floating = [tensor.dtype for tensor in output_tensors(expected) if tensor.is_floating_point()]
         return output_error(actual, expected) <= torch.finfo(floating[0] if floating else torch.float32).eps ** .5
