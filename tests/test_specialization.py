@@ -441,7 +441,9 @@ def test_example_inputs_check_folds_of_a_traced_forward_too(snapshot):
     torch.manual_seed(0)
     model = randomize_batch_norms(Shifted()).double().eval()
     input, offset = torch.rand(2, 2, 6, 6, dtype=torch.float64), torch.rand(2, 2, 6, 6, dtype=torch.float64)
+    before = snapshot(model)
     assert [entry.bn for entry in fuse(model)[1].fused] == ['bn']  # on the traced path, the fold holds
     fused, report = fuse(model, example_inputs=(input, offset))
     assert not report.fused and 'the model output differs by' in report.unfused[0].reason
     torch.testing.assert_close(fused(input, offset), model(input, offset), rtol=0, atol=0)
+    before.assert_unchanged()

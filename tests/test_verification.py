@@ -1,4 +1,5 @@
 '''Tests for checking folds on example inputs (zennit_bnfuse.verification), through fuse() and the canonizer.'''
+import dataclasses
 import re
 import warnings
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import randomize_batch_norms
 from fusion_cases import prepared, rank_dependent_cases, untraceable_cases
 from zennit_bnfuse import FuseBatchNorm, fuse
 from zennit_bnfuse.replacements import replaced_copy, replacement_modules
@@ -181,3 +183,86 @@ def test_output_error_compares_structures_and_non_finite_entries():
     assert output_error(one, torch.tensor([1., 2., float('inf')], dtype=torch.float64)) == float('inf')
     assert output_error((one, one), (one,)) == float('inf')
     assert output_error(one[:2], one) == float('inf')
+
+
+class ConvBatchNorm(torch.nn.Module):
+    '''conv -> BatchNorm -> mean over space, with a way of computing its output that example_inputs checks meet.'''
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.conv, self.bn = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
+        self.register_buffer('step', torch.zeros(()))
+
+    def forward(self, x):
+        if self.kind == 'in-place input':
+            x.sub_(.5).mul_(2.)
+        output = self.bn(self.conv(x)).mean((2, 3))
+        if self.kind == 'random':  # MC-dropout style: random in eval mode
+            output = output + F.dropout(output, .5, training=True)
+        if self.kind == 'counting':  # its output depends on a buffer it updates
+            self.step += 1
+            output = output * self.step
+        return output
+
+
+@pytest.mark.parametrize('kind', ['random', 'in-place input', 'counting'])
+def test_example_inputs_compare_like_with_like(kind, snapshot):
+    '''Comparing a traced forward's folds by their output refused every fold of a forward that draws random numbers,
+    changes its input in place or counts its calls in a buffer: each run saw other random numbers, the input changed
+    by the run before, or the counter moved on. Each run now gets the same seed and its own input, on a copy.'''
+    torch.manual_seed(0)
+    model = randomize_batch_norms(ConvBatchNorm(kind)).double().eval()
+    input = torch.rand(2, 3, 6, 6, dtype=torch.float64)
+    given = input.clone()
+    before = snapshot(model)
+    _, report = fuse(model, example_inputs=input)
+    assert [entry.bn for entry in report.fused] == ['bn'], report.unfused
+    assert torch.equal(input, given) and model.step == 0
+    before.assert_unchanged()
+
+
+@dataclasses.dataclass
+class Logits:
+    scores: torch.Tensor
+
+
+class Untraceable(torch.nn.Module):
+    '''conv -> BatchNorm in a Sequential, behind control flow torch.fx cannot trace, returning a dataclass, or a
+    string.'''
+    def __init__(self, wrap):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+        self.wrap = wrap
+
+    def forward(self, x):
+        if x.sum() > 0:  # control flow on a value: not traceable
+            x = self.body(x)
+        return Logits(x) if self.wrap == 'dataclass' else 'done'
+
+
+class OwnOrder(torch.nn.Sequential):
+    '''A Sequential subclass whose untraceable forward runs its children in its own way.'''
+    def forward(self, x):
+        return self[1](self[0](x)) if x.sum() > 0 else x
+
+
+def test_outputs_without_plain_tensors():
+    '''A dataclass output held no tensor the comparison found: every fold agreed (error 0). Its fields are read now;
+    an output with no tensor at all proves nothing, and an untraced model's folds are refused.'''
+    torch.manual_seed(0)
+    input = torch.rand(2, 3, 6, 6)
+    model = randomize_batch_norms(Untraceable('dataclass')).eval()
+    assert output_error(Logits(torch.ones(2)), Logits(torch.full((2,), 2.))) == .5
+    assert [entry.bn for entry in fuse(model, example_inputs=input)[1].fused] == ['body.1']
+    _, report = fuse(randomize_batch_norms(Untraceable('string')).eval(), example_inputs=input)
+    assert not report.fused and 'gives an output that holds no tensor' in report.unfused[0].reason
+
+
+def test_a_sequential_subclass_with_its_own_forward_is_no_candidate():
+    '''Where the model cannot be traced, the children of each Sequential are candidates, traced one by one; a
+    subclass with a forward of its own was traced as a whole and its TraceError escaped fuse(). Its children need not
+    run in order: it is no candidate.'''
+    model = randomize_batch_norms(OwnOrder(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))).eval()
+    with pytest.warns(UserWarning, match='could not trace'):
+        _, report = fuse(model, example_inputs=torch.rand(2, 3, 6, 6))
+    assert not report.fused and [entry.bn for entry in report.unfused] == ['1']

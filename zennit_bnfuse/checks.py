@@ -1,4 +1,5 @@
 '''Checks of what users pass to the public API, each raising an error that names the argument and the fix.'''
+import functools
 import itertools
 import math
 import numbers
@@ -426,11 +427,12 @@ def check_additional_arguments(prepared, model, num_inputs, additional_forward_a
             'its arguments.')
     values = call_arguments(model, num_inputs, additional_forward_args)
     placeholders = [node for node in prepared.graph.nodes if node.op == 'placeholder']
+    agreed = functools.cache(lambda: agreeing(agrees))  # asked at most once per call: it runs the model
     for parameter, node in list(zip(parameters, placeholders))[num_inputs:]:
         if parameter.name not in values:
             continue  # *args, **kwargs, or not given without a default: the forward raises for that itself
         value, name = values[parameter.name], parameter.name
-        if isinstance(value, torch.Tensor) and not node.users and not agreeing(agrees):
+        if isinstance(value, torch.Tensor) and not node.users and not agreed():
             raise ValueError(
                 f'{caller}: the traced forward of {type(model).__name__} does not read its argument `{name}`, for '
                 'which a tensor was given, and does not give the model\'s output on this call: torch.fx traces a '

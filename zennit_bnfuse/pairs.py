@@ -5,7 +5,6 @@ seen. Where tracing fails, each ``nn.Sequential`` container is traced on its own
 only modules that are neighbours inside a Sequential are paired, and only folded where example inputs confirm them.
 '''
 import copy
-import itertools
 import operator
 import warnings
 from collections import Counter
@@ -119,22 +118,24 @@ class LeafTracer(torch.fx.Tracer):
 
 @contextmanager
 def tracing_copy(model):
-    """A module to trace in place of ``model``: a copy that shares its parameters and buffers.
+    """A module to trace in place of ``model``: a copy that shares its parameters.
 
     Tracing runs the forward's Python with fx proxies in place of tensors: what the forward writes into its modules'
     attributes (a feature kept for later, a cache keyed by device, a call counter) lands in the copy, not in the
-    user's model. The copy shares the parameters and buffers (:py:func:`~zennit_bnfuse.replacements.model_copy`
+    user's model; so does what it writes into buffers (torch.fx hands the forward the buffers themselves, and
+    ``self.count += 1`` runs). The copy shares the parameters (:py:func:`~zennit_bnfuse.replacements.model_copy`
     copies the rest) and names its modules as ``model`` does, so a graph traced on it names ``model``'s modules. A
     model that cannot be deep-copied is given itself, and each module's attributes are put back when the context
-    ends, with the contents of its dicts, lists and sets (what lies deeper, and tensors changed in place, are not).
+    ends, with the contents of its dicts, lists and sets, and the values of its buffers (what lies deeper, and other
+    tensors changed in place, are not).
 
     Yields
     ------
     :py:obj:`torch.nn.Module`
     """
-    # the parameters and buffers are shared (fx reads them as proxies); other tensors are copied, as a forward may
+    # the parameters are shared (fx reads them as proxies); buffers and other tensors are copied, as a forward may
     # change them in place (``self.count += 1``)
-    shared = {id(tensor): tensor for tensor in itertools.chain(model.parameters(), model.buffers())}
+    shared = {id(tensor): tensor for tensor in model.parameters()}
     try:
         traced = model_copy(model, shared)
     except TypeError:  # objects deepcopy does not handle (locks, open files, ...)
@@ -143,9 +144,14 @@ def tracing_copy(model):
         yield traced
         return
     attributes = [(module, dict(vars(module)), dict(container_contents(vars(module)))) for module in model.modules()]
+    buffers = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
     try:
         yield model
     finally:
+        with torch.no_grad():
+            for buffer, value in buffers:
+                if not torch.equal(buffer, value):
+                    buffer.copy_(value)
         for module, before, contents in attributes:
             vars(module).clear()
             vars(module).update(before)
@@ -309,7 +315,8 @@ def find_fusable_pairs(model, example_inputs=None, concrete_args=None):
             report.trace_error = f'{type(error).__name__}: {error}'.splitlines()[0]
             graphs = []
             for name, module in traced.named_modules():
-                if isinstance(module, torch.nn.Sequential) and not has_own_forward(module):
+                # a Sequential that runs its children in order (a subclass may run them otherwise, or not trace)
+                if type(module).forward is torch.nn.Sequential.forward and not has_own_forward(module):
                     tracer = PairTracer(leaf_parent=module)
                     graphs.append((name, tracer.trace(module), tracer.hooked_calls))
 

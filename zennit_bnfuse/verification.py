@@ -7,6 +7,7 @@ found and left unfused. Where the forward cannot be traced, the folds found betw
 ``nn.Sequential`` are only candidates: the forward may slice the Sequential or call its children in another order.
 Each candidate is kept only if the model with it folded gives the model's own output on the example inputs.
 '''
+import dataclasses
 
 import torch
 
@@ -37,10 +38,24 @@ def describe_inputs(inputs):
                      for value in inputs)
 
 
+def seeded_output(model, arguments, seed=0):
+    '''``model(*arguments)`` without gradients, as the same call on the same model gives it every time: on clones of
+    the tensor arguments (a forward may change its input in place) and with the random number generators seeded
+    with ``seed`` (a forward may draw random numbers; folds do not change how many), their state restored after.'''
+    tensors = [value for value in (*arguments, *model.parameters(), *model.buffers()) if torch.is_tensor(value)]
+    devices = sorted({tensor.device.index or 0 for tensor in tensors if tensor.device.type == 'cuda'})
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        return model(*(value.clone() if torch.is_tensor(value) else value for value in arguments))
+
+
 def output_tensors(output):
-    '''The tensors in a model output (a tensor, or tuples, lists and dicts of them), in a fixed order.'''
+    '''The tensors in a model output (a tensor, or tuples, lists, dicts and dataclasses of them), in a fixed
+    order.'''
     if isinstance(output, torch.Tensor):
         return [output]
+    if dataclasses.is_dataclass(output) and not isinstance(output, type):
+        output = [getattr(output, field.name) for field in dataclasses.fields(output)]
     if isinstance(output, dict):
         output = [output[key] for key in sorted(output, key=str)]
     if isinstance(output, (tuple, list)):
@@ -94,12 +109,12 @@ class FoldCheck:
             self.model = model_copy(model).double()
             self.inputs = tuple(value.double() if torch.is_tensor(value) and value.is_floating_point() else value
                                 for value in inputs)
-            self.expected = self.run(self.model)
+            self.expected = self.run(model_copy(self.model))  # a copy: the forward may change its buffers
             self.dtype = torch.float64
         except Exception:  # the forward may not run in float64 (a constant of another dtype in forward)
             self.model, self.inputs = model_copy(model), inputs
             try:
-                self.expected = self.run(self.model)
+                self.expected = self.run(model_copy(self.model))
             except Exception as error:
                 raise ValueError(
                     f'{type(model).__name__} raised {type(error).__name__} on example_inputs ({self.description}): '
@@ -107,11 +122,12 @@ class FoldCheck:
             floating = [tensor.dtype for tensor in output_tensors(self.expected) if tensor.is_floating_point()]
             self.dtype = floating[0] if floating else torch.float32
         self.tolerance = torch.finfo(self.dtype).eps ** .5
+        # an output without tensors (a string, an object of the model's own) cannot be compared
+        self.comparable = bool(output_tensors(self.expected))
 
     def run(self, model):
-        '''The output of ``model`` on the example inputs, without gradients.'''
-        with torch.no_grad():
-            return model(*self.inputs)
+        '''The output of ``model`` on the example inputs, without gradients (see :py:func:`seeded_output`).'''
+        return seeded_output(model, self.inputs)
 
     def problem(self, folds):
         '''Why the model with ``folds`` done is not the model on the example inputs, or None: the error the fused
@@ -133,7 +149,7 @@ class FoldCheck:
             return error
         except Exception as error:  # any error the fused copy raises where the model did not
             return f'the model raises {type(error).__name__}: {error}'
-        error = output_error(actual, self.expected)
+        error = output_error(actual, self.expected) if self.comparable else 0.
         if not error <= self.tolerance:
             return (f'the model output differs by {error:.3g} relative to its largest value ({self.dtype}, '
                     f'allowed {self.tolerance:.1g})')
@@ -164,7 +180,8 @@ def check_folds(model, report, example_inputs):
         See :py:class:`FoldCheck`.
     '''
     check = FoldCheck(model, example_inputs)
-    report.checked_on = f'example_inputs {check.description}, computed in {check.dtype}'
+    report.checked_on = f'example_inputs {check.description}, computed in {check.dtype}' + (
+        '' if check.comparable else ' (input ranks only: the output holds no tensor to compare)')
 
     def refusal(fold, problem):
         if isinstance(problem, FoldedInputError):
@@ -177,6 +194,10 @@ def check_folds(model, report, example_inputs):
                                 f'({check.description}) {problem}')
 
     pending, refused = list(report.fused), []
+    if not check.comparable and not report.traced:  # nothing but the output could prove them
+        refused = [refusal(fold, 'gives an output that holds no tensor, so nothing shows the fold exact')
+                   for fold in pending]
+        pending = []
     problem = check.problem(pending) if pending else None
     while isinstance(problem, FoldedInputError):
         refused += [refusal(fold, problem) for fold in pending if problem.layer in fold.layers]
