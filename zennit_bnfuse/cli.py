@@ -4,9 +4,9 @@
     bnfuse explain --model NAME (--images FILE... | --dataset mnist|cifar10) --out DIR [options]
     bnfuse report --model NAME [--weights FILE]
 
-Every argument is checked before any model work. Outputs are written to a temporary folder next to (or inside)
-``--out`` and moved in place only when the run succeeded, so a failed run leaves nothing behind and an output
-folder always holds the files of exactly one run.
+Every option is checked before any model work (image files and data are read after the model is loaded). Outputs
+are written to a temporary folder next to (or inside) ``--out`` and moved in place only when the run succeeded, so a
+failed run leaves nothing behind and an output folder always holds the files of exactly one run.
 '''
 import argparse
 import collections
