@@ -3,8 +3,9 @@
 torch.fx traces every argument of a forward as a tensor-like proxy, so a forward that checks an argument
 (``if mask is not None``, ``if flag``) or computes with a number (``x * scale``) is traced for one branch and with the
 number as an input. :py:class:`~zennit_bnfuse.prepared.PreparedModel` traces the forward once per *call signature*
-instead: every argument after the inputs that is not a tensor (None, a bool, a number, a string, a dtype or device)
-is given to the trace as the value of this call (``concrete_args``), and tensors stay proxies.
+instead: every argument after the inputs that is not a tensor (None, a bool, a number or a NumPy scalar, a string, a
+dtype or device) is given to the trace as the value of this call (``concrete_args``), and so is a tensor default the
+call leaves out; the tensors given stay proxies.
 '''
 import inspect
 import operator
@@ -50,8 +51,8 @@ def call_arguments(model, num_inputs, additional_forward_args):
 
 
 def as_concrete(value):
-    '''``value`` as a trace takes it as a fixed value (a NumPy scalar as the Python number it holds), or None where
-    it stays a proxy; the second item says which.'''
+    '''``(value, fixed)``: ``value`` as a trace would take it (a NumPy scalar as the Python number it holds), and
+    whether the trace takes it as a fixed value rather than a proxy.'''
     if isinstance(value, np.generic) and not isinstance(value, (np.datetime64, np.timedelta64)):
         value = value.item()
     return value, isinstance(value, CONCRETE_TYPES)
