@@ -69,6 +69,10 @@ def test_concrete_arguments_are_the_non_tensors_given_or_by_default():
     assert fixed == {'mask': None, 'flip': True, 'scale': 2.5} and type(fixed['scale']) is float
     assert concrete_arguments(model, 1, (None, False, (1., 2.))) == {'mask': None, 'flip': False}  # tuples: proxies
 
+    class Builtin(torch.nn.Module):
+        forward = torch.relu  # no signature Python can read: inspect raised ValueError
+    assert concrete_arguments(Builtin(), 1, (None,)) == {}
+
 
 def test_signature_key_tells_apart_what_computes_differently():
     assert signature_key({'flag': True}) != signature_key({'flag': 1})

@@ -150,8 +150,12 @@ def unmark_wrapped_torch_functions(graph):
 
 
 def forward_parameters(model):
-    '''The parameters of the forward torch.fx traces for ``model`` (its class's), after ``self``.'''
-    return list(inspect.signature(type(model).forward).parameters.values())[1:]
+    '''The parameters of the forward torch.fx traces for ``model`` (its class's), after ``self``; none where Python
+    cannot tell them (a forward written in C): then every argument is traced as a proxy.'''
+    try:
+        return list(inspect.signature(type(model).forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return []
 
 
 def placeholder_parameters(model):
