@@ -443,7 +443,6 @@ def check_additional_arguments(prepared, model, num_inputs, additional_forward_a
         if value is None and node.users:
             raise ValueError(
                 f'{caller}: the traced forward of {type(model).__name__} computes with its argument `{name}`, which is '
-                'None '
-                '(given, or its default): torch.fx traced it as a tensor-like proxy, so a check such as '
-                f'`{name} is None` took the branch that uses it. Give it a value, or set it as an attribute of '
-                'the model and leave it out of additional_forward_args.')
+                'None (given, or its default): torch.fx traced it as a tensor-like proxy, so a check such as '
+                f'`{name} is None` took the branch that uses it. Give it a value, or set it as an attribute of the '
+                'model and leave it out of additional_forward_args.')

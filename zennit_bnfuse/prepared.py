@@ -5,9 +5,9 @@ import torch
 
 from .checks import refuse_global_hooks, refuse_zennit_hooks
 from .handling import bn_handling
-from .replacements import model_copy
+from .pairs import tracing_copy
 from .specialization import as_argument_tuple, concrete_arguments, signature_key
-from .verification import output_error, output_tensors, seeded_output
+from .verification import output_dtype, output_error, output_tensors, output_tolerance, seeded_output
 
 # what every nn.Module keeps in its __dict__ (parameters, buffers, children, hook dicts, the training flag)
 MODULE_INTERNALS = frozenset(vars(torch.nn.Module()))
@@ -154,9 +154,10 @@ class PreparedModel:
     def computes_as_model(self, prepared, inputs, additional_forward_args):
         '''Whether ``prepared`` (a copy :py:meth:`get` returned for this call) gives the model's output on ``inputs``
         and ``additional_forward_args``: both run as :py:func:`~zennit_bnfuse.verification.seeded_output` runs them
-        (alike for random numbers and inputs changed in place), the model as a deep copy (its forward may change its
-        attributes or buffers in place), give an output holding tensors, and agree to within the square root of the
-        output dtype's epsilon relative to the largest output value (the folds' rounding). Used where the traced
+        (alike for random numbers and inputs changed in place), the model as a copy that shares its parameters
+        (:py:func:`~zennit_bnfuse.pairs.tracing_copy`: its forward may change its attributes or buffers in place),
+        give an output holding tensors, and agree to within :py:func:`~zennit_bnfuse.verification.output_tolerance`.
+        Used where the traced
         forward leaves a tensor argument unread, which a check of its type (``isinstance``) may have caused, or the
         call's other values rightly.
 
@@ -172,11 +173,11 @@ class PreparedModel:
         bool
         '''
         arguments = (*inputs, *as_argument_tuple(additional_forward_args))
-        expected = seeded_output(model_copy(self.model), arguments)
+        with tracing_copy(self.model) as model:  # no copy of the parameters on every such call
+            expected = seeded_output(model, arguments)
         actual = seeded_output(prepared, arguments)
-        floating = [tensor.dtype for tensor in output_tensors(expected) if tensor.is_floating_point()]
-        return bool(output_tensors(expected)) and output_error(actual, expected) <= torch.finfo(
-            floating[0] if floating else torch.float32).eps ** .5
+        return bool(output_tensors(expected)) and output_error(actual, expected) <= output_tolerance(
+            output_dtype(expected))
 
     def original_name(self, name):
         '''The user's name for a module of the prepared model (copies of reused modules map to the original).'''

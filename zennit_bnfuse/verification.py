@@ -63,6 +63,17 @@ def output_tensors(output):
     return []
 
 
+def output_dtype(output):
+    '''The dtype of the first floating-point tensor in a model output (float32 where it holds none).'''
+    return next((tensor.dtype for tensor in output_tensors(output) if tensor.is_floating_point()), torch.float32)
+
+
+def output_tolerance(dtype):
+    '''How far (relative to the largest output value) a model with folds done may be from the model in ``dtype``:
+    the square root of its epsilon, far above the folds' rounding and far below a wrong fold.'''
+    return torch.finfo(dtype).eps ** .5
+
+
 def output_error(actual, expected):
     '''Largest absolute difference between two model outputs relative to the largest absolute expected value;
     infinite where their structure, shapes or non-finite entries differ.'''
@@ -119,9 +130,8 @@ class FoldCheck:
                 raise ValueError(
                     f'{type(model).__name__} raised {type(error).__name__} on example_inputs ({self.description}): '
                     f'{error}. Pass example inputs the model takes.') from error
-            floating = [tensor.dtype for tensor in output_tensors(self.expected) if tensor.is_floating_point()]
-            self.dtype = floating[0] if floating else torch.float32
-        self.tolerance = torch.finfo(self.dtype).eps ** .5
+            self.dtype = output_dtype(self.expected)
+        self.tolerance = output_tolerance(self.dtype)
         # an output without tensors (a string, an object of the model's own) cannot be compared
         self.comparable = bool(output_tensors(self.expected))
 
