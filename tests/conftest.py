@@ -1,6 +1,15 @@
 '''Shared fixtures and helpers for the tests.'''
 import pytest
 import torch
+from captum.attr._utils.lrp_rules import EpsilonRule
+from zennit.composites import LayerMapComposite, layer_map_base
+from zennit.rules import Epsilon
+from zennit.types import Convolution
+
+from zennit_bnfuse import CompositeLRP, FusedLRP
+from zennit_bnfuse.attribution import EPSILON_RULE_TYPES
+from zennit_bnfuse.fold import BATCH_NORM_TYPES
+from zennit_bnfuse.layers import ThresholdReLU
 
 
 def pytest_addoption(parser):
@@ -77,3 +86,25 @@ class ModelSnapshot:
 def snapshot():
     '''Factory: ``snapshot(model)`` returns a :py:class:`ModelSnapshot`.'''
     return ModelSnapshot
+
+
+# a stabiliser small enough that LRP-epsilon equals gradient x input in float64 on ReLU/conv/linear/pool/add networks
+EPSILON = 1e-15
+
+
+def epsilon_composite():
+    '''Zennit's layer map of its built-in composites (Pass for activations, Norm for sums and pooling) with a
+    negligible stabiliser, and Epsilon on every conv and linear layer: zennit_bnfuse.evaluation.composites.epsilon
+    with EPSILON instead of 1e-6.'''
+    return LayerMapComposite(layer_map=layer_map_base(stabilizer=EPSILON) + [
+        (Convolution, Epsilon(EPSILON)), (torch.nn.Linear, Epsilon(EPSILON))])
+
+
+def epsilon_explainer(engine, model, handling):
+    '''FusedLRP with Captum's EpsilonRule on every layer type that has a rule by default, or CompositeLRP with
+    :py:func:`epsilon_composite`; BatchNorms left in the model get the epsilon rule too.'''
+    if engine == 'FusedLRP':
+        return FusedLRP(model, handling=handling,
+                        rules={key: EpsilonRule(EPSILON)
+                               for key in (*EPSILON_RULE_TYPES, *BATCH_NORM_TYPES, ThresholdReLU)})
+    return CompositeLRP(model, epsilon_composite(), handling=handling, batch_norm_rule=Epsilon(EPSILON))

@@ -17,18 +17,9 @@ import itertools
 import pytest
 import torch
 import torchvision
-from captum.attr._utils.lrp_rules import EpsilonRule
-from zennit.composites import LayerMapComposite, layer_map_base
-from zennit.rules import Epsilon
-from zennit.types import Convolution
 
-from conftest import randomize_batch_norms
-from zennit_bnfuse import CompositeLRP, FusedLRP
-from zennit_bnfuse.attribution import EPSILON_RULE_TYPES
-from zennit_bnfuse.fold import BATCH_NORM_TYPES
-from zennit_bnfuse.layers import ThresholdReLU
+from conftest import epsilon_explainer as explainer, randomize_batch_norms
 
-EPSILON = 1e-15
 TOLERANCE = 1e-9
 
 # (source, name, input size, slow); the zoo's models (benchmarks/zoo.py) whose activations are positively
@@ -55,24 +46,6 @@ EXCLUDED = {
 }
 HANDLINGS = ['fused', 'unfused']
 ENGINES = ['FusedLRP', 'CompositeLRP']
-
-
-def epsilon_composite():
-    '''Zennit's layer map of its built-in composites (Pass for activations, Norm for sums and pooling) with a
-    negligible stabiliser, and Epsilon on every conv and linear layer: zennit_bnfuse.evaluation.composites.epsilon
-    with EPSILON instead of 1e-6.'''
-    return LayerMapComposite(layer_map=layer_map_base(stabilizer=EPSILON) + [
-        (Convolution, Epsilon(EPSILON)), (torch.nn.Linear, Epsilon(EPSILON))])
-
-
-def explainer(engine, model, handling):
-    '''FusedLRP with Captum's EpsilonRule on every layer type that has a rule by default, or CompositeLRP with
-    :py:func:`epsilon_composite`; BatchNorms left in the model get the epsilon rule too.'''
-    if engine == 'FusedLRP':
-        return FusedLRP(model, handling=handling,
-                        rules={key: EpsilonRule(EPSILON)
-                               for key in (*EPSILON_RULE_TYPES, *BATCH_NORM_TYPES, ThresholdReLU)})
-    return CompositeLRP(model, epsilon_composite(), handling=handling, batch_norm_rule=Epsilon(EPSILON))
 
 
 def build(source, name):

@@ -12,10 +12,11 @@ import torch
 import torch.fx
 from zennit.composites import EpsilonPlusFlat
 
-from conftest import randomize_batch_norms
+from conftest import epsilon_explainer, randomize_batch_norms
 from zennit_bnfuse import CompositeLRP, FuseBatchNorm, FusedLRP, find_fusable_pairs, fuse
 from zennit_bnfuse.prepared import PreparedModel
-from zennit_bnfuse.specialization import concrete_arguments, remove_guards, signature_key
+from zennit_bnfuse.specialization import (
+    FixedList, FixedTuple, concrete_arguments, remove_guards, signature_key, trace_for_call)
 
 EACH_EXPLAINER = pytest.mark.parametrize(
     'explainer', [FusedLRP, lambda model: CompositeLRP(model, EpsilonPlusFlat())], ids=['fused', 'composite'])
@@ -67,7 +68,13 @@ def test_concrete_arguments_are_the_non_tensors_given_or_by_default():
     # NumPy's scalars as the Python numbers they hold (np.float64 would be written into the graph's code as such)
     fixed = concrete_arguments(model, 1, (None, np.bool_(True), np.float64(2.5)))
     assert fixed == {'mask': None, 'flip': True, 'scale': 2.5} and type(fixed['scale']) is float
-    assert concrete_arguments(model, 1, (None, False, (1., 2.))) == {'mask': None, 'flip': False}  # tuples: proxies
+    # a tuple or list of fixed values is one fixed value (a FixedTuple, which torch.fx does not flatten); one holding
+    # a tensor stays a proxy
+    fixed = concrete_arguments(model, 1, (None, False, (1., (np.int64(2), None))))
+    assert fixed == {'mask': None, 'flip': False, 'scale': (1., (2, None))} and type(fixed['scale']) is FixedTuple
+    assert type(fixed['scale'][1][0]) is int
+    assert type(concrete_arguments(model, 1, (None, False, [1., 2.]))['scale']) is FixedList
+    assert concrete_arguments(model, 1, (None, False, (1., torch.ones(1)))) == {'mask': None, 'flip': False}
 
     class Builtin(torch.nn.Module):
         forward = torch.relu  # no signature Python can read: inspect raised ValueError
@@ -80,6 +87,11 @@ def test_signature_key_tells_apart_what_computes_differently():
     assert signature_key({'scale': math.nan}) == signature_key({'scale': float('nan')})
     assert signature_key({'a': 1, 'b': None}) == signature_key({'b': None, 'a': 1})
     assert signature_key({'a': 1}) != signature_key({'a': 2})
+    # tuples and lists item by item (a list, unhashable itself, has a key too)
+    assert signature_key({'size': FixedTuple((1, 2))}) != signature_key({'size': FixedList([1, 2])})
+    assert signature_key({'size': FixedTuple((1, 2))}) != signature_key({'size': FixedTuple((1., 2))})
+    assert signature_key({'size': FixedTuple((0., 2))}) != signature_key({'size': FixedTuple((-0., 2))})
+    assert signature_key({'size': FixedList([1, 2])}) == signature_key({'size': FixedList([1, 2])})
 
 
 def test_remove_guards_keeps_the_forwards_own_assertions():
@@ -155,6 +167,55 @@ def test_a_number_argument_is_a_constant(explainer):
     # the graph does not read the number from its placeholder: it holds it
     placeholders = [node for node in lrp.prepared.get(1, (None, False, 3.)).graph.nodes if node.op == 'placeholder']
     assert all(not node.users for node in placeholders[1:])
+
+
+class Resized(torch.nn.Module):
+    '''conv -> BatchNorm -> relu -> pooled to a size given after the input, with control flow on the size.'''
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.linear = torch.nn.Conv2d(2, 3, 3), torch.nn.BatchNorm2d(3), torch.nn.Linear(3, 2)
+
+    def forward(self, x, size=(2, 2)):
+        hidden = torch.relu(self.bn(self.conv(x)))
+        if size[0] > 1:  # control flow on the size: not traceable where the size is a proxy
+            hidden = torch.nn.functional.adaptive_avg_pool2d(hidden, size)
+        return self.linear(hidden.mean((2, 3)))
+
+
+@pytest.mark.parametrize('engine', ['FusedLRP', 'CompositeLRP'])
+def test_a_tuple_of_numbers_is_traced_as_its_value(engine):
+    '''A size given (or left at its default) as a tuple or list was a proxy: `if size[0] > 1:` could not be traced,
+    the model ran untraced, with its BatchNorm unfolded and its pooling passed by the gradient. Each size is now a
+    fixed value of its own call signature; LRP-epsilon with a negligible epsilon equals gradient x input.'''
+    torch.manual_seed(0)
+    model = randomize_batch_norms(Resized()).double().eval()
+    input = torch.rand(3, 2, 7, 7, dtype=torch.float64)
+    lrp = epsilon_explainer(engine, model, 'fused')
+    for arguments in (None, ((3, 3),), ([3, 3],), ((1, 1),)):
+        with warnings.catch_warnings():
+            warnings.filterwarnings('error', message='zennit_bnfuse')
+            relevance = lrp.attribute(input, target=1, additional_forward_args=arguments)
+        assert isinstance(lrp.prepared.get(1, arguments), torch.fx.GraphModule)
+        assert [entry.bn for entry in lrp.prepared.report.fused] == ['bn']
+        leaf = input.clone().requires_grad_()
+        gradient, = torch.autograd.grad(model(leaf, *(arguments or ()))[:, 1].sum(), leaf)
+        torch.testing.assert_close(relevance, gradient * input, rtol=1e-9, atol=1e-12)
+    assert lrp.prepared.builds == 4  # (2, 2), (3, 3), [3, 3] and (1, 1)
+
+
+def test_a_tuple_in_concrete_args_is_one_value():
+    '''concrete_args={'size': (3, 3)}: torch.fx made each item a placeholder of its own, with a check of its value on
+    every call, and generated a forward that takes the size flattened (remove_guards, which pairs placeholders with
+    the forward's parameters, left the second item's check in the graph). It is one fixed value now.'''
+    torch.manual_seed(0)
+    model = randomize_batch_norms(Resized()).double().eval()
+    graph = trace_for_call(torch.fx.Tracer(), model, {'size': (3, 3)})
+    assert [node.target for node in graph.nodes if node.op == 'placeholder'] == ['x', 'size_1']
+    assert torch._assert not in [node.target for node in graph.nodes]
+    fused, report = fuse(model, concrete_args={'size': (3, 3)})
+    assert [entry.bn for entry in report.fused] == ['bn']
+    input = torch.rand(3, 2, 7, 7, dtype=torch.float64)
+    torch.testing.assert_close(fused(input, (3, 3)), model(input, (3, 3)))
 
 
 def test_prepared_copies_kept_per_signature_and_dropped_on_change():

@@ -4,8 +4,8 @@ torch.fx traces every argument of a forward as a tensor-like proxy, so a forward
 (``if mask is not None``, ``if flag``) or computes with a number (``x * scale``) is traced for one branch and with the
 number as an input. :py:class:`~zennit_bnfuse.prepared.PreparedModel` traces the forward once per *call signature*
 instead: every argument after the inputs that is not a tensor (None, a bool, a number or a NumPy scalar, a string, a
-dtype or device) is given to the trace as the value of this call (``concrete_args``), and so is a tensor default the
-call leaves out; the tensors given stay proxies.
+dtype or device, or a tuple or list of these, such as a size) is given to the trace as the value of this call
+(``concrete_args``), and so is a tensor default the call leaves out; the tensors given stay proxies.
 '''
 import inspect
 import operator
@@ -15,8 +15,20 @@ import numpy as np
 import torch
 
 # the values given to a trace as they are: their branches are taken and their numbers are constants of the graph
-# (NumPy's scalars as the Python numbers they hold; tuples and lists stay proxies: torch.fx cannot fix them)
+# (NumPy's scalars as the Python numbers they hold; plain tuples and lists of such values as FixedTuple / FixedList)
 CONCRETE_TYPES = (type(None), bool, int, float, complex, str, torch.dtype, torch.device)
+
+
+class FixedTuple(tuple):
+    '''A tuple of fixed values (see :py:data:`CONCRETE_TYPES`) given to a trace as one value. torch.fx would make
+    each item of a plain tuple in ``concrete_args`` a placeholder of its own and generate a forward that takes the
+    items flattened; a subclass it does not know is one value, which the forward reads as the tuple it is.'''
+
+
+class FixedList(list):
+    '''A list of fixed values given to a trace as one value (see :py:class:`FixedTuple`).'''
+
+
 # what torch.fx records to check that a call brings the values a graph was traced for: None, or equal to the value
 ASSERT_IS_NONE = torch.fx._symbolic_trace._assert_is_none
 
@@ -51,10 +63,16 @@ def call_arguments(model, num_inputs, additional_forward_args):
 
 
 def as_concrete(value):
-    '''``(value, fixed)``: ``value`` as a trace would take it (a NumPy scalar as the Python number it holds), and
+    '''``(value, fixed)``: ``value`` as a trace would take it (a NumPy scalar as the Python number it holds, a plain
+    tuple or list whose items are all fixed as a :py:class:`FixedTuple` or :py:class:`FixedList` of them), and
     whether the trace takes it as a fixed value rather than a proxy.'''
     if isinstance(value, np.generic) and not isinstance(value, (np.datetime64, np.timedelta64)):
         value = value.item()
+    if type(value) in (tuple, list, FixedTuple, FixedList):
+        items = [as_concrete(item) for item in value]
+        if not all(fixed for _, fixed in items):
+            return value, False
+        return (FixedList if isinstance(value, list) else FixedTuple)(item for item, _ in items), True
     return value, isinstance(value, CONCRETE_TYPES)
 
 
@@ -112,6 +130,8 @@ def trace_for_call(tracer, root, concrete_args=None):
         What the tracer raises for a forward it cannot trace (torch.fx raises many kinds; the tracers of this
         package a TypeError for a forward assigned on the instance).
     '''
+    if concrete_args is not None:  # a tuple or list of numbers as one value (see FixedTuple)
+        concrete_args = {name: as_concrete(value)[0] for name, value in concrete_args.items()}
     with warnings.catch_warnings():
         warnings.filterwarnings('ignore', message='Was not able to add assertion')
         graph = tracer.trace(root, concrete_args)
@@ -129,10 +149,19 @@ def signature_key(concrete_args):
     '''A hashable key for ``concrete_args`` (see :py:func:`concrete_arguments`) that two calls share only where a
     graph traced for one computes what the other computes: values compared with their types (``True`` is not ``1``),
     floats and complex numbers by their text (``-0.0`` is not ``0.0``, ``nan`` is ``nan``).'''
-    return tuple(
-        (name, type(value), repr(value) if isinstance(value, (float, complex))
-         else id(value) if isinstance(value, torch.Tensor) else value)
-        for name, value in sorted(concrete_args.items(), key=lambda item: item[0]))
+    return tuple((name, value_key(value)) for name, value in sorted(concrete_args.items(), key=lambda item: item[0]))
+
+
+def value_key(value):
+    '''A hashable key for one value of ``concrete_args`` (see :py:func:`signature_key`); the items of a tuple or list
+    each by their own key.'''
+    if isinstance(value, (float, complex)):
+        return type(value), repr(value)
+    if isinstance(value, torch.Tensor):
+        return type(value), id(value)
+    if isinstance(value, (tuple, list)):
+        return type(value), tuple(value_key(item) for item in value)
+    return type(value), value
 
 
 def unmark_wrapped_torch_functions(graph):
