@@ -183,6 +183,39 @@ def test_output_error_compares_structures_and_non_finite_entries():
     assert output_error(one, torch.tensor([1., 2., float('inf')], dtype=torch.float64)) == float('inf')
     assert output_error((one, one), (one,)) == float('inf')
     assert output_error(one[:2], one) == float('inf')
+    # per tensor: a small output is compared on its own scale, not on that of a large one beside it
+    big = torch.tensor([1e9], dtype=torch.float64)
+    assert output_error((big, one + torch.tensor([0., .5, 0.], dtype=torch.float64)), (big, one)) == .25
+
+
+class LargeAndAuxiliary(torch.nn.Module):
+    '''An untraceable forward that returns large logits and, beside them, the output of the conv that a BatchNorm
+    follows inside an nn.Sequential.'''
+    def __init__(self):
+        super().__init__()
+        self.features = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.BatchNorm2d(3))
+
+    def forward(self, x):
+        if x.sum() > -1e9:  # control flow on a proxy: not traceable
+            x = x + 0.
+        return self.features(x).flatten(1) * 1e9, self.features[0](x).flatten(1)
+
+
+def test_a_fold_that_changes_a_small_output_beside_a_large_one_is_refused(snapshot):
+    '''The fold into the Sequential's conv changes what the model returns as its second output: measured against
+    the largest value of both outputs (1e9 times the first's), the difference was below the tolerance and the fold
+    was kept, with that output wrong.'''
+    torch.manual_seed(0)
+    model = randomize_batch_norms(LargeAndAuxiliary()).double().eval()
+    before = snapshot(model)
+    input = torch.rand(2, 2, 5, 5, dtype=torch.float64)
+    with pytest.warns(UserWarning, match='could not trace'):
+        fused, report = fuse(model, example_inputs=input)
+    assert not report.fused and [entry.bn for entry in report.unfused] == ['features.1']
+    assert 'the model output differs by' in report.unfused[0].reason
+    for actual, expected in zip(fused(input), model(input)):
+        torch.testing.assert_close(actual, expected)
+    before.assert_unchanged()
 
 
 class ConvBatchNorm(torch.nn.Module):
