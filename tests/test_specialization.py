@@ -234,6 +234,26 @@ def test_prepared_copies_kept_per_signature_and_dropped_on_change():
     assert prepared.get(1, (None, True)) is not flipped and prepared.builds == builds + 2
 
 
+@EACH_EXPLAINER
+def test_a_number_that_changes_on_every_call_warns_once(explainer):
+    '''Each new number builds a copy: past MAX_SIGNATURES the user is told why calls are slow, once; a tensor
+    instead is an input of one copy.'''
+    model = options()
+    input = torch.rand(3, 2, 6, 6, dtype=torch.float64)
+    lrp = explainer(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        for scale in range(PreparedModel.MAX_SIGNATURES + 3):
+            lrp.attribute(input, target=0, additional_forward_args=(None, False, float(scale)))
+    caught = [warning for warning in caught if 'traced the forward of Options for more than 4' in str(warning.message)]
+    assert len(caught) == 1 and 'this call: mask=None, flip=False, scale=4.0' in str(caught[0].message)
+    assert caught[0].filename == __file__
+    builds = lrp.prepared.builds
+    for scale in (2., 3.):
+        lrp.attribute(input, target=0, additional_forward_args=(None, False, torch.tensor(scale, dtype=torch.float64)))
+    assert lrp.prepared.builds == builds + 1
+
+
 def test_a_users_graph_module_traced_for_none():
     '''A GraphModule the user traced with concrete_args={'mask': None} checks `mask` with `_assert_is_none`, which
     counted as a use of the argument (refused); given a tensor, re-tracing its code made a graph whose generated code

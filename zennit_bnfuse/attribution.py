@@ -7,7 +7,6 @@ import copy
 import difflib
 import functools
 import math
-import warnings
 import weakref
 from collections import defaultdict
 
@@ -40,6 +39,7 @@ from .prepared import PreparedModel
 from .pairs import other_norm_types
 from .registration import KeptRegistration, modules_without_rule
 from .singlepass import SinglePass
+from .user_warnings import warn_user
 
 # leaves that get Captum's EpsilonRule by default: every affine map (reductions: zennit_bnfuse.graph_layers)
 EPSILON_RULE_TYPES = (
@@ -590,13 +590,13 @@ class CompositeLRP(GradientAttribution):
         if unruled:
             names = list(dict.fromkeys(map(self.prepared.original_name, unruled)))
             kind = type(prepared.get_submodule(unruled[0])).__name__
-            warnings.warn(
+            warn_user(
                 f'zennit_bnfuse: the composite gives no rule to {len(names)} normalisation layer(s) that are not '
                 f'BatchNorms ({", ".join(f"`{name}`" for name in names[:5])}{", ..." if len(names) > 5 else ""}; '
                 f'the first of type {kind}), so LRP passes relevance through them by their plain gradient, which is '
                 'not a relevance: it carries the gradient of the statistics they normalise by. Give them a rule that '
                 'fits the layer in the composite, by type (a LayerMapComposite in a MixedComposite ahead of yours) or '
-                'by name (NameMapComposite).', stacklevel=4)
+                'by name (NameMapComposite).')
 
     @property
     def fallbacks(self):

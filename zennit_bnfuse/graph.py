@@ -32,7 +32,6 @@ functional convolution with a weight computed in the forward, ``layer_norm``, in
 import copy
 import functools
 import operator
-import warnings
 from collections import Counter
 from dataclasses import dataclass
 
@@ -53,6 +52,7 @@ from .graph_layers import (
 from .pairs import LeafTracer
 from .replacements import set_module
 from .specialization import trace_for_call
+from .user_warnings import warn_user
 
 ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add, 'add'}
 # augmented assignments -> the operator fx records for them on a proxy that has none
@@ -673,12 +673,10 @@ def lrp_graph(model, residual='captum', concrete_args=None):
     try:
         graph = trace_for_call(LRPTracer(), model, concrete_args)
     except Exception as error:  # fx raises many kinds of errors for untraceable code
-        warnings.warn(
+        warn_user(
             f'zennit_bnfuse: could not trace the forward of {type(model).__name__} ({type(error).__name__}: {error}); '
             'functional ops (residual additions, pooling, reductions, products) stay functional and reused modules '
-            'stay shared, so LRP may miscount relevance.',
-            stacklevel=2,
-        )
+            'stay shared, so LRP may miscount relevance.')
         return model, {}
 
     rewrite = GraphRewrite(model, graph, residual)
@@ -689,31 +687,25 @@ def lrp_graph(model, residual='captum', concrete_args=None):
     graph.lint()
     result = torch.fx.GraphModule(model, graph, class_name=type(model).__name__)
     if carry_forward_hooks(model, result):
-        warnings.warn(
+        warn_user(
             f'zennit_bnfuse: {type(model).__name__} has forward hooks (or pre-hooks) registered on the model itself; '
             'they run on the prepared copy as on the model, and LRP passes relevance through what they compute by '
             'its plain gradient, which no LRP rule governs. Make them modules of the model and give those a rule, '
-            'or make sure their gradient is the relevance you mean.',
-            stacklevel=2,
-        )
+            'or make sure their gradient is the relevance you mean.')
     writing = rewrite.kept_in_place
     if writing:
-        warnings.warn(
+        warn_user(
             f'zennit_bnfuse: in the forward of {type(model).__name__}, {len(writing)} module(s) with inplace=True '
             f'write into a tensor that the forward reads again through a view taken before (first: `{writing[0]}`); '
             'LRP hooks may hand a module a copy of its input (Zennit\'s always do), and the write then reaches '
             'nothing the forward reads later, so the relevance may explain another function. Set inplace=False on '
-            'them.',
-            stacklevel=2,
-        )
+            'them.')
     passed = ops_passed_by_gradient(result)
     if passed:
         counts = ', '.join(f'{name} x{count}' for name, count in Counter(map(op_name, passed)).items())
-        warnings.warn(
+        warn_user(
             f'zennit_bnfuse: in the forward of {type(model).__name__}, LRP passes relevance through {len(passed)} '
             f'functional op(s) by their plain gradient, which no LRP rule governs: {counts} (first: '
             f'{passed[0].name}). Write them as modules and give those a rule, or make sure their gradient is the '
-            'relevance you mean.',
-            stacklevel=2,
-        )
+            'relevance you mean.')
     return result, rewrite.copies

@@ -6,7 +6,6 @@ only modules that are neighbours inside a Sequential are paired, and only folded
 '''
 import copy
 import operator
-import warnings
 from collections import Counter
 from contextlib import contextmanager
 from typing import NamedTuple
@@ -23,6 +22,7 @@ from .layers import ThresholdReLU, is_layer_like, layer_kind_problem
 from .replacements import model_copy
 from .report import FusedBatchNorm, FusionReport, UnfusedBatchNorm
 from .specialization import concrete_arguments, trace_for_call
+from .user_warnings import warn_user
 from .verification import as_input_tuple, check_folds, refuse_unproven
 
 
@@ -377,8 +377,8 @@ def find_fusable_pairs(model, example_inputs=None, concrete_args=None):
                 if example_inputs is not None else
                 f'folded none of its {report.num_batch_norms} BatchNorms; pass example_inputs to fold those next to '
                 'a conv/linear layer inside an nn.Sequential whose fold gives the model\'s output on them')
-        warnings.warn(f'zennit_bnfuse: could not trace the forward of {type(model).__name__} with torch.fx '
-                      f'({report.trace_error}); {done} (see the report).', stacklevel=2)
+        warn_user(f'zennit_bnfuse: could not trace the forward of {type(model).__name__} with torch.fx '
+                  f'({report.trace_error}); {done} (see the report).')
     return report
 
 

@@ -7,6 +7,7 @@ from .checks import refuse_global_hooks, refuse_zennit_hooks
 from .handling import bn_handling
 from .pairs import tracing_copy
 from .specialization import as_argument_tuple, concrete_arguments, signature_key
+from .user_warnings import warn_user
 from .verification import output_dtype, output_error, output_tensors, output_tolerance, seeded_output
 
 # what every nn.Module keeps in its __dict__ (parameters, buffers, children, hook dicts, the training flag)
@@ -104,6 +105,13 @@ class PreparedModel:
         Here and in :py:meth:`get`, if a Zennit composite is registered on ``model`` (see
         :py:func:`~zennit_bnfuse.checks.refuse_zennit_hooks`).
 
+    Warns
+    -----
+    UserWarning
+        Once, in :py:meth:`get`, when a call needs a copy for a signature and more than :py:attr:`MAX_SIGNATURES`
+        are in use since the model last changed: each call with a value the last ones did not bring (a number that
+        changes on every call) traces, copies and folds the model again.
+
     Attributes
     ----------
     builds: int
@@ -127,6 +135,7 @@ class PreparedModel:
         self.copies = {}
         self._built = OrderedDict()  # signature key -> (prepared, copies, report), the one used last at the end
         self._fingerprint = None
+        self._warned_signatures = False
 
     def get(self, num_inputs=1, additional_forward_args=None):
         '''The prepared model for a call with ``num_inputs`` inputs and ``additional_forward_args`` (as in Captum's
@@ -147,9 +156,23 @@ class PreparedModel:
             self.builds += 1
             while len(self._built) > self.MAX_SIGNATURES:
                 self._built.popitem(last=False)
+                self.warn_signatures(concrete_args)
         self._built.move_to_end(key)
         prepared, self.copies, self.report = self._built[key]
         return prepared
+
+    def warn_signatures(self, concrete_args):
+        '''Warn (once) that the copy for the oldest signature was dropped to build one for ``concrete_args``.'''
+        if self._warned_signatures:
+            return
+        self._warned_signatures = True
+        values = ', '.join(f'{name}={value!r}' for name, value in concrete_args.items())
+        warn_user(
+            f'zennit_bnfuse: {self.caller} traced the forward of {type(self.model).__name__} for more than '
+            f'{self.MAX_SIGNATURES} values of its arguments that are not tensors (this call: {values}), and keeps '
+            f'the copies for the last {self.MAX_SIGNATURES}: each call with another value traces, copies and folds '
+            'the model again. Pass a value that changes from call to call (a temperature, a step) as a tensor, '
+            'which the trace reads as an input.')
 
     def computes_as_model(self, prepared, inputs, additional_forward_args):
         '''Whether ``prepared`` (a copy :py:meth:`get` returned for this call) gives the model's output on ``inputs``

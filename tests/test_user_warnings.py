@@ -1,0 +1,64 @@
+'''The package's warnings point at the user's call, through fuse(), Captum's usage-logging wrapper and the engines.'''
+import warnings
+
+import pytest
+import torch
+from zennit.composites import EpsilonPlusFlat
+
+from conftest import randomize_batch_norms
+from zennit_bnfuse import CompositeLRP, FusedLRP, fuse
+from zennit_bnfuse.user_warnings import warn_user
+
+
+class Untraceable(torch.nn.Module):
+    '''conv -> BatchNorm in a Sequential, behind control flow on a tensor.'''
+    def __init__(self):
+        super().__init__()
+        self.features = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.BatchNorm2d(3))
+
+    def forward(self, x):
+        if x.sum() > -1e9:  # control flow on a proxy: not traceable
+            x = x + 0.
+        return self.features(x).flatten(1)
+
+
+class Scaled(torch.nn.Module):
+    '''conv -> BatchNorm -> relu -> mean -> a product with a tensor argument (a functional op) -> linear.'''
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.linear = torch.nn.Conv2d(2, 3, 3), torch.nn.BatchNorm2d(3), torch.nn.Linear(3, 2)
+
+    def forward(self, x, scale):
+        return self.linear(torch.relu(self.bn(self.conv(x))).mean((2, 3)) * scale)
+
+
+def caught_warnings(call):
+    '''The zennit_bnfuse warnings ``call()`` gives.'''
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        call()
+    return [warning for warning in caught if str(warning.message).startswith('zennit_bnfuse')]
+
+
+def test_warn_user_points_at_its_caller_outside_the_package():
+    with pytest.warns(UserWarning, match='message') as caught:
+        warn_user('message')
+    assert caught[0].filename == __file__
+
+
+def test_fuse_warns_at_the_users_call():
+    '''The warning that the forward could not be traced pointed at fusion.py (find_fusable_pairs' caller).'''
+    model = randomize_batch_norms(Untraceable()).eval()
+    caught = caught_warnings(lambda: fuse(model))
+    assert [warning.filename for warning in caught] == [__file__] and 'could not trace' in str(caught[0].message)
+
+
+@pytest.mark.parametrize('explainer', [FusedLRP, lambda model: CompositeLRP(model, EpsilonPlusFlat())],
+                         ids=['fused', 'composite'])
+def test_explainers_warn_at_the_users_call(explainer):
+    '''The warning about a functional op passed by its gradient pointed at handling.py.'''
+    model = randomize_batch_norms(Scaled()).double().eval()
+    input = torch.rand(2, 2, 5, 5, dtype=torch.float64)
+    scale = torch.tensor(2., dtype=torch.float64)
+    caught = caught_warnings(lambda: explainer(model).attribute(input, target=0, additional_forward_args=(scale,)))
+    assert [warning.filename for warning in caught] == [__file__] and 'functional op(s)' in str(caught[0].message)
