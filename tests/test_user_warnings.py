@@ -6,20 +6,9 @@ import torch
 from zennit.composites import EpsilonPlusFlat
 
 from conftest import randomize_batch_norms
+from fusion_cases import untraceable_cases
 from zennit_bnfuse import CompositeLRP, FusedLRP, fuse
 from zennit_bnfuse.user_warnings import warn_user
-
-
-class Untraceable(torch.nn.Module):
-    '''conv -> BatchNorm in a Sequential, behind control flow on a tensor.'''
-    def __init__(self):
-        super().__init__()
-        self.features = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.BatchNorm2d(3))
-
-    def forward(self, x):
-        if x.sum() > -1e9:  # control flow on a proxy: not traceable
-            x = x + 0.
-        return self.features(x).flatten(1)
 
 
 class Scaled(torch.nn.Module):
@@ -48,7 +37,7 @@ def test_warn_user_points_at_its_caller_outside_the_package():
 
 def test_fuse_warns_at_the_users_call():
     '''The warning that the forward could not be traced pointed at fusion.py (find_fusable_pairs' caller).'''
-    model = randomize_batch_norms(Untraceable()).eval()
+    model, _, _ = untraceable_cases()['sequential-folds-right']
     caught = caught_warnings(lambda: fuse(model))
     assert [warning.filename for warning in caught] == [__file__] and 'could not trace' in str(caught[0].message)
 
