@@ -160,6 +160,9 @@ def test_functional_ops_become_modules(op, expected, residual):
     lambda x: F.max_pool2d(x, 2, return_indices=True)[0],  # the gradient hands each window's relevance to its max
     lambda x: torch.cat(x.chunk(3, 1)[::-1], 1).permute(0, 2, 3, 1)[..., :2].reshape(2, -1),
     lambda x: F.pad(x, (1, 1)).transpose(2, 3).contiguous().view(2, -1).unsqueeze(1),
+    # adding zero gives the tensor unchanged (timm's MobileOne blocks sum their branches from 0)
+    lambda x: (0 + x) + 0. - 0, lambda x: x.add(0).sub(0), lambda x: torch.add(x, 0) + torch.sub(x, 0),
+    lambda x: [x.add_(0), x][1],
 ])
 def test_ops_that_move_or_select_values_pass_by_their_gradient(op):
     assert ops_passed_by_gradient(rewritten(op)) == []
@@ -172,6 +175,8 @@ def test_ops_that_move_or_select_values_pass_by_their_gradient(op):
     (lambda x: 1 / x, 'truediv'),
     (lambda x: [view := x.flatten(1), torch.relu_(x), view][2], 'relu_'),  # a view taken before it is read after
     (lambda x: [x.add_(1.), x][1], 'Tensor.add'),  # x read by name after the write: out of place, adds a constant
+    (lambda x: 0 - x, 'sub'),  # a zero minus the tensor negates it
+    (lambda x: x + 1e-300, 'add'),  # any constant other than zero is a bias
     (lambda x: F.layer_norm(x, x.shape[1:]), 'layer_norm'),
 ])
 def test_ops_without_a_rule_are_reported(op, passed):

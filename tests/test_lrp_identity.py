@@ -11,8 +11,10 @@ relevance ``R = z * dOutput/dz`` that is ``input * dOutput/dinput``, and positiv
 Models are built with weights=None and random BatchNorm statistics, at the smallest input they take. The big ones are
 marked ``slow`` (run them with ``--run-slow``).
 '''
+import ast
 import functools
 import itertools
+import pathlib
 
 import pytest
 import torch
@@ -24,7 +26,7 @@ TOLERANCE = 1e-9
 
 # (source, name, input size, slow); the zoo's models (benchmarks/zoo.py) whose activations are positively
 # homogeneous, shufflenet (it pools with x.mean([2, 3])) and timm families with ReLU or LeakyReLU (resnetblur18
-# blurs with a functional conv on a filter it holds)
+# blurs with a functional conv on a filter it holds; regnetx_002 is RegNetY without its gates)
 MODELS = [
     ('torchvision', 'resnet18', 32, False), ('torchvision', 'densenet121', 32, False),
     ('torchvision', 'shufflenet_v2_x0_5', 32, False), ('torchvision', 'mnasnet1_0', 32, False),
@@ -34,7 +36,9 @@ MODELS = [
     ('timm', 'resnet26d', 32, False), ('timm', 'dla34', 32, False), ('timm', 'regnetx_002', 32, False),
     ('timm', 'vovnet39a', 32, False), ('timm', 'cspresnet50', 32, False), ('timm', 'resnetblur18', 32, False),
     ('timm', 'densenet121', 32, True), ('timm', 'dpn68', 32, True), ('timm', 'res2net50_14w_8s', 32, True),
-    ('timm', 'repvgg_a0', 32, True),
+    ('timm', 'repvgg_a0', 32, True), ('timm', 'resnet18', 32, False), ('timm', 'resnetv2_50', 32, True),
+    ('timm', 'hrnet_w18_small', 32, False), ('timm', 'xception41', 32, True), ('timm', 'selecsls42b', 32, False),
+    ('timm', 'mobileone_s0', 32, True), ('timm', 'mobilenetv4_conv_small', 32, False),
 ]
 # the zoo's models left out, and why (besides, their squeeze-and-excitation gates give the gated signal all the
 # relevance, where gradient x input credits the gate's branch too)
@@ -43,6 +47,28 @@ EXCLUDED = {
     'mobilenet_v3_small': (torch.nn.Hardswish, 'Hardswish is not positively homogeneous'),
     'efficientnet_b0': (torch.nn.SiLU, 'SiLU is not positively homogeneous'),
     'efficientnet_v2_s': (torch.nn.SiLU, 'SiLU is not positively homogeneous'),
+}
+# the same for timm's models in the zoo, by the class name of a module that breaks the identity
+SQUEEZE_EXCITATION = 'a squeeze-and-excitation gate'
+EXCLUDED_TIMM = {
+    'seresnext26d_32x4d': ('SEModule', SQUEEZE_EXCITATION), 'regnety_002': ('SEModule', SQUEEZE_EXCITATION),
+    'ghostnet_050': ('SqueezeExcite', SQUEEZE_EXCITATION), 'repghostnet_050': ('SqueezeExcite', SQUEEZE_EXCITATION),
+    'ese_vovnet19b_dw': ('EffectiveSEModule', SQUEEZE_EXCITATION),
+    'resnest14d': ('RadixSoftmax', 'split attention weighs its branches by a softmax'),
+    'skresnet18': ('SelectiveKernelAttn', 'selective kernels weigh their branches by a softmax'),
+    'efficientnet_b0': ('SiLU', 'SiLU is not positively homogeneous'),
+    'tf_efficientnet_b0': ('SiLU', 'SiLU is not positively homogeneous'),
+    'efficientnet_cc_b0_4e': ('SiLU', 'SiLU is not positively homogeneous'),
+    'efficientnetv2_rw_t': ('SiLU', 'SiLU is not positively homogeneous'),
+    'mixnet_s': ('SiLU', 'SiLU is not positively homogeneous'),
+    'tf_mixnet_s': ('SiLU', 'SiLU is not positively homogeneous'),
+    'cs3darknet_focus_s': ('SiLU', 'SiLU is not positively homogeneous'),
+    'rexnet_100': ('SiLU', 'SiLU is not positively homogeneous'),
+    'mobilevit_xxs': ('SiLU', 'SiLU is not positively homogeneous'),
+    'mobilenetv3_large_100': ('Hardswish', 'Hardswish is not positively homogeneous'),
+    'lcnet_050': ('Hardswish', 'Hardswish is not positively homogeneous'),
+    'hgnetv2_b0': ('LearnableAffineBlock', 'a learned bias added by a functional op, which passes relevance by its '
+                   'gradient (with a warning); the identity holds at initialisation only, where the bias is zero'),
 }
 HANDLINGS = ['fused', 'unfused']
 ENGINES = ['FusedLRP', 'CompositeLRP']
@@ -93,3 +119,21 @@ def test_excluded_models_have_the_layers_that_break_the_identity(name):
     layer_type, reason = EXCLUDED[name]
     model = getattr(torchvision.models, name)(weights=None)
     assert any(isinstance(module, layer_type) for module in model.modules()), reason
+
+
+@pytest.mark.parametrize('name', EXCLUDED_TIMM)
+def test_excluded_timm_models_have_the_layers_that_break_the_identity(name):
+    timm = pytest.importorskip('timm', reason='timm models need timm (the test extra)')
+    type_name, reason = EXCLUDED_TIMM[name]
+    model = timm.create_model(name, pretrained=False)
+    assert type_name in {type(module).__name__ for module in model.modules()}, reason
+
+
+def test_every_zoo_model_is_checked_or_excluded_with_a_reason():
+    '''benchmarks/zoo.py's models: each is in MODELS or excluded with the layer that breaks the identity.'''
+    text = (pathlib.Path(__file__).parents[1] / 'benchmarks' / 'zoo.py').read_text()
+    zoo = {target.id: ast.literal_eval(node.value) for node in ast.parse(text).body if isinstance(node, ast.Assign)
+           for target in node.targets if getattr(target, 'id', None) in ('TORCHVISION_MODELS', 'TIMM_MODELS')}
+    checked = {(source, name) for source, name, _, _ in MODELS}
+    assert {name for name in zoo['TORCHVISION_MODELS'] if ('torchvision', name) not in checked} == set(EXCLUDED)
+    assert {name for name in zoo['TIMM_MODELS'] if ('timm', name) not in checked} == set(EXCLUDED_TIMM)

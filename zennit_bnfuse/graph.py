@@ -220,6 +220,10 @@ EXACT_FUNCTIONS = {
 }
 EXACT_METHODS = {*RESHAPE_METHODS, 'unflatten', 'repeat', 'chunk', 'split', 'narrow', 'flip', 'roll', 'clone', 'to',
                  'type', 'type_as', 'float', 'double', 'half', 'bfloat16', 'cpu', 'cuda'}
+# sums that give a tensor unchanged where the other operand is the number 0 (timm's MobileOne blocks start their sum
+# of branches at ``0``): their gradient hands the tensor its relevance; the tensor must come first for a difference
+SUMS_WITH_ZERO = {operator.add, operator.iadd, torch.add, 'add', 'add_'}
+DIFFERENCES_WITH_ZERO = {operator.sub, operator.isub, torch.sub, 'sub', 'sub_'}
 
 
 class LRPTracer(LeafTracer):
@@ -400,7 +404,18 @@ def ops_passed_by_gradient(graph_module):
             not receiving.isdisjoint(memory_group(tensor, module_of)) for tensor in written)]
     return [node for node in graph.nodes
             if node.op in ('call_function', 'call_method') and node in receiving and node in signals
-            and op_key(node) not in EXACT_FUNCTIONS | EXACT_METHODS]
+            and op_key(node) not in EXACT_FUNCTIONS | EXACT_METHODS and not adds_zero(node)]
+
+
+def adds_zero(node):
+    '''Whether ``node`` adds the number 0 to a tensor, or subtracts it from one (``x + 0``, ``0 + x``, ``x - 0``,
+    ``x.add_(0)``), which gives the tensor unchanged.'''
+    key = op_key(node)
+    if key not in SUMS_WITH_ZERO | DIFFERENCES_WITH_ZERO or node.kwargs or len(node.args) != 2:
+        return False
+    numbers = [arg for arg in node.args if type(arg) in (int, float) and arg == 0]
+    tensors = [arg for arg in node.args if isinstance(arg, torch.fx.Node)]
+    return len(numbers) == len(tensors) == 1 and (key in SUMS_WITH_ZERO or node.args[0] is tensors[0])
 
 
 class GraphRewrite:
