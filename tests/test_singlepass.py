@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from zennit.attribution import Gradient
-from zennit.composites import EpsilonAlpha2Beta1Flat, EpsilonGammaBox, EpsilonPlusFlat, LayerMapComposite
+from zennit.composites import EpsilonAlpha2Beta1Flat, EpsilonGammaBox, EpsilonPlus, EpsilonPlusFlat, LayerMapComposite
 from zennit.core import BasicHook, Composite, ParamMod, Stabilizer
 from zennit.layer import Sum
 from zennit.rules import (
@@ -1065,3 +1065,29 @@ def test_a_submodule_called_outside_the_models_forward_reads_signs_from_the_data
             output.backward(torch.ones_like(output))
             results.append(hidden.grad)
     assert results[0].abs().sum() > 0 and torch.equal(*results)
+
+
+class TransposedBatchNorm(torch.nn.Module):
+    '''A BatchNorm left unfolded (it reads a channel slice of a conv) whose output is transposed and reshaped before
+    the next conv, as in timm's LambdaLayer; batch 1.'''
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = torch.nn.Conv2d(3, 12, 3, padding=1), torch.nn.BatchNorm2d(8)
+        self.conv2, self.linear = torch.nn.Conv2d(8, 4, 3, padding=1), torch.nn.Linear(4 * 64, 4)
+
+    def forward(self, x):
+        hidden = self.bn(self.conv(x)[:, 4:])
+        hidden = hidden.reshape(1, 8, 64).transpose(1, 2).reshape(1, 8, 8, 8)
+        return self.linear(self.conv2(hidden).flatten(1))
+
+
+def test_a_gradient_with_other_strides_than_the_output_equals_zennit():
+    '''The gradient handed back through the transpose reaches the BatchNorm with strides (8, 1, 64, 8), for which
+    torch's CPU BatchNorm backward returns a wrong gradient: the single pass was 1.37 off Zennit's hooks (timm's
+    lambda_resnet26t: 0.65), without a warning.'''
+    torch.manual_seed(0)
+    model = randomize_batch_norms(TransposedBatchNorm()).double().eval()
+    input = torch.rand(1, 3, 8, 8, dtype=torch.float64)
+    single = CompositeLRP(model, EpsilonPlus()).attribute(input, target=0)
+    hooks = CompositeLRP(model, EpsilonPlus(), engine='zennit').attribute(input, target=0)
+    torch.testing.assert_close(single, hooks, rtol=1e-12, atol=1e-15)

@@ -809,6 +809,11 @@ class SinglePassHook(Hook):
                 output = module.forward(input)
 
         def reused(grad_output, output, input):
+            # a gradient handed back through a transpose and reshape may come with strides the output does not
+            # have, and torch's CPU BatchNorm backward returns a wrong input gradient for some of them (batch 1,
+            # strides (8, 1, 64, 8) for shape (1, 8, 8, 8), torch 2.14): give it the output's layout
+            if output.is_contiguous() and not grad_output.is_contiguous():
+                grad_output = grad_output.contiguous()
             if normalize is None:
                 normalised = rule.gradient_mapper(grad_output, [output])
             else:
