@@ -53,7 +53,8 @@ from .graph import carry_forward_hooks
 from .graph_layers import scale_passing_relevance
 from .signs import own_hooks
 from .singlepass import (
-    Fallback, RelevanceNode, convolution_input_gradient, is_plain_convolution, stabilized, sum_relevance,
+    Fallback, RelevanceNode, convolution_input_gradient, in_output_layout, is_plain_convolution, stabilized,
+    sum_relevance,
 )
 
 # Captum's rules whose output and input hooks this module computes itself (the stabiliser in three passes)
@@ -397,7 +398,7 @@ class RuleHooks:
             inputs = [input.requires_grad_() for input in inputs]
             with torch.enable_grad():
                 output = changed(*inputs)
-            normalised = self.output_hook(output.detach())(grad_output)
+            normalised = self.output_hook(output.detach())(in_output_layout(grad_output, output))
             return torch.autograd.grad(output, inputs, grad_outputs=normalised, allow_unused=True)
         return gradient
 

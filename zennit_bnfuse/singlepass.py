@@ -809,11 +809,7 @@ class SinglePassHook(Hook):
                 output = module.forward(input)
 
         def reused(grad_output, output, input):
-            # a gradient handed back through a transpose and reshape may come with strides the output does not
-            # have, and torch's CPU BatchNorm backward returns a wrong input gradient for some of them (batch 1,
-            # strides (8, 1, 64, 8) for shape (1, 8, 8, 8), torch 2.14): give it the output's layout
-            if output.is_contiguous() and not grad_output.is_contiguous():
-                grad_output = grad_output.contiguous()
+            grad_output = in_output_layout(grad_output, output)
             if normalize is None:
                 normalised = rule.gradient_mapper(grad_output, [output])
             else:
@@ -831,6 +827,15 @@ class SinglePassHook(Hook):
         return (isinstance(rule, BasicHook) and len(rule.input_modifiers) == 1
                 and has_identity_params(rule.param_modifiers[0], module)
                 and all_identity((*rule.input_modifiers, *rule.output_modifiers), input))
+
+
+def in_output_layout(grad_output, output):
+    '''``grad_output`` made contiguous where ``output`` is and it is not. A gradient handed back through a transpose
+    and reshape may come with strides the output does not have, and torch's CPU BatchNorm backward returns a wrong
+    input gradient for some of them (batch 1, strides (8, 1, 64, 8) for shape (1, 8, 8, 8), torch 2.14).'''
+    if output.is_contiguous() and not grad_output.is_contiguous():
+        return grad_output.contiguous()
+    return grad_output
 
 
 HOOK_METHODS = ('pre_forward', 'post_forward', 'forward', 'pre_backward', 'backward')
