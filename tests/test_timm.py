@@ -4,7 +4,7 @@ import re
 import pytest
 import torch
 
-from conftest import randomize_batch_norms
+from conftest import epsilon_explainer, randomize_batch_norms
 from fusion_cases import Lambda, prepared, with_scales
 from zennit_bnfuse import CompositeLRP, FuseBatchNorm, FusedLRP, find_fusable_pairs, fuse
 from zennit_bnfuse.fold import is_batch_norm
@@ -436,3 +436,37 @@ def test_a_rule_for_a_folded_norm_act_layer_is_refused():
     with pytest.raises(ValueError, match=r"^rules names '1', which is folded into `0`: it has no layer of its own"):
         FusedLRP(model, rules={'1': GammaRule()}).attribute(input, target=0)
     assert FusedLRP(model, rules={'1.act': None}).attribute(input, target=0).shape == input.shape
+
+
+class WithConvMlp(torch.nn.Module):
+    '''conv -> BatchNorm -> relu -> timm's ConvMlp (a block timm marks untraceable: it pools inputs smaller than its
+    kernel) -> mean -> linear.'''
+    def __init__(self):
+        super().__init__()
+        from timm.models.vgg import ConvMlp
+        self.conv, self.bn = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4)
+        self.mlp = ConvMlp(4, 6, kernel_size=3, drop_rate=0.)
+        self.linear = torch.nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.linear(self.mlp(torch.relu(self.bn(self.conv(x)))).mean((2, 3)))
+
+
+@pytest.mark.parametrize('engine', ['FusedLRP', 'CompositeLRP'])
+def test_a_block_timm_marks_untraceable_is_kept_whole_in_the_lrp_graph(engine):
+    '''The LRP graph's tracer did not keep timm's untraceable blocks whole (fuse()'s did): the whole model ran
+    untraced, the mean passed relevance by its gradient and the BatchNorm stayed unfolded (timm's vgg11_bn,
+    efficientvit_m0, where FusedLRP returned NaN). Kept whole, with a warning that names it, its layers get their
+    rules: LRP-epsilon with a negligible epsilon equals gradient x input.'''
+    torch.manual_seed(0)
+    model = randomize_batch_norms(WithConvMlp()).double().eval()
+    input = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    lrp = epsilon_explainer(engine, model, 'fused')
+    with pytest.warns(UserWarning, match=r'1 call\(s\) of what timm marks as untraceable are kept whole \(first: '
+                      r'`mlp` \(ConvMlp\)\)') as caught:
+        relevance = lrp.attribute(input, target=1)
+    assert not [warning for warning in caught if 'could not trace' in str(warning.message)]
+    assert [entry.bn for entry in lrp.prepared.report.fused] == ['bn']
+    leaf = input.clone().requires_grad_()
+    gradient, = torch.autograd.grad(model(leaf)[:, 1].sum(), leaf)
+    torch.testing.assert_close(relevance, gradient * input, rtol=1e-9, atol=1e-12)

@@ -49,7 +49,7 @@ from captum.attr._utils.custom_modules import Addition_Module
 from captum.attr._utils.lrp_rules import Alpha1_Beta0_Rule, EpsilonRule, GammaRule, IdentityRule, PropagationRule
 
 from .aliasing import reads_metadata
-from .graph import carry_forward_hooks
+from .graph import LRPTracer, carry_forward_hooks
 from .graph_layers import scale_passing_relevance
 from .signs import own_hooks
 from .singlepass import (
@@ -86,12 +86,22 @@ SCALING_FUNCTIONS = {operator.mul, operator.imul, operator.truediv, operator.itr
 
 def called_layers(model):
     '''The layers Captum's LRP puts rules on, by name: for a GraphModule, the modules its forward calls (in the order
-    of their first call), else every leaf module.'''
-    if isinstance(model, torch.fx.GraphModule):
-        modules = dict(model.named_modules())
-        names = dict.fromkeys(node.target for node in model.graph.nodes if node.op == 'call_module')
-        return [(name, modules[name]) for name in names]
-    return [(name, module) for name, module in model.named_modules() if not list(module.children())]
+    of their first call; for a block timm marks untraceable, which the trace keeps whole, its leaf modules), else
+    every leaf module.'''
+    if not isinstance(model, torch.fx.GraphModule):
+        return leaf_modules(model)
+    tracer, layers = LRPTracer(), {}
+    for node in model.graph.nodes:
+        if node.op == 'call_module' and node.target not in layers:
+            module = model.get_submodule(node.target)
+            layers.update(leaf_modules(module, node.target) if tracer.kept_whole(module) else [(node.target, module)])
+    return list(layers.items())
+
+
+def leaf_modules(module, prefix=''):
+    '''``(name, module)`` for every module in ``module`` without children, named as in the model whose submodule
+    ``prefix`` it is.'''
+    return [(name, child) for name, child in module.named_modules(prefix=prefix) if not list(child.children())]
 
 
 def own_methods(rule, names):

@@ -232,10 +232,8 @@ class LRPTracer(LeafTracer):
     operator the base records (:py:class:`~zennit_bnfuse.pairs.InPlaceProxy`): every tensor sharing ``x``'s memory
     sees the write, in the model and in the graph module. On anything else (an int from a shape, a number argument)
     it becomes the out-of-place operator again, as generated code would rebind the operand's name.'''
-    def is_leaf_module(self, module, module_qualified_name):
-        if isinstance(module, (Sum, Addition_Module)) or is_norm_act(module):
-            return True
-        return super().is_leaf_module(module, module_qualified_name)
+    def is_layer_leaf(self, module):
+        return isinstance(module, (Sum, Addition_Module)) or is_norm_act(module) or super().is_layer_leaf(module)
 
     def trace(self, root, concrete_args=None):
         graph = super().trace(root, concrete_args)
@@ -685,8 +683,9 @@ def lrp_graph(model, residual='captum', concrete_args=None):
     '''
     if residual not in RESIDUALS:
         raise ValueError(f'residual must be one of {", ".join(map(repr, RESIDUALS))}, not {residual!r}')
+    tracer = LRPTracer()
     try:
-        graph = trace_for_call(LRPTracer(), model, concrete_args)
+        graph = trace_for_call(tracer, model, concrete_args)
     except Exception as error:  # fx raises many kinds of errors for untraceable code
         warn_user(
             f'zennit_bnfuse: could not trace the forward of {type(model).__name__} ({type(error).__name__}: {error}); '
@@ -723,4 +722,23 @@ def lrp_graph(model, residual='captum', concrete_args=None):
             f'functional op(s) by their plain gradient, which no LRP rule governs: {counts} (first: '
             f'{passed[0].name}). Write them as modules and give those a rule, or make sure their gradient is the '
             'relevance you mean.')
+    whole = kept_whole(result, tracer)
+    if whole:
+        warn_user(
+            f'zennit_bnfuse: in the forward of {type(model).__name__}, {len(whole)} call(s) of what timm marks as '
+            f'untraceable are kept whole (first: {whole[0]}): the layers inside them get their rules, but functional '
+            'ops inside them (pooling, sums, products) pass relevance by their plain gradient, and no BatchNorm '
+            'inside them is folded.')
     return result, rewrite.copies
+
+
+def kept_whole(graph_module, tracer):
+    '''The calls of ``graph_module`` (a forward traced by ``tracer``, a :py:class:`~zennit_bnfuse.pairs.LeafTracer`)
+    of modules and functions that timm marks as untraceable, which the graph keeps whole, in words.'''
+    found = []
+    for node in graph_module.graph.nodes:
+        if node.op == 'call_module' and tracer.kept_whole(graph_module.get_submodule(node.target)):
+            found.append(f'`{node.target}` ({type(graph_module.get_submodule(node.target)).__name__})')
+        elif node.op == 'call_function' and any(node.target is function for function in tracer.notrace_functions):
+            found.append(f'`{op_name(node)}`')
+    return found

@@ -86,12 +86,16 @@ for _name in ('iadd', 'isub', 'imul', 'itruediv', 'ifloordiv', 'imod', 'ipow', '
 class LeafTracer(torch.fx.Tracer):
     """fx tracer that keeps every BatchNorm (torchvision's FrozenBatchNorm2d and timm's norm-act layers included),
     every Linear/Conv layer and its subclasses (and layers timm builds in their place), every other normalisation layer
-    (:py:func:`other_norm_types`), the modules of this package, timm's 'same'-padded pooling and, if given, every child
-    of ``leaf_parent`` as one ``call_module`` node; augmented assignments are recorded as in-place operators
+    (:py:func:`other_norm_types`), the modules of this package, timm's 'same'-padded pooling, the modules timm marks
+    as untraceable and, if given, every child of ``leaf_parent`` as one ``call_module`` node, and the functions timm
+    marks as untraceable as one ``call_function`` node; augmented assignments are recorded as in-place operators
     (:py:class:`InPlaceProxy`)."""
-    def __init__(self, leaf_parent=None, **kwargs):
-        super().__init__(**kwargs)
+    def __init__(self, leaf_parent=None):
+        extension = timm_layers()
+        self.notrace_functions = () if extension is None else extension.notrace_functions()
+        super().__init__(autowrap_functions=self.notrace_functions)
         self.leaf_parent = leaf_parent
+        self.notrace_modules = () if extension is None else extension.notrace_modules()
 
     def proxy(self, node):
         return InPlaceProxy(node, self)
@@ -107,13 +111,22 @@ class LeafTracer(torch.fx.Tracer):
     def is_leaf_module(self, module, module_qualified_name):
         if self.leaf_parent is not None:
             return any(module is child for child in self.leaf_parent.children())
-        if (is_batch_norm(module) or isinstance(module, (ThresholdReLU, *other_norm_types()))
-                or is_layer_like(module)):
-            return True
-        extension = timm_layers()
-        if extension is not None and type(module) in extension.SCALE_COMMUTING_MODULES:
+        if self.is_layer_leaf(module) or type(module) in self.notrace_modules:
             return True
         return super().is_leaf_module(module, module_qualified_name)
+
+    def is_layer_leaf(self, module):
+        '''Whether ``module`` is kept as one node because the analyses see it as one layer (a BatchNorm, a conv or
+        linear layer, another normalisation, ...), whether or not timm marks it untraceable.'''
+        if is_batch_norm(module) or isinstance(module, (ThresholdReLU, *other_norm_types())) or is_layer_like(module):
+            return True
+        extension = timm_layers()
+        return extension is not None and type(module) in extension.SCALE_COMMUTING_MODULES
+
+    def kept_whole(self, module):
+        '''Whether ``module`` is kept as one node only because timm marks it untraceable: a block whose insides the
+        graph does not show.'''
+        return self.leaf_parent is None and type(module) in self.notrace_modules and not self.is_layer_leaf(module)
 
 
 @contextmanager
@@ -198,16 +211,8 @@ class PairTracer(LeafTracer):
     whole, and augmented assignments are recorded as the in-place operators they are (:py:class:`InPlaceProxy`).
     The graph is for analysis only: running it would apply ``drop`` and ``act`` twice."""
     def __init__(self, leaf_parent=None):
-        extension = timm_layers()
-        functions = () if extension is None else extension.notrace_functions()
-        super().__init__(leaf_parent, autowrap_functions=functions)
-        self.notrace_modules = () if extension is None else extension.notrace_modules()
+        super().__init__(leaf_parent)
         self.hooked_calls = []  # a HookedCall per call of a module with hooks, leaf or traced through
-
-    def is_leaf_module(self, module, module_qualified_name):
-        if self.leaf_parent is None and type(module) in self.notrace_modules:
-            return True
-        return super().is_leaf_module(module, module_qualified_name)
 
     def call_module(self, module, forward, args, kwargs):
         output = super().call_module(module, forward, args, kwargs)
