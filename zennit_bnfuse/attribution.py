@@ -29,9 +29,7 @@ from zennit.types import Activation
 
 from .canonizers import FuseBatchNorm
 from .captum_singlepass import CaptumSinglePass, called_layers
-from .checks import (
-    check_additional_arguments, check_composite, check_inputs, check_model, checked_forward, plain_target,
-)
+from .checks import check_composite, check_inputs, check_model, checked_forward, plain_target
 from .fold import BATCH_NORM_TYPES, is_batch_norm, timm_layers
 from .layers import ThresholdReLU
 from .graph_layers import SumReduction
@@ -423,9 +421,7 @@ class FusedLRP(LRP):
         target = plain_target(target)
         input_tuple = _format_tensor_into_tuples(inputs)
         prepared = self._prepared_model(len(input_tuple), additional_forward_args)
-        check_additional_arguments(prepared, self.model, len(input_tuple), additional_forward_args, 'FusedLRP',
-                                   functools.partial(self.prepared.computes_as_model, prepared, input_tuple,
-                                                     additional_forward_args))
+        self.prepared.check_arguments(prepared, input_tuple, additional_forward_args)
         if len(input_tuple[0]) == 0:
             relevance, output = empty_batch_attribution(prepared, input_tuple, target, additional_forward_args)
             relevance = _format_output(_is_tuple(inputs), relevance)
@@ -625,9 +621,7 @@ class CompositeLRP(GradientAttribution):
         is_tuple = _is_tuple(inputs)
         inputs = tuple(input.detach().requires_grad_(True) for input in _format_tensor_into_tuples(inputs))
         prepared = self.prepared.get(len(inputs), additional_forward_args)
-        check_additional_arguments(prepared, self.model, len(inputs), additional_forward_args, 'CompositeLRP',
-                                   functools.partial(self.prepared.computes_as_model, prepared, inputs,
-                                                     additional_forward_args))
+        self.prepared.check_arguments(prepared, inputs, additional_forward_args)
         if len(inputs[0]) == 0:
             relevance, output = empty_batch_attribution(prepared, inputs, target, additional_forward_args)
         else:

@@ -10,7 +10,7 @@ from zennit.core import Composite
 
 from .layers import FoldedInputError
 from .registration import module_hooks
-from .specialization import as_argument_tuple, call_arguments, placeholder_parameters
+from .specialization import FixedTuple, as_argument_tuple, call_arguments, concrete_arguments, placeholder_parameters
 
 
 def check_model(model, caller):
@@ -377,7 +377,8 @@ def agreeing(agrees):
         return False
 
 
-def check_additional_arguments(prepared, model, num_inputs, additional_forward_args, caller, agrees=None):
+def check_additional_arguments(prepared, model, num_inputs, additional_forward_args, caller, agrees=None,
+                               agrees_once=None):
     '''Raise where the traced forward of ``prepared`` (a GraphModule; other models run their own forward) cannot
     compute what ``model`` computes with ``additional_forward_args``: torch.fx traced the tensors among them as
     tensor-like proxies (the arguments that are not tensors as their values, see
@@ -400,16 +401,21 @@ def check_additional_arguments(prepared, model, num_inputs, additional_forward_a
     agrees: callable, optional
         ``agrees() -> bool``: whether ``prepared`` gives ``model``'s output on this call (see
         :py:meth:`~zennit_bnfuse.prepared.PreparedModel.computes_as_model`); where it does, the traced forward
-        leaving a tensor argument unread is right (the call's other values leave it out). Without it, or where it
-        raises, every such argument is refused.
+        leaving a tensor argument unread is right (the call's other values leave it out), and so is an argument
+        traced as a proxy although it is not a tensor (a list, a dict, an object, a tuple holding a tensor). Without
+        it, or where it raises, every such argument is refused.
+    agrees_once: callable, optional
+        As ``agrees``, asked where an argument is a tuple the trace took as a value (a
+        :py:class:`~zennit_bnfuse.specialization.FixedTuple`, which a check of its exact type tells from a tuple):
+        the branches it takes are those of the call signature, so the answer may be kept per prepared copy.
 
     Raises
     ------
     ValueError
-        If a tensor is given (or is the default) for an argument the traced forward never reads, and the prepared
-        copy does not give the model's output on this call; None for one it computes with (an argument traced as a
-        proxy); or arguments for a ``*args`` that keyword-only parameters follow (the traced forward takes those by
-        position).
+        If a tensor is given (or is the default) for an argument the traced forward never reads, an argument that is
+        not a tensor is traced as a proxy, or a tuple as a FixedTuple, and the prepared copy does not give the
+        model's output on this call; None for one it computes with (an argument traced as a proxy); or arguments for
+        a ``*args`` that keyword-only parameters follow (the traced forward takes those by position).
     '''
     if not isinstance(prepared, torch.fx.GraphModule):
         return
@@ -426,12 +432,25 @@ def check_additional_arguments(prepared, model, num_inputs, additional_forward_a
             f'given for `*{variable.name}` would fill them instead. Wrap the model in a module whose forward names '
             'its arguments.')
     values = call_arguments(model, num_inputs, additional_forward_args)
+    concrete = concrete_arguments(model, num_inputs, additional_forward_args)
     placeholders = [node for node in prepared.graph.nodes if node.op == 'placeholder']
     agreed = functools.cache(lambda: agreeing(agrees))  # asked at most once per call: it runs the model
     for parameter, node in list(zip(parameters, placeholders))[num_inputs:]:
         if parameter.name not in values:
             continue  # *args, **kwargs, or not given without a default: the forward raises for that itself
         value, name = values[parameter.name], parameter.name
+        if isinstance(concrete.get(name), FixedTuple) and not agreeing(agrees_once):
+            raise ValueError(
+                f'{caller}: the traced forward of {type(model).__name__} does not give the model\'s output for its '
+                f'argument `{name}`={value!r}: torch.fx traced the tuple as a value of a tuple subclass, so a check '
+                f'such as `type({name}) is tuple` took another branch. Check `isinstance({name}, tuple)` instead.')
+        if name not in concrete and not isinstance(value, torch.Tensor) and not agreed():
+            raise ValueError(
+                f'{caller}: torch.fx traced the argument `{name}` of {type(model).__name__} ({type(value).__name__}) '
+                'as a tensor-like proxy (None, bools, numbers, strings, enum members, dtypes, devices and tuples of '
+                'these are traced as values), and the prepared copy does not give the model\'s output on this '
+                f'call: the forward checks `{name}` in a way the proxy answers otherwise (its type, `is None`, the '
+                'type of an item). Pass tensors and such values, or set it as an attribute of the model.')
         if isinstance(value, torch.Tensor) and not node.users and not agreed():
             raise ValueError(
                 f'{caller}: the traced forward of {type(model).__name__} does not read its argument `{name}`, for '

@@ -685,7 +685,7 @@ def lrp_graph(model, residual='captum', concrete_args=None):
         raise ValueError(f'residual must be one of {", ".join(map(repr, RESIDUALS))}, not {residual!r}')
     tracer = LRPTracer()
     try:
-        graph = trace_for_call(tracer, model, concrete_args)
+        graph = trace_for_call(tracer, model, concrete_args, refuse_draws=True)
     except Exception as error:  # fx raises many kinds of errors for untraceable code
         warn_user(
             f'zennit_bnfuse: could not trace the forward of {type(model).__name__} ({type(error).__name__}: {error}); '

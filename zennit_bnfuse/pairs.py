@@ -6,6 +6,7 @@ only modules that are neighbours inside a Sequential are paired, and only folded
 '''
 import copy
 import operator
+import warnings
 from collections import Counter
 from contextlib import contextmanager
 from typing import NamedTuple
@@ -371,7 +372,12 @@ def find_fusable_pairs(model, example_inputs=None, concrete_args=None):
         arguments = () if example_inputs is None else as_input_tuple(example_inputs)
         defaults = concrete_arguments(model, 0 if arguments else 1, arguments)
         if defaults:
-            keep_common_folds(report, find_fusable_pairs(model, concrete_args=defaults), defaults)
+            with warnings.catch_warnings():
+                warnings.filterwarnings('ignore', message='zennit_bnfuse: could not trace')
+                other = find_fusable_pairs(model, concrete_args=defaults)
+            # where the forward with its defaults does not trace, example_inputs (which take them) prove folds
+            if other.traced or example_inputs is None:
+                keep_common_folds(report, other, defaults)
     if example_inputs is not None:
         check_folds(model, report, example_inputs)
     elif not report.traced:
@@ -399,10 +405,15 @@ def keep_common_folds(report, other, values):
         The ``concrete_args`` ``other`` was traced with, for the reason.
     '''
     described = ', '.join(f'{name}={value!r}' for name, value in values.items())
-    unfused = [UnfusedBatchNorm(entry.bn, (
+    reason = (
         f'the forward decides its fold otherwise where it runs with {described} than with every argument a tensor, '
-        'so no fold is exact on both paths (FusedLRP and CompositeLRP trace each call with its own values; for '
-        'fuse(), pass concrete_args for the calls you make)')) for entry in report.fused if entry not in other.fused]
+        'so no fold is exact on both paths' if other.traced else
+        f'the forward could not be traced where it runs with {described} ({other.trace_error}), so no fold found '
+        'with every argument a tensor is proven where they are left out (pass example_inputs to check the folds on '
+        'them)')
+    unfused = [UnfusedBatchNorm(entry.bn, (
+        f'{reason} (FusedLRP and CompositeLRP trace each call with its own values; for fuse(), pass concrete_args '
+        'for the calls you make)')) for entry in report.fused if entry not in other.fused]
     report.fused = [entry for entry in report.fused if entry in other.fused]
     report.unfused.extend(unfused)
     report.standardized = [name for name in report.standardized if name in other.standardized]

@@ -1,9 +1,11 @@
 '''Cached LRP-ready copies of a user's model, one per call signature, rebuilt only when the model changes.'''
+import functools
+import weakref
 from collections import OrderedDict
 
 import torch
 
-from .checks import refuse_global_hooks, refuse_zennit_hooks
+from .checks import check_additional_arguments, refuse_global_hooks, refuse_zennit_hooks
 from .handling import bn_handling
 from .pairs import tracing_copy
 from .specialization import as_argument_tuple, concrete_arguments, signature_key
@@ -136,6 +138,7 @@ class PreparedModel:
         self._built = OrderedDict()  # signature key -> (prepared, copies, report), the one used last at the end
         self._fingerprint = None
         self._warned_signatures = False
+        self._agreed = weakref.WeakKeyDictionary()  # prepared copy -> whether it gave the model's output, asked once
 
     def get(self, num_inputs=1, additional_forward_args=None):
         '''The prepared model for a call with ``num_inputs`` inputs and ``additional_forward_args`` (as in Captum's
@@ -173,6 +176,24 @@ class PreparedModel:
             f'the copies for the last {self.MAX_SIGNATURES}: each call with another value traces, copies and folds '
             'the model again. Pass a value that changes from call to call (a temperature, a step) as a tensor, '
             'which the trace reads as an input.')
+
+    def check_arguments(self, prepared, inputs, additional_forward_args):
+        ''':py:func:`~zennit_bnfuse.checks.check_additional_arguments` for a call of ``prepared`` (a copy
+        :py:meth:`get` returned) with ``inputs`` and ``additional_forward_args``, answering with
+        :py:meth:`computes_as_model`, once per copy where the answer holds for the call signature.
+
+        Raises
+        ------
+        ValueError
+            See :py:func:`~zennit_bnfuse.checks.check_additional_arguments`.
+        '''
+        def agrees_once():
+            if prepared not in self._agreed:
+                self._agreed[prepared] = self.computes_as_model(prepared, inputs, additional_forward_args)
+            return self._agreed[prepared]
+        check_additional_arguments(
+            prepared, self.model, len(inputs), additional_forward_args, self.caller,
+            functools.partial(self.computes_as_model, prepared, inputs, additional_forward_args), agrees_once)
 
     def computes_as_model(self, prepared, inputs, additional_forward_args):
         '''Whether ``prepared`` (a copy :py:meth:`get` returned for this call) gives the model's output on ``inputs``

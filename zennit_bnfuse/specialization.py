@@ -3,10 +3,13 @@
 torch.fx traces every argument of a forward as a tensor-like proxy, so a forward that checks an argument
 (``if mask is not None``, ``if flag``) or computes with a number (``x * scale``) is traced for one branch and with the
 number as an input. :py:class:`~zennit_bnfuse.prepared.PreparedModel` traces the forward once per *call signature*
-instead: every argument after the inputs that is not a tensor (None, a bool, a number or a NumPy scalar, a string, a
-dtype or device, or a tuple or list of these, such as a size) is given to the trace as the value of this call
-(``concrete_args``), and so is a tensor default the call leaves out; the tensors given stay proxies.
+instead: every argument after the inputs that is not a tensor (None, a bool, a number or a NumPy scalar, a string, an
+enum member, a dtype or device, or a tuple of these, such as a size) is given to the trace as the value of this call
+(``concrete_args``), and so is a default the call leaves out that is a tensor or a tuple holding tensors; the tensors
+given stay proxies, and so do lists (a forward may fill one for its caller) and other objects.
 '''
+import contextlib
+import enum
 import inspect
 import operator
 import warnings
@@ -15,18 +18,16 @@ import numpy as np
 import torch
 
 # the values given to a trace as they are: their branches are taken and their numbers are constants of the graph
-# (NumPy's scalars as the Python numbers they hold; plain tuples and lists of such values as FixedTuple / FixedList)
-CONCRETE_TYPES = (type(None), bool, int, float, complex, str, torch.dtype, torch.device)
+# (NumPy's scalars as the Python numbers they hold; plain tuples of such values as a FixedTuple)
+CONCRETE_TYPES = (type(None), bool, int, float, complex, str, enum.Enum, torch.dtype, torch.device)
 
 
 class FixedTuple(tuple):
     '''A tuple of fixed values (see :py:data:`CONCRETE_TYPES`) given to a trace as one value. torch.fx would make
     each item of a plain tuple in ``concrete_args`` a placeholder of its own and generate a forward that takes the
-    items flattened; a subclass it does not know is one value, which the forward reads as the tuple it is.'''
-
-
-class FixedList(list):
-    '''A list of fixed values given to a trace as one value (see :py:class:`FixedTuple`).'''
+    items flattened; a subclass it does not know is one value, which the forward reads as a tuple (a forward that
+    checks ``type(size) is tuple`` sees another type: :py:class:`~zennit_bnfuse.prepared.PreparedModel` checks the
+    output of each such call signature once).'''
 
 
 # what torch.fx records to check that a call brings the values a graph was traced for: None, or equal to the value
@@ -62,18 +63,18 @@ def call_arguments(model, num_inputs, additional_forward_args):
     return values
 
 
-def as_concrete(value):
+def as_concrete(value, tensors=False):
     '''``(value, fixed)``: ``value`` as a trace would take it (a NumPy scalar as the Python number it holds, a plain
-    tuple or list whose items are all fixed as a :py:class:`FixedTuple` or :py:class:`FixedList` of them), and
-    whether the trace takes it as a fixed value rather than a proxy.'''
+    tuple whose items are all fixed as a :py:class:`FixedTuple` of them), and whether the trace takes it as a fixed
+    value rather than a proxy; with ``tensors``, tensors count as fixed values too (a default the call leaves out).'''
     if isinstance(value, np.generic) and not isinstance(value, (np.datetime64, np.timedelta64)):
         value = value.item()
-    if type(value) in (tuple, list, FixedTuple, FixedList):
-        items = [as_concrete(item) for item in value]
+    if type(value) in (tuple, FixedTuple):
+        items = [as_concrete(item, tensors) for item in value]
         if not all(fixed for _, fixed in items):
             return value, False
-        return (FixedList if isinstance(value, list) else FixedTuple)(item for item, _ in items), True
-    return value, isinstance(value, CONCRETE_TYPES)
+        return FixedTuple(item for item, _ in items), True
+    return value, isinstance(value, CONCRETE_TYPES) or (tensors and isinstance(value, torch.Tensor))
 
 
 def concrete_arguments(model, num_inputs, additional_forward_args):
@@ -93,19 +94,20 @@ def concrete_arguments(model, num_inputs, additional_forward_args):
     -------
     dict[str, object]
         Parameter name -> value, for torch.fx's ``concrete_args`` (see :py:func:`call_arguments` for which
-        parameters). A tensor that is a parameter's default, not given, is one too: a constant of the forward.
+        parameters). A default the call leaves out that is a tensor, or a tuple holding tensors, is one too: a
+        constant of the forward.
     '''
     values = call_arguments(model, num_inputs, additional_forward_args)
     given = set(list(values)[:len(as_argument_tuple(additional_forward_args))])  # the given come first
     concrete = {}
     for name, value in values.items():
-        value, fixed = as_concrete(value)
-        if fixed or (isinstance(value, torch.Tensor) and name not in given):
+        value, fixed = as_concrete(value, tensors=name not in given)
+        if fixed:
             concrete[name] = value
     return concrete
 
 
-def trace_for_call(tracer, root, concrete_args=None):
+def trace_for_call(tracer, root, concrete_args=None, refuse_draws=False):
     '''``tracer.trace(root, concrete_args)`` without the checks torch.fx records for ``concrete_args`` (see
     :py:func:`remove_guards`) and without the ``is_wrapped`` marks that break later traces (see
     :py:func:`unmark_wrapped_torch_functions`); torch.fx's warning that it could not add such a check (for values it
@@ -119,6 +121,9 @@ def trace_for_call(tracer, root, concrete_args=None):
     root: :py:obj:`torch.nn.Module`
     concrete_args: dict[str, object], optional
         See :py:func:`concrete_arguments`.
+    refuse_draws: bool, optional
+        Raise where the forward draws random numbers while it is traced: a graph that is run would give every call
+        the draw of the trace. The random number generators are put back as they were either way.
 
     Returns
     -------
@@ -126,23 +131,57 @@ def trace_for_call(tracer, root, concrete_args=None):
 
     Raises
     ------
+    RuntimeError
+        With ``refuse_draws``, if the forward draws random numbers while it is traced.
     Exception
         What the tracer raises for a forward it cannot trace (torch.fx raises many kinds; the tracers of this
         package a TypeError for a forward assigned on the instance).
     '''
-    if concrete_args is not None:  # a tuple or list of numbers as one value (see FixedTuple)
-        concrete_args = {name: as_concrete(value)[0] for name, value in concrete_args.items()}
-    with warnings.catch_warnings():
+    if concrete_args is not None:  # a tuple of numbers as one value (see FixedTuple)
+        concrete_args = {name: as_concrete(value, tensors=True)[0] for name, value in concrete_args.items()}
+    with warnings.catch_warnings(), drawn_numbers() as drawn:
         warnings.filterwarnings('ignore', message='Was not able to add assertion')
         graph = tracer.trace(root, concrete_args)
+    if refuse_draws and drawn():
+        raise RuntimeError(
+            f'the forward of {type(root).__name__} draws random numbers while it is traced (such as torch.randn(size) '
+            'for a fixed size, which torch.fx runs once and keeps as a constant), so the graph would give every call '
+            'the same draw')
     for node in list(graph.nodes):
-        if node.op == 'placeholder' and node.args and isinstance(node.args[0], torch.fx.Node):
-            # a tensor default (torch.fx makes it a constant of the graph, which the generated code cannot take as a
-            # default): the trace holds it as a constant where the call leaves it out (see concrete_arguments)
-            default, node.args = node.args[0], (None,)
-            if not default.users:
-                graph.erase_node(default)
+        if node.op == 'placeholder' and node.args and graph_nodes(node.args[0]):
+            # a default holding a tensor (torch.fx makes it a constant of the graph, which the generated code cannot
+            # take as a default): the trace holds it as a constant where the call leaves it out (see
+            # concrete_arguments)
+            defaults, node.args = node.args[0], (None,)
+            for default in graph_nodes(defaults):
+                if not default.users:
+                    graph.erase_node(default)
     return unmark_wrapped_torch_functions(remove_guards(graph, root, concrete_args or {}))
+
+
+def graph_nodes(value):
+    '''The :py:class:`torch.fx.Node` objects in ``value`` (nested tuples, lists and dicts included).'''
+    found = []
+    torch.fx.node.map_arg(value, found.append)
+    return found
+
+
+@contextlib.contextmanager
+def drawn_numbers():
+    '''Context: yields a function that tells whether the default random number generators (the CPU's, and those of
+    the CUDA devices once CUDA is initialised) moved on inside the context; they are put back as they were when it
+    ends.'''
+    def states():
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
+        return [torch.get_rng_state(), *cuda]
+    before, after = states(), []
+    try:
+        yield lambda: len(before) != len(after) or not all(map(torch.equal, before, after))
+    finally:
+        after.extend(states())
+        torch.set_rng_state(before[0])
+        if len(before) > 1:
+            torch.cuda.set_rng_state_all(before[1:])
 
 
 def signature_key(concrete_args):

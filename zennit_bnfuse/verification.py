@@ -7,6 +7,7 @@ found and left unfused. Where the forward cannot be traced, the folds found betw
 ``nn.Sequential`` are only candidates: the forward may slice the Sequential or call its children in another order.
 Each candidate is kept only if the model with it folded gives the model's own output on the example inputs.
 '''
+import copy
 import dataclasses
 
 import torch
@@ -40,13 +41,23 @@ def describe_inputs(inputs):
 
 def seeded_output(model, arguments, seed=0):
     '''``model(*arguments)`` without gradients, as the same call on the same model gives it every time: on clones of
-    the tensor arguments (a forward may change its input in place) and with the random number generators seeded
-    with ``seed`` (a forward may draw random numbers; folds do not change how many), their state restored after.'''
+    the tensor arguments (a forward may change its input in place) and copies of the others (a forward may fill a
+    list it is given; an argument that cannot be copied is given as it is), and with the random number generators
+    seeded with ``seed`` (a forward may draw random numbers; folds do not change how many), their state restored
+    after.'''
     tensors = [value for value in (*arguments, *model.parameters(), *model.buffers()) if torch.is_tensor(value)]
     devices = sorted({tensor.device.index or 0 for tensor in tensors if tensor.device.type == 'cuda'})
     with torch.no_grad(), torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        return model(*(value.clone() if torch.is_tensor(value) else value for value in arguments))
+        return model(*(value.clone() if torch.is_tensor(value) else copied(value) for value in arguments))
+
+
+def copied(value):
+    '''A deep copy of ``value`` (its tensors cloned), or ``value`` itself where it cannot be copied.'''
+    try:
+        return copy.deepcopy(value)
+    except Exception:  # objects may refuse to be copied in many ways
+        return value
 
 
 def output_tensors(output):
