@@ -12,7 +12,7 @@ from fusion_cases import prepared, rank_dependent_cases, untraceable_cases
 from zennit_bnfuse import FuseBatchNorm, fuse
 from zennit_bnfuse.replacements import replaced_copy, replacement_modules
 from zennit_bnfuse.report import FusedBatchNorm, FusionReport
-from zennit_bnfuse.verification import output_error
+from zennit_bnfuse.verification import output_error, output_mismatch
 
 UNTRACEABLE = untraceable_cases()
 RANK_CASES = rank_dependent_cases()
@@ -186,6 +186,21 @@ def test_output_error_compares_structures_and_non_finite_entries():
     # per tensor: a small output is compared on its own scale, not on that of a large one beside it
     big = torch.tensor([1e9], dtype=torch.float64)
     assert output_error((big, one + torch.tensor([0., .5, 0.], dtype=torch.float64)), (big, one)) == .25
+    # complex values by their modulus: the imaginary parts were dropped
+    assert output_error(torch.tensor([1 + 1j]), torch.tensor([1 + 0j])) == 1.
+
+
+def test_output_mismatch_allows_each_tensor_the_rounding_of_its_dtype():
+    '''The tolerance was that of the first output's dtype for every tensor: a float16 output beside float32 logits
+    was held to float32's, and an exact fold was refused for float16's rounding.'''
+    logits = torch.tensor([1., 2.])
+    half = torch.tensor([1., 2.], dtype=torch.float16)
+    assert output_mismatch((logits, half + .001), (logits, half)) is None
+    assert output_mismatch((logits + .001, half), (logits, half)) == (
+        'tensor 1 of the 2 in the model output differs by 0.0005 relative to its largest value (torch.float32, '
+        'allowed 0.0003)')
+    assert output_mismatch(torch.tensor([1, 2]), torch.tensor([1, 3])) == (
+        'the model output differs by 0.333 relative to its largest value (torch.int64, allowed 0)')
 
 
 class LargeAndAuxiliary(torch.nn.Module):

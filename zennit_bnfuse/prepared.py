@@ -10,7 +10,7 @@ from .handling import bn_handling
 from .pairs import tracing_copy
 from .specialization import as_argument_tuple, concrete_arguments, signature_key
 from .user_warnings import warn_user
-from .verification import output_dtype, output_error, output_tensors, output_tolerance, seeded_output
+from .verification import output_mismatch, output_tensors, seeded_output
 
 # what every nn.Module keeps in its __dict__ (parameters, buffers, children, hook dicts, the training flag)
 MODULE_INTERNALS = frozenset(vars(torch.nn.Module()))
@@ -220,8 +220,7 @@ class PreparedModel:
         with tracing_copy(self.model) as model:  # no copy of the parameters on every such call
             expected = seeded_output(model, arguments)
         actual = seeded_output(prepared, arguments)
-        return bool(output_tensors(expected)) and output_error(actual, expected) <= output_tolerance(
-            output_dtype(expected))
+        return bool(output_tensors(expected)) and output_mismatch(actual, expected) is None
 
     def original_name(self, name):
         '''The user's name for a module of the prepared model (copies of reused modules map to the original).'''

@@ -85,25 +85,47 @@ def output_tolerance(dtype):
     return torch.finfo(dtype).eps ** .5
 
 
-def output_error(actual, expected):
-    '''Largest absolute difference between two model outputs relative to the largest absolute expected value, taken
-    per tensor of the output (a small auxiliary output is compared on its own scale, not on that of the logits
-    beside it) and the largest over the tensors; infinite where their structure, shapes or non-finite entries
-    differ.'''
+def output_differences(actual, expected):
+    '''``(relative error, dtype)`` for each tensor of two model outputs: the largest absolute difference relative to
+    the largest absolute expected value of that tensor (a small auxiliary output is compared on its own scale, not on
+    that of the logits beside it; complex values by their modulus), and the expected tensor's dtype; an infinite
+    error where their structure, shapes or non-finite entries differ.'''
     actual, expected = output_tensors(actual), output_tensors(expected)
     if len(actual) != len(expected) or any(a.shape != e.shape for a, e in zip(actual, expected)):
-        return float('inf')
-    error = 0.
+        return [(float('inf'), output_dtype(expected))]
+    differences = []
     for a, e in zip(actual, expected):
-        a, e = a.double(), e.double()
+        dtype = e.dtype
+        a, e = (tensor.to(torch.complex128 if tensor.is_complex() else torch.float64) for tensor in (a, e))
         finite = torch.isfinite(e)
         if not torch.equal(finite, torch.isfinite(a)) or not torch.allclose(a[~finite], e[~finite], equal_nan=True):
-            return float('inf')
-        if finite.any():
+            differences.append((float('inf'), dtype))
+        elif finite.any():
             difference = (a - e)[finite].abs().max().item()
             scale = e[finite].abs().max().item()
-            error = max(error, difference / scale if scale else difference)
-    return error
+            differences.append((difference / scale if scale else difference, dtype))
+        else:
+            differences.append((0., dtype))
+    return differences
+
+
+def output_error(actual, expected):
+    '''The largest relative error over the tensors of two model outputs (see :py:func:`output_differences`).'''
+    return max((error for error, _ in output_differences(actual, expected)), default=0.)
+
+
+def output_mismatch(actual, expected):
+    '''None where each tensor of the output ``actual`` agrees with that of ``expected`` to within the tolerance of
+    its dtype (:py:func:`output_tolerance`; exactly for integer and bool tensors), else which tensor does not and by
+    how much, in words.'''
+    differences = output_differences(actual, expected)
+    for index, (error, dtype) in enumerate(differences):
+        allowed = output_tolerance(dtype) if dtype.is_floating_point or dtype.is_complex else 0.
+        if not error <= allowed:
+            which = 'the model output' if len(differences) == 1 else (
+                f'tensor {index + 1} of the {len(differences)} in the model output')
+            return f'{which} differs by {error:.3g} relative to its largest value ({dtype}, allowed {allowed:.1g})'
+    return None
 
 
 class FoldCheck:
@@ -145,7 +167,6 @@ class FoldCheck:
                     f'{type(model).__name__} raised {type(error).__name__} on example_inputs ({self.description}): '
                     f'{error}. Pass example inputs the model takes.') from error
             self.dtype = output_dtype(self.expected)
-        self.tolerance = output_tolerance(self.dtype)
         # an output without tensors (a string, an object of the model's own) cannot be compared
         self.comparable = bool(output_tensors(self.expected))
 
@@ -173,11 +194,7 @@ class FoldCheck:
             return error
         except Exception as error:  # any error the fused copy raises where the model did not
             return f'the model raises {type(error).__name__}: {error}'
-        error = output_error(actual, self.expected) if self.comparable else 0.
-        if not error <= self.tolerance:
-            return (f'the model output differs by {error:.3g} relative to its largest value ({self.dtype}, '
-                    f'allowed {self.tolerance:.1g})')
-        return None
+        return output_mismatch(actual, self.expected) if self.comparable else None
 
 
 def check_folds(model, report, example_inputs):
