@@ -51,3 +51,22 @@ def test_explainers_warn_at_the_users_call(explainer):
     scale = torch.tensor(2., dtype=torch.float64)
     caught = caught_warnings(lambda: explainer(model).attribute(input, target=0, additional_forward_args=(scale,)))
     assert [warning.filename for warning in caught] == [__file__] and 'functional op(s)' in str(caught[0].message)
+
+
+def test_the_canonizer_and_captums_wrappers_warn_at_the_users_call():
+    '''Warnings raised while Zennit registers the canonizer, or under Captum's NoiseTunnel, pointed into zennit's and
+    captum's sources.'''
+    from captum.attr import NoiseTunnel
+    from zennit_bnfuse import FuseBatchNorm
+    model, input, _ = untraceable_cases()['sequential-folds-right']
+
+    def in_context():
+        with EpsilonPlusFlat(canonizers=[FuseBatchNorm()]).context(model):
+            pass
+    caught = caught_warnings(in_context)
+    assert caught and {warning.filename for warning in caught} == {__file__}
+    scaled = randomize_batch_norms(Scaled()).double().eval()
+    scale = torch.tensor(2., dtype=torch.float64)
+    caught = caught_warnings(lambda: NoiseTunnel(FusedLRP(scaled)).attribute(
+        torch.rand(2, 2, 5, 5, dtype=torch.float64), target=0, nt_samples=2, additional_forward_args=(scale,)))
+    assert caught and {warning.filename for warning in caught} == {__file__}

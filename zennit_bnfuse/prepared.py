@@ -8,7 +8,7 @@ import torch
 from .checks import check_additional_arguments, refuse_global_hooks, refuse_zennit_hooks
 from .handling import bn_handling
 from .pairs import tracing_copy
-from .specialization import as_argument_tuple, concrete_arguments, signature_key
+from .specialization import as_argument_tuple, as_concrete, concrete_arguments, signature_key
 from .user_warnings import warn_user
 from .verification import output_mismatch, output_tensors, seeded_output
 
@@ -169,7 +169,7 @@ class PreparedModel:
         if self._warned_signatures:
             return
         self._warned_signatures = True
-        values = ', '.join(f'{name}={value!r}' for name, value in concrete_args.items())
+        values = ', '.join(f'{name}={value!r}' for name, value in concrete_args.items() if as_concrete(value)[1])
         warn_user(
             f'zennit_bnfuse: {self.caller} traced the forward of {type(self.model).__name__} for more than '
             f'{self.MAX_SIGNATURES} values of its arguments that are not tensors (this call: {values}), and keeps '

@@ -2,9 +2,10 @@
 import sys
 import warnings
 
-# modules whose frames lie between the user's call and the warning: this package, and Captum's usage-logging wrapper
-# around attribute()
-INTERNAL_MODULES = ('zennit_bnfuse.', 'captum.log')
+# modules whose frames lie between the user's call and the warning: this package, and the libraries that call it
+# for the user (Zennit's composites register the canonizer, Captum's wrappers and NoiseTunnel call attribute(),
+# Quantus calls explain_func)
+INTERNAL_MODULES = ('zennit_bnfuse.', 'zennit.', 'captum.', 'quantus.')
 
 
 def user_stacklevel():
