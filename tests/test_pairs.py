@@ -219,3 +219,23 @@ def test_running_out_of_memory_while_copying_raises_as_it_does(monkeypatch):
     monkeypatch.setattr(copy, 'deepcopy', out_of_memory)
     with pytest.raises(torch.OutOfMemoryError):
         fuse(Recording().eval())
+
+
+class SplitThenNorm(torch.nn.Module):
+    '''A BatchNorm on one part of a conv's output channels (timm's lambda layer norms its query so), one on a slice.'''
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 8, 1)
+        self.bn_query, self.bn_slice = torch.nn.BatchNorm2d(4), torch.nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        query, value = torch.split(self.conv(x), [4, 4], dim=1)
+        return self.bn_query(query).relu().mean((2, 3)) + self.bn_slice(value[:, :4]).mean((2, 3))
+
+
+def test_reasons_name_what_an_item_comes_from():
+    '''The reason named the op of an item of a split as "`[]`".'''
+    report = find_fusable_pairs(SplitThenNorm().eval())
+    reasons = {entry.bn: entry.reason for entry in report.unfused}
+    assert 'its input comes from item 0 of `torch.split`, not a conv/linear layer' in reasons['bn_query']
+    assert 'its input comes from a slice of item 1 of `torch.split`, not a conv/linear layer' in reasons['bn_slice']

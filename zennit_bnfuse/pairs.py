@@ -448,6 +448,10 @@ def describe(node, modules):
     if node.op == 'call_module':
         return f'`{node.target}` ({type(modules[node.target]).__name__})'
     if node.op == 'call_function':
+        if node.target is operator.getitem and node.args and isinstance(node.args[0], torch.fx.Node):
+            index = node.args[1] if len(node.args) > 1 else None
+            item = f'item {index}' if isinstance(index, int) else 'a slice'
+            return f'{item} of {describe(node.args[0], modules)}'
         symbol = {operator.add: '+', operator.iadd: '+=', operator.mul: '*', operator.getitem: '[]'}.get(node.target)
         if symbol is not None:
             return f'`{symbol}`'
