@@ -470,3 +470,16 @@ def test_a_block_timm_marks_untraceable_is_kept_whole_in_the_lrp_graph(engine):
     leaf = input.clone().requires_grad_()
     gradient, = torch.autograd.grad(model(leaf)[:, 1].sum(), leaf)
     torch.testing.assert_close(relevance, gradient * input, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize('name', ['repvgg_a0', 'levit_128s'])
+def test_reasons_in_blocks_timm_reparameterises_say_how_to_fold_them(name):
+    '''The identity-branch BatchNorms of RepVGG and the BatchNorm1d of LeViT's LinearNorm (after a flatten) stay
+    unfused; the reason now names timm's reparameterize_model, after which every one of them is folded by timm.'''
+    from timm.utils.model import reparameterize_model
+    model = randomize_batch_norms(timm.create_model(name, pretrained=False)).eval()
+    report = find_fusable_pairs(model)
+    assert report.unfused and all('call timm.utils.model.reparameterize_model(model) first' in entry.reason
+                                  for entry in report.unfused)
+    merged = reparameterize_model(model)
+    assert not find_fusable_pairs(merged).unfused

@@ -368,6 +368,8 @@ def find_fusable_pairs(model, example_inputs=None, concrete_args=None):
         else:
             report.unfused.append(UnfusedBatchNorm(
                 entry.bn, f'the forward could not be traced ({report.trace_error}); {entry.reason}'))
+    report.unfused = [UnfusedBatchNorm(entry.bn, entry.reason + reparameterization_hint(entry.bn, modules))
+                      for entry in report.unfused]
     if report.traced and concrete_args is None:
         arguments = () if example_inputs is None else as_input_tuple(example_inputs)
         defaults = concrete_arguments(model, 0 if arguments else 1, arguments)
@@ -391,6 +393,26 @@ def find_fusable_pairs(model, example_inputs=None, concrete_args=None):
         warn_user(f'zennit_bnfuse: could not trace the forward of {type(model).__name__} with torch.fx '
                   f'({report.trace_error}); {done} (see the report).')
     return report
+
+
+# the methods by which timm.utils.model.reparameterize_model merges a block's train-time branches and BatchNorms
+REPARAMETERIZE_METHODS = ('fuse', 'reparameterize', 'switch_to_deploy')
+
+
+def reparameterization_hint(name, modules):
+    '''A hint for the BatchNorm ``name`` where it sits in a block that timm re-parameterises for inference (one with
+    a method of :py:data:`REPARAMETERIZE_METHODS`: RepVGG, MobileOne, FastViT, RepViT, LeViT's ``LinearNorm``, ...),
+    else an empty string.'''
+    parents = [parent for parent, module in modules.items() if (name == parent or name.startswith(f'{parent}.'))
+               and type(module).__module__.startswith('timm.')
+               and any(callable(getattr(module, method, None)) for method in REPARAMETERIZE_METHODS)]
+    if not parents:
+        return ''
+    parent = max(parents, key=len)
+    method = next(method for method in REPARAMETERIZE_METHODS if callable(getattr(modules[parent], method, None)))
+    return (f'; it sits in `{parent}` ({type(modules[parent]).__name__}), which timm re-parameterises for inference '
+            f'(`{method}()`): call timm.utils.model.reparameterize_model(model) first, which merges its branches and '
+            'BatchNorms into convolutions and linear layers')
 
 
 def keep_common_folds(report, other, values):
