@@ -10,7 +10,9 @@ from zennit.core import Composite
 
 from .layers import FoldedInputError
 from .registration import module_hooks
-from .specialization import FixedTuple, as_argument_tuple, call_arguments, concrete_arguments, placeholder_parameters
+from .specialization import (
+    FixedList, FixedTuple, as_argument_tuple, call_arguments, concrete_arguments, placeholder_parameters,
+)
 
 
 def check_model(model, caller):
@@ -439,11 +441,13 @@ def check_additional_arguments(prepared, model, num_inputs, additional_forward_a
         if parameter.name not in values:
             continue  # *args, **kwargs, or not given without a default: the forward raises for that itself
         value, name = values[parameter.name], parameter.name
-        if isinstance(concrete.get(name), FixedTuple) and not agreeing(agrees_once):
+        if isinstance(concrete.get(name), (FixedTuple, FixedList)) and not agreeing(agrees_once):
+            kind = type(value).__name__
             raise ValueError(
                 f'{caller}: the traced forward of {type(model).__name__} does not give the model\'s output for its '
-                f'argument `{name}`={value!r}: torch.fx traced the tuple as a value of a tuple subclass, so a check '
-                f'such as `type({name}) is tuple` took another branch. Check `isinstance({name}, tuple)` instead.')
+                f'argument `{name}`={value!r}: torch.fx traced the {kind} as a value of a {kind} subclass, so a check '
+                f'such as `type({name}) is {kind}` took another branch. Check `isinstance({name}, {kind})` '
+                'instead.')
         if name not in concrete and not isinstance(value, torch.Tensor) and not agreed():
             raise ValueError(
                 f'{caller}: torch.fx traced the argument `{name}` of {type(model).__name__} ({type(value).__name__}) '

@@ -188,9 +188,16 @@ class PreparedModel:
             See :py:func:`~zennit_bnfuse.checks.check_additional_arguments`.
         '''
         def agrees_once():
-            if prepared not in self._agreed:
-                self._agreed[prepared] = self.computes_as_model(prepared, inputs, additional_forward_args)
-            return self._agreed[prepared]
+            # also on random inputs of the same shape: on a blank image or an empty batch two branches may agree
+            if prepared in self._agreed:
+                return self._agreed[prepared]
+            generator = torch.Generator().manual_seed(0)
+            drawn = tuple(torch.rand(input.shape, generator=generator, dtype=input.dtype).to(input.device)
+                          for input in inputs)
+            agrees = all(self.computes_as_model(prepared, each, additional_forward_args) for each in (inputs, drawn))
+            if all(len(input) for input in inputs):  # an empty batch proves nothing
+                self._agreed[prepared] = agrees
+            return agrees
         check_additional_arguments(
             prepared, self.model, len(inputs), additional_forward_args, self.caller,
             functools.partial(self.computes_as_model, prepared, inputs, additional_forward_args), agrees_once)

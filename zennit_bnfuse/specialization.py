@@ -4,9 +4,9 @@ torch.fx traces every argument of a forward as a tensor-like proxy, so a forward
 (``if mask is not None``, ``if flag``) or computes with a number (``x * scale``) is traced for one branch and with the
 number as an input. :py:class:`~zennit_bnfuse.prepared.PreparedModel` traces the forward once per *call signature*
 instead: every argument after the inputs that is not a tensor (None, a bool, a number or a NumPy scalar, a string, an
-enum member, a dtype or device, or a tuple of these, such as a size) is given to the trace as the value of this call
-(``concrete_args``), and so is a default the call leaves out that is a tensor or a tuple holding tensors; the tensors
-given stay proxies, and so do lists (a forward may fill one for its caller) and other objects.
+enum member, a dtype or device, or a tuple or list of these, such as a size) is given to the trace as the value of
+this call (``concrete_args``), and so is a default the call leaves out that is a tensor or a tuple holding tensors;
+the tensors given stay proxies, and so do other objects, and lists the forward changes (it fills one for its caller).
 '''
 import contextlib
 import enum
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 # the values given to a trace as they are: their branches are taken and their numbers are constants of the graph
-# (NumPy's scalars as the Python numbers they hold; plain tuples of such values as a FixedTuple)
+# (NumPy's scalars as the Python numbers they hold; plain tuples and lists of such values as FixedTuple / FixedList)
 CONCRETE_TYPES = (type(None), bool, int, float, complex, str, enum.Enum, torch.dtype, torch.device)
 
 
@@ -28,6 +28,11 @@ class FixedTuple(tuple):
     items flattened; a subclass it does not know is one value, which the forward reads as a tuple (a forward that
     checks ``type(size) is tuple`` sees another type: :py:class:`~zennit_bnfuse.prepared.PreparedModel` checks the
     output of each such call signature once).'''
+
+
+class FixedList(list):
+    '''A list of fixed values given to a trace as one value (see :py:class:`FixedTuple`); where the forward changes
+    it while it is traced (it fills a list for its caller), :py:func:`trace_for_call` traces it as a proxy instead.'''
 
 
 # what torch.fx records to check that a call brings the values a graph was traced for: None, or equal to the value
@@ -65,15 +70,16 @@ def call_arguments(model, num_inputs, additional_forward_args):
 
 def as_concrete(value, tensors=False):
     '''``(value, fixed)``: ``value`` as a trace would take it (a NumPy scalar as the Python number it holds, a plain
-    tuple whose items are all fixed as a :py:class:`FixedTuple` of them), and whether the trace takes it as a fixed
-    value rather than a proxy; with ``tensors``, tensors count as fixed values too (a default the call leaves out).'''
+    tuple or list whose items are all fixed as a :py:class:`FixedTuple` or :py:class:`FixedList` of them), and
+    whether the trace takes it as a fixed value rather than a proxy; with ``tensors``, tensors count as fixed values
+    too (a default the call leaves out).'''
     if isinstance(value, np.generic) and not isinstance(value, (np.datetime64, np.timedelta64)):
         value = value.item()
-    if type(value) in (tuple, FixedTuple):
+    if type(value) in (tuple, list, FixedTuple, FixedList):
         items = [as_concrete(item, tensors) for item in value]
         if not all(fixed for _, fixed in items):
             return value, False
-        return FixedTuple(item for item, _ in items), True
+        return (FixedList if isinstance(value, list) else FixedTuple)(item for item, _ in items), True
     return value, isinstance(value, CONCRETE_TYPES) or (tensors and isinstance(value, torch.Tensor))
 
 
@@ -137,11 +143,16 @@ def trace_for_call(tracer, root, concrete_args=None, refuse_draws=False):
         What the tracer raises for a forward it cannot trace (torch.fx raises many kinds; the tracers of this
         package a TypeError for a forward assigned on the instance).
     '''
-    if concrete_args is not None:  # a tuple of numbers as one value (see FixedTuple)
+    if concrete_args is not None:  # a tuple or list of numbers as one value (see FixedTuple)
         concrete_args = {name: as_concrete(value, tensors=True)[0] for name, value in concrete_args.items()}
+    lists = {name: list(value) for name, value in (concrete_args or {}).items() if isinstance(value, FixedList)}
     with warnings.catch_warnings(), drawn_numbers() as drawn:
         warnings.filterwarnings('ignore', message='Was not able to add assertion')
         graph = tracer.trace(root, concrete_args)
+    changed = [name for name, items in lists.items() if concrete_args[name] != items]
+    if changed:  # the forward fills the list for its caller: it takes the list as a proxy, which records that
+        return trace_for_call(tracer, root, {name: value for name, value in concrete_args.items()
+                                             if name not in changed}, refuse_draws)
     if refuse_draws and drawn():
         raise RuntimeError(
             f'the forward of {type(root).__name__} draws random numbers while it is traced (such as torch.randn(size) '
