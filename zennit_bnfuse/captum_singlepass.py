@@ -361,7 +361,8 @@ class RuleHooks:
             # the output hook sits on a node of its own, after the input hooks that the next layers register on the
             # tensor this returns (Captum's clone of the output does the same)
             hook = self.output_hook(output.detach())
-            return RelevanceNode.apply(lambda grad_output: (hook(grad_output),), (output.detach(),), output)
+            return RelevanceNode.apply(lambda grad_output: (hook(in_output_layout(grad_output, output)),),
+                                       (output.detach(),), output)
         tensors = [input for input in inputs if isinstance(input, torch.Tensor)]
         if not any(input.requires_grad for input in tensors):
             return output

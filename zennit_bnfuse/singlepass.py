@@ -260,7 +260,9 @@ def rule_relevance(rule, module, input, grad_output):
         with torch.enable_grad():  # the output modifier is part of the graph differentiated below
             outputs.append(output_modifier(modified_forward(module, param_modifier, modified_input)))
         inputs.append(modified_input)
-    gradients = torch.autograd.grad(outputs, inputs, grad_outputs=rule.gradient_mapper(grad_output, outputs))
+    gradients = torch.autograd.grad(outputs, inputs, grad_outputs=[
+        in_output_layout(gradient, output) for gradient, output in zip(rule.gradient_mapper(grad_output, outputs),
+                                                                       outputs)])
     return rule.reducer(inputs, gradients)
 
 
@@ -442,7 +444,8 @@ def zplus_relevance(rule, module, input, grad_output, normalize=None, non_negati
     else:
         total = outputs[0].detach() + outputs[1].detach() if signed else outputs[0].detach()
         normalised = normalize(grad_output, total)
-    gradients = torch.autograd.grad(outputs, inputs, grad_outputs=[normalised] * len(outputs))
+    gradients = torch.autograd.grad(outputs, inputs, grad_outputs=[in_output_layout(normalised, output)
+                                                                   for output in outputs])
     relevance = inputs[0].detach() * gradients[0]
     if signed:
         relevance = relevance + inputs[1].detach() * gradients[1]
