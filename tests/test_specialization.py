@@ -646,28 +646,38 @@ def test_a_tuple_holding_a_tensor_is_checked_against_the_model(explainer, model_
 
 
 class Noisy(Resized):
-    '''Resized, with noise of a fixed size drawn in the forward.'''
+    '''Resized, with noise of a fixed size drawn in the forward: from torch's generator, NumPy's or its own.'''
+    def __init__(self, source):
+        super().__init__()
+        self.source = source
+        self.generator = torch.Generator().manual_seed(1)
+
     def forward(self, x, size=(1, 3, 1, 1)):
         hidden = torch.relu(self.bn(self.conv(x)))
-        hidden = hidden * (1 + torch.randn(size, dtype=torch.float64))
-        return self.linear(hidden.mean((2, 3)))
+        if self.source == 'numpy':
+            noise = torch.from_numpy(np.random.randn(*size))
+        else:
+            noise = torch.randn(size, dtype=torch.float64, generator=self.generator if self.source == 'own' else None)
+        return self.linear((hidden * (1 + noise)).mean((2, 3)))
 
 
 @EACH_EXPLAINER
-def test_a_forward_that_draws_while_traced_runs_untraced(explainer):
+@pytest.mark.parametrize('source', ['torch', 'numpy', 'own'])
+def test_a_forward_that_draws_while_traced_runs_untraced(explainer, source):
     '''torch.fx ran torch.randn(size) for a fixed size once and kept the draw as a constant: every call explained
     the same noise. Such a forward runs as it is, with the warning for untraced forwards; tracing leaves the random
-    number generator as it was.'''
+    number generators as they were (fuse() moved them on).'''
     torch.manual_seed(0)
-    model = randomize_batch_norms(Noisy()).double().eval()
+    model = randomize_batch_norms(Noisy(source)).double().eval()
     input = torch.rand(2, 2, 7, 7, dtype=torch.float64)
     lrp = explainer(model)
     with pytest.warns(UserWarning, match='draws random numbers while it is traced'):
         first = lrp.attribute(input, target=0)
     assert not torch.equal(first, lrp.attribute(input, target=0))
-    state = torch.get_rng_state()
+    states = torch.get_rng_state(), model.generator.get_state(), np.random.get_state()[1].copy()
     fuse(model)
-    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(torch.get_rng_state(), states[0]) and torch.equal(model.generator.get_state(), states[1])
+    assert np.array_equal(np.random.get_state()[1], states[2])
 
 
 class HeldDefault(Resized):

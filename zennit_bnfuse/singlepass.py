@@ -43,6 +43,7 @@ from zennit.rules import Epsilon, Flat, NoMod, Norm, Pass, WSquare, ZPlus
 from .aliasing import inputs_written_after, modules_of
 from .checks import check_composite, check_model, global_hooks
 from .graph import LRPTracer
+from .specialization import trace_for_call
 from .graph_layers import AddOperands
 from .handling import is_random_in_training
 from .layers import BiasMapConvMixin, FoldedLayerMixin, ThresholdReLU
@@ -902,7 +903,7 @@ def module_input_signs(module, fixed=False):
             graph = module.graph
         else:
             with tracing_copy(module) as traced:
-                graph = LRPTracer().trace(traced)
+                graph = trace_for_call(LRPTracer(), traced)  # leaves the random number generators as they were
     except Exception as error:  # fx raises many kinds of errors for untraceable code
         result = {}, f'the forward could not be traced ({type(error).__name__}: {str(error).splitlines()[0]})', None
     else:

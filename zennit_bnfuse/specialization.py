@@ -146,7 +146,7 @@ def trace_for_call(tracer, root, concrete_args=None, refuse_draws=False):
     if concrete_args is not None:  # a tuple or list of numbers as one value (see FixedTuple)
         concrete_args = {name: as_concrete(value, tensors=True)[0] for name, value in concrete_args.items()}
     lists = {name: list(value) for name, value in (concrete_args or {}).items() if isinstance(value, FixedList)}
-    with warnings.catch_warnings(), drawn_numbers() as drawn:
+    with warnings.catch_warnings(), drawn_numbers(root if isinstance(root, torch.nn.Module) else None) as drawn:
         warnings.filterwarnings('ignore', message='Was not able to add assertion')
         graph = tracer.trace(root, concrete_args)
     changed = [name for name, items in lists.items() if concrete_args[name] != items]
@@ -178,21 +178,36 @@ def graph_nodes(value):
 
 
 @contextlib.contextmanager
-def drawn_numbers():
-    '''Context: yields a function that tells whether the default random number generators (the CPU's, and those of
-    the CUDA devices once CUDA is initialised) moved on inside the context; they are put back as they were when it
+def drawn_numbers(root=None):
+    '''Context: yields a function that tells whether a random number generator moved on inside the context: torch's
+    default ones (the CPU's, and those of the CUDA devices once CUDA is initialised), NumPy's global one, and the
+    ``torch.Generator`` objects the modules of ``root`` hold as attributes. They are put back as they were when it
     ends.'''
+    generators = [] if root is None else [
+        value for module in root.modules() for value in vars(module).values() if isinstance(value, torch.Generator)]
+
     def states():
         cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
-        return [torch.get_rng_state(), *cuda]
-    before, after = states(), []
+        held = [generator.get_state() for generator in generators]
+        return [torch.get_rng_state(), *cuda], held, np.random.get_state()
+
+    def moved():
+        (default, held, numpy), (default_after, held_after, numpy_after) = before, after
+        return (len(default) != len(default_after) or not all(map(torch.equal, default, default_after))
+                or not all(map(torch.equal, held, held_after)) or numpy[0] != numpy_after[0]
+                or not np.array_equal(numpy[1], numpy_after[1]) or numpy[2:] != numpy_after[2:])
+    before, after = states(), ()
     try:
-        yield lambda: len(before) != len(after) or not all(map(torch.equal, before, after))
+        yield moved
     finally:
-        after.extend(states())
-        torch.set_rng_state(before[0])
-        if len(before) > 1:
-            torch.cuda.set_rng_state_all(before[1:])
+        after = states()
+        default, held, numpy = before
+        torch.set_rng_state(default[0])
+        if len(default) > 1:
+            torch.cuda.set_rng_state_all(default[1:])
+        for generator, state in zip(generators, held):
+            generator.set_state(state)
+        np.random.set_state(numpy)
 
 
 def signature_key(concrete_args):
