@@ -999,3 +999,10 @@ def test_a_one_element_target_tensor_is_one_index_for_every_example(explainer):
     lrp = explainer(model)
     expected = lrp.attribute(input, target=1, additional_forward_args=(mask,))
     assert torch.equal(lrp.attribute(input, target=torch.tensor([1]), additional_forward_args=(mask,)), expected)
+
+
+def test_a_rule_for_a_container_is_refused():
+    '''rules={'features': ...} named a Sequential: Captum's rules go on layers, so it never applied, silently.'''
+    model = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.ReLU()), torch.nn.Flatten())
+    with pytest.raises(ValueError, match=r"rules names '0' \(Sequential\), a module that holds others"):
+        FusedLRP(model, rules={'0': EpsilonRule()})

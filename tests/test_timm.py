@@ -483,3 +483,16 @@ def test_reasons_in_blocks_timm_reparameterises_say_how_to_fold_them(name):
                                   for entry in report.unfused)
     merged = reparameterize_model(model)
     assert not find_fusable_pairs(merged).unfused
+
+
+@pytest.mark.parametrize('engine', ['singlepass', 'captum'])
+def test_a_rule_for_an_in_place_module_inside_a_block_kept_whole_is_refused(engine):
+    '''Captum's IdentityRule on ConvMlp's in-place ReLU (inside the block the prepared copy keeps whole) failed with
+    a KeyError from Captum's hooks; the same module at the top level is given its own input by the graph rewrite.'''
+    from captum.attr._utils.lrp_rules import IdentityRule
+    torch.manual_seed(0)
+    model = randomize_batch_norms(WithConvMlp()).double().eval()
+    input = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r'module `mlp.act1` \(ReLU\) has a rule and runs in place inside `mlp`'):
+        with pytest.warns(UserWarning, match='kept whole'):
+            FusedLRP(model, rules={'mlp.act1': IdentityRule()}, engine=engine).attribute(input, target=1)

@@ -31,8 +31,9 @@ from .canonizers import FuseBatchNorm
 from .captum_singlepass import CaptumSinglePass, called_layers
 from .checks import check_composite, check_inputs, check_model, checked_forward, plain_target
 from .fold import BATCH_NORM_TYPES, is_batch_norm, timm_layers
-from .layers import ThresholdReLU
-from .graph_layers import SumReduction
+from .layers import ThresholdReLU, is_layer_like
+from .graph import LRPTracer
+from .graph_layers import SumReduction, is_norm_act
 from .prepared import PreparedModel
 from .pairs import other_norm_types
 from .registration import KeptRegistration, modules_without_rule
@@ -107,7 +108,8 @@ def check_rule_names(model, rules):
     Raises
     ------
     ValueError
-        If a name is not that of a module of ``model`` (the message suggests the closest names).
+        If a name is not that of a module of ``model`` (the message suggests the closest names), or is that of a
+        module that holds others (other than a layer: a BatchNorm, timm's norm-act layers, a conv or linear layer).
     '''
     names = dict(model.named_modules())
     for key in rules:
@@ -116,6 +118,12 @@ def check_rule_names(model, rules):
             hint = f'; did you mean {" or ".join(map(repr, close))}?' if close else (
                 '; see dict(model.named_modules()) for the names.')
             raise ValueError(f'rules names {key!r}, which is not a module of the model{hint}')
+        module = names.get(key) if isinstance(key, str) else None
+        if module is not None and list(module.children()) and not (
+                is_batch_norm(module) or is_norm_act(module) or is_layer_like(module)):
+            raise ValueError(
+                f'rules names {key!r} ({type(module).__name__}), a module that holds others: Captum\'s rules go on '
+                'the layers, so it would never apply. Name its layers, or give the rule for their type.')
 
 
 @functools.lru_cache(maxsize=None)
@@ -309,6 +317,7 @@ class FusedLRP(LRP):
         self._checked = None  # the prepared copy whose modules were read last
         # the user's names of the modules the prepared copy holds that take a rule of their own
         self._present = set()
+        self._whole_blocks = []  # the blocks timm marks untraceable that the prepared copy calls whole
 
     def _prepared_model(self, num_inputs=1, additional_forward_args=None):
         '''The prepared copy for this call (see :py:meth:`PreparedModel.get`), and the ``rule`` attributes the user
@@ -324,6 +333,10 @@ class FusedLRP(LRP):
             # nothing of its own: an Identity, or timm's norm-act layer's drop and act in a container
             self._present = {self.prepared.original_name(name) for name, module in prepared.named_modules()
                              if name not in folded or isinstance(module, ThresholdReLU)}
+            tracer = LRPTracer()
+            self._whole_blocks = [
+                node.target for node in getattr(prepared, 'graph', torch.fx.Graph()).nodes
+                if node.op == 'call_module' and tracer.kept_whole(prepared.get_submodule(node.target))]
             self.refuse_rules_for_folded([key for key in self.rules if key in folded], 'rules names')
             self._checked = prepared
         self.own_rules = {name: module.rule for name, module in self.model.named_modules()
@@ -353,7 +366,22 @@ class FusedLRP(LRP):
         ------
         TypeError
             If no rule is given for the module and its type has no default.
+        ValueError
+            If a rule is given for a module that runs in place inside a block the prepared copy keeps whole (one timm
+            marks untraceable): the graph rewrite that gives such modules their own input cannot reach inside it.
         '''
+        rule = self.rule_for(name, module)
+        block = next((block for block in self._whole_blocks if name.startswith(f'{block}.')), None)
+        if rule is not None and block is not None and getattr(module, 'inplace', False):
+            raise ValueError(
+                f'FusedLRP: module `{self.prepared.original_name(name)}` ({type(module).__name__}) has a rule and runs '
+                f'in place inside `{self.prepared.original_name(block)}`, a block timm marks untraceable, which the '
+                'prepared copy keeps whole: Captum\'s rules need the input it writes over. Give it no rule (None), '
+                'or set inplace=False on it.')
+        return rule
+
+    def rule_for(self, name, module):
+        '''The rule for the prepared model's module ``name`` (see :py:meth:`choose_rule`).'''
         original = self.prepared.original_name(name)
         for rules in (self.rules, self.own_rules):
             if original in rules:

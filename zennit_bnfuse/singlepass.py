@@ -261,9 +261,10 @@ def rule_relevance(rule, module, input, grad_output):
         with torch.enable_grad():  # the output modifier is part of the graph differentiated below
             outputs.append(output_modifier(modified_forward(module, param_modifier, modified_input)))
         inputs.append(modified_input)
+    mapped = rule.gradient_mapper(grad_output, outputs)
+    mapped = [mapped] if isinstance(mapped, torch.Tensor) else mapped  # one tensor for one output, or one each
     gradients = torch.autograd.grad(outputs, inputs, grad_outputs=[
-        in_output_layout(gradient, output) for gradient, output in zip(rule.gradient_mapper(grad_output, outputs),
-                                                                       outputs)])
+        in_output_layout(gradient, output) for gradient, output in zip(mapped, outputs)])
     return rule.reducer(inputs, gradients)
 
 
