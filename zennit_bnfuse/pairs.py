@@ -215,6 +215,10 @@ class PairTracer(LeafTracer):
         super().__init__(leaf_parent)
         self.hooked_calls = []  # a HookedCall per call of a module with hooks, leaf or traced through
 
+    def trace(self, root, concrete_args=None):
+        self.hooked_calls = []  # those of this trace only (a forward may be traced again, see trace_for_call)
+        return super().trace(root, concrete_args)
+
     def call_module(self, module, forward, args, kwargs):
         output = super().call_module(module, forward, args, kwargs)
         if type(module) not in FOLDABLE_BATCH_NORM_TYPES and batch_norm_kind_problem(module) is None:

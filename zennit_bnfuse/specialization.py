@@ -145,11 +145,12 @@ def trace_for_call(tracer, root, concrete_args=None, refuse_draws=False):
     '''
     if concrete_args is not None:  # a tuple or list of numbers as one value (see FixedTuple)
         concrete_args = {name: as_concrete(value, tensors=True)[0] for name, value in concrete_args.items()}
-    lists = {name: list(value) for name, value in (concrete_args or {}).items() if isinstance(value, FixedList)}
+    lists = {name: list(map(id, value)) for name, value in (concrete_args or {}).items()
+             if isinstance(value, FixedList)}
     with warnings.catch_warnings(), drawn_numbers(root if isinstance(root, torch.nn.Module) else None) as drawn:
         warnings.filterwarnings('ignore', message='Was not able to add assertion')
         graph = tracer.trace(root, concrete_args)
-    changed = [name for name, items in lists.items() if concrete_args[name] != items]
+    changed = [name for name, items in lists.items() if list(map(id, concrete_args[name])) != items]
     if changed:  # the forward fills the list for its caller: it takes the list as a proxy, which records that
         return trace_for_call(tracer, root, {name: value for name, value in concrete_args.items()
                                              if name not in changed}, refuse_draws)
