@@ -496,3 +496,16 @@ def test_a_rule_for_an_in_place_module_inside_a_block_kept_whole_is_refused(engi
     with pytest.raises(ValueError, match=r'module `mlp.act1` \(ReLU\) has a rule and runs in place inside `mlp`'):
         with pytest.warns(UserWarning, match='kept whole'):
             FusedLRP(model, rules={'mlp.act1': IdentityRule()}, engine=engine).attribute(input, target=1)
+
+
+def test_a_rule_named_for_timms_group_norm_act_is_taken():
+    '''The error for GroupNormAct without a rule says to name it in rules=; the check of rules names for modules that
+    hold others (GroupNormAct holds its act) refused that name.'''
+    from captum.attr._utils.lrp_rules import EpsilonRule
+    from timm.layers import GroupNormAct
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), GroupNormAct(4, 2), torch.nn.Conv2d(4, 2, 3),
+                                torch.nn.Flatten()).double().eval()
+    input = torch.rand(2, 3, 7, 7, dtype=torch.float64)
+    named = FusedLRP(model, rules={'1': EpsilonRule(1.)}).attribute(input, target=1)
+    assert not torch.allclose(named, FusedLRP(model, rules={'1': EpsilonRule()}).attribute(input, target=1))

@@ -109,7 +109,8 @@ def check_rule_names(model, rules):
     ------
     ValueError
         If a name is not that of a module of ``model`` (the message suggests the closest names), or is that of a
-        module that holds others (other than a layer: a BatchNorm, timm's norm-act layers, a conv or linear layer).
+        module that holds others (other than a layer: a BatchNorm or other normalisation, timm's norm-act layers, a
+        conv or linear layer).
     '''
     names = dict(model.named_modules())
     for key in rules:
@@ -120,7 +121,8 @@ def check_rule_names(model, rules):
             raise ValueError(f'rules names {key!r}, which is not a module of the model{hint}')
         module = names.get(key) if isinstance(key, str) else None
         if module is not None and list(module.children()) and not (
-                is_batch_norm(module) or is_norm_act(module) or is_layer_like(module)):
+                is_batch_norm(module) or is_norm_act(module) or is_layer_like(module)
+                or isinstance(module, other_norm_types())):
             raise ValueError(
                 f'rules names {key!r} ({type(module).__name__}), a module that holds others: Captum\'s rules go on '
                 'the layers, so it would never apply. Name its layers, or give the rule for their type.')
