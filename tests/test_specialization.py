@@ -3,6 +3,7 @@ import copy
 import enum
 import math
 import operator
+import random
 import types
 import warnings
 
@@ -651,18 +652,23 @@ class Noisy(Resized):
         super().__init__()
         self.source = source
         self.generator = torch.Generator().manual_seed(1)
+        self.numpy_generator = np.random.default_rng(1)
 
     def forward(self, x, size=(1, 3, 1, 1)):
         hidden = torch.relu(self.bn(self.conv(x)))
         if self.source == 'numpy':
             noise = torch.from_numpy(np.random.randn(*size))
+        elif self.source == 'own numpy':
+            noise = torch.from_numpy(self.numpy_generator.standard_normal(size))
+        elif self.source == 'python':
+            noise = random.gauss(0., 1.)
         else:
             noise = torch.randn(size, dtype=torch.float64, generator=self.generator if self.source == 'own' else None)
         return self.linear((hidden * (1 + noise)).mean((2, 3)))
 
 
 @EACH_EXPLAINER
-@pytest.mark.parametrize('source', ['torch', 'numpy', 'own'])
+@pytest.mark.parametrize('source', ['torch', 'numpy', 'own', 'own numpy', 'python'])
 def test_a_forward_that_draws_while_traced_runs_untraced(explainer, source):
     '''torch.fx ran torch.randn(size) for a fixed size once and kept the draw as a constant: every call explained
     the same noise. Such a forward runs as it is, with the warning for untraced forwards; tracing leaves the random
@@ -674,10 +680,12 @@ def test_a_forward_that_draws_while_traced_runs_untraced(explainer, source):
     with pytest.warns(UserWarning, match='draws random numbers while it is traced'):
         first = lrp.attribute(input, target=0)
     assert not torch.equal(first, lrp.attribute(input, target=0))
-    states = torch.get_rng_state(), model.generator.get_state(), np.random.get_state()[1].copy()
+    states = (torch.get_rng_state(), model.generator.get_state(), np.random.get_state()[1].copy(),
+              model.numpy_generator.bit_generator.state, random.getstate())
     fuse(model)
     assert torch.equal(torch.get_rng_state(), states[0]) and torch.equal(model.generator.get_state(), states[1])
     assert np.array_equal(np.random.get_state()[1], states[2])
+    assert model.numpy_generator.bit_generator.state == states[3] and random.getstate() == states[4]
 
 
 class HeldDefault(Resized):

@@ -12,6 +12,7 @@ import contextlib
 import enum
 import inspect
 import operator
+import random
 import warnings
 
 import numpy as np
@@ -181,34 +182,41 @@ def graph_nodes(value):
 @contextlib.contextmanager
 def drawn_numbers(root=None):
     '''Context: yields a function that tells whether a random number generator moved on inside the context: torch's
-    default ones (the CPU's, and those of the CUDA devices once CUDA is initialised), NumPy's global one, and the
-    ``torch.Generator`` objects the modules of ``root`` hold as attributes. They are put back as they were when it
-    ends.'''
-    generators = [] if root is None else [
-        value for module in root.modules() for value in vars(module).values() if isinstance(value, torch.Generator)]
+    default ones (the CPU's, and those of the CUDA devices once CUDA is initialised), NumPy's and Python's global ones,
+    and the ``torch.Generator`` and NumPy ``Generator`` objects the modules of ``root`` hold as attributes. They are
+    put back as they were when it ends.'''
+    held = [] if root is None else [value for module in root.modules() for value in vars(module).values()
+                                    if isinstance(value, (torch.Generator, np.random.Generator))]
 
     def states():
         cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
-        held = [generator.get_state() for generator in generators]
-        return [torch.get_rng_state(), *cuda], held, np.random.get_state()
+        own = [generator.get_state() if isinstance(generator, torch.Generator) else generator.bit_generator.state
+               for generator in held]
+        return [torch.get_rng_state(), *cuda], own, np.random.get_state(), random.getstate()
 
     def moved():
-        (default, held, numpy), (default_after, held_after, numpy_after) = before, after
+        (default, own, numpy, python), (default_after, own_after, numpy_after, python_after) = before, after
         return (len(default) != len(default_after) or not all(map(torch.equal, default, default_after))
-                or not all(map(torch.equal, held, held_after)) or numpy[0] != numpy_after[0]
-                or not np.array_equal(numpy[1], numpy_after[1]) or numpy[2:] != numpy_after[2:])
+                or not all(torch.equal(state, later) if isinstance(state, torch.Tensor) else state == later
+                           for state, later in zip(own, own_after)) or numpy[0] != numpy_after[0]
+                or not np.array_equal(numpy[1], numpy_after[1]) or numpy[2:] != numpy_after[2:]
+                or python != python_after)
     before, after = states(), ()
     try:
         yield moved
     finally:
         after = states()
-        default, held, numpy = before
+        default, own, numpy, python = before
         torch.set_rng_state(default[0])
         if len(default) > 1:
             torch.cuda.set_rng_state_all(default[1:])
-        for generator, state in zip(generators, held):
-            generator.set_state(state)
+        for generator, state in zip(held, own):
+            if isinstance(generator, torch.Generator):
+                generator.set_state(state)
+            else:
+                generator.bit_generator.state = state
         np.random.set_state(numpy)
+        random.setstate(python)
 
 
 def signature_key(concrete_args):
