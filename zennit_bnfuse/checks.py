@@ -404,18 +404,19 @@ def check_additional_arguments(prepared, model, num_inputs, additional_forward_a
         ``agrees() -> bool``: whether ``prepared`` gives ``model``'s output on this call (see
         :py:meth:`~zennit_bnfuse.prepared.PreparedModel.computes_as_model`); where it does, the traced forward
         leaving a tensor argument unread is right (the call's other values leave it out), and so is an argument
-        traced as a proxy although it is not a tensor (a list, a dict, an object, a tuple holding a tensor). Without
-        it, or where it raises, every such argument is refused.
+        traced as a proxy although it is not a tensor (a dict, an object, a tuple holding a tensor). Without it, or
+        where it raises, every such argument is refused.
     agrees_once: callable, optional
-        As ``agrees``, asked where an argument is a tuple the trace took as a value (a
-        :py:class:`~zennit_bnfuse.specialization.FixedTuple`, which a check of its exact type tells from a tuple):
-        the branches it takes are those of the call signature, so the answer may be kept per prepared copy.
+        As ``agrees``, asked where an argument is a tuple or list the trace took as a value (a
+        :py:class:`~zennit_bnfuse.specialization.FixedTuple` or ``FixedList``, which a check of its exact type tells
+        from a tuple or list): the branches it takes are those of the call signature, so the answer may be kept per
+        prepared copy.
 
     Raises
     ------
     ValueError
         If a tensor is given (or is the default) for an argument the traced forward never reads, an argument that is
-        not a tensor is traced as a proxy, or a tuple as a FixedTuple, and the prepared copy does not give the
+        not a tensor is traced as a proxy, or a tuple or list as a subclass, and the prepared copy does not give the
         model's output on this call; None for one it computes with (an argument traced as a proxy); or arguments for
         a ``*args`` that keyword-only parameters follow (the traced forward takes those by position).
     '''
@@ -451,8 +452,8 @@ def check_additional_arguments(prepared, model, num_inputs, additional_forward_a
         if name not in concrete and not isinstance(value, torch.Tensor) and not agreed():
             raise ValueError(
                 f'{caller}: torch.fx traced the argument `{name}` of {type(model).__name__} ({type(value).__name__}) '
-                'as a tensor-like proxy (None, bools, numbers, strings, enum members, dtypes, devices and tuples of '
-                'these are traced as values), and the prepared copy does not give the model\'s output on this '
+                'as a tensor-like proxy (None, bools, numbers, strings, enum members, dtypes, devices and tuples and '
+                'lists of these are traced as values), and the prepared copy does not give the model\'s output on this '
                 f'call: the forward checks `{name}` in a way the proxy answers otherwise (its type, `is None`, the '
                 'type of an item). Pass tensors and such values, or set it as an attribute of the model.')
         if isinstance(value, torch.Tensor) and not node.users and not agreed():
