@@ -509,3 +509,17 @@ def test_a_rule_named_for_timms_group_norm_act_is_taken():
     input = torch.rand(2, 3, 7, 7, dtype=torch.float64)
     named = FusedLRP(model, rules={'1': EpsilonRule(1.)}).attribute(input, target=1)
     assert not torch.allclose(named, FusedLRP(model, rules={'1': EpsilonRule()}).attribute(input, target=1))
+
+
+def test_a_rule_for_the_type_of_an_unfolded_norm_act_layer_is_taken():
+    '''With the BatchNorm left unfolded, the copy holds the BatchNorm part of timm's BatchNormAct2d as a plain
+    BatchNorm: a rule given for the type BatchNormAct2d was ignored without a word (by name it applied).'''
+    from captum.attr._utils.lrp_rules import EpsilonRule
+    torch.manual_seed(0)
+    model = randomize_batch_norms(torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), BatchNormAct2d(4), torch.nn.Conv2d(4, 2, 3), torch.nn.Flatten())).double().eval()
+    input = torch.rand(2, 3, 7, 7, dtype=torch.float64)
+    by_type = FusedLRP(model, handling='unfused', rules={BatchNormAct2d: EpsilonRule(1.)}).attribute(input, target=1)
+    by_name = FusedLRP(model, handling='unfused', rules={'1': EpsilonRule(1.)}).attribute(input, target=1)
+    torch.testing.assert_close(by_type, by_name)
+    assert not torch.allclose(by_type, FusedLRP(model, handling='unfused').attribute(input, target=1))

@@ -320,6 +320,7 @@ class FusedLRP(LRP):
         # the user's names of the modules the prepared copy holds that take a rule of their own
         self._present = set()
         self._whole_blocks = []  # the blocks timm marks untraceable that the prepared copy calls whole
+        self._user_modules = {}  # the user's modules by name, read with the prepared copy
 
     def _prepared_model(self, num_inputs=1, additional_forward_args=None):
         '''The prepared copy for this call (see :py:meth:`PreparedModel.get`), and the ``rule`` attributes the user
@@ -335,6 +336,7 @@ class FusedLRP(LRP):
             # nothing of its own: an Identity, or timm's norm-act layer's drop and act in a container
             self._present = {self.prepared.original_name(name) for name, module in prepared.named_modules()
                              if name not in folded or isinstance(module, ThresholdReLU)}
+            self._user_modules = dict(self.model.named_modules())
             tracer = LRPTracer()
             self._whole_blocks = [
                 node.target for node in getattr(prepared, 'graph', torch.fx.Graph()).nodes
@@ -388,7 +390,10 @@ class FusedLRP(LRP):
         for rules in (self.rules, self.own_rules):
             if original in rules:
                 return copy.deepcopy(rules[original])
-        by_type = [key for key in self.rules if isinstance(key, type) and isinstance(module, key)]
+        # the user's module too: the BatchNorm part of timm's norm-act layer is a plain BatchNorm in the copy
+        users = self._user_modules.get(original)
+        types = (module, users) if is_norm_act(users) else (module,)
+        by_type = [key for key in self.rules if isinstance(key, type) and any(isinstance(each, key) for each in types)]
         if by_type:
             # the most specific type: fused layers are subclasses of the torch layer types users give
             mro = type(module).__mro__
