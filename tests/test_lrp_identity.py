@@ -50,23 +50,17 @@ EXCLUDED = {
 }
 # the same for timm's models in the zoo, by the class name of a module that breaks the identity
 SQUEEZE_EXCITATION = 'a squeeze-and-excitation gate'
+SILU = ('SiLU', 'SiLU is not positively homogeneous')
+HARDSWISH = ('Hardswish', 'Hardswish is not positively homogeneous')
 EXCLUDED_TIMM = {
     'seresnext26d_32x4d': ('SEModule', SQUEEZE_EXCITATION), 'regnety_002': ('SEModule', SQUEEZE_EXCITATION),
     'ghostnet_050': ('SqueezeExcite', SQUEEZE_EXCITATION), 'repghostnet_050': ('SqueezeExcite', SQUEEZE_EXCITATION),
     'ese_vovnet19b_dw': ('EffectiveSEModule', SQUEEZE_EXCITATION),
     'resnest14d': ('RadixSoftmax', 'split attention weighs its branches by a softmax'),
     'skresnet18': ('SelectiveKernelAttn', 'selective kernels weigh their branches by a softmax'),
-    'efficientnet_b0': ('SiLU', 'SiLU is not positively homogeneous'),
-    'tf_efficientnet_b0': ('SiLU', 'SiLU is not positively homogeneous'),
-    'efficientnet_cc_b0_4e': ('SiLU', 'SiLU is not positively homogeneous'),
-    'efficientnetv2_rw_t': ('SiLU', 'SiLU is not positively homogeneous'),
-    'mixnet_s': ('SiLU', 'SiLU is not positively homogeneous'),
-    'tf_mixnet_s': ('SiLU', 'SiLU is not positively homogeneous'),
-    'cs3darknet_focus_s': ('SiLU', 'SiLU is not positively homogeneous'),
-    'rexnet_100': ('SiLU', 'SiLU is not positively homogeneous'),
-    'mobilevit_xxs': ('SiLU', 'SiLU is not positively homogeneous'),
-    'mobilenetv3_large_100': ('Hardswish', 'Hardswish is not positively homogeneous'),
-    'lcnet_050': ('Hardswish', 'Hardswish is not positively homogeneous'),
+    **dict.fromkeys(('efficientnet_b0', 'tf_efficientnet_b0', 'efficientnet_cc_b0_4e', 'efficientnetv2_rw_t',
+                     'mixnet_s', 'tf_mixnet_s', 'cs3darknet_focus_s', 'rexnet_100', 'mobilevit_xxs'), SILU),
+    **dict.fromkeys(('mobilenetv3_large_100', 'lcnet_050'), HARDSWISH),
     'hgnetv2_b0': ('LearnableAffineBlock', 'a learned bias added by a functional op, which passes relevance by its '
                    'gradient (with a warning); the identity holds at initialisation only, where the bias is zero'),
 }

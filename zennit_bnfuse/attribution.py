@@ -32,7 +32,7 @@ from .captum_singlepass import CaptumSinglePass, called_layers
 from .checks import check_composite, check_inputs, check_model, checked_forward, plain_target
 from .fold import BATCH_NORM_TYPES, is_batch_norm, timm_layers
 from .layers import ThresholdReLU, is_layer_like
-from .graph import LRPTracer
+from .graph import blocks_kept_whole
 from .graph_layers import SumReduction, is_norm_act
 from .prepared import PreparedModel
 from .pairs import other_norm_types
@@ -337,10 +337,7 @@ class FusedLRP(LRP):
             self._present = {self.prepared.original_name(name) for name, module in prepared.named_modules()
                              if name not in folded or isinstance(module, ThresholdReLU)}
             self._user_modules = dict(self.model.named_modules())
-            tracer = LRPTracer()
-            self._whole_blocks = [
-                node.target for node in getattr(prepared, 'graph', torch.fx.Graph()).nodes
-                if node.op == 'call_module' and tracer.kept_whole(prepared.get_submodule(node.target))]
+            self._whole_blocks = blocks_kept_whole(prepared) if isinstance(prepared, torch.fx.GraphModule) else []
             self.refuse_rules_for_folded([key for key in self.rules if key in folded], 'rules names')
             self._checked = prepared
         self.own_rules = {name: module.rule for name, module in self.model.named_modules()

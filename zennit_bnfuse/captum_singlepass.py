@@ -49,7 +49,7 @@ from captum.attr._utils.custom_modules import Addition_Module
 from captum.attr._utils.lrp_rules import Alpha1_Beta0_Rule, EpsilonRule, GammaRule, IdentityRule, PropagationRule
 
 from .aliasing import reads_metadata
-from .graph import LRPTracer, carry_forward_hooks
+from .graph import blocks_kept_whole, carry_forward_hooks
 from .graph_layers import scale_passing_relevance
 from .signs import own_hooks
 from .singlepass import (
@@ -90,11 +90,11 @@ def called_layers(model):
     every leaf module.'''
     if not isinstance(model, torch.fx.GraphModule):
         return leaf_modules(model)
-    tracer, layers = LRPTracer(), {}
+    blocks, layers = set(blocks_kept_whole(model)), {}
     for node in model.graph.nodes:
         if node.op == 'call_module' and node.target not in layers:
             module = model.get_submodule(node.target)
-            layers.update(leaf_modules(module, node.target) if tracer.kept_whole(module) else [(node.target, module)])
+            layers.update(leaf_modules(module, node.target) if node.target in blocks else [(node.target, module)])
     return list(layers.items())
 
 
@@ -360,9 +360,10 @@ class RuleHooks:
                 return output
             # the output hook sits on a node of its own, after the input hooks that the next layers register on the
             # tensor this returns (Captum's clone of the output does the same)
-            hook = self.output_hook(output.detach())
-            return RelevanceNode.apply(lambda grad_output: (hook(in_output_layout(grad_output, output)),),
-                                       (output.detach(),), output)
+            detached = output.detach()  # the closure must not hold the output's graph
+            hook = self.output_hook(detached)
+            return RelevanceNode.apply(lambda grad_output: (hook(in_output_layout(grad_output, detached)),),
+                                       (detached,), output)
         tensors = [input for input in inputs if isinstance(input, torch.Tensor)]
         if not any(input.requires_grad for input in tensors):
             return output

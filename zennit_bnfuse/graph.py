@@ -732,12 +732,22 @@ def lrp_graph(model, residual='captum', concrete_args=None):
     return result, rewrite.copies
 
 
+def blocks_kept_whole(graph_module):
+    '''The names of the modules ``graph_module`` (a forward :py:func:`lrp_graph` rewrote) calls that are kept whole
+    only because timm marks them untraceable (see :py:meth:`~zennit_bnfuse.pairs.LeafTracer.kept_whole`), in the
+    order of their first call.'''
+    tracer = LRPTracer()
+    return list(dict.fromkeys(node.target for node in graph_module.graph.nodes if node.op == 'call_module'
+                              and tracer.kept_whole(graph_module.get_submodule(node.target))))
+
+
 def kept_whole(graph_module, tracer):
     '''The calls of ``graph_module`` (a forward traced by ``tracer``, a :py:class:`~zennit_bnfuse.pairs.LeafTracer`)
     of modules and functions that timm marks as untraceable, which the graph keeps whole, in words.'''
+    blocks = set(blocks_kept_whole(graph_module))
     found = []
     for node in graph_module.graph.nodes:
-        if node.op == 'call_module' and tracer.kept_whole(graph_module.get_submodule(node.target)):
+        if node.op == 'call_module' and node.target in blocks:
             found.append(f'`{node.target}` ({type(graph_module.get_submodule(node.target)).__name__})')
         elif node.op == 'call_function' and any(node.target is function for function in tracer.notrace_functions):
             found.append(f'`{op_name(node)}`')

@@ -372,8 +372,6 @@ def find_fusable_pairs(model, example_inputs=None, concrete_args=None):
         else:
             report.unfused.append(UnfusedBatchNorm(
                 entry.bn, f'the forward could not be traced ({report.trace_error}); {entry.reason}'))
-    report.unfused = [UnfusedBatchNorm(entry.bn, entry.reason + reparameterization_hint(entry.bn, modules))
-                      for entry in report.unfused]
     if report.traced and concrete_args is None:
         arguments = () if example_inputs is None else as_input_tuple(example_inputs)
         defaults = concrete_arguments(model, 0 if arguments else 1, arguments)
@@ -388,6 +386,8 @@ def find_fusable_pairs(model, example_inputs=None, concrete_args=None):
         check_folds(model, report, example_inputs)
     elif not report.traced:
         refuse_unproven(report)
+    report.unfused = [UnfusedBatchNorm(entry.bn, entry.reason + reparameterization_hint(entry.bn, modules))
+                      for entry in report.unfused]
     if not report.traced:
         done = (f'folded {len(report.fused)} of its {report.num_batch_norms} BatchNorms, those next to a conv/linear '
                 'layer inside an nn.Sequential whose fold gave the model\'s output on example_inputs'

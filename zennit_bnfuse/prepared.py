@@ -207,10 +207,10 @@ class PreparedModel:
         and ``additional_forward_args``: both run as :py:func:`~zennit_bnfuse.verification.seeded_output` runs them
         (alike for random numbers and inputs changed in place), the model as a copy that shares its parameters
         (:py:func:`~zennit_bnfuse.pairs.tracing_copy`: its forward may change its attributes or buffers in place),
-        give an output holding tensors, and agree to within :py:func:`~zennit_bnfuse.verification.output_tolerance`.
-        Used where the traced
-        forward leaves a tensor argument unread, which a check of its type (``isinstance``) may have caused, or the
-        call's other values rightly.
+        give an output holding tensors, and agree tensor by tensor (see
+        :py:func:`~zennit_bnfuse.verification.output_mismatch`). Used where the trace may have taken another branch
+        than the model: a tensor argument it leaves unread, an argument that is not a tensor traced as a proxy, a
+        tuple or list traced as a subclass (see :py:meth:`check_arguments`).
 
         Parameters
         ----------

@@ -109,11 +109,6 @@ def output_differences(actual, expected):
     return differences
 
 
-def output_error(actual, expected):
-    '''The largest relative error over the tensors of two model outputs (see :py:func:`output_differences`).'''
-    return max((error for error, _ in output_differences(actual, expected)), default=0.)
-
-
 def output_mismatch(actual, expected):
     '''None where each tensor of the output ``actual`` agrees with that of ``expected`` to within the tolerance of
     its dtype (:py:func:`output_tolerance`; exactly for integer and bool tensors), else which tensor does not and by
