@@ -10,8 +10,9 @@ from captum.attr import LRP
 from captum.attr._utils.lrp_rules import EpsilonRule, GammaRule, IdentityRule
 from zennit.attribution import Gradient
 from zennit.canonizers import CompositeCanonizer, SequentialMergeBatchNorm
-from zennit.composites import EpsilonAlpha2Beta1Flat, EpsilonPlusFlat, LayerMapComposite, MixedComposite
-from zennit.rules import Epsilon
+from zennit.composites import (EpsilonAlpha2Beta1Flat, EpsilonPlusFlat, LayerMapComposite, MixedComposite,
+                               NameMapComposite)
+from zennit.rules import Epsilon, Gamma
 from zennit.torchvision import ResNetCanonizer
 
 from conftest import randomize_batch_norms
@@ -542,9 +543,6 @@ class ConvUsedTwice(torch.nn.Module):
 @pytest.mark.parametrize('single_pass', [False, True])
 def test_rule_by_name_reaches_every_use_of_a_reused_module(single_pass):
     # the prepared copy has one module per use (conv, conv_1); a name the user gives must reach both
-    from zennit.composites import NameMapComposite
-    from zennit.rules import Gamma
-
     def composite(names):
         composite = NameMapComposite([(['fc'], Epsilon()), (names, Gamma(gamma=1.))])
         return SinglePass(composite) if single_pass else composite
@@ -1006,3 +1004,44 @@ def test_a_rule_for_a_container_is_refused():
     model = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.ReLU()), torch.nn.Flatten())
     with pytest.raises(ValueError, match=r"rules names '0' \(Sequential\), a module that holds others"):
         FusedLRP(model, rules={'0': EpsilonRule()})
+
+
+def one_linear_layer():
+    model = torch.nn.Linear(2, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1., -2.]]))
+    return model
+
+
+@pytest.mark.parametrize('engine', ['singlepass', 'captum'])
+@pytest.mark.parametrize('how', ['name', 'type', 'attribute'])
+def test_a_rule_for_a_model_that_is_one_layer_applies(engine, how):
+    '''A model that is one layer was traced into a copy whose layer had another name than '', so a rule named ''
+    or set on it was ignored, silently. z = 3 - 2 = 1; gamma=1 doubles the positive weight: z' = 6 - 2 = 4, and the
+    relevance is x * w' * z / z' = [6, -2] / 4; the epsilon rule gives x * w = [3, -2].'''
+    model, rule = one_linear_layer(), GammaRule(gamma=1.)
+    rules = {'name': {'': rule}, 'type': {torch.nn.Linear: rule}, 'attribute': None}[how]
+    if how == 'attribute':
+        model.rule = rule
+    lrp = FusedLRP(model, rules=rules, engine=engine)
+    actual = lrp.attribute(torch.tensor([[3., 1.]], dtype=torch.float64), target=0)
+    torch.testing.assert_close(actual.detach(), torch.tensor([[1.5, -0.5]], dtype=torch.float64))
+    assert lrp.fallbacks == []  # nothing runs after the layer: the single pass computes the rule
+    plain = FusedLRP(one_linear_layer(), engine=engine).attribute(torch.tensor([[3., 1.]], dtype=torch.float64), 0)
+    torch.testing.assert_close(plain.detach(), torch.tensor([[3., -2.]], dtype=torch.float64))
+
+
+@pytest.mark.parametrize('single_pass', [None, False])
+def test_a_composite_rule_for_a_model_that_is_one_layer_equals_zennit(single_pass):
+    '''NameMapComposite([([''], rule)]) on a model that is one layer: Zennit gives the model the rule; the prepared
+    copy named its layer otherwise and gave it none.'''
+    torch.manual_seed(0)
+    model, input = torch.nn.Linear(4, 3).double(), torch.randn(2, 4, dtype=torch.float64)
+    composite = NameMapComposite([([''], Gamma(gamma=1.))])
+    actual = CompositeLRP(model, composite, single_pass=single_pass).attribute(input, target=0)
+    with Gradient(model, composite) as attributor:
+        _, expected = attributor(input, lambda output: torch.eye(3, dtype=output.dtype)[[0, 0]] * output)
+    with Gradient(model, NameMapComposite([([''], Epsilon())])) as attributor:
+        _, epsilon = attributor(input, lambda output: torch.eye(3, dtype=output.dtype)[[0, 0]] * output)
+    assert not torch.allclose(expected, epsilon)  # the rule makes a difference here
+    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)

@@ -486,6 +486,8 @@ class CaptumSinglePass:
         changing = [name for name, rule in self.rules.items() if rule is not None and changes_weights(rule)]
         if not changing:
             return None  # both of Captum's passes compute the same values
+        if len(self.layers) == 1 and self.layers[0][1] is self.model:
+            return None  # a model that is one layer: nothing runs after it
         if not isinstance(self.model, torch.fx.GraphModule):
             return Fallback(changing[0], self.rules[changing[0]],
                             'the forward could not be traced, so the functional operations after layers whose rule '

@@ -684,6 +684,10 @@ def lrp_graph(model, residual='captum', concrete_args=None):
     if residual not in RESIDUALS:
         raise ValueError(f'residual must be one of {", ".join(map(repr, RESIDUALS))}, not {residual!r}')
     tracer = LRPTracer()
+    if not list(model.children()) and tracer.is_leaf_module(model, ''):
+        # a model that is one layer stays that layer, named '' as the user's rules and composites name it: traced,
+        # its functional op would become a module of another name
+        return model, {}
     try:
         graph = trace_for_call(tracer, model, concrete_args, refuse_draws=True)
     except Exception as error:  # fx raises many kinds of errors for untraceable code
