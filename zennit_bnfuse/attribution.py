@@ -223,8 +223,18 @@ class _RuleLRP(LRP):
                 self.backward_handles.extend(_register_backward_hook(layer, self.pass_through_hook(name), self))
             else:
                 self.forward_handles.append(layer.register_forward_hook(layer.rule.forward_hook))
+                self.forward_handles.append(layer.register_forward_hook(self.gradient_in_output_layout))
                 if self.verbose:
                     print(f'Applied {layer.rule} on layer {layer}')
+
+    @staticmethod
+    def gradient_in_output_layout(module, inputs, output):
+        '''Make the gradient reaching the rule's output hook (and the layer's backward) contiguous where the output
+        is: the rule's hook keeps the gradient's strides, and torch's CPU BatchNorm backward returns a wrong input
+        gradient for some (see :py:func:`~zennit_bnfuse.singlepass.in_output_layout`). Runs after the rule's forward
+        hook, on the copy of the output that the rule's hook returns.'''
+        if isinstance(output, torch.Tensor) and output.requires_grad and output.is_contiguous():
+            output.register_hook(torch.Tensor.contiguous)
 
     @staticmethod
     def pass_through_hook(name):
