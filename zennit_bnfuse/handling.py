@@ -19,7 +19,7 @@ from .fold import check_batch_norm, is_batch_norm, timm_layers
 from .fusion import fuse
 from .graph import lrp_graph
 from .pairs import find_fusable_pairs
-from .replacements import model_copy
+from .replacements import model_copy, unparametrized_copy
 from .report import FusedBatchNorm, FusionReport, UnfusedBatchNorm
 
 
@@ -154,7 +154,8 @@ class BatchNormHandling:
             (see :py:func:`zennit_bnfuse.fold.check_batch_norm`); see :py:func:`zennit_bnfuse.fuse` and
             :py:func:`zennit_merged` for the others.
         '''
-        owned, report = self.make_copy(model, example_inputs, concrete_args=concrete_args)
+        # a parametrized layer computes its weight in every forward, where LRP rules could not modify it
+        owned, report = self.make_copy(unparametrized_copy(model), example_inputs, concrete_args=concrete_args)
         refuse_training_mode(owned)
         refuse_standardizing_convs(owned)
         prepared, copies = lrp_graph(owned, residual=residual, concrete_args=concrete_args)

@@ -3,6 +3,7 @@ import copy
 
 import torch
 import torch.fx
+from torch.nn.utils import parametrize
 
 from .fold import batch_norm_affine, fold_into_next, fold_into_previous, relu_fold, timm_layers
 
@@ -319,6 +320,11 @@ def layer_kind_problem(layer):
             return f'is a {type(layer).__name__}, which {extension.REFUSED_LAYER_REASONS[type(layer)]}'
         if type(layer) in extension.FOLDABLE_VARIANT_TYPES:
             return None
+    if isinstance(layer, FOLDABLE_LAYER_TYPES) and parametrize.is_parametrized(layer):
+        return (f'is a {type(layer).__name__}, whose weight torch.nn.utils.parametrize computes in every forward '
+                '(FusedLRP and CompositeLRP fold into a copy holding its current weight; for fuse(), remove the '
+                'parametrization first, though not with remove_parametrizations on a deep copy of a model still in '
+                'use: the copy shares its class, and removing it there breaks the original)')
     if isinstance(layer, FOLDABLE_LAYER_TYPES):
         return f'is a {type(layer).__name__}, a subclass whose forward may differ from its base'
     return 'is not a conv/linear layer'

@@ -3,6 +3,7 @@ model with them in place.'''
 import copy
 
 import torch
+from torch.nn.utils import parametrize
 
 from .fold import batch_norm_affine, channel_range, is_frozen, timm_layers
 from .layers import folded_layer, threshold_relu_for
@@ -135,3 +136,68 @@ def set_module(root, name, module):
     '''Register ``module`` under the dotted ``name`` in ``root``, replacing what was there, keeping the order.'''
     parent_name, _, child = name.rpartition('.')
     setattr(root.get_submodule(parent_name), child, module)
+
+
+def unparametrized(module):
+    '''A module of the class ``module`` had before :py:mod:`torch.nn.utils.parametrize` parametrized it (a
+    ``weight_norm`` or ``spectral_norm`` conv), holding its parametrized tensors' current values as plain parameters
+    (or buffers): the same forward, with a weight that LRP rules can modify. ``module`` is not changed.
+
+    Built on a deep copy, never by ``remove_parametrizations`` on one: a copy shares its class with ``module``, and
+    torch removes the parametrization's property from that class, which breaks ``module``.
+
+    Raises
+    ------
+    ValueError
+        If a parametrization is in training mode, where it may change its tensor on every call (``spectral_norm``'s
+        power iteration).
+    '''
+    training = next((each for parametrizations in module.parametrizations.values() for each in parametrizations
+                     if each.training), None)
+    if training is not None:
+        raise ValueError(
+            f'{type(module).__name__} has a parametrization in training mode ({type(training).__name__}), which may '
+            'compute another weight on every call. Call model.eval() before explaining the model.')
+    owned = copy.deepcopy(module)
+    values = {}
+    with torch.no_grad():
+        for name, parametrization in owned.parametrizations.items():
+            originals = ([parametrization.original] if parametrization.is_tensor else
+                         [getattr(parametrization, f'original{index}') for index in range(parametrization.ntensors)])
+            values[name] = getattr(owned, name), originals
+    base = type(module).__bases__[0]  # parametrize makes the class Parametrized<base>(base)
+    plain = base.__new__(base)
+    vars(plain).update(vars(owned))
+    plain._modules, plain._parameters, plain._buffers = (
+        {key: value for key, value in owned._modules.items() if key != 'parametrizations'},
+        dict(owned._parameters), dict(owned._buffers))
+    for name, (value, originals) in values.items():
+        if any(isinstance(original, torch.nn.Parameter) for original in originals):
+            plain._parameters[name] = torch.nn.Parameter(value, any(original.requires_grad for original in originals))
+        else:
+            plain._buffers[name] = value
+    return plain
+
+
+def unparametrized_copy(model):
+    '''``model`` itself where none of its modules is parametrized (:py:mod:`torch.nn.utils.parametrize`); else a
+    deep copy (see :py:func:`model_copy`) in which every parametrized module is :py:func:`unparametrized`.
+
+    Raises
+    ------
+    ValueError
+        See :py:func:`unparametrized`, naming the module.
+    '''
+    names = [name for name, module in model.named_modules() if parametrize.is_parametrized(module)]
+    # a parametrized module inside another is copied with it
+    names = [name for name in names if not any(other != name and (other == '' or name.startswith(f'{other}.'))
+                                               for other in names)]
+    if not names:
+        return model
+    modules, replacements = dict(model.named_modules()), {}
+    for name in names:
+        try:
+            replacements[name] = unparametrized(modules[name])
+        except ValueError as error:
+            raise ValueError(f'`{name}`: {error}') from None
+    return replaced_copy(model, replacements)
