@@ -1045,3 +1045,103 @@ def test_a_composite_rule_for_a_model_that_is_one_layer_equals_zennit(single_pas
         _, epsilon = attributor(input, lambda output: torch.eye(3, dtype=output.dtype)[[0, 0]] * output)
     assert not torch.allclose(expected, epsilon)  # the rule makes a difference here
     torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
+
+
+class ChannelMix(torch.nn.Module):
+    '''A layer of the user's own, without children: its forward is traced into, unless it has a rule.'''
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, x):
+        return torch.einsum('bchw,dc->bdhw', x, self.weight)
+
+
+class ChannelMixNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.relu, self.mix, self.mix_relu = torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), ChannelMix(), \
+            torch.nn.ReLU()
+        self.pool, self.fc = torch.nn.AdaptiveAvgPool2d(1), torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.mix_relu(self.mix(self.relu(self.conv(x))))).flatten(1))
+
+
+def channel_mix_net():
+    torch.manual_seed(0)
+    return ChannelMixNet().double()
+
+
+@pytest.mark.parametrize('engine', ['singlepass', 'captum'])
+@pytest.mark.parametrize('how', ['name', 'type', 'attribute'])
+def test_a_rule_for_a_layer_the_trace_goes_into_applies_as_in_captum(engine, how):
+    '''The prepared copy traced into a module without children that is not torch's (timm's activations, a user's own
+    layer), so a rule given for it never applied, without a word. Captum's LRP gives it the rule.'''
+    model, rule = channel_mix_net(), GammaRule(gamma=.5)
+    rules = {'name': {'mix': rule}, 'type': {ChannelMix: rule}, 'attribute': {}}[how]
+    if how == 'attribute':
+        model.mix.rule = rule
+    input = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    actual = FusedLRP(model, rules=rules, engine=engine).attribute(input, target=1)
+    reference = copy.deepcopy(model)
+    reference.mix.rule = GammaRule(gamma=.5)
+    expected = LRP(reference).attribute(input, target=1)
+    plain = FusedLRP(channel_mix_net(), engine=engine).attribute(input, target=1)
+    assert not torch.allclose(plain, expected)  # the rule makes a difference
+    torch.testing.assert_close(actual.detach(), expected.detach(), rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize('single_pass', [None, False])
+def test_a_composite_rule_for_a_layer_the_trace_goes_into_equals_zennit(single_pass):
+    model, input = channel_mix_net(), torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    composite = NameMapComposite([(['conv', 'fc'], Epsilon()), (['mix'], Gamma(gamma=.5))])
+    actual = CompositeLRP(model, composite, single_pass=single_pass).attribute(input, target=1)
+    with Gradient(model, composite) as attributor:
+        _, expected = attributor(input, lambda output: torch.eye(3, dtype=output.dtype)[[1, 1]] * output)
+    plain = CompositeLRP(model, NameMapComposite([(['conv', 'fc'], Epsilon())])).attribute(input, target=1)
+    assert not torch.allclose(plain, expected)
+    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-14)
+
+
+class InPlaceAct(torch.nn.Module):
+    '''conv -> act -> mean -> linear, with ``act`` in place. ``forward_kind``: 'untraced' (data-dependent control
+    flow), 'reads-write' (the forward reads the write through a view taken before), 'plain'.'''
+    def __init__(self, act, forward_kind):
+        super().__init__()
+        self.conv, self.act, self.fc = torch.nn.Conv2d(3, 4, 3), act, torch.nn.Linear(4, 3)
+        self.forward_kind = forward_kind
+
+    def forward(self, x):
+        hidden = self.conv(x)
+        if self.forward_kind == 'untraced' and hidden.sum() > -1e9:
+            hidden = self.act(hidden)
+        elif self.forward_kind == 'reads-write':
+            view = hidden.flatten(2)
+            self.act(hidden)
+            return self.fc(view.mean(2))
+        else:
+            hidden = self.act(hidden)
+        return self.fc(hidden.mean((2, 3)))
+
+
+@pytest.mark.parametrize('engine', ['singlepass', 'captum'])
+@pytest.mark.parametrize('forward_kind, act, rule, where', [
+    ('untraced', torch.nn.LeakyReLU(.1, inplace=True), EpsilonRule(), 'in a forward torch.fx could not trace'),
+    ('untraced', torch.nn.ReLU(inplace=True), IdentityRule(), 'in a forward torch.fx could not trace'),
+    ('reads-write', torch.nn.LeakyReLU(.1, inplace=True), EpsilonRule(), 'where the forward reads again the tensor'),
+], ids=['untraced-leaky-epsilon', 'untraced-relu-identity', 'reads-write'])
+@pytest.mark.filterwarnings('ignore:zennit_bnfuse')
+def test_a_rule_for_a_module_left_in_place_is_refused(engine, forward_kind, act, rule, where):
+    '''Captum's rules hook the input a module writes over: on an untraced forward an in-place LeakyReLU with the
+    epsilon rule was 0.50 off the same module out of place, and IdentityRule on an in-place ReLU raised Captum's
+    KeyError. Only modules the copy leaves in place are refused.'''
+    model = InPlaceAct(copy.deepcopy(act), forward_kind).double()
+    input = torch.rand(2, 3, 6, 6, dtype=torch.float64)
+    with pytest.raises(ValueError, match=rf'module `act` \({type(act).__name__}\) has a rule and runs in place {where}'
+                                         r'.*set inplace=False on it'):
+        FusedLRP(model, rules={'act': rule}, engine=engine).attribute(input, target=0)
+    model.act.inplace = False
+    assert FusedLRP(model, rules={'act': rule}, engine=engine).attribute(input, target=0).abs().sum() > 0
+    plain = InPlaceAct(copy.deepcopy(act), 'plain').double()  # the rewrite makes it out of place
+    FusedLRP(plain, rules={'act': rule}, engine=engine).attribute(input, target=0)

@@ -128,6 +128,12 @@ def check_rule_names(model, rules):
                 'the layers, so it would never apply. Name its layers, or give the rule for their type.')
 
 
+def composite_gives_rule(composite, name, module):
+    '''Whether Zennit's ``composite`` maps the module ``name`` to a rule (asked with a context of its own, as a
+    registration on this module alone would ask).'''
+    return composite.module_map({}, name, module) is not None
+
+
 @functools.lru_cache(maxsize=None)
 def rounds_to_zero(value, dtype):
     '''Whether the float ``value`` is 0 once stored in ``dtype`` (cached: checked once per value and dtype, not per
@@ -324,7 +330,7 @@ class FusedLRP(LRP):
                     f'not {rule!r}')
         check_rule_names(model, self.rules)
         self.prepared = PreparedModel(model, handling, residual='captum', example_inputs=example_inputs,
-                                      caller='FusedLRP')
+                                      caller='FusedLRP', gives_rule=self.gives_rule)
         self.own_rules = {}
         self._checked = None  # the prepared copy whose modules were read last
         # the user's names of the modules the prepared copy holds that take a rule of their own
@@ -358,6 +364,11 @@ class FusedLRP(LRP):
                                      'a `rule` attribute is set on')
         return prepared
 
+    def gives_rule(self, name, module):
+        '''Whether the user gives their module ``name`` a rule: by name, by type, or as a ``rule`` attribute.'''
+        return (name in self.rules or getattr(module, 'rule', None) is not None
+                or any(isinstance(key, type) and isinstance(module, key) for key in self.rules))
+
     def refuse_rules_for_folded(self, names, given):
         '''Raise if a folded BatchNorm in ``names`` (given a rule; ``given`` says how, for the message) has no module
         of its own left in the prepared copy to take the rule, which would never apply.'''
@@ -382,14 +393,22 @@ class FusedLRP(LRP):
             marks untraceable): the graph rewrite that gives such modules their own input cannot reach inside it.
         '''
         rule = self.rule_for(name, module)
+        if rule is None or not getattr(module, 'inplace', False):
+            return rule
         block = next((block for block in self._whole_blocks if name.startswith(f'{block}.')), None)
-        if rule is not None and block is not None and getattr(module, 'inplace', False):
-            raise ValueError(
-                f'FusedLRP: module `{self.prepared.original_name(name)}` ({type(module).__name__}) has a rule and runs '
-                f'in place inside `{self.prepared.original_name(block)}`, a block timm marks untraceable, which the '
-                'prepared copy keeps whole: Captum\'s rules need the input it writes over. Give it no rule (None), '
-                'or set inplace=False on it.')
-        return rule
+        if block is not None:
+            where = (f'inside `{self.prepared.original_name(block)}`, a block timm marks untraceable, which the '
+                     'prepared copy keeps whole')
+        elif not isinstance(self._checked, torch.fx.GraphModule):
+            where = 'in a forward torch.fx could not trace (see the warning), which the prepared copy keeps as it is'
+        elif not type(module).__module__.startswith('torch.nn'):
+            where = 'and is not one of torch\'s modules, which the rewrite of the traced forward makes out of place'
+        else:  # the rewrite made the others out of place
+            where = 'where the forward reads again the tensor it writes into (see the warning)'
+        raise ValueError(
+            f'FusedLRP: module `{self.prepared.original_name(name)}` ({type(module).__name__}) has a rule and runs in '
+            f'place {where}: Captum\'s rules need the input it writes over. Give it no rule (None), or set '
+            'inplace=False on it.')
 
     def rule_for(self, name, module):
         '''The rule for the prepared model's module ``name`` (see :py:meth:`choose_rule`).'''
@@ -597,7 +616,8 @@ class CompositeLRP(GradientAttribution):
         # adds them as they are
         residual = 'operands' if self.engine == 'singlepass' else 'zennit'
         self.prepared = PreparedModel(model, handling, residual=residual, example_inputs=example_inputs,
-                                      caller='CompositeLRP')
+                                      caller='CompositeLRP',
+                                      gives_rule=functools.partial(composite_gives_rule, composite))
         merging = batch_norm_canonizers(composite.canonizers)
         if merging and not self.prepared.handling.fuses:
             raise ValueError(

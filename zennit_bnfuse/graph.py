@@ -231,7 +231,20 @@ class LRPTracer(LeafTracer):
     and timm's norm-act modules as leaves. An augmented assignment on a tensor (``x += y``) stays the in-place
     operator the base records (:py:class:`~zennit_bnfuse.pairs.InPlaceProxy`): every tensor sharing ``x``'s memory
     sees the write, in the model and in the graph module. On anything else (an int from a shape, a number argument)
-    it becomes the out-of-place operator again, as generated code would rebind the operand's name.'''
+    it becomes the out-of-place operator again, as generated code would rebind the operand's name.
+
+    Parameters
+    ----------
+    leaves: collection of str, optional
+        Names of further modules to keep as leaves (modules the user gives a rule, whose forward would be traced
+        into and the rule never apply; see :py:meth:`~zennit_bnfuse.prepared.PreparedModel.ruled_leaves`).'''
+    def __init__(self, leaves=()):
+        super().__init__()
+        self.leaves = frozenset(leaves)
+
+    def is_leaf_module(self, module, module_qualified_name):
+        return module_qualified_name in self.leaves or super().is_leaf_module(module, module_qualified_name)
+
     def is_layer_leaf(self, module):
         return isinstance(module, (Sum, Addition_Module)) or is_norm_act(module) or super().is_layer_leaf(module)
 
@@ -641,7 +654,7 @@ class GraphRewrite:
                     node.replace_input_with(arg, clone)
 
 
-def lrp_graph(model, residual='captum', concrete_args=None):
+def lrp_graph(model, residual='captum', concrete_args=None, leaves=()):
     '''An fx GraphModule of ``model`` whose forward LRP can explain: functional ops that combine values are modules
     with rules, and every module call has its own module (see the module docstring for the full list).
 
@@ -663,6 +676,9 @@ def lrp_graph(model, residual='captum', concrete_args=None):
         Arguments of the forward to trace as fixed values (torch.fx's ``concrete_args``); the result computes the
         model's function for calls with those values only (it does not check them). By default every argument is
         traced as a tensor.
+    leaves: collection of str, optional
+        Names of modules without children to keep as modules whose forward is not traced into (see
+        :py:class:`LRPTracer`); ``''`` keeps a model without children as it is.
 
     Returns
     -------
@@ -683,7 +699,7 @@ def lrp_graph(model, residual='captum', concrete_args=None):
     '''
     if residual not in RESIDUALS:
         raise ValueError(f'residual must be one of {", ".join(map(repr, RESIDUALS))}, not {residual!r}')
-    tracer = LRPTracer()
+    tracer = LRPTracer(leaves)
     if not list(model.children()) and tracer.is_leaf_module(model, ''):
         # a model that is one layer stays that layer, named '' as the user's rules and composites name it: traced,
         # its functional op would become a module of another name

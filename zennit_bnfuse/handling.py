@@ -123,7 +123,7 @@ class BatchNormHandling:
         '''Whether BatchNorms are folded by this package before LRP runs.'''
         return self.name == 'fused'
 
-    def prepare(self, model, residual, example_inputs=None, concrete_args=None):
+    def prepare(self, model, residual, example_inputs=None, concrete_args=None, leaves=()):
         '''The LRP-ready copy of ``model`` for this handling; ``model`` is not changed.
 
         Parameters
@@ -140,6 +140,9 @@ class BatchNormHandling:
             Arguments of the forward that the copy is made for as fixed values (torch.fx's ``concrete_args``): the
             folds and the LRP graph follow the path the forward takes for them (see
             :py:mod:`zennit_bnfuse.specialization`).
+        leaves: collection of str, optional
+            Modules the LRP graph keeps as modules rather than tracing into them (see
+            :py:func:`zennit_bnfuse.graph.lrp_graph`).
 
         Returns
         -------
@@ -158,7 +161,7 @@ class BatchNormHandling:
         owned, report = self.make_copy(unparametrized_copy(model), example_inputs, concrete_args=concrete_args)
         refuse_training_mode(owned)
         refuse_standardizing_convs(owned)
-        prepared, copies = lrp_graph(owned, residual=residual, concrete_args=concrete_args)
+        prepared, copies = lrp_graph(owned, residual=residual, concrete_args=concrete_args, leaves=leaves)
         return prepared, copies, report
 
 

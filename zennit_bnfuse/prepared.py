@@ -6,6 +6,7 @@ from collections import OrderedDict
 import torch
 
 from .checks import check_additional_arguments, refuse_global_hooks, refuse_zennit_hooks
+from .graph import LRPTracer
 from .handling import bn_handling
 from .pairs import tracing_copy
 from .specialization import as_argument_tuple, as_concrete, concrete_arguments, signature_key
@@ -100,6 +101,10 @@ class PreparedModel:
         Forward arguments to check the folds on, see :py:func:`zennit_bnfuse.fuse`.
     caller: str, optional
         The class that uses the copy, for error messages.
+    gives_rule: callable, optional
+        ``gives_rule(name, module) -> bool``: whether the caller gives the user's module ``name`` a rule. Such a
+        module is kept a module of the copy where the trace would go into its forward (one without children that is
+        not torch's, see :py:meth:`ruled_leaves`), so that the rule applies.
 
     Raises
     ------
@@ -125,10 +130,13 @@ class PreparedModel:
     '''
     MAX_SIGNATURES = 4
 
-    def __init__(self, model, handling='fused', residual='captum', example_inputs=None, caller='PreparedModel'):
+    def __init__(self, model, handling='fused', residual='captum', example_inputs=None, caller='PreparedModel',
+                 gives_rule=None):
         refuse_zennit_hooks(model, caller)
         self.model = model
         self.caller = caller
+        self.gives_rule = gives_rule
+        self._tracer = LRPTracer()
         self.handling = bn_handling(handling)
         self.residual = residual
         self.example_inputs = example_inputs
@@ -149,12 +157,13 @@ class PreparedModel:
         if fingerprint != self._fingerprint:
             self._built.clear()
         concrete_args = concrete_arguments(self.model, num_inputs, additional_forward_args)
-        key = signature_key(concrete_args)
+        leaves = self.ruled_leaves()
+        key = signature_key(concrete_args), leaves
         if key not in self._built:
             # registering a composite adds hooks, which changes the fingerprint: checked where the copy is made
             refuse_zennit_hooks(self.model, self.caller)
             self._built[key] = self.handling.prepare(
-                self.model, self.residual, self.example_inputs, concrete_args=concrete_args)
+                self.model, self.residual, self.example_inputs, concrete_args=concrete_args, leaves=leaves)
             self._fingerprint = fingerprint
             self.builds += 1
             while len(self._built) > self.MAX_SIGNATURES:
@@ -163,6 +172,15 @@ class PreparedModel:
         self._built.move_to_end(key)
         prepared, self.copies, self.report = self._built[key]
         return prepared
+
+    def ruled_leaves(self):
+        '''The names of the model's modules without children that the LRP graph's trace would go into (modules that
+        are not torch's, such as timm's activations or a user's own layer) and that ``gives_rule`` gives a rule:
+        traced into, their forward's ops would run in the copy but the module would not, and the rule never apply.'''
+        if self.gives_rule is None:
+            return frozenset()
+        return frozenset(name for name, module in self.model.named_modules() if not list(module.children())
+                         and not self._tracer.is_leaf_module(module, name) and self.gives_rule(name, module))
 
     def warn_signatures(self, concrete_args):
         '''Warn (once) that the copy for the oldest signature was dropped to build one for ``concrete_args``.'''
