@@ -254,7 +254,7 @@ def must_not_fuse():
             ('as-strided', lambda y: torch.as_strided(y, y.shape, y.stride()).mul_(3.), r'`\.mul_\(\)`'),
             ('atleast-2d', lambda y: torch.atleast_2d(y).mul_(3.), r'`\.mul_\(\)`'),
             ('out', lambda y: torch.add(y, 1., out=y), r'`torch\.add`'),
-            ('setitem', lambda y: y.__setitem__((slice(None), 0), 0.), r'`\.__setitem__\(\)`')]:
+            ('setitem', lambda y: y.__setitem__((slice(None), 0), 0.), r'`\[\] =`')]:
         cases[f'bn-input-written-after-{name}'] = (*prepared(Lambda(
             lambda self, x, write=write: (lambda y: (lambda z: [write(y), self.conv(z)][1])(self.bn(y)))(x * 1.),
             bn=torch.nn.BatchNorm2d(3), conv=torch.nn.Conv2d(3, 3, 3, padding=1)), 2, 3, 5, 5),

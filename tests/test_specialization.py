@@ -590,6 +590,36 @@ def test_a_list_the_forward_fills_reaches_the_caller(explainer):
     assert len(features) == 1 and features[0].shape == (2, 3, 5, 5)
 
 
+class WritingByIndex(Resized):
+    '''Resized, writing its hidden features into the list it is given by index, and zeroing a channel by an item
+    assignment on a tensor.'''
+    def forward(self, x, features=None):
+        hidden = self.bn(self.conv(x))
+        hidden[:, 0] = 0.
+        hidden = torch.relu(hidden)
+        features[0] = hidden
+        return self.linear(hidden.mean((2, 3)))
+
+
+@pytest.mark.parametrize('engine', ['FusedLRP', 'CompositeLRP'])
+def test_item_assignments_are_traced(engine):
+    '''``features[0] = h`` on a list argument and ``h[:, 0] = 0.`` on a tensor made the trace fail (a proxy does
+    not take item assignment): the model ran untraced, its BatchNorm unfolded, 2.29 off gradient x input (FusedLRP,
+    the review's model). Traced now, the caller's list is filled once and LRP-epsilon equals gradient x input.'''
+    torch.manual_seed(0)
+    model = randomize_batch_norms(WritingByIndex()).double().eval()
+    input = torch.rand(2, 2, 7, 7, dtype=torch.float64, requires_grad=True)
+    features = [None]
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # no warning that the forward could not be traced
+        lrp = epsilon_explainer(engine, model, 'fused')
+        relevance = lrp.attribute(input, target=0, additional_forward_args=(features,))
+    assert [item.bn for item in lrp.prepared.report.fused] == ['bn']
+    assert features[0].shape == (2, 3, 5, 5) and not features[0][:, 0].any()
+    model(input, [None])[:, 0].sum().backward()
+    torch.testing.assert_close(relevance, input.grad * input, rtol=1e-10, atol=1e-14)
+
+
 class TypeChecked(Resized):
     '''Resized, pooled only where the size is exactly a tuple.'''
     def forward(self, x, size=(2, 2)):

@@ -213,13 +213,13 @@ GATE_METHODS = {'sigmoid', 'softmax'}
 EXACT_FUNCTIONS = {
     *RESHAPE_FUNCTIONS, torch.cat, torch.concat, torch.concatenate, torch.stack, torch.chunk, torch.split,
     torch.tensor_split, torch.narrow, torch.flip, torch.roll, torch.clone, torch.broadcast_tensors, operator.getitem,
-    F.pad, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.channel_shuffle, F.pixel_shuffle,
+    operator.setitem, F.pad, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.channel_shuffle, F.pixel_shuffle,
     F.pixel_unshuffle, torchvision.ops.stochastic_depth, scale_passing_relevance,
     # max pooling's gradient hands each window's relevance to its maximum, as LRP-epsilon does
     *(getattr(F, f'{kind}max_pool{dims}d_with_indices') for kind in ('', 'adaptive_') for dims in (1, 2, 3)),
 }
 EXACT_METHODS = {*RESHAPE_METHODS, 'unflatten', 'repeat', 'chunk', 'split', 'narrow', 'flip', 'roll', 'clone', 'to',
-                 'type', 'type_as', 'float', 'double', 'half', 'bfloat16', 'cpu', 'cuda'}
+                 'type', 'type_as', 'float', 'double', 'half', 'bfloat16', 'cpu', 'cuda', '__setitem__'}
 # sums that give a tensor unchanged where the other operand is the number 0 (timm's MobileOne blocks start their sum
 # of branches at ``0``): their gradient hands the tensor its relevance; the tensor must come first for a difference
 SUMS_WITH_ZERO = {operator.add, operator.iadd, torch.add, 'add', 'add_'}

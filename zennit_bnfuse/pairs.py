@@ -74,7 +74,11 @@ class InPlaceProxy(torch.fx.Proxy):
     (``operator.iadd``, ...). A plain proxy has no ``__iadd__``, so Python falls back to ``x = x + y`` and the graph
     shows a new tensor where the forward writes into ``x``, which every tensor sharing its memory sees. Generated code
     would rebind the variable of an immutable operand (an int from a shape): a graph that runs turns those back into
-    the out-of-place operator (:py:class:`~zennit_bnfuse.graph.LRPTracer`).'''
+    the out-of-place operator (:py:class:`~zennit_bnfuse.graph.LRPTracer`). An item assignment (``x[i] = v`` on a
+    tensor, ``features[0] = h`` on a list argument) is recorded as ``operator.setitem``, where a plain proxy makes
+    the trace fail.'''
+    def __setitem__(self, key, value):
+        self.tracer.create_proxy('call_function', operator.setitem, (self, key, value), {})
 
 
 for _name in ('iadd', 'isub', 'imul', 'itruediv', 'ifloordiv', 'imod', 'ipow', 'imatmul', 'iand', 'ior', 'ixor',
@@ -478,7 +482,8 @@ def describe(node, modules):
             index = node.args[1] if len(node.args) > 1 else None
             item = f'item {index}' if isinstance(index, int) else 'a slice'
             return f'{item} of {describe(node.args[0], modules)}'
-        symbol = {operator.add: '+', operator.iadd: '+=', operator.mul: '*', operator.getitem: '[]'}.get(node.target)
+        symbol = {operator.add: '+', operator.iadd: '+=', operator.mul: '*', operator.getitem: '[]',
+                  operator.setitem: '[] ='}.get(node.target)
         if symbol is not None:
             return f'`{symbol}`'
         module = getattr(node.target, '__module__', None) or ''
