@@ -1006,8 +1006,18 @@ def test_a_rule_for_a_container_is_refused():
         FusedLRP(model, rules={'0': EpsilonRule()})
 
 
-def one_linear_layer():
-    model = torch.nn.Linear(2, 1, bias=False).double()
+class OwnLinear(torch.nn.Module):
+    '''A linear layer of the user's own: a module without children that torch.fx traces into.'''
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.empty(1, 2))
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight)
+
+
+def one_linear_layer(kind='torch'):
+    model = (torch.nn.Linear(2, 1, bias=False) if kind == 'torch' else OwnLinear()).double()
     with torch.no_grad():
         model.weight.copy_(torch.tensor([[1., -2.]]))
     return model
@@ -1015,12 +1025,13 @@ def one_linear_layer():
 
 @pytest.mark.parametrize('engine', ['singlepass', 'captum'])
 @pytest.mark.parametrize('how', ['name', 'type', 'attribute'])
-def test_a_rule_for_a_model_that_is_one_layer_applies(engine, how):
+@pytest.mark.parametrize('kind', ['torch', 'own'])
+def test_a_rule_for_a_model_that_is_one_layer_applies(engine, how, kind):
     '''A model that is one layer was traced into a copy whose layer had another name than '', so a rule named ''
     or set on it was ignored, silently. z = 3 - 2 = 1; gamma=1 doubles the positive weight: z' = 6 - 2 = 4, and the
     relevance is x * w' * z / z' = [6, -2] / 4; the epsilon rule gives x * w = [3, -2].'''
-    model, rule = one_linear_layer(), GammaRule(gamma=1.)
-    rules = {'name': {'': rule}, 'type': {torch.nn.Linear: rule}, 'attribute': None}[how]
+    model, rule = one_linear_layer(kind), GammaRule(gamma=1.)
+    rules = {'name': {'': rule}, 'type': {type(model): rule}, 'attribute': None}[how]
     if how == 'attribute':
         model.rule = rule
     lrp = FusedLRP(model, rules=rules, engine=engine)

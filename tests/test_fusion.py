@@ -2,6 +2,7 @@
 import copy
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -321,3 +322,14 @@ def test_fused_layer_in_training_mode_raises_unless_its_batch_norms_are_frozen()
     assert len(report.fused) == 1
     input = torch.randn(2, 3, 5, 5, dtype=torch.float64)
     torch.testing.assert_close(fused.train()(input), frozen.train()(input), rtol=0, atol=1e-12)
+
+
+def test_a_model_that_is_one_batch_norm_says_so_without_a_warning():
+    '''Its forward does not trace (it branches on its mode), so fuse() warned to pass example_inputs, which cannot
+    give it a layer to fold into.'''
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        fused, report = fuse(torch.nn.BatchNorm2d(3).eval())
+    assert [(item.bn, item.reason) for item in report.unfused] == [
+        ('', 'the model is this BatchNorm alone: no layer to fold it into')]
+    assert isinstance(fused, torch.nn.BatchNorm2d)

@@ -7,7 +7,7 @@ from captum.attr._utils.lrp_rules import GammaRule
 from zennit.attribution import Gradient
 from zennit.canonizers import SequentialMergeBatchNorm
 from zennit.composites import EpsilonPlusFlat, LayerMapComposite, MixedComposite
-from zennit.rules import Epsilon as ZennitEpsilon
+from zennit.rules import Epsilon as ZennitEpsilon, Gamma
 from zennit.types import BatchNorm
 
 from conftest import randomize_batch_norms
@@ -235,3 +235,72 @@ def test_fuse_names_a_parametrized_layer_as_the_reason():
     report = fuse(weight_normed_net())[1]
     assert report.fused == []
     assert 'whose weight torch.nn.utils.parametrize computes in every forward' in report.unfused[0].reason
+
+
+class Doubled(torch.nn.Module):
+    '''A parametrization: the tensor is twice what is stored.'''
+    def forward(self, value):
+        return 2 * value
+
+
+class ScaledHead(torch.nn.Module):
+    '''A weight-normed linear layer times a parametrized scale: one parametrized module inside another.'''
+    def __init__(self, parametrized=True):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 3)
+        self.scale = torch.nn.Parameter(torch.tensor(.35 if parametrized else .7))
+        if parametrized:
+            torch.nn.utils.parametrizations.weight_norm(self.linear)
+            torch.nn.utils.parametrize.register_parametrization(self, 'scale', Doubled(), unsafe=True)
+
+    def forward(self, x):
+        return self.linear(x) * self.scale
+
+
+@pytest.mark.parametrize('explainer', [
+    lambda model: CompositeLRP(model, LayerMapComposite([(torch.nn.Linear, Gamma(gamma=.5))])),
+    lambda model: FusedLRP(model, rules={torch.nn.Linear: GammaRule(gamma=.5)}),
+    lambda model: FusedLRP(model, rules={torch.nn.Linear: GammaRule(gamma=.5)}, engine='captum'),
+], ids=['composite', 'fused', 'fused-captum'])
+@pytest.mark.parametrize('where', ['nested', 'root', 'shared'])
+def test_parametrized_modules_inside_others_and_shared_are_plain_in_the_copy(explainer, where):
+    '''Only the outermost parametrized module was made plain: a weight-normed layer inside one kept its
+    parametrization (GammaRule 0.19 off the plain model, the single pass raised); a module used under two names was
+    made plain under one.'''
+    torch.manual_seed(0)
+    first = torch.nn.Linear(4, 4)
+    layers = [first, torch.nn.ReLU(), ScaledHead()]
+    if where == 'shared':
+        layers = [first, torch.nn.ReLU(), torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(4, 4)),
+                  torch.nn.ReLU(), ScaledHead()]
+        layers.insert(4, layers[2])
+    model = (ScaledHead() if where == 'root' else torch.nn.Sequential(*layers)).double().eval()
+    twin = copy.deepcopy(model)
+    heads = [name for name, module in model.named_modules() if isinstance(module, ScaledHead)]
+    for name in heads:
+        plain = ScaledHead(parametrized=False).double()
+        with torch.no_grad():
+            plain.linear.weight.copy_(model.get_submodule(name).linear.weight)
+            plain.linear.bias.copy_(model.get_submodule(name).linear.bias)
+        twin = plain if name == '' else twin
+        if name:
+            twin[int(name)] = plain
+    if where == 'shared':
+        shared = torch.nn.Linear(4, 4).double()
+        with torch.no_grad():
+            shared.weight.copy_(model[2].weight)
+            shared.bias.copy_(model[2].bias)
+        twin[2] = twin[4] = shared
+    input = torch.randn(3, 4, dtype=torch.float64)
+    torch.testing.assert_close(twin(input), model(input), rtol=1e-14, atol=0)
+    actual = explainer(model).attribute(input, target=1)
+    torch.testing.assert_close(actual, explainer(twin).attribute(input, target=1), rtol=1e-10, atol=1e-14)
+    assert torch.nn.utils.parametrize.is_parametrized(model.get_submodule(heads[0]))
+
+
+def test_weight_norm_in_training_mode_is_not_refused():
+    '''weight_norm computes the same weight in either mode; only BatchNorms, dropouts and other parametrizations in
+    training mode are refused.'''
+    model = torch.nn.Sequential(torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(4, 3))).double()
+    assert model.training
+    FusedLRP(model).attribute(torch.randn(2, 4, dtype=torch.float64), target=0)

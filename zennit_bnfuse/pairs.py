@@ -319,6 +319,11 @@ def find_fusable_pairs(model, example_inputs=None, concrete_args=None):
                     if extension is not None and type(module) in extension.STANDARDIZED_CONV_TYPES}
     if not batch_norms and not standardized:
         return report
+    if '' in batch_norms:
+        # the model is one BatchNorm (its forward does not trace: it branches on its mode)
+        report.unfused = [UnfusedBatchNorm(name, 'the model is this BatchNorm alone: no layer to fold it into')
+                          for name in batch_norms]
+        return report
 
     with tracing_copy(model) as traced:
         try:

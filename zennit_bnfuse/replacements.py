@@ -138,10 +138,15 @@ def set_module(root, name, module):
     setattr(root.get_submodule(parent_name), child, module)
 
 
+# parametrizations whose tensor does not depend on the training mode
+STATELESS_PARAMETRIZATIONS = (torch.nn.utils.parametrizations._WeightNorm,)
+
+
 def unparametrized(module):
     '''A module of the class ``module`` had before :py:mod:`torch.nn.utils.parametrize` parametrized it (a
     ``weight_norm`` or ``spectral_norm`` conv), holding its parametrized tensors' current values as plain parameters
-    (or buffers): the same forward, with a weight that LRP rules can modify. ``module`` is not changed.
+    (or buffers): the same forward, with a weight that LRP rules can modify. ``module`` is not changed; modules
+    inside it are copied as they are (see :py:func:`unparametrized_copy` for those).
 
     Built on a deep copy, never by ``remove_parametrizations`` on one: a copy shares its class with ``module``, and
     torch removes the parametrization's property from that class, which breaks ``module``.
@@ -149,11 +154,11 @@ def unparametrized(module):
     Raises
     ------
     ValueError
-        If a parametrization is in training mode, where it may change its tensor on every call (``spectral_norm``'s
-        power iteration).
+        If a parametrization other than ``weight_norm``'s is in training mode, where it may change its tensor on
+        every call (``spectral_norm``'s power iteration).
     '''
     training = next((each for parametrizations in module.parametrizations.values() for each in parametrizations
-                     if each.training), None)
+                     if each.training and not isinstance(each, STATELESS_PARAMETRIZATIONS)), None)
     if training is not None:
         raise ValueError(
             f'{type(module).__name__} has a parametrization in training mode ({type(training).__name__}), which may '
@@ -181,23 +186,31 @@ def unparametrized(module):
 
 def unparametrized_copy(model):
     '''``model`` itself where none of its modules is parametrized (:py:mod:`torch.nn.utils.parametrize`); else a
-    deep copy (see :py:func:`model_copy`) in which every parametrized module is :py:func:`unparametrized`.
+    deep copy (see :py:func:`model_copy`) in which every parametrized module is :py:func:`unparametrized`, the
+    innermost first, under each of its names.
 
     Raises
     ------
     ValueError
         See :py:func:`unparametrized`, naming the module.
     '''
-    names = [name for name, module in model.named_modules() if parametrize.is_parametrized(module)]
-    # a parametrized module inside another is copied with it
-    names = [name for name in names if not any(other != name and (other == '' or name.startswith(f'{other}.'))
-                                               for other in names)]
+    names = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if parametrize.is_parametrized(module):
+            names.setdefault(id(module), []).append(name)
     if not names:
         return model
-    modules, replacements = dict(model.named_modules()), {}
-    for name in names:
+    owned = model_copy(model)
+    modules = dict(owned.named_modules(remove_duplicate=False))
+    depth = lambda name: name.count('.') + bool(name)  # noqa: E731
+    for aliases in sorted(names.values(), key=lambda aliases: -depth(aliases[0])):
         try:
-            replacements[name] = unparametrized(modules[name])
+            plain = unparametrized(modules[aliases[0]])
         except ValueError as error:
-            raise ValueError(f'`{name}`: {error}') from None
-    return replaced_copy(model, replacements)
+            raise ValueError(f'`{aliases[0]}`: {error}' if aliases[0] else str(error)) from None
+        if aliases[0] == '':
+            owned = plain
+        for name in aliases:
+            if name:
+                set_module(owned, name, plain)
+    return owned
