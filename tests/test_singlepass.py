@@ -21,7 +21,8 @@ from conftest import randomize_batch_norms
 from zennit_bnfuse import CompositeLRP, FuseBatchNorm, FusedLRP, singlepass
 from zennit_bnfuse.graph_layers import AddOperands
 from zennit_bnfuse.singlepass import (
-    Fallback, SinglePass, SinglePassHook, modified_convolution, normalizer, single_pass_rule, stabilized,
+    Fallback, SinglePass, SinglePassHook, in_output_layout, modified_convolution, normalizer, single_pass_rule,
+    stabilized,
 )
 
 LAYERS = (torch.nn.Conv2d, torch.nn.Linear)
@@ -1128,3 +1129,23 @@ def test_captums_own_lrp_is_off_at_batch_1_where_the_gradient_has_other_strides(
     single = LRP(model).attribute(input, target=0)
     truth = LRP(model).attribute(input.repeat(2, 1, 1, 1), target=0)[:1]
     assert ((single - truth).abs().max() / truth.abs().max()).item() > off
+
+
+@pytest.mark.parametrize('kind, shape', [(torch.nn.BatchNorm2d, (1, 8, 8, 8)), (torch.nn.BatchNorm3d, (1, 8, 2, 4, 4))],
+                         ids=['2d', '3d'])
+def test_torchs_batch_norm_backward_at_batch_1_and_the_layout_that_mends_it(kind, shape):
+    '''The kernel the README names: at batch 1, a gradient whose channels are strided as after a transpose (strides
+    (8, 1, 64, 8) in 2d, (8, 1, 128, 32, 8) in 3d) gets a wrong input gradient (1.3 off in both); in_output_layout,
+    which the engines apply, hands it over contiguous. If the first assertion fails, torch has fixed the kernel.'''
+    torch.manual_seed(0)
+    batch_norm = randomize_batch_norms(kind(8)).double().eval()
+    input = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    gradient = torch.randn(*shape, dtype=torch.float64)
+    strided = gradient.reshape(1, 8, -1).transpose(1, 2).contiguous().transpose(1, 2).reshape(shape)
+    assert torch.equal(strided, gradient) and not strided.is_contiguous()
+    truth, = torch.autograd.grad(batch_norm(input), input, gradient)
+    wrong, = torch.autograd.grad(batch_norm(input), input, strided)
+    assert ((wrong - truth).abs().max() / truth.abs().max()).item() > 1.
+    output = batch_norm(input)
+    mended, = torch.autograd.grad(output, input, in_output_layout(strided, output))
+    torch.testing.assert_close(mended, truth, rtol=1e-14, atol=1e-15)
