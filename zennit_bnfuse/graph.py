@@ -213,8 +213,8 @@ GATE_METHODS = {'sigmoid', 'softmax'}
 EXACT_FUNCTIONS = {
     *RESHAPE_FUNCTIONS, torch.cat, torch.concat, torch.concatenate, torch.stack, torch.chunk, torch.split,
     torch.tensor_split, torch.narrow, torch.flip, torch.roll, torch.clone, torch.broadcast_tensors, operator.getitem,
-    operator.setitem, F.pad, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.channel_shuffle, F.pixel_shuffle,
-    F.pixel_unshuffle, torchvision.ops.stochastic_depth, scale_passing_relevance,
+    operator.setitem, F.pad, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.channel_shuffle,
+    F.pixel_shuffle, F.pixel_unshuffle, torchvision.ops.stochastic_depth, scale_passing_relevance,
     # max pooling's gradient hands each window's relevance to its maximum, as LRP-epsilon does
     *(getattr(F, f'{kind}max_pool{dims}d_with_indices') for kind in ('', 'adaptive_') for dims in (1, 2, 3)),
 }

@@ -202,8 +202,8 @@ def unparametrized_copy(model):
         return model
     owned = model_copy(model)
     modules = dict(owned.named_modules(remove_duplicate=False))
-    depth = lambda name: name.count('.') + bool(name)  # noqa: E731
-    for aliases in sorted(names.values(), key=lambda aliases: -depth(aliases[0])):
+    # the innermost first: a module's depth is the number of modules above it
+    for aliases in sorted(names.values(), key=lambda aliases: -(aliases[0].count('.') + bool(aliases[0]))):
         try:
             plain = unparametrized(modules[aliases[0]])
         except ValueError as error:
