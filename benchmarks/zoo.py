@@ -85,7 +85,11 @@ def build(suite, arch):
 
 def randomized(suite, arch, seed=0):
     '''``build(suite, arch)`` with random BatchNorm statistics and affine parameters.'''
-    model = build(suite, arch)
+    return randomize_statistics(build(suite, arch), seed)
+
+
+def randomize_statistics(model, seed=0):
+    '''``model`` with random BatchNorm statistics and affine parameters (changed in place).'''
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in model.modules():

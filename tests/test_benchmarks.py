@@ -297,3 +297,15 @@ def test_road_ties_smoke(tmp_path):
     text = (tmp_path / 'road-ties.md').read_text()
     assert '- command: `python' in text and '| captum-epsilon | fused |' in text
     assert json.loads((tmp_path / 'road-ties.json').read_text())['rows'][0]['zero_share'] > 0
+
+
+def test_engine_agreement_smoke(tmp_path):
+    '''resnet18: both classes' default engines equal the libraries' own hooks bit for bit (as the tests of the
+    engines hold); the table says so, with the command, machine and date.'''
+    import engine_agreement
+    engine_agreement.main(['--suites', 'torchvision', '--models', 'resnet18', '--input-size', '32',
+                           '--results', str(tmp_path)])
+    assert table_rows(tmp_path / 'engine-agreement.md')[2:] == ['| torchvision | resnet18 | 32 | equal | equal |']
+    record = json.loads((tmp_path / 'engine-agreement.json').read_text())
+    assert record['command'].endswith('--models resnet18 --input-size 32 --results ' + str(tmp_path))
+    assert record['machine'] and record['date']
