@@ -6,7 +6,7 @@ import torch
 from captum.attr._utils.lrp_rules import GammaRule
 from zennit.attribution import Gradient
 from zennit.canonizers import SequentialMergeBatchNorm
-from zennit.composites import EpsilonPlusFlat, LayerMapComposite, MixedComposite
+from zennit.composites import EpsilonPlusFlat, LayerMapComposite, MixedComposite, NameMapComposite
 from zennit.rules import Epsilon as ZennitEpsilon, Gamma
 from zennit.types import BatchNorm
 
@@ -245,9 +245,9 @@ class Doubled(torch.nn.Module):
 
 class ScaledHead(torch.nn.Module):
     '''A weight-normed linear layer times a parametrized scale: one parametrized module inside another.'''
-    def __init__(self, parametrized=True):
+    def __init__(self, parametrized=True, out=3):
         super().__init__()
-        self.linear = torch.nn.Linear(4, 3)
+        self.linear = torch.nn.Linear(4, out)
         self.scale = torch.nn.Parameter(torch.tensor(.35 if parametrized else .7))
         if parametrized:
             torch.nn.utils.parametrizations.weight_norm(self.linear)
@@ -304,3 +304,25 @@ def test_weight_norm_in_training_mode_is_not_refused():
     model = torch.nn.Sequential(torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(4, 3))).double()
     assert model.training
     FusedLRP(model).attribute(torch.randn(2, 4, dtype=torch.float64), target=0)
+
+
+def test_a_parametrized_module_shared_inside_and_outside_a_parametrized_one_stays_shared():
+    '''The weight-normed layer made plain under its first name was copied again with the parametrized block
+    around it: two modules in the copy, a fold the model does not allow and a rule by name reaching one call
+    (FusedLRP 0.93 off the plain twin in the review's model, CompositeLRP 3.0).'''
+    torch.manual_seed(0)
+    head = ScaledHead(out=4)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), head.linear, torch.nn.ReLU(), head,
+                                torch.nn.Linear(4, 3)).double().eval()
+    twin = copy.deepcopy(model)
+    plain = ScaledHead(parametrized=False, out=4).double()
+    with torch.no_grad():
+        plain.linear.weight.copy_(head.linear.weight)
+        plain.linear.bias.copy_(head.linear.bias)
+    twin[2], twin[4] = plain.linear, plain
+    input = torch.randn(3, 4, dtype=torch.float64)
+    torch.testing.assert_close(twin(input), model(input), rtol=1e-14, atol=0)
+    for explainer in (lambda model: FusedLRP(model, rules={'2': GammaRule(gamma=.5)}),
+                      lambda model: CompositeLRP(model, NameMapComposite([(['2'], Gamma(gamma=.5))]))):
+        torch.testing.assert_close(explainer(model).attribute(input, target=1),
+                                   explainer(twin).attribute(input, target=1), rtol=1e-10, atol=1e-14)

@@ -145,11 +145,11 @@ STATELESS_PARAMETRIZATIONS = (torch.nn.utils.parametrizations._WeightNorm,)
 def unparametrized(module):
     '''A module of the class ``module`` had before :py:mod:`torch.nn.utils.parametrize` parametrized it (a
     ``weight_norm`` or ``spectral_norm`` conv), holding its parametrized tensors' current values as plain parameters
-    (or buffers): the same forward, with a weight that LRP rules can modify. ``module`` is not changed; modules
-    inside it are copied as they are (see :py:func:`unparametrized_copy` for those).
+    (or buffers): the same forward, with a weight that LRP rules can modify. It shares its children, its other
+    parameters and buffers with ``module`` (call it on a copy); ``module`` itself is not changed.
 
-    Built on a deep copy, never by ``remove_parametrizations`` on one: a copy shares its class with ``module``, and
-    torch removes the parametrization's property from that class, which breaks ``module``.
+    Never made by ``remove_parametrizations``: ``module`` shares its class with the model it was copied from, and
+    torch removes the parametrization's property from that class, which breaks the model.
 
     Raises
     ------
@@ -163,19 +163,18 @@ def unparametrized(module):
         raise ValueError(
             f'{type(module).__name__} has a parametrization in training mode ({type(training).__name__}), which may '
             'compute another weight on every call. Call model.eval() before explaining the model.')
-    owned = copy.deepcopy(module)
     values = {}
     with torch.no_grad():
-        for name, parametrization in owned.parametrizations.items():
+        for name, parametrization in module.parametrizations.items():
             originals = ([parametrization.original] if parametrization.is_tensor else
                          [getattr(parametrization, f'original{index}') for index in range(parametrization.ntensors)])
-            values[name] = getattr(owned, name), originals
+            values[name] = getattr(module, name), originals
     base = type(module).__bases__[0]  # parametrize makes the class Parametrized<base>(base)
     plain = base.__new__(base)
-    vars(plain).update(vars(owned))
+    vars(plain).update(vars(module))
     plain._modules, plain._parameters, plain._buffers = (
-        {key: value for key, value in owned._modules.items() if key != 'parametrizations'},
-        dict(owned._parameters), dict(owned._buffers))
+        {key: value for key, value in module._modules.items() if key != 'parametrizations'},
+        dict(module._parameters), dict(module._buffers))
     for name, (value, originals) in values.items():
         if any(isinstance(original, torch.nn.Parameter) for original in originals):
             plain._parameters[name] = torch.nn.Parameter(value, any(original.requires_grad for original in originals))
@@ -187,7 +186,7 @@ def unparametrized(module):
 def unparametrized_copy(model):
     '''``model`` itself where none of its modules is parametrized (:py:mod:`torch.nn.utils.parametrize`); else a
     deep copy (see :py:func:`model_copy`) in which every parametrized module is :py:func:`unparametrized`, the
-    innermost first, under each of its names.
+    innermost first, under each of its names (a module shared with another stays shared).
 
     Raises
     ------
