@@ -19,7 +19,7 @@ from .fold import check_batch_norm, is_batch_norm, timm_layers
 from .fusion import fuse
 from .graph import lrp_graph
 from .pairs import find_fusable_pairs
-from .replacements import model_copy, unparametrized_copy
+from .replacements import model_copy, unparametrized_copy, untie_parameters
 from .report import FusedBatchNorm, FusionReport, UnfusedBatchNorm
 
 
@@ -162,6 +162,9 @@ class BatchNormHandling:
         refuse_training_mode(owned)
         refuse_standardizing_convs(owned)
         prepared, copies = lrp_graph(owned, residual=residual, concrete_args=concrete_args, leaves=leaves)
+        if residual == 'captum':
+            # Captum's rules change a layer's weight in place, which would reach every layer sharing it
+            untie_parameters(prepared)
         return prepared, copies, report
 
 

@@ -213,3 +213,21 @@ def unparametrized_copy(model):
             if name:
                 set_module(owned, name, plain)
     return owned
+
+
+def untie_parameters(model):
+    '''Give every module of ``model`` (a copy the caller owns; changed in place) its own copy of each parameter it
+    shares with a module met before in ``model.modules()`` order: the same values, so the same function, but a rule
+    that changes one layer's weights (Captum's ``GammaRule`` sets ``weight.data``) no longer changes another's.
+    Returns how many parameters were copied.'''
+    seen, copied = set(), 0
+    for module in model.modules():
+        for name, parameter in list(module._parameters.items()):
+            if parameter is None:
+                continue
+            if id(parameter) in seen:
+                module._parameters[name] = torch.nn.Parameter(parameter.detach().clone(), parameter.requires_grad)
+                copied += 1
+            else:
+                seen.add(id(parameter))
+    return copied
