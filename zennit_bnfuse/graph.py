@@ -257,6 +257,21 @@ class LRPTracer(LeafTracer):
         return graph
 
 
+def writes_into_input(module):
+    '''How the forward of ``module`` writes into memory of its inputs, in words (its first such op), or None; None
+    too where the forward cannot be traced on its own.'''
+    try:
+        graph = LRPTracer().trace(module)
+    except Exception:  # fx raises many kinds of errors for untraceable code
+        return None
+    module_of = modules_of(module)
+    inputs = {node for node in graph.nodes if node.op == 'placeholder'}
+    for node, written in writers(graph, module_of):
+        if any(not inputs.isdisjoint(memory_group(tensor, module_of)) for tensor in written):
+            return op_name(node)
+    return None
+
+
 def carry_forward_hooks(source, target):
     '''Register the forward pre-hooks and forward hooks of ``source`` on ``target``, a GraphModule that computes
     ``source``'s forward (which does not take them over), in their order and with their options; each is called with

@@ -6,7 +6,7 @@ from collections import OrderedDict
 import torch
 
 from .checks import check_additional_arguments, refuse_global_hooks, refuse_zennit_hooks
-from .graph import LRPTracer
+from .graph import LRPTracer, writes_into_input
 from .handling import bn_handling
 from .pairs import tracing_copy
 from .specialization import as_argument_tuple, as_concrete, concrete_arguments, signature_key
@@ -110,7 +110,8 @@ class PreparedModel:
     ------
     ValueError
         Here and in :py:meth:`get`, if a Zennit composite is registered on ``model`` (see
-        :py:func:`~zennit_bnfuse.checks.refuse_zennit_hooks`).
+        :py:func:`~zennit_bnfuse.checks.refuse_zennit_hooks`); in :py:meth:`get`, if ``gives_rule`` gives a rule to a
+        module of :py:meth:`ruled_leaves` whose forward writes into its input in place.
 
     Warns
     -----
@@ -179,8 +180,17 @@ class PreparedModel:
         traced into, their forward's ops would run in the copy but the module would not, and the rule never apply.'''
         if self.gives_rule is None:
             return frozenset()
-        return frozenset(name for name, module in self.model.named_modules() if not list(module.children())
-                         and not self._tracer.is_leaf_module(module, name) and self.gives_rule(name, module))
+        leaves = frozenset(name for name, module in self.model.named_modules() if not list(module.children())
+                           and not self._tracer.is_leaf_module(module, name) and self.gives_rule(name, module))
+        for name in leaves:
+            module = self.model.get_submodule(name)
+            writing = writes_into_input(module)
+            if writing is not None:
+                raise ValueError(
+                    f'{self.caller}: module `{name}` ({type(module).__name__}) has a rule and its forward writes into '
+                    f'its input in place ({writing}): LRP rules need the input it writes over. Give it no rule, or '
+                    'make its forward out of place (inplace=False where it has that option).')
+        return leaves
 
     def warn_signatures(self, concrete_args):
         '''Warn (once) that the copy for the oldest signature was dropped to build one for ``concrete_args``.'''
