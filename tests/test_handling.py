@@ -326,3 +326,26 @@ def test_a_parametrized_module_shared_inside_and_outside_a_parametrized_one_stay
                       lambda model: CompositeLRP(model, NameMapComposite([(['2'], Gamma(gamma=.5))]))):
         torch.testing.assert_close(explainer(model).attribute(input, target=1),
                                    explainer(twin).attribute(input, target=1), rtol=1e-10, atol=1e-14)
+
+
+class ParametrizedBlock(torch.nn.Module):
+    '''conv -> BatchNorm, times a parametrized scale: torch.fx keeps the block whole, its BatchNorm unpaired.'''
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
+        self.scale = torch.nn.Parameter(torch.tensor(.5))
+        torch.nn.utils.parametrize.register_parametrization(self, 'scale', Doubled(), unsafe=True)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) * self.scale
+
+
+def test_a_batch_norm_inside_a_parametrized_block_folds_in_the_lrp_copy_and_fuse_says_why_not():
+    torch.manual_seed(0)
+    model = randomize_batch_norms(torch.nn.Sequential(ParametrizedBlock(), torch.nn.Flatten(),
+                                                      torch.nn.Linear(64, 2))).double().eval()
+    report = fuse(model)[1]
+    assert 'torch.nn.utils.parametrize made it parametrized' in report.unfused[0].reason
+    lrp = FusedLRP(model)
+    lrp.attribute(torch.rand(2, 3, 6, 6, dtype=torch.float64), target=0)
+    assert [item.bn for item in lrp.prepared.report.fused] == ['0.bn']

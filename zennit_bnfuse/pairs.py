@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import torch
 import torch.fx
+from torch.nn.utils import parametrize
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .fold import FOLDABLE_BATCH_NORM_TYPES, batch_norm_affine, check_batch_norm, has_running_stats, is_batch_norm, \
@@ -366,9 +367,12 @@ def find_fusable_pairs(model, example_inputs=None, concrete_args=None):
                 name, f'it belongs to the BatchNorm `{parent}` ({type(modules[parent]).__name__}), whose eval-mode '
                 'forward does not call it (timm\'s SplitBatchNorm2d uses its auxiliary BatchNorms only in training)')
         elif parent is not None:
+            why = ('torch.nn.utils.parametrize made it parametrized, and torch.fx keeps such modules whole; FusedLRP '
+                   'and CompositeLRP make it plain first' if parametrize.is_parametrized(modules[parent]) else
+                   'timm marks it untraceable, or it is a layer of its own')
             decided[name] = UnfusedBatchNorm(
                 name, f'it runs inside `{parent}` ({type(modules[parent]).__name__}), which the trace keeps whole '
-                '(timm marks it untraceable, or it is a layer of its own), so its neighbours are not known')
+                f'({why}), so its neighbours are not known')
         else:
             decided[name] = UnfusedBatchNorm(
                 name, f'it is never called as a module {where} (e.g. a branch used only in training), so there is '
