@@ -1218,3 +1218,72 @@ def test_a_rule_for_a_layer_of_ones_own_that_writes_into_its_input_is_refused(ex
     with pytest.raises(ValueError, match=r'module `act` \(InPlaceLeaky\) has a rule and its forward writes into its '
                                          r'input in place \(leaky_relu_\).*Give it no rule'):
         explainer(model).attribute(torch.rand(2, 3, 6, 6, dtype=torch.float64), target=0)
+
+
+class CountingLeaky(torch.nn.Module):
+    '''An activation of the user's own that counts its calls in a buffer and an attribute; ``branchy``: its forward
+    branches on the data (torch.fx cannot trace it on its own); ``in_place``: it writes into its input.'''
+    def __init__(self, branchy=False, in_place=False):
+        super().__init__()
+        self.register_buffer('calls', torch.zeros(()))
+        self.count, self.branchy, self.in_place = 0, branchy, in_place
+
+    def forward(self, x):
+        self.calls.add_(1)
+        self.count += 1
+        if self.branchy and x.sum() > 1e9:
+            return x
+        return torch.nn.functional.leaky_relu(x, .1, inplace=self.in_place)
+
+
+class CountingNet(torch.nn.Module):
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.conv, self.act = torch.nn.Conv2d(3, 4, 3), CountingLeaky(**kwargs)
+        self.pool, self.fc = torch.nn.AdaptiveAvgPool2d(1), torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.act(self.conv(x))).flatten(1))
+
+
+def counting_net(**kwargs):
+    torch.manual_seed(0)
+    return CountingNet(**kwargs).double()
+
+
+EACH_CLASS_WITH_A_RULE_ON_ACT = pytest.mark.parametrize('explainer', [
+    lambda model: FusedLRP(model, rules={'act': EpsilonRule()}),
+    lambda model: FusedLRP(model, rules={'act': EpsilonRule()}, engine='captum'),
+    lambda model: CompositeLRP(model, NameMapComposite([(['act'], Epsilon())])),
+], ids=['fused', 'fused-captum', 'composite'])
+
+
+@EACH_CLASS_WITH_A_RULE_ON_ACT
+def test_the_check_of_a_layer_kept_for_its_rule_leaves_the_model_alone(explainer):
+    '''The check whether the layer writes into its input traced the user's module itself: its buffer and attribute
+    counted the traces, and the changed buffer rebuilt the copy on every call.'''
+    model = counting_net()
+    lrp = explainer(model)
+    for _ in range(3):
+        lrp.attribute(torch.rand(2, 3, 6, 6, dtype=torch.float64), target=0)
+    assert model.act.calls.item() == 0 and model.act.count == 0 and lrp.prepared.builds == 1
+
+
+@EACH_CLASS_WITH_A_RULE_ON_ACT
+def test_a_layer_kept_for_its_rule_that_cannot_be_traced_alone_is_checked_on_every_call(explainer):
+    '''Where its forward cannot be traced on its own, whether it writes into its input shows only when it runs:
+    before, such a layer was 0.10 off (0.97 under Captum's hooks) the same layer out of place.'''
+    input = torch.rand(2, 3, 6, 6, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r'module `act` \(CountingLeaky\) has a rule and its forward wrote into its '
+                                         r'input in place'):
+        explainer(counting_net(branchy=True, in_place=True)).attribute(input, target=0)
+    lrp = explainer(counting_net(branchy=True))
+    actual = lrp.attribute(input, target=0).detach()
+    reference = counting_net(branchy=True)
+    if isinstance(lrp, CompositeLRP):  # Zennit's hooks on the model
+        with Gradient(reference, NameMapComposite([(['act'], Epsilon())])) as attributor:
+            _, expected = attributor(input, lambda output: torch.eye(3, dtype=output.dtype)[[0, 0]] * output)
+    else:
+        reference.act.rule = EpsilonRule()
+        expected = LRP(reference).attribute(input, target=0).detach()
+    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-14)

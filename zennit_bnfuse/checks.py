@@ -317,12 +317,18 @@ def check_target(target, output):
                     f'dim {dim} are 0 to {shape[dim] - 1}.')
 
 
+class InputWrittenError(ValueError):
+    '''A module given a rule wrote into its input in place during the forward pass (see
+    :py:func:`~zennit_bnfuse.prepared.guard_input_writes`); the message names the module and the fix.'''
+
+
 @contextmanager
 def checked_forward(model, inputs, target):
     '''Check ``target`` against the output of every forward pass of ``model`` in this context, and turn a
     RuntimeError or ValueError raised inside the forward pass (a shape or dtype mismatch) into a ValueError that names
     the model and the inputs' shapes, with the original error as its cause (a fused layer's
-    :py:class:`~zennit_bnfuse.layers.FoldedInputError` already says what to do, and passes unchanged).
+    :py:class:`~zennit_bnfuse.layers.FoldedInputError` and an :py:class:`InputWrittenError` already say what to do,
+    and pass unchanged).
 
     ``model`` must be one the caller owns: a forward pre-hook and a forward hook are registered on it for the
     duration of the context.
@@ -359,7 +365,7 @@ def checked_forward(model, inputs, target):
     try:
         yield
     except (RuntimeError, ValueError) as error:
-        if not running or isinstance(error, (torch.OutOfMemoryError, FoldedInputError)):
+        if not running or isinstance(error, (torch.OutOfMemoryError, FoldedInputError, InputWrittenError)):
             raise
         shapes = ', '.join(f'{tuple(input.shape)} {input.dtype}' for input in inputs)
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -258,18 +258,19 @@ class LRPTracer(LeafTracer):
 
 
 def writes_into_input(module):
-    '''How the forward of ``module`` writes into memory of its inputs, in words (its first such op), or None; None
-    too where the forward cannot be traced on its own.'''
+    '''``(traced, how)``: whether the forward of ``module`` could be traced on its own, and how it writes into memory
+    of its inputs, in words (its first such op), or None. The trace runs the forward's Python: give a copy
+    (:py:func:`~zennit_bnfuse.pairs.tracing_copy`) of a module the caller does not own.'''
     try:
         graph = LRPTracer().trace(module)
     except Exception:  # fx raises many kinds of errors for untraceable code
-        return None
+        return False, None
     module_of = modules_of(module)
     inputs = {node for node in graph.nodes if node.op == 'placeholder'}
     for node, written in writers(graph, module_of):
         if any(not inputs.isdisjoint(memory_group(tensor, module_of)) for tensor in written):
-            return op_name(node)
-    return None
+            return True, op_name(node)
+    return True, None
 
 
 def carry_forward_hooks(source, target):

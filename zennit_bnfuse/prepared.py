@@ -5,7 +5,7 @@ from collections import OrderedDict
 
 import torch
 
-from .checks import check_additional_arguments, refuse_global_hooks, refuse_zennit_hooks
+from .checks import InputWrittenError, check_additional_arguments, refuse_global_hooks, refuse_zennit_hooks
 from .graph import LRPTracer, writes_into_input
 from .handling import bn_handling
 from .pairs import tracing_copy
@@ -163,8 +163,12 @@ class PreparedModel:
         if key not in self._built:
             # registering a composite adds hooks, which changes the fingerprint: checked where the copy is made
             refuse_zennit_hooks(self.model, self.caller)
-            self._built[key] = self.handling.prepare(
+            unchecked = self.refuse_leaves_writing_into_their_input(leaves)
+            built = self.handling.prepare(
                 self.model, self.residual, self.example_inputs, concrete_args=concrete_args, leaves=leaves)
+            for name in unchecked:
+                guard_input_writes(built[0].get_submodule(name), name, self.caller)
+            self._built[key] = built
             self._fingerprint = fingerprint
             self.builds += 1
             while len(self._built) > self.MAX_SIGNATURES:
@@ -180,17 +184,24 @@ class PreparedModel:
         traced into, their forward's ops would run in the copy but the module would not, and the rule never apply.'''
         if self.gives_rule is None:
             return frozenset()
-        leaves = frozenset(name for name, module in self.model.named_modules() if not list(module.children())
-                           and not self._tracer.is_leaf_module(module, name) and self.gives_rule(name, module))
-        for name in leaves:
+        return frozenset(name for name, module in self.model.named_modules() if not list(module.children())
+                         and not self._tracer.is_leaf_module(module, name) and self.gives_rule(name, module))
+
+    def refuse_leaves_writing_into_their_input(self, leaves):
+        '''Raise if the forward of a module in ``leaves`` (see :py:meth:`ruled_leaves`) writes into its input in place,
+        traced on a copy of it; return the names of those whose forward cannot be traced on its own (the copy checks
+        them on every call, see :py:func:`guard_input_writes`).'''
+        unchecked = []
+        for name in sorted(leaves):
             module = self.model.get_submodule(name)
-            writing = writes_into_input(module)
-            if writing is not None:
-                raise ValueError(
-                    f'{self.caller}: module `{name}` ({type(module).__name__}) has a rule and its forward writes into '
-                    f'its input in place ({writing}): LRP rules need the input it writes over. Give it no rule, or '
-                    'make its forward out of place (inplace=False where it has that option).')
-        return leaves
+            with tracing_copy(module) as traced:  # the trace runs the forward's Python: it must not change the model
+                traced_alone, writing = writes_into_input(traced)
+            if not traced_alone:
+                unchecked.append(name)
+            elif writing is not None:
+                raise ValueError(refusal(self.caller, name, module, f'its forward writes into its input in place '
+                                                                    f'({writing})'))
+        return unchecked
 
     def warn_signatures(self, concrete_args):
         '''Warn (once) that the copy for the oldest signature was dropped to build one for ``concrete_args``.'''
@@ -260,3 +271,43 @@ class PreparedModel:
     def original_name(self, name):
         '''The user's name for a module of the prepared model (copies of reused modules map to the original).'''
         return self.copies.get(name, name)
+
+
+def refusal(caller, name, module, what):
+    '''The message refusing a rule for the module ``name`` that writes into its input (``what`` says how).'''
+    return (f'{caller}: module `{name}` ({type(module).__name__}) has a rule and {what}: LRP rules need the input it '
+            'writes over. Give it no rule, or make its forward out of place (inplace=False where it has that option).')
+
+
+def guard_input_writes(module, name, caller):
+    '''Make ``module`` (of a prepared copy) raise an :py:class:`~zennit_bnfuse.checks.InputWrittenError` whenever its
+    forward writes into a tensor it is given:
+    hooks record the version counters of its tensor arguments before the forward (those the last forward pre-hook
+    hands it, or tensors they replaced: a detached alias shares the counter) and compare after it.'''
+    versions = []
+
+    def before(module, args, kwargs):
+        versions[:] = [(tensor, tensor._version) for tensor in tensors_in((args, kwargs))]
+
+    def after(module, args, kwargs, output):
+        seen = {id(tensor) for tensor, _ in versions}
+        written = (any(tensor._version != version for tensor, version in versions)
+                   or any(id(tensor) not in seen and tensor._version for tensor in tensors_in((args, kwargs))))
+        versions.clear()
+        if written:
+            raise InputWrittenError(refusal(caller, name, module, 'its forward wrote into its input in place (it '
+                                                                  'could not be traced on its own to tell before)'))
+
+    module.register_forward_pre_hook(before, with_kwargs=True)
+    module.register_forward_hook(after, with_kwargs=True, always_call=False)
+
+
+def tensors_in(value):
+    '''The tensors in nested tuples, lists and dict values of ``value``.'''
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [tensor for item in value for tensor in tensors_in(item)]
+    if isinstance(value, dict):
+        return tensors_in(list(value.values()))
+    return []
