@@ -271,6 +271,17 @@ def changed_layer(rule, module, inputs, output):
     return shadow
 
 
+class Released:
+    '''A function that its engine empties when its call ends (see :py:meth:`CaptumSinglePass.released_after_call`).'''
+    __slots__ = ('function',)
+
+    def __init__(self, function):
+        self.function = function
+
+    def __call__(self, *arguments):
+        return self.function(*arguments)
+
+
 class RuleHooks:
     '''The one-pass hooks for one layer and its Captum rule (None: relevance passes through unchanged).
 
@@ -340,8 +351,8 @@ class RuleHooks:
             if not input.requires_grad:
                 return output
             # the input's hook hands on this relevance (in place of everything that reaches the input)
-            return RelevanceNode.apply(
-                lambda grad_output: (cell.append(grad_output) or grad_output,), (output.detach(),), input)
+            return RelevanceNode.apply(self.engine.released_after_call(
+                lambda grad_output: (cell.append(grad_output) or grad_output,)), (output.detach(),), input)
         rule = self.rule
         rule._has_single_input = len(inputs) == 1
         if self.name in self.engine.in_node:
@@ -351,7 +362,7 @@ class RuleHooks:
             if not any(input.requires_grad for input in inputs):
                 return output
             relevance_fn, saved = self.in_node_relevance(module, inputs, output)
-            return RelevanceNode.apply(relevance_fn, (output.detach(), *saved), *inputs)
+            return RelevanceNode.apply(self.engine.released_after_call(relevance_fn), (output.detach(), *saved), *inputs)
         for input in inputs:
             if isinstance(input, torch.Tensor) and input.requires_grad:
                 self.engine.register_input_hook(input, rule)
@@ -362,14 +373,15 @@ class RuleHooks:
             # tensor this returns (Captum's clone of the output does the same)
             detached = output.detach()  # the closure must not hold the output's graph
             hook = self.output_hook(detached)
-            return RelevanceNode.apply(lambda grad_output: (hook(in_output_layout(grad_output, detached)),),
-                                       (detached,), output)
+            return RelevanceNode.apply(self.engine.released_after_call(
+                lambda grad_output: (hook(in_output_layout(grad_output, detached)),)), (detached,), output)
         tensors = [input for input in inputs if isinstance(input, torch.Tensor)]
         if not any(input.requires_grad for input in tensors):
             return output
         # the weights change as in Captum's first pass: after the layer's own forward, from its input and output
         changed = changed_layer(rule, module, tuple(input.detach() for input in inputs), output.detach())
-        return RelevanceNode.apply(self.changed_gradient(changed), (output.detach(), *tensors), *tensors)
+        return RelevanceNode.apply(self.engine.released_after_call(self.changed_gradient(changed)),
+                                   (output.detach(), *tensors), *tensors)
 
     def in_node_relevance(self, module, inputs, output):
         '''For a layer of :py:func:`in_node_layers`: the function ``(grad_output, *saved) -> relevance of each
@@ -462,7 +474,7 @@ class CaptumSinglePass:
         if self.fallback is None and isinstance(model, torch.fx.GraphModule):
             self.in_node, left_out = in_node_layers(model.graph, self.rules, dict(self.layers))
             self.forward_model = without_clones(model, left_out)
-        self._registered = {}
+        self._registered, self._released = {}, []
 
     def whole_model_fallback(self):
         '''Why the model must run on Captum's own hooks, or None.'''
@@ -497,6 +509,14 @@ class CaptumSinglePass:
             return Fallback(None, None, reason + '; every layer runs on Captum\'s hooks')
         return None
 
+    def released_after_call(self, function):
+        '''``function`` behind a :py:class:`Released` that :py:meth:`attribute` empties when the call ends: the
+        call's autograd nodes keep it, and without it they keep this engine and its model (a prepared copy) alive
+        until a second pass of Python's garbage collector, one copy per rebuild.'''
+        released = Released(function)
+        self._released.append(released)
+        return released
+
     def register_input_hook(self, input, rule):
         '''Captum's input hook of ``rule`` on ``input``, unless a layer registered one on this tensor before.'''
         if id(input) in self._registered:
@@ -526,7 +546,7 @@ class CaptumSinglePass:
             If the model calls a layer more than once (as Captum does).
         '''
         handles, calls = [], defaultdict(int)
-        self._registered = {}
+        self._registered, self._released = {}, []
         try:
             for name, module in self.layers:
                 rule = self.rules[name]
@@ -546,7 +566,9 @@ class CaptumSinglePass:
         finally:
             for handle in handles:
                 handle.remove()
-            self._registered = {}
+            for released in self._released:  # the backward pass has run (without retain_graph: it cannot again)
+                released.function = None
+            self._registered, self._released = {}, []
         output = output.detach()
         relevance = tuple(gradient * output.reshape((-1,) + (1,) * (gradient.dim() - 1)) for gradient in gradients)
         return relevance, output
