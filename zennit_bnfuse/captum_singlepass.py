@@ -362,7 +362,8 @@ class RuleHooks:
             if not any(input.requires_grad for input in inputs):
                 return output
             relevance_fn, saved = self.in_node_relevance(module, inputs, output)
-            return RelevanceNode.apply(self.engine.released_after_call(relevance_fn), (output.detach(), *saved), *inputs)
+            return RelevanceNode.apply(self.engine.released_after_call(relevance_fn), (output.detach(), *saved),
+                                       *inputs)
         for input in inputs:
             if isinstance(input, torch.Tensor) and input.requires_grad:
                 self.engine.register_input_hook(input, rule)
