@@ -18,6 +18,7 @@ from zennit.torchvision import ResNetCanonizer
 
 from conftest import randomize_batch_norms
 from zennit_bnfuse import CompositeLRP, FuseBatchNorm, FusedLRP, SinglePass, ThresholdReLU
+from zennit_bnfuse.graph import writes_into_input
 
 matplotlib.use('Agg')
 
@@ -1287,3 +1288,34 @@ def test_a_layer_kept_for_its_rule_that_cannot_be_traced_alone_is_checked_on_eve
         reference.act.rule = EpsilonRule()
         expected = LRP(reference).attribute(input, target=0).detach()
     torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-14)
+
+
+class FlaggedTanh(torch.nn.Module):
+    '''An activation of the user's own with an ``inplace`` flag its forward does not use; with ``draws``, its
+    forward draws a random number (scaled to nothing).'''
+    def __init__(self, draws=False):
+        super().__init__()
+        self.inplace, self.draws = True, draws
+
+    def forward(self, x):
+        return torch.tanh(x) + 0. * torch.rand(()) if self.draws else torch.tanh(x)
+
+
+@pytest.mark.parametrize('engine', ['singlepass', 'captum'])
+def test_a_layer_kept_for_its_rule_is_judged_by_what_its_forward_writes(engine):
+    '''A flag named inplace that the forward ignores is no write: the check of the traced forward decides (FusedLRP
+    refused such a layer by its flag).'''
+    torch.manual_seed(0)
+    model = CountingNet().double()
+    model.act = FlaggedTanh()
+    reference = copy.deepcopy(model)
+    reference.act.rule = EpsilonRule()
+    input = torch.rand(2, 3, 6, 6, dtype=torch.float64)
+    actual = FusedLRP(model, rules={'act': EpsilonRule()}, engine=engine).attribute(input, target=0).detach()
+    torch.testing.assert_close(actual, LRP(reference).attribute(input, target=0).detach(), rtol=1e-10, atol=1e-14)
+
+
+def test_the_check_of_what_a_forward_writes_leaves_the_random_number_generators_alone():
+    state = torch.get_rng_state()
+    assert writes_into_input(FlaggedTanh(draws=True)) == (True, None)
+    assert torch.equal(torch.get_rng_state(), state)

@@ -32,7 +32,7 @@ from .captum_singlepass import CaptumSinglePass, called_layers
 from .checks import check_composite, check_inputs, check_model, checked_forward, plain_target
 from .fold import BATCH_NORM_TYPES, is_batch_norm, timm_layers
 from .layers import ThresholdReLU, is_layer_like
-from .graph import blocks_kept_whole
+from .graph import blocks_kept_whole, rewritable_in_place
 from .graph_layers import SumReduction, is_norm_act
 from .prepared import PreparedModel
 from .pairs import other_norm_types
@@ -401,10 +401,10 @@ class FusedLRP(LRP):
                      'prepared copy keeps whole')
         elif not isinstance(self._checked, torch.fx.GraphModule):
             where = 'in a forward torch.fx could not trace (see the warning), which the prepared copy keeps as it is'
-        elif not type(module).__module__.startswith('torch.nn'):
-            where = 'and is not one of torch\'s modules, which the rewrite of the traced forward makes out of place'
-        else:  # the rewrite made the others out of place
+        elif rewritable_in_place(module):  # the rewrite left it in place on purpose
             where = 'where the forward reads again the tensor it writes into (see the warning)'
+        else:  # by its traced forward (PreparedModel checks those kept for their rule), not its flag
+            return rule
         raise ValueError(
             f'FusedLRP: module `{self.prepared.original_name(name)}` ({type(module).__name__}) has a rule and runs in '
             f'place {where}: Captum\'s rules need the input it writes over. Give it no rule (None), or set '

@@ -257,12 +257,18 @@ class LRPTracer(LeafTracer):
         return graph
 
 
+def rewritable_in_place(module):
+    '''Whether ``module`` is one of torch's modules with ``inplace=True``, which the graph rewrite makes out of place
+    where the forward reads the write only through its result (torch's modules honour the flag; others may not).'''
+    return getattr(module, 'inplace', None) is True and type(module).__module__.startswith('torch.nn')
+
+
 def writes_into_input(module):
     '''``(traced, how)``: whether the forward of ``module`` could be traced on its own, and how it writes into memory
     of its inputs, in words (its first such op), or None. The trace runs the forward's Python: give a copy
     (:py:func:`~zennit_bnfuse.pairs.tracing_copy`) of a module the caller does not own.'''
     try:
-        graph = LRPTracer().trace(module)
+        graph = trace_for_call(LRPTracer(), module)  # leaves the random number generators as they were
     except Exception:  # fx raises many kinds of errors for untraceable code
         return False, None
     module_of = modules_of(module)
@@ -527,8 +533,7 @@ class GraphRewrite:
                 signals.add(self.cast_result(replacement or node, dtype))
         for node in list(self.graph.nodes):  # in-place modules, one per call now
             module = self.model.get_submodule(node.target) if node.op == 'call_module' else None
-            if (getattr(module, 'inplace', None) is not True or not type(module).__module__.startswith('torch.nn')
-                    or node not in signals):
+            if not rewritable_in_place(module) or node not in signals:
                 continue
             readers = later_readers(node, self.module_of)
             if not read_after(node, self.module_of, readers):

@@ -4,6 +4,7 @@ import weakref
 from collections import OrderedDict
 
 import torch
+import torch.fx
 
 from .checks import InputWrittenError, check_additional_arguments, refuse_global_hooks, refuse_zennit_hooks
 from .graph import LRPTracer, writes_into_input
@@ -299,15 +300,11 @@ def guard_input_writes(module, name, caller):
                                                                   'could not be traced on its own to tell before)'))
 
     module.register_forward_pre_hook(before, with_kwargs=True)
-    module.register_forward_hook(after, with_kwargs=True, always_call=False)
+    module.register_forward_hook(after, with_kwargs=True)
 
 
 def tensors_in(value):
     '''The tensors in nested tuples, lists and dict values of ``value``.'''
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (tuple, list)):
-        return [tensor for item in value for tensor in tensors_in(item)]
-    if isinstance(value, dict):
-        return tensors_in(list(value.values()))
-    return []
+    found = []
+    torch.fx.node.map_aggregate(value, lambda item: found.append(item) if isinstance(item, torch.Tensor) else None)
+    return found
