@@ -1,6 +1,7 @@
 '''Where a benchmark result comes from: the command that made it, the machine and the date.'''
 import os
 import platform
+import shlex
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -16,10 +17,11 @@ ALLOCATOR_VARIABLES = ('GLIBC_TUNABLES', 'MALLOC_ARENA_MAX', 'MALLOC_MMAP_MAX_',
 
 def command_line(argv=None, launcher='python'):
     '''The command as typed: ``python benchmarks/<script>.py <arguments>``, after the memory allocator's settings
-    from the environment where any is set (``MALLOC_TRIM_THRESHOLD_=... python ...``).'''
+    from the environment where any is set (``MALLOC_TRIM_THRESHOLD_=... python ...``); quoted for a POSIX shell where
+    needed (an empty argument as ``''``), so that it runs as written.'''
     arguments = argv if argv is not None else sys.argv[1:]
-    settings = [f'{name}={os.environ[name]}' for name in ALLOCATOR_VARIABLES if os.environ.get(name)]
-    return ' '.join([*settings, launcher, Path(sys.argv[0]).as_posix(), *arguments])
+    settings = [f'{name}={shlex.quote(os.environ[name])}' for name in ALLOCATOR_VARIABLES if os.environ.get(name)]
+    return ' '.join([*settings, launcher, *map(shlex.quote, [Path(sys.argv[0]).as_posix(), *arguments])])
 
 
 def machine(*details):

@@ -118,6 +118,9 @@ def test_command_line_names_the_allocator_settings(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(sys, 'argv', ['benchmarks/speed_interleaved.py'])
     assert provenance.command_line(['--repeats', '3']) == 'python benchmarks/speed_interleaved.py --repeats 3'
+    # an empty argument was written as nothing, so the recorded command failed as written (`--extra  --repeats`)
+    assert provenance.command_line(['--extra', '', '--repeats', '3']) == (
+        "python benchmarks/speed_interleaved.py --extra '' --repeats 3")
     monkeypatch.setenv('MALLOC_TRIM_THRESHOLD_', '68719476736')
     monkeypatch.setenv('MALLOC_MMAP_THRESHOLD_', '33554432')
     assert provenance.command_line(['--repeats', '3']) == (
