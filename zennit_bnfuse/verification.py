@@ -85,50 +85,106 @@ def output_tolerance(dtype):
     return torch.finfo(dtype).eps ** .5
 
 
-def output_differences(actual, expected):
+def output_differences(actual, expected, scales=None):
     '''``(relative error, dtype)`` for each tensor of two model outputs: the largest absolute difference relative to
-    the largest absolute expected value of that tensor (a small auxiliary output is compared on its own scale, not on
-    that of the logits beside it; complex values by their modulus), and the expected tensor's dtype; an infinite
-    error where their structure, shapes or non-finite entries differ.'''
+    the scale of the expected values, and the expected tensor's dtype; an infinite error where their structure,
+    shapes or non-finite entries differ.
+
+    The scale is that of each value where ``scales`` gives it (see :py:func:`value_scales`: a value that cancels is
+    measured against the values it is computed from, and a small value beside large ones in the same tensor on its
+    own), otherwise the largest absolute expected value of the tensor (a small auxiliary output is still compared on
+    its own scale, not on that of the logits beside it). Complex values are compared by their modulus.
+
+    Parameters
+    ----------
+    actual, expected: object
+        Model outputs (see :py:func:`output_tensors`).
+    scales: list[:py:obj:`torch.Tensor` or None] or None
+        For each tensor of ``expected``, a float64 tensor of its shape, or None.
+    '''
     actual, expected = output_tensors(actual), output_tensors(expected)
     if len(actual) != len(expected) or any(a.shape != e.shape for a, e in zip(actual, expected)):
         return [(float('inf'), output_dtype(expected))]
     differences = []
-    for a, e in zip(actual, expected):
+    for a, e, scale in zip(actual, expected, scales or [None] * len(expected)):
         dtype = e.dtype
         a, e = (tensor.to(torch.complex128 if tensor.is_complex() else torch.float64) for tensor in (a, e))
         finite = torch.isfinite(e)
         if not torch.equal(finite, torch.isfinite(a)) or not torch.allclose(a[~finite], e[~finite], equal_nan=True):
             differences.append((float('inf'), dtype))
-        elif finite.any():
-            difference = (a - e)[finite].abs().max().item()
-            scale = e[finite].abs().max().item()
-            differences.append((difference / scale if scale else difference, dtype))
-        else:
+        elif not finite.any():
             differences.append((0., dtype))
+        elif scale is None:
+            difference = (a - e)[finite].abs().max().item()
+            largest = e[finite].abs().max().item()
+            differences.append((difference / largest if largest else difference, dtype))
+        else:
+            difference, scale = (a - e)[finite].abs(), scale[finite]
+            relative = torch.where(scale > 0, difference / scale, difference)
+            differences.append((relative.max().item(), dtype))
     return differences
 
 
-def output_mismatch(actual, expected):
+def output_mismatch(actual, expected, scales=None):
     '''None where each tensor of the output ``actual`` agrees with that of ``expected`` to within the tolerance of
-    its dtype (:py:func:`output_tolerance`; exactly for integer and bool tensors), else which tensor does not and by
-    how much, in words.'''
-    differences = output_differences(actual, expected)
+    its dtype (:py:func:`output_tolerance`, relative to the scale :py:func:`output_differences` takes with
+    ``scales``; exactly for integer and bool tensors), else which tensor does not and by how much, in words.'''
+    differences = output_differences(actual, expected, scales)
     for index, (error, dtype) in enumerate(differences):
         allowed = output_tolerance(dtype) if dtype.is_floating_point or dtype.is_complex else 0.
         if not error <= allowed:
             which = 'the model output' if len(differences) == 1 else (
                 f'tensor {index + 1} of the {len(differences)} in the model output')
-            return f'{which} differs by {error:.3g} relative to its largest value ({dtype}, allowed {allowed:.1g})'
+            scale = 'the scale of its values' if scales else 'its largest value'
+            return f'{which} differs by {error:.3g} relative to {scale} ({dtype}, allowed {allowed:.1g})'
     return None
+
+
+def largest_value_hooks(model, largest):
+    '''Forward hooks on every module of ``model`` that raise ``largest[0]`` to the largest finite absolute value
+    of the floating-point tensors each module returns; remove them with the handles returned.'''
+    def record(module, args, output):
+        for tensor in output_tensors(output):
+            if tensor.is_floating_point() or tensor.is_complex():
+                finite = tensor[torch.isfinite(tensor)].abs()
+                if finite.numel():
+                    largest[0] = max(largest[0], finite.max().item())
+    return [module.register_forward_hook(record) for module in model.modules()]
+
+
+def value_scales(low, expected, largest):
+    '''For each tensor of the float64 output ``expected``, the scale of each value for comparing outputs (see
+    :py:func:`output_differences`), or None where ``low``, the same model's output in float32, does not match its
+    structure: the larger of the value's magnitude and the rounding float32 makes in it, divided by float32's
+    epsilon. That quotient is the magnitude of the values it is computed from, as rounding sees them: a value that
+    cancels to nearly nothing keeps the scale of what cancelled. It is capped at ``largest``, the largest value any
+    module returned in float64, where float32 takes another branch (an argmax, a comparison) or overflows.
+
+    Returns
+    -------
+    list[:py:obj:`torch.Tensor` or None] or None
+    '''
+    low, expected = output_tensors(low), output_tensors(expected)
+    if len(low) != len(expected) or any(run.shape != e.shape for run, e in zip(low, expected)):
+        return None
+    scales = []
+    for run, e in zip(low, expected):
+        if not (e.is_floating_point() or e.is_complex()) or run.dtype.is_complex != e.is_complex():
+            scales.append(None)
+            continue
+        rounding = (run.to(e.dtype) - e).abs().double() / torch.finfo(torch.float32).eps
+        rounding = rounding.nan_to_num(nan=largest, posinf=largest).clamp(max=largest)
+        scales.append(torch.maximum(e.abs().double(), rounding))
+    return scales
 
 
 class FoldCheck:
     '''Run copies of ``model`` with some folds done on ``example_inputs`` and compare them with the model.
 
     The model and inputs are converted to float64 where the model runs in float64, so the comparison sees the
-    folds' exactness, not the model dtype's rounding; otherwise they run in their own dtype. ``model`` is never run
-    or changed, only copies of it.
+    folds' exactness, not the model dtype's rounding; a run in float32 then tells the scale of each output value
+    (see :py:func:`value_scales`). Otherwise they run in their own dtype, and each output tensor is compared on the
+    scale of its largest value. ``model`` is never run or changed, only copies of it.
 
     Parameters
     ----------
@@ -151,10 +207,14 @@ class FoldCheck:
             self.model = model_copy(model).double()
             self.inputs = tuple(value.double() if torch.is_tensor(value) and value.is_floating_point() else value
                                 for value in inputs)
-            self.expected = self.run(model_copy(self.model))  # a copy: the forward may change its buffers
+            largest, copied_model = [0.], model_copy(self.model)  # a copy: the forward may change its buffers
+            handles = largest_value_hooks(copied_model, largest)
+            self.expected = self.run(copied_model)
+            for handle in handles:
+                handle.remove()
             self.dtype = torch.float64
         except Exception:  # the forward may not run in float64 (a constant of another dtype in forward)
-            self.model, self.inputs = model_copy(model), inputs
+            self.model, self.inputs, self.scales = model_copy(model), inputs, None
             try:
                 self.expected = self.run(model_copy(self.model))
             except Exception as error:
@@ -162,8 +222,20 @@ class FoldCheck:
                     f'{type(model).__name__} raised {type(error).__name__} on example_inputs ({self.description}): '
                     f'{error}. Pass example inputs the model takes.') from error
             self.dtype = output_dtype(self.expected)
+        else:
+            self.scales = self.float32_scales(model, inputs, largest[0])
         # an output without tensors (a string, an object of the model's own) cannot be compared
         self.comparable = bool(output_tensors(self.expected))
+
+    def float32_scales(self, model, inputs, largest):
+        '''The scales of the float64 output's values (see :py:func:`value_scales`), from a run of the model in
+        float32; None where it does not run in float32.'''
+        try:
+            low = seeded_output(model_copy(model).float(), tuple(
+                value.float() if torch.is_tensor(value) and value.is_floating_point() else value for value in inputs))
+        except Exception:  # a forward that runs in float64 may still refuse float32 (a dtype check of its own)
+            return None
+        return value_scales(low, self.expected, largest)
 
     def run(self, model):
         '''The output of ``model`` on the example inputs, without gradients (see :py:func:`seeded_output`).'''
@@ -189,7 +261,7 @@ class FoldCheck:
             return error
         except Exception as error:  # any error the fused copy raises where the model did not
             return f'the model raises {type(error).__name__}: {error}'
-        return output_mismatch(actual, self.expected) if self.comparable else None
+        return output_mismatch(actual, self.expected, self.scales) if self.comparable else None
 
 
 def check_folds(model, report, example_inputs):
