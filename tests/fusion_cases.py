@@ -181,6 +181,27 @@ def must_fuse():
         lambda self, x: (lambda h: self.conv(h) + self.shortcut(h))(self.bn(x)), bn=torch.nn.BatchNorm2d(3),
         conv=torch.nn.Conv2d(3, 2, 3, padding=1), shortcut=torch.nn.Conv2d(3, 2, 1)), 2, 3, 5, 5),
         {'bn': ('conv', 'before')})
+    # BN -> pooling -> layer (no ReLU): averages of real inputs pass the whole affine map, a maximum a scale >= 0
+    model, input = prepared(torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.BatchNorm2d(4), torch.nn.AdaptiveAvgPool2d(2),
+        torch.nn.Dropout(), torch.nn.Flatten(), torch.nn.Linear(16, 2)), 2, 3, 7, 7)
+    cases['bn-adaptive-avgpool-flatten-linear'] = (with_scales(model, 2, [1., -2., 0., .5]), input,
+                                                   {'2': ('6', 'before')})
+    for name, pool, size in (
+            ('avgpool-ceil-mode', torch.nn.AvgPool2d(3, 2, ceil_mode=True), 8),  # the last window partly outside
+            ('avgpool-padding-not-counted', torch.nn.AvgPool2d(3, 2, 1, count_include_pad=False), 7),
+            ('functional-avgpool-padding-not-counted', Lambda(
+                lambda self, x: F.avg_pool2d(x, 3, 2, 1, False, count_include_pad=False)), 7),
+            ('functional-adaptive-avgpool', Lambda(lambda self, x: F.adaptive_avg_pool2d(x, 3)), 7)):
+        model, input = prepared(torch.nn.Sequential(
+            torch.nn.BatchNorm2d(3), pool, torch.nn.Conv2d(3, 2, 3, padding=1)), 2, 3, size, size)
+        cases[f'bn-{name}-conv'] = (with_scales(model, 0, [1., -2., .5]), input, {'0': ('2', 'before')})
+    model, input = prepared(torch.nn.Sequential(
+        torch.nn.MaxPool2d(2), torch.nn.BatchNorm2d(3), torch.nn.MaxPool2d(2), torch.nn.Conv2d(3, 2, 1)), 2, 3, 8, 8)
+    cases['bn-maxpool-conv-non-negative-scales'] = (with_scales(model, 1, [1., 0., .5]), input, {'1': ('3', 'before')})
+    model, input = prepared(torch.nn.Sequential(
+        torch.nn.BatchNorm3d(2), torch.nn.AvgPool3d(2), torch.nn.Conv3d(2, 2, 1)), 2, 2, 4, 4, 4)
+    cases['bn3d-avgpool3d-conv3d'] = (with_scales(model, 0, [-1., 2.]), input, {'0': ('2', 'before')})
     # hooks that see nothing the fold changes: a forward pre-hook on a block whose output the fold changes, hooks on
     # blocks that share one activation module, each folding inside itself
     model, input = prepared(torch.nn.Sequential(torch.nn.Sequential(
@@ -267,9 +288,31 @@ def must_not_fuse():
         lambda self, x: (lambda h: self.conv(h).sum() + self.up(h).sum())(F.relu(self.bn(x))),
         bn=torch.nn.BatchNorm2d(3), conv=torch.nn.Conv2d(3, 2, 1), up=torch.nn.ConvTranspose2d(3, 2, 2)),
         2, 3, 5, 5), {'bn': r'feeds 2 ops.*and `up` is a transposed convolution'})
-    cases['pooling-between-bn-and-layer'] = (*prepared(torch.nn.Sequential(
-        torch.nn.MaxPool2d(2), torch.nn.BatchNorm2d(3), torch.nn.MaxPool2d(2), torch.nn.Conv2d(3, 2, 1)),
-        2, 3, 8, 8), {'1': r'input comes from `0` \(MaxPool2d\).*feeds `2` \(MaxPool2d\), not a conv/linear layer'})
+    model, input = prepared(torch.nn.Sequential(
+        torch.nn.MaxPool2d(2), torch.nn.BatchNorm2d(3), torch.nn.MaxPool2d(2), torch.nn.Conv2d(3, 2, 1)), 2, 3, 8, 8)
+    cases['bn-maxpool-conv-negative-scale'] = (with_scales(model, 1, [1., -.5, 0.]), input, {
+        '1': r'input comes from `0` \(MaxPool2d\).*feeds `2` \(MaxPool2d\), which takes the maximum, and the '
+             r'BatchNorm\'s scale is negative in channel\(s\) 1, where'})
+    for name, pool, reason in (
+            ('avgpool-counting-padding', torch.nn.AvgPool2d(3, 2, 1), r'averages zero padding into its border'),
+            ('functional-avgpool-counting-padding', Lambda(lambda self, x: F.avg_pool2d(x, 3, 2, padding=1)),
+             r'`F\.avg_pool2d`, which averages zero padding'),
+            ('avgpool-divisor-override', torch.nn.AvgPool2d(2, divisor_override=3), r'divisor_override'),
+            ('avgpool-then-relu', torch.nn.Sequential(torch.nn.AvgPool2d(2), torch.nn.ReLU()),
+             r'`3\.1` \(ReLU\) follows `3\.0` \(AvgPool2d\), so the BatchNorm cannot become a thresholded ReLU'),
+            ('pool3d-after-batchnorm2d', torch.nn.AvgPool3d(1), r'pools the last 3 dim\(s\).*BatchNorm2d')):
+        cases[f'bn-{name}-conv'] = (*prepared(torch.nn.Sequential(
+            torch.nn.Conv2d(3, 3, 1), torch.nn.ReLU(), torch.nn.BatchNorm2d(3), pool, torch.nn.Conv2d(3, 2, 1)),
+            2, 3, 8, 8), {'2': reason})
+    # a BatchNorm1d may take (N, C): a 1d pooling then pools its channels (these folds were 0.12-0.70 off)
+    for name, tail in (('relu-avgpool', [torch.nn.ReLU(), torch.nn.AvgPool1d(3, 1, 1, count_include_pad=False)]),
+                       ('avgpool', [torch.nn.AvgPool1d(3, 1, 1, count_include_pad=False)]),
+                       ('maxpool', [torch.nn.MaxPool1d(3, 1, 1)])):
+        model, input = prepared(torch.nn.Sequential(
+            torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.BatchNorm1d(4), *tail, torch.nn.Linear(4, 2)), 6, 3)
+        cases[f'bn1d-{name}-linear-on-two-dims'] = (with_scales(model, 2, [1., .5, 2., .3]), input, {
+            '2': r'pools the last 1 dim\(s\), which are the spatial dims of the BatchNorm\'s input only where it has 3 '
+                 r'dims, and a BatchNorm1d may take another rank'})
     cases['relu-then-add-between-bn-and-layer'] = (*prepared(Lambda(
         lambda self, x: self.conv(F.relu(self.bn(x)) + 1.), conv=torch.nn.Conv2d(3, 2, 1),
         bn=torch.nn.BatchNorm2d(3)), 2, 3, 5, 5), {'bn': r'`\+` follows, through which its scale cannot move'})

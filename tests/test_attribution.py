@@ -16,7 +16,7 @@ from zennit.composites import (EpsilonAlpha2Beta1Flat, EpsilonPlusFlat, LayerMap
 from zennit.rules import Epsilon, Gamma
 from zennit.torchvision import ResNetCanonizer
 
-from conftest import randomize_batch_norms
+from conftest import epsilon_explainer, randomize_batch_norms
 from zennit_bnfuse import CompositeLRP, FuseBatchNorm, FusedLRP, SinglePass, ThresholdReLU
 from zennit_bnfuse.graph import writes_into_input
 
@@ -177,21 +177,22 @@ def test_conserves_relevance_without_shifts_and_biases():
 
 
 def test_unfusable_batchnorm_gets_chosen_rule():
-    # a BN after a ReLU and before a pooling layer cannot be fused; by default it gets Captum's EpsilonRule
+    # a BN after a ReLU and before an average pooling that counts zero padding cannot be fused; by default it gets
+    # Captum's EpsilonRule
     torch.manual_seed(0)
     model = randomize_batch_norms(torch.nn.Sequential(
-        torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.BatchNorm2d(4), torch.nn.AdaptiveAvgPool2d(1),
-        torch.nn.Flatten(), torch.nn.Linear(4, 2)).double())
+        torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.BatchNorm2d(4), torch.nn.AvgPool2d(3, 1, 1),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 2)).double())
     input = torch.rand(2, 3, 6, 6, dtype=torch.float64)
     lrp = FusedLRP(model)
     default = lrp.attribute(input, target=0)
     assert [item.bn for item in lrp.prepared.report.unfused] == ['2']
     # Captum itself gives BatchNorm2d the EpsilonRule: the same relevance (Flatten is Captum-incompatible, so the
     # reference uses the flatten-free equivalent with a 1x1 input to the Linear)
-    reference = torch.nn.Sequential(*list(model.children())[:4], torch.nn.Conv2d(4, 2, 1)).double().eval()
+    reference = torch.nn.Sequential(*list(model.children())[:5], torch.nn.Conv2d(4, 2, 1)).double().eval()
     with torch.no_grad():
-        reference[4].weight.copy_(model[5].weight[:, :, None, None])
-        reference[4].bias.copy_(model[5].bias)
+        reference[5].weight.copy_(model[6].weight[:, :, None, None])
+        reference[5].bias.copy_(model[6].bias)
     expected = LRP(reference).attribute(input, target=(0, 0, 0))
     torch.testing.assert_close(default, expected, rtol=1e-10, atol=1e-12)
     identity = FusedLRP(model, rules={'2': IdentityRule()}).attribute(input, target=0)
@@ -1319,3 +1320,30 @@ def test_the_check_of_what_a_forward_writes_leaves_the_random_number_generators_
     state = torch.get_rng_state()
     assert writes_into_input(FlaggedTanh(draws=True)) == (True, None)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize('engine', ['FusedLRP', 'CompositeLRP'])
+@pytest.mark.parametrize('pool', ['adaptive-average', 'max', 'average-padding-not-counted'])
+def test_batch_norm_folded_through_pooling_keeps_epsilon_equal_to_gradient_times_input(engine, pool, snapshot):
+    '''conv -> ReLU -> BatchNorm -> pooling -> layer: the BatchNorm folds into the layer after the pooling (an average
+    of real inputs passes its whole affine map, a maximum a non-negative scale), and LRP-epsilon with a negligible
+    epsilon still equals gradient x input (float64).'''
+    torch.manual_seed(0)
+    pools = {'adaptive-average': torch.nn.AdaptiveAvgPool2d(2), 'max': torch.nn.MaxPool2d(2),
+             'average-padding-not-counted': torch.nn.AvgPool2d(3, 2, 1, count_include_pad=False)}
+    model = randomize_batch_norms(torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.BatchNorm2d(4), pools[pool], torch.nn.Flatten(),
+        torch.nn.LazyLinear(2)).double())
+    model(torch.rand(1, 3, 8, 8, dtype=torch.float64))  # materialise the Linear
+    model = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        model[2].weight.copy_(torch.tensor([1., -2., 0., .5] if pool != 'max' else [1., 2., 0., .5]))
+    before = snapshot(model)
+    input = torch.rand(2, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+    output = model(input)
+    gradient, = torch.autograd.grad(output[:, 1].sum(), input)
+    explainer = epsilon_explainer(engine, model, 'fused')
+    relevance = explainer.attribute(input.detach(), target=1)
+    assert [(fold.bn, fold.side) for fold in explainer.prepared.report.fused] == [('2', 'before')]
+    torch.testing.assert_close(relevance, gradient * input.detach(), rtol=1e-9, atol=1e-12)
+    before.assert_unchanged()

@@ -152,7 +152,8 @@ def refusal_cases():
                                                2, 3, 6, 6), r'no running statistics')
     cases['silu-before'] = (prepared(torch.nn.Sequential(
         torch.nn.MaxPool2d(2), BatchNormAct2d(3, act_layer=torch.nn.SiLU), torch.nn.Conv2d(3, 2, 1)), 2, 3, 6, 6),
-        r'the output of `1\.drop` \(Identity\) feeds `1\.act` \(SiLU\), not a conv/linear layer or ReLU')
+        r'the output of `1\.drop` \(Identity\) feeds `1\.act` \(SiLU\), not a conv/linear layer, ReLU, pooling or '
+        r'flatten')
     return cases
 
 

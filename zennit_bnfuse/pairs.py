@@ -8,6 +8,7 @@ import copy
 import operator
 import warnings
 from collections import Counter
+from collections.abc import Hashable
 from contextlib import contextmanager
 from typing import NamedTuple
 
@@ -30,24 +31,34 @@ from .verification import as_input_tuple, check_folds, refuse_unproven
 
 TRANSPOSED_TYPES = (torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
 
+# pooling modules and functions; an affine per-channel map moves through averages of real inputs, a non-negative
+# scale through every one of them (see GraphPairs.affine_step and GraphPairs.commuting_step)
+AVERAGE_POOL_MODULES = (torch.nn.AvgPool1d, torch.nn.AvgPool2d, torch.nn.AvgPool3d)
+ADAPTIVE_AVERAGE_POOL_MODULES = (torch.nn.AdaptiveAvgPool1d, torch.nn.AdaptiveAvgPool2d, torch.nn.AdaptiveAvgPool3d)
+MAX_POOL_MODULES = (torch.nn.MaxPool1d, torch.nn.MaxPool2d, torch.nn.MaxPool3d, torch.nn.AdaptiveMaxPool1d,
+                    torch.nn.AdaptiveMaxPool2d, torch.nn.AdaptiveMaxPool3d)
+AVERAGE_POOL_FUNCTIONS = {
+    torch.nn.functional.avg_pool1d, torch.nn.functional.avg_pool2d, torch.nn.functional.avg_pool3d}
+ADAPTIVE_AVERAGE_POOL_FUNCTIONS = {torch.nn.functional.adaptive_avg_pool1d, torch.nn.functional.adaptive_avg_pool2d,
+                                   torch.nn.functional.adaptive_avg_pool3d}
+ADAPTIVE_MAX_POOL_FUNCTIONS = {torch.nn.functional.adaptive_max_pool1d, torch.nn.functional.adaptive_max_pool2d,
+                               torch.nn.functional.adaptive_max_pool3d}
+MAX_POOL_FUNCTIONS = {torch.nn.functional.max_pool1d, torch.nn.functional.max_pool2d,
+                      torch.nn.functional.max_pool3d} | ADAPTIVE_MAX_POOL_FUNCTIONS
+# how many trailing dims each pooling pools
+POOLING_DIMS = {pool: int(pool.__name__[-2]) for pool in (
+    *AVERAGE_POOL_MODULES, *ADAPTIVE_AVERAGE_POOL_MODULES, *MAX_POOL_MODULES,
+    *AVERAGE_POOL_FUNCTIONS, *ADAPTIVE_AVERAGE_POOL_FUNCTIONS, *MAX_POOL_FUNCTIONS)}
 # ops between "BN -> ReLU" and the next layer through which a non-negative per-channel scale moves unchanged
 SCALE_COMMUTING_MODULES = (
     torch.nn.ReLU, torch.nn.Identity, torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d,
-    torch.nn.MaxPool1d, torch.nn.MaxPool2d, torch.nn.MaxPool3d,
-    torch.nn.AvgPool1d, torch.nn.AvgPool2d, torch.nn.AvgPool3d,
-    torch.nn.AdaptiveMaxPool1d, torch.nn.AdaptiveMaxPool2d, torch.nn.AdaptiveMaxPool3d,
-    torch.nn.AdaptiveAvgPool1d, torch.nn.AdaptiveAvgPool2d, torch.nn.AdaptiveAvgPool3d,
+    *MAX_POOL_MODULES, *AVERAGE_POOL_MODULES, *ADAPTIVE_AVERAGE_POOL_MODULES,
 )
-SCALE_COMMUTING_FUNCTIONS = {
-    torch.relu, torch.nn.functional.relu,
-    torch.nn.functional.max_pool1d, torch.nn.functional.max_pool2d, torch.nn.functional.max_pool3d,
-    torch.nn.functional.avg_pool1d, torch.nn.functional.avg_pool2d, torch.nn.functional.avg_pool3d,
-    torch.nn.functional.adaptive_max_pool1d, torch.nn.functional.adaptive_max_pool2d,
-    torch.nn.functional.adaptive_max_pool3d,
-    torch.nn.functional.adaptive_avg_pool1d, torch.nn.functional.adaptive_avg_pool2d,
-    torch.nn.functional.adaptive_avg_pool3d,
-}
+SCALE_COMMUTING_FUNCTIONS = {torch.relu, torch.nn.functional.relu} | MAX_POOL_FUNCTIONS | AVERAGE_POOL_FUNCTIONS | (
+    ADAPTIVE_AVERAGE_POOL_FUNCTIONS)
 RELU_METHODS = {'relu', 'relu_'}
+# why a BatchNorm's output cannot reach a layer through an op
+NOT_PASSED = 'not a conv/linear layer, ReLU, pooling or flatten'
 RELU_FUNCTIONS = {torch.relu, torch.nn.functional.relu}
 # modules that are the identity in eval mode: an affine map moves through them unchanged
 EVAL_IDENTITY_MODULES = (
@@ -61,6 +72,30 @@ CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
 OTHER_NORM_TYPES = tuple(norm for norm in (
     torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.modules.instancenorm._InstanceNorm, torch.nn.LocalResponseNorm,
     getattr(torch.nn, 'RMSNorm', None)) if norm is not None)
+
+
+def batch_norm_spatial_dims(batch_norm):
+    '''How many spatial dims the input of ``batch_norm`` has, where its type fixes that (2 for BatchNorm2d, timm's
+    subclasses of it and the frozen 2d kinds, 3 for BatchNorm3d), else None (BatchNorm1d takes ``(N, C)`` and
+    ``(N, C, L)``, SyncBatchNorm any rank).'''
+    extension = timm_layers()
+    if isinstance(batch_norm, (torch.nn.BatchNorm2d, FrozenBatchNorm2d,
+                               *(() if extension is None else extension.FROZEN_2D_TYPES))):
+        return 2
+    if isinstance(batch_norm, torch.nn.BatchNorm3d):
+        return 3
+    return None
+
+
+def pooling_parameters(function):
+    '''The names of the positional parameters of a pooling function of torch.nn.functional, in order.'''
+    if function in AVERAGE_POOL_FUNCTIONS:
+        return ('input', 'kernel_size', 'stride', 'padding', 'ceil_mode', 'count_include_pad', 'divisor_override')
+    if function in ADAPTIVE_AVERAGE_POOL_FUNCTIONS:
+        return ('input', 'output_size')
+    if function in MAX_POOL_FUNCTIONS - ADAPTIVE_MAX_POOL_FUNCTIONS:
+        return ('input', 'kernel_size', 'stride', 'padding', 'dilation', 'ceil_mode', 'return_indices')
+    return ('input', 'output_size', 'return_indices')
 
 
 def other_norm_types():
@@ -781,16 +816,98 @@ class _GraphAnalysis:
                 return problem
             found.append((self.name(user), rectified))
             return None
-        if not rectified and not (self.is_relu(user) or self.is_eval_identity(user)):
-            return f'{what} feeds {self.describe(user)}, not a conv/linear layer or ReLU'
+        dims = self.pooling_dims(user)
+        if dims is not None and dims != batch_norm_spatial_dims(self.module(node)):
+            return (f'{self.describe(user)} pools the last {dims} dim(s), which are the spatial dims of the '
+                    f'BatchNorm\'s input only where it has {dims + 2} dims, and a {type(self.module(node)).__name__} '
+                    'may take another rank (BatchNorm1d: (N, C)), where the pooling would mix its channels')
         step = 'op'
         if rectified:
             step = self.commuting_step(user, flatten)
             if step is None:
                 return f'{self.describe(user)} follows, through which its scale cannot move'
+        elif self.is_relu(user):
+            pooling = next((op for op in via if self.pooling_dims(op) is not None), None)
+            if pooling is not None:
+                return (f'{self.describe(user)} follows {self.describe(pooling)}, so the BatchNorm cannot become a '
+                        'thresholded ReLU where it is')
+        elif not self.is_eval_identity(user):
+            step, problem = self.affine_step(node, user, flatten)
+            if step is None:
+                return f'{what} feeds {self.describe(user)}, {problem}'
         via.append(user)
         return self.follow(node, user, channels, rectified or self.is_relu(user),
                            flatten or step == 'flatten', found, via)
+
+    def pooling_dims(self, node):
+        '''How many trailing dims ``node`` pools, if it calls a pooling module or function of torch's or timm's
+        (those :py:meth:`commuting_step` and :py:meth:`affine_step` pass), else None.'''
+        module = self.module(node)
+        extension = timm_layers()
+        if module is not None and extension is not None and type(module) in extension.SCALE_COMMUTING_MODULES:
+            return 2
+        kind = type(module) if module is not None else node.target if node.op == 'call_function' else None
+        return POOLING_DIMS.get(kind) if isinstance(kind, Hashable) else None
+
+    def flattens_channel_major(self, node):
+        '''None if ``node`` is no flatten (``nn.Flatten``, ``torch.flatten``, ``.flatten()``), else whether it
+        flattens every dim after the batch dim, channels first.'''
+        module = self.module(node)
+        if module is not None:
+            return module.start_dim == 1 and module.end_dim == -1 if type(module) is torch.nn.Flatten else None
+        if (node.op == 'call_function' and node.target is torch.flatten) or (
+                node.op == 'call_method' and node.target == 'flatten'):
+            start = node.args[1] if len(node.args) > 1 else node.kwargs.get('start_dim', 0)
+            end = node.args[2] if len(node.args) > 2 else node.kwargs.get('end_dim', -1)
+            return start == 1 and end == -1
+        return None
+
+    def affine_step(self, node, user, flattened):
+        """Whether the BatchNorm ``node``'s per-channel affine map ``s x + t`` moves through ``user`` unchanged, on
+        the way to the layer after it: ``('op', None)`` or ``('flatten', None)`` (a channel-major flatten, at most
+        one, after any pooling), else ``(None, reason)``.
+
+        It moves through average pooling whose every output averages real inputs (adaptive, or without zero padding
+        or with ``count_include_pad=False``, and without ``divisor_override``): the average of ``s x + t`` is
+        ``s`` times the average plus ``t``. It moves through max pooling where ``s >= 0`` in every channel.
+        """
+        channel_major = self.flattens_channel_major(user)
+        if channel_major is not None:
+            return ('flatten', None) if channel_major and not flattened else (
+                None, 'which does not flatten channel-major once')
+        module = self.module(user)
+        if module is not None:
+            kind, settings = type(module), vars(module)
+        elif user.op == 'call_function' and user.target in (
+                AVERAGE_POOL_FUNCTIONS | ADAPTIVE_AVERAGE_POOL_FUNCTIONS | MAX_POOL_FUNCTIONS):
+            kind = user.target
+            settings = {**dict(zip(pooling_parameters(kind), user.args)), **user.kwargs}
+        else:
+            return None, NOT_PASSED
+        if flattened:
+            return None, 'a pooling after the flatten'
+        if kind in (*AVERAGE_POOL_MODULES, *AVERAGE_POOL_FUNCTIONS):
+            padding = settings.get('padding', 0)
+            padded = any(padding) if isinstance(padding, (tuple, list)) else bool(padding)
+            if padded and settings.get('count_include_pad', True):
+                return None, ('which averages zero padding into its border outputs (count_include_pad), where the '
+                              'BatchNorm\'s shift is left out')
+            if settings.get('divisor_override') is not None:
+                return None, 'whose divisor_override makes it no average, which the BatchNorm\'s shift does not pass'
+            return 'op', None
+        if kind in (*ADAPTIVE_AVERAGE_POOL_MODULES, *ADAPTIVE_AVERAGE_POOL_FUNCTIONS):
+            return 'op', None
+        if kind in (*MAX_POOL_MODULES, *MAX_POOL_FUNCTIONS):
+            if settings.get('return_indices', False):
+                return None, 'which also returns indices'
+            scale, _ = batch_norm_affine(self.module(node))
+            negative = (scale < 0).nonzero().flatten().tolist()
+            if negative:
+                shown = ', '.join(map(str, negative[:5])) + (', ...' if len(negative) > 5 else '')
+                return None, (f'which takes the maximum, and the BatchNorm\'s scale is negative in channel(s) '
+                              f'{shown}, where it turns the maximum into the minimum')
+            return 'op', None
+        return None, NOT_PASSED
 
     def is_eval_identity(self, node):
         '''Whether ``node`` calls a module that is the identity in eval mode (identity, dropout).'''
@@ -810,19 +927,15 @@ class _GraphAnalysis:
     def commuting_step(self, node, flattened):
         """``'op'`` if a non-negative per-channel scale commutes with ``node``, ``'flatten'`` for a channel-major
         flatten (at most one), None otherwise. Pooling must come before the flatten; elementwise ops anywhere."""
+        channel_major = self.flattens_channel_major(node)
+        if channel_major is not None:
+            return 'flatten' if channel_major and not flattened else None
         module = self.module(node)
         if module is not None:
-            if isinstance(module, torch.nn.Flatten):
-                return 'flatten' if module.start_dim == 1 and module.end_dim == -1 and not flattened else None
             if type(module) not in scale_commuting_modules() or module.training:
                 return None
             elementwise = isinstance(module, (torch.nn.ReLU, torch.nn.Identity, torch.nn.modules.dropout._DropoutNd))
             return 'op' if elementwise or not flattened else None
-        is_function = node.op == 'call_function' and node.target is torch.flatten
-        if is_function or (node.op == 'call_method' and node.target == 'flatten'):
-            start = node.args[1] if len(node.args) > 1 else node.kwargs.get('start_dim', 0)
-            end = node.args[2] if len(node.args) > 2 else node.kwargs.get('end_dim', -1)
-            return 'flatten' if start == 1 and end == -1 and not flattened else None
         if self.is_relu(node):
             return 'op'
         if node.op == 'call_function' and node.target in SCALE_COMMUTING_FUNCTIONS and not flattened:

@@ -35,6 +35,8 @@ NORM_ACT_TYPES = {
     SplitBatchNorm2d: False,
 }
 TAIL_NAMES = ('drop', 'act')
+# norm-act types that take 4-D inputs only without subclassing torch.nn.BatchNorm2d
+FROZEN_2D_TYPES = (FrozenBatchNormAct2d,)
 
 # layers whose forward convolves with a standardised copy of their weight
 STANDARDIZED_CONV_TYPES = (StdConv2d, StdConv2dSame, ScaledStdConv2d, ScaledStdConv2dSame)
