@@ -312,3 +312,19 @@ def test_engine_agreement_smoke(tmp_path):
     record = json.loads((tmp_path / 'engine-agreement.json').read_text())
     assert record['command'].endswith('--models resnet18 --input-size 32 --results ' + str(tmp_path))
     assert record['machine'] and record['date']
+
+
+def test_fold_check_rounding_smoke(tmp_path):
+    '''resnet18: the check keeps its exact folds on logits, whose values need no rounding allowance, and refuses them
+    on a Siamese difference of a near-duplicate pair, saying that it cancels; the most epsilons an exact fold took
+    stay far below the allowance.'''
+    import fold_check_rounding
+    from zennit_bnfuse.verification import ROUNDING_ALLOWANCE
+    fold_check_rounding.main(['--models', 'resnet18', '--heads', 'logits,siamese', '--results', str(tmp_path)])
+    record = json.loads((tmp_path / 'fold-check-rounding.json').read_text())
+    rows = {(row['head'], row['batch']): row for row in record['rows']}  # batch 2: the 1e-12 pair
+    assert [rows['logits', batch]['kept'] for batch in (1, 2, 4)] == ['yes'] * 3
+    assert rows['logits', 1]['epsilons'] == 0.
+    assert 'they cancel' in rows['siamese', 2]['kept']
+    assert 0 < max(row['epsilons'] for row in record['rows']) < ROUNDING_ALLOWANCE / 10
+    assert record['command'].endswith('--heads logits,siamese --results ' + str(tmp_path))
