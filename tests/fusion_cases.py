@@ -202,6 +202,18 @@ def must_fuse():
     model, input = prepared(torch.nn.Sequential(
         torch.nn.BatchNorm3d(2), torch.nn.AvgPool3d(2), torch.nn.Conv3d(2, 2, 1)), 2, 2, 4, 4, 4)
     cases['bn3d-avgpool3d-conv3d'] = (with_scales(model, 0, [-1., 2.]), input, {'0': ('2', 'before')})
+    # a BatchNorm1d or SyncBatchNorm through a pooling into a convolution (which checks its input's rank as it runs)
+    for name, pool in (('relu-maxpool', [torch.nn.ReLU(), torch.nn.MaxPool1d(2)]),
+                       ('avgpool', [torch.nn.AvgPool1d(2)])):
+        model, input = prepared(torch.nn.Sequential(
+            torch.nn.Conv1d(3, 4, 3), torch.nn.ReLU(), torch.nn.BatchNorm1d(4), *pool,
+            torch.nn.Conv1d(4, 2, 3, padding=1)), 2, 3, 12)
+        cases[f'bn1d-{name}-conv1d'] = (with_scales(model, 2, [1., .5, 2., .3]), input, {
+            '2': (str(len(pool) + 3), 'before-relu' if len(pool) > 1 else 'before')})
+    model, input = prepared(torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.SyncBatchNorm(4), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(4, 2, 3)), 2, 3, 10, 10)
+    cases['sync-bn-relu-maxpool-conv'] = (model.eval(), input, {'2': ('5', 'before-relu')})
     # hooks that see nothing the fold changes: a forward pre-hook on a block whose output the fold changes, hooks on
     # blocks that share one activation module, each folding inside itself
     model, input = prepared(torch.nn.Sequential(torch.nn.Sequential(
@@ -300,7 +312,10 @@ def must_not_fuse():
             ('avgpool-divisor-override', torch.nn.AvgPool2d(2, divisor_override=3), r'divisor_override'),
             ('avgpool-then-relu', torch.nn.Sequential(torch.nn.AvgPool2d(2), torch.nn.ReLU()),
              r'`3\.1` \(ReLU\) follows `3\.0` \(AvgPool2d\), so the BatchNorm cannot become a thresholded ReLU'),
-            ('pool3d-after-batchnorm2d', torch.nn.AvgPool3d(1), r'pools the last 3 dim\(s\).*BatchNorm2d')):
+            # on (N, C, H, W) a 3d pooling reads the channels as a spatial dim: averaged over 3, kept in number
+            ('pool3d-after-batchnorm2d', torch.nn.AvgPool3d((3, 1, 1), 1, (1, 0, 0), count_include_pad=False),
+             r'pools the last 3 dim\(s\), the spatial dims of the BatchNorm\'s input only where that has 5 dims; '
+             r'the BatchNorm2d takes 4, so the pooling mixes its channels')):
         cases[f'bn-{name}-conv'] = (*prepared(torch.nn.Sequential(
             torch.nn.Conv2d(3, 3, 1), torch.nn.ReLU(), torch.nn.BatchNorm2d(3), pool, torch.nn.Conv2d(3, 2, 1)),
             2, 3, 8, 8), {'2': reason})
@@ -311,8 +326,9 @@ def must_not_fuse():
         model, input = prepared(torch.nn.Sequential(
             torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.BatchNorm1d(4), *tail, torch.nn.Linear(4, 2)), 6, 3)
         cases[f'bn1d-{name}-linear-on-two-dims'] = (with_scales(model, 2, [1., .5, 2., .3]), input, {
-            '2': r'pools the last 1 dim\(s\), which are the spatial dims of the BatchNorm\'s input only where it has 3 '
-                 r'dims, and a BatchNorm1d may take another rank'})
+            '2': r'pools the last 1 dim\(s\), the spatial dims of the BatchNorm\'s input only where that has 3 dims; '
+                 r'the BatchNorm1d may take another rank \(BatchNorm1d: \(N, C\)\), which the Linear after it cannot '
+                 r'tell, and then the pooling mixes its channels'})
     cases['relu-then-add-between-bn-and-layer'] = (*prepared(Lambda(
         lambda self, x: self.conv(F.relu(self.bn(x)) + 1.), conv=torch.nn.Conv2d(3, 2, 1),
         bn=torch.nn.BatchNorm2d(3)), 2, 3, 5, 5), {'bn': r'`\+` follows, through which its scale cannot move'})
@@ -441,6 +457,9 @@ def rank_dependent_relu():
 def rank_dependent_cases():
     '''Folds that are exact only for inputs of one rank, with an input of another rank on which the BatchNorm
     runs, as ``{case id: (model, input, (bn, layer))}`` (the issue's three cases and an unbatched Conv1d).'''
+    # on (N, C) the 1d pooling pools the BatchNorm's channels, and the Conv1d reads one unbatched example
+    pooled, pooled_input = prepared(torch.nn.Sequential(
+        torch.nn.BatchNorm1d(3), torch.nn.MaxPool1d(3, 1, 1), torch.nn.Conv1d(3, 2, 1)), 3, 3)
     return {
         'linear-bn1d-on-nlc': (*prepared(torch.nn.Sequential(
             torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3)), 2, 3, 3), ('1', '0')),
@@ -449,4 +468,5 @@ def rank_dependent_cases():
         'bn1d-relu-linear-on-ncl': (*rank_dependent_relu(), ('0', '2')),
         'conv1d-bn1d-unbatched': (*prepared(torch.nn.Sequential(
             torch.nn.Conv1d(3, 3, 1), torch.nn.BatchNorm1d(3)), 3, 3), ('1', '0')),
+        'bn1d-maxpool-conv1d-on-nc': (with_scales(pooled, 0, [1., .5, 2.]), pooled_input, ('0', '2')),
     }

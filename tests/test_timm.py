@@ -278,6 +278,25 @@ def test_mixed_conv_folds_per_split(snapshot):
     assert type(fused[0]['0']) is FoldedConv2dSame and type(fused[0]['1']) is FoldedConv2dSame
 
 
+def test_same_padded_pooling_between_batch_norm_and_conv(snapshot):
+    '''timm's MaxPool2dSame pads with -inf: a BatchNorm with scales >= 0 folds through it into the conv, exactly at
+    an input size that needs padding; AvgPool2dSame averages the zeros it pads with, so the fold is refused with that
+    reason (both were refused as "not a pooling").'''
+    from timm.layers.pool2d_same import AvgPool2dSame, MaxPool2dSame
+    for pool, folded in ((MaxPool2dSame(3, 2), True), (AvgPool2dSame(3, 2), False)):
+        model, input = prepared(torch.nn.Sequential(
+            torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.BatchNorm2d(4), pool, torch.nn.Conv2d(4, 2, 3)),
+            2, 3, 12, 12)
+        model = with_scales(model, 2, [1., 0., .5, 2.])
+        fused, report = fused_exactly(model, input, snapshot, sizes=[(11, 11), (13, 14)])
+        if folded:
+            assert folds(report) == {'2': (('4',), 'before')}
+        else:
+            assert not report.fused
+            assert re.search(r'`3` \(AvgPool2dSame\), which averages the zeros it pads with \(\'same\' padding\) into '
+                             r'its border outputs', report.unfused[0].reason)
+
+
 def test_conv_variants_refused_with_reason():
     model, _ = prepared(Lambda(
         lambda self, x: self.bn(self.cond(x, torch.sigmoid(self.route(x.mean((2, 3)))))),

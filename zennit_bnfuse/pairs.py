@@ -774,7 +774,7 @@ class _GraphAnalysis:
         every layer takes its scale magnitude) or none does (``'before'``: every layer takes the affine map).
         """
         found, via = [], []
-        problem = self.follow(node, node, channels, False, False, found, via)
+        problem = self.follow(node, node, channels, False, False, found, via, ())
         if problem:
             return None, problem
         if len({rectified for _, rectified in found}) > 1:
@@ -790,54 +790,73 @@ class _GraphAnalysis:
         side = 'before-relu' if found[0][1] else 'before'
         return FusedBatchNorm(name, names[0], side, self.descriptions(dict.fromkeys(via)), tuple(names[1:])), None
 
-    def follow(self, node, current, channels, rectified, flatten, found, via):
+    def follow(self, node, current, channels, rectified, flatten, found, via, pools):
         '''Walk from ``current`` to every layer that reads it (see :py:meth:`next_fold`), appending ``(layer name,
-        rectified)`` to ``found`` and each op passed to ``via``; return the reason the walk fails, or None.'''
+        rectified)`` to ``found`` and each op passed to ``via``; return the reason the walk fails, or None.
+        ``rectified``, ``flatten`` and ``pools`` (the poolings passed) describe the path from the BatchNorm to
+        ``current``.'''
         users = list(current.users)
         what = 'its output' if current is node else f'the output of {self.describe(current)}'
         if not users:
             return f'{what} is not used'
         for user in users:
-            problem = self.follow_user(node, current, user, what, channels, rectified, flatten, found, via)
+            problem = self.follow_user(node, current, user, what, channels, rectified, flatten, found, via, pools)
             if problem:
                 if len(users) > 1:
                     return f'{what} feeds {len(users)} ops ({self.describe_users(current)}), and {problem}'
                 return problem
         return None
 
-    def follow_user(self, node, current, user, what, channels, rectified, flatten, found, via):
+    def follow_user(self, node, current, user, what, channels, rectified, flatten, found, via, pools):
         '''One step of :py:meth:`follow`: ``user`` reads ``current``, which is described as ``what``.'''
         if is_layer_like(self.module(user)):
             problem = self.layer_problem(user, channels, input_node=current, flatten=flatten)
             if problem is None and isinstance(self.module(user), torch.nn.Linear) and not flatten \
                     and not isinstance(self.module(node), torch.nn.BatchNorm1d):
                 problem = f'`{self.name(user)}` is a Linear applied to the last dim, not to the BN channels'
+            if problem is None:
+                problem = self.rank_problem(node, pools, self.module(user))
             if problem:
                 return problem
             found.append((self.name(user), rectified))
             return None
-        dims = self.pooling_dims(user)
-        if dims is not None and dims != batch_norm_spatial_dims(self.module(node)):
-            return (f'{self.describe(user)} pools the last {dims} dim(s), which are the spatial dims of the '
-                    f'BatchNorm\'s input only where it has {dims + 2} dims, and a {type(self.module(node)).__name__} '
-                    'may take another rank (BatchNorm1d: (N, C)), where the pooling would mix its channels')
         step = 'op'
         if rectified:
             step = self.commuting_step(user, flatten)
             if step is None:
                 return f'{self.describe(user)} follows, through which its scale cannot move'
         elif self.is_relu(user):
-            pooling = next((op for op in via if self.pooling_dims(op) is not None), None)
-            if pooling is not None:
-                return (f'{self.describe(user)} follows {self.describe(pooling)}, so the BatchNorm cannot become a '
+            if pools:
+                return (f'{self.describe(user)} follows {self.describe(pools[0])}, so the BatchNorm cannot become a '
                         'thresholded ReLU where it is')
         elif not self.is_eval_identity(user):
             step, problem = self.affine_step(node, user, flatten)
             if step is None:
                 return f'{what} feeds {self.describe(user)}, {problem}'
         via.append(user)
+        pooled = (user,) if self.pooling_dims(user) is not None else ()
         return self.follow(node, user, channels, rectified or self.is_relu(user),
-                           flatten or step == 'flatten', found, via)
+                           flatten or step == 'flatten', found, via, pools + pooled)
+
+    def rank_problem(self, node, pools, layer):
+        '''Why ``layer`` cannot take the fold of the BatchNorm ``node`` through ``pools``, the poolings on the way,
+        or None: a pooling pools the BatchNorm's spatial dims only where it pools as many dims as its input has after
+        the batch and channel dims, else it reads the channels as a spatial dim. That number is fixed for a
+        BatchNorm2d or 3d; for a BatchNorm1d (``(N, C)`` or ``(N, C, L)``) or SyncBatchNorm, a convolution's fold
+        checks as it runs that its input has its own spatial dims, which the poolings keep, and a Linear's cannot.'''
+        spatial = batch_norm_spatial_dims(self.module(node))
+        if spatial is None and not isinstance(layer, torch.nn.Linear):
+            spatial = layer.weight.ndim - 2
+        pool = next((pool for pool in pools if self.pooling_dims(pool) != spatial), None)
+        if pool is None:
+            return None
+        dims = self.pooling_dims(pool)
+        kind = type(self.module(node)).__name__
+        return (f'{self.describe(pool)} pools the last {dims} dim(s), the spatial dims of the BatchNorm\'s input only '
+                f'where that has {dims + 2} dims; ' + (
+                    f'the {kind} may take another rank (BatchNorm1d: (N, C)), which the Linear after it cannot tell, '
+                    'and then' if spatial is None else f'the {kind} takes {spatial + 2}, so') +
+                ' the pooling mixes its channels')
 
     def pooling_dims(self, node):
         '''How many trailing dims ``node`` pools, if it calls a pooling module or function of torch's or timm's
@@ -886,6 +905,10 @@ class _GraphAnalysis:
             return None, NOT_PASSED
         if flattened:
             return None, 'a pooling after the flatten'
+        extension = timm_layers()
+        if extension is not None and kind in extension.ZERO_PADDING_POOL_TYPES:
+            return None, ('which averages the zeros it pads with (\'same\' padding) into its border outputs, where the '
+                          'BatchNorm\'s shift is left out')
         if kind in (*AVERAGE_POOL_MODULES, *AVERAGE_POOL_FUNCTIONS):
             padding = settings.get('padding', 0)
             padded = any(padding) if isinstance(padding, (tuple, list)) else bool(padding)
@@ -897,7 +920,7 @@ class _GraphAnalysis:
             return 'op', None
         if kind in (*ADAPTIVE_AVERAGE_POOL_MODULES, *ADAPTIVE_AVERAGE_POOL_FUNCTIONS):
             return 'op', None
-        if kind in (*MAX_POOL_MODULES, *MAX_POOL_FUNCTIONS):
+        if kind in (*MAX_POOL_MODULES, *MAX_POOL_FUNCTIONS, *(() if extension is None else extension.MAX_POOL_TYPES)):
             if settings.get('return_indices', False):
                 return None, 'which also returns indices'
             scale, _ = batch_norm_affine(self.module(node))

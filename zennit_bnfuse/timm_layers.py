@@ -45,6 +45,10 @@ STANDARDIZED_CONV_TYPES = (StdConv2d, StdConv2dSame, ScaledStdConv2d, ScaledStdC
 FOLDABLE_VARIANT_TYPES = (Conv2dSame, TimmLinear, *STANDARDIZED_CONV_TYPES)
 # pooling a non-negative per-channel scale moves through: zero padding for the average, -inf for the maximum
 SCALE_COMMUTING_MODULES = (AvgPool2dSame, MaxPool2dSame)
+# of those, the one an affine map with a non-negative scale moves through (its padding is -inf), and the one it does
+# not (it averages the zeros it pads with into the border outputs, which leaves the shift out there)
+MAX_POOL_TYPES = (MaxPool2dSame,)
+ZERO_PADDING_POOL_TYPES = (AvgPool2dSame,)
 # timm's normalisation layers that are not subclasses of torch's (their subclasses, the Fp32 and Act variants, are
 # instances): they normalise by statistics of their input, like those in zennit_bnfuse.pairs.OTHER_NORM_TYPES
 OTHER_NORM_TYPES = tuple(getattr(timm.layers, name) for name in (
