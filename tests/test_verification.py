@@ -336,6 +336,10 @@ def test_value_scales_by_hand():
     # a value that moves by far more (a decision flips) is compared at most on the tensor's largest value
     flipped, = value_scales(expected + PERTURBATION * torch.tensor([0., 0., 0., 1e9]), expected)
     assert flipped.scale[3].item() == 3. and flipped.cancels
+    # one that overflows in the perturbed run too, and it says nothing of how much the others depend on
+    overflowed, = value_scales(expected + PERTURBATION * torch.tensor([5., 0., 3., float('inf')]), expected)
+    assert overflowed.scale[3].item() == 3. and overflowed.relative_size == pytest.approx(3 / 5) and (
+        not overflowed.cancels)
     assert value_scales((expected,), (expected, indices)) is None
     assert value_scales(expected[:2], expected) is None
     # a tensor that cancels: its largest value 1e-12 of what it depends on

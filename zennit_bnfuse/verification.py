@@ -226,9 +226,10 @@ def value_scales(perturbed, expected):
             continue
         magnitude = e.abs().double()
         largest = magnitude[finite].max().item()
-        dependence = ((moved - e).abs().double() / PERTURBATION).nan_to_num(nan=float('inf'))
+        dependence = ((moved - e).abs().double() / PERTURBATION).nan_to_num(nan=float('inf'), posinf=float('inf'))
         scale = torch.maximum(magnitude, allowance / output_tolerance(e.dtype) * dependence).clamp(max=largest)
-        most = dependence[finite].max().item()
+        measured = dependence[finite & torch.isfinite(dependence)]  # not where the perturbed run overflowed
+        most = measured.max().item() if measured.numel() else 0.
         relative_size = largest / most if most else float('inf')
         scales.append(ValueScale(scale, relative_size, relative_size * output_tolerance(e.dtype) < allowance,
                                  allowance * most))
