@@ -117,7 +117,8 @@ def main(argv=None):
         'float64; every fold torch.fx finds (exact by construction)',
         '- epsilons: the most an output value not covered by 1.5e-8 of its own magnitude moved under the folds, in '
         'float64 epsilons of how much it depends on what it is computed from (every leaf module\'s output perturbed by '
-        f'{PERTURBATION:g} of its largest value); the check allows {ROUNDING_ALLOWANCE:g}',
+        f'{PERTURBATION:g} of its largest value where it sums its input, a conv, linear or BatchNorm, else of each '
+        f'value); the check allows {ROUNDING_ALLOWANCE:g}',
         '- kept: whether the check on these inputs keeps the exact folds (a Siamese difference of a near-duplicate '
         'pair cancels: refused, with the reason that it does)',
         '', f'Most epsilons over all rows: {most:.3g} (allowance {ROUNDING_ALLOWANCE:g}, '

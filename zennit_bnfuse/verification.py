@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import torch
 
+from .fold import is_batch_norm
 from .layers import FoldedInputError
 from .replacements import model_copy, replaced_copy, replacement_modules
 from .report import FusionReport, UnfusedBatchNorm
@@ -154,10 +155,10 @@ def output_mismatch(actual, expected, scales=None):
     return None
 
 
-# the relative size of the perturbation :py:func:`perturbation_hooks` adds to every leaf module's output
+# the relative size of the perturbation :py:func:`perturbation_hooks` adds to every leaf module's outputs
 PERTURBATION = 1e-6
-# how many float64 epsilons of what an output value is computed from a fold's rounding may change it by: 46 times the
-# most (219) that exact folds of six torchvision models took (benchmarks/results/fold-check-rounding.md)
+# how many float64 epsilons of what an output value is computed from a fold's rounding may change it by: 28 times the
+# most (356) that exact folds of six torchvision models took (benchmarks/results/fold-check-rounding.md)
 ROUNDING_ALLOWANCE = 1e4
 
 
@@ -173,25 +174,37 @@ class ValueScale(NamedTuple):
     rounding: float
 
 
+def sums_its_input(module):
+    '''Whether ``module`` computes each output value as a sum over its input (a layer with a weight matrix or
+    kernel, a normalisation with running statistics): its rounding is relative to the sum of the terms' magnitudes,
+    which may be far larger than the value.'''
+    weight = getattr(module, 'weight', None)
+    return (isinstance(weight, torch.Tensor) and weight.ndim >= 2) or is_batch_norm(module)
+
+
 def perturbation_hooks(model, seed=0):
     '''Forward hooks on every module of ``model`` without children that add to each floating-point tensor it
-    returns (a tensor, or one in a tuple or list) ``PERTURBATION`` times its largest finite absolute value times
-    uniform noise in [-1, 1], drawn from a generator of their own. Tensors other than dense ones (sparse, nested) and
-    outputs of other structures are left as they are. Remove the hooks with the handles returned.'''
+    returns (a tensor, or one in a tuple or list) ``PERTURBATION`` times uniform noise in [-1, 1] (drawn from a
+    generator of their own) times the tensor's largest finite absolute value for a module that sums its input
+    (:py:func:`sums_its_input`), else times each value's own magnitude (a softmax's small probabilities are computed
+    to their own precision). Tensors other than dense ones (sparse, nested) and outputs of other structures are left
+    as they are. Remove the hooks with the handles returned.'''
     generator = torch.Generator().manual_seed(seed)
 
-    def perturbed(tensor):
+    def perturbed(tensor, summed):
         if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point() or tensor.is_nested or (
                 tensor.layout != torch.strided) or not tensor.numel():
             return tensor
-        magnitude = tensor.detach().abs().nan_to_num(nan=0., posinf=0.).max().item()
+        magnitude = tensor.detach().abs().nan_to_num(nan=0., posinf=0.)
+        magnitude = magnitude.max() if summed else magnitude
         noise = torch.rand(tensor.shape, generator=generator, dtype=torch.float64) * 2 - 1
-        return tensor + (PERTURBATION * magnitude * noise).to(tensor.device, tensor.dtype)
+        return tensor + PERTURBATION * magnitude * noise.to(tensor.device, tensor.dtype)
 
     def hook(module, args, output):
+        summed = sums_its_input(module)
         if type(output) in (tuple, list):
-            return type(output)(perturbed(item) for item in output)
-        return perturbed(output)
+            return type(output)(perturbed(item, summed) for item in output)
+        return perturbed(output, summed)
     return [module.register_forward_hook(hook) for module in model.modules() if not next(module.children(), None)]
 
 
@@ -201,13 +214,14 @@ def value_scales(perturbed, expected):
     output perturbed (:py:func:`perturbation_hooks`), does not match its structure.
 
     How far a value moves, over ``PERTURBATION``, is how much it depends on the values it is computed from, as
-    rounding sees them. A fold's rounding may change it by ``ROUNDING_ALLOWANCE`` float64 epsilons of that. A value's
-    scale is the larger of this (in units of :py:func:`output_tolerance`) and its own magnitude, and at most the
-    tensor's largest value: a small value beside large ones in the same tensor is compared on its own size, a value
-    that is small by cancelling (a logit near zero) on the size of what cancelled, and no value more loosely than on
-    the tensor's largest value. Where a whole tensor cancels below a fold's rounding (a Siamese difference on a
-    near-duplicate pair) nothing on these inputs tells an exact fold from a wrong one: it stays compared on its largest
-    value, and :py:attr:`ValueScale.cancels` says so.
+    rounding sees them. A fold's rounding may change it by ``ROUNDING_ALLOWANCE`` float64 epsilons of that (none
+    where the perturbed run overflows). A value's scale is the larger of this (in units of
+    :py:func:`output_tolerance`) and its own magnitude, and at most the tensor's largest value: a small value beside
+    large ones in the same tensor is compared on its own size, a value that is small by cancelling (a logit near
+    zero) on the size of what cancelled, and no value more loosely than on the tensor's largest value. Where a whole
+    tensor cancels below a fold's rounding (a Siamese difference on a near-duplicate pair) nothing on these inputs
+    tells an exact fold from a wrong one: it stays compared on its largest value, and :py:attr:`ValueScale.cancels`
+    says so.
 
     Returns
     -------
@@ -226,10 +240,10 @@ def value_scales(perturbed, expected):
             continue
         magnitude = e.abs().double()
         largest = magnitude[finite].max().item()
-        dependence = ((moved - e).abs().double() / PERTURBATION).nan_to_num(nan=float('inf'), posinf=float('inf'))
+        dependence = (moved - e).abs().double() / PERTURBATION
+        dependence = torch.where(torch.isfinite(dependence), dependence, 0.)  # overflowed (a log of a perturbed 0)
         scale = torch.maximum(magnitude, allowance / output_tolerance(e.dtype) * dependence).clamp(max=largest)
-        measured = dependence[finite & torch.isfinite(dependence)]  # not where the perturbed run overflowed
-        most = measured.max().item() if measured.numel() else 0.
+        most = dependence[finite].max().item()
         relative_size = largest / most if most else float('inf')
         scales.append(ValueScale(scale, relative_size, relative_size * output_tolerance(e.dtype) < allowance,
                                  allowance * most))
