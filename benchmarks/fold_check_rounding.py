@@ -11,10 +11,10 @@ fold torch.fx finds in a traced torchvision model, BatchNorm statistics randomis
 - ``kept``: whether the check keeps the exact folds, and else its reason.
 
 Heads: the logits, log-softmax, L2-normalised and centred logits, and a Siamese difference of the logits of a pair of
-near-duplicate images (the second the first plus relative noise ``d``): that one cancels, and the check refuses the
-folds there with the reason that it does.
+near-duplicate images (the second the first plus relative noise ``d``): on the nearest pairs that one cancels, and
+the check refuses the folds there with the reason that it does.
 
-    python benchmarks/fold_check_rounding.py                      # six models (about 10 minutes on 2 CPU threads)
+    python benchmarks/fold_check_rounding.py                      # six models (about 3 minutes on one CPU thread)
 '''
 import argparse
 import json
@@ -72,7 +72,8 @@ def example(kind, batch, scale, distance):
 
 
 def measure(model, input):
-    '''``(epsilons, kept)`` for the exact folds of ``model`` on ``input`` (see the module docstring).'''
+    '''``(epsilons, folds, kept)`` for the exact folds of ``model`` on ``input`` (see the module docstring; ``folds``
+    is how many there are).'''
     report = find_fusable_pairs(model)
     expected = seeded_output(model_copy(model), (input,))
     perturbed_model = model_copy(model)
