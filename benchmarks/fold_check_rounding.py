@@ -27,9 +27,8 @@ import torchvision
 from tqdm.auto import tqdm
 
 from zennit_bnfuse import find_fusable_pairs
-from zennit_bnfuse.replacements import model_copy, replaced_copy, replacement_modules
-from zennit_bnfuse.verification import (
-    PERTURBATION, ROUNDING_ALLOWANCE, FoldCheck, output_tolerance, perturbation_hooks, seeded_output)
+from zennit_bnfuse.replacements import replaced_copy, replacement_modules
+from zennit_bnfuse.verification import PERTURBATION, ROUNDING_ALLOWANCE, FoldCheck, output_tolerance
 
 from provenance import command_line, header, machine, today
 from zoo import randomize_statistics
@@ -75,12 +74,9 @@ def measure(model, input):
     '''``(epsilons, folds, kept)`` for the exact folds of ``model`` on ``input`` (see the module docstring; ``folds``
     is how many there are).'''
     report = find_fusable_pairs(model)
-    expected = seeded_output(model_copy(model), (input,))
-    perturbed_model = model_copy(model)
-    perturbation_hooks(perturbed_model)
-    dependence = (seeded_output(perturbed_model, (input,)) - expected).abs() / PERTURBATION
     check = FoldCheck(model, input)
-    fused = seeded_output(replaced_copy(check.model, replacement_modules(check.model, report)), (input,))
+    expected, dependence = check.expected, check.scales[0].dependence
+    fused = check.run(replaced_copy(check.model, replacement_modules(check.model, report)))
     error = (fused - expected).abs()
     uncovered = error > output_tolerance(torch.float64) * expected.abs()
     eps = torch.finfo(torch.float64).eps

@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import torch
 import torch.fx
+from torch.fx.operator_schemas import normalize_function
 from torch.nn.utils import parametrize
 from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -85,17 +86,6 @@ def batch_norm_spatial_dims(batch_norm):
     if isinstance(batch_norm, torch.nn.BatchNorm3d):
         return 3
     return None
-
-
-def pooling_parameters(function):
-    '''The names of the positional parameters of a pooling function of torch.nn.functional, in order.'''
-    if function in AVERAGE_POOL_FUNCTIONS:
-        return ('input', 'kernel_size', 'stride', 'padding', 'ceil_mode', 'count_include_pad', 'divisor_override')
-    if function in ADAPTIVE_AVERAGE_POOL_FUNCTIONS:
-        return ('input', 'output_size')
-    if function in MAX_POOL_FUNCTIONS - ADAPTIVE_MAX_POOL_FUNCTIONS:
-        return ('input', 'kernel_size', 'stride', 'padding', 'dilation', 'ceil_mode', 'return_indices')
-    return ('input', 'output_size', 'return_indices')
 
 
 def other_norm_types():
@@ -900,7 +890,10 @@ class _GraphAnalysis:
         elif user.op == 'call_function' and user.target in (
                 AVERAGE_POOL_FUNCTIONS | ADAPTIVE_AVERAGE_POOL_FUNCTIONS | MAX_POOL_FUNCTIONS):
             kind = user.target
-            settings = {**dict(zip(pooling_parameters(kind), user.args)), **user.kwargs}
+            normalized = normalize_function(kind, user.args, user.kwargs, normalize_to_only_use_kwargs=True)
+            if normalized is None:
+                return None, 'whose arguments torch.fx cannot match to its parameters'
+            settings = normalized.kwargs
         else:
             return None, NOT_PASSED
         if flattened:

@@ -172,6 +172,8 @@ class ValueScale(NamedTuple):
     cancels: bool
     #: how far a fold's rounding may move the values most dependent on what they are computed from
     rounding: float
+    #: how much each value depends on what it is computed from (0 where the perturbed run overflowed)
+    dependence: torch.Tensor
 
 
 def sums_its_input(module):
@@ -246,7 +248,7 @@ def value_scales(perturbed, expected):
         most = dependence[finite].max().item()
         relative_size = largest / most if most else float('inf')
         scales.append(ValueScale(scale, relative_size, relative_size * output_tolerance(e.dtype) < allowance,
-                                 allowance * most))
+                                 allowance * most, dependence))
     return scales
 
 
